@@ -1,0 +1,13 @@
+//! Strait's federation crate: the vocabulary (clusters, localities, services, endpoints,
+//! failover policies, link states), the static discovery file, the global registry (etcd or
+//! embedded) with its local cache and lease-holding publisher, and identity (PKI, SPIFFE IDs,
+//! the peer verifier).
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod discovery;
+pub mod etcd_server;
+pub mod identity;
+pub mod model;
+pub mod registry;
+pub mod relay;

@@ -1,0 +1,508 @@
+//! The local registry cache: a consistent snapshot of everything under `/strait/v1/`, kept up to
+//! date by one prefix watch, plus a stream of changes.
+//!
+//! Guarantees:
+//! - a snapshot always reflects whole revisions (never half a transaction);
+//! - after a broken watch, the cache resumes from the last revision it applied, so no update is
+//!   lost or applied twice;
+//! - when that revision has been compacted away, it reloads everything and emits the difference
+//!   between what it had and what is there now as one `resync` change;
+//! - while the store is unreachable the last good snapshot stays readable, and the cache retries
+//!   with jittered back-off.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use imbl::OrdMap;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+use super::RegistryError;
+use super::backend::{Backend, WatchEvent};
+use super::codec::{Decoder, ROOT, RegistryKey, RegistryValue};
+use crate::backoff::Backoff;
+use crate::model::{
+    Cluster, ClusterId, FailoverPolicy, LinkState, PolicyScope, ServiceEndpoints, ServiceKey,
+};
+
+/// A consistent view of the registry at one revision.
+#[derive(Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// The store revision this snapshot reflects (0 before the first load).
+    pub revision: i64,
+    pub clusters: OrdMap<ClusterId, Arc<Cluster>>,
+    pub endpoints: OrdMap<(ClusterId, ServiceKey), Arc<ServiceEndpoints>>,
+    pub policies: OrdMap<PolicyScope, Arc<FailoverPolicy>>,
+    pub links: OrdMap<(ClusterId, ClusterId), Arc<LinkState>>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("revision", &self.revision)
+            .field("clusters", &self.clusters.len())
+            .field("service_endpoints", &self.endpoints.len())
+            .field("endpoints", &self.endpoint_count())
+            .field("policies", &self.policies.len())
+            .field("links", &self.links.len())
+            .finish()
+    }
+}
+
+impl Snapshot {
+    /// The total number of endpoints.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.values().map(|s| s.endpoints.len()).sum()
+    }
+
+    /// The endpoints of `service` in every cluster.
+    pub fn service(&self, service: &ServiceKey) -> impl Iterator<Item = &Arc<ServiceEndpoints>> {
+        self.endpoints
+            .iter()
+            .filter(move |((_, s), _)| s == service)
+            .map(|(_, v)| v)
+    }
+
+    /// The policy that applies to `service`: its own, or the default.
+    pub fn policy_for(&self, service: &ServiceKey) -> Option<&Arc<FailoverPolicy>> {
+        self.policies
+            .get(&PolicyScope::Service(service.clone()))
+            .or_else(|| self.policies.get(&PolicyScope::Default))
+    }
+
+    /// Whether both snapshots hold the same entries (whatever their revisions).
+    pub fn same_content(&self, other: &Snapshot) -> bool {
+        self.clusters == other.clusters
+            && self.endpoints == other.endpoints
+            && self.policies == other.policies
+            && self.links == other.links
+    }
+
+    fn get(&self, key: &RegistryKey) -> Option<RegistryValue> {
+        match key {
+            RegistryKey::Cluster(c) => self.clusters.get(c).cloned().map(RegistryValue::Cluster),
+            RegistryKey::Endpoints(c, s) => self
+                .endpoints
+                .get(&(c.clone(), s.clone()))
+                .cloned()
+                .map(RegistryValue::Endpoints),
+            RegistryKey::Policy(p) => self.policies.get(p).cloned().map(RegistryValue::Policy),
+            RegistryKey::Link(a, b) => self
+                .links
+                .get(&(a.clone(), b.clone()))
+                .cloned()
+                .map(RegistryValue::Link),
+        }
+    }
+
+    /// Set or remove one entry; returns whether anything changed.
+    fn set(&mut self, key: &RegistryKey, value: Option<RegistryValue>) -> bool {
+        match (key, value) {
+            (RegistryKey::Cluster(c), Some(RegistryValue::Cluster(v))) => {
+                self.clusters.insert(c.clone(), v.clone()).as_ref() != Some(&v)
+            }
+            (RegistryKey::Cluster(c), None) => self.clusters.remove(c).is_some(),
+            (RegistryKey::Endpoints(c, s), Some(RegistryValue::Endpoints(v))) => {
+                self.endpoints
+                    .insert((c.clone(), s.clone()), v.clone())
+                    .as_ref()
+                    != Some(&v)
+            }
+            (RegistryKey::Endpoints(c, s), None) => {
+                self.endpoints.remove(&(c.clone(), s.clone())).is_some()
+            }
+            (RegistryKey::Policy(p), Some(RegistryValue::Policy(v))) => {
+                self.policies.insert(p.clone(), v.clone()).as_ref() != Some(&v)
+            }
+            (RegistryKey::Policy(p), None) => self.policies.remove(p).is_some(),
+            (RegistryKey::Link(a, b), Some(RegistryValue::Link(v))) => {
+                self.links
+                    .insert((a.clone(), b.clone()), v.clone())
+                    .as_ref()
+                    != Some(&v)
+            }
+            (RegistryKey::Link(a, b), None) => self.links.remove(&(a.clone(), b.clone())).is_some(),
+            // A value of another kind than its key cannot come out of the decoder.
+            _ => false,
+        }
+    }
+
+    fn keys(&self) -> Vec<RegistryKey> {
+        let mut out: Vec<RegistryKey> = Vec::new();
+        out.extend(
+            self.clusters
+                .keys()
+                .map(|c| RegistryKey::Cluster(c.clone())),
+        );
+        out.extend(
+            self.endpoints
+                .keys()
+                .map(|(c, s)| RegistryKey::Endpoints(c.clone(), s.clone())),
+        );
+        out.extend(self.policies.keys().map(|p| RegistryKey::Policy(p.clone())));
+        out.extend(
+            self.links
+                .keys()
+                .map(|(a, b)| RegistryKey::Link(a.clone(), b.clone())),
+        );
+        out
+    }
+}
+
+/// One entry that changed: its new value, or `None` when it was removed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub key: RegistryKey,
+    pub value: Option<RegistryValue>,
+}
+
+/// What changed at one revision (or, for a resync, between the old and the reloaded state).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub revision: i64,
+    /// True when this change comes from a full reload (start-up, or after compaction).
+    pub resync: bool,
+    pub updates: Vec<Update>,
+}
+
+/// The cache's connection state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Never loaded yet.
+    Starting,
+    /// Up to date and watching.
+    Synced { revision: i64 },
+    /// The store is away; the last good snapshot is still served.
+    Disconnected { revision: i64, error: String },
+}
+
+/// Counters for observability.
+#[derive(Debug, Default)]
+pub struct CacheMetrics {
+    pub full_loads: std::sync::atomic::AtomicU64,
+    pub resumes: std::sync::atomic::AtomicU64,
+    pub decode_errors: std::sync::atomic::AtomicU64,
+    pub events: std::sync::atomic::AtomicU64,
+}
+
+/// A running registry cache. Dropping it stops the watch.
+pub struct RegistryCache {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    changes: broadcast::Sender<Arc<Change>>,
+    status: watch::Receiver<CacheStatus>,
+    metrics: Arc<CacheMetrics>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RegistryCache {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RegistryCache {
+    /// Start a cache of everything under `/strait/v1/` in `backend`.
+    pub fn spawn(backend: Backend) -> Self {
+        let (snap_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        let (changes, _) = broadcast::channel(1024);
+        let (status_tx, status) = watch::channel(CacheStatus::Starting);
+        let metrics = Arc::new(CacheMetrics::default());
+        let task = tokio::spawn(run(
+            backend,
+            snap_tx,
+            changes.clone(),
+            status_tx,
+            metrics.clone(),
+        ));
+        Self {
+            snapshots,
+            changes,
+            status,
+            metrics,
+            task,
+        }
+    }
+
+    /// The latest snapshot (the last good one while the store is away).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// A receiver that sees every new snapshot.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.clone()
+    }
+
+    /// A stream of changes from now on. A receiver that falls behind gets `Lagged` and should
+    /// take [`RegistryCache::snapshot`] as its new base.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.changes.subscribe()
+    }
+
+    pub fn status(&self) -> CacheStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn status_receiver(&self) -> watch::Receiver<CacheStatus> {
+        self.status.clone()
+    }
+
+    pub fn metrics(&self) -> &CacheMetrics {
+        &self.metrics
+    }
+
+    /// Wait until a snapshot satisfies `pred`; on timeout, returns the last snapshot as the error.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Snapshot) -> bool,
+    ) -> Result<Arc<Snapshot>, Arc<Snapshot>> {
+        let mut rx = self.snapshots.clone();
+        let r = tokio::time::timeout(timeout, async {
+            rx.wait_for(|s| pred(s)).await.map(|s| s.clone())
+        })
+        .await;
+        match r {
+            Ok(Ok(s)) => Ok(s),
+            _ => Err(self.snapshot()),
+        }
+    }
+
+    /// Wait for the first full load.
+    pub async fn wait_synced(&self, timeout: Duration) -> Result<Arc<Snapshot>, CacheStatus> {
+        let mut rx = self.status.clone();
+        let r = tokio::time::timeout(timeout, async {
+            rx.wait_for(|s| matches!(s, CacheStatus::Synced { .. }))
+                .await
+                .is_ok()
+        })
+        .await;
+        match r {
+            Ok(true) => Ok(self.snapshot()),
+            _ => Err(self.status()),
+        }
+    }
+}
+
+struct Sink {
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    changes: broadcast::Sender<Arc<Change>>,
+    status: watch::Sender<CacheStatus>,
+}
+
+impl Sink {
+    fn publish(&self, snapshot: &Snapshot, change: Option<Change>) {
+        self.snapshots.send_replace(Arc::new(snapshot.clone()));
+        if let Some(c) = change {
+            // No receiver is fine.
+            let _ = self.changes.send(Arc::new(c));
+        }
+    }
+    fn status(&self, status: CacheStatus) {
+        self.status.send_if_modified(|s| {
+            if *s != status {
+                *s = status;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+fn decode_into(
+    decoder: &mut Decoder,
+    metrics: &CacheMetrics,
+    raw_key: &str,
+    value: &[u8],
+) -> Option<(RegistryKey, Option<RegistryValue>)> {
+    let key = match RegistryKey::parse(raw_key) {
+        Some(k) => k,
+        None => {
+            tracing::debug!(
+                key = raw_key,
+                "ignoring a registry key this version does not know"
+            );
+            return None;
+        }
+    };
+    match decoder.decode(&key, raw_key, value) {
+        Ok(v) => Some((key, Some(v))),
+        Err(e) => {
+            metrics
+                .decode_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "skipping a registry entry that does not decode");
+            // Treat as absent: a stale good value must not linger under a key whose current
+            // value is unreadable.
+            Some((key, None))
+        }
+    }
+}
+
+async fn run(
+    backend: Backend,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    changes: broadcast::Sender<Arc<Change>>,
+    status: watch::Sender<CacheStatus>,
+    metrics: Arc<CacheMetrics>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let sink = Sink {
+        snapshots,
+        changes,
+        status,
+    };
+    let mut current = Snapshot::default();
+    let mut decoder = Decoder::new();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    'load: loop {
+        // Full load at one revision.
+        let (revision, kvs) = match backend.get_prefix(ROOT).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, backend = %backend.describe(), "registry load failed; retrying");
+                sink.status(CacheStatus::Disconnected {
+                    revision: current.revision,
+                    error: e.to_string(),
+                });
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue 'load;
+            }
+        };
+        metrics.full_loads.fetch_add(1, Relaxed);
+        decoder.clear();
+        let mut fresh = Snapshot {
+            revision,
+            ..Snapshot::default()
+        };
+        for kv in &kvs {
+            if let Some((key, value)) = decode_into(&mut decoder, &metrics, &kv.key, &kv.value) {
+                fresh.set(&key, value);
+            }
+        }
+        drop(kvs);
+        let mut updates = Vec::new();
+        for key in current.keys() {
+            if fresh.get(&key).is_none() {
+                updates.push(Update { key, value: None });
+            }
+        }
+        for key in fresh.keys() {
+            let v = fresh.get(&key);
+            if current.get(&key) != v {
+                updates.push(Update { key, value: v });
+            }
+        }
+        let first = current.revision == 0;
+        current = fresh;
+        tracing::info!(
+            revision,
+            clusters = current.clusters.len(),
+            endpoints = current.endpoint_count(),
+            "registry snapshot loaded"
+        );
+        sink.publish(
+            &current,
+            (!updates.is_empty() || first).then_some(Change {
+                revision,
+                resync: true,
+                updates,
+            }),
+        );
+        sink.status(CacheStatus::Synced { revision });
+        backoff.reset();
+
+        // Watch from the next revision; resume there after every break.
+        'watch: loop {
+            let mut w = match backend.watch(ROOT, current.revision + 1).await {
+                Ok(w) => w,
+                Err(RegistryError::Compacted { .. }) => {
+                    tracing::warn!(
+                        revision = current.revision,
+                        "registry history compacted; reloading"
+                    );
+                    continue 'load;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry watch failed; retrying");
+                    sink.status(CacheStatus::Disconnected {
+                        revision: current.revision,
+                        error: e.to_string(),
+                    });
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue 'watch;
+                }
+            };
+            loop {
+                match w.next().await {
+                    Ok(batch) => {
+                        backoff.reset();
+                        sink.status(CacheStatus::Synced {
+                            revision: current.revision.max(batch.revision),
+                        });
+                        if batch.events.is_empty() {
+                            if batch.revision > current.revision {
+                                current.revision = batch.revision;
+                                sink.publish(&current, None);
+                            }
+                            continue;
+                        }
+                        let mut updates = Vec::new();
+                        let mut top = current.revision;
+                        for ev in batch.events {
+                            let rev = ev.mod_revision();
+                            if rev <= current.revision {
+                                // Already applied before the stream was re-established.
+                                continue;
+                            }
+                            top = top.max(rev);
+                            metrics.events.fetch_add(1, Relaxed);
+                            let decoded = match &ev {
+                                WatchEvent::Put(kv) => {
+                                    decode_into(&mut decoder, &metrics, &kv.key, &kv.value)
+                                }
+                                WatchEvent::Delete { key, .. } => {
+                                    RegistryKey::parse(key).map(|k| (k, None))
+                                }
+                            };
+                            if let Some((key, value)) = decoded
+                                && current.set(&key, value.clone())
+                            {
+                                updates.push(Update { key, value });
+                            }
+                        }
+                        if top > current.revision {
+                            current.revision = top;
+                            sink.publish(
+                                &current,
+                                (!updates.is_empty()).then_some(Change {
+                                    revision: top,
+                                    resync: false,
+                                    updates,
+                                }),
+                            );
+                        }
+                    }
+                    Err(RegistryError::Compacted { .. }) => {
+                        tracing::warn!(
+                            revision = current.revision,
+                            "registry history compacted; reloading"
+                        );
+                        continue 'load;
+                    }
+                    Err(e) => {
+                        metrics.resumes.fetch_add(1, Relaxed);
+                        tracing::warn!(error = %e, revision = current.revision, "registry watch broke; resuming");
+                        sink.status(CacheStatus::Disconnected {
+                            revision: current.revision,
+                            error: e.to_string(),
+                        });
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue 'watch;
+                    }
+                }
+            }
+        }
+    }
+}

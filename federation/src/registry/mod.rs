@@ -1,0 +1,97 @@
+//! The global endpoint registry: clusters, their services' endpoints under each cluster's lease,
+//! failover policies and link states, stored in etcd (or the embedded store) under
+//! `/strait/v1/`, with a local cache that gives consumers a consistent snapshot and a stream of
+//! changes. The key layout and encoding are documented in `docs/registry.md`.
+
+pub mod backend;
+pub mod cache;
+pub mod codec;
+pub mod embedded;
+pub mod etcd;
+pub mod publisher;
+
+pub use backend::{Backend, KeepAlive, KeyValue, LeaseId, Op, Watch, WatchBatch, WatchEvent};
+pub use cache::{CacheStatus, Change, RegistryCache, Snapshot, Update};
+pub use codec::{Decoder, ROOT, RegistryKey, RegistryValue};
+pub use embedded::EmbeddedRegistry;
+pub use etcd::{EtcdBackend, EtcdOptions};
+pub use publisher::{LeasedPublisher, PublisherConfig, PublisherStatus};
+
+/// What can go wrong talking to the registry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{endpoints} is unreachable: {message}")]
+    Unavailable { endpoints: String, message: String },
+    #[error("revision {requested} has been compacted (the oldest available is {compact_revision})")]
+    Compacted {
+        requested: i64,
+        compact_revision: i64,
+    },
+    #[error("lease {0:x} has expired or was revoked")]
+    LeaseNotFound(LeaseId),
+    #[error("the registry refused the request: {0}")]
+    Rejected(String),
+    #[error("{key}: cannot decode the stored value: {message}")]
+    Decode { key: String, message: String },
+    #[error("invalid etcd endpoint `{endpoint}`: {reason}")]
+    InvalidEndpoint { endpoint: String, reason: String },
+}
+
+impl RegistryError {
+    pub(crate) fn unavailable(endpoints: &str, e: impl std::fmt::Display) -> Self {
+        RegistryError::Unavailable {
+            endpoints: format!("etcd at {endpoints}"),
+            message: e.to_string(),
+        }
+    }
+
+    pub(crate) fn from_etcd(endpoints: &str, e: etcd_client::Error) -> Self {
+        use etcd_client::Error as E;
+        match e {
+            E::GRpcStatus(s) => {
+                let msg = s.message().to_string();
+                if msg.contains("lease not found") {
+                    // The id is not in the message in a parseable way; callers that know the
+                    // lease map this to LeaseNotFound themselves.
+                    RegistryError::LeaseNotFound(0)
+                } else if msg.contains("required revision has been compacted") {
+                    RegistryError::Compacted {
+                        requested: 0,
+                        compact_revision: 0,
+                    }
+                } else if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                ) {
+                    RegistryError::unavailable(endpoints, format!("{msg} ({:?})", s.code()))
+                } else {
+                    RegistryError::Rejected(format!("{msg} ({:?})", s.code()))
+                }
+            }
+            other => RegistryError::unavailable(endpoints, describe_transport(&other)),
+        }
+    }
+
+    /// Whether retrying later may help (the store is away), as opposed to a request it refused.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RegistryError::Unavailable { .. })
+    }
+}
+
+/// An etcd transport error with its causes, on one line.
+fn describe_transport(e: &etcd_client::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !out.contains(&s_text) {
+            out.push_str(": ");
+            out.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    out
+}

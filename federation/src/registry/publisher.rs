@@ -1,0 +1,410 @@
+//! Publishing a set of keys under a lease: a cluster's endpoints (by its controlplane or
+//! `strait registry publish`), or a gateway's link states.
+//!
+//! The publisher owns some keys and prefixes. It keeps its lease alive while it runs, writes only
+//! what differs from what it last wrote (in transactions of bounded size), removes owned keys it
+//! no longer wants (including those left by a previous incarnation), re-registers everything
+//! under a new lease when the old one is lost (e.g. after a partition longer than the TTL), and on
+//! shutdown revokes the lease so every entry disappears at once. A publisher that dies without
+//! revoking leaves its entries to expire with the lease's TTL.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::RegistryError;
+use super::backend::{Backend, KeepAlive, LeaseId, Op};
+use crate::backoff::Backoff;
+
+/// Tuning of a publisher.
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    /// The lease's TTL: how long entries outlive a publisher that died.
+    pub lease_ttl: Duration,
+    /// Most operations in one transaction (etcd's default `--max-txn-ops` is 128).
+    pub max_txn_ops: usize,
+    /// Most bytes in one transaction (etcd's default `--max-request-bytes` is 1.5 MiB).
+    pub max_txn_bytes: usize,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(10),
+            max_txn_ops: 128,
+            max_txn_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The keys a publisher owns: exact keys, and prefixes (ending in `/`).
+#[derive(Debug, Clone, Default)]
+pub struct Owned {
+    pub keys: Vec<String>,
+    pub prefixes: Vec<String>,
+}
+
+impl Owned {
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys.iter().any(|k| k == key) || self.prefixes.iter().any(|p| key.starts_with(p))
+    }
+
+    /// What a cluster's endpoint publisher owns.
+    pub fn cluster(id: &crate::model::ClusterId) -> Self {
+        Self {
+            keys: vec![super::RegistryKey::cluster(id)],
+            prefixes: vec![super::RegistryKey::endpoints_prefix(id)],
+        }
+    }
+}
+
+/// What a publisher is doing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublisherStatus {
+    /// The lease in use.
+    pub lease: Option<LeaseId>,
+    /// Whether the store holds exactly the desired state (as of `revision`).
+    pub in_sync: bool,
+    /// Revision of the last write.
+    pub revision: i64,
+    /// How many times a lease had to be granted.
+    pub sessions: u64,
+    pub last_error: Option<String>,
+}
+
+/// Publishes the latest desired key/value set under a lease until shut down.
+pub struct LeasedPublisher {
+    backend: Backend,
+    name: String,
+    owned: Owned,
+    config: PublisherConfig,
+    desired: watch::Receiver<BTreeMap<String, Vec<u8>>>,
+    status: watch::Sender<PublisherStatus>,
+}
+
+enum SessionEnd {
+    Shutdown,
+    LeaseLost,
+}
+
+impl LeasedPublisher {
+    /// `name` is used in logs (e.g. `cluster east`). Every desired key must be owned.
+    pub fn new(
+        backend: Backend,
+        name: impl Into<String>,
+        owned: Owned,
+        config: PublisherConfig,
+        desired: watch::Receiver<BTreeMap<String, Vec<u8>>>,
+    ) -> (Self, watch::Receiver<PublisherStatus>) {
+        let (status, rx) = watch::channel(PublisherStatus::default());
+        (
+            Self {
+                backend,
+                name: name.into(),
+                owned,
+                config,
+                desired,
+                status,
+            },
+            rx,
+        )
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut PublisherStatus)) {
+        self.status.send_modify(f);
+    }
+
+    /// Run until `shutdown` completes; then revoke the lease. Errors talking to the store are
+    /// retried with back-off, never returned.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            // A lease first.
+            let lease = loop {
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    r = self.backend.grant_lease(self.config.lease_ttl) => match r {
+                        Ok(l) => break l,
+                        Err(e) => {
+                            tracing::warn!(publisher = %self.name, error = %e, "cannot grant a registry lease; retrying");
+                            self.set_status(|s| s.last_error = Some(e.to_string()));
+                            tokio::select! {
+                                _ = &mut shutdown => return,
+                                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                            }
+                        }
+                    }
+                }
+            };
+            tracing::info!(publisher = %self.name, lease = format!("{lease:x}"), ttl = ?self.config.lease_ttl, "registry lease granted");
+            self.set_status(|s| {
+                s.lease = Some(lease);
+                s.in_sync = false;
+                s.sessions += 1;
+            });
+            match self.session(lease, &mut shutdown, &mut backoff).await {
+                SessionEnd::Shutdown => {
+                    let revoke = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        self.backend.revoke_lease(lease),
+                    )
+                    .await;
+                    match revoke {
+                        Ok(Ok(())) => {
+                            tracing::info!(publisher = %self.name, "lease revoked; entries removed")
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(publisher = %self.name, error = %e, "could not revoke the lease; entries expire with its TTL")
+                        }
+                        Err(_) => {
+                            tracing::warn!(publisher = %self.name, "revoking the lease timed out; entries expire with its TTL")
+                        }
+                    }
+                    self.set_status(|s| {
+                        s.lease = None;
+                        s.in_sync = false;
+                    });
+                    return;
+                }
+                SessionEnd::LeaseLost => {
+                    tracing::warn!(publisher = %self.name, lease = format!("{lease:x}"), "registry lease lost; publishing again under a new lease");
+                    self.set_status(|s| {
+                        s.lease = None;
+                        s.in_sync = false;
+                    });
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &mut self,
+        lease: LeaseId,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        backoff: &mut Backoff,
+    ) -> SessionEnd {
+        let interval = (self.config.lease_ttl / 3).max(Duration::from_millis(100));
+        let mut keep_alive: Option<KeepAlive> = None;
+        let mut last_refresh = Instant::now();
+        // What the store holds under our lease, as far as we know. `None` until reconciled.
+        let mut written: Option<BTreeMap<String, Vec<u8>>> = None;
+        let mut next_tick = Instant::now() + interval;
+        let mut desired_closed = false;
+        loop {
+            if written.is_none() || !self.status.borrow().in_sync {
+                let desired = self.desired.borrow_and_update().clone();
+                match self.reconcile(lease, &desired, &mut written).await {
+                    Ok(rev) => {
+                        backoff.reset();
+                        self.set_status(|s| {
+                            s.in_sync = true;
+                            s.revision = rev.max(s.revision);
+                            s.last_error = None;
+                        });
+                    }
+                    Err(RegistryError::LeaseNotFound(_)) => return SessionEnd::LeaseLost,
+                    Err(e) => {
+                        tracing::warn!(publisher = %self.name, error = %e, "publishing failed; retrying");
+                        self.set_status(|s| {
+                            s.in_sync = false;
+                            s.last_error = Some(e.to_string());
+                        });
+                        next_tick = next_tick.min(Instant::now() + backoff.next_delay());
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.as_mut() => return SessionEnd::Shutdown,
+                _ = tokio::time::sleep_until(next_tick) => {
+                    next_tick = Instant::now() + interval;
+                    if keep_alive.is_none() {
+                        match self.backend.keep_alive(lease).await {
+                            Ok(k) => keep_alive = Some(k),
+                            Err(e) => tracing::warn!(publisher = %self.name, error = %e, "cannot open a lease keep-alive"),
+                        }
+                    }
+                    if let Some(k) = keep_alive.as_mut() {
+                        match k.refresh().await {
+                            Ok(_) => last_refresh = Instant::now(),
+                            Err(RegistryError::LeaseNotFound(_)) => return SessionEnd::LeaseLost,
+                            Err(e) => {
+                                tracing::warn!(publisher = %self.name, error = %e, "lease keep-alive failed");
+                                keep_alive = None;
+                                next_tick = Instant::now() + interval.min(Duration::from_millis(500));
+                            }
+                        }
+                    }
+                    if last_refresh.elapsed() > self.config.lease_ttl {
+                        // The lease has certainly expired by now.
+                        return SessionEnd::LeaseLost;
+                    }
+                }
+                r = self.desired.changed(), if !desired_closed => {
+                    if r.is_err() {
+                        // The sender is gone: nothing will change any more; keep the lease.
+                        desired_closed = true;
+                    } else {
+                        self.set_status(|s| s.in_sync = false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bring the store to `desired`, writing only differences.
+    async fn reconcile(
+        &self,
+        lease: LeaseId,
+        desired: &BTreeMap<String, Vec<u8>>,
+        written: &mut Option<BTreeMap<String, Vec<u8>>>,
+    ) -> Result<i64, RegistryError> {
+        for k in desired.keys() {
+            if !self.owned.contains(k) {
+                return Err(RegistryError::Rejected(format!(
+                    "publisher {} does not own key {k}",
+                    self.name
+                )));
+            }
+        }
+        let mut ops = Vec::new();
+        match written.as_ref() {
+            None => {
+                // First write under this lease: find what a previous incarnation left behind.
+                let mut existing: BTreeMap<String, (Vec<u8>, LeaseId)> = BTreeMap::new();
+                for p in &self.owned.prefixes {
+                    let (_, kvs) = self.backend.get_prefix(p).await?;
+                    existing.extend(kvs.into_iter().map(|kv| (kv.key, (kv.value, kv.lease))));
+                }
+                for k in &self.owned.keys {
+                    let (_, kvs) = self.backend.get_prefix(k).await?;
+                    existing.extend(
+                        kvs.into_iter()
+                            .filter(|kv| &kv.key == k)
+                            .map(|kv| (kv.key, (kv.value, kv.lease))),
+                    );
+                }
+                for k in existing.keys() {
+                    if !desired.contains_key(k) {
+                        ops.push(Op::Delete { key: k.clone() });
+                    }
+                }
+                for (k, v) in desired {
+                    let same = existing
+                        .get(k)
+                        .is_some_and(|(ev, el)| ev == v && *el == lease);
+                    if !same {
+                        ops.push(Op::Put {
+                            key: k.clone(),
+                            value: v.clone(),
+                            lease: Some(lease),
+                        });
+                    }
+                }
+                *written = Some(BTreeMap::new());
+            }
+            Some(w) => {
+                for k in w.keys() {
+                    if !desired.contains_key(k) {
+                        ops.push(Op::Delete { key: k.clone() });
+                    }
+                }
+                for (k, v) in desired {
+                    if w.get(k) != Some(v) {
+                        ops.push(Op::Put {
+                            key: k.clone(),
+                            value: v.clone(),
+                            lease: Some(lease),
+                        });
+                    }
+                }
+            }
+        }
+        let mut revision = 0;
+        let total = ops.len();
+        for batch in batches(ops, self.config.max_txn_ops, self.config.max_txn_bytes) {
+            let applied = batch.clone();
+            revision = self.backend.commit(batch).await.map_err(|e| match e {
+                RegistryError::LeaseNotFound(_) => RegistryError::LeaseNotFound(lease),
+                RegistryError::Rejected(m) if m.contains("lease not found") => {
+                    RegistryError::LeaseNotFound(lease)
+                }
+                other => other,
+            })?;
+            if let Some(w) = written.as_mut() {
+                for op in applied {
+                    match op {
+                        Op::Put { key, value, .. } => {
+                            w.insert(key, value);
+                        }
+                        Op::Delete { key } => {
+                            w.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+        // Keys that were already right (same value, same lease) count as written.
+        if let Some(w) = written.as_mut() {
+            for (k, v) in desired {
+                w.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        if total > 0 {
+            tracing::debug!(publisher = %self.name, ops = total, revision, "registry updated");
+        }
+        Ok(revision)
+    }
+}
+
+/// Split `ops` into transactions of at most `max_ops` operations and about `max_bytes` bytes.
+pub fn batches(ops: Vec<Op>, max_ops: usize, max_bytes: usize) -> Vec<Vec<Op>> {
+    let max_ops = max_ops.max(1);
+    let mut out = Vec::new();
+    let mut cur: Vec<Op> = Vec::new();
+    let mut bytes = 0;
+    for op in ops {
+        let size = op.wire_size();
+        if !cur.is_empty() && (cur.len() >= max_ops || bytes + size > max_bytes) {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+        bytes += size;
+        cur.push(op);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batching_respects_both_limits() {
+        let ops: Vec<Op> = (0..300)
+            .map(|i| Op::Put {
+                key: format!("k{i:03}"),
+                value: vec![0; 100],
+                lease: None,
+            })
+            .collect();
+        let b = batches(ops.clone(), 128, 1 << 20);
+        assert_eq!(
+            b.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![128, 128, 44]
+        );
+        let b = batches(ops, 128, 1200);
+        assert!(
+            b.iter().all(|x| x.len() <= 10),
+            "{:?}",
+            b.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert_eq!(b.iter().map(Vec::len).sum::<usize>(), 300);
+    }
+}

@@ -1,0 +1,111 @@
+//! `strait`: one binary for every role and every operator task of the Strait federation gateway.
+#![forbid(unsafe_code)]
+
+mod demo;
+mod pki_cmd;
+mod registry_cmd;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Strait: link clusters across clouds, fail over between them in under a second.
+#[derive(Parser, Debug)]
+#[command(name = "strait", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "STRAIT_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `federation=debug`.
+    #[arg(long, global = true, default_value = "info", env = "STRAIT_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The global endpoint registry: publish a discovery file, dump, watch.
+    Registry {
+        #[command(subcommand)]
+        cmd: registry_cmd::RegistryCommand,
+    },
+    /// The federation's certificates: CA, gateway and workload identities.
+    Pki {
+        #[command(subcommand)]
+        cmd: pki_cmd::PkiCommand,
+    },
+    /// A guided tour of what Strait can do on this machine.
+    Demo(demo::DemoArgs),
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("--log `{filter}` is not a valid filter: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_format, &cli.log) {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    // The one TLS provider of the whole process: aws-lc-rs.
+    if rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .is_err()
+    {
+        eprintln!("error: a rustls crypto provider was already installed");
+        return std::process::ExitCode::FAILURE;
+    }
+    let result = match cli.command {
+        Command::Pki { cmd } => pki_cmd::run(cmd),
+        Command::Registry { cmd } => run_async(registry_cmd::run(cmd)),
+        Command::Demo(args) => run_async(demo::run(args)),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    rt.block_on(fut)
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => tracing::info!("SIGTERM received"),
+                _ = i.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

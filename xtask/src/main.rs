@@ -1,0 +1,172 @@
+//! `cargo xtask`: set-up, tests, the demo and benchmarks, each installing what it needs.
+//!
+//! - `cargo xtask demo`  — install what is missing, build, run `strait demo`.
+//! - `cargo xtask test`  — install what is missing, check formatting and lints, run every test.
+//! - `cargo xtask setup` — only install what is missing.
+//! - `cargo xtask bench registry` — the registry scale benchmark (writes its figures to stdout).
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Debian packages and the command each provides.
+const APT_PACKAGES: &[(&str, &str)] = &[("protobuf-compiler", "protoc"), ("etcd-server", "etcd")];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("test") => setup().and_then(|()| test(&args[1..])),
+        Some("demo") => setup().and_then(|()| demo(&args[1..])),
+        Some("bench") => setup().and_then(|()| bench(&args[1..])),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <setup|test|demo|bench registry>\n\
+                 \n  setup   install missing system packages (protobuf-compiler, etcd-server)\
+                 \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
+                 \n  demo    setup, then build and run `strait demo`\
+                 \n  bench   setup, then run a benchmark (`registry`)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
+}
+
+fn say(msg: &str) {
+    eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
+}
+
+fn have(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(cmd).is_file()))
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed with {status}"))
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn apt(args: &[&str]) -> Command {
+    if is_root() {
+        let mut c = Command::new("apt-get");
+        c.args(args);
+        c
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("apt-get").args(args);
+        c
+    }
+}
+
+/// Install the Debian packages whose commands are missing.
+fn setup() -> Result<(), String> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(_, cmd)| !have(cmd))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        say("system packages present (protoc, etcd)");
+        return Ok(());
+    }
+    if !have("apt-get") {
+        return Err(format!(
+            "missing {} and apt-get is not available: install them with your package manager",
+            missing.join(", ")
+        ));
+    }
+    say(&format!("installing {} with apt-get", missing.join(", ")));
+    run(apt(&["update", "-qq"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    install
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    run(&mut install)?;
+    for (pkg, cmd) in APT_PACKAGES {
+        if !have(cmd) {
+            return Err(format!(
+                "{pkg} was installed but `{cmd}` is still not on PATH"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn test(extra: &[String]) -> Result<(), String> {
+    say("checking formatting (cargo fmt --check)");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    say("linting (cargo clippy --all-targets -- -D warnings)");
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    say("running the test suite (unit, integration against real etcd, CLI)");
+    let mut c = cargo();
+    c.args(["test", "--workspace"]).args(extra);
+    run(&mut c)
+}
+
+fn demo(extra: &[String]) -> Result<(), String> {
+    say("building strait (release)");
+    run(cargo().args(["build", "--release", "--bin", "strait"]))?;
+    say("running `strait demo`");
+    let bin = root().join("target/release/strait");
+    run(Command::new(bin).arg("demo").args(extra))
+}
+
+fn bench(args: &[String]) -> Result<(), String> {
+    match args.first().map(String::as_str) {
+        Some("registry") => {
+            say("running the registry scale benchmark (release build, real etcd)");
+            run(cargo()
+                .args([
+                    "bench",
+                    "-p",
+                    "federation",
+                    "--bench",
+                    "registry_scale",
+                    "--",
+                ])
+                .args(&args[1..]))
+        }
+        other => Err(format!("unknown benchmark {other:?}; available: registry")),
+    }
+}
