@@ -14,9 +14,10 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "STRAIT_LOG_FORMAT")]
     log_format: LogFormat,
-    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `federation=debug`.
-    #[arg(long, global = true, default_value = "info", env = "STRAIT_LOG")]
-    log: String,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `federation=debug`
+    /// [default: `info`; `warn` for the demo, which narrates itself].
+    #[arg(long, global = true, env = "STRAIT_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,7 +59,12 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(cli.log_format, &cli.log) {
+    let default_log = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    let log = cli.log.clone().unwrap_or_else(|| default_log.to_string());
+    if let Err(e) = init_logging(cli.log_format, &log) {
         eprintln!("error: {e:#}");
         return std::process::ExitCode::from(2);
     }
