@@ -41,7 +41,10 @@ impl Proc {
             if let Some(s) = self.0.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "process did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -57,7 +60,17 @@ impl Drop for Proc {
 fn publish(etcd: &str, file: &Path, ttl: &str) -> Proc {
     Proc(
         Command::new(BIN)
-            .args(["registry", "publish", "--etcd", etcd, "--lease-ttl", ttl, "--poll", "100ms", "--file"])
+            .args([
+                "registry",
+                "publish",
+                "--etcd",
+                etcd,
+                "--lease-ttl",
+                ttl,
+                "--poll",
+                "100ms",
+                "--file",
+            ])
             .arg(file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -73,7 +86,9 @@ fn strait(args: &[&str]) -> Output {
 
 async fn cache(etcd: &str) -> RegistryCache {
     RegistryCache::spawn(Backend::Etcd(
-        EtcdBackend::connect(&[etcd.to_string()], EtcdOptions::default()).await.unwrap(),
+        EtcdBackend::connect(&[etcd.to_string()], EtcdOptions::default())
+            .await
+            .unwrap(),
     ))
 }
 
@@ -88,7 +103,8 @@ fn has(s: &Snapshot, cluster: &str, endpoints: usize) -> bool {
 }
 
 fn gone(s: &Snapshot, cluster: &str) -> bool {
-    !s.clusters.keys().any(|c| c.as_str() == cluster) && !s.endpoints.keys().any(|(c, _)| c.as_str() == cluster)
+    !s.clusters.keys().any(|c| c.as_str() == cluster)
+        && !s.endpoints.keys().any(|(c, _)| c.as_str() == cluster)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +114,11 @@ async fn three_publishers_converge_and_die_as_promised() {
     let url = etcd.endpoint();
     let watchers = [cache(&url).await, cache(&url).await, cache(&url).await];
     let mut procs = Vec::new();
-    for (c, r, n) in [("east", "us-east", 4), ("central", "us-east", 3), ("west", "us-west", 2)] {
+    for (c, r, n) in [
+        ("east", "us-east", 4),
+        ("central", "us-east", 3),
+        ("west", "us-west", 2),
+    ] {
         let f = dir.path().join(format!("{c}.yaml"));
         std::fs::write(&f, discovery(c, r, n, 18000)).unwrap();
         procs.push((c, f.clone(), publish(&url, &f, "2s")));
@@ -106,14 +126,20 @@ async fn three_publishers_converge_and_die_as_promised() {
     let all = |s: &Snapshot| has(s, "east", 4) && has(s, "central", 3) && has(s, "west", 2);
     let mut snaps = Vec::new();
     for w in &watchers {
-        snaps.push(w.wait_for(WAIT, all).await.unwrap_or_else(|s| panic!("did not converge: {s:?}")));
+        snaps.push(
+            w.wait_for(WAIT, all)
+                .await
+                .unwrap_or_else(|s| panic!("did not converge: {s:?}")),
+        );
     }
     assert!(snaps.iter().all(|s| s.same_content(&snaps[0])));
 
     // The file changes: the publisher republishes.
     std::fs::write(&procs[0].1, discovery("east", "us-east", 6, 18000)).unwrap();
     for w in &watchers {
-        w.wait_for(WAIT, |s| has(s, "east", 6)).await.unwrap_or_else(|s| panic!("no republish: {s:?}"));
+        w.wait_for(WAIT, |s| has(s, "east", 6))
+            .await
+            .unwrap_or_else(|s| panic!("no republish: {s:?}"));
     }
     // A broken edit keeps the last good state.
     std::fs::write(&procs[0].1, "cluster: east\nregion: [oops\n").unwrap();
@@ -135,12 +161,18 @@ async fn three_publishers_converge_and_die_as_promised() {
     let t = Instant::now();
     procs[2].2.signal("KILL");
     for w in &watchers {
-        w.wait_for(Duration::from_secs(3) - t.elapsed().min(Duration::from_secs(3)), |s| gone(s, "west"))
-            .await
-            .unwrap_or_else(|s| panic!("west outlived TTL + 1 s after SIGKILL: {s:?}"));
+        w.wait_for(
+            Duration::from_secs(3) - t.elapsed().min(Duration::from_secs(3)),
+            |s| gone(s, "west"),
+        )
+        .await
+        .unwrap_or_else(|s| panic!("west outlived TTL + 1 s after SIGKILL: {s:?}"));
     }
     let kill = t.elapsed();
-    assert!(has(&watchers[2].snapshot(), "east", 6), "east must be untouched");
+    assert!(
+        has(&watchers[2].snapshot(), "east", 6),
+        "east must be untouched"
+    );
     println!("SIGTERM → gone in {term:?}; SIGKILL → gone in {kill:?} (TTL 2 s)");
 }
 
@@ -156,17 +188,30 @@ async fn dump_shows_the_registry_readably() {
     w.wait_for(WAIT, |s| has(s, "east", 2)).await.unwrap();
 
     let out = strait(&["registry", "dump", "--etcd", &url]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("/strait/v1/clusters/east"), "{text}");
-    assert!(text.contains("/strait/v1/endpoints/east/default/echo"), "{text}");
-    assert!(text.contains("\"locality\": \"us-east/us-east-1a\""), "{text}");
+    assert!(
+        text.contains("/strait/v1/endpoints/east/default/echo"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"locality\": \"us-east/us-east-1a\""),
+        "{text}"
+    );
 
     let out = strait(&["registry", "dump", "--etcd", &url, "--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let entries = doc["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 2);
-    let eps = entries.iter().find(|e| e["key"] == "/strait/v1/endpoints/east/default/echo").unwrap();
+    let eps = entries
+        .iter()
+        .find(|e| e["key"] == "/strait/v1/endpoints/east/default/echo")
+        .unwrap();
     assert_eq!(eps["value"]["v"], 1);
     assert_eq!(eps["value"]["endpoints"].as_array().unwrap().len(), 2);
     assert!(eps["lease"].is_string());
@@ -189,7 +234,10 @@ async fn watch_prints_changes() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }
@@ -200,19 +248,30 @@ async fn watch_prints_changes() {
     let mut p = publish(&url, &f, "10s");
     let mut lines = Vec::new();
     let deadline = Instant::now() + WAIT;
-    while !lines.iter().any(|l: &String| l.contains("endpoints/west/default/echo")) {
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("endpoints/west/default/echo"))
+    {
         let left = deadline.saturating_duration_since(Instant::now());
-        lines.push(rx.recv_timeout(left).expect("no change printed for the published service"));
+        lines.push(
+            rx.recv_timeout(left)
+                .expect("no change printed for the published service"),
+        );
     }
     let ev: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(ev["removed"], false);
-    assert!(ev["summary"].as_str().unwrap().contains("3 endpoints"), "{ev}");
+    assert!(
+        ev["summary"].as_str().unwrap().contains("3 endpoints"),
+        "{ev}"
+    );
     p.signal("TERM");
     p.wait_exit(WAIT);
     let deadline = Instant::now() + WAIT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let l = rx.recv_timeout(left).expect("no removal printed after SIGTERM");
+        let l = rx
+            .recv_timeout(left)
+            .expect("no removal printed after SIGTERM");
         if l.contains("endpoints/west/default/echo") && l.contains("\"removed\":true") {
             break;
         }
@@ -225,42 +284,118 @@ async fn watch_prints_changes() {
 fn bad_discovery_files_and_unreachable_etcd_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.yaml");
-    std::fs::write(&f, discovery("east", "us-east", 2, 18000).replace("port: 18001", "port: 18000")).unwrap();
-    let out = strait(&["registry", "publish", "--etcd", "http://127.0.0.1:1", "--file", f.to_str().unwrap()]);
+    std::fs::write(
+        &f,
+        discovery("east", "us-east", 2, 18000).replace("port: 18001", "port: 18000"),
+    )
+    .unwrap();
+    let out = strait(&[
+        "registry",
+        "publish",
+        "--etcd",
+        "http://127.0.0.1:1",
+        "--file",
+        f.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.yaml:10:"), "{err}");
-    assert!(err.contains("services[0].endpoints[1]") && err.contains("duplicate endpoint 127.0.0.1:18000"), "{err}");
+    assert!(
+        err.contains("services[0].endpoints[1]")
+            && err.contains("duplicate endpoint 127.0.0.1:18000"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 
     let port = federation::etcd_server::free_port().unwrap();
     let t = Instant::now();
-    let out = strait(&["registry", "dump", "--etcd", &format!("http://127.0.0.1:{port}")]);
+    let out = strait(&[
+        "registry",
+        "dump",
+        "--etcd",
+        &format!("http://127.0.0.1:{port}"),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("unreachable"), "{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("unreachable"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
 fn pki_commands_issue_and_inspect_identities() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
-    let out = strait(&["pki", "init", "--trust-domain", "example.org", "--out", ca.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = strait(&[
+        "pki",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A second init does not overwrite the CA.
-    let again = strait(&["pki", "init", "--trust-domain", "example.org", "--out", ca.to_str().unwrap()]);
+    let again = strait(&[
+        "pki",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--out",
+        ca.to_str().unwrap(),
+    ]);
     assert!(!again.status.success());
     let gw = dir.path().join("east-gw");
-    let out = strait(&["pki", "issue", "gateway", "--cluster", "east", "--ca", ca.to_str().unwrap(), "--out", gw.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = strait(&[
+        "pki",
+        "issue",
+        "gateway",
+        "--cluster",
+        "east",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--out",
+        gw.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let wl = dir.path().join("east-app");
     let out = strait(&[
-        "pki", "issue", "workload", "--cluster", "east", "--namespace", "default", "--service-account", "app",
-        "--ca", ca.to_str().unwrap(), "--out", wl.to_str().unwrap(), "--validity", "1h",
+        "pki",
+        "issue",
+        "workload",
+        "--cluster",
+        "east",
+        "--namespace",
+        "default",
+        "--service-account",
+        "app",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--out",
+        wl.to_str().unwrap(),
+        "--validity",
+        "1h",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     use std::os::unix::fs::PermissionsExt;
     for key in [ca.join("ca.key"), gw.join("key.pem"), wl.join("key.pem")] {
         let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
@@ -268,12 +403,50 @@ fn pki_commands_issue_and_inspect_identities() {
     }
     let out = strait(&["pki", "inspect", gw.join("cert.pem").to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("identity: spiffe://example.org/cluster/east/gateway"), "{text}");
+    assert!(
+        text.contains("identity: spiffe://example.org/cluster/east/gateway"),
+        "{text}"
+    );
     assert!(text.contains("role: gateway"), "{text}");
     let out = strait(&["pki", "inspect", wl.join("cert.pem").to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("identity: spiffe://example.org/cluster/east/ns/default/sa/app"), "{text}");
-    let out = strait(&["pki", "issue", "gateway", "--cluster", "East!", "--ca", ca.to_str().unwrap(), "--out", gw.to_str().unwrap()]);
+    assert!(
+        text.contains("identity: spiffe://example.org/cluster/east/ns/default/sa/app"),
+        "{text}"
+    );
+    let out = strait(&[
+        "pki",
+        "issue",
+        "gateway",
+        "--cluster",
+        "East!",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--out",
+        gw.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster"), "bad name error must name the field");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cluster"),
+        "bad name error must name the field"
+    );
+}
+
+#[test]
+fn shipped_discovery_examples_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let f =
+                federation::discovery::DiscoveryFile::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                f.state.cluster.id.as_str(),
+                path.file_stem().unwrap().to_str().unwrap()
+            );
+            n += 1;
+        }
+    }
+    assert_eq!(n, 3, "east, central and west examples");
 }

@@ -23,8 +23,8 @@ use federation::model::{
 use federation::registry::codec::{cluster_state_kvs, encode_service_endpoints};
 use federation::registry::publisher::Owned;
 use federation::registry::{
-    Backend, EtcdBackend, EtcdOptions, LeasedPublisher, Op, PublisherConfig, RegistryCache,
-    RegistryKey, ROOT,
+    Backend, EtcdBackend, EtcdOptions, LeasedPublisher, Op, PublisherConfig, ROOT, RegistryCache,
+    RegistryKey,
 };
 use tokio::sync::watch;
 
@@ -54,7 +54,10 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: forwarded as is.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+            LIVE.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
         }
         p
     }
@@ -80,12 +83,16 @@ fn cluster_state(c: usize, services: usize, endpoints: usize) -> ClusterState {
     labels.insert("version".to_string(), "v1".to_string());
     let labels = Labels::new(labels).unwrap_or_else(|e| panic!("{e}"));
     let zones: Vec<Locality> = (0..3)
-        .map(|z| Locality::new(&region, &format!("{region}-{}", (b'a' + z) as char), "").unwrap_or_else(|e| panic!("{e}")))
+        .map(|z| {
+            Locality::new(&region, &format!("{region}-{}", (b'a' + z) as char), "")
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
         .collect();
     let port = ServicePort::new("http", 8080, Protocol::Http).unwrap_or_else(|e| panic!("{e}"));
     let mut out = Vec::with_capacity(services);
     for s in 0..services {
-        let key = ServiceKey::new("default", &format!("svc-{s:04}")).unwrap_or_else(|e| panic!("{e}"));
+        let key =
+            ServiceKey::new("default", &format!("svc-{s:04}")).unwrap_or_else(|e| panic!("{e}"));
         let svc = Service::new(key, vec![port.clone()]).unwrap_or_else(|e| panic!("{e}"));
         let eps = (0..endpoints)
             .map(|e| {
@@ -93,14 +100,22 @@ fn cluster_state(c: usize, services: usize, endpoints: usize) -> ClusterState {
                 let ip: IpAddr = format!("10.{}.{}.{}", c % 250, n / 250 % 250, n % 250 + 1)
                     .parse()
                     .unwrap_or_else(|e| panic!("{e}"));
-                Endpoint::new(ip, 8080 + (n / 62500) as u16, zones[e % 3].clone(), id.clone())
-                    .unwrap_or_else(|e| panic!("{e}"))
-                    .with_labels(labels.clone())
+                Endpoint::new(
+                    ip,
+                    8080 + (n / 62500) as u16,
+                    zones[e % 3].clone(),
+                    id.clone(),
+                )
+                .unwrap_or_else(|e| panic!("{e}"))
+                .with_labels(labels.clone())
             })
             .collect();
         out.push(ServiceEndpoints::new(id.clone(), svc, eps).unwrap_or_else(|e| panic!("{e}")));
     }
-    ClusterState { cluster, services: out }
+    ClusterState {
+        cluster,
+        services: out,
+    }
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -121,13 +136,21 @@ async fn main() {
     let watchers = arg("--watchers", 10);
     let changes = arg("--changes", 100);
     let total = clusters * services * endpoints;
-    println!("registry scale: {clusters} clusters × {services} services × {endpoints} endpoints = {total} endpoints");
+    println!(
+        "registry scale: {clusters} clusters × {services} services × {endpoints} endpoints = {total} endpoints"
+    );
 
     let dir = std::env::temp_dir().join(format!("strait-bench-registry-{}", std::process::id()));
     let etcd = EtcdServer::start_on(
         &dir.join("etcd"),
-        std::net::SocketAddr::from(([127, 0, 0, 1], federation::etcd_server::free_port().unwrap_or(23790))),
-        std::net::SocketAddr::from(([127, 0, 0, 1], federation::etcd_server::free_port().unwrap_or(23800))),
+        std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            federation::etcd_server::free_port().unwrap_or(23790),
+        )),
+        std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            federation::etcd_server::free_port().unwrap_or(23800),
+        )),
         vec!["--quota-backend-bytes".into(), (8u64 << 30).to_string()],
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -171,7 +194,9 @@ async fn main() {
         senders.push(tx);
     }
     for s in &mut statuses {
-        s.wait_for(|s| s.in_sync).await.unwrap_or_else(|e| panic!("{e}"));
+        s.wait_for(|s| s.in_sync)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
     let publish = t.elapsed();
     println!(
@@ -183,7 +208,10 @@ async fn main() {
 
     // Floor: read every key raw, no decoding.
     let t = Instant::now();
-    let (_, raw) = backend.get_prefix(ROOT).await.unwrap_or_else(|e| panic!("{e}"));
+    let (_, raw) = backend
+        .get_prefix(ROOT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let raw_read = t.elapsed();
     let raw_keys = raw.len();
     drop(raw);
@@ -286,9 +314,21 @@ async fn main() {
     );
     println!(
         "goals: full load ≤ 10 s: {}; ≤ 300 B/endpoint: {}; change p99 ≤ 50 ms: {}",
-        if load <= Duration::from_secs(10) { "met" } else { "MISSED" },
-        if per_endpoint <= 300.0 { "met" } else { "MISSED" },
-        if p99 <= Duration::from_millis(50) { "met" } else { "MISSED" },
+        if load <= Duration::from_secs(10) {
+            "met"
+        } else {
+            "MISSED"
+        },
+        if per_endpoint <= 300.0 {
+            "met"
+        } else {
+            "MISSED"
+        },
+        if p99 <= Duration::from_millis(50) {
+            "met"
+        } else {
+            "MISSED"
+        },
     );
     drop(caches);
     for s in stops {

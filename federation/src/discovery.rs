@@ -237,11 +237,7 @@ fn invalid(
     }))
 }
 
-fn at<T>(
-    path: &Path,
-    spanned: &Spanned<T>,
-    parent: &str,
-) -> impl Fn(ModelError) -> DiscoveryError {
+fn at<T>(path: &Path, spanned: &Spanned<T>, parent: &str) -> impl Fn(ModelError) -> DiscoveryError {
     let (line, column) = (spanned.referenced.line(), spanned.referenced.column());
     let path = path.to_path_buf();
     let parent = parent.to_string();

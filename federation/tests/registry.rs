@@ -717,10 +717,11 @@ async fn an_unreachable_etcd_is_a_clear_error() {
     let port = federation::etcd_server::free_port().unwrap();
     let endpoint = format!("http://127.0.0.1:{port}");
     let t = Instant::now();
-    let err = match EtcdBackend::connect_checked(std::slice::from_ref(&endpoint), etcd_options()).await {
-        Ok(_) => panic!("connected to nothing"),
-        Err(e) => e,
-    };
+    let err =
+        match EtcdBackend::connect_checked(std::slice::from_ref(&endpoint), etcd_options()).await {
+            Ok(_) => panic!("connected to nothing"),
+            Err(e) => e,
+        };
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "took {:?}",
