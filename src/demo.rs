@@ -59,15 +59,21 @@ fn table(s: &Snapshot) {
         let eps: Vec<_> = s
             .endpoints
             .iter()
-            .filter(|((id, _), _)| *id == c.id)
+            .filter(|((_, id), _)| *id == c.id)
             .collect();
         if eps.is_empty() {
-            println!("    {:<9} {:<9} {:<16} {:>9}", c.id, c.region, "-", 0);
-        }
-        for ((_, key), set) in eps {
             println!(
                 "    {:<9} {:<9} {:<16} {:>9}",
-                c.id,
+                c.id.as_str(),
+                c.region,
+                "-",
+                0
+            );
+        }
+        for ((key, _), set) in eps {
+            println!(
+                "    {:<9} {:<9} {:<16} {:>9}",
+                c.id.as_str(),
                 c.region,
                 key.to_string(),
                 set.endpoints.len()

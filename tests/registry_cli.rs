@@ -96,7 +96,7 @@ fn has(s: &Snapshot, cluster: &str, endpoints: usize) -> bool {
     s.clusters.keys().any(|c| c.as_str() == cluster)
         && s.endpoints
             .iter()
-            .filter(|((c, _), _)| c.as_str() == cluster)
+            .filter(|((_, c), _)| c.as_str() == cluster)
             .map(|(_, v)| v.endpoints.len())
             .sum::<usize>()
             == endpoints
@@ -104,7 +104,7 @@ fn has(s: &Snapshot, cluster: &str, endpoints: usize) -> bool {
 
 fn gone(s: &Snapshot, cluster: &str) -> bool {
     !s.clusters.keys().any(|c| c.as_str() == cluster)
-        && !s.endpoints.keys().any(|(c, _)| c.as_str() == cluster)
+        && !s.endpoints.keys().any(|(_, c)| c.as_str() == cluster)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -289,7 +289,7 @@ async fn main() {
             async move {
                 rx.wait_for(|s| {
                     s.endpoints
-                        .get(&(cluster_id.clone(), service_key.clone()))
+                        .get(&(service_key.clone(), cluster_id.clone()))
                         .is_some_and(|v| v.endpoints[0].weight == want)
                 })
                 .await

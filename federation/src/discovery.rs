@@ -309,6 +309,8 @@ fn build(path: &Path, spec: FileSpec) -> Result<ClusterState, DiscoveryError> {
         }
         let service = Service::new(key, ports).map_err(at(path, s, &sfield))?;
         let mut endpoints = Vec::with_capacity(svc.endpoints.len());
+        let mut seen_endpoints: std::collections::HashMap<(IpAddr, u16), u64> =
+            std::collections::HashMap::new();
         for (ei, e) in svc.endpoints.iter().enumerate() {
             let efield = format!("{sfield}.endpoints[{ei}]");
             let ep = &e.value;
@@ -320,9 +322,7 @@ fn build(path: &Path, spec: FileSpec) -> Result<ClusterState, DiscoveryError> {
                 .map_err(at(path, e, &efield))?
                 .with_health(ep.health)
                 .with_labels(ep.labels.clone());
-            if let Some(first) = svc.endpoints[..ei]
-                .iter()
-                .find(|o| o.value.address == ep.address && o.value.port.0 == ep.port.0)
+            if let Some(first) = seen_endpoints.insert((ep.address, ep.port.0), e.referenced.line())
             {
                 return Err(invalid(
                     path,
@@ -330,9 +330,8 @@ fn build(path: &Path, spec: FileSpec) -> Result<ClusterState, DiscoveryError> {
                     e.referenced.column(),
                     efield,
                     format!(
-                        "duplicate endpoint {} (first at line {})",
+                        "duplicate endpoint {} (first at line {first})",
                         endpoint.socket_addr(),
-                        first.referenced.line()
                     ),
                 ));
             }

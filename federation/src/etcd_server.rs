@@ -20,6 +20,8 @@ pub enum EtcdServerError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("etcd for {endpoint} exited during start-up; its log is {log}")]
+    Exited { endpoint: String, log: String },
     #[error("etcd at {endpoint} did not become healthy within {timeout:?}; its log is {log}")]
     NotReady {
         endpoint: String,
@@ -47,8 +49,12 @@ pub fn free_port() -> std::io::Result<u16> {
 impl EtcdServer {
     /// Start etcd keeping its data in `data_dir`, on free loopback ports.
     pub fn start(data_dir: &Path) -> Result<Self, EtcdServerError> {
-        let client = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let peer = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        // Hold both listeners while choosing, so the two ports differ.
+        let a = TcpListener::bind("127.0.0.1:0")?;
+        let b = TcpListener::bind("127.0.0.1:0")?;
+        let client = a.local_addr()?;
+        let peer = b.local_addr()?;
+        drop((a, b));
         Self::start_on(data_dir, client, peer, Vec::new())
     }
 
@@ -101,6 +107,9 @@ impl EtcdServer {
             .arg("warn")
             .arg("--logger")
             .arg("zap")
+            // Let clients detect a silently dead connection within a couple of seconds.
+            .arg("--grpc-keepalive-min-time")
+            .arg("500ms")
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log)
@@ -131,12 +140,18 @@ impl EtcdServer {
         &self.log
     }
 
-    /// Poll `/health` until etcd says it is healthy.
-    pub fn wait_ready(&self, timeout: Duration) -> Result<(), EtcdServerError> {
+    /// Poll `/health` until etcd says it is healthy (blocking: call it from a blocking context).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), EtcdServerError> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if health(self.client) {
                 return Ok(());
+            }
+            if !self.is_running() {
+                return Err(EtcdServerError::Exited {
+                    endpoint: self.endpoint(),
+                    log: self.log.display().to_string(),
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -56,6 +56,11 @@ impl Name {
         &self.0
     }
 
+    /// The empty name: sorts before every valid name (a range bound, never a real name).
+    pub fn min_value() -> Self {
+        Self(Arc::from(""))
+    }
+
     /// A name sharing the given allocation (used by interning caches).
     pub(crate) fn from_arc_unchecked(value: Arc<str>) -> Self {
         Self(value)
@@ -450,6 +455,9 @@ pub struct Labels(Arc<BTreeMap<String, String>>);
 
 impl Labels {
     pub fn new(map: BTreeMap<String, String>) -> Result<Self, ModelError> {
+        if map.is_empty() {
+            return Ok(Self::default());
+        }
         for (k, v) in &map {
             validate_label_key(k).map_err(|r| ModelError::new(format!("labels.{k}"), r))?;
             validate_label_value(v).map_err(|r| ModelError::new(format!("labels.{k}"), r))?;
@@ -621,10 +629,10 @@ impl ServiceEndpoints {
                     ),
                 ));
             }
-            if endpoints[..i]
-                .iter()
-                .any(|o| o.address == e.address && o.port == e.port)
-            {
+        }
+        let mut seen = std::collections::HashSet::with_capacity(endpoints.len());
+        for (i, e) in endpoints.iter().enumerate() {
+            if !seen.insert(e.socket_addr()) {
                 return Err(ModelError::new(
                     format!("endpoints[{i}]"),
                     format!("duplicate endpoint {}", e.socket_addr()),

@@ -49,14 +49,21 @@ impl TcpRelay {
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((inbound, _)) = listener.accept().await else {
-                    continue;
+                let inbound = match listener.accept().await {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // E.g. out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %e, "relay accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
                 };
+                // Subscribe before checking `up`, so a cut between the two still closes it.
+                let mut gen_rx = st.generation.subscribe();
                 if !st.up.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
-                let mut gen_rx = st.generation.subscribe();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
@@ -79,7 +86,8 @@ impl TcpRelay {
         self.addr
     }
 
-    /// Close every connection and refuse new ones.
+    /// Close every connection (reset, as a crashed peer would) and refuse new ones. A silent
+    /// black hole is what the UDP relays of the gateway tests model.
     pub fn cut(&self) {
         self.state.up.store(false, Ordering::SeqCst);
         self.state.generation.send_modify(|g| *g += 1);

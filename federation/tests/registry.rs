@@ -260,7 +260,7 @@ impl Pub {
 fn cluster_endpoints(s: &Snapshot, cluster: &str) -> usize {
     s.endpoints
         .iter()
-        .filter(|((c, _), _)| c.as_str() == cluster)
+        .filter(|((_, c), _)| c.as_str() == cluster)
         .map(|(_, v)| v.endpoints.len())
         .sum()
 }
@@ -323,7 +323,7 @@ async fn three_clusters_converge(env: Env) {
     }
     let west = finals[0]
         .endpoints
-        .get(&(name("west"), ServiceKey::new("default", "svc-3").unwrap()))
+        .get(&(ServiceKey::new("default", "svc-3").unwrap(), name("west")))
         .unwrap();
     assert!(
         west.endpoints.iter().all(|e| e.port == 8007),
@@ -795,4 +795,32 @@ async fn embedded_compaction_and_lease_semantics_match_etcd() {
         federation::registry::RegistryError::LeaseNotFound(42)
     ));
     assert_eq!(b.current_revision().await.unwrap(), r2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_etcd_refuses_does_not_block_the_others() {
+    let env = Env::etcd();
+    let backend = env.backend().await;
+    // svc-0 gets 30,000 endpoints: ~2.5 MB, over etcd's 1.5 MiB request limit.
+    let mut state = cluster_state("east", "us-east", 3, 2, 0);
+    let big = cluster_state("east", "us-east", 1, 30_000, 0);
+    state.services[0] = big.services[0].clone();
+    let mut p = Pub::spawn(backend.clone(), &state, Duration::from_secs(10));
+    let status = p.wait_in_sync().await;
+    let err = status.last_error.expect("the refused key must be reported");
+    assert!(
+        err.contains("/strait/v1/endpoints/east/default/svc-0"),
+        "{err}"
+    );
+    let (_, kvs) = backend.get_prefix("/strait/v1/").await.unwrap();
+    let keys: Vec<&str> = kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "/strait/v1/clusters/east",
+            "/strait/v1/endpoints/east/default/svc-1",
+            "/strait/v1/endpoints/east/default/svc-2"
+        ]
+    );
+    p.shutdown().await;
 }

@@ -141,7 +141,47 @@ fn test(extra: &[String]) -> Result<(), String> {
     say("running the test suite (unit, integration against real etcd, CLI)");
     let mut c = cargo();
     c.args(["test", "--workspace"]).args(extra);
-    run(&mut c)
+    run_counting(&mut c)
+}
+
+/// Run `cargo test`, pass its output through, and close with the totals over every test binary
+/// (`N passed, N failed`), so the last line speaks for the whole suite.
+fn run_counting(cmd: &mut Command) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(word))
+                        .and_then(|n| {
+                            n.trim()
+                                .rsplit(' ')
+                                .next()
+                                .and_then(|n| n.parse::<u64>().ok())
+                        })
+                        .unwrap_or(0)
+                };
+                passed += count(" passed");
+                failed += count(" failed");
+                ignored += count(" ignored");
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| format!("{shown}: {e}"))?;
+    println!("{passed} passed, {failed} failed, {ignored} skipped");
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed with {status}"))
+    }
 }
 
 fn demo(extra: &[String]) -> Result<(), String> {

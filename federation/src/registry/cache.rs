@@ -22,7 +22,7 @@ use super::backend::{Backend, WatchEvent};
 use super::codec::{Decoder, ROOT, RegistryKey, RegistryValue};
 use crate::backoff::Backoff;
 use crate::model::{
-    Cluster, ClusterId, FailoverPolicy, LinkState, PolicyScope, ServiceEndpoints, ServiceKey,
+    Cluster, ClusterId, FailoverPolicy, LinkState, Name, PolicyScope, ServiceEndpoints, ServiceKey,
 };
 
 /// A consistent view of the registry at one revision.
@@ -31,7 +31,8 @@ pub struct Snapshot {
     /// The store revision this snapshot reflects (0 before the first load).
     pub revision: i64,
     pub clusters: OrdMap<ClusterId, Arc<Cluster>>,
-    pub endpoints: OrdMap<(ClusterId, ServiceKey), Arc<ServiceEndpoints>>,
+    /// Keyed by service first, so one service's clusters are one range.
+    pub endpoints: OrdMap<(ServiceKey, ClusterId), Arc<ServiceEndpoints>>,
     pub policies: OrdMap<PolicyScope, Arc<FailoverPolicy>>,
     pub links: OrdMap<(ClusterId, ClusterId), Arc<LinkState>>,
 }
@@ -55,11 +56,32 @@ impl Snapshot {
         self.endpoints.values().map(|s| s.endpoints.len()).sum()
     }
 
-    /// The endpoints of `service` in every cluster.
+    /// The endpoints of `service` in every cluster (a range lookup).
     pub fn service(&self, service: &ServiceKey) -> impl Iterator<Item = &Arc<ServiceEndpoints>> {
+        let from = (service.clone(), Name::min_value());
+        self.endpoints
+            .range(from..)
+            .take_while(move |((s, _), _)| s == service)
+            .map(|(_, v)| v)
+    }
+
+    /// The endpoints of `service` in `cluster`.
+    pub fn service_in(
+        &self,
+        service: &ServiceKey,
+        cluster: &ClusterId,
+    ) -> Option<&Arc<ServiceEndpoints>> {
+        self.endpoints.get(&(service.clone(), cluster.clone()))
+    }
+
+    /// Every service set published by `cluster`.
+    pub fn cluster_services<'a>(
+        &'a self,
+        cluster: &'a ClusterId,
+    ) -> impl Iterator<Item = &'a Arc<ServiceEndpoints>> + 'a {
         self.endpoints
             .iter()
-            .filter(move |((_, s), _)| s == service)
+            .filter(move |((_, c), _)| c == cluster)
             .map(|(_, v)| v)
     }
 
@@ -83,7 +105,7 @@ impl Snapshot {
             RegistryKey::Cluster(c) => self.clusters.get(c).cloned().map(RegistryValue::Cluster),
             RegistryKey::Endpoints(c, s) => self
                 .endpoints
-                .get(&(c.clone(), s.clone()))
+                .get(&(s.clone(), c.clone()))
                 .cloned()
                 .map(RegistryValue::Endpoints),
             RegistryKey::Policy(p) => self.policies.get(p).cloned().map(RegistryValue::Policy),
@@ -104,12 +126,12 @@ impl Snapshot {
             (RegistryKey::Cluster(c), None) => self.clusters.remove(c).is_some(),
             (RegistryKey::Endpoints(c, s), Some(RegistryValue::Endpoints(v))) => {
                 self.endpoints
-                    .insert((c.clone(), s.clone()), v.clone())
+                    .insert((s.clone(), c.clone()), v.clone())
                     .as_ref()
                     != Some(&v)
             }
             (RegistryKey::Endpoints(c, s), None) => {
-                self.endpoints.remove(&(c.clone(), s.clone())).is_some()
+                self.endpoints.remove(&(s.clone(), c.clone())).is_some()
             }
             (RegistryKey::Policy(p), Some(RegistryValue::Policy(v))) => {
                 self.policies.insert(p.clone(), v.clone()).as_ref() != Some(&v)
@@ -137,7 +159,7 @@ impl Snapshot {
         out.extend(
             self.endpoints
                 .keys()
-                .map(|(c, s)| RegistryKey::Endpoints(c.clone(), s.clone())),
+                .map(|(s, c)| RegistryKey::Endpoints(c.clone(), s.clone())),
         );
         out.extend(self.policies.keys().map(|p| RegistryKey::Policy(p.clone())));
         out.extend(
@@ -239,6 +261,14 @@ impl RegistryCache {
         self.changes.subscribe()
     }
 
+    /// A snapshot and a change stream that starts no later than it: apply only changes whose
+    /// `revision` is greater than the snapshot's (earlier ones are already in it). This is the
+    /// race-free way to follow the registry incrementally.
+    pub fn subscribe_with_snapshot(&self) -> (Arc<Snapshot>, broadcast::Receiver<Arc<Change>>) {
+        let rx = self.changes.subscribe();
+        (self.snapshot(), rx)
+    }
+
     pub fn status(&self) -> CacheStatus {
         self.status.borrow().clone()
     }
@@ -291,12 +321,14 @@ struct Sink {
 }
 
 impl Sink {
+    /// The change goes out before the snapshot that contains it: whoever has seen a snapshot and
+    /// subscribes afterwards never receives a change already in it.
     fn publish(&self, snapshot: &Snapshot, change: Option<Change>) {
-        self.snapshots.send_replace(Arc::new(snapshot.clone()));
         if let Some(c) = change {
             // No receiver is fine.
             let _ = self.changes.send(Arc::new(c));
         }
+        self.snapshots.send_replace(Arc::new(snapshot.clone()));
     }
     fn status(&self, status: CacheStatus) {
         self.status.send_if_modified(|s| {

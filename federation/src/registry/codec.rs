@@ -113,8 +113,8 @@ fn check_version(key: &str, v: u32) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// Unknown fields are ignored (a newer writer may add optional ones).
 #[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ClusterWire {
     v: u32,
     id: Name,

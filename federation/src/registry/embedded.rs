@@ -31,6 +31,8 @@ struct Lease {
 struct Watcher {
     connection: u64,
     prefix: String,
+    /// Events below this revision are not delivered (a watch may start in the future).
+    start_revision: i64,
     tx: mpsc::UnboundedSender<Result<WatchBatch, RegistryError>>,
 }
 
@@ -70,7 +72,8 @@ impl Default for EmbeddedRegistry {
 }
 
 impl EmbeddedRegistry {
-    /// A new, empty store. Must be called inside a tokio runtime (leases expire on a task).
+    /// A new, empty store. Must be called inside a tokio runtime (leases expire on a task); it
+    /// panics otherwise, as `tokio::spawn` does.
     pub fn new() -> Self {
         Self::with_history_limit(DEFAULT_HISTORY)
     }
@@ -325,6 +328,7 @@ impl EmbeddedRegistry {
         }
         s.watchers.push(Watcher {
             connection: self.connection,
+            start_revision,
             prefix: prefix.to_string(),
             tx,
         });
@@ -370,7 +374,7 @@ fn publish(s: &mut State, events: Vec<WatchEvent>) {
     s.watchers.retain(|w| {
         let mine: Vec<WatchEvent> = events
             .iter()
-            .filter(|e| e.key().starts_with(&w.prefix))
+            .filter(|e| e.key().starts_with(&w.prefix) && e.mod_revision() >= w.start_revision)
             .cloned()
             .collect();
         if mine.is_empty() {
@@ -461,7 +465,11 @@ pub struct EmbeddedKeepAlive {
 impl EmbeddedKeepAlive {
     pub fn refresh(&mut self) -> Result<Duration, RegistryError> {
         let mut s = self.registry.state()?;
-        let Some(l) = s.leases.get_mut(&self.id) else {
+        let Some(l) = s
+            .leases
+            .get_mut(&self.id)
+            .filter(|l| l.deadline > Instant::now())
+        else {
             return Err(RegistryError::LeaseNotFound(self.id));
         };
         l.deadline = Instant::now() + l.ttl;

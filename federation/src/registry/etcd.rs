@@ -15,7 +15,7 @@ use super::backend::{KeyValue, LeaseId, Op, WatchBatch, WatchEvent, prefix_end};
 /// 64 MiB message limit set below.
 const PAGE_SIZE: i64 = 1000;
 /// Largest gRPC message accepted from etcd.
-const MAX_MESSAGE: usize = 64 << 20;
+const MAX_MESSAGE: usize = 256 << 20;
 
 /// Timeouts for talking to etcd.
 #[derive(Debug, Clone, Copy)]
@@ -24,7 +24,9 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// How long one request (not a watch stream) may take.
     pub request_timeout: Duration,
-    /// HTTP/2 keep-alive: a dead connection is noticed within interval + timeout.
+    /// HTTP/2 keep-alive: a silently dead connection is noticed within interval + timeout (a
+    /// killed etcd is noticed at once: its connections reset). Must not be shorter than the
+    /// server's `--grpc-keepalive-min-time`.
     pub keep_alive_interval: Duration,
     pub keep_alive_timeout: Duration,
 }
@@ -34,8 +36,10 @@ impl Default for EtcdOptions {
         Self {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
-            keep_alive_interval: Duration::from_secs(1),
-            keep_alive_timeout: Duration::from_secs(2),
+            // etcd refuses pings more often than its `--grpc-keepalive-min-time` (default 5 s)
+            // with GOAWAY `too_many_pings`; stay above it.
+            keep_alive_interval: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -77,7 +81,9 @@ impl EtcdBackend {
             .with_connect_timeout(options.connect_timeout)
             .with_timeout(options.request_timeout)
             .with_keep_alive(options.keep_alive_interval, options.keep_alive_timeout)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // A member cut off from the leader must not keep serving a silent, stale watch.
+            .with_require_leader(true);
         let client = Client::connect(endpoints, Some(opts))
             .await
             .map_err(|e| RegistryError::unavailable(&joined, e))?;
@@ -331,14 +337,24 @@ impl EtcdWatch {
             }
             let header_revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             let mut events = Vec::with_capacity(resp.events().len());
-            let mut revision = 0;
+            // The revision this response brings us to counts every event, even ones skipped
+            // below; the header revision only stands in for a response without events.
+            let mut revision = resp
+                .events()
+                .iter()
+                .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
+                .max()
+                .unwrap_or(0);
+            let had_events = !resp.events().is_empty();
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 let key = match kv.key_str() {
                     Ok(k) => k.to_string(),
-                    Err(_) => continue,
+                    Err(_) => {
+                        tracing::warn!("skipping a registry event whose key is not UTF-8");
+                        continue;
+                    }
                 };
-                revision = revision.max(kv.mod_revision());
                 match ev.event_type() {
                     EventType::Put => events.push(WatchEvent::Put(KeyValue {
                         key,
@@ -352,7 +368,7 @@ impl EtcdWatch {
                     }),
                 }
             }
-            if events.is_empty() {
+            if !had_events {
                 revision = header_revision;
             }
             return Ok(WatchBatch { revision, events });

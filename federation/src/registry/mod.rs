@@ -71,6 +71,9 @@ impl RegistryError {
                     RegistryError::Rejected(format!("{msg} ({:?})", s.code()))
                 }
             }
+            E::LeaseKeepAliveError(m) if m.contains("lease not found") => {
+                RegistryError::LeaseNotFound(0)
+            }
             other => RegistryError::unavailable(endpoints, describe_transport(&other)),
         }
     }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::RegistryError;
@@ -188,80 +188,92 @@ impl LeasedPublisher {
         backoff: &mut Backoff,
     ) -> SessionEnd {
         let interval = (self.config.lease_ttl / 3).max(Duration::from_millis(100));
-        let mut keep_alive: Option<KeepAlive> = None;
-        let mut last_refresh = Instant::now();
+        // The lease is kept alive by a task of its own, so that slow writes never delay a
+        // keep-alive past the TTL.
+        let (lost_tx, mut lost) = oneshot::channel::<()>();
+        let keeper = AbortOnDrop(tokio::spawn(keep_lease_alive(
+            self.backend.clone(),
+            self.name.clone(),
+            lease,
+            self.config.lease_ttl,
+            interval,
+            lost_tx,
+        )));
         // What the store holds under our lease, as far as we know. `None` until reconciled.
         let mut written: Option<BTreeMap<String, Vec<u8>>> = None;
-        let mut next_tick = Instant::now() + interval;
+        let mut dirty = true;
+        let mut retry_at: Option<Instant> = None;
         let mut desired_closed = false;
-        loop {
-            if written.is_none() || !self.status.borrow().in_sync {
+        let end = loop {
+            if dirty && retry_at.is_none_or(|t| t <= Instant::now()) {
                 let desired = self.desired.borrow_and_update().clone();
-                match self.reconcile(lease, &desired, &mut written).await {
-                    Ok(rev) => {
+                let result = tokio::select! {
+                    _ = shutdown.as_mut() => break SessionEnd::Shutdown,
+                    _ = &mut lost => break SessionEnd::LeaseLost,
+                    r = self.reconcile(lease, &desired, &mut written) => r,
+                };
+                match result {
+                    Ok((rev, refused)) => {
                         backoff.reset();
+                        dirty = false;
+                        retry_at = None;
+                        let error = (!refused.is_empty()).then(|| {
+                            format!(
+                                "the registry refused {} key(s): {}",
+                                refused.len(),
+                                refused.join("; ")
+                            )
+                        });
                         self.set_status(|s| {
                             s.in_sync = true;
                             s.revision = rev.max(s.revision);
-                            s.last_error = None;
+                            s.last_error = error;
                         });
                     }
-                    Err(RegistryError::LeaseNotFound(_)) => return SessionEnd::LeaseLost,
+                    Err(RegistryError::LeaseNotFound(_)) => break SessionEnd::LeaseLost,
                     Err(e) => {
                         tracing::warn!(publisher = %self.name, error = %e, "publishing failed; retrying");
+                        retry_at = Some(Instant::now() + backoff.next_delay());
                         self.set_status(|s| {
                             s.in_sync = false;
                             s.last_error = Some(e.to_string());
                         });
-                        next_tick = next_tick.min(Instant::now() + backoff.next_delay());
                     }
                 }
             }
-            tokio::select! {
-                _ = shutdown.as_mut() => return SessionEnd::Shutdown,
-                _ = tokio::time::sleep_until(next_tick) => {
-                    next_tick = Instant::now() + interval;
-                    if keep_alive.is_none() {
-                        match self.backend.keep_alive(lease).await {
-                            Ok(k) => keep_alive = Some(k),
-                            Err(e) => tracing::warn!(publisher = %self.name, error = %e, "cannot open a lease keep-alive"),
-                        }
-                    }
-                    if let Some(k) = keep_alive.as_mut() {
-                        match k.refresh().await {
-                            Ok(_) => last_refresh = Instant::now(),
-                            Err(RegistryError::LeaseNotFound(_)) => return SessionEnd::LeaseLost,
-                            Err(e) => {
-                                tracing::warn!(publisher = %self.name, error = %e, "lease keep-alive failed");
-                                keep_alive = None;
-                                next_tick = Instant::now() + interval.min(Duration::from_millis(500));
-                            }
-                        }
-                    }
-                    if last_refresh.elapsed() > self.config.lease_ttl {
-                        // The lease has certainly expired by now.
-                        return SessionEnd::LeaseLost;
-                    }
+            let retry = async {
+                match retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
                 }
+            };
+            tokio::select! {
+                _ = shutdown.as_mut() => break SessionEnd::Shutdown,
+                _ = &mut lost => break SessionEnd::LeaseLost,
+                _ = retry => {}
                 r = self.desired.changed(), if !desired_closed => {
                     if r.is_err() {
                         // The sender is gone: nothing will change any more; keep the lease.
                         desired_closed = true;
                     } else {
+                        dirty = true;
                         self.set_status(|s| s.in_sync = false);
                     }
                 }
             }
-        }
+        };
+        drop(keeper);
+        end
     }
 
-    /// Bring the store to `desired`, writing only differences.
+    /// Bring the store to `desired`, writing only differences. Returns the last revision
+    /// written and the keys the store refused (logged; retried with the next change).
     async fn reconcile(
         &self,
         lease: LeaseId,
         desired: &BTreeMap<String, Vec<u8>>,
         written: &mut Option<BTreeMap<String, Vec<u8>>>,
-    ) -> Result<i64, RegistryError> {
+    ) -> Result<(i64, Vec<String>), RegistryError> {
         for k in desired.keys() {
             if !self.owned.contains(k) {
                 return Err(RegistryError::Rejected(format!(
@@ -271,7 +283,7 @@ impl LeasedPublisher {
             }
         }
         let mut ops = Vec::new();
-        match written.as_ref() {
+        let mut state = match written.as_ref() {
             None => {
                 // First write under this lease: find what a previous incarnation left behind.
                 let mut existing: BTreeMap<String, (Vec<u8>, LeaseId)> = BTreeMap::new();
@@ -287,24 +299,15 @@ impl LeasedPublisher {
                             .map(|kv| (kv.key, (kv.value, kv.lease))),
                     );
                 }
-                for k in existing.keys() {
-                    if !desired.contains_key(k) {
-                        ops.push(Op::Delete { key: k.clone() });
+                let mut state = BTreeMap::new();
+                for (k, (v, l)) in existing {
+                    if !desired.contains_key(&k) {
+                        ops.push(Op::Delete { key: k });
+                    } else if l == lease {
+                        state.insert(k, v);
                     }
                 }
-                for (k, v) in desired {
-                    let same = existing
-                        .get(k)
-                        .is_some_and(|(ev, el)| ev == v && *el == lease);
-                    if !same {
-                        ops.push(Op::Put {
-                            key: k.clone(),
-                            value: v.clone(),
-                            lease: Some(lease),
-                        });
-                    }
-                }
-                *written = Some(BTreeMap::new());
+                state
             }
             Some(w) => {
                 for k in w.keys() {
@@ -312,51 +315,151 @@ impl LeasedPublisher {
                         ops.push(Op::Delete { key: k.clone() });
                     }
                 }
-                for (k, v) in desired {
-                    if w.get(k) != Some(v) {
-                        ops.push(Op::Put {
-                            key: k.clone(),
-                            value: v.clone(),
-                            lease: Some(lease),
-                        });
-                    }
-                }
+                w.clone()
+            }
+        };
+        for (k, v) in desired {
+            if state.get(k) != Some(v) {
+                ops.push(Op::Put {
+                    key: k.clone(),
+                    value: v.clone(),
+                    lease: Some(lease),
+                });
             }
         }
-        let mut revision = 0;
         let total = ops.len();
+        let mut revision = 0;
+        let mut refused = Vec::new();
+        let lease_err = |e: RegistryError| match e {
+            RegistryError::LeaseNotFound(_) => RegistryError::LeaseNotFound(lease),
+            RegistryError::Rejected(m) if m.contains("lease not found") => {
+                RegistryError::LeaseNotFound(lease)
+            }
+            other => other,
+        };
+        let first_write = written.is_none();
         for batch in batches(ops, self.config.max_txn_ops, self.config.max_txn_bytes) {
-            let applied = batch.clone();
-            revision = self.backend.commit(batch).await.map_err(|e| match e {
-                RegistryError::LeaseNotFound(_) => RegistryError::LeaseNotFound(lease),
-                RegistryError::Rejected(m) if m.contains("lease not found") => {
-                    RegistryError::LeaseNotFound(lease)
+            match self.backend.commit(batch.clone()).await.map_err(lease_err) {
+                Ok(rev) => {
+                    revision = rev;
+                    apply(&mut state, batch);
                 }
-                other => other,
-            })?;
-            if let Some(w) = written.as_mut() {
-                for op in applied {
-                    match op {
-                        Op::Put { key, value, .. } => {
-                            w.insert(key, value);
-                        }
-                        Op::Delete { key } => {
-                            w.remove(&key);
+                Err(RegistryError::Rejected(why)) => {
+                    // One operation the store will never take (e.g. a value over its request
+                    // limit) must not block the others: write them one by one.
+                    tracing::warn!(publisher = %self.name, error = %why, "a registry transaction was refused; writing its operations one by one");
+                    for op in batch {
+                        match self
+                            .backend
+                            .commit(vec![op.clone()])
+                            .await
+                            .map_err(lease_err)
+                        {
+                            Ok(rev) => {
+                                revision = rev;
+                                apply(&mut state, vec![op]);
+                            }
+                            Err(RegistryError::Rejected(why)) => {
+                                tracing::error!(publisher = %self.name, key = op.key(), error = %why, "the registry refused this key");
+                                refused.push(format!("{}: {why}", op.key()));
+                            }
+                            Err(e) => {
+                                if !first_write {
+                                    *written = Some(state);
+                                }
+                                return Err(e);
+                            }
                         }
                     }
                 }
+                Err(e) => {
+                    // Keep what is known to be written; a first write starts over (re-reading
+                    // what is there) next time.
+                    if !first_write {
+                        *written = Some(state);
+                    }
+                    return Err(e);
+                }
             }
         }
-        // Keys that were already right (same value, same lease) count as written.
-        if let Some(w) = written.as_mut() {
-            for (k, v) in desired {
-                w.entry(k.clone()).or_insert_with(|| v.clone());
-            }
-        }
+        *written = Some(state);
         if total > 0 {
             tracing::debug!(publisher = %self.name, ops = total, revision, "registry updated");
         }
-        Ok(revision)
+        Ok((revision, refused))
+    }
+}
+
+fn apply(state: &mut BTreeMap<String, Vec<u8>>, ops: Vec<Op>) {
+    for op in ops {
+        match op {
+            Op::Put { key, value, .. } => {
+                state.insert(key, value);
+            }
+            Op::Delete { key } => {
+                state.remove(&key);
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Refresh `lease` every `interval`; report on `lost` when it is gone (the store says so, or no
+/// refresh succeeded for a whole TTL).
+async fn keep_lease_alive(
+    backend: Backend,
+    name: String,
+    lease: LeaseId,
+    ttl: Duration,
+    interval: Duration,
+    lost: oneshot::Sender<()>,
+) {
+    let mut keep_alive: Option<KeepAlive> = None;
+    let mut last_refresh = Instant::now();
+    let mut wait = interval;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = interval;
+        if keep_alive.is_none() {
+            match backend.keep_alive(lease).await {
+                Ok(k) => keep_alive = Some(k),
+                Err(e) => {
+                    tracing::warn!(publisher = %name, error = %e, "cannot open a lease keep-alive");
+                    wait = interval.min(Duration::from_millis(500));
+                }
+            }
+        }
+        if let Some(k) = keep_alive.as_mut() {
+            match tokio::time::timeout(interval, k.refresh()).await {
+                Ok(Ok(_)) => last_refresh = Instant::now(),
+                Ok(Err(RegistryError::LeaseNotFound(_))) => {
+                    let _ = lost.send(());
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(publisher = %name, error = %e, "lease keep-alive failed");
+                    keep_alive = None;
+                    wait = interval.min(Duration::from_millis(500));
+                }
+                Err(_) => {
+                    tracing::warn!(publisher = %name, "lease keep-alive timed out");
+                    keep_alive = None;
+                    wait = interval.min(Duration::from_millis(500));
+                }
+            }
+        }
+        if last_refresh.elapsed() > ttl {
+            // The lease has certainly expired by now.
+            let _ = lost.send(());
+            return;
+        }
     }
 }
 
