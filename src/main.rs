@@ -40,6 +40,12 @@ enum Command {
         #[command(subcommand)]
         cmd: pki_cmd::PkiCommand,
     },
+    /// Run the east-west gateway of a cluster (QUIC + mTLS peering, tunnels, ingress).
+    Gateway {
+        /// The gateway's YAML configuration (see docs/gateway.md).
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
     /// A guided tour of what Strait can do on this machine.
     Demo(demo::DemoArgs),
 }
@@ -80,6 +86,7 @@ fn main() -> std::process::ExitCode {
         Command::Pki { cmd } => pki_cmd::run(cmd),
         Command::Registry { cmd } => run_async(registry_cmd::run(cmd)),
         Command::Demo(args) => run_async(demo::run(args)),
+        Command::Gateway { config } => run_async(run_gateway(config)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -96,6 +103,18 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     rt.block_on(fut)
+}
+
+async fn run_gateway(path: std::path::PathBuf) -> anyhow::Result<()> {
+    let config = gateway::config::GatewayConfig::load(&path)?;
+    let gw = gateway::Gateway::start(config).await?;
+    println!(
+        "gateway ready: peers {} (UDP), ingress {}, admin {}",
+        gw.peer_addr, gw.ingress_addr, gw.admin_addr
+    );
+    shutdown_signal().await;
+    gw.shutdown().await;
+    Ok(())
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

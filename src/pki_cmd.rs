@@ -81,6 +81,13 @@ pub struct IssueArgs {
     /// How long the certificate is valid, e.g. `24h` or `30d`.
     #[arg(long, default_value = "24h", value_parser = parse_validity)]
     validity: Duration,
+    /// Also a DNS name SAN (repeatable), for clients that check host names (e.g. curl against
+    /// a gateway's ingress). The SPIFFE ID stays the identity.
+    #[arg(long = "dns", value_name = "NAME")]
+    dns: Vec<String>,
+    /// Also an IP address SAN (repeatable).
+    #[arg(long = "ip", value_name = "ADDR")]
+    ip: Vec<std::net::IpAddr>,
 }
 
 fn parse_validity(s: &str) -> Result<Duration, String> {
@@ -149,8 +156,12 @@ fn issue(
     let ca = CertificateAuthority::load(&args.ca)
         .with_context(|| format!("loading the CA from {}", args.ca.display()))?;
     let id = make_id(ca.trust_domain())?;
+    let names = identity::ExtraNames {
+        dns: args.dns.clone(),
+        ips: args.ip.clone(),
+    };
     let issued = ca
-        .issue(&id, args.validity)
+        .issue_with_names(&id, args.validity, &names)
         .with_context(|| format!("issuing {id}"))?;
     let IssuedPaths { cert, key, ca } = issued.write(&args.out)?;
     let info = identity::inspect_pem(issued.cert_pem())?;

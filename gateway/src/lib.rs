@@ -1,4 +1,597 @@
-//! Strait's east-west gateway: QUIC + mutual TLS peering between clusters, tunnels, link health.
-//! Built in the gateway issue; its peer verifier already exists as
-//! `federation::identity::PeerVerifier`.
+//! Strait's east-west gateway: clusters joined over QUIC with mutual TLS, one stream per
+//! tunnelled connection, local ingress by HTTP CONNECT over mTLS, and link health measured by
+//! probes and reported to the registry and the admin endpoint. See `docs/gateway.md`.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod health;
+pub mod ingress;
+pub mod local;
+pub mod metrics;
+pub mod peers;
+pub mod protocol;
+pub mod splice;
+pub mod tls;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use federation::discovery::DiscoveryFile;
+use federation::model::{LinkState, Name};
+use federation::registry::codec::encode_link;
+use federation::registry::publisher::Owned;
+use federation::registry::{
+    Backend, EtcdBackend, EtcdOptions, LeasedPublisher, PublisherConfig, RegistryCache, RegistryKey,
+};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+use crate::config::GatewayConfig;
+use crate::local::{LocalEndpoints, LocalTable};
+use crate::metrics::Metrics;
+use crate::peers::{Peer, PeerMap};
+use crate::tls::{Members, TlsSource};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Discovery(#[from] federation::discovery::DiscoveryError),
+    #[error(transparent)]
+    Registry(#[from] federation::registry::RegistryError),
+}
+
+/// A cancellation signal shared by every task.
+#[derive(Clone)]
+pub struct Shutdown(watch::Sender<bool>);
+
+impl Shutdown {
+    fn new() -> Self {
+        Self(watch::channel(false).0)
+    }
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+    pub async fn cancelled(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+}
+
+/// State shared by the gateway's tasks.
+pub struct Shared {
+    pub config: GatewayConfig,
+    pub own: Name,
+    pub members: Members,
+    pub peers: Mutex<PeerMap>,
+    pub local: LocalEndpoints,
+    pub endpoint: quinn::Endpoint,
+    pub quic_client: RwLock<quinn::ClientConfig>,
+    pub ingress_tls: RwLock<Arc<rustls::ServerConfig>>,
+    pub metrics: Metrics,
+    pub shutdown: Shutdown,
+    pub links_changed: Notify,
+    pub ready: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// The peer for a member cluster (created on first use).
+    pub fn peer(self: &Arc<Self>, cluster: &str) -> Option<Arc<Peer>> {
+        if cluster == self.own.as_str() || !self.members.contains(cluster) {
+            return None;
+        }
+        let name = Name::parse("cluster", cluster).ok()?;
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = peers.get(cluster) {
+            return Some(p.clone());
+        }
+        let peer = Arc::new(Peer::new(name.clone(), self.config.link_for(&name)));
+        peers.insert(cluster.to_string(), peer.clone());
+        tokio::spawn(peers::dial_loop(self.clone(), peer.clone()));
+        Some(peer)
+    }
+
+    /// Every link as the admin endpoint shows it.
+    pub fn links(&self) -> Vec<LinkReport> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<LinkReport> = peers
+            .values()
+            .map(|p| {
+                let v = p.view.borrow().clone();
+                LinkReport {
+                    cluster: p.cluster.to_string(),
+                    state: v.state.as_str().to_string(),
+                    rtt_ms: (v.rtt_ms * 1000.0).round() / 1000.0,
+                    loss: (v.loss * 10000.0).round() / 10000.0,
+                    since: humantime::format_rfc3339_millis(v.since).to_string(),
+                    connected: v.connected,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+        out
+    }
+}
+
+/// One link in `/links`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct LinkReport {
+    pub cluster: String,
+    pub state: String,
+    pub rtt_ms: f64,
+    pub loss: f64,
+    pub since: String,
+    pub connected: bool,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    pub peer_addr: SocketAddr,
+    pub ingress_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _registry: Option<RegistryCache>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shared.shutdown.trigger();
+        self.shared
+            .endpoint
+            .close(quinn::VarInt::from_u32(peers::CLOSE_SHUTDOWN), b"shutdown");
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = s.set_recv_buffer_size(buffer);
+    let _ = s.set_send_buffer_size(buffer);
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn local_table_from(state: &federation::model::ClusterState) -> LocalTable {
+    LocalTable {
+        services: state
+            .services
+            .iter()
+            .map(|s| (s.service.key.clone(), Arc::new(s.clone())))
+            .collect(),
+    }
+}
+
+impl Gateway {
+    /// Start every listener and task.
+    pub async fn start(config: GatewayConfig) -> Result<Self, GatewayError> {
+        let own = config.cluster.clone();
+        let members = Members::default();
+        for p in &config.peers {
+            members.insert(p.cluster.as_str());
+        }
+        let transport = Arc::new(
+            tls::transport(
+                &config.transport,
+                config.link.keep_alive,
+                config.link.idle_timeout,
+            )
+            .map_err(GatewayError::Config)?,
+        );
+        let source = Arc::new(TlsSource::new(
+            config.tls.clone(),
+            own.clone(),
+            members.clone(),
+            transport,
+        ));
+        let material = source.build()?;
+
+        // Local endpoints: the discovery file, or this cluster's entries in the registry.
+        let (local_tx, local_rx) = watch::channel(Arc::new(LocalTable::default()));
+        let mut tasks = Vec::new();
+        let mut discovery_path = None;
+        if let Some(d) = &config.discovery {
+            let f = DiscoveryFile::load(&d.file)?;
+            if f.state.cluster.id != own {
+                return Err(GatewayError::Config(format!(
+                    "{}: the discovery file is for cluster `{}`, this gateway is `{own}`",
+                    d.file.display(),
+                    f.state.cluster.id
+                )));
+            }
+            local_tx.send_replace(Arc::new(local_table_from(&f.state)));
+            discovery_path = Some(d.file.clone());
+        }
+
+        let socket =
+            udp_socket(config.listen.peers, config.transport.udp_buffer).map_err(|source| {
+                GatewayError::Listen {
+                    what: "peers (UDP)",
+                    addr: config.listen.peers,
+                    source,
+                }
+            })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(material.quic_server.clone()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| GatewayError::Listen {
+            what: "peers (QUIC)",
+            addr: config.listen.peers,
+            source,
+        })?;
+        let peer_addr = endpoint
+            .local_addr()
+            .map_err(|source| GatewayError::Listen {
+                what: "peers",
+                addr: config.listen.peers,
+                source,
+            })?;
+        let ingress = TcpListener::bind(config.listen.ingress)
+            .await
+            .map_err(|source| GatewayError::Listen {
+                what: "ingress",
+                addr: config.listen.ingress,
+                source,
+            })?;
+        let ingress_addr = ingress
+            .local_addr()
+            .map_err(|source| GatewayError::Listen {
+                what: "ingress",
+                addr: config.listen.ingress,
+                source,
+            })?;
+        let admin = TcpListener::bind(config.listen.admin)
+            .await
+            .map_err(|source| GatewayError::Listen {
+                what: "admin",
+                addr: config.listen.admin,
+                source,
+            })?;
+        let admin_addr = admin.local_addr().map_err(|source| GatewayError::Listen {
+            what: "admin",
+            addr: config.listen.admin,
+            source,
+        })?;
+
+        let shared = Arc::new(Shared {
+            own: own.clone(),
+            members: members.clone(),
+            peers: Mutex::new(HashMap::new()),
+            local: LocalEndpoints::new(local_rx),
+            endpoint,
+            quic_client: RwLock::new(material.quic_client),
+            ingress_tls: RwLock::new(material.ingress),
+            metrics: Metrics::default(),
+            shutdown: Shutdown::new(),
+            links_changed: Notify::new(),
+            ready: watch::channel(false).0,
+            config: config.clone(),
+        });
+
+        // Static peers.
+        for p in &config.peers {
+            if let Some(peer) = shared.peer(p.cluster.as_str()) {
+                let addrs = resolve(&p.address).await;
+                peer.addresses.send_replace(addrs);
+                tasks.push(tokio::spawn(re_resolve(
+                    shared.clone(),
+                    peer,
+                    p.address.clone(),
+                )));
+            }
+        }
+
+        tasks.push(tokio::spawn(peers::accept_loop(shared.clone())));
+        tasks.push(tokio::spawn(ingress::serve(shared.clone(), ingress)));
+        tasks.push(tokio::spawn(admin::serve(shared.clone(), admin)));
+        tasks.push(tokio::spawn(reload_tls(shared.clone(), source)));
+        if let Some(path) = discovery_path {
+            tasks.push(tokio::spawn(reload_discovery(
+                shared.clone(),
+                path,
+                local_tx.clone(),
+            )));
+        }
+
+        // The registry: membership, peer addresses, local endpoints, link states.
+        let mut registry = None;
+        if let Some(r) = &config.registry {
+            let backend =
+                Backend::Etcd(EtcdBackend::connect(&r.etcd, EtcdOptions::default()).await?);
+            let cache = RegistryCache::spawn(backend.clone());
+            tasks.push(tokio::spawn(follow_registry(
+                shared.clone(),
+                cache.snapshots(),
+                config.discovery.is_none().then_some(local_tx),
+            )));
+            let (links_tx, links_rx) = watch::channel(BTreeMap::new());
+            let (publisher, _status) = LeasedPublisher::new(
+                backend,
+                format!("gateway {own}"),
+                Owned {
+                    keys: vec![],
+                    prefixes: vec![RegistryKey::links_prefix(&own)],
+                },
+                PublisherConfig {
+                    lease_ttl: r.lease_ttl,
+                    ..PublisherConfig::default()
+                },
+                links_rx,
+            );
+            let sd = shared.shutdown.clone();
+            tasks.push(tokio::spawn(
+                publisher.run(async move { sd.cancelled().await }),
+            ));
+            tasks.push(tokio::spawn(publish_links(shared.clone(), links_tx)));
+            registry = Some(cache);
+        }
+        shared.ready.send_replace(true);
+        tracing::info!(cluster = %own, peers = %peer_addr, ingress = %ingress_addr, admin = %admin_addr, "gateway started");
+        Ok(Self {
+            shared,
+            peer_addr,
+            ingress_addr,
+            admin_addr,
+            tasks,
+            _registry: registry,
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn links(&self) -> Vec<LinkReport> {
+        self.shared.links()
+    }
+
+    /// Stop accepting, close every connection, and wait a moment for the close to be sent.
+    pub async fn shutdown(self) {
+        self.shared.shutdown.trigger();
+        self.shared
+            .endpoint
+            .close(quinn::VarInt::from_u32(peers::CLOSE_SHUTDOWN), b"shutdown");
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+    }
+}
+
+/// Resolve a gateway address (IP literal or DNS name).
+async fn resolve(addr: &federation::model::GatewayAddress) -> Vec<SocketAddr> {
+    if let Some(a) = addr.socket_addr() {
+        return vec![a];
+    }
+    match tokio::net::lookup_host((addr.host(), addr.port())).await {
+        Ok(it) => {
+            let mut v: Vec<SocketAddr> = it.collect();
+            v.sort();
+            v.dedup();
+            v
+        }
+        Err(e) => {
+            tracing::warn!(address = %addr, error = %e, "cannot resolve a peer gateway");
+            Vec::new()
+        }
+    }
+}
+
+/// Re-resolve DNS names every 30 s; a change is dialed on the next attempt.
+async fn re_resolve(shared: Arc<Shared>, peer: Arc<Peer>, addr: federation::model::GatewayAddress) {
+    if addr.socket_addr().is_some() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let addrs = resolve(&addr).await;
+        if !addrs.is_empty() {
+            peer.addresses.send_if_modified(|cur| {
+                if *cur != addrs {
+                    tracing::info!(peer = %peer.cluster, ?addrs, "peer gateway address changed");
+                    *cur = addrs;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+}
+
+async fn reload_tls(shared: Arc<Shared>, source: Arc<TlsSource>) {
+    let interval = shared
+        .config
+        .tls
+        .reload_interval
+        .max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        if !source.changed() {
+            continue;
+        }
+        match source.build() {
+            Ok(m) => {
+                shared.endpoint.set_server_config(Some(m.quic_server));
+                if let Ok(mut c) = shared.quic_client.write() {
+                    *c = m.quic_client;
+                }
+                if let Ok(mut c) = shared.ingress_tls.write() {
+                    *c = m.ingress;
+                }
+                tracing::info!("certificates reloaded; existing connections keep theirs");
+                shared
+                    .metrics
+                    .count("strait_gateway_cert_reloads_total", "ok");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "certificate reload failed; keeping the current ones");
+                shared
+                    .metrics
+                    .count("strait_gateway_cert_reloads_total", "failed");
+            }
+        }
+    }
+}
+
+async fn reload_discovery(
+    shared: Arc<Shared>,
+    path: std::path::PathBuf,
+    tx: watch::Sender<Arc<LocalTable>>,
+) {
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(&path);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let now = stamp(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match DiscoveryFile::load(&path) {
+            Ok(f) if f.state.cluster.id == shared.own => {
+                tx.send_replace(Arc::new(local_table_from(&f.state)));
+                tracing::info!(file = %path.display(), "local endpoints reloaded");
+            }
+            Ok(f) => {
+                tracing::error!(file = %path.display(), "the file now names cluster `{}`; keeping the last good endpoints", f.state.cluster.id)
+            }
+            Err(e) => tracing::error!("{e}; keeping the last good endpoints"),
+        }
+    }
+}
+
+async fn follow_registry(
+    shared: Arc<Shared>,
+    mut snapshots: watch::Receiver<Arc<federation::registry::Snapshot>>,
+    local: Option<watch::Sender<Arc<LocalTable>>>,
+) {
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        if snap.revision > 0 {
+            let mut clusters: BTreeSet<String> = shared
+                .config
+                .peers
+                .iter()
+                .map(|p| p.cluster.to_string())
+                .collect();
+            clusters.extend(snap.clusters.keys().map(|c| c.to_string()));
+            shared.members.replace(clusters);
+            for (id, c) in snap.clusters.iter() {
+                if *id == shared.own || shared.config.peers.iter().any(|p| &p.cluster == id) {
+                    continue;
+                }
+                if let Some(peer) = shared.peer(id.as_str()) {
+                    let mut addrs = Vec::new();
+                    for g in &c.gateways {
+                        addrs.extend(resolve(g).await);
+                    }
+                    peer.addresses.send_if_modified(|cur| {
+                        if *cur != addrs {
+                            *cur = addrs;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                }
+            }
+            if let Some(tx) = &local {
+                let table = LocalTable {
+                    services: snap
+                        .cluster_services(&shared.own)
+                        .map(|s| (s.service.key.clone(), s.clone()))
+                        .collect(),
+                };
+                tx.send_replace(Arc::new(table));
+            }
+        }
+        tokio::select! {
+            r = snapshots.changed() => if r.is_err() { return },
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn publish_links(shared: Arc<Shared>, tx: watch::Sender<BTreeMap<String, Vec<u8>>>) {
+    loop {
+        let mut desired = BTreeMap::new();
+        let peers: Vec<Arc<Peer>> = shared
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for p in peers {
+            let v = p.view.borrow().clone();
+            let state = LinkState {
+                from: shared.own.clone(),
+                to: p.cluster.clone(),
+                state: v.state,
+                rtt_ms: if v.rtt_ms.is_finite() {
+                    (v.rtt_ms * 1000.0).round() / 1000.0
+                } else {
+                    0.0
+                },
+                loss: v.loss.clamp(0.0, 1.0),
+                since: v.since,
+            };
+            desired.insert(
+                RegistryKey::Link(shared.own.clone(), p.cluster.clone()).encode(),
+                encode_link(&state),
+            );
+        }
+        tx.send_if_modified(|cur| {
+            if *cur != desired {
+                *cur = desired;
+                true
+            } else {
+                false
+            }
+        });
+        // State changes are published at once; RTT and loss at most every 5 s.
+        tokio::select! {
+            _ = shared.links_changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}

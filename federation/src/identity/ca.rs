@@ -244,6 +244,18 @@ impl CertificateAuthority {
     /// Issues a certificate for `id`, valid from now (less [`NOT_BEFORE_BACKDATE`]) for
     /// `validity`, which must end before the CA expires.
     pub fn issue(&self, id: &SpiffeId, validity: Duration) -> Result<IssuedCert, IdentityError> {
+        self.issue_with_names(id, validity, &ExtraNames::default())
+    }
+
+    /// Like [`CertificateAuthority::issue`], with DNS names and IP addresses added as SANs (for
+    /// clients that check the host name, such as `curl --proxy https://…` against a gateway's
+    /// ingress). The SPIFFE URI SAN stays the certificate's one identity.
+    pub fn issue_with_names(
+        &self,
+        id: &SpiffeId,
+        validity: Duration,
+        names: &ExtraNames,
+    ) -> Result<IssuedCert, IdentityError> {
         let now = SystemTime::now();
         if to_datetime(now)? >= self.not_after {
             return Err(IdentityError::InvalidCa(format!(
@@ -254,7 +266,7 @@ impl CertificateAuthority {
         }
         let not_after = end_of_validity(now, validity)?;
         let not_before = now.checked_sub(NOT_BEFORE_BACKDATE).unwrap_or(now);
-        self.issue_with_validity(id, not_before, not_after)
+        self.issue_inner(id, not_before, not_after, names)
     }
 
     /// Issues a certificate for `id` valid from `not_before` to `not_after` exactly (which may
@@ -265,6 +277,16 @@ impl CertificateAuthority {
         id: &SpiffeId,
         not_before: SystemTime,
         not_after: SystemTime,
+    ) -> Result<IssuedCert, IdentityError> {
+        self.issue_inner(id, not_before, not_after, &ExtraNames::default())
+    }
+
+    fn issue_inner(
+        &self,
+        id: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        names: &ExtraNames,
     ) -> Result<IssuedCert, IdentityError> {
         id.validate()?;
         if id.trust_domain() != self.trust_domain {
@@ -297,6 +319,16 @@ impl CertificateAuthority {
         params.subject_alt_names = vec![SanType::URI(
             Ia5String::try_from(id.to_string()).map_err(generate_error)?,
         )];
+        for d in &names.dns {
+            params.subject_alt_names.push(SanType::DnsName(
+                Ia5String::try_from(d.clone()).map_err(|e| {
+                    IdentityError::InvalidValidity(format!("DNS name `{d}` is not valid: {e}"))
+                })?,
+            ));
+        }
+        for ip in &names.ips {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -335,6 +367,13 @@ impl CertificateAuthority {
             not_after: not_after_dt.into(),
         })
     }
+}
+
+/// Extra subject alternative names for an issued certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtraNames {
+    pub dns: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// A certificate and key issued by the CA, with the CA certificate.

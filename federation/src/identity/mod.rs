@@ -26,7 +26,8 @@ use std::path::PathBuf;
 
 pub use ca::{
     CA_CERT_FILE, CA_KEY_FILE, CERT_FILE, CertificateAuthority, DEFAULT_CA_VALIDITY,
-    DEFAULT_LEAF_VALIDITY, IssuedCert, IssuedPaths, KEY_FILE, MAX_VALIDITY, NOT_BEFORE_BACKDATE,
+    DEFAULT_LEAF_VALIDITY, ExtraNames, IssuedCert, IssuedPaths, KEY_FILE, MAX_VALIDITY,
+    NOT_BEFORE_BACKDATE,
 };
 pub use files::{load_certs, load_private_key, load_roots};
 pub use inspect::{CertInfo, CertRole, inspect_der, inspect_pem, inspect_pem_at};

@@ -1,0 +1,359 @@
+//! `strait gateway --config FILE`: the gateway's YAML configuration.
+//!
+//! ```yaml
+//! cluster: east
+//! listen: {peers: "0.0.0.0:15443", ingress: "127.0.0.1:15008", admin: "127.0.0.1:15000"}
+//! tls: {cert: certs/east-gw/cert.pem, key: certs/east-gw/key.pem, ca: certs/ca.pem}
+//! registry: {etcd: ["http://127.0.0.1:2379"]}     # optional
+//! discovery: {file: east.yaml}                    # optional: local endpoints without a registry
+//! peers: [{cluster: west, address: "127.0.0.1:25443"}]   # optional static peers
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use federation::discovery::{DiscoveryError, parse_yaml};
+use federation::model::{GatewayAddress, Name};
+use serde::Deserialize;
+
+use crate::health::HealthConfig;
+
+/// The gateway's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub cluster: Name,
+    pub listen: Listen,
+    pub tls: TlsFiles,
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
+    #[serde(default)]
+    pub discovery: Option<DiscoveryConfig>,
+    #[serde(default)]
+    pub peers: Vec<StaticPeer>,
+    #[serde(default)]
+    pub link: LinkConfig,
+    #[serde(default)]
+    pub transport: TransportTuning,
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// UDP address for QUIC from peer gateways.
+    pub peers: SocketAddr,
+    /// TCP address for HTTP CONNECT (mTLS) from local sidecars.
+    pub ingress: SocketAddr,
+    /// TCP address of the admin HTTP endpoint.
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// How often the files are checked for rotation.
+    #[serde(default = "default_reload", with = "humantime_serde_compat")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload() -> Duration {
+    Duration::from_secs(1)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub etcd: Vec<String>,
+    /// TTL of the gateway's lease over its link states.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde_compat")]
+    pub lease_ttl: Duration,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticPeer {
+    pub cluster: Name,
+    pub address: GatewayAddress,
+    /// Per-link overrides (e.g. a longer `down_after` across a WAN).
+    #[serde(default)]
+    pub link: Option<LinkConfig>,
+}
+
+/// Link health tuning (see `docs/gateway.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkConfig {
+    #[serde(with = "humantime_serde_compat")]
+    pub probe_interval: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub probe_timeout: Duration,
+    /// No probe reply for this long: the link is down.
+    #[serde(with = "humantime_serde_compat")]
+    pub down_after: Duration,
+    /// Consecutive replies needed after a reconnect before the link is up.
+    pub up_after_replies: u32,
+    /// Probes in the loss window.
+    pub window: usize,
+    /// Loss ratio (0..1) at which the link is degraded.
+    pub degraded_loss: f64,
+    #[serde(with = "humantime_serde_compat")]
+    pub degraded_rtt: Duration,
+    pub degrade_after: u32,
+    pub recover_after: u32,
+    /// QUIC keep-alive interval.
+    #[serde(with = "humantime_serde_compat")]
+    pub keep_alive: Duration,
+    /// QUIC idle timeout: a connection with no packets for this long is dead.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        let h = HealthConfig::default();
+        Self {
+            probe_interval: h.probe_interval,
+            probe_timeout: h.probe_timeout,
+            down_after: h.down_after,
+            up_after_replies: h.up_after_replies,
+            window: h.window,
+            degraded_loss: h.degraded_loss,
+            degraded_rtt: h.degraded_rtt,
+            degrade_after: h.degrade_after,
+            recover_after: h.recover_after,
+            keep_alive: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(1000),
+        }
+    }
+}
+
+impl LinkConfig {
+    pub fn health(&self) -> HealthConfig {
+        HealthConfig {
+            probe_interval: self.probe_interval,
+            probe_timeout: self.probe_timeout,
+            down_after: self.down_after,
+            up_after_replies: self.up_after_replies,
+            window: self.window,
+            degraded_loss: self.degraded_loss,
+            degraded_rtt: self.degraded_rtt,
+            degrade_after: self.degrade_after,
+            recover_after: self.recover_after,
+        }
+    }
+}
+
+/// QUIC transport tuning for long fat links (see `docs/gateway.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportTuning {
+    /// Per-stream receive window (bytes).
+    pub stream_window: u64,
+    /// Per-connection receive window (bytes).
+    pub connection_window: u64,
+    /// Per-connection send window (bytes).
+    pub send_window: u64,
+    /// Concurrent tunnels per peer connection.
+    pub max_streams: u32,
+    /// UDP socket send/receive buffer sizes (bytes).
+    pub udp_buffer: usize,
+}
+
+impl Default for TransportTuning {
+    fn default() -> Self {
+        Self {
+            stream_window: 8 << 20,
+            connection_window: 64 << 20,
+            send_window: 64 << 20,
+            max_streams: 16_384,
+            udp_buffer: 8 << 20,
+        }
+    }
+}
+
+/// Tunnel behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    /// A tunnel with no bytes either way for this long is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Connecting to a local endpoint may take this long.
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    /// Opening a tunnel (header sent to status received) may take this long.
+    #[serde(with = "humantime_serde_compat")]
+    pub open_timeout: Duration,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(2),
+            open_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Durations written as `500ms`, `2s`, `1h`.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("`{s}` is not a duration (e.g. 500ms, 2s): {e}"))
+        })
+    }
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    File(#[from] DiscoveryError),
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+impl GatewayConfig {
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| DiscoveryError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: impl AsRef<Path>, text: &str) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let mut cfg: GatewayConfig = parse_yaml(path, text)?;
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            reason,
+        };
+        cfg.link
+            .health()
+            .validate()
+            .map_err(|r| invalid("link", r))?;
+        for (i, p) in cfg.peers.iter().enumerate() {
+            if p.cluster == cfg.cluster {
+                return Err(invalid(
+                    &format!("peers[{i}].cluster"),
+                    format!("`{}` is this gateway's own cluster", p.cluster),
+                ));
+            }
+            if cfg.peers[..i].iter().any(|q| q.cluster == p.cluster) {
+                return Err(invalid(
+                    &format!("peers[{i}].cluster"),
+                    format!("`{}` is listed twice", p.cluster),
+                ));
+            }
+            if let Some(l) = &p.link {
+                l.health()
+                    .validate()
+                    .map_err(|r| invalid(&format!("peers[{i}].link"), r))?;
+            }
+        }
+        if cfg.transport.max_streams == 0 {
+            return Err(invalid(
+                "transport.max_streams",
+                "must be at least 1".into(),
+            ));
+        }
+        // Relative paths are relative to the configuration file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.ca] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(d) = cfg.discovery.as_mut()
+            && d.file.is_relative()
+        {
+            d.file = base.join(&d.file);
+        }
+        Ok(cfg)
+    }
+
+    /// The link settings for `peer`.
+    pub fn link_for(&self, peer: &Name) -> LinkConfig {
+        self.peers
+            .iter()
+            .find(|p| &p.cluster == peer)
+            .and_then(|p| p.link.clone())
+            .unwrap_or_else(|| self.link.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"cluster: east
+listen: {peers: "0.0.0.0:15443", ingress: "127.0.0.1:15008", admin: "127.0.0.1:15000"}
+tls: {cert: certs/east-gw/cert.pem, key: certs/east-gw/key.pem, ca: certs/ca.pem}
+registry: {etcd: ["http://127.0.0.1:2379"]}
+discovery: {file: east.yaml}
+peers: [{cluster: west, address: "127.0.0.1:25443"}]
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = GatewayConfig::parse("/etc/strait/gw.yaml", GOOD).unwrap();
+        assert_eq!(c.cluster.as_str(), "east");
+        assert_eq!(c.listen.ingress.port(), 15008);
+        assert_eq!(
+            c.tls.cert,
+            PathBuf::from("/etc/strait/certs/east-gw/cert.pem")
+        );
+        assert_eq!(c.peers[0].address.port(), 25443);
+        assert_eq!(
+            c.discovery.unwrap().file,
+            PathBuf::from("/etc/strait/east.yaml")
+        );
+        assert_eq!(c.link.down_after, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = GatewayConfig::parse("gw.yaml", &GOOD.replace("127.0.0.1:15008", "nowhere"))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("gw.yaml:2:") && e.to_string().contains("listen.ingress"),
+            "{e}"
+        );
+        let e = GatewayConfig::parse("gw.yaml", &GOOD.replace("cluster: west", "cluster: east"))
+            .unwrap_err();
+        assert!(e.to_string().contains("peers[0].cluster"), "{e}");
+        let e = GatewayConfig::parse("gw.yaml", &format!("{GOOD}link: {{down_after: soon}}\n"))
+            .unwrap_err();
+        assert!(e.to_string().contains("link.down_after"), "{e}");
+        let e = GatewayConfig::parse("gw.yaml", &format!("{GOOD}bogus: 1\n")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}

@@ -1,0 +1,269 @@
+//! Local ingress: sidecars (or anything holding a workload certificate of this cluster) open
+//! tunnels with HTTP CONNECT over mutual TLS — HTTP/1.1 or HTTP/2 (HBONE-style) — naming
+//! `SERVICE.NAMESPACE:PORT` as the authority and the target cluster in `strait-cluster`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::Bytes;
+use federation::identity::{Role, SpiffeId, spiffe_id_from_cert};
+use federation::model::ServiceKey;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::Shared;
+use crate::peers::{OpenError, connect_local, open_tunnel};
+use crate::protocol::{StatusCode as TunnelCode, TunnelHeader, VERSION};
+
+/// The header naming the target cluster.
+pub const CLUSTER_HEADER: &str = "strait-cluster";
+/// The header carrying a refusal's reason.
+pub const REASON_HEADER: &str = "strait-reason";
+
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ingress accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let config = match shared.ingress_tls.read() {
+                Ok(c) => c.clone(),
+                Err(_) => return,
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%remote, error = %e, "ingress TLS handshake refused");
+                        shared.metrics.count(
+                            "strait_gateway_ingress_handshake_failures_total",
+                            reason_of(&e.to_string()),
+                        );
+                        return;
+                    }
+                    Err(_) => {
+                        shared
+                            .metrics
+                            .count("strait_gateway_ingress_handshake_failures_total", "timeout");
+                        return;
+                    }
+                };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| spiffe_id_from_cert(c).ok());
+            let Some(identity) = identity else {
+                return;
+            };
+            let svc = {
+                let shared = shared.clone();
+                hyper::service::service_fn(move |req| {
+                    let (shared, identity) = (shared.clone(), identity.clone());
+                    async move { Ok::<_, Infallible>(handle(shared, identity, req).await) }
+                })
+            };
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                .await
+            {
+                tracing::debug!(%remote, error = %e, "ingress connection ended");
+            }
+        });
+    }
+}
+
+fn reason_of(e: &str) -> &'static str {
+    let e = e.to_ascii_lowercase();
+    if e.contains("not signed") || e.contains("unknownissuer") {
+        "unknown_ca"
+    } else if e.contains("expired") {
+        "expired"
+    } else if e.contains("gateway identity") || e.contains("workload identity") {
+        "wrong_role"
+    } else if e.contains("peer sent no certificates") || e.contains("certificate required") {
+        "no_certificate"
+    } else {
+        "other"
+    }
+}
+
+fn refuse(status: u16, reason: impl Into<String>) -> Response<Full<Bytes>> {
+    let reason = reason.into();
+    let mut r = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if let Ok(v) = http::HeaderValue::from_str(&reason.replace(['\r', '\n'], " ")) {
+        r.headers_mut().insert(REASON_HEADER, v);
+    }
+    r
+}
+
+/// Parse `SERVICE.NAMESPACE[.svc.clusterset.local]:PORT`.
+pub fn parse_authority(authority: &str) -> Result<(ServiceKey, u16), String> {
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| format!("authority `{authority}` is not SERVICE.NAMESPACE:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("authority `{authority}` has an invalid port"))?;
+    let host = host
+        .strip_suffix(".svc.clusterset.local")
+        .or_else(|| host.strip_suffix(".svc.cluster.local"))
+        .unwrap_or(host);
+    let key = ServiceKey::parse("authority", host)
+        .map_err(|e| format!("authority `{authority}`: {e}"))?;
+    Ok((key, port))
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    identity: SpiffeId,
+    mut req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    shared.metrics.ingress_requests_total.fetch_add(1, Relaxed);
+    if identity.role() != Role::Workload || identity.cluster() != shared.own.as_str() {
+        shared
+            .metrics
+            .count("strait_gateway_ingress_refused_total", "not_authorized");
+        return refuse(
+            403,
+            format!(
+                "{identity} is not a workload of cluster `{}`; only this cluster's workloads may use its gateway",
+                shared.own
+            ),
+        );
+    }
+    if req.method() != Method::CONNECT {
+        return refuse(405, "only CONNECT is supported");
+    }
+    let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
+        return refuse(400, "CONNECT needs an authority SERVICE.NAMESPACE:PORT");
+    };
+    let (service, port) = match parse_authority(&authority) {
+        Ok(x) => x,
+        Err(e) => return refuse(400, e),
+    };
+    let Some(target) = req
+        .headers()
+        .get(CLUSTER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        shared
+            .metrics
+            .count("strait_gateway_ingress_refused_total", "no_cluster_header");
+        return refuse(
+            400,
+            format!("missing `{CLUSTER_HEADER}` header naming the target cluster"),
+        );
+    };
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let idle = shared.config.tunnel.idle_timeout;
+
+    if target == shared.own.as_str() {
+        let tcp = match connect_local(&shared, &service, port).await {
+            Ok(t) => t,
+            Err((code, why)) => {
+                let status = match code {
+                    TunnelCode::UnknownService => 404,
+                    TunnelCode::NoEndpoint => 503,
+                    _ => 502,
+                };
+                return refuse(status, why);
+            }
+        };
+        let shared2 = shared.clone();
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(up) => {
+                    let (ur, uw) = tokio::io::split(TokioIo::new(up));
+                    let (tr, tw) = tcp.into_split();
+                    crate::splice::splice(ur, uw, tr, tw, idle, &shared2.metrics).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        return Response::new(Full::new(Bytes::new()));
+    }
+
+    let header = TunnelHeader {
+        version: VERSION,
+        service: service.name.to_string(),
+        namespace: service.namespace.to_string(),
+        port: u32::from(port),
+        source_cluster: shared.own.to_string(),
+        source_identity: identity.to_string(),
+        request_id,
+    };
+    match open_tunnel(&shared, &target, header).await {
+        Ok((send, recv)) => {
+            let shared2 = shared.clone();
+            tokio::spawn(async move {
+                match on_upgrade.await {
+                    Ok(up) => {
+                        let (ur, uw) = tokio::io::split(TokioIo::new(up));
+                        crate::splice::splice(recv, send, ur, uw, idle, &shared2.metrics).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                }
+            });
+            Response::new(Full::new(Bytes::new()))
+        }
+        Err(e) => {
+            let label = match &e {
+                OpenError::UnknownCluster(_) => "unknown_cluster",
+                OpenError::LinkDown(_) => "link_down",
+                OpenError::Refused(TunnelCode::NoEndpoint, _) => "no_endpoint",
+                OpenError::Refused(_, _) => "refused",
+                OpenError::Failed(_) => "failed",
+            };
+            shared
+                .metrics
+                .count("strait_gateway_ingress_refused_total", label);
+            refuse(e.http_status(), e.reason().to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities() {
+        let (k, p) = parse_authority("echo.default:8080").unwrap();
+        assert_eq!((k.to_string().as_str(), p), ("echo.default", 8080));
+        let (k, _) = parse_authority("echo.default.svc.clusterset.local:80").unwrap();
+        assert_eq!(k.to_string(), "echo.default");
+        assert!(parse_authority("echo:80").is_err());
+        assert!(parse_authority("echo.default").is_err());
+        assert!(parse_authority("echo.default:0").is_err());
+        assert!(parse_authority("Echo.default:80").is_err());
+    }
+}

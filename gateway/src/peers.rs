@@ -1,0 +1,646 @@
+//! Peer links: one QUIC connection per peer cluster (no duplicates when both sides dial), probes
+//! and link health, inbound tunnels, and opening outbound tunnels.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use federation::backoff::Backoff;
+use federation::model::{LinkHealth, Name, ServiceKey};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::config::LinkConfig;
+use crate::health::{LinkTracker, ProbeKind, decode_probe, encode_probe};
+use crate::protocol::{StatusCode, TunnelHeader, TunnelStatus, read_frame, write_frame};
+
+/// QUIC application close codes.
+pub const CLOSE_DUPLICATE: u32 = 1;
+pub const CLOSE_LINK_DOWN: u32 = 2;
+pub const CLOSE_SHUTDOWN: u32 = 3;
+
+/// One connection to a peer and who dialed it.
+#[derive(Clone)]
+pub struct PeerConn {
+    pub conn: quinn::Connection,
+    pub dialer: Name,
+}
+
+/// What is known about one link, for the admin endpoint and the registry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkView {
+    pub state: LinkHealth,
+    pub rtt_ms: f64,
+    pub loss: f64,
+    pub since: SystemTime,
+    pub connected: bool,
+}
+
+/// One peer cluster.
+pub struct Peer {
+    pub cluster: Name,
+    pub link: LinkConfig,
+    pub current: Mutex<Option<PeerConn>>,
+    pub tracker: Mutex<LinkTracker>,
+    pub addresses: watch::Sender<Vec<SocketAddr>>,
+    pub view: watch::Sender<LinkView>,
+    /// Wakes the dialer (connection lost, addresses changed).
+    pub wake: tokio::sync::Notify,
+}
+
+impl Peer {
+    pub fn new(cluster: Name, link: LinkConfig) -> Self {
+        let now = Instant::now();
+        Self {
+            tracker: Mutex::new(LinkTracker::new(link.health(), now)),
+            cluster,
+            link,
+            current: Mutex::new(None),
+            addresses: watch::channel(Vec::new()).0,
+            view: watch::channel(LinkView {
+                state: LinkHealth::Down,
+                rtt_ms: 0.0,
+                loss: 0.0,
+                since: SystemTime::now(),
+                connected: false,
+            })
+            .0,
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn connection(&self) -> Option<quinn::Connection> {
+        let c = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        c.as_ref()
+            .filter(|c| c.conn.close_reason().is_none())
+            .map(|c| c.conn.clone())
+    }
+
+    fn tracker(&self) -> std::sync::MutexGuard<'_, LinkTracker> {
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refresh_view(&self, shared: &Shared) {
+        let (state, rtt_ms, loss, since, connected) = {
+            let t = self.tracker();
+            (t.state(), t.rtt_ms(), t.loss(), t.since(), t.is_connected())
+        };
+        let since = SystemTime::now()
+            .checked_sub(since.elapsed())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let changed_state = self.view.borrow().state != state;
+        self.view.send_if_modified(|v| {
+            let keep_since = if v.state == state { v.since } else { since };
+            let new = LinkView {
+                state,
+                rtt_ms,
+                loss,
+                since: keep_since,
+                connected,
+            };
+            if *v != new {
+                *v = new;
+                true
+            } else {
+                false
+            }
+        });
+        if changed_state {
+            shared.links_changed.notify_one();
+        }
+    }
+}
+
+/// Install a new connection to `peer`, keeping exactly one: when both sides dialed, the
+/// connection dialed by the smaller cluster id wins on both ends.
+pub fn install(shared: &Arc<Shared>, peer: &Arc<Peer>, conn: quinn::Connection, dialer: Name) {
+    let preferred = if shared.own < peer.cluster {
+        shared.own.clone()
+    } else {
+        peer.cluster.clone()
+    };
+    {
+        let mut cur = peer.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = cur.as_ref()
+            && existing.conn.close_reason().is_none()
+        {
+            if existing.dialer == preferred && dialer != preferred {
+                tracing::debug!(peer = %peer.cluster, "closing a duplicate connection");
+                conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
+                return;
+            }
+            existing
+                .conn
+                .close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
+        }
+        *cur = Some(PeerConn {
+            conn: conn.clone(),
+            dialer,
+        });
+    }
+    peer.tracker().on_connected(Instant::now());
+    peer.refresh_view(shared);
+    tracing::info!(peer = %peer.cluster, remote = %conn.remote_address(), "peer connected");
+    let (shared, peer) = (shared.clone(), peer.clone());
+    tokio::spawn(async move { run_connection(shared, peer, conn).await });
+}
+
+/// Probes, inbound streams and health for one connection, until it closes.
+async fn run_connection(shared: Arc<Shared>, peer: Arc<Peer>, conn: quinn::Connection) {
+    let probes = {
+        let (conn, peer) = (conn.clone(), peer.clone());
+        async move {
+            loop {
+                match conn.read_datagram().await {
+                    Ok(d) => match decode_probe(&d) {
+                        Ok((ProbeKind::Ping, seq)) => {
+                            let _ = conn.send_datagram(Bytes::copy_from_slice(&encode_probe(
+                                ProbeKind::Pong,
+                                seq,
+                            )));
+                        }
+                        Ok((ProbeKind::Pong, seq)) => peer.tracker().on_reply(seq, Instant::now()),
+                        Err(e) => {
+                            tracing::debug!(peer = %peer.cluster, error = %e, "ignoring a bad datagram")
+                        }
+                    },
+                    Err(_) => return,
+                }
+            }
+        }
+    };
+    let ticker = {
+        let (conn, peer, shared) = (conn.clone(), peer.clone(), shared.clone());
+        async move {
+            let mut tick = tokio::time::interval(peer.link.probe_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let now = Instant::now();
+                let (seq, transition) = {
+                    let mut t = peer.tracker();
+                    let tr = t.evaluate(now);
+                    (t.next_probe(now), tr)
+                };
+                let _ =
+                    conn.send_datagram(Bytes::copy_from_slice(&encode_probe(ProbeKind::Ping, seq)));
+                if let Some(tr) = transition {
+                    tracing::info!(peer = %peer.cluster, from = %tr.from, to = %tr.to, reason = %tr.reason, "link state changed");
+                    peer.refresh_view(&shared);
+                    if tr.to == LinkHealth::Down {
+                        // Fail every tunnel on this link now rather than letting them hang.
+                        conn.close(quinn::VarInt::from_u32(CLOSE_LINK_DOWN), b"link down");
+                        return;
+                    }
+                } else {
+                    peer.refresh_view(&shared);
+                }
+            }
+        }
+    };
+    let inbound = {
+        let (conn, peer, shared) = (conn.clone(), peer.clone(), shared.clone());
+        async move {
+            loop {
+                match conn.accept_bi().await {
+                    Ok((send, recv)) => {
+                        shared.metrics.inbound_streams_total.fetch_add(1, Relaxed);
+                        let (shared, peer) = (shared.clone(), peer.clone());
+                        tokio::spawn(async move { handle_inbound(shared, peer, send, recv).await });
+                    }
+                    Err(_) => return,
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = probes => {}
+        _ = ticker => {}
+        _ = inbound => {}
+        _ = conn.closed() => {}
+    }
+    let reason = conn.closed().await;
+    let was_current = {
+        let mut cur = peer.current.lock().unwrap_or_else(|p| p.into_inner());
+        if cur
+            .as_ref()
+            .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
+        {
+            *cur = None;
+            true
+        } else {
+            false
+        }
+    };
+    if was_current {
+        if let Some(tr) = peer.tracker().on_disconnected(Instant::now()) {
+            tracing::warn!(peer = %peer.cluster, from = %tr.from, reason = %reason, "link down: connection lost");
+        }
+        peer.refresh_view(&shared);
+        peer.wake.notify_one();
+    }
+}
+
+/// Keep dialing `peer` while there is no connection.
+pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<Peer>) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut addrs_rx = peer.addresses.subscribe();
+    loop {
+        if let Some(conn) = peer.connection() {
+            tokio::select! {
+                _ = conn.closed() => {}
+                _ = shared.shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        let addrs = addrs_rx.borrow_and_update().clone();
+        if addrs.is_empty() {
+            tokio::select! {
+                _ = addrs_rx.changed() => continue,
+                _ = shared.shutdown.cancelled() => return,
+            }
+        }
+        let mut connected = false;
+        for addr in addrs {
+            match dial(&shared, &peer, addr).await {
+                Ok(conn) => {
+                    install(&shared, &peer, conn, shared.own.clone());
+                    connected = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %peer.cluster, %addr, error = %e, "dial failed");
+                    shared
+                        .metrics
+                        .count("strait_gateway_dial_failures_total", classify(&e));
+                }
+            }
+        }
+        if connected {
+            backoff.reset();
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = peer.wake.notified() => {}
+            _ = addrs_rx.changed() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn classify(e: &str) -> String {
+    let e = e.to_ascii_lowercase();
+    for (needle, reason) in [
+        ("unknownissuer", "unknown_ca"),
+        ("not signed", "unknown_ca"),
+        ("expired", "expired"),
+        ("workload", "wrong_role"),
+        ("not a member", "unknown_cluster"),
+        ("timed out", "timeout"),
+        ("timeout", "timeout"),
+    ] {
+        if e.contains(needle) {
+            return reason.to_string();
+        }
+    }
+    "other".to_string()
+}
+
+async fn dial(
+    shared: &Arc<Shared>,
+    peer: &Arc<Peer>,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, String> {
+    let config = shared
+        .quic_client
+        .read()
+        .map_err(|_| "tls state poisoned".to_string())?
+        .clone();
+    let connecting = shared
+        .endpoint
+        .connect_with(config, addr, peer.cluster.as_str())
+        .map_err(|e| e.to_string())?;
+    let timeout = peer.link.idle_timeout.max(Duration::from_secs(1));
+    let conn = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| format!("handshake with {addr} timed out"))?
+        .map_err(|e| e.to_string())?;
+    // The verifier accepted a member gateway; it must be the one we meant to reach.
+    let who = peer_cluster(&conn)?;
+    if who != peer.cluster.as_str() {
+        conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"unexpected peer");
+        return Err(format!(
+            "{addr} is the gateway of `{who}`, not `{}`",
+            peer.cluster
+        ));
+    }
+    Ok(conn)
+}
+
+/// The cluster of a connected peer gateway, from its verified certificate.
+pub fn peer_cluster(conn: &quinn::Connection) -> Result<String, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .ok_or_else(|| "peer presented no certificate".to_string())?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| "peer presented no certificate".to_string())?;
+    federation::identity::spiffe_id_from_cert(leaf)
+        .map(|id| id.cluster().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Accept connections from peer gateways.
+pub async fn accept_loop(shared: Arc<Shared>) {
+    loop {
+        let incoming = tokio::select! {
+            i = shared.endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let connecting = match incoming.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused a peer connection");
+                    shared
+                        .metrics
+                        .count("strait_gateway_handshake_failures_total", "other");
+                    return;
+                }
+            };
+            let conn = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    let reason = e.to_string();
+                    tracing::warn!(%remote, error = %reason, "peer handshake failed");
+                    shared
+                        .metrics
+                        .count("strait_gateway_handshake_failures_total", classify(&reason));
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%remote, "peer handshake timed out");
+                    shared
+                        .metrics
+                        .count("strait_gateway_handshake_failures_total", "timeout");
+                    return;
+                }
+            };
+            let cluster = match peer_cluster(&conn) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused a peer");
+                    conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"no identity");
+                    return;
+                }
+            };
+            let Some(peer) = shared.peer(&cluster) else {
+                tracing::warn!(%remote, %cluster, "refused a peer: not a member of the federation");
+                shared
+                    .metrics
+                    .count("strait_gateway_handshake_failures_total", "unknown_cluster");
+                conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"unknown cluster");
+                return;
+            };
+            install(&shared, &peer, conn, peer.cluster.clone());
+        });
+    }
+}
+
+/// Serve one tunnel opened by a peer: header, endpoint choice, status, bytes.
+async fn handle_inbound(
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let header: TunnelHeader = match tokio::time::timeout(
+        shared.config.tunnel.open_timeout,
+        read_frame(&mut recv),
+    )
+    .await
+    {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %peer.cluster, error = %e, "refused a stream with a bad header");
+            shared
+                .metrics
+                .count("strait_gateway_stream_errors_total", "bad_header");
+            reply(
+                &mut send,
+                StatusCode::BadHeader,
+                format!("bad tunnel header: {e}"),
+                "",
+            )
+            .await;
+            return;
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .count("strait_gateway_stream_errors_total", "header_timeout");
+            let _ = send.reset(quinn::VarInt::from_u32(1));
+            return;
+        }
+    };
+    if let Err(why) = header.validate() {
+        shared
+            .metrics
+            .count("strait_gateway_stream_errors_total", "bad_header");
+        let code = if header.version != crate::protocol::VERSION {
+            StatusCode::UnsupportedVersion
+        } else {
+            StatusCode::BadHeader
+        };
+        reply(&mut send, code, why, "").await;
+        return;
+    }
+    if header.source_cluster != peer.cluster.as_str() {
+        shared
+            .metrics
+            .count("strait_gateway_stream_errors_total", "unauthorized");
+        reply(
+            &mut send,
+            StatusCode::Unauthorized,
+            format!(
+                "the header claims cluster `{}` but the peer is `{}`",
+                header.source_cluster, peer.cluster
+            ),
+            "",
+        )
+        .await;
+        return;
+    }
+    let Ok(key) = ServiceKey::new(&header.namespace, &header.service) else {
+        reply(
+            &mut send,
+            StatusCode::BadHeader,
+            "invalid service".into(),
+            "",
+        )
+        .await;
+        return;
+    };
+    let tcp = match connect_local(&shared, &key, header.port as u16).await {
+        Ok(t) => t,
+        Err((code, why)) => {
+            tracing::debug!(peer = %peer.cluster, service = %key, reason = %why, "tunnel refused");
+            reply(&mut send, code, why, "").await;
+            return;
+        }
+    };
+    let endpoint = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    if write_frame(
+        &mut send,
+        &TunnelStatus {
+            code: StatusCode::Ok as i32,
+            message: String::new(),
+            endpoint,
+        },
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    let (tr, tw) = tcp.into_split();
+    crate::splice::splice(
+        recv,
+        send,
+        tr,
+        tw,
+        shared.config.tunnel.idle_timeout,
+        &shared.metrics,
+    )
+    .await;
+}
+
+async fn reply(send: &mut quinn::SendStream, code: StatusCode, message: String, endpoint: &str) {
+    let status = TunnelStatus {
+        code: code as i32,
+        message,
+        endpoint: endpoint.to_string(),
+    };
+    let _ = write_frame(send, &status).await;
+    let _ = send.finish();
+}
+
+/// Connect to a healthy local endpoint of `service:port`, trying a few in round-robin order.
+pub async fn connect_local(
+    shared: &Shared,
+    service: &ServiceKey,
+    port: u16,
+) -> Result<TcpStream, (StatusCode, String)> {
+    let candidates = shared.local.pick(service, port, 3)?;
+    let mut last = String::new();
+    for addr in candidates {
+        match tokio::time::timeout(
+            shared.config.tunnel.connect_timeout,
+            TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = format!("{addr}: {e}"),
+            Err(_) => last = format!("{addr}: connect timed out"),
+        }
+    }
+    Err((
+        StatusCode::ConnectFailed,
+        format!("cannot connect to any endpoint of {service}: {last}"),
+    ))
+}
+
+/// Why an outbound tunnel could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    UnknownCluster(String),
+    LinkDown(String),
+    Refused(StatusCode, String),
+    Failed(String),
+}
+
+impl OpenError {
+    /// The HTTP status for the ingress.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            OpenError::UnknownCluster(_) => 404,
+            OpenError::LinkDown(_) => 503,
+            OpenError::Refused(StatusCode::NoEndpoint, _) => 503,
+            OpenError::Refused(StatusCode::UnknownService, _) => 404,
+            OpenError::Refused(StatusCode::Unauthorized, _) => 403,
+            OpenError::Refused(StatusCode::ConnectFailed, _) => 502,
+            OpenError::Refused(_, _) => 502,
+            OpenError::Failed(_) => 502,
+        }
+    }
+    pub fn reason(&self) -> &str {
+        match self {
+            OpenError::UnknownCluster(s) | OpenError::LinkDown(s) | OpenError::Failed(s) => s,
+            OpenError::Refused(_, s) => s,
+        }
+    }
+}
+
+/// Open a tunnel to `service:port` in cluster `target`.
+pub async fn open_tunnel(
+    shared: &Arc<Shared>,
+    target: &str,
+    header: TunnelHeader,
+) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
+    let Some(peer) = shared.peer(target) else {
+        return Err(OpenError::UnknownCluster(format!(
+            "cluster `{target}` is not a member of the federation"
+        )));
+    };
+    if peer.tracker().state() == LinkHealth::Down {
+        return Err(OpenError::LinkDown(format!(
+            "the link to cluster `{target}` is down"
+        )));
+    }
+    let Some(conn) = peer.connection() else {
+        return Err(OpenError::LinkDown(format!(
+            "no connection to cluster `{target}`"
+        )));
+    };
+    let open = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| OpenError::LinkDown(format!("link to `{target}`: {e}")))?;
+        write_frame(&mut send, &header)
+            .await
+            .map_err(|e| OpenError::Failed(format!("sending the tunnel header: {e}")))?;
+        let status: TunnelStatus = read_frame(&mut recv).await.map_err(|e| {
+            OpenError::Failed(format!("reading the tunnel status from `{target}`: {e}"))
+        })?;
+        let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::BadHeader);
+        if code != StatusCode::Ok {
+            return Err(OpenError::Refused(
+                code,
+                format!("cluster `{target}`: {}", status.message),
+            ));
+        }
+        Ok((send, recv))
+    };
+    tokio::time::timeout(shared.config.tunnel.open_timeout, open)
+        .await
+        .map_err(|_| OpenError::LinkDown(format!("opening a tunnel to `{target}` timed out")))?
+}
+
+/// Peers by cluster id.
+pub type PeerMap = HashMap<String, Arc<Peer>>;

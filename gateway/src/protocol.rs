@@ -1,0 +1,197 @@
+//! The stream header between gateways, version 1 (see `docs/gateway.md`).
+//!
+//! Every tunnelled connection is one bidirectional QUIC stream. The opening side writes one
+//! frame holding a [`TunnelHeader`]; the other side answers with one frame holding a
+//! [`TunnelStatus`]; after an OK status the stream carries the connection's raw bytes both ways.
+//!
+//! A frame is `b"ST"`, a big-endian `u16` length, then that many bytes of a protobuf message
+//! (prost). Frames longer than [`MAX_FRAME`] are refused.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The protocol version this gateway speaks.
+pub const VERSION: u32 = 1;
+/// The largest frame body accepted.
+pub const MAX_FRAME: usize = 8 * 1024;
+const MAGIC: [u8; 2] = *b"ST";
+
+/// What the opening gateway asks for.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TunnelHeader {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(string, tag = "2")]
+    pub service: String,
+    #[prost(string, tag = "3")]
+    pub namespace: String,
+    #[prost(uint32, tag = "4")]
+    pub port: u32,
+    #[prost(string, tag = "5")]
+    pub source_cluster: String,
+    /// The SPIFFE ID of the workload that opened the tunnel.
+    #[prost(string, tag = "6")]
+    pub source_identity: String,
+    #[prost(string, tag = "7")]
+    pub request_id: String,
+}
+
+/// The answer.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TunnelStatus {
+    #[prost(enumeration = "StatusCode", tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    /// The endpoint chosen (`address:port`), for logs.
+    #[prost(string, tag = "3")]
+    pub endpoint: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum StatusCode {
+    Ok = 0,
+    /// The service exists but has no healthy endpoint here.
+    NoEndpoint = 1,
+    /// This cluster has no such service (or port).
+    UnknownService = 2,
+    /// The header is malformed.
+    BadHeader = 3,
+    /// The source is not allowed.
+    Unauthorized = 4,
+    /// Connecting to the chosen endpoint failed.
+    ConnectFailed = 5,
+    /// The header's version is not spoken here.
+    UnsupportedVersion = 6,
+}
+
+/// A frame that could not be read or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("stream closed before a complete frame")]
+    Eof,
+    #[error("not a Strait frame (bad magic {0:02x?})")]
+    BadMagic([u8; 2]),
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Write one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin, M: prost::Message>(
+    w: &mut W,
+    msg: &M,
+) -> Result<(), FrameError> {
+    let len = msg.encoded_len();
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = Vec::with_capacity(len + 4);
+    buf.extend_from_slice(&MAGIC);
+    buf.extend_from_slice(&(len as u16).to_be_bytes());
+    msg.encode(&mut buf)
+        .map_err(|e| FrameError::Io(std::io::Error::other(e.to_string())))?;
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Read one frame.
+pub async fn read_frame<R: AsyncRead + Unpin, M: prost::Message + Default>(
+    r: &mut R,
+) -> Result<M, FrameError> {
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => FrameError::Eof,
+        _ => FrameError::Io(e),
+    })?;
+    if head[..2] != MAGIC {
+        return Err(FrameError::BadMagic([head[0], head[1]]));
+    }
+    let len = u16::from_be_bytes([head[2], head[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => FrameError::Eof,
+        _ => FrameError::Io(e),
+    })?;
+    Ok(M::decode(body.as_slice())?)
+}
+
+impl TunnelHeader {
+    /// Check the fields; the error says which one is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.version != VERSION {
+            return Err(format!(
+                "unsupported version {} (this gateway speaks {VERSION})",
+                self.version
+            ));
+        }
+        federation::model::Name::parse("service", &self.service).map_err(|e| e.to_string())?;
+        federation::model::Name::parse("namespace", &self.namespace).map_err(|e| e.to_string())?;
+        federation::model::Name::parse("source_cluster", &self.source_cluster)
+            .map_err(|e| e.to_string())?;
+        if self.port == 0 || self.port > u32::from(u16::MAX) {
+            return Err(format!("port: {} is not a valid port", self.port));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> TunnelHeader {
+        TunnelHeader {
+            version: VERSION,
+            service: "echo".into(),
+            namespace: "default".into(),
+            port: 8080,
+            source_cluster: "east".into(),
+            source_identity: "spiffe://td/cluster/east/ns/default/sa/app".into(),
+            request_id: "r1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &header()).await.unwrap();
+        let back: TunnelHeader = read_frame(&mut buf.as_slice()).await.unwrap();
+        assert_eq!(back, header());
+        back.validate().unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_frames_are_errors() {
+        let r: Result<TunnelHeader, _> = read_frame(&mut &b"GET / HTTP/1.1\r\n"[..]).await;
+        assert!(matches!(r, Err(FrameError::BadMagic(_))));
+        let r: Result<TunnelHeader, _> = read_frame(&mut &b"ST\xff\xff"[..]).await;
+        assert!(matches!(r, Err(FrameError::TooLarge(65535))));
+        let r: Result<TunnelHeader, _> =
+            read_frame(&mut &b"ST\x00\x05\xff\xff\xff\xff\xff"[..]).await;
+        assert!(matches!(r, Err(FrameError::Decode(_))));
+        let r: Result<TunnelHeader, _> = read_frame(&mut &b"ST\x00\x09ab"[..]).await;
+        assert!(matches!(r, Err(FrameError::Eof)));
+        let mut h = header();
+        h.version = 2;
+        assert!(h.validate().unwrap_err().contains("unsupported version 2"));
+        let mut h = header();
+        h.service = "Bad!".into();
+        assert!(h.validate().unwrap_err().contains("service"));
+        let big = TunnelHeader {
+            request_id: "x".repeat(MAX_FRAME + 1),
+            ..header()
+        };
+        let mut buf = Vec::new();
+        assert!(matches!(
+            write_frame(&mut buf, &big).await,
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+}

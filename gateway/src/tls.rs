@@ -1,0 +1,212 @@
+//! The gateway's TLS material: the QUIC peer configs (gateway identities of federation members)
+//! and the ingress config (workload identities of the gateway's own cluster), rebuilt when the
+//! certificate files change. Existing connections keep the config they were made with.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use federation::identity::{
+    self, Authorizer, IdentityError, PeerVerifier, Role, client_config, load_certs,
+    load_private_key, server_config,
+};
+use federation::model::Name;
+
+use crate::config::{TlsFiles, TransportTuning};
+
+/// ALPN of the gateway-to-gateway protocol.
+pub const ALPN_PEER: &[u8] = b"strait/1";
+
+/// The set of clusters allowed to peer (static peers, registry members).
+#[derive(Clone, Default)]
+pub struct Members(Arc<RwLock<BTreeSet<String>>>);
+
+impl Members {
+    pub fn contains(&self, cluster: &str) -> bool {
+        self.0.read().map(|s| s.contains(cluster)).unwrap_or(false)
+    }
+    pub fn insert(&self, cluster: &str) {
+        if let Ok(mut s) = self.0.write() {
+            s.insert(cluster.to_string());
+        }
+    }
+    pub fn replace(&self, clusters: BTreeSet<String>) {
+        if let Ok(mut s) = self.0.write() {
+            *s = clusters;
+        }
+    }
+    pub fn list(&self) -> Vec<String> {
+        self.0
+            .read()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Configs built from one version of the files.
+pub struct Material {
+    pub quic_server: quinn::ServerConfig,
+    pub quic_client: quinn::ClientConfig,
+    pub ingress: Arc<rustls::ServerConfig>,
+    pub trust_domain: String,
+}
+
+/// Builds [`Material`] and notices when the files change.
+pub struct TlsSource {
+    files: TlsFiles,
+    own: Name,
+    members: Members,
+    transport: Arc<quinn::TransportConfig>,
+    stamp: RwLock<Option<Vec<(PathBuf, SystemTime, u64)>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("{0}")]
+    Quic(String),
+}
+
+impl TlsSource {
+    pub fn new(
+        files: TlsFiles,
+        own: Name,
+        members: Members,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Self {
+        Self {
+            files,
+            own,
+            members,
+            transport,
+            stamp: RwLock::new(None),
+        }
+    }
+
+    fn current_stamp(&self) -> Vec<(PathBuf, SystemTime, u64)> {
+        [&self.files.cert, &self.files.key, &self.files.ca]
+            .into_iter()
+            .map(|p| {
+                let m = std::fs::metadata(p).ok();
+                (
+                    p.clone(),
+                    m.as_ref()
+                        .and_then(|m| m.modified().ok())
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                    m.map(|m| m.len()).unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// Whether the files changed since the last successful [`TlsSource::build`].
+    pub fn changed(&self) -> bool {
+        let now = self.current_stamp();
+        self.stamp
+            .read()
+            .map(|s| s.as_ref() != Some(&now))
+            .unwrap_or(true)
+    }
+
+    /// Load the files and build every config.
+    pub fn build(&self) -> Result<Material, TlsError> {
+        let stamp = self.current_stamp();
+        let chain = load_certs(&self.files.cert)?;
+        let key = load_private_key(&self.files.key)?;
+        let ca = load_certs(&self.files.ca)?;
+
+        // Our own certificate must be this cluster's gateway identity.
+        let own_id = chain
+            .first()
+            .map(identity::spiffe_id_from_cert)
+            .transpose()?
+            .ok_or_else(|| {
+                TlsError::Quic(format!("{}: no certificate", self.files.cert.display()))
+            })?;
+        if own_id.role() != Role::Gateway || own_id.cluster() != self.own.as_str() {
+            return Err(TlsError::Quic(format!(
+                "{}: the certificate is {own_id}, not the gateway of cluster {}",
+                self.files.cert.display(),
+                self.own
+            )));
+        }
+
+        let members = self.members.clone();
+        let own = self.own.to_string();
+        let peer_auth: Authorizer = Arc::new(move |id| {
+            let c = id.cluster();
+            if c == own {
+                return Err(format!("cluster `{c}` is this gateway's own cluster"));
+            }
+            if members.contains(c) {
+                Ok(())
+            } else {
+                Err(format!("cluster `{c}` is not a member of the federation"))
+            }
+        });
+        let peer_verifier = Arc::new(PeerVerifier::new(&ca, Role::Gateway, peer_auth)?);
+        let trust_domain = peer_verifier.trust_domain().to_string();
+
+        let mut server = server_config(chain.clone(), key.clone_key(), peer_verifier.clone())?;
+        server.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let mut client = client_config(chain.clone(), key.clone_key(), peer_verifier)?;
+        client.alpn_protocols = vec![ALPN_PEER.to_vec()];
+
+        let quic_server_crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(server))
+                .map_err(|e| TlsError::Quic(format!("QUIC server TLS: {e}")))?;
+        let mut quic_server = quinn::ServerConfig::with_crypto(Arc::new(quic_server_crypto));
+        quic_server.transport_config(self.transport.clone());
+        let quic_client_crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(client))
+                .map_err(|e| TlsError::Quic(format!("QUIC client TLS: {e}")))?;
+        let mut quic_client = quinn::ClientConfig::new(Arc::new(quic_client_crypto));
+        quic_client.transport_config(self.transport.clone());
+
+        // Any workload of the federation passes the handshake; the ingress then answers 403 with
+        // the reason when it belongs to another cluster (clearer than a TLS alert).
+        let workload_auth: Authorizer = identity::allow_any();
+        let workload_verifier = Arc::new(PeerVerifier::new(&ca, Role::Workload, workload_auth)?);
+        let mut ingress = server_config(chain, key, workload_verifier)?;
+        ingress.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+
+        if let Ok(mut s) = self.stamp.write() {
+            *s = Some(stamp);
+        }
+        Ok(Material {
+            quic_server,
+            quic_client,
+            ingress: Arc::new(ingress),
+            trust_domain,
+        })
+    }
+}
+
+/// The QUIC transport for peer links.
+pub fn transport(
+    tuning: &TransportTuning,
+    keep_alive: std::time::Duration,
+    idle: std::time::Duration,
+) -> Result<quinn::TransportConfig, String> {
+    let mut t = quinn::TransportConfig::default();
+    let var = |v: u64, what: &str| {
+        quinn::VarInt::from_u64(v).map_err(|_| format!("{what} {v} is too large"))
+    };
+    t.stream_receive_window(var(tuning.stream_window, "transport.stream_window")?);
+    t.receive_window(var(
+        tuning.connection_window,
+        "transport.connection_window",
+    )?);
+    t.send_window(tuning.send_window);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(tuning.max_streams));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t.keep_alive_interval(Some(keep_alive));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle)
+            .map_err(|_| format!("link.idle_timeout {idle:?} is too large"))?,
+    ));
+    t.datagram_receive_buffer_size(Some(64 * 1024));
+    Ok(t)
+}
