@@ -1,14 +1,48 @@
-//! A user-space TCP relay that can cut a path (close every connection through it and refuse new
-//! ones) and heal it: the loopback lab's stand-in for a network link, and the tests' way to
-//! partition one client from etcd.
+//! User-space relays: the loopback lab's stand-ins for network links, and the tests' way to cut,
+//! degrade and heal a path.
+//!
+//! # `TcpRelay`
+//!
+//! A TCP relay that can cut a path (close every connection through it and refuse new ones) and
+//! heal it: the tests' way to partition one client from etcd.
+//!
+//! # `UdpRelay`
+//!
+//! A UDP relay with fault injection, for the QUIC links between gateways. It listens on one
+//! socket (the client side) and forwards every datagram to a fixed target from a second socket
+//! (the target side, bound to an ephemeral port on the loopback address, or on the unspecified
+//! address when the target is not a loopback address). Datagrams from the target go back to the
+//! client: the latest source address seen on the listening socket (one client at a time).
+//! Datagrams reaching the target-side socket from anyone but the target are ignored. From the
+//! target's point of view the client *is* the target-side socket
+//! ([`UdpRelay::outbound_addr`]).
+//!
+//! [`Faults`] apply to both directions and can be changed at any time:
+//!
+//! - `blackhole`: every datagram is dropped silently (no ICMP-like signal, nothing), including
+//!   the ones held back by a delay: a path cut now loses what is still on the wire.
+//! - `loss`: each datagram is dropped with this probability.
+//! - `delay` ± `jitter`: each datagram is held for `delay` plus a uniform offset in
+//!   `[-jitter, +jitter]` (never below zero). Held datagrams are released by the forwarding task
+//!   itself (a timer queue), so a delay never blocks forwarding; with jitter they may be
+//!   reordered. At most 64 MiB per direction is held; beyond that datagrams are dropped.
+//!
+//! Healing is `set_faults(Faults::default())`. [`UdpRelay::stats`] counts the datagrams forwarded
+//! and dropped (by the faults, for lack of a client, or on a send error) in each direction.
+//! Datagrams up to 65,535 bytes pass. Network errors are logged at debug level and never stop the
+//! relay. Dropping the relay stops its tasks and closes its sockets.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 struct State {
     up: AtomicBool,
@@ -103,42 +137,99 @@ impl TcpRelay {
     }
 }
 
-/// Faults a [`UdpRelay`] applies to both directions.
+/// The largest datagram the UDP relay carries.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// The most bytes held back by a delay, per direction.
+const MAX_HELD_BYTES: usize = 64 << 20;
+
+/// The pause after a repeated receive error, so a persistent error cannot spin the CPU.
+const ERROR_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The faults a [`UdpRelay`] injects, in both directions. The default is a healthy path.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Faults {
-    /// Drop everything, silently.
+    /// Drop every datagram silently.
     pub blackhole: bool,
-    /// Drop each datagram with this probability (0..=1).
+    /// The probability (0..=1) of dropping each datagram.
     pub loss: f64,
-    /// Hold each datagram this long …
-    pub delay: std::time::Duration,
-    /// … ± up to this much (uniform; datagrams may be reordered).
-    pub jitter: std::time::Duration,
+    /// How long to hold each datagram.
+    pub delay: Duration,
+    /// A uniform random offset in `[-jitter, +jitter]` added to `delay` (never below zero).
+    pub jitter: Duration,
 }
 
-/// Datagrams forwarded and dropped, per direction.
+/// What a [`UdpRelay`] did with the datagrams it received.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayStats {
+    /// Datagrams from the client sent on to the target.
     pub forwarded_to_target: u64,
+    /// Datagrams from the client dropped.
+    pub dropped_to_target: u64,
+    /// Datagrams from the target sent on to the client.
     pub forwarded_to_client: u64,
-    pub dropped: u64,
+    /// Datagrams from the target dropped (including those that arrived before any client).
+    pub dropped_to_client: u64,
+}
+
+/// Which way a datagram goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    ToTarget,
+    ToClient,
 }
 
 struct UdpState {
-    faults: std::sync::Mutex<Faults>,
-    client: std::sync::Mutex<Option<SocketAddr>>,
-    to_target: std::sync::atomic::AtomicU64,
-    to_client: std::sync::atomic::AtomicU64,
-    dropped: std::sync::atomic::AtomicU64,
+    faults: Mutex<Faults>,
+    client: Mutex<Option<SocketAddr>>,
+    forwarded_to_target: AtomicU64,
+    dropped_to_target: AtomicU64,
+    forwarded_to_client: AtomicU64,
+    dropped_to_client: AtomicU64,
 }
 
-/// A user-space UDP relay between one client (the latest source seen on the listening socket)
-/// and a fixed target, applying [`Faults`]: the gateway tests' and the loopback lab's stand-in
-/// for an inter-cluster link that can be cut, made lossy or slow.
+impl UdpState {
+    fn faults(&self) -> Faults {
+        *self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn client(&self) -> Option<SocketAddr> {
+        *self.client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_client(&self, addr: SocketAddr) {
+        let mut c = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if *c != Some(addr) {
+            tracing::debug!(client = %addr, previous = ?*c, "udp relay: client address");
+            *c = Some(addr);
+        }
+    }
+
+    fn forwarded(&self, dir: Direction) {
+        match dir {
+            Direction::ToTarget => &self.forwarded_to_target,
+            Direction::ToClient => &self.forwarded_to_client,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn dropped(&self, dir: Direction) {
+        match dir {
+            Direction::ToTarget => &self.dropped_to_target,
+            Direction::ToClient => &self.dropped_to_client,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A UDP relay between one client and a fixed target, with injectable faults (see the module
+/// documentation).
 pub struct UdpRelay {
     addr: SocketAddr,
+    outbound_addr: SocketAddr,
+    target: SocketAddr,
     state: Arc<UdpState>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: [JoinHandle<()>; 2],
 }
 
 impl Drop for UdpRelay {
@@ -155,129 +246,233 @@ impl UdpRelay {
         Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
     }
 
+    /// Listen on `listen` and relay to `target`.
     pub async fn start_on(listen: SocketAddr, target: SocketAddr) -> std::io::Result<Self> {
-        let front = Arc::new(tokio::net::UdpSocket::bind(listen).await?);
-        let back_bind = if target.is_ipv4() {
-            SocketAddr::from(([127, 0, 0, 1], 0))
-        } else {
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
+        let inbound = Arc::new(UdpSocket::bind(listen).await?);
+        let addr = inbound.local_addr()?;
+        let outbound_ip = match target.ip() {
+            IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(ip) if ip.is_loopback() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         };
-        let back = Arc::new(tokio::net::UdpSocket::bind(back_bind).await?);
-        let addr = front.local_addr()?;
+        let outbound = Arc::new(UdpSocket::bind(SocketAddr::new(outbound_ip, 0)).await?);
+        let outbound_addr = outbound.local_addr()?;
         let state = Arc::new(UdpState {
-            faults: std::sync::Mutex::new(Faults::default()),
-            client: std::sync::Mutex::new(None),
-            to_target: Default::default(),
-            to_client: Default::default(),
-            dropped: Default::default(),
+            faults: Mutex::new(Faults::default()),
+            client: Mutex::new(None),
+            forwarded_to_target: AtomicU64::new(0),
+            dropped_to_target: AtomicU64::new(0),
+            forwarded_to_client: AtomicU64::new(0),
+            dropped_to_client: AtomicU64::new(0),
         });
-        let forward_out = {
-            let (front, back, state) = (front.clone(), back.clone(), state.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65_535];
-                loop {
-                    let (n, from) = match front.recv_from(&mut buf).await {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "udp relay receive failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                            continue;
-                        }
-                    };
-                    if let Ok(mut c) = state.client.lock() {
-                        *c = Some(from);
-                    }
-                    send_with_faults(&state, &back, buf[..n].to_vec(), target, true);
-                }
-            })
-        };
-        let forward_back = {
-            let (front, back, state) = (front.clone(), back.clone(), state.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65_535];
-                loop {
-                    let (n, _) = match back.recv_from(&mut buf).await {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "udp relay receive failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                            continue;
-                        }
-                    };
-                    let client = state.client.lock().ok().and_then(|c| *c);
-                    if let Some(client) = client {
-                        send_with_faults(&state, &front, buf[..n].to_vec(), client, false);
-                    }
-                }
-            })
-        };
+        let up = tokio::spawn(pump(
+            state.clone(),
+            Direction::ToTarget,
+            inbound.clone(),
+            outbound.clone(),
+            target,
+        ));
+        let down = tokio::spawn(pump(
+            state.clone(),
+            Direction::ToClient,
+            outbound,
+            inbound,
+            target,
+        ));
+        tracing::debug!(listen = %addr, via = %outbound_addr, %target, "udp relay started");
         Ok(Self {
             addr,
+            outbound_addr,
+            target,
             state,
-            tasks: vec![forward_out, forward_back],
+            tasks: [up, down],
         })
     }
 
-    /// The relay's listening address (what the client sends to).
+    /// The listening (client-side) address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// The target-side socket's address: where the target sees the client's datagrams come from.
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound_addr
+    }
+
+    pub fn target(&self) -> SocketAddr {
+        self.target
+    }
+
+    /// The client: the latest source address seen on the listening socket.
+    pub fn client(&self) -> Option<SocketAddr> {
+        self.state.client()
+    }
+
+    /// Replace the faults (both directions, from the next datagram on).
     pub fn set_faults(&self, faults: Faults) {
-        if let Ok(mut f) = self.state.faults.lock() {
-            *f = faults;
-        }
+        *self.state.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
+        tracing::debug!(relay = %self.addr, ?faults, "udp relay faults");
     }
 
     pub fn faults(&self) -> Faults {
-        self.state.faults.lock().map(|f| *f).unwrap_or_default()
+        self.state.faults()
     }
 
     pub fn stats(&self) -> RelayStats {
-        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.state;
         RelayStats {
-            forwarded_to_target: self.state.to_target.load(Relaxed),
-            forwarded_to_client: self.state.to_client.load(Relaxed),
-            dropped: self.state.dropped.load(Relaxed),
+            forwarded_to_target: s.forwarded_to_target.load(Ordering::Relaxed),
+            dropped_to_target: s.dropped_to_target.load(Ordering::Relaxed),
+            forwarded_to_client: s.forwarded_to_client.load(Ordering::Relaxed),
+            dropped_to_client: s.dropped_to_client.load(Ordering::Relaxed),
         }
     }
 }
 
-fn send_with_faults(
-    state: &Arc<UdpState>,
-    socket: &Arc<tokio::net::UdpSocket>,
-    data: Vec<u8>,
-    to: SocketAddr,
-    outbound: bool,
-) {
-    use rand::Rng;
-    use std::sync::atomic::Ordering::Relaxed;
-    let f = state.faults.lock().map(|f| *f).unwrap_or_default();
-    if f.blackhole || (f.loss > 0.0 && rand::rng().random::<f64>() < f.loss) {
-        state.dropped.fetch_add(1, Relaxed);
-        return;
+/// What happens to one datagram.
+enum Fate {
+    Drop,
+    Now,
+    At(Instant),
+}
+
+fn fate(f: &Faults) -> Fate {
+    if f.blackhole || (f.loss > 0.0 && rand::random::<f64>() < f.loss) {
+        return Fate::Drop;
     }
-    let counter = if outbound {
-        &state.to_target
-    } else {
-        &state.to_client
-    };
-    counter.fetch_add(1, Relaxed);
     if f.delay.is_zero() && f.jitter.is_zero() {
-        let _ = socket.try_send_to(&data, to);
-        return;
+        return Fate::Now;
     }
-    let jitter = if f.jitter.is_zero() {
-        0i128
-    } else {
-        let j = f.jitter.as_micros() as i128;
-        rand::rng().random_range(-j..=j)
-    };
-    let delay =
-        std::time::Duration::from_micros((f.delay.as_micros() as i128 + jitter).max(0) as u64);
-    let socket = socket.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
-        let _ = socket.send_to(&data, to).await;
-    });
+    let jitter = f.jitter.as_secs_f64() * (rand::random::<f64>() * 2.0 - 1.0);
+    let hold = (f.delay.as_secs_f64() + jitter).max(0.0);
+    match Duration::try_from_secs_f64(hold)
+        .ok()
+        .and_then(|d| Instant::now().checked_add(d))
+    {
+        Some(at) => Fate::At(at),
+        // A delay beyond the end of time: as good as lost.
+        None => Fate::Drop,
+    }
+}
+
+/// A datagram held back: when it is due, a tie-breaker (arrival order), where it goes, what it is.
+type HeldDatagram = (Instant, u64, SocketAddr, Vec<u8>);
+
+/// Datagrams held back by a delay, earliest first.
+#[derive(Default)]
+struct Held {
+    queue: BinaryHeap<Reverse<HeldDatagram>>,
+    bytes: usize,
+    next_id: u64,
+}
+
+impl Held {
+    fn next_due(&self) -> Option<Instant> {
+        self.queue.peek().map(|Reverse((at, ..))| *at)
+    }
+
+    fn push(&mut self, at: Instant, dest: SocketAddr, data: &[u8]) -> bool {
+        if self.bytes + data.len() > MAX_HELD_BYTES {
+            return false;
+        }
+        self.bytes += data.len();
+        self.next_id += 1;
+        self.queue
+            .push(Reverse((at, self.next_id, dest, data.to_vec())));
+        true
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Option<(SocketAddr, Vec<u8>)> {
+        if self.next_due()? > now {
+            return None;
+        }
+        let Reverse((_, _, dest, data)) = self.queue.pop()?;
+        self.bytes = self.bytes.saturating_sub(data.len());
+        Some((dest, data))
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Forward datagrams one way: received on `from`, sent from `to`.
+async fn pump(
+    state: Arc<UdpState>,
+    dir: Direction,
+    from: Arc<UdpSocket>,
+    to: Arc<UdpSocket>,
+    target: SocketAddr,
+) {
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut held = Held::default();
+    let mut errors = 0u32;
+    loop {
+        tokio::select! {
+            r = from.recv_from(&mut buf) => match r {
+                Ok((n, source)) => {
+                    errors = 0;
+                    let dest = match dir {
+                        Direction::ToTarget => {
+                            state.set_client(source);
+                            Some(target)
+                        }
+                        Direction::ToClient if source != target => {
+                            tracing::debug!(%source, "udp relay: ignoring a datagram from a stranger");
+                            continue;
+                        }
+                        Direction::ToClient => state.client(),
+                    };
+                    let Some(dest) = dest else {
+                        tracing::debug!("udp relay: no client yet, dropping a datagram from the target");
+                        state.dropped(dir);
+                        continue;
+                    };
+                    let data = buf.get(..n).unwrap_or(&[]);
+                    match fate(&state.faults()) {
+                        Fate::Drop => state.dropped(dir),
+                        Fate::Now => send(&state, dir, &to, dest, data).await,
+                        Fate::At(at) => {
+                            if !held.push(at, dest, data) {
+                                tracing::debug!(?dir, "udp relay: too much held back, dropping");
+                                state.dropped(dir);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    errors = errors.saturating_add(1);
+                    tracing::debug!(?dir, error = %e, "udp relay: receive failed");
+                    if errors > 1 {
+                        tokio::time::sleep(ERROR_BACKOFF).await;
+                    }
+                }
+            },
+            () = sleep_until(held.next_due()) => {
+                let now = Instant::now();
+                while let Some((dest, data)) = held.pop_due(now) {
+                    // A blackhole set meanwhile also swallows what is still on the wire.
+                    if state.faults().blackhole {
+                        state.dropped(dir);
+                    } else {
+                        send(&state, dir, &to, dest, &data).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send(state: &UdpState, dir: Direction, socket: &UdpSocket, dest: SocketAddr, data: &[u8]) {
+    match socket.send_to(data, dest).await {
+        Ok(_) => state.forwarded(dir),
+        Err(e) => {
+            tracing::debug!(?dir, %dest, error = %e, "udp relay: send failed");
+            state.dropped(dir);
+        }
+    }
 }

@@ -336,7 +336,8 @@ peers: [{cluster: west, address: "127.0.0.1:25443"}]
             c.discovery.unwrap().file,
             PathBuf::from("/etc/strait/east.yaml")
         );
-        assert_eq!(c.link.down_after, Duration::from_millis(500));
+        assert_eq!(c.link.down_after, Duration::from_millis(600));
+        assert_eq!(c.link.window, 50);
     }
 
     #[test]

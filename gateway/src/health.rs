@@ -9,10 +9,16 @@
 //!
 //! - **Down** at once when the connection is lost ([`LinkTracker::on_disconnected`]), and when
 //!   probes are being sent but no reply has arrived for `down_after` (600 ms by default: with
-//!   100 ms probes a blackholed LAN link is down within about 700 ms).
+//!   100 ms probes a blackholed LAN link is down within about 700 ms). Evaluations happen on probe
+//!   ticks, so a silence short of `down_after` by less than a tenth of `probe_interval` (at most
+//!   10 ms) counts as long enough: timer jitter must not cost a whole interval. That is six probes lost in
+//!   a row, so heavy random loss takes a link down now and then too: at 30 % loss per round trip
+//!   about one probe in 1,400 ends such a run.
 //! - **Up** again (after a reconnect, or when replies come back) once `up_after_replies`
-//!   consecutive probes were answered. If the smoothed RTT of those replies is already at or above
-//!   `degraded_rtt`, the link comes back **degraded** instead, rather than up and then degraded.
+//!   consecutive probes were answered. It comes back **degraded** instead when the smoothed RTT of
+//!   those replies is already at or above `degraded_rtt`, when the probes since it went down show
+//!   a bad loss, or when it was degraded as it went down: a lossy link that keeps dropping out
+//!   must not read up between its outages. It then recovers like any degraded link.
 //! - **Degraded** after `degrade_after` consecutive evaluations with a bad loss ratio or a smoothed
 //!   RTT ≥ `degraded_rtt`; back to **up** only after `recover_after` consecutive evaluations with
 //!   loss < `degraded_loss / 2` and RTT < 0.8 × `degraded_rtt`.
@@ -30,16 +36,17 @@
 //! tracker therefore asks for evidence before it calls a link lossy. The loss condition holds when,
 //! with at least `min(window, 10)` probes in the window, either
 //!
-//! - the window's lost count exceeds `degraded_loss` by two standard errors (`lost ≥ n·p +
-//!   2·√(n·p·(1−p))`, with `p = degraded_loss`): heavy loss is caught within a few seconds; or
+//! - the window's lost count exceeds `degraded_loss` by 2.5 standard errors (`lost ≥ n·p +
+//!   2.5·√(n·p·(1−p))`, with `p = degraded_loss`; 11 of 50 with the defaults): heavy loss is
+//!   caught within a few seconds; or
 //! - both the window ratio and a long-run loss average (an exponential average over about
 //!   `4 × window` probes) are ≥ `degraded_loss`: moderate loss above the threshold is caught too,
 //!   only more slowly.
 //!
 //! Recovery needs the window ratio below `degraded_loss / 2` and either the long-run average below
 //! it as well or a full window without a single loss. With the defaults, 5 % random loss keeps a
-//! link up (it gets degraded in about one run of 2,000 probes in a hundred, and then stays
-//! degraded), 30 % loss degrades it within about 2 s, and a healed link is up again about 7 s later.
+//! link up (in simulation, 4 runs of 2,000 probes in 1,000 see it degraded at all), 30 % loss
+//! degrades it within a few seconds (3–7 s), and a healed link is up again about 7 s later.
 //!
 //! # Wire format
 //!
@@ -62,7 +69,7 @@ pub const PROBE_LEN: usize = 10;
 pub const MAX_WINDOW: usize = 65_536;
 
 /// Standard errors by which a window's lost count must exceed `degraded_loss` (the fast path).
-const LOSS_MARGIN_SIGMAS: f64 = 2.0;
+const LOSS_MARGIN_SIGMAS: f64 = 2.5;
 
 /// The long-run loss average spans this many windows (its weight per probe is
 /// `1 / (LONG_RUN_WINDOWS × window)`).
@@ -71,6 +78,10 @@ const LONG_RUN_WINDOWS: f64 = 4.0;
 /// The loss condition needs at least this many probes in the window (or a full window, if
 /// smaller), so a loss in the first few probes of a connection cannot degrade a link.
 const MIN_LOSS_SAMPLES: usize = 10;
+
+/// The most by which a silence may fall short of `down_after` at a tick (timer jitter) and
+/// still take the link down at that tick; otherwise a tenth of `probe_interval`.
+const MAX_TICK_SLACK: Duration = Duration::from_millis(10);
 
 /// The most in-flight probe records kept beyond the window, whatever the caller does.
 const MAX_IN_FLIGHT: usize = 4_096;
@@ -262,7 +273,8 @@ pub struct LinkTracker {
     srtt_ms: f64,
     /// Whether `srtt_ms` has a sample from the current connection.
     rtt_sampled: bool,
-    /// Replies since the last lost probe (or since the link went down).
+    /// Consecutive replies: to probes sent one after the other, the first after an unanswered
+    /// probe or since the measurement restarted.
     reply_streak: u32,
     /// When the first probe after the last reply was sent.
     silent_since: Option<Instant>,
@@ -270,6 +282,8 @@ pub struct LinkTracker {
     bad_evaluations: u32,
     good_evaluations: u32,
     in_flight_cap: usize,
+    /// The link was degraded when it last went down: it comes back degraded.
+    resume_degraded: bool,
 }
 
 impl LinkTracker {
@@ -285,7 +299,9 @@ impl LinkTracker {
             .as_nanos()
             .checked_div(config.probe_interval.as_nanos())
             .map_or(MAX_IN_FLIGHT, |n| {
-                usize::try_from(n).unwrap_or(MAX_IN_FLIGHT).saturating_mul(2)
+                usize::try_from(n)
+                    .unwrap_or(MAX_IN_FLIGHT)
+                    .saturating_mul(2)
             })
             .clamp(16, MAX_IN_FLIGHT);
         Self {
@@ -307,6 +323,7 @@ impl LinkTracker {
             bad_evaluations: 0,
             good_evaluations: 0,
             in_flight_cap,
+            resume_degraded: false,
         }
     }
 
@@ -395,13 +412,22 @@ impl LinkTracker {
         }
         p.replied = true;
         let sample = rtt.as_secs_f64() * 1000.0;
+        // The probe sent just before this one is unanswered: the replies are not consecutive.
+        let gap = i
+            .checked_sub(1)
+            .and_then(|j| self.probes.get(j))
+            .is_some_and(|q| q.seq.wrapping_add(1) == seq && !q.replied);
         if self.rtt_sampled {
             self.srtt_ms += RTT_ALPHA * (sample - self.srtt_ms);
         } else {
             self.srtt_ms = sample;
             self.rtt_sampled = true;
         }
-        self.reply_streak = self.reply_streak.saturating_add(1);
+        self.reply_streak = if gap {
+            1
+        } else {
+            self.reply_streak.saturating_add(1)
+        };
         self.silent_since = None;
     }
 
@@ -416,12 +442,15 @@ impl LinkTracker {
             LinkHealth::Up | LinkHealth::Degraded => {
                 if let Some(t) = self.silent_since {
                     let silence = now.saturating_duration_since(t);
-                    if silence >= self.config.down_after {
+                    // Ticks come a little early or late: a silence a hair short of `down_after`
+                    // at this tick must not wait for the next one.
+                    let slack = (self.config.probe_interval / 10).min(MAX_TICK_SLACK);
+                    if silence.saturating_add(slack) >= self.config.down_after {
                         self.restart_measurement();
                         return self.transition(
                             LinkHealth::Down,
                             now,
-                            format!("no probe reply for {silence:?}"),
+                            format!("no probe reply for {} ms", silence.as_millis()),
                         );
                     }
                 }
@@ -446,6 +475,17 @@ impl LinkTracker {
                 "{replies} consecutive probe replies, smoothed RTT {:.1} ms",
                 self.srtt_ms
             );
+            self.transition(LinkHealth::Degraded, now, reason)
+        } else if self.loss_bad() {
+            let reason = format!(
+                "{replies} consecutive probe replies, loss {:.1}% over {} probes",
+                self.loss() * 100.0,
+                self.finalized
+            );
+            self.transition(LinkHealth::Degraded, now, reason)
+        } else if self.resume_degraded {
+            let reason =
+                format!("{replies} consecutive probe replies; it was degraded when it went down");
             self.transition(LinkHealth::Degraded, now, reason)
         } else {
             self.transition(
@@ -548,7 +588,6 @@ impl LinkTracker {
             self.finalized += 1;
             let x = if lost {
                 self.lost += 1;
-                self.reply_streak = 0;
                 1.0
             } else {
                 0.0
@@ -591,6 +630,9 @@ impl LinkTracker {
             return None;
         }
         let from = self.state;
+        if to == LinkHealth::Down {
+            self.resume_degraded = from == LinkHealth::Degraded;
+        }
         self.state = to;
         self.since = now;
         Some(Transition {
@@ -610,7 +652,8 @@ impl LinkTracker {
         self.srtt_ms
     }
 
-    /// The loss ratio (0..=1) over the probes in the window (0 while it is empty).
+    /// The loss ratio (0..=1) over the probes in the window (0 while it is empty). The window
+    /// starts afresh on every connection and whenever the link goes down for lack of replies.
     pub fn loss(&self) -> f64 {
         if self.finalized == 0 {
             0.0
@@ -691,10 +734,6 @@ mod tests {
 
         fn connect(&mut self) {
             self.t.on_connected(self.now);
-        }
-
-        fn elapsed(&self) -> Duration {
-            self.now - self.start
         }
 
         /// Deliver the replies due by `until`, in arrival order.
@@ -929,6 +968,15 @@ mod tests {
         assert_eq!((tr.from, tr.to), (LinkHealth::Up, LinkHealth::Down));
         assert!(tr.reason.starts_with("no probe reply for"), "{}", tr.reason);
         assert!(s.t.since() - cut < Duration::from_secs(1));
+        // Timer jitter does not cost a whole probe interval: a tick a few milliseconds late when
+        // the silence began, and one on time 600 ms later, take the link down.
+        let mut s2 = Sim::up();
+        s2.run(10, |_| Some(MS));
+        s2.deliver(s2.now + 50 * MS);
+        let from = s2.now + 3 * MS;
+        s2.t.next_probe(from);
+        let took = s2.until(LinkHealth::Down, 100, |_| None).unwrap();
+        assert_eq!(s2.now - from, 597 * MS, "{took:?}");
         // Still connected (the caller decides what to do with the connection), and it stays down.
         assert!(s.t.is_connected());
         s.run(100, |_| None);
@@ -942,7 +990,10 @@ mod tests {
         s.run(10, |_| Some(MS));
         s.now += 30 * MS;
         let tr = s.t.on_disconnected(s.now).unwrap();
-        assert_eq!((tr.from, tr.to, tr.at), (LinkHealth::Up, LinkHealth::Down, s.now));
+        assert_eq!(
+            (tr.from, tr.to, tr.at),
+            (LinkHealth::Up, LinkHealth::Down, s.now)
+        );
         assert_eq!(tr.reason, "connection lost");
         assert_eq!(s.t.state(), LinkHealth::Down);
         assert_eq!(s.t.since(), s.now);
@@ -976,8 +1027,27 @@ mod tests {
         let mut s = Sim::up();
         s.until(LinkHealth::Down, 20, |_| None).unwrap();
         // Lossy replies do not count as consecutive.
-        s.run(40, |i| (i % 2 == 0).then_some(MS));
+        s.run(40, |i| i.is_multiple_of(2).then_some(MS));
         assert_eq!(s.t.state(), LinkHealth::Down);
+        s.run(40, |i| (i % 3 != 2).then_some(MS));
+        assert_eq!(s.t.state(), LinkHealth::Down);
+        // Three in a row are, even when the next one is lost; the loss seen meanwhile makes it come
+        // back degraded rather than up.
+        let from = s.now;
+        for i in 0..5 {
+            s.tick((i % 4 != 3).then_some(MS));
+        }
+        assert_eq!(s.t.state(), LinkHealth::Degraded);
+        assert_eq!(s.t.since() - from, 300 * MS);
+        let tr = s.transitions.last().unwrap();
+        assert!(tr.reason.contains("loss"), "{}", tr.reason);
+        // Degraded as it went down, it comes back degraded, then recovers.
+        s.until(LinkHealth::Down, 20, |_| None).unwrap();
+        s.until(LinkHealth::Degraded, 10, |_| Some(MS)).unwrap();
+        // (The probe sent as it went down was lost: the recovery waits until it weighs < 5 %.)
+        let took = s.until(LinkHealth::Up, 100, |_| Some(MS)).unwrap();
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        s.until(LinkHealth::Down, 20, |_| None).unwrap();
         let took = s.until(LinkHealth::Up, 50, |_| Some(MS)).unwrap();
         assert!(took < Duration::from_secs(2), "{took:?}");
         // The probes lost in the silence do not count against the link afterwards.
@@ -992,7 +1062,11 @@ mod tests {
         for lost_at in [0usize, 1, 5, 30, 200] {
             let mut s = Sim::up();
             s.run(1_000, |i| (i != lost_at).then_some(MS));
-            assert!(s.transitions.is_empty(), "lost at {lost_at}: {:?}", s.transitions);
+            assert!(
+                s.transitions.is_empty(),
+                "lost at {lost_at}: {:?}",
+                s.transitions
+            );
         }
         let mut s = Sim::new(HealthConfig::default());
         s.connect();
@@ -1001,7 +1075,7 @@ mod tests {
         assert_eq!(s.t.state(), LinkHealth::Up);
         assert_eq!(s.transitions.len(), 1);
         let mut s = Sim::up();
-        s.run(5_000, |i| (i % 97 != 0).then_some(MS));
+        s.run(5_000, |i| (!i.is_multiple_of(97)).then_some(MS));
         assert!(s.transitions.is_empty(), "{:?}", s.transitions);
     }
 
@@ -1028,7 +1102,9 @@ mod tests {
         // Evenly spread: 3 of every 10 probes, never more than one in a row.
         let mut s = Sim::up();
         let took = s
-            .until(LinkHealth::Degraded, 100, |i| ((i * 7) % 10 >= 3).then_some(MS))
+            .until(LinkHealth::Degraded, 100, |i| {
+                ((i * 7) % 10 >= 3).then_some(MS)
+            })
             .unwrap();
         assert!(took < Duration::from_secs(5), "{took:?}");
         s.run(2_000, |i| ((i * 7) % 10 >= 3).then_some(MS));
@@ -1066,7 +1142,11 @@ mod tests {
         assert_eq!(s.transitions.len(), 1);
         assert!((s.t.rtt_ms() - 300.0).abs() < 1.0, "{}", s.t.rtt_ms());
         assert_eq!(s.t.loss(), 0.0);
-        assert!(s.transitions[0].reason.contains("RTT"), "{}", s.transitions[0].reason);
+        assert!(
+            s.transitions[0].reason.contains("RTT"),
+            "{}",
+            s.transitions[0].reason
+        );
         // A fast link stays up.
         let mut s = Sim::up();
         s.run(500, |_| Some(20 * MS));
@@ -1087,9 +1167,11 @@ mod tests {
     #[test]
     fn recovery_from_loss_takes_hysteresis() {
         let mut s = Sim::up();
-        s.until(LinkHealth::Degraded, 200, |i| (i % 3 != 0).then_some(MS))
-            .unwrap();
-        s.run(300, |i| (i % 3 != 0).then_some(MS));
+        s.until(LinkHealth::Degraded, 200, |i| {
+            (!i.is_multiple_of(3)).then_some(MS)
+        })
+        .unwrap();
+        s.run(300, |i| (!i.is_multiple_of(3)).then_some(MS));
         // Healed: the window must clear and then stay clean for `recover_after` evaluations.
         let took = s.until(LinkHealth::Up, 500, |_| Some(MS)).unwrap();
         assert!(took >= 20 * 100 * MS, "{took:?}");
@@ -1097,16 +1179,58 @@ mod tests {
         let tr = s.transitions.last().unwrap();
         assert_eq!((tr.from, tr.to), (LinkHealth::Degraded, LinkHealth::Up));
         assert_eq!(s.t.since(), s.now);
-        // A good spell shorter than `recover_after` evaluations does not bring it back.
+        // Exactly `recover_after` consecutive good evaluations, counted from the first one.
+        let lossy = |i: usize| (!i.is_multiple_of(3)).then_some(MS);
         let mut s = Sim::up();
-        s.until(LinkHealth::Degraded, 200, |i| (i % 3 != 0).then_some(MS))
-            .unwrap();
+        s.until(LinkHealth::Degraded, 200, lossy).unwrap();
+        s.run(300, lossy);
+        let mut ticks = 0;
+        while !(s.t.loss_good() && s.t.rtt_good()) {
+            s.tick(Some(MS));
+            ticks += 1;
+            assert!(ticks < 1_000);
+        }
+        for _ in 1..19 {
+            assert_eq!(s.tick(Some(MS)), None);
+        }
+        assert_eq!(s.t.state(), LinkHealth::Degraded);
+        assert_eq!(s.tick(Some(MS)).map(|t| t.to), Some(LinkHealth::Up));
+        // Good spells too short to clear the window and then hold for `recover_after`
+        // evaluations keep a lossy link degraded.
+        let mut s = Sim::up();
+        s.until(LinkHealth::Degraded, 200, lossy).unwrap();
+        s.run(300, lossy);
         for _ in 0..20 {
             s.run(60, |_| Some(MS));
-            s.run(30, |i| (i % 3 != 0).then_some(MS));
+            s.run(30, lossy);
         }
         assert_eq!(s.t.state(), LinkHealth::Degraded);
         assert_eq!(s.transitions.len(), 1, "{:?}", s.transitions);
+    }
+
+    #[test]
+    fn a_lossy_link_that_drops_out_comes_back_degraded() {
+        let lossy = |i: usize| ((i * 7) % 10 >= 3).then_some(MS);
+        let mut s = Sim::up();
+        s.until(LinkHealth::Degraded, 200, lossy).unwrap();
+        s.until(LinkHealth::Down, 20, |_| None).unwrap();
+        s.until(LinkHealth::Degraded, 20, |_| Some(MS)).unwrap();
+        let tr = s.transitions.last().unwrap();
+        assert_eq!(tr.from, LinkHealth::Down);
+        assert!(tr.reason.contains("was degraded"), "{}", tr.reason);
+        // Healthy now: up after the usual recovery.
+        let took = s.until(LinkHealth::Up, 100, |_| Some(MS)).unwrap();
+        assert!(took >= 20 * 100 * MS, "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        // The same across a reconnect; an up link that drops out comes back up.
+        s.until(LinkHealth::Degraded, 200, lossy).unwrap();
+        s.t.on_disconnected(s.now).unwrap();
+        s.connect();
+        s.until(LinkHealth::Degraded, 20, |_| Some(MS)).unwrap();
+        s.until(LinkHealth::Up, 100, |_| Some(MS)).unwrap();
+        s.t.on_disconnected(s.now).unwrap();
+        s.connect();
+        s.until(LinkHealth::Up, 20, |_| Some(MS)).unwrap();
     }
 
     #[test]
@@ -1121,8 +1245,26 @@ mod tests {
         let took = s.until(LinkHealth::Up, 200, |_| Some(10 * MS)).unwrap();
         assert!(took >= 20 * 100 * MS, "{took:?}");
         assert!(took < Duration::from_secs(6), "{took:?}");
+        // A relapse before `recover_after` good evaluations starts the count again.
+        s.until(LinkHealth::Degraded, 100, |_| Some(300 * MS))
+            .unwrap();
+        while !s.t.rtt_good() {
+            s.tick(Some(190 * MS));
+        }
+        // Slow replies (450 ms) arrive from the fifth tick on: the RTT is bad again.
+        s.run(6, |_| Some(450 * MS));
+        assert!(!s.t.rtt_good(), "{}", s.t.rtt_ms());
+        assert_eq!(s.t.state(), LinkHealth::Degraded);
+        let took = s.until(LinkHealth::Up, 200, |_| Some(10 * MS)).unwrap();
+        assert!(took >= 20 * 100 * MS, "{took:?}");
         s.transitions.clear();
-        s.run(2_000, |i| Some(if i % 2 == 0 { 240 * MS } else { 200 * MS }));
+        s.run(2_000, |i| {
+            Some(if i.is_multiple_of(2) {
+                240 * MS
+            } else {
+                200 * MS
+            })
+        });
         assert!(s.transitions.is_empty(), "{:?}", s.transitions);
     }
 
@@ -1130,10 +1272,10 @@ mod tests {
     fn srtt_is_smoothed_with_one_eighth() {
         let mut s = Sim::new(HealthConfig::default());
         s.connect();
+        // Each reply arrives before the next tick.
         s.tick(Some(100 * MS));
         s.tick(Some(20 * MS));
-        s.tick(None);
-        assert!((s.t.rtt_ms() - 100.0).abs() < 1e-9);
+        assert!((s.t.rtt_ms() - 100.0).abs() < 1e-9, "{}", s.t.rtt_ms());
         s.tick(None);
         assert!((s.t.rtt_ms() - 90.0).abs() < 1e-9, "{}", s.t.rtt_ms());
         // After a reconnect, the first sample starts afresh.
@@ -1168,7 +1310,9 @@ mod tests {
         // A late reply (after probe_timeout) neither measures RTT nor counts as a reply.
         let mut s = Sim::up();
         s.run(100, |_| Some(MS));
-        s.run(100, |i| Some(if i % 10 == 0 { 700 * MS } else { MS }));
+        s.run(100, |i| {
+            Some(if i.is_multiple_of(10) { 700 * MS } else { MS })
+        });
         assert!((s.t.rtt_ms() - 1.0).abs() < 1e-6, "{}", s.t.rtt_ms());
         assert!((s.t.loss() - 0.1).abs() < 0.03, "{}", s.t.loss());
 
@@ -1189,7 +1333,7 @@ mod tests {
     fn memory_is_bounded() {
         let c = HealthConfig::default();
         let mut s = Sim::up();
-        s.run(10_000, |i| (i % 4 != 0).then_some(MS));
+        s.run(10_000, |i| (!i.is_multiple_of(4)).then_some(MS));
         assert!(s.t.probes.len() <= c.window + 10, "{}", s.t.probes.len());
         assert_eq!(s.t.finalized, c.window);
         // A caller that sends probes without ever evaluating.
@@ -1281,7 +1425,7 @@ mod tests {
                 at += 10 * MS;
                 let _ = t.evaluate(at);
                 let seq = t.next_probe(at);
-                if i % 3 != 0 {
+                if !i.is_multiple_of(3) {
                     t.on_reply(seq, at + MS);
                 }
             }

@@ -783,3 +783,157 @@ async fn five_percent_loss_never_flaps_down() {
     );
     assert!(states.len() <= 2, "the link flapped: {states:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_under_traffic_breaks_no_tunnel() {
+    let echo = echo_server(false).await;
+    let p = pair(&[("echo", 9000, echo)], false, "").await;
+    let tls = client_tls(&p.east_app, &p.pki.ca_file());
+    let mut tunnels = Vec::new();
+    for _ in 0..4 {
+        let (s, body, t) = connect_h1(
+            p.east.ingress_addr,
+            tls.clone(),
+            "echo.default:9000",
+            Some("west"),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        tunnels.push(t.unwrap());
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let traffic: Vec<_> = tunnels
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut t)| {
+            let stop_rx = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut rounds = 0u32;
+                while !*stop_rx.borrow() {
+                    let msg = format!("tunnel {i} round {rounds}");
+                    t.write_all(msg.as_bytes())
+                        .await
+                        .expect("write failed during rotation");
+                    let mut back = vec![0u8; msg.len()];
+                    tokio::time::timeout(Duration::from_secs(5), t.read_exact(&mut back))
+                        .await
+                        .expect("tunnel stalled during rotation")
+                        .expect("tunnel broke during rotation");
+                    assert_eq!(back, msg.as_bytes());
+                    rounds += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                rounds
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Rotate both gateways' certificates (new keys) while traffic flows.
+    p.pki.gateway("east");
+    p.pki.gateway("west");
+    let t = Instant::now();
+    while p
+        .east
+        .shared()
+        .metrics
+        .get("strait_gateway_cert_reloads_total", "ok")
+        < 1
+        || p.west
+            .shared()
+            .metrics
+            .get("strait_gateway_cert_reloads_total", "ok")
+            < 1
+    {
+        assert!(t.elapsed() < WAIT, "certificates were not reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send_replace(true);
+    for t in traffic {
+        let rounds = t.await.unwrap();
+        assert!(rounds > 10, "too little traffic: {rounds}");
+    }
+    // New tunnels after the rotation work, and the link never went down.
+    let (s, body, _) =
+        connect_h1(p.east.ingress_addr, tls, "echo.default:9000", Some("west")).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(link(&p.east, "west").unwrap().state, "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_states_reach_the_registry() {
+    use federation::registry::{Backend, EtcdBackend, EtcdOptions, RegistryCache};
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = federation::etcd_server::EtcdServer::start(&dir.path().join("etcd")).unwrap();
+    let extra = format!(
+        "registry: {{etcd: [\"{}\"], lease_ttl: 3s}}\n",
+        etcd.endpoint()
+    );
+    let p = pair(&[], true, &extra).await;
+    let cache = RegistryCache::spawn(Backend::Etcd(
+        EtcdBackend::connect(&[etcd.endpoint()], EtcdOptions::default())
+            .await
+            .unwrap(),
+    ));
+    let state = |s: &federation::registry::Snapshot, from: &str, to: &str| {
+        s.links
+            .iter()
+            .find(|((a, b), _)| a.as_str() == from && b.as_str() == to)
+            .map(|(_, l)| l.state.as_str().to_string())
+    };
+    cache
+        .wait_for(WAIT, |s| {
+            state(s, "east", "west").as_deref() == Some("up")
+                && state(s, "west", "east").as_deref() == Some("up")
+        })
+        .await
+        .unwrap_or_else(|s| panic!("links not in the registry: {:?}", s.links));
+    p.relay.as_ref().unwrap().set_faults(Faults {
+        blackhole: true,
+        ..Faults::default()
+    });
+    let t = Instant::now();
+    cache
+        .wait_for(WAIT, |s| {
+            state(s, "east", "west").as_deref() == Some("down")
+        })
+        .await
+        .unwrap_or_else(|s| panic!("the registry never showed the link down: {:?}", s.links));
+    println!("link down in the registry {:?} after the cut", t.elapsed());
+    // The admin endpoint shows the same.
+    let body = http_get(p.east.admin_addr, "/links").await;
+    let links: Vec<LinkReport> = serde_json::from_str(&body).unwrap();
+    assert_eq!(links[0].cluster, "west");
+    assert_eq!(links[0].state, "down");
+    let metrics = http_get(p.east.admin_addr, "/metrics").await;
+    assert!(
+        metrics
+            .contains("strait_gateway_link_state{cluster=\"east\",peer=\"west\",state=\"down\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        http_get(p.east.admin_addr, "/ready")
+            .await
+            .contains("ready")
+    );
+    // The gateway's lease ends with it: its link entries leave the registry.
+    drop(p);
+    cache
+        .wait_for(Duration::from_secs(10), |s| s.links.is_empty())
+        .await
+        .unwrap_or_else(|s| panic!("link entries outlived the gateways: {:?}", s.links));
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(out)
+}

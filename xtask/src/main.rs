@@ -10,7 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// Debian packages and the command each provides.
-const APT_PACKAGES: &[(&str, &str)] = &[("protobuf-compiler", "protoc"), ("etcd-server", "etcd")];
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("protobuf-compiler", "protoc"),
+    ("etcd-server", "etcd"),
+    ("curl", "curl"),
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,7 +26,7 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask <setup|test|demo|bench registry>\n\
-                 \n  setup   install missing system packages (protobuf-compiler, etcd-server)\
+                 \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl)\
                  \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
                  \n  demo    setup, then build and run `strait demo`\
                  \n  bench   setup, then run a benchmark (`registry`)"

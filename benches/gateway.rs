@@ -1,0 +1,530 @@
+//! Gateway benchmarks, each side by side with its peer in one run:
+//!
+//! 1. bulk throughput of one tunnelled TCP connection (client → east ingress (TLS) → QUIC → west →
+//!    server) against a direct TCP connection and against raw quinn (one stream, same TLS
+//!    provider, same transport windows) on the same machine;
+//! 2. time to open a new tunnelled connection (a stream on the existing QUIC connection, CONNECT
+//!    over an existing HTTP/2 connection to the ingress, until the first echoed byte) against a
+//!    fresh mutual-TLS 1.3 handshake (until the first echoed byte), median of 200;
+//! 3. memory per idle tunnel: RSS growth of both gateway processes with 10,000 idle tunnels open.
+//!
+//! Run: `cargo xtask bench gateway` (= `cargo bench --bench gateway`). Options: `--mib N` (bulk
+//! size, default 1024), `--tunnels N` (default 10000), `--samples N` (default 200).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use federation::identity::{CertificateAuthority, ExtraNames, PeerVerifier, Role, SpiffeId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TD: &str = "bench.strait";
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn issue(ca: &CertificateAuthority, id: &str, dir: &Path) {
+    let id: SpiffeId = id.parse().expect("bad id");
+    let names = ExtraNames {
+        dns: vec!["localhost".into()],
+        ips: vec!["127.0.0.1".parse().expect("ip")],
+    };
+    ca.issue_with_names(&id, Duration::from_secs(3600), &names)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .write(dir)
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no port")
+}
+
+struct Gw {
+    proc: Proc,
+    peers: SocketAddr,
+    ingress: SocketAddr,
+}
+
+fn gateway(dir: &Path, cluster: &str, peer: &str, peer_addr: SocketAddr, services: &str) -> Gw {
+    let peers = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let ingress = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let disc = dir.join(format!("{cluster}.yaml"));
+    std::fs::write(
+        &disc,
+        format!("cluster: {cluster}\nregion: r\nservices: {services}\n"),
+    )
+    .expect("write");
+    let cfg = dir.join(format!("{cluster}-gw.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "cluster: {cluster}\nlisten: {{peers: \"{peers}\", ingress: \"{ingress}\", admin: \"{admin}\"}}\n\
+             tls: {{cert: {cluster}-gw/cert.pem, key: {cluster}-gw/key.pem, ca: ca/ca.pem}}\n\
+             discovery: {{file: {cluster}.yaml}}\npeers: [{{cluster: {peer}, address: \"{peer_addr}\"}}]\n"
+        ),
+    )
+    .expect("write");
+    let child = Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args(["--log", "warn", "gateway", "--config"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn gateway");
+    Gw {
+        proc: Proc(child),
+        peers,
+        ingress,
+    }
+}
+
+fn tls_client(dir: &Path, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    let certs = federation::identity::load_certs(dir.join("cert.pem")).expect("certs");
+    let key = federation::identity::load_private_key(dir.join("key.pem")).expect("key");
+    let v = Arc::new(
+        PeerVerifier::from_ca_file(
+            dir.join("ca.pem"),
+            Role::Gateway,
+            federation::identity::allow_any(),
+        )
+        .expect("verifier"),
+    );
+    let mut c = federation::identity::client_config(certs, key, v).expect("client config");
+    c.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(c)
+}
+
+async fn sink_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => {
+                            // A one-byte probe is echoed (time to first byte); bulk is counted.
+                            if n == 0 && k == 1 {
+                                let _ = s.write_all(&buf[..1]).await;
+                                continue;
+                            }
+                            n += k as u64;
+                        }
+                    }
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn h1_connect(
+    ingress: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    authority: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(ingress).await.expect("connect ingress");
+    tcp.set_nodelay(true).expect("nodelay");
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").expect("name"),
+            tcp,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("ingress TLS: {e}"));
+    s.write_all(
+        format!(
+            "CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\nstrait-cluster: west\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.expect("read head");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+async fn bulk<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    bytes: u64,
+) -> f64 {
+    let block = vec![0x5au8; 256 * 1024];
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        s.write_all(&block).await.expect("bulk write");
+        sent += block.len() as u64;
+    }
+    s.shutdown().await.expect("shutdown");
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n).await.expect("bulk reply");
+    assert_eq!(u64::from_be_bytes(n), sent, "bytes lost");
+    sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
+
+async fn raw_quinn(dir: &Path, bytes: u64) -> f64 {
+    let certs = federation::identity::load_certs(dir.join("west-gw/cert.pem")).expect("certs");
+    let key = federation::identity::load_private_key(dir.join("west-gw/key.pem")).expect("key");
+    let v = Arc::new(
+        PeerVerifier::from_ca_file(
+            dir.join("ca/ca.pem"),
+            Role::Gateway,
+            federation::identity::allow_any(),
+        )
+        .expect("v"),
+    );
+    let mut sc =
+        federation::identity::server_config(certs.clone(), key.clone_key(), v.clone()).expect("sc");
+    sc.alpn_protocols = vec![b"raw".to_vec()];
+    let mut cc = federation::identity::client_config(certs, key, v).expect("cc");
+    cc.alpn_protocols = vec![b"raw".to_vec()];
+    let tuning = gateway::config::TransportTuning::default();
+    let link = gateway::config::LinkConfig::default();
+    let transport = Arc::new(
+        gateway::tls::transport(&tuning, link.keep_alive, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(sc)).expect("qsc"),
+    ));
+    server.transport_config(transport.clone());
+    let ep_s = quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("a")).expect("server");
+    let addr = ep_s.local_addr().expect("addr");
+    tokio::spawn(async move {
+        if let Some(inc) = ep_s.accept().await
+            && let Ok(conn) = inc.await
+            && let Ok((mut send, mut recv)) = conn.accept_bi().await
+        {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut n = 0u64;
+            while let Ok(Some(k)) = recv.read(&mut buf).await {
+                n += k as u64;
+            }
+            let _ = send.write_all(&n.to_be_bytes()).await;
+            let _ = send.finish();
+            conn.closed().await;
+        }
+    });
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cc)).expect("qcc"),
+    ));
+    client.transport_config(transport);
+    let mut ep_c = quinn::Endpoint::client("127.0.0.1:0".parse().expect("a")).expect("client");
+    ep_c.set_default_client_config(client);
+    let conn = ep_c
+        .connect(addr, "west")
+        .expect("connect")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let block = vec![0x5au8; 256 * 1024];
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        send.write_all(&block).await.expect("write");
+        sent += block.len() as u64;
+    }
+    send.finish().expect("finish");
+    let mut n = [0u8; 8];
+    recv.read_exact(&mut n).await.expect("reply");
+    assert_eq!(u64::from_be_bytes(n), sent);
+    let r = sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+    conn.close(0u32.into(), b"done");
+    r
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mib = arg("--mib", 1024) as u64;
+    let tunnels = arg("--tunnels", 10_000);
+    let samples = arg("--samples", 200);
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = std::env::temp_dir().join(format!("strait-bench-gw-{}", std::process::id()));
+    let dir: PathBuf = tmp.clone();
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let ca = CertificateAuthority::init(TD, Duration::from_secs(86400))
+        .unwrap_or_else(|e| panic!("{e}"));
+    ca.write(dir.join("ca"), true)
+        .unwrap_or_else(|e| panic!("{e}"));
+    issue(
+        &ca,
+        &format!("spiffe://{TD}/cluster/east/gateway"),
+        &dir.join("east-gw"),
+    );
+    issue(
+        &ca,
+        &format!("spiffe://{TD}/cluster/west/gateway"),
+        &dir.join("west-gw"),
+    );
+    issue(
+        &ca,
+        &format!("spiffe://{TD}/cluster/east/ns/default/sa/bench"),
+        &dir.join("east-app"),
+    );
+
+    let sink = sink_server().await;
+    let services = format!(
+        "[{{name: sink, ports: [{{name: t, port: 9000, protocol: tcp}}], endpoints: [{{address: 127.0.0.1, port: {}, zone: z}}]}}]",
+        sink.port()
+    );
+    let west_peers = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // West first, then east pointing at it; west learns east's address from its config.
+    let east_peers_guess = SocketAddr::from(([127, 0, 0, 1], 9));
+    let west = gateway(&dir, "west", "east", east_peers_guess, &services);
+    let _ = west_peers;
+    let east = gateway(&dir, "east", "west", west.peers, "[]");
+    let tls_h1 = tls_client(&dir.join("east-app"), b"http/1.1");
+    // Wait until a tunnel opens (the link is up).
+    let t = Instant::now();
+    loop {
+        if let Ok(Ok(tcp)) =
+            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(east.ingress)).await
+        {
+            drop(tcp);
+            let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+                let tcp = TcpStream::connect(east.ingress).await.ok()?;
+                let mut s = tokio_rustls::TlsConnector::from(tls_h1.clone())
+                    .connect(rustls_pki_types::ServerName::try_from("localhost").ok()?, tcp)
+                    .await
+                    .ok()?;
+                s.write_all(b"CONNECT sink.default:9000 HTTP/1.1\r\nhost: x\r\nstrait-cluster: west\r\n\r\n").await.ok()?;
+                let mut b = [0u8; 12];
+                s.read_exact(&mut b).await.ok()?;
+                Some(b.starts_with(b"HTTP/1.1 200"))
+            })
+            .await;
+            if matches!(attempt, Ok(Some(true))) {
+                break;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "gateways did not link up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("gateway benchmarks (east and west as separate `strait gateway` processes)\n");
+
+    // 1. Bulk throughput.
+    let bytes = mib << 20;
+    let direct = bulk(TcpStream::connect(sink).await.expect("direct"), bytes).await;
+    let raw = raw_quinn(&dir, bytes).await;
+    let tunnel = bulk(
+        h1_connect(east.ingress, tls_h1.clone(), "sink.default:9000").await,
+        bytes,
+    )
+    .await;
+    println!("bulk, one connection, {mib} MiB:");
+    println!("  direct TCP          {direct:8.0} MiB/s");
+    println!("  raw quinn (1 stream) {raw:7.0} MiB/s");
+    println!(
+        "  strait tunnel       {tunnel:8.0} MiB/s   = {:.0}% of raw quinn, {:.0}% of direct TCP (goal ≥ 70% of raw quinn)",
+        100.0 * tunnel / raw,
+        100.0 * tunnel / direct
+    );
+
+    // 2. New connection time to first byte.
+    let tls_h2 = tls_client(&dir.join("east-app"), b"h2");
+    let tcp = TcpStream::connect(east.ingress).await.expect("h2 connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let s = tokio_rustls::TlsConnector::from(tls_h2)
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").expect("n"),
+            tcp,
+        )
+        .await
+        .expect("h2 tls");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut new_tunnel = Vec::new();
+    for _ in 0..samples {
+        let mut sender = sender.clone();
+        let t = Instant::now();
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri("sink.default:9000")
+            .header("strait-cluster", "west")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("req");
+        let resp = sender.send_request(req).await.expect("connect");
+        let up = hyper::upgrade::on(resp).await.expect("upgrade");
+        let mut io = hyper_util::rt::TokioIo::new(up);
+        io.write_all(b"x").await.expect("w");
+        let mut b = [0u8; 1];
+        io.read_exact(&mut b).await.expect("r");
+        new_tunnel.push(t.elapsed());
+    }
+    // Peer: a fresh mutual-TLS 1.3 handshake to a TLS echo server (same provider), then one byte.
+    let certs = federation::identity::load_certs(dir.join("west-gw/cert.pem")).expect("c");
+    let key = federation::identity::load_private_key(dir.join("west-gw/key.pem")).expect("k");
+    let v = Arc::new(
+        PeerVerifier::from_ca_file(
+            dir.join("ca/ca.pem"),
+            Role::Workload,
+            federation::identity::allow_any(),
+        )
+        .expect("v"),
+    );
+    let sc = Arc::new(federation::identity::server_config(certs, key, v).expect("sc"));
+    let tls_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let tls_addr = tls_l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = tls_l.accept().await {
+            let acc = tokio_rustls::TlsAcceptor::from(sc.clone());
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                if let Ok(mut s) = acc.accept(tcp).await {
+                    let mut b = [0u8; 1];
+                    if s.read_exact(&mut b).await.is_ok() {
+                        let _ = s.write_all(&b).await;
+                    }
+                }
+            });
+        }
+    });
+    let mut fresh = Vec::new();
+    for _ in 0..samples {
+        let t = Instant::now();
+        let tcp = TcpStream::connect(tls_addr).await.expect("tls connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        let mut s = tokio_rustls::TlsConnector::from(tls_h1.clone())
+            .connect(
+                rustls_pki_types::ServerName::try_from("localhost").expect("n"),
+                tcp,
+            )
+            .await
+            .expect("tls");
+        s.write_all(b"x").await.expect("w");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("r");
+        fresh.push(t.elapsed());
+    }
+    let (nt, fr) = (median(&mut new_tunnel), median(&mut fresh));
+    println!("\nnew connection, time to first echoed byte, median of {samples}:");
+    println!(
+        "  fresh mTLS 1.3 handshake   {:8.3} ms",
+        fr.as_secs_f64() * 1e3
+    );
+    println!(
+        "  new strait tunnel          {:8.3} ms   = {:.2}× (goal ≤ 0.5×)",
+        nt.as_secs_f64() * 1e3,
+        nt.as_secs_f64() / fr.as_secs_f64()
+    );
+
+    // 3. Memory per idle tunnel.
+    let (east_pid, west_pid) = (east.proc.0.id(), west.proc.0.id());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (e0, w0) = (rss_kib(east_pid), rss_kib(west_pid));
+    let per_conn = 100usize;
+    let mut held = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..tunnels.div_ceil(per_conn) {
+        let tcp = TcpStream::connect(east.ingress).await.expect("connect");
+        let s = tokio_rustls::TlsConnector::from(tls_client(&dir.join("east-app"), b"h2"))
+            .connect(
+                rustls_pki_types::ServerName::try_from("localhost").expect("n"),
+                tcp,
+            )
+            .await
+            .expect("tls");
+        let (sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_concurrent_reset_streams(0)
+                .handshake(hyper_util::rt::TokioIo::new(s))
+                .await
+                .expect("h2");
+        tokio::spawn(conn);
+        senders.push(sender);
+    }
+    for i in 0..tunnels {
+        let mut sender = senders[i / per_conn].clone();
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri("sink.default:9000")
+            .header("strait-cluster", "west")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("req");
+        let resp = sender
+            .send_request(req)
+            .await
+            .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+        assert_eq!(resp.status(), 200, "tunnel {i}");
+        held.push(hyper::upgrade::on(resp).await.expect("upgrade"));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (e1, w1) = (rss_kib(east_pid), rss_kib(west_pid));
+    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 * 1024.0 / tunnels as f64;
+    println!("\n{tunnels} idle tunnels, RSS growth per tunnel:");
+    println!(
+        "  east gateway (ingress + QUIC)  {:6.0} B  ({} → {} KiB)",
+        per(e0, e1),
+        e0,
+        e1
+    );
+    println!(
+        "  west gateway (QUIC + TCP)      {:6.0} B  ({} → {} KiB)   (goal ≤ 4 KiB each)",
+        per(w0, w1),
+        w0,
+        w1
+    );
+    drop(held);
+    drop(east);
+    drop(west);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
