@@ -38,6 +38,36 @@ pub struct GatewayConfig {
     pub transport: TransportTuning,
     #[serde(default)]
     pub tunnel: TunnelConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// How peer gateway DNS names are resolved (see `docs/gateway.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers (`IP:PORT`); empty: the system's (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    /// Per-query timeout.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Names are looked up again no sooner than this (also the retry delay after a failure).
+    #[serde(with = "humantime_serde_compat")]
+    pub min_refresh: Duration,
+    /// ... and no later than this, whatever the records' TTL.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_refresh: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(2),
+            min_refresh: Duration::from_secs(1),
+            max_refresh: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

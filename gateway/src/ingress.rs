@@ -14,6 +14,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::splice::{ReadHalf, WriteHalf};
 use tokio::net::TcpListener;
 
 use crate::Shared;
@@ -46,24 +48,28 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 Err(_) => return,
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%remote, error = %e, "ingress TLS handshake refused");
-                        shared.metrics.count(
-                            "strait_gateway_ingress_handshake_failures_total",
-                            reason_of(&e.to_string()),
-                        );
-                        return;
-                    }
-                    Err(_) => {
-                        shared
-                            .metrics
-                            .count("strait_gateway_ingress_handshake_failures_total", "timeout");
-                        return;
-                    }
-                };
+            let tls = match tokio::time::timeout(
+                Duration::from_secs(10),
+                acceptor.accept(crate::splice::Coalesce::new(tcp)),
+            )
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::warn!(%remote, error = %e, "ingress TLS handshake refused");
+                    shared.metrics.count(
+                        "strait_gateway_ingress_handshake_failures_total",
+                        reason_of(&e.to_string()),
+                    );
+                    return;
+                }
+                Err(_) => {
+                    shared
+                        .metrics
+                        .count("strait_gateway_ingress_handshake_failures_total", "timeout");
+                    return;
+                }
+            };
             let identity = tls
                 .get_ref()
                 .1
@@ -204,7 +210,15 @@ async fn handle(
                 Ok(up) => {
                     let (ur, uw) = tokio::io::split(TokioIo::new(up));
                     let (tr, tw) = tcp.into_split();
-                    crate::splice::splice(ur, uw, tr, tw, idle, &shared2.metrics).await;
+                    crate::splice::splice(
+                        ReadHalf(ur),
+                        WriteHalf(uw),
+                        ReadHalf(tr),
+                        WriteHalf(tw),
+                        idle,
+                        &shared2.metrics,
+                    )
+                    .await;
                 }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
@@ -228,7 +242,15 @@ async fn handle(
                 match on_upgrade.await {
                     Ok(up) => {
                         let (ur, uw) = tokio::io::split(TokioIo::new(up));
-                        crate::splice::splice(recv, send, ur, uw, idle, &shared2.metrics).await;
+                        crate::splice::splice(
+                            crate::splice::QuicRecv::new(recv),
+                            send,
+                            ReadHalf(ur),
+                            WriteHalf(uw),
+                            idle,
+                            &shared2.metrics,
+                        )
+                        .await;
                     }
                     Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
                 }

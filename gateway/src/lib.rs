@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dns;
 pub mod health;
 pub mod ingress;
 pub mod local;
@@ -87,6 +88,7 @@ pub struct Shared {
     pub shutdown: Shutdown,
     pub links_changed: Notify,
     pub ready: watch::Sender<bool>,
+    pub dns: Arc<dns::PeerResolver>,
 }
 
 impl Shared {
@@ -103,6 +105,12 @@ impl Shared {
         let peer = Arc::new(Peer::new(name.clone(), self.config.link_for(&name)));
         peers.insert(cluster.to_string(), peer.clone());
         tokio::spawn(peers::dial_loop(self.clone(), peer.clone()));
+        tokio::spawn(dns::track(
+            self.dns.clone(),
+            peer.clone(),
+            peer.targets.subscribe(),
+            self.shutdown.clone(),
+        ));
         Some(peer)
     }
 
@@ -291,19 +299,14 @@ impl Gateway {
             shutdown: Shutdown::new(),
             links_changed: Notify::new(),
             ready: watch::channel(false).0,
+            dns: Arc::new(dns::PeerResolver::new(&config.dns)),
             config: config.clone(),
         });
 
         // Static peers.
         for p in &config.peers {
             if let Some(peer) = shared.peer(p.cluster.as_str()) {
-                let addrs = resolve(&p.address).await;
-                peer.addresses.send_replace(addrs);
-                tasks.push(tokio::spawn(re_resolve(
-                    shared.clone(),
-                    peer,
-                    p.address.clone(),
-                )));
+                peer.targets.send_replace(vec![p.address.clone()]);
             }
         }
 
@@ -379,50 +382,6 @@ impl Gateway {
             .close(quinn::VarInt::from_u32(peers::CLOSE_SHUTDOWN), b"shutdown");
         let _ =
             tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
-    }
-}
-
-/// Resolve a gateway address (IP literal or DNS name).
-async fn resolve(addr: &federation::model::GatewayAddress) -> Vec<SocketAddr> {
-    if let Some(a) = addr.socket_addr() {
-        return vec![a];
-    }
-    match tokio::net::lookup_host((addr.host(), addr.port())).await {
-        Ok(it) => {
-            let mut v: Vec<SocketAddr> = it.collect();
-            v.sort();
-            v.dedup();
-            v
-        }
-        Err(e) => {
-            tracing::warn!(address = %addr, error = %e, "cannot resolve a peer gateway");
-            Vec::new()
-        }
-    }
-}
-
-/// Re-resolve DNS names every 30 s; a change is dialed on the next attempt.
-async fn re_resolve(shared: Arc<Shared>, peer: Arc<Peer>, addr: federation::model::GatewayAddress) {
-    if addr.socket_addr().is_some() {
-        return;
-    }
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-            _ = shared.shutdown.cancelled() => return,
-        }
-        let addrs = resolve(&addr).await;
-        if !addrs.is_empty() {
-            peer.addresses.send_if_modified(|cur| {
-                if *cur != addrs {
-                    tracing::info!(peer = %peer.cluster, ?addrs, "peer gateway address changed");
-                    *cur = addrs;
-                    true
-                } else {
-                    false
-                }
-            });
-        }
     }
 }
 
@@ -519,13 +478,9 @@ async fn follow_registry(
                     continue;
                 }
                 if let Some(peer) = shared.peer(id.as_str()) {
-                    let mut addrs = Vec::new();
-                    for g in &c.gateways {
-                        addrs.extend(resolve(g).await);
-                    }
-                    peer.addresses.send_if_modified(|cur| {
-                        if *cur != addrs {
-                            *cur = addrs;
+                    peer.targets.send_if_modified(|cur| {
+                        if *cur != c.gateways {
+                            cur.clone_from(&c.gateways);
                             true
                         } else {
                             false

@@ -47,6 +47,8 @@ pub struct Peer {
     pub current: Mutex<Option<PeerConn>>,
     pub tracker: Mutex<LinkTracker>,
     pub addresses: watch::Sender<Vec<SocketAddr>>,
+    /// What `addresses` is resolved from (static peer list or the cluster's registry record).
+    pub targets: watch::Sender<Vec<federation::model::GatewayAddress>>,
     pub view: watch::Sender<LinkView>,
     /// Wakes the dialer (connection lost, addresses changed).
     pub wake: tokio::sync::Notify,
@@ -61,6 +63,7 @@ impl Peer {
             link,
             current: Mutex::new(None),
             addresses: watch::channel(Vec::new()).0,
+            targets: watch::channel(Vec::new()).0,
             view: watch::channel(LinkView {
                 state: LinkHealth::Down,
                 rtt_ms: 0.0,
@@ -516,10 +519,10 @@ async fn handle_inbound(
     }
     let (tr, tw) = tcp.into_split();
     crate::splice::splice(
-        recv,
+        crate::splice::QuicRecv::new(recv),
         send,
-        tr,
-        tw,
+        crate::splice::ReadHalf(tr),
+        crate::splice::WriteHalf(tw),
         shared.config.tunnel.idle_timeout,
         &shared.metrics,
     )

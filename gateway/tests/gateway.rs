@@ -148,6 +148,19 @@ fn config(
     peers: &[(&str, SocketAddr)],
     extra: &str,
 ) -> GatewayConfig {
+    let peers: Vec<(&str, String)> = peers.iter().map(|(c, a)| (*c, a.to_string())).collect();
+    config_named(pki, cluster, gw_dir, discovery, &peers, extra)
+}
+
+/// Like [`config`], with peer addresses as written (DNS names allowed).
+fn config_named(
+    pki: &Pki,
+    cluster: &str,
+    gw_dir: &Path,
+    discovery: &Path,
+    peers: &[(&str, String)],
+    extra: &str,
+) -> GatewayConfig {
     let mut yaml = format!(
         "cluster: {cluster}\nlisten: {{peers: \"127.0.0.1:0\", ingress: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n\
          tls: {{cert: {}, key: {}, ca: {}, reload_interval: 100ms}}\ndiscovery: {{file: {}}}\npeers:\n",
@@ -178,6 +191,16 @@ struct Pair {
 }
 
 async fn pair(west_services: &[(&str, u16, SocketAddr)], with_relay: bool, extra: &str) -> Pair {
+    pair_full(west_services, with_relay, &[], extra).await
+}
+
+/// [`pair`] where east also has `more_peers` (addresses as written).
+async fn pair_full(
+    west_services: &[(&str, u16, SocketAddr)],
+    with_relay: bool,
+    more_peers: &[(&str, String)],
+    extra: &str,
+) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let east_gw = pki.gateway("east");
@@ -205,12 +228,14 @@ async fn pair(west_services: &[(&str, u16, SocketAddr)], with_relay: bool, extra
     } else {
         (None, west.peer_addr)
     };
-    let east = Gateway::start(config(
+    let mut east_peers = vec![("west", target.to_string())];
+    east_peers.extend(more_peers.iter().cloned());
+    let east = Gateway::start(config_named(
         &pki,
         "east",
         &east_gw,
         &east_disc,
-        &[("west", target)],
+        &east_peers,
         extra,
     ))
     .await
@@ -936,4 +961,176 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
     out.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or(out)
+}
+
+/// A DNS server on loopback UDP that answers A queries for one name with an address that the test
+/// can change (TTL 1 s), and counts the queries.
+struct FakeDns {
+    addr: SocketAddr,
+    answer: Arc<std::sync::Mutex<std::net::Ipv4Addr>>,
+    queries: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn fake_dns(name: &'static str, ip: std::net::Ipv4Addr) -> FakeDns {
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record, RecordType};
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let answer = Arc::new(std::sync::Mutex::new(ip));
+    let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (a, q) = (answer.clone(), queries.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut resp = Message::response(query.metadata.id, query.metadata.op_code);
+            for qu in &query.queries {
+                resp.add_query(qu.clone());
+                if qu.query_type() == RecordType::A
+                    && qu.name().to_ascii().trim_end_matches('.') == name
+                {
+                    q.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let ip = *a.lock().unwrap();
+                    resp.add_answer(Record::from_rdata(qu.name().clone(), 1, RData::A(A(ip))));
+                }
+            }
+            if let Ok(bytes) = resp.to_vec() {
+                let _ = sock.send_to(&bytes, from).await;
+            }
+        }
+    });
+    FakeDns {
+        addr,
+        answer,
+        queries,
+    }
+}
+
+async fn get_through(
+    ingress: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    authority: &str,
+) -> String {
+    let (status, head, s) = connect_h1(ingress, tls, authority, Some("west")).await;
+    let Some(mut s) = s else {
+        return format!("CONNECT failed: {status} {head}");
+    };
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_behind_a_dns_name_is_followed_when_it_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let east_gw = pki.gateway("east");
+    let west_gw = pki.gateway("west");
+    let east_app = pki.workload("east", "app");
+    let old_site = http_server("the old west").await;
+    let new_site = http_server("the new west").await;
+    let dns = fake_dns("west.strait.test", "127.0.0.1".parse().unwrap()).await;
+    let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
+
+    let west_a = Gateway::start(config(
+        &pki,
+        "west",
+        &west_gw,
+        &discovery(dir.path(), "west", &[("web", 8080, old_site)]),
+        &[("east", placeholder)],
+        "",
+    ))
+    .await
+    .unwrap();
+    let port = west_a.peer_addr.port();
+    let east = Gateway::start(config_named(
+        &pki,
+        "east",
+        &east_gw,
+        &discovery(dir.path(), "east", &[]),
+        &[("west", format!("west.strait.test:{port}"))],
+        &format!(
+            "dns: {{nameservers: [\"{}\"], min_refresh: 200ms, max_refresh: 2s}}\n",
+            dns.addr
+        ),
+    ))
+    .await
+    .unwrap();
+    wait_link(&east, "west", "up", WAIT).await;
+    assert!(dns.queries.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let tls = client_tls(&east_app, &pki.ca_file());
+    let got = get_through(east.ingress_addr, tls.clone(), "web.default:8080").await;
+    assert!(got.contains("hello from the old west"), "{got}");
+
+    // West moves to another address (same port, 127.0.0.2) and DNS follows it.
+    west_a.shutdown().await;
+    std::fs::create_dir_all(dir.path().join("moved")).unwrap();
+    let mut moved = config(
+        &pki,
+        "west",
+        &west_gw,
+        &discovery(
+            &dir.path().join("moved"),
+            "west",
+            &[("web", 8080, new_site)],
+        ),
+        &[("east", placeholder)],
+        "",
+    );
+    moved.listen.peers = SocketAddr::from(([127, 0, 0, 2], port));
+    let west_b = Gateway::start(moved).await.unwrap();
+    *dns.answer.lock().unwrap() = "127.0.0.2".parse().unwrap();
+    let before = dns.queries.load(std::sync::atomic::Ordering::SeqCst);
+    let t = Instant::now();
+    loop {
+        let got = get_through(east.ingress_addr, tls.clone(), "web.default:8080").await;
+        if got.contains("hello from the new west") {
+            break;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "east never followed west to its new address: {got}; links {:?}",
+            east.links()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        dns.queries.load(std::sync::atomic::Ordering::SeqCst) > before,
+        "the name was not looked up again"
+    );
+    east.shutdown().await;
+    west_b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresolvable_peer_name_is_reported_and_harms_nothing_else() {
+    let http = http_server("west").await;
+    let dns = fake_dns("other.strait.test", "127.0.0.1".parse().unwrap()).await;
+    // A third peer whose name does not resolve; west and east still link and serve.
+    let extra = format!(
+        "dns: {{nameservers: [\"{}\"], min_refresh: 200ms}}\n",
+        dns.addr
+    );
+    let p = pair_full(
+        &[("web", 8080, http)],
+        false,
+        &[("north", "north.strait.test:4433".to_string())],
+        &extra,
+    )
+    .await;
+    let tls = client_tls(&p.east_app, &p.pki.ca_file());
+    let got = get_through(p.east.ingress_addr, tls.clone(), "web.default:8080").await;
+    assert!(got.contains("hello from west"), "{got}");
+    let l = link(&p.east, "north").expect("north is a known peer");
+    assert_eq!(l.state, "down");
+    assert!(!l.connected);
 }

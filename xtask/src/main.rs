@@ -4,6 +4,7 @@
 //! - `cargo xtask test`  — install what is missing, check formatting and lints, run every test.
 //! - `cargo xtask setup` — only install what is missing.
 //! - `cargo xtask bench registry` — the registry scale benchmark (writes its figures to stdout).
+//! - `cargo xtask bench gateway` — the gateway benchmark against direct TCP, raw quinn and TLS.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -25,11 +26,11 @@ fn main() -> ExitCode {
         Some("bench") => setup().and_then(|()| bench(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|demo|bench registry>\n\
+                "usage: cargo xtask <setup|test|demo|bench registry|bench gateway>\n\
                  \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl)\
                  \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
                  \n  demo    setup, then build and run `strait demo`\
-                 \n  bench   setup, then run a benchmark (`registry`)"
+                 \n  bench   setup, then run a benchmark (`registry`, `gateway`)"
             );
             return ExitCode::from(2);
         }
@@ -211,6 +212,16 @@ fn bench(args: &[String]) -> Result<(), String> {
                 ])
                 .args(&args[1..]))
         }
-        other => Err(format!("unknown benchmark {other:?}; available: registry")),
+        Some("gateway") => {
+            say(
+                "running the gateway benchmark (release build, real QUIC, two `strait gateway` processes)",
+            );
+            run(cargo()
+                .args(["bench", "--bench", "gateway", "--"])
+                .args(&args[1..]))
+        }
+        other => Err(format!(
+            "unknown benchmark {other:?}; available: registry, gateway"
+        )),
     }
 }
