@@ -199,7 +199,9 @@ async fn pump<S: Source, K: Sink>(
             return Ok(total);
         }
         let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-        to.put(&mut chunks).await?;
+        // Boxed: a write's state exists only while it runs, so an idle tunnel's task stays
+        // small (the read it waits in is all it holds).
+        Box::pin(to.put(&mut chunks)).await?;
         total += n;
         counter.fetch_add(n, Relaxed);
         activity.store(start.elapsed().as_millis() as u64, Relaxed);

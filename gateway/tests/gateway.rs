@@ -191,7 +191,7 @@ struct Pair {
 }
 
 async fn pair(west_services: &[(&str, u16, SocketAddr)], with_relay: bool, extra: &str) -> Pair {
-    pair_full(west_services, with_relay, &[], extra).await
+    pair_full(west_services, with_relay, &[], &[], extra).await
 }
 
 /// [`pair`] where east also has `more_peers` (addresses as written).
@@ -199,6 +199,7 @@ async fn pair_full(
     west_services: &[(&str, u16, SocketAddr)],
     with_relay: bool,
     more_peers: &[(&str, String)],
+    west_more_peers: &[(&str, String)],
     extra: &str,
 ) -> Pair {
     let dir = tempfile::tempdir().unwrap();
@@ -211,12 +212,14 @@ async fn pair_full(
     // West first (it only accepts: its peer entry for east has an address nobody listens on
     // until east exists; east dials west).
     let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let west = Gateway::start(config(
+    let mut west_peers = vec![("east", placeholder.to_string())];
+    west_peers.extend(west_more_peers.iter().cloned());
+    let west = Gateway::start(config_named(
         &pki,
         "west",
         &west_gw,
         &west_disc,
-        &[("east", placeholder)],
+        &west_peers,
         extra,
     ))
     .await
@@ -1124,6 +1127,7 @@ async fn an_unresolvable_peer_name_is_reported_and_harms_nothing_else() {
         &[("web", 8080, http)],
         false,
         &[("north", "north.strait.test:4433".to_string())],
+        &[],
         &extra,
     )
     .await;
@@ -1133,4 +1137,51 @@ async fn an_unresolvable_peer_name_is_reported_and_harms_nothing_else() {
     let l = link(&p.east, "north").expect("north is a known peer");
     assert_eq!(l.state, "down");
     assert!(!l.connected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_right_behind_the_header_are_delivered() {
+    use gateway::protocol::{
+        StatusCode, TunnelHeader, TunnelStatus, VERSION, read_frame, write_frame,
+    };
+    let echo = echo_server(false).await;
+    // West also knows "north": this test, as a member gateway.
+    let p = pair_full(
+        &[("echo", 9000, echo)],
+        false,
+        &[],
+        &[("north", "127.0.0.1:9".to_string())],
+        "",
+    )
+    .await;
+    let north = p.pki.gateway("north");
+    let conn = raw_quic(&north, &p.pki.ca_file(), p.west.peer_addr)
+        .await
+        .expect("north is a member of west's federation");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let header = TunnelHeader {
+        version: VERSION,
+        service: "echo".into(),
+        namespace: "default".into(),
+        port: 9000,
+        source_cluster: "north".into(),
+        source_identity: format!("spiffe://{TD}/cluster/north/ns/default/sa/app"),
+        request_id: "early-1".into(),
+    };
+    // Header and data in one flight, before any status: west must hold the data until it has
+    // connected to the endpoint, then deliver it.
+    write_frame(&mut send, &header).await.unwrap();
+    send.write_all(b"early bytes").await.unwrap();
+    let status: TunnelStatus = tokio::time::timeout(WAIT, read_frame(&mut recv))
+        .await
+        .expect("status in time")
+        .unwrap();
+    assert_eq!(status.code, StatusCode::Ok as i32, "{status:?}");
+    let mut back = [0u8; 11];
+    tokio::time::timeout(WAIT, recv.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&back, b"early bytes");
+    conn.close(0u32.into(), b"done");
 }
