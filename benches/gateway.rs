@@ -555,7 +555,76 @@ async fn main() {
     }
     println!("gateway benchmarks (east and west as separate `strait gateway` processes)\n");
 
-    // 1. Bulk throughput.
+    // 1. Memory per idle tunnel (first, while the gateways' heaps hold nothing freed by other
+    //    phases that new tunnels could reuse unseen).
+    let (east_pid, west_pid) = (east.proc.0.id(), west.proc.0.id());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let e_base = rss_kib(east_pid);
+    let per_conn = 100usize;
+    let conns = tunnels.div_ceil(per_conn);
+    let mut held = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..conns {
+        let tcp = TcpStream::connect(east.ingress).await.expect("connect");
+        let s = tokio_rustls::TlsConnector::from(tls_client(&dir.join("east-app"), b"h2"))
+            .connect(
+                rustls_pki_types::ServerName::try_from("localhost").expect("n"),
+                tcp,
+            )
+            .await
+            .expect("tls");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_concurrent_reset_streams(0)
+                .handshake(hyper_util::rt::TokioIo::new(s))
+                .await
+                .expect("h2");
+        tokio::spawn(conn);
+        sender.ready().await.expect("h2 ready");
+        senders.push(sender);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (e0, w0) = (rss_kib(east_pid), rss_kib(west_pid));
+    for i in 0..tunnels {
+        let mut sender = senders[i / per_conn].clone();
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri("sink.default:9000")
+            .header("strait-cluster", "west")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("req");
+        let resp = sender
+            .send_request(req)
+            .await
+            .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+        assert_eq!(resp.status(), 200, "tunnel {i}");
+        held.push(hyper::upgrade::on(resp).await.expect("upgrade"));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (e1, w1) = (rss_kib(east_pid), rss_kib(west_pid));
+    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 * 1024.0 / tunnels as f64;
+    println!(
+        "{conns} idle HTTP/2 + mTLS ingress connections at east: {:.1} KiB each",
+        (e0.saturating_sub(e_base)) as f64 / conns.max(1) as f64
+    );
+    println!("{tunnels} idle tunnels on them, RSS growth per tunnel:");
+    println!(
+        "  east gateway (HTTP/2 stream + QUIC stream)  {:6.0} B  ({} → {} KiB)",
+        per(e0, e1),
+        e0,
+        e1
+    );
+    println!(
+        "  west gateway (QUIC stream + TCP)            {:6.0} B  ({} → {} KiB)   (goal ≤ 4 KiB each)",
+        per(w0, w1),
+        w0,
+        w1
+    );
+    drop(held);
+    drop(senders);
+    println!();
+
+    // 2. Bulk throughput.
     let bytes = mib << 20;
     let (east_pid, west_pid) = (east.proc.0.id().to_string(), west.proc.0.id().to_string());
     let direct = bulk(TcpStream::connect(sink).await.expect("direct"), bytes).await;
@@ -603,7 +672,7 @@ async fn main() {
         ends_cpu / gib
     );
 
-    // 2. New connection time to first byte.
+    // 3. New connection time to first byte.
     //
     // The claim: a new tunnel needs no handshake, it is a stream on the link's existing QUIC
     // connection. Measured as a member gateway ("bench", in this process) opening tunnels to
@@ -757,71 +826,6 @@ async fn main() {
         vs(median(&mut via_ingress))
     );
 
-    // 3. Memory per idle tunnel.
-    let (east_pid, west_pid) = (east.proc.0.id(), west.proc.0.id());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let e_base = rss_kib(east_pid);
-    let per_conn = 100usize;
-    let conns = tunnels.div_ceil(per_conn);
-    let mut held = Vec::new();
-    let mut senders = Vec::new();
-    for _ in 0..conns {
-        let tcp = TcpStream::connect(east.ingress).await.expect("connect");
-        let s = tokio_rustls::TlsConnector::from(tls_client(&dir.join("east-app"), b"h2"))
-            .connect(
-                rustls_pki_types::ServerName::try_from("localhost").expect("n"),
-                tcp,
-            )
-            .await
-            .expect("tls");
-        let (mut sender, conn) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .max_concurrent_reset_streams(0)
-                .handshake(hyper_util::rt::TokioIo::new(s))
-                .await
-                .expect("h2");
-        tokio::spawn(conn);
-        sender.ready().await.expect("h2 ready");
-        senders.push(sender);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (e0, w0) = (rss_kib(east_pid), rss_kib(west_pid));
-    for i in 0..tunnels {
-        let mut sender = senders[i / per_conn].clone();
-        let req = http::Request::builder()
-            .method("CONNECT")
-            .uri("sink.default:9000")
-            .header("strait-cluster", "west")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .expect("req");
-        let resp = sender
-            .send_request(req)
-            .await
-            .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
-        assert_eq!(resp.status(), 200, "tunnel {i}");
-        held.push(hyper::upgrade::on(resp).await.expect("upgrade"));
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (e1, w1) = (rss_kib(east_pid), rss_kib(west_pid));
-    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 * 1024.0 / tunnels as f64;
-    println!(
-        "\n{conns} idle HTTP/2 + mTLS ingress connections at east: {:.1} KiB each",
-        (e0.saturating_sub(e_base)) as f64 / conns.max(1) as f64
-    );
-    println!("{tunnels} idle tunnels on them, RSS growth per tunnel:");
-    println!(
-        "  east gateway (HTTP/2 stream + QUIC stream)  {:6.0} B  ({} → {} KiB)",
-        per(e0, e1),
-        e0,
-        e1
-    );
-    println!(
-        "  west gateway (QUIC stream + TCP)            {:6.0} B  ({} → {} KiB)   (goal ≤ 4 KiB each)",
-        per(w0, w1),
-        w0,
-        w1
-    );
-    drop(held);
     drop(east);
     drop(west);
     let _ = std::fs::remove_dir_all(&tmp);

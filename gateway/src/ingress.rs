@@ -15,7 +15,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::splice::{ReadHalf, WriteHalf};
 use tokio::net::TcpListener;
 
 use crate::Shared;
@@ -208,17 +207,7 @@ async fn handle(
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(up) => {
-                    let (ur, uw) = tokio::io::split(TokioIo::new(up));
-                    let (tr, tw) = tcp.into_split();
-                    crate::splice::splice(
-                        ReadHalf(ur),
-                        WriteHalf(uw),
-                        ReadHalf(tr),
-                        WriteHalf(tw),
-                        idle,
-                        &shared2.metrics,
-                    )
-                    .await;
+                    crate::splice::splice(tcp, TokioIo::new(up), idle, &shared2.metrics).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
@@ -241,12 +230,9 @@ async fn handle(
             tokio::spawn(async move {
                 match on_upgrade.await {
                     Ok(up) => {
-                        let (ur, uw) = tokio::io::split(TokioIo::new(up));
                         crate::splice::splice(
-                            crate::splice::QuicRecv::new(recv),
-                            send,
-                            ReadHalf(ur),
-                            WriteHalf(uw),
+                            crate::splice::QuicStream { send, recv },
+                            TokioIo::new(up),
                             idle,
                             &shared2.metrics,
                         )

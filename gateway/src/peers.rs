@@ -517,12 +517,9 @@ async fn handle_inbound(
     {
         return;
     }
-    let (tr, tw) = tcp.into_split();
     crate::splice::splice(
-        crate::splice::QuicRecv::new(recv),
-        send,
-        crate::splice::ReadHalf(tr),
-        crate::splice::WriteHalf(tw),
+        crate::splice::QuicStream { send, recv },
+        tcp,
         shared.config.tunnel.idle_timeout,
         &shared.metrics,
     )

@@ -4,252 +4,294 @@
 //!
 //! # Memory
 //!
-//! An idle tunnel holds no copy buffer. QUIC streams hand out and take whole [`Bytes`] chunks
-//! (`read_chunk`/`write_chunk`: no copy on the QUIC side at all). A byte stream (TCP, TLS, an
-//! upgraded HTTP connection) is read through a buffer on the polling task's stack: when data is
-//! ready it is copied once into a chunk of exactly the size read; while the stream has nothing to
-//! give, nothing but the stream itself is kept. This is what keeps 10,000 idle tunnels small
-//! (`docs/benchmarks.md`).
+//! A tunnel is one hand-written future (no per-direction tasks, no async state machines, no
+//! split locks): the two streams, two small direction states and an idle timer. Reads go into a
+//! buffer on the polling thread's stack and are written straight from there; only when the
+//! writer pushes back is the unwritten rest copied to the heap, until it is written. So an idle
+//! tunnel holds no copy buffer at all, which is what keeps 10,000 idle tunnels small
+//! (`docs/benchmarks.md`). A read takes whatever is ready up to 64 KiB (a QUIC stream hands over
+//! many frames at once), so a bulk transfer makes few large writes.
 
-use std::future::poll_fn;
-use std::io::{self, IoSlice};
+use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures::FutureExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::metrics::Metrics;
 
-/// The most one read of a byte stream takes (the stack buffer's size).
+/// The most one read takes (the stack buffer's size).
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Most bytes gathered for one write (several QUIC frames become one system call).
-const GATHER: usize = 64 * 1024;
+/// Reads (and writes) one direction may do in one poll before it yields to other tasks.
+const BUDGET: u32 = 16;
 
-/// Where a pump takes its bytes from.
-pub trait Source {
-    /// Append the next chunks to `out` (at least one), or return `false` at the end of the
-    /// stream.
-    fn next_chunks(
+/// A QUIC bidirectional stream as one duplex byte stream.
+pub struct QuicStream {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+impl AsyncRead for QuicStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        AsyncRead::poll_read(Pin::new(&mut self.get_mut().recv), cx, buf)
+    }
+}
+
+impl AsyncWrite for QuicStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.get_mut().send), cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.get_mut().send), cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.get_mut().send), cx)
+    }
+}
+
+/// What a tunnel's end does when the tunnel fails or idles out, so that the far side sees an
+/// error rather than a clean end of stream (dropping a QUIC send stream would finish it
+/// gracefully, and a truncated transfer would pass for a complete one).
+pub trait Abort {
+    fn abort(&mut self) {}
+}
+
+/// Error code of a QUIC stream reset by a failed or idle tunnel.
+pub const RESET_TUNNEL_FAILED: u32 = 0x5354;
+
+impl Abort for QuicStream {
+    fn abort(&mut self) {
+        let code = quinn::VarInt::from_u32(RESET_TUNNEL_FAILED);
+        let _ = self.send.reset(code);
+        let _ = self.recv.stop(code);
+    }
+}
+
+impl Abort for tokio::net::TcpStream {
+    fn abort(&mut self) {
+        // Close with a reset, not a FIN.
+        let _ = socket2::SockRef::from(&*self).set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// An HTTP CONNECT stream from the ingress: dropping an HTTP/2 stream before its end resets it;
+/// an HTTP/1.1 one closes its connection.
+impl<T> Abort for hyper_util::rt::TokioIo<T> {}
+
+/// One direction of a splice: what is left to write, and whether it has ended.
+#[derive(Default)]
+struct Half {
+    /// Bytes read but not yet written (only while the writer pushes back).
+    pending: Option<Bytes>,
+    state: HalfState,
+}
+
+#[derive(Default, PartialEq)]
+enum HalfState {
+    #[default]
+    Copying,
+    ShuttingDown,
+    Done,
+}
+
+impl Half {
+    /// Copy from `r` to `w` until `r` ends (then shut `w` down), an error, or nothing more can
+    /// move now. `moved` is set when bytes moved.
+    fn poll_copy<R, W>(
         &mut self,
-        out: &mut Vec<Bytes>,
-    ) -> impl Future<Output = io::Result<bool>> + Send;
-}
-
-/// Where a pump puts its bytes.
-pub trait Sink {
-    /// Write all of `chunks`, in order, and empty it.
-    fn put(&mut self, chunks: &mut Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send;
-    /// The source ended: close this direction only.
-    fn close(&mut self) -> impl Future<Output = io::Result<()>> + Send;
-}
-
-/// A QUIC receive stream as a [`Source`].
-pub struct QuicRecv {
-    stream: quinn::RecvStream,
-    /// An error met while gathering after data was already taken: reported on the next call
-    /// (quinn reports a reset only once).
-    deferred: Option<quinn::ReadError>,
-}
-
-impl QuicRecv {
-    pub fn new(stream: quinn::RecvStream) -> Self {
-        Self {
-            stream,
-            deferred: None,
-        }
-    }
-}
-
-impl Source for QuicRecv {
-    async fn next_chunks(&mut self, out: &mut Vec<Bytes>) -> io::Result<bool> {
-        if let Some(e) = self.deferred.take() {
-            return Err(io::Error::other(e));
-        }
-        let first = match self.stream.read_chunk(usize::MAX, true).await {
-            Ok(Some(c)) => c.bytes,
-            Ok(None) => return Ok(false),
-            Err(e) => return Err(io::Error::other(e)),
-        };
-        // One QUIC frame is about a packet: take whatever else is already here as well, so the
-        // writer makes one system call for many frames.
-        let mut total = first.len();
-        out.push(first);
-        while total < GATHER {
-            match self.stream.read_chunk(usize::MAX, true).now_or_never() {
-                Some(Ok(Some(c))) => {
-                    total += c.bytes.len();
-                    out.push(c.bytes);
-                }
-                Some(Err(e)) => {
-                    self.deferred = Some(e);
-                    break;
-                }
-                // Nothing more right now, or the end (seen again on the next call).
-                Some(Ok(None)) | None => break,
-            }
-        }
-        Ok(true)
-    }
-}
-
-impl Sink for quinn::SendStream {
-    async fn put(&mut self, chunks: &mut Vec<Bytes>) -> io::Result<()> {
-        for c in chunks.drain(..) {
-            self.write_chunk(c).await.map_err(io::Error::other)?;
-        }
-        Ok(())
-    }
-    async fn close(&mut self) -> io::Result<()> {
-        self.finish().map_err(io::Error::other)
-    }
-}
-
-/// A byte-stream reader as a [`Source`].
-pub struct ReadHalf<R>(pub R);
-
-impl<R: AsyncRead + Unpin + Send> Source for ReadHalf<R> {
-    async fn next_chunks(&mut self, out: &mut Vec<Bytes>) -> io::Result<bool> {
-        poll_fn(|cx| {
-            // The buffer lives only for this poll: nothing is kept while the stream is idle.
-            let mut stack = [0u8; READ_CHUNK];
-            let mut rb = ReadBuf::new(&mut stack);
-            match Pin::new(&mut self.0).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Ok(false)),
-                Poll::Ready(Ok(())) => {
-                    out.push(Bytes::copy_from_slice(rb.filled()));
-                    Poll::Ready(Ok(true))
-                }
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
-    }
-}
-
-/// A byte-stream writer as a [`Sink`].
-pub struct WriteHalf<W>(pub W);
-
-impl<W: AsyncWrite + Unpin + Send> Sink for WriteHalf<W> {
-    async fn put(&mut self, chunks: &mut Vec<Bytes>) -> io::Result<()> {
-        match chunks.len() {
-            0 => {}
-            1 => self.0.write_all(&chunks[0]).await?,
-            _ if self.0.is_write_vectored() => {
-                // Gathered write, resuming after partial writes.
-                let (mut idx, mut off) = (0usize, 0usize);
-                while idx < chunks.len() {
-                    let slices: Vec<IoSlice<'_>> = std::iter::once(&chunks[idx][off..])
-                        .chain(chunks[idx + 1..].iter().map(|c| &c[..]))
-                        .map(IoSlice::new)
-                        .collect();
-                    let mut n = self.0.write_vectored(&slices).await?;
-                    if n == 0 {
-                        return Err(io::ErrorKind::WriteZero.into());
-                    }
-                    while n > 0 && idx < chunks.len() {
-                        let left = chunks[idx].len() - off;
-                        if n >= left {
-                            n -= left;
-                            idx += 1;
-                            off = 0;
-                        } else {
-                            off += n;
-                            n = 0;
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        counter: &AtomicU64,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut budget = BUDGET;
+        loop {
+            match self.state {
+                HalfState::Done => return Poll::Ready(Ok(())),
+                HalfState::ShuttingDown => {
+                    return match Pin::new(&mut *w).poll_shutdown(cx) {
+                        Poll::Ready(Ok(())) => {
+                            self.state = HalfState::Done;
+                            Poll::Ready(Ok(()))
                         }
+                        other => other,
+                    };
+                }
+                HalfState::Copying => {}
+            }
+            if budget == 0 {
+                // Fair to the other tasks on this thread: come back at once.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            budget -= 1;
+            if let Some(buf) = &mut self.pending {
+                let n = match Pin::new(&mut *w).poll_write(cx, buf) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                };
+                buf.advance(n);
+                counter.fetch_add(n as u64, Relaxed);
+                *moved = true;
+                if buf.is_empty() {
+                    self.pending = None;
+                }
+                continue;
+            }
+            // The buffer lives only for this poll: nothing is kept while the stream is idle.
+            // Uninitialised: zeroing 64 KiB on every poll would cost more than the read.
+            let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut stack);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+            let data = rb.filled();
+            if data.is_empty() {
+                // Half-close: the other direction keeps flowing.
+                self.state = HalfState::ShuttingDown;
+                continue;
+            }
+            *moved = true;
+            match Pin::new(&mut *w).poll_write(cx, data) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    counter.fetch_add(n as u64, Relaxed);
+                    if n < data.len() {
+                        self.pending = Some(Bytes::copy_from_slice(&data[n..]));
                     }
                 }
-            }
-            _ => {
-                // A writer without gathered writes (TLS records, HTTP/2 frames): one copy into
-                // one buffer beats a record or frame per chunk.
-                let mut all = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
-                for c in chunks.iter() {
-                    all.extend_from_slice(c);
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Backpressure: keep what was read (the only time a tunnel holds a copy).
+                    self.pending = Some(Bytes::copy_from_slice(data));
+                    return Poll::Pending;
                 }
-                self.0.write_all(&all).await?;
             }
         }
-        chunks.clear();
-        Ok(())
-    }
-    async fn close(&mut self) -> io::Result<()> {
-        self.0.shutdown().await
     }
 }
 
-async fn pump<S: Source, K: Sink>(
-    mut from: S,
-    mut to: K,
-    activity: &AtomicU64,
-    start: Instant,
-    counter: &AtomicU64,
-) -> io::Result<u64> {
-    let mut total = 0u64;
-    loop {
-        let mut chunks = Vec::new();
-        if !from.next_chunks(&mut chunks).await? {
-            // Half-close: the other direction keeps flowing.
-            to.close().await?;
-            return Ok(total);
-        }
-        let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-        // Boxed: a write's state exists only while it runs, so an idle tunnel's task stays
-        // small (the read it waits in is all it holds).
-        Box::pin(to.put(&mut chunks)).await?;
-        total += n;
-        counter.fetch_add(n, Relaxed);
-        activity.store(start.elapsed().as_millis() as u64, Relaxed);
-    }
-}
-
-/// Splice a peer side (`peer_r`/`peer_w`) with a local side (`local_r`/`local_w`) until both
-/// directions have ended, either fails, or nothing moves for `idle`.
-pub async fn splice<PR, PW, LR, LW>(
-    peer_r: PR,
-    peer_w: PW,
-    local_r: LR,
-    local_w: LW,
+/// A tunnel: two duplex streams spliced both ways, as one small future.
+struct Splice<'a, P, L> {
+    peer: P,
+    local: L,
+    to_local: Half,
+    to_peer: Half,
     idle: Duration,
-    metrics: &Metrics,
-) where
-    PR: Source,
-    PW: Sink,
-    LR: Source,
-    LW: Sink,
+    last_activity: Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    metrics: &'a Metrics,
+}
+
+/// How a tunnel ended.
+#[derive(Debug)]
+enum Ended {
+    Done,
+    Idle,
+    Failed(io::Error),
+}
+
+impl<P, L> Future for Splice<'_, P, L>
+where
+    P: AsyncRead + AsyncWrite + Unpin,
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = Ended;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
+        let this = self.get_mut();
+        let mut moved = false;
+        let a = this.to_local.poll_copy(
+            cx,
+            &mut this.peer,
+            &mut this.local,
+            &this.metrics.bytes_from_peers,
+            &mut moved,
+        );
+        let b = this.to_peer.poll_copy(
+            cx,
+            &mut this.local,
+            &mut this.peer,
+            &this.metrics.bytes_to_peers,
+            &mut moved,
+        );
+        for r in [a, b] {
+            if let Poll::Ready(Err(e)) = r {
+                return Poll::Ready(Ended::Failed(e));
+            }
+        }
+        if this.to_local.state == HalfState::Done && this.to_peer.state == HalfState::Done {
+            return Poll::Ready(Ended::Done);
+        }
+        let now = Instant::now();
+        if moved {
+            this.last_activity = now;
+        }
+        // The idle timer: re-armed lazily, only when it fires early.
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let deadline = this.last_activity + this.idle;
+            if deadline <= now {
+                return Poll::Ready(Ended::Idle);
+            }
+            this.timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+/// Splice a peer stream with a local one until both directions have ended (each end's EOF
+/// shuts down the other side's writer only), either fails, or nothing moves for `idle`.
+pub async fn splice<P, L>(peer: P, local: L, idle: Duration, metrics: &Metrics)
+where
+    P: AsyncRead + AsyncWrite + Abort + Unpin,
+    L: AsyncRead + AsyncWrite + Abort + Unpin,
 {
     metrics.tunnels_active.fetch_add(1, Relaxed);
     metrics.tunnels_total.fetch_add(1, Relaxed);
-    let start = Instant::now();
-    let activity = AtomicU64::new(0);
-    let to_local = pump(peer_r, local_w, &activity, start, &metrics.bytes_from_peers);
-    let to_peer = pump(local_r, peer_w, &activity, start, &metrics.bytes_to_peers);
-    let both = async {
-        // An error either way ends the tunnel; an orderly EOF waits for the other direction.
-        tokio::try_join!(to_local, to_peer)
+    let now = Instant::now();
+    let mut tunnel = Splice {
+        peer,
+        local,
+        to_local: Half::default(),
+        to_peer: Half::default(),
+        idle,
+        last_activity: now,
+        timer: Box::pin(tokio::time::sleep_until(now + idle)),
+        metrics,
     };
-    let watchdog = async {
-        let step = (idle / 4).max(Duration::from_millis(10));
-        loop {
-            tokio::time::sleep(step).await;
-            let last = Duration::from_millis(activity.load(Relaxed));
-            if start.elapsed().saturating_sub(last) >= idle {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        r = both => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "tunnel ended with an error");
-            }
-        }
-        _ = watchdog => tracing::debug!(?idle, "tunnel idle; closing"),
+    let ended = (&mut tunnel).await;
+    match ended {
+        Ended::Done => {}
+        Ended::Idle => tracing::debug!(?idle, "tunnel idle; closing"),
+        Ended::Failed(ref e) => tracing::debug!(error = %e, "tunnel ended with an error"),
+    }
+    if !matches!(ended, Ended::Done) {
+        tunnel.peer.abort();
+        tunnel.local.abort();
     }
     metrics.tunnels_active.fetch_sub(1, Relaxed);
 }
@@ -262,9 +304,8 @@ pub async fn splice<PR, PW, LR, LW>(
 /// the socket has nothing more, so an idle connection keeps none.
 pub struct Coalesce<T> {
     inner: T,
-    buf: Vec<u8>,
-    pos: usize,
-    len: usize,
+    /// Read but not yet handed out; empty (no allocation) while the stream is idle.
+    buf: BytesMut,
 }
 
 /// The largest single read of a [`Coalesce`]d stream.
@@ -274,9 +315,7 @@ impl<T> Coalesce<T> {
     pub fn new(inner: T) -> Self {
         Self {
             inner,
-            buf: Vec::new(),
-            pos: 0,
-            len: 0,
+            buf: BytesMut::new(),
         }
     }
 
@@ -292,38 +331,34 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pos == this.len && out.remaining() >= COALESCE {
-            // A large read gains nothing from the buffer.
-            return Pin::new(&mut this.inner).poll_read(cx, out);
-        }
-        if this.pos == this.len {
-            if this.buf.is_empty() {
-                this.buf = vec![0u8; COALESCE];
+        if this.buf.is_empty() {
+            if out.remaining() >= COALESCE {
+                // A large read gains nothing from the buffer.
+                return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            let mut rb = ReadBuf::new(&mut this.buf);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    this.pos = 0;
-                    this.len = rb.filled().len();
-                    if this.len == 0 {
-                        this.buf = Vec::new();
-                        return Poll::Ready(Ok(()));
-                    }
+            // Allocated (or the drained allocation reclaimed), not zeroed: the read fills it.
+            this.buf.clear();
+            this.buf.reserve(COALESCE);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
+                Poll::Ready(Ok(0)) => {
+                    this.buf = BytesMut::new();
+                    return Poll::Ready(Ok(()));
                 }
+                Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => {
-                    this.buf = Vec::new();
+                    this.buf = BytesMut::new();
                     return Poll::Ready(Err(e));
                 }
                 Poll::Pending => {
                     // Idle: keep nothing.
-                    this.buf = Vec::new();
+                    this.buf = BytesMut::new();
                     return Poll::Pending;
                 }
             }
         }
-        let n = out.remaining().min(this.len - this.pos);
-        out.put_slice(&this.buf[this.pos..this.pos + n]);
-        this.pos += n;
+        let n = out.remaining().min(this.buf.len());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -357,7 +392,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    impl Abort for DuplexStream {}
 
     /// Counts the reads that reach the inner stream.
     struct Counting<T> {
@@ -376,57 +414,14 @@ mod tests {
         }
     }
 
-    /// Accepts at most 7 bytes per write, gathered or not.
-    struct Trickle {
-        out: Vec<u8>,
-        vectored: bool,
-    }
-
-    impl AsyncWrite for Trickle {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let n = buf.len().min(7);
-            self.out.extend_from_slice(&buf[..n]);
-            Poll::Ready(Ok(n))
-        }
-        fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let mut left = 7;
-            for b in bufs {
-                let n = b.len().min(left);
-                self.out.extend_from_slice(&b[..n]);
-                left -= n;
-                if left == 0 {
-                    break;
-                }
-            }
-            Poll::Ready(Ok(7 - left))
-        }
-        fn is_write_vectored(&self) -> bool {
-            self.vectored
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    fn pattern(n: usize) -> Vec<u8> {
-        (0..n).map(|i| (i * 31 % 251) as u8).collect()
+    fn pattern(n: usize, seed: usize) -> Vec<u8> {
+        (0..n).map(|i| ((i * 31 + seed) % 251) as u8).collect()
     }
 
     #[tokio::test]
     async fn coalesce_serves_small_reads_from_few_large_ones_and_frees_when_idle() {
         let (mut w, r) = tokio::io::duplex(1 << 20);
-        let data = pattern(200_000);
+        let data = pattern(200_000, 0);
         w.write_all(&data).await.unwrap();
         let mut c = Coalesce::new(Counting { inner: r, reads: 0 });
         let mut got = Vec::new();
@@ -442,40 +437,94 @@ mod tests {
         let pending = futures::FutureExt::now_or_never(c.read(&mut small));
         assert!(pending.is_none());
         assert_eq!(c.buf.capacity(), 0);
-        // EOF passes through.
+        assert!(c.buf.is_empty());
         drop(w);
         assert_eq!(c.read(&mut small).await.unwrap(), 0);
     }
 
-    #[tokio::test]
-    async fn gathered_and_plain_writes_keep_order_across_partial_writes() {
-        for vectored in [true, false] {
-            let chunks: Vec<Bytes> = [5usize, 1, 13, 7, 0, 22]
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| Bytes::from(vec![i as u8 + 1; n]))
-                .collect();
-            let want: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();
-            let mut sink = WriteHalf(Trickle {
-                out: Vec::new(),
-                vectored,
-            });
-            let mut v = chunks.clone();
-            sink.put(&mut v).await.unwrap();
-            assert!(v.is_empty());
-            assert_eq!(sink.0.out, want, "vectored = {vectored}");
-        }
+    /// Both ways at once through tiny pipes (constant backpressure and partial writes), then
+    /// half-close each way in turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_arrive_intact_both_ways_under_backpressure_and_half_close_works() {
+        let metrics = Metrics::default();
+        let (peer, mut remote) = tokio::io::duplex(61);
+        let (local, mut app) = tokio::io::duplex(67);
+        let down = pattern(300_000, 1);
+        let up = pattern(200_000, 2);
+        let splice_done = async {
+            splice(peer, local, Duration::from_secs(30), &metrics).await;
+        };
+        let remote_side = async {
+            let (mut r, mut w) = tokio::io::split(&mut remote);
+            let send = async {
+                w.write_all(&down).await.unwrap();
+                // Half-close towards the app; the other direction keeps flowing.
+                w.shutdown().await.unwrap();
+            };
+            let recv = async {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                got
+            };
+            tokio::join!(send, recv).1
+        };
+        let app_side = async {
+            let (mut r, mut w) = tokio::io::split(&mut app);
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.unwrap();
+            // The app saw the end of the remote's data and still answers.
+            w.write_all(&up).await.unwrap();
+            w.shutdown().await.unwrap();
+            got
+        };
+        let (_, at_remote, at_app) = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::join!(splice_done, remote_side, app_side)
+        })
+        .await
+        .expect("splice finished");
+        assert_eq!(at_app, down);
+        assert_eq!(at_remote, up);
+        assert_eq!(metrics.bytes_from_peers.load(SeqCst), down.len() as u64);
+        assert_eq!(metrics.bytes_to_peers.load(SeqCst), up.len() as u64);
+        assert_eq!(metrics.tunnels_active.load(SeqCst), 0);
+        assert_eq!(metrics.tunnels_total.load(SeqCst), 1);
     }
 
-    #[tokio::test]
-    async fn a_byte_stream_source_ends_with_false() {
-        let (mut w, r) = tokio::io::duplex(64);
-        let mut src = ReadHalf(r);
-        w.write_all(b"abc").await.unwrap();
-        drop(w);
-        let mut out = Vec::new();
-        assert!(src.next_chunks(&mut out).await.unwrap());
-        assert_eq!(out, vec![Bytes::from_static(b"abc")]);
-        assert!(!src.next_chunks(&mut out).await.unwrap());
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_tunnel_is_closed_and_an_active_one_is_not() {
+        let metrics = Metrics::default();
+        let (peer, mut remote) = tokio::io::duplex(1024);
+        let (local, mut app) = tokio::io::duplex(1024);
+        let idle = Duration::from_secs(10);
+        let started = tokio::time::Instant::now();
+        let tunnel = splice(peer, local, idle, &metrics);
+        let traffic = async {
+            // Activity every 6 s for 30 s keeps it open past several idle periods.
+            for i in 0..5u8 {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                remote.write_all(&[i]).await.unwrap();
+                let mut b = [0u8; 1];
+                app.read_exact(&mut b).await.unwrap();
+                assert_eq!(b[0], i);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), async {
+            tokio::join!(tunnel, traffic);
+        })
+        .await
+        .expect("an idle tunnel was never closed");
+        let lived = started.elapsed();
+        assert!(
+            lived >= Duration::from_secs(40),
+            "closed while active: {lived:?}"
+        );
+        assert!(
+            lived < Duration::from_secs(41),
+            "not closed when idle: {lived:?}"
+        );
+        assert_eq!(metrics.tunnels_active.load(SeqCst), 0);
+        // Both ends see the tunnel gone.
+        let mut b = [0u8; 1];
+        assert_eq!(app.read(&mut b).await.unwrap_or(0), 0);
     }
 }
