@@ -11,3 +11,4 @@ pub mod identity;
 pub mod model;
 pub mod registry;
 pub mod relay;
+pub mod route;
