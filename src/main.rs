@@ -4,6 +4,7 @@
 mod demo;
 mod pki_cmd;
 mod registry_cmd;
+mod route_cmd;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -40,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         cmd: pki_cmd::PkiCommand,
     },
+    /// Routes as the control plane resolves them: `explain` one service from one place.
+    Route {
+        #[command(subcommand)]
+        cmd: route_cmd::RouteCommand,
+    },
     /// Run the east-west gateway of a cluster (QUIC + mTLS peering, tunnels, ingress).
     Gateway {
         /// The gateway's YAML configuration (see docs/gateway.md).
@@ -66,7 +72,7 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.command {
-        Command::Demo(_) => "warn",
+        Command::Demo(_) | Command::Route { .. } => "warn",
         _ => "info",
     };
     let log = cli.log.clone().unwrap_or_else(|| default_log.to_string());
@@ -85,6 +91,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Pki { cmd } => pki_cmd::run(cmd),
         Command::Registry { cmd } => run_async(registry_cmd::run(cmd)),
+        Command::Route { cmd } => run_async(route_cmd::run(cmd)),
         Command::Demo(args) => run_async(demo::run(args)),
         Command::Gateway { config } => run_async(run_gateway(config)),
     };

@@ -450,3 +450,123 @@ fn shipped_discovery_examples_are_valid() {
     }
     assert_eq!(n, 3, "east, central and west examples");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_explain_shows_priorities_and_reasons_from_the_registry() {
+    use federation::model::{LinkHealth, LinkState, Name};
+    use federation::registry::Op;
+    use federation::registry::codec::encode_link;
+
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start(&dir.path().join("etcd")).unwrap();
+    let url = etcd.endpoint();
+    let east = dir.path().join("east.yaml");
+    let west = dir.path().join("west.yaml");
+    std::fs::write(&east, discovery("east", "us-east", 2, 18000)).unwrap();
+    std::fs::write(&west, discovery("west", "us-west", 1, 19000)).unwrap();
+    let _pe = publish(&url, &east, "10s");
+    let _pw = publish(&url, &west, "10s");
+    let w = cache(&url).await;
+    w.wait_for(WAIT, |s| has(s, "east", 2) && has(s, "west", 1))
+        .await
+        .unwrap();
+
+    let out = strait(&[
+        "route",
+        "explain",
+        "echo.default",
+        "--from",
+        "east/us-east/us-east-1a",
+        "--etcd",
+        &url,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert!(rows[0].starts_with("PRIORITY"), "{text}");
+    assert!(
+        rows[1].starts_with("0 ") && rows[1].contains("east") && rows[1].contains("2/2"),
+        "{text}"
+    );
+    assert!(rows[1].contains("own cluster, same zone"), "{text}");
+    assert!(
+        rows[2].starts_with("1 ") && rows[2].contains("west") && rows[2].contains("(via gateway)"),
+        "{text}"
+    );
+
+    // East's gateway reports its link to west down: west is left out, and the table says why.
+    let backend = EtcdBackend::connect(std::slice::from_ref(&url), EtcdOptions::default())
+        .await
+        .unwrap();
+    let link = LinkState {
+        from: Name::parse("from", "east").unwrap(),
+        to: Name::parse("to", "west").unwrap(),
+        state: LinkHealth::Down,
+        rtt_ms: 0.0,
+        loss: 1.0,
+        since: std::time::SystemTime::now(),
+    };
+    Backend::Etcd(backend)
+        .commit(vec![Op::Put {
+            key: "/strait/v1/links/east/west".into(),
+            value: encode_link(&link),
+            lease: None,
+        }])
+        .await
+        .unwrap();
+    w.wait_for(WAIT, |s| !s.links.is_empty()).await.unwrap();
+    let out = strait(&[
+        "route",
+        "explain",
+        "echo.default",
+        "--from",
+        "east",
+        "--etcd",
+        &url,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("link east → west is down"), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("1 ")), "{text}");
+
+    // Errors name what is wrong.
+    let out = strait(&[
+        "route",
+        "explain",
+        "nope.default",
+        "--from",
+        "east",
+        "--etcd",
+        &url,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("service `nope.default` has no endpoints")
+    );
+    let out = strait(&[
+        "route",
+        "explain",
+        "echo.default",
+        "--from",
+        "mars",
+        "--etcd",
+        &url,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("cluster `mars` is not in the registry (known: east, west)"),
+        "{err}"
+    );
+    let out = strait(&["route", "explain", "echo", "--from", "east", "--etcd", &url]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SERVICE.NAMESPACE"));
+}

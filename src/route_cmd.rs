@@ -1,0 +1,145 @@
+//! `strait route explain`: how a proxy in a given cluster and locality would route to a service,
+//! and why, from the registry as it is now.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use federation::model::{ClusterId, Labels, LinkHealth, Locality, Name, ServiceKey};
+use federation::registry::etcd::{EtcdBackend, EtcdOptions};
+use federation::registry::{Backend, RegistryCache};
+use federation::route::{Caller, Inputs, resolve};
+
+#[derive(Subcommand, Debug)]
+pub enum RouteCommand {
+    /// Print the priority levels, localities, endpoints, weights and the reason for each (or
+    /// why it is left out) for a service as seen from a cluster and locality.
+    Explain {
+        /// The service, `SERVICE.NAMESPACE`.
+        service: String,
+        /// The asking proxy's place: `CLUSTER`, `CLUSTER/REGION`, `CLUSTER/REGION/ZONE` or
+        /// `CLUSTER/REGION/ZONE/SUBZONE` (the region defaults to the cluster's).
+        #[arg(long)]
+        from: String,
+        /// The asking workload's labels (`KEY=VALUE`, repeatable), for `failover_priority`.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// etcd endpoints, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "http://127.0.0.1:2379",
+            env = "STRAIT_ETCD"
+        )]
+        etcd: Vec<String>,
+    },
+}
+
+pub async fn run(cmd: RouteCommand) -> anyhow::Result<()> {
+    match cmd {
+        RouteCommand::Explain {
+            service,
+            from,
+            labels,
+            etcd,
+        } => explain(&service, &from, &labels, &etcd).await,
+    }
+}
+
+/// `CLUSTER[/REGION[/ZONE[/SUBZONE]]]` → the cluster and, if given, the locality.
+fn parse_from(from: &str) -> anyhow::Result<(ClusterId, Option<String>)> {
+    let (cluster, rest) = match from.split_once('/') {
+        Some((c, r)) => (c, Some(r.to_string())),
+        None => (from, None),
+    };
+    let cluster = Name::parse("--from", cluster).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((cluster, rest))
+}
+
+fn parse_labels(labels: &[String]) -> anyhow::Result<Labels> {
+    let mut map = BTreeMap::new();
+    for l in labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("--label `{l}` is not KEY=VALUE");
+        };
+        map.insert(k.to_string(), v.to_string());
+    }
+    Labels::new(map).map_err(|e| anyhow::anyhow!("--label: {e}"))
+}
+
+async fn explain(
+    service: &str,
+    from: &str,
+    labels: &[String],
+    etcd: &[String],
+) -> anyhow::Result<()> {
+    let key = ServiceKey::parse("SERVICE", service).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (cluster, locality) = parse_from(from)?;
+    let labels = parse_labels(labels)?;
+    let backend = EtcdBackend::connect(etcd, EtcdOptions::default())
+        .await
+        .with_context(|| format!("cannot connect to etcd at {}", etcd.join(",")))?;
+    let cache = RegistryCache::spawn(Backend::Etcd(backend));
+    let snap = cache
+        .wait_synced(Duration::from_secs(10))
+        .await
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "cannot read the registry from etcd at {}: {s:?}",
+                etcd.join(",")
+            )
+        })?;
+    let Some(record) = snap.clusters.get(&cluster) else {
+        let known: Vec<String> = snap.clusters.keys().map(ToString::to_string).collect();
+        bail!(
+            "cluster `{cluster}` is not in the registry (known: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    let locality = match locality {
+        Some(l) => Locality::parse("--from", &l).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => Locality::new(&record.region, "", "").map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
+    let endpoints: Vec<_> = snap.service(&key).map(|s| &**s).collect();
+    if endpoints.is_empty() {
+        bail!("service `{key}` has no endpoints in any cluster of the registry");
+    }
+    let clusters: BTreeMap<_, _> = snap
+        .clusters
+        .iter()
+        .map(|(k, v)| (k.clone(), (**v).clone()))
+        .collect();
+    let links: BTreeMap<ClusterId, LinkHealth> = snap
+        .links
+        .iter()
+        .filter(|((f, _), _)| *f == cluster)
+        .map(|((_, t), l)| (t.clone(), l.state))
+        .collect();
+    let policy = snap.policy_for(&key).map(|p| &**p);
+    let caller = Caller {
+        cluster: cluster.clone(),
+        locality: locality.clone(),
+        labels,
+    };
+    let route = resolve(
+        &caller,
+        &Inputs {
+            endpoints,
+            clusters: &clusters,
+            policy,
+            links: &links,
+        },
+    );
+    println!(
+        "# {key} from {cluster} ({locality}), registry revision {}, policy: {}",
+        snap.revision,
+        policy.map_or("none (defaults)".to_string(), |p| p.scope.to_string())
+    );
+    print!("{route}");
+    Ok(())
+}
