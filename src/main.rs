@@ -3,6 +3,7 @@
 
 mod demo;
 mod pki_cmd;
+mod policy_cmd;
 mod registry_cmd;
 mod route_cmd;
 
@@ -41,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         cmd: pki_cmd::PkiCommand,
     },
+    /// Failover policies in the registry: apply a file, list, delete.
+    Policy {
+        #[command(subcommand)]
+        cmd: policy_cmd::PolicyCommand,
+    },
     /// Routes as the control plane resolves them: `explain` one service from one place.
     Route {
         #[command(subcommand)]
@@ -72,7 +78,7 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.command {
-        Command::Demo(_) | Command::Route { .. } => "warn",
+        Command::Demo(_) | Command::Route { .. } | Command::Policy { .. } => "warn",
         _ => "info",
     };
     let log = cli.log.clone().unwrap_or_else(|| default_log.to_string());
@@ -92,6 +98,7 @@ fn main() -> std::process::ExitCode {
         Command::Pki { cmd } => pki_cmd::run(cmd),
         Command::Registry { cmd } => run_async(registry_cmd::run(cmd)),
         Command::Route { cmd } => run_async(route_cmd::run(cmd)),
+        Command::Policy { cmd } => run_async(policy_cmd::run(cmd)),
         Command::Demo(args) => run_async(demo::run(args)),
         Command::Gateway { config } => run_async(run_gateway(config)),
     };

@@ -570,3 +570,127 @@ async fn route_explain_shows_priorities_and_reasons_from_the_registry() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("SERVICE.NAMESPACE"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_are_applied_listed_used_by_explain_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start(&dir.path().join("etcd")).unwrap();
+    let url = etcd.endpoint();
+    let east = dir.path().join("east.yaml");
+    let west = dir.path().join("west.yaml");
+    std::fs::write(&east, discovery("east", "us-east", 1, 18000)).unwrap();
+    std::fs::write(&west, discovery("west", "us-west", 1, 19000)).unwrap();
+    let _pe = publish(&url, &east, "10s");
+    let _pw = publish(&url, &west, "10s");
+    let w = cache(&url).await;
+    w.wait_for(WAIT, |s| has(s, "east", 1) && has(s, "west", 1))
+        .await
+        .unwrap();
+
+    // A bad file is refused with file, line and field, and nothing is written.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "policies:\n  - service: echo.default\n    distribute: [{from: \"us-east/*\", to: {\"us-west/*\": 50}}]\n",
+    )
+    .unwrap();
+    let out = strait(&[
+        "policy",
+        "apply",
+        "-f",
+        bad.to_str().unwrap(),
+        "--etcd",
+        &url,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("bad.yaml:2:"), "{err}");
+    assert!(
+        err.contains("policies[0].distribute[0].to: weights add up to 50, not 100"),
+        "{err}"
+    );
+    let out = strait(&["policy", "list", "--etcd", &url]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no policies"));
+
+    let good = dir.path().join("policy.yaml");
+    std::fs::write(
+        &good,
+        "policies:\n  - service: echo.default\n    distribute:\n      - from: \"us-east/*\"\n        to: {\"us-east/*\": 70, \"us-west/*\": 30}\n",
+    )
+    .unwrap();
+    let out = strait(&[
+        "policy",
+        "apply",
+        "-f",
+        good.to_str().unwrap(),
+        "--etcd",
+        &url,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("policy echo.default applied"));
+    let out = strait(&["policy", "list", "--etcd", &url]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("echo.default")
+            && text.contains("distribute from us-east/*: us-east/* 70%, us-west/* 30%"),
+        "{text}"
+    );
+    w.wait_for(WAIT, |s| !s.policies.is_empty()).await.unwrap();
+
+    // Explain uses it: both clusters at priority 0, weighted 70:30.
+    let out = strait(&[
+        "route",
+        "explain",
+        "echo.default",
+        "--from",
+        "east/us-east/us-east-1a",
+        "--etcd",
+        &url,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("policy: echo.default"), "{text}");
+    let zero: Vec<&str> = text.lines().filter(|l| l.starts_with("0 ")).collect();
+    assert_eq!(zero.len(), 2, "{text}");
+    assert!(
+        zero.iter()
+            .any(|l| l.contains("east") && l.contains("7000")),
+        "{text}"
+    );
+    assert!(
+        zero.iter()
+            .any(|l| l.contains("west") && l.contains("3000")),
+        "{text}"
+    );
+
+    // Deleted: back to the defaults.
+    let out = strait(&["policy", "delete", "echo.default", "--etcd", &url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = strait(&["policy", "delete", "echo.default", "--etcd", &url]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("there is no policy for `echo.default`"));
+    w.wait_for(WAIT, |s| s.policies.is_empty()).await.unwrap();
+    let out = strait(&[
+        "route",
+        "explain",
+        "echo.default",
+        "--from",
+        "east/us-east/us-east-1a",
+        "--etcd",
+        &url,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("policy: none (defaults)"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("0 ")).count(),
+        1,
+        "{text}"
+    );
+}

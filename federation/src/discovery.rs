@@ -221,7 +221,7 @@ fn clean_message(message: &str) -> String {
     first.to_string()
 }
 
-fn invalid(
+pub(crate) fn invalid(
     path: &Path,
     line: u64,
     column: u64,
@@ -237,7 +237,11 @@ fn invalid(
     }))
 }
 
-fn at<T>(path: &Path, spanned: &Spanned<T>, parent: &str) -> impl Fn(ModelError) -> DiscoveryError {
+pub(crate) fn at<T>(
+    path: &Path,
+    spanned: &Spanned<T>,
+    parent: &str,
+) -> impl Fn(ModelError) -> DiscoveryError {
     let (line, column) = (spanned.referenced.line(), spanned.referenced.column());
     let path = path.to_path_buf();
     let parent = parent.to_string();

@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod etcd_server;
 pub mod identity;
 pub mod model;
+pub mod policy_file;
 pub mod registry;
 pub mod relay;
 pub mod route;
