@@ -2,3 +2,5 @@
 //! resolution and the merged xDS server. Built in the controlplane issue; today the cluster
 //! publisher lives in `federation::registry::publisher` and `strait registry publish`.
 #![forbid(unsafe_code)]
+
+pub mod resources;

