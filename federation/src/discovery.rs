@@ -163,11 +163,7 @@ impl DiscoveryFile {
     /// Read and validate a discovery file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, DiscoveryError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| DiscoveryError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        Self::parse(path, &read_file(path)?)
     }
 
     /// Validate discovery-file text; `path` is used in errors.
@@ -177,6 +173,14 @@ impl DiscoveryFile {
         let state = build(&path, spec)?;
         Ok(Self { path, state })
     }
+}
+
+/// Read a configuration file whole (the read half of every `load`).
+pub fn read_file(path: &Path) -> Result<String, DiscoveryError> {
+    std::fs::read_to_string(path).map_err(|source| DiscoveryError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Parse YAML with field paths and line numbers in errors. Shared by every YAML document Strait

@@ -19,7 +19,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::discovery::{DiscoveryError, at, invalid, parse_yaml};
+use crate::discovery::{DiscoveryError, at, invalid, parse_yaml, read_file};
 use crate::model::{
     Distribute, FailoverPolicy, FailoverTarget, LocalityPattern, ModelError, Name, PolicyScope,
     ServiceKey,
@@ -130,11 +130,7 @@ pub fn parse(path: impl AsRef<Path>, text: &str) -> Result<Vec<FailoverPolicy>, 
 /// Read and parse a policy file.
 pub fn load(path: impl AsRef<Path>) -> Result<Vec<FailoverPolicy>, DiscoveryError> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|source| DiscoveryError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse(path, &text)
+    parse(path, &read_file(path)?)
 }
 
 #[cfg(test)]

@@ -271,11 +271,7 @@ pub enum ConfigError {
 impl GatewayConfig {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| DiscoveryError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        Self::parse(path, &federation::discovery::read_file(path)?)
     }
 
     pub fn parse(path: impl AsRef<Path>, text: &str) -> Result<Self, ConfigError> {
