@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod etcd_args;
 mod pki_cmd;
 mod policy_cmd;
 mod registry_cmd;

@@ -6,8 +6,9 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use federation::model::{FailoverPolicy, PolicyScope, ServiceKey};
 use federation::registry::codec::encode_policy;
-use federation::registry::etcd::{EtcdBackend, EtcdOptions};
 use federation::registry::{Backend, Decoder, Op, ROOT, RegistryKey, RegistryValue};
+
+use crate::etcd_args::EtcdArgs;
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
@@ -16,23 +17,13 @@ pub enum PolicyCommand {
         /// The policy file (YAML; see docs/routing.md).
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "http://127.0.0.1:2379",
-            env = "STRAIT_ETCD"
-        )]
-        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
     },
     /// Print the policies in the registry.
     List {
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "http://127.0.0.1:2379",
-            env = "STRAIT_ETCD"
-        )]
-        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -40,13 +31,8 @@ pub enum PolicyCommand {
     /// Remove a policy: `default` or `SERVICE.NAMESPACE`.
     Delete {
         scope: String,
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "http://127.0.0.1:2379",
-            env = "STRAIT_ETCD"
-        )]
-        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
     },
 }
 
@@ -58,17 +44,10 @@ pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn connect(etcd: &[String]) -> anyhow::Result<Backend> {
-    let b = EtcdBackend::connect(etcd, EtcdOptions::default())
-        .await
-        .with_context(|| format!("cannot connect to etcd at {}", etcd.join(",")))?;
-    Ok(Backend::Etcd(b))
-}
-
-async fn apply(file: PathBuf, etcd: &[String]) -> anyhow::Result<()> {
+async fn apply(file: PathBuf, etcd: &EtcdArgs) -> anyhow::Result<()> {
     // Validate everything before touching the registry.
     let policies = federation::policy_file::load(&file)?;
-    let backend = connect(etcd).await?;
+    let backend = etcd.connect().await?;
     let ops: Vec<Op> = policies
         .iter()
         .map(|p| Op::Put {
@@ -80,7 +59,7 @@ async fn apply(file: PathBuf, etcd: &[String]) -> anyhow::Result<()> {
     let rev = backend
         .commit(ops)
         .await
-        .with_context(|| format!("cannot write the policies to etcd at {}", etcd.join(",")))?;
+        .with_context(|| format!("cannot write the policies to etcd at {}", etcd.list()))?;
     for p in &policies {
         println!("policy {} applied", p.scope);
     }
@@ -88,12 +67,12 @@ async fn apply(file: PathBuf, etcd: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn read_policies(backend: &Backend, etcd: &[String]) -> anyhow::Result<Vec<FailoverPolicy>> {
+async fn read_policies(backend: &Backend, etcd: &EtcdArgs) -> anyhow::Result<Vec<FailoverPolicy>> {
     let prefix = format!("{ROOT}policies/");
     let (_, kvs) = backend
         .get_prefix(&prefix)
         .await
-        .with_context(|| format!("cannot read the registry from etcd at {}", etcd.join(",")))?;
+        .with_context(|| format!("cannot read the registry from etcd at {}", etcd.list()))?;
     let mut decoder = Decoder::new();
     let mut out = Vec::new();
     for kv in &kvs {
@@ -110,8 +89,8 @@ async fn read_policies(backend: &Backend, etcd: &[String]) -> anyhow::Result<Vec
     Ok(out)
 }
 
-async fn list(etcd: &[String], json: bool) -> anyhow::Result<()> {
-    let backend = connect(etcd).await?;
+async fn list(etcd: &EtcdArgs, json: bool) -> anyhow::Result<()> {
+    let backend = etcd.connect().await?;
     let policies = read_policies(&backend, etcd).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&policies)?);
@@ -146,7 +125,7 @@ async fn list(etcd: &[String], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn delete(scope: &str, etcd: &[String]) -> anyhow::Result<()> {
+async fn delete(scope: &str, etcd: &EtcdArgs) -> anyhow::Result<()> {
     let scope = if scope == "default" {
         PolicyScope::Default
     } else {
@@ -154,7 +133,7 @@ async fn delete(scope: &str, etcd: &[String]) -> anyhow::Result<()> {
             ServiceKey::parse("SCOPE", scope).map_err(|e| anyhow::anyhow!("{e} (or `default`)"))?,
         )
     };
-    let backend = connect(etcd).await?;
+    let backend = etcd.connect().await?;
     let existing = read_policies(&backend, etcd).await?;
     if !existing.iter().any(|p| p.scope == scope) {
         bail!("there is no policy for `{scope}`");
@@ -164,7 +143,7 @@ async fn delete(scope: &str, etcd: &[String]) -> anyhow::Result<()> {
             key: RegistryKey::Policy(scope.clone()).encode(),
         }])
         .await
-        .with_context(|| format!("cannot write to etcd at {}", etcd.join(",")))?;
+        .with_context(|| format!("cannot write to etcd at {}", etcd.list()))?;
     println!("policy {scope} deleted");
     Ok(())
 }

@@ -9,8 +9,7 @@ use federation::discovery::DiscoveryFile;
 use federation::registry::codec::{cluster_state_kvs, pretty};
 use federation::registry::publisher::Owned;
 use federation::registry::{
-    Backend, CacheStatus, EtcdBackend, EtcdOptions, LeasedPublisher, PublisherConfig, ROOT,
-    RegistryCache, RegistryValue,
+    CacheStatus, LeasedPublisher, PublisherConfig, ROOT, RegistryCache, RegistryValue,
 };
 use tokio::sync::watch;
 
@@ -63,11 +62,6 @@ pub async fn run(cmd: RegistryCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn connect(etcd: &[String]) -> anyhow::Result<Backend> {
-    let b = EtcdBackend::connect(etcd, EtcdOptions::default()).await?;
-    Ok(Backend::Etcd(b))
-}
-
 fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
@@ -81,7 +75,7 @@ async fn publish(
 ) -> anyhow::Result<()> {
     let parsed = DiscoveryFile::load(&file)?;
     let cluster = parsed.state.cluster.id.clone();
-    let backend = connect(&etcd).await?;
+    let backend = crate::etcd_args::connect(&etcd).await?;
     let (desired_tx, desired_rx) = watch::channel(cluster_state_kvs(&parsed.state));
     let endpoints: usize = parsed
         .state
@@ -161,7 +155,7 @@ async fn publish(
 }
 
 async fn dump(etcd: Vec<String>, json: bool) -> anyhow::Result<()> {
-    let backend = connect(&etcd).await?;
+    let backend = crate::etcd_args::connect(&etcd).await?;
     let (revision, kvs) = backend
         .get_prefix(ROOT)
         .await
@@ -244,7 +238,7 @@ fn describe(value: &Option<RegistryValue>) -> String {
 }
 
 async fn watch_cmd(etcd: Vec<String>, json: bool) -> anyhow::Result<()> {
-    let backend = connect(&etcd).await?;
+    let backend = crate::etcd_args::connect(&etcd).await?;
     let cache = RegistryCache::spawn(backend);
     let mut changes = cache.subscribe();
     let mut status = cache.status_receiver();

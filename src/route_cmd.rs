@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Subcommand;
 use federation::model::{ClusterId, Labels, LinkHealth, Locality, Name, ServiceKey};
-use federation::registry::etcd::{EtcdBackend, EtcdOptions};
-use federation::registry::{Backend, RegistryCache};
+use federation::registry::RegistryCache;
 use federation::route::{Caller, Inputs, resolve};
+
+use crate::etcd_args::EtcdArgs;
 
 #[derive(Subcommand, Debug)]
 pub enum RouteCommand {
@@ -25,14 +26,8 @@ pub enum RouteCommand {
         /// The asking workload's labels (`KEY=VALUE`, repeatable), for `failover_priority`.
         #[arg(long = "label")]
         labels: Vec<String>,
-        /// etcd endpoints, comma-separated.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "http://127.0.0.1:2379",
-            env = "STRAIT_ETCD"
-        )]
-        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
     },
 }
 
@@ -72,22 +67,19 @@ async fn explain(
     service: &str,
     from: &str,
     labels: &[String],
-    etcd: &[String],
+    etcd: &EtcdArgs,
 ) -> anyhow::Result<()> {
     let key = ServiceKey::parse("SERVICE", service).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (cluster, locality) = parse_from(from)?;
     let labels = parse_labels(labels)?;
-    let backend = EtcdBackend::connect(etcd, EtcdOptions::default())
-        .await
-        .with_context(|| format!("cannot connect to etcd at {}", etcd.join(",")))?;
-    let cache = RegistryCache::spawn(Backend::Etcd(backend));
+    let cache = RegistryCache::spawn(etcd.connect().await?);
     let snap = cache
         .wait_synced(Duration::from_secs(10))
         .await
         .map_err(|s| {
             anyhow::anyhow!(
                 "cannot read the registry from etcd at {}: {s:?}",
-                etcd.join(",")
+                etcd.list()
             )
         })?;
     let Some(record) = snap.clusters.get(&cluster) else {
