@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Subcommand;
-use federation::model::{ClusterId, Labels, LinkHealth, Locality, Name, ServiceKey};
+use federation::model::{ClusterId, Labels, Locality, Name, ServiceKey};
 use federation::registry::RegistryCache;
 use federation::route::{Caller, Inputs, resolve};
 
@@ -97,36 +97,17 @@ async fn explain(
         Some(l) => Locality::parse("--from", &l).map_err(|e| anyhow::anyhow!("{e}"))?,
         None => Locality::new(&record.region, "", "").map_err(|e| anyhow::anyhow!("{e}"))?,
     };
-    let endpoints: Vec<_> = snap.service(&key).map(|s| &**s).collect();
-    if endpoints.is_empty() {
+    let inputs = Inputs::from_snapshot(&snap, &key);
+    if inputs.endpoints.is_empty() {
         bail!("service `{key}` has no endpoints in any cluster of the registry");
     }
-    let clusters: BTreeMap<_, _> = snap
-        .clusters
-        .iter()
-        .map(|(k, v)| (k.clone(), (**v).clone()))
-        .collect();
-    let links: BTreeMap<ClusterId, LinkHealth> = snap
-        .links
-        .iter()
-        .filter(|((f, _), _)| *f == cluster)
-        .map(|((_, t), l)| (t.clone(), l.state))
-        .collect();
-    let policy = snap.policy_for(&key).map(|p| &**p);
+    let policy = inputs.policy;
     let caller = Caller {
         cluster: cluster.clone(),
         locality: locality.clone(),
         labels,
     };
-    let route = resolve(
-        &caller,
-        &Inputs {
-            endpoints,
-            clusters: &clusters,
-            policy,
-            links: &links,
-        },
-    );
+    let route = resolve(&caller, &inputs);
     println!(
         "# {key} from {cluster} ({locality}), registry revision {}, policy: {}",
         snap.revision,

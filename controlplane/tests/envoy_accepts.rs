@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 
 use controlplane::resources::{cluster_name, load_assignment};
 use envoy_types::pb::envoy::config::bootstrap::v3::{Bootstrap, bootstrap::StaticResources};
@@ -14,9 +15,10 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
 use federation::model::{
     Cluster as Member, ClusterId, Distribute, Endpoint, FailoverPolicy, Health, Labels, LinkHealth,
-    Locality, LocalityPattern, Name, PolicyScope, Protocol, Service, ServiceEndpoints, ServiceKey,
-    ServicePort,
+    LinkState, Locality, LocalityPattern, Name, PolicyScope, Protocol, Service, ServiceEndpoints,
+    ServiceKey, ServicePort,
 };
+use federation::registry::Snapshot;
 use federation::route::{Caller, Inputs, Route, resolve};
 use prost::Message;
 
@@ -81,14 +83,21 @@ fn route() -> Route {
         )
         .unwrap(),
     ];
-    let clusters: BTreeMap<ClusterId, Member> = [
+    let mut snap = Snapshot::default();
+    for (c, r) in [
         ("east", "us-east"),
         ("west", "us-west"),
         ("central", "us-central"),
-    ]
-    .into_iter()
-    .map(|(c, r)| (id(c), Member::new(id(c), r, None, vec![]).unwrap()))
-    .collect();
+    ] {
+        snap.clusters.insert(
+            id(c),
+            Arc::new(Member::new(id(c), r, None, vec![]).unwrap()),
+        );
+    }
+    for se in reg {
+        snap.endpoints
+            .insert((se.service.key.clone(), se.cluster.clone()), Arc::new(se));
+    }
     let policy = FailoverPolicy {
         scope: PolicyScope::Default,
         targets: vec![],
@@ -102,19 +111,23 @@ fn route() -> Route {
             ]),
         }],
     };
-    let links = BTreeMap::from([(id("west"), LinkHealth::Up)]);
+    snap.policies.insert(PolicyScope::Default, Arc::new(policy));
+    let up = LinkState {
+        from: id("east"),
+        to: id("west"),
+        state: LinkHealth::Up,
+        rtt_ms: 1.0,
+        loss: 0.0,
+        since: std::time::SystemTime::UNIX_EPOCH,
+    };
+    snap.links.insert((id("east"), id("west")), Arc::new(up));
     resolve(
         &Caller {
             cluster: id("east"),
             locality: Locality::parse("l", "us-east/a").unwrap(),
             labels: Labels::default(),
         },
-        &Inputs {
-            endpoints: reg.iter().collect(),
-            clusters: &clusters,
-            policy: Some(&policy),
-            links: &links,
-        },
+        &Inputs::from_snapshot(&snap, &ServiceKey::new("default", "echo").unwrap()),
     )
 }
 

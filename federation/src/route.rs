@@ -45,10 +45,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
+use std::sync::Arc;
+
+use imbl::OrdMap;
+
 use crate::model::{
-    Cluster, ClusterId, FailoverPolicy, FailoverTarget, Health, Labels, LinkHealth, Locality,
-    ServiceEndpoints,
+    Cluster, ClusterId, FailoverPolicy, FailoverTarget, Health, Labels, LinkHealth, LinkState,
+    Locality, ServiceEndpoints, ServiceKey,
 };
+use crate::registry::Snapshot;
 
 /// The pseudo-label for an endpoint's region.
 pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
@@ -71,12 +76,24 @@ pub struct Inputs<'a> {
     pub endpoints: Vec<&'a ServiceEndpoints>,
     /// Cluster records (for regions and networks); a cluster missing here is treated as on its
     /// own network.
-    pub clusters: &'a BTreeMap<ClusterId, Cluster>,
+    pub clusters: &'a OrdMap<ClusterId, Arc<Cluster>>,
     /// The policy for this service (its own, else the default), if any.
     pub policy: Option<&'a FailoverPolicy>,
-    /// Link state from the caller's cluster to each other cluster, as its gateway reports it.
-    /// A cluster missing here has an unknown link and is treated as reachable.
-    pub links: &'a BTreeMap<ClusterId, LinkHealth>,
+    /// Link states by (from, to), as gateways report them; the caller's own links are used. A
+    /// link missing here is unknown and treated as reachable.
+    pub links: &'a OrdMap<(ClusterId, ClusterId), Arc<LinkState>>,
+}
+
+impl<'a> Inputs<'a> {
+    /// The inputs for `service` as the registry snapshot holds them.
+    pub fn from_snapshot(snapshot: &'a Snapshot, service: &ServiceKey) -> Self {
+        Self {
+            endpoints: snapshot.service(service).map(|s| &**s).collect(),
+            clusters: &snapshot.clusters,
+            policy: snapshot.policy_for(service).map(|p| &**p),
+            links: &snapshot.links,
+        }
+    }
 }
 
 /// One endpoint in a resolved route.
@@ -171,11 +188,11 @@ struct Key {
     degraded: bool,
 }
 
-fn region_of<'a>(clusters: &'a BTreeMap<ClusterId, Cluster>, c: &ClusterId) -> Option<&'a str> {
+fn region_of<'a>(clusters: &'a OrdMap<ClusterId, Arc<Cluster>>, c: &ClusterId) -> Option<&'a str> {
     clusters.get(c).map(|c| &*c.region)
 }
 
-fn network_of<'a>(clusters: &'a BTreeMap<ClusterId, Cluster>, c: &'a ClusterId) -> &'a str {
+fn network_of<'a>(clusters: &'a OrdMap<ClusterId, Arc<Cluster>>, c: &'a ClusterId) -> &'a str {
     clusters.get(c).map_or(c.as_str(), |c| c.network.as_str())
 }
 
@@ -244,7 +261,10 @@ pub fn resolve(caller: &Caller, inputs: &Inputs<'_>) -> Route {
         let link = if own {
             None
         } else {
-            inputs.links.get(&cluster).copied()
+            inputs
+                .links
+                .get(&(caller.cluster.clone(), cluster.clone()))
+                .map(|l| l.state)
         };
         let exclude = |why: String| Exclusion {
             cluster: cluster.clone(),

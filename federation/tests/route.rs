@@ -2,11 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use imbl::OrdMap;
 
 use federation::model::{
     Cluster, ClusterId, Distribute, Endpoint, FailoverPolicy, FailoverTarget, Health, Labels,
-    LinkHealth, Locality, LocalityPattern, Name, PolicyScope, Protocol, Service, ServiceEndpoints,
-    ServiceKey, ServicePort,
+    LinkHealth, LinkState, Locality, LocalityPattern, Name, PolicyScope, Protocol, Service,
+    ServiceEndpoints, ServiceKey, ServicePort,
 };
 use federation::route::{Caller, Inputs, Route, resolve};
 use proptest::prelude::*;
@@ -21,8 +24,8 @@ fn loc(s: &str) -> Locality {
 
 /// The federation of these tests: east and east2 in us-east, west in us-west, central in
 /// us-central. east2 shares east's network; the others have their own.
-fn clusters() -> BTreeMap<ClusterId, Cluster> {
-    let mut m = BTreeMap::new();
+fn clusters() -> OrdMap<ClusterId, Arc<Cluster>> {
+    let mut m = OrdMap::new();
     for (c, region, net) in [
         ("east", "us-east", "net-east"),
         ("east2", "us-east", "net-east"),
@@ -31,13 +34,15 @@ fn clusters() -> BTreeMap<ClusterId, Cluster> {
     ] {
         m.insert(
             id(c),
-            Cluster::new(
-                id(c),
-                region,
-                Some(Name::parse("network", net).unwrap()),
-                vec![],
-            )
-            .unwrap(),
+            Arc::new(
+                Cluster::new(
+                    id(c),
+                    region,
+                    Some(Name::parse("network", net).unwrap()),
+                    vec![],
+                )
+                .unwrap(),
+            ),
         );
     }
     m
@@ -133,6 +138,27 @@ fn policy() -> FailoverPolicy {
     }
 }
 
+/// Link states from `from` to each listed cluster, as the registry holds them.
+fn link_map(
+    from: &ClusterId,
+    links: &[(&str, LinkHealth)],
+) -> OrdMap<(ClusterId, ClusterId), Arc<LinkState>> {
+    links
+        .iter()
+        .map(|(to, state)| {
+            let l = LinkState {
+                from: from.clone(),
+                to: id(to),
+                state: *state,
+                rtt_ms: 1.0,
+                loss: 0.0,
+                since: std::time::SystemTime::UNIX_EPOCH,
+            };
+            ((from.clone(), id(to)), Arc::new(l))
+        })
+        .collect()
+}
+
 fn run(
     c: &Caller,
     eps: &[E],
@@ -144,7 +170,7 @@ fn run(
     }
     let reg = registry(eps);
     let clusters = clusters();
-    let links: BTreeMap<ClusterId, LinkHealth> = links.iter().map(|(c, l)| (id(c), *l)).collect();
+    let links = link_map(&c.cluster, links);
     resolve(
         c,
         &Inputs {
@@ -623,7 +649,7 @@ proptest! {
             r
         };
         let clusters = clusters();
-        let lmap: BTreeMap<ClusterId, LinkHealth> = links.iter().map(|(c, l)| (id(c), *l)).collect();
+        let lmap = link_map(&c.cluster, &links);
         let b = resolve(&c, &Inputs { endpoints: reg.iter().collect(), clusters: &clusters, policy: p.as_ref(), links: &lmap });
         prop_assert_eq!(a, b);
     }
