@@ -229,10 +229,9 @@ async fn bulk<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     sent as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
 }
 
-/// The smallest possible QUIC relay, for comparison: TCP in → one quinn stream per connection →
-/// TCP out to `target`, plain `tokio::io::copy` both ways, no TLS on the TCP side, no header, no
-/// health, in this process. Returns the TCP address to connect to.
-async fn quinn_relay(dir: &Path, target: SocketAddr) -> SocketAddr {
+/// A quinn server endpoint and a client endpoint (west's gateway identity on both, same TLS
+/// provider and transport settings as the gateways), for the raw-quinn peers.
+fn quinn_pair(dir: &Path, alpn: &[u8]) -> (quinn::Endpoint, SocketAddr, quinn::Endpoint) {
     let certs = federation::identity::load_certs(dir.join("west-gw/cert.pem")).expect("certs");
     let key = federation::identity::load_private_key(dir.join("west-gw/key.pem")).expect("key");
     let v = Arc::new(
@@ -245,9 +244,9 @@ async fn quinn_relay(dir: &Path, target: SocketAddr) -> SocketAddr {
     );
     let mut sc =
         federation::identity::server_config(certs.clone(), key.clone_key(), v.clone()).expect("sc");
-    sc.alpn_protocols = vec![b"relay".to_vec()];
+    sc.alpn_protocols = vec![alpn.to_vec()];
     let mut cc = federation::identity::client_config(certs, key, v).expect("cc");
-    cc.alpn_protocols = vec![b"relay".to_vec()];
+    cc.alpn_protocols = vec![alpn.to_vec()];
     let tuning = gateway::config::TransportTuning::default();
     let link = gateway::config::LinkConfig::default();
     let transport = Arc::new(
@@ -260,6 +259,20 @@ async fn quinn_relay(dir: &Path, target: SocketAddr) -> SocketAddr {
     server.transport_config(transport.clone());
     let ep_s = quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("a")).expect("server");
     let addr = ep_s.local_addr().expect("addr");
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cc)).expect("qcc"),
+    ));
+    client.transport_config(transport);
+    let mut ep_c = quinn::Endpoint::client("127.0.0.1:0".parse().expect("a")).expect("client");
+    ep_c.set_default_client_config(client);
+    (ep_s, addr, ep_c)
+}
+
+/// The smallest possible QUIC relay, for comparison: TCP in → one quinn stream per connection →
+/// TCP out to `target`, plain `tokio::io::copy` both ways, no TLS on the TCP side, no header, no
+/// health, in this process. Returns the TCP address to connect to.
+async fn quinn_relay(dir: &Path, target: SocketAddr) -> SocketAddr {
+    let (ep_s, addr, ep_c) = quinn_pair(dir, b"relay");
     tokio::spawn(async move {
         if let Some(inc) = ep_s.accept().await
             && let Ok(conn) = inc.await
@@ -283,12 +296,6 @@ async fn quinn_relay(dir: &Path, target: SocketAddr) -> SocketAddr {
             }
         }
     });
-    let mut client = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cc)).expect("qcc"),
-    ));
-    client.transport_config(transport);
-    let mut ep_c = quinn::Endpoint::client("127.0.0.1:0".parse().expect("a")).expect("client");
-    ep_c.set_default_client_config(client);
     let conn = ep_c
         .connect(addr, "west")
         .expect("connect")
@@ -320,33 +327,7 @@ async fn quinn_relay(dir: &Path, target: SocketAddr) -> SocketAddr {
 }
 
 async fn raw_quinn(dir: &Path, bytes: u64) -> f64 {
-    let certs = federation::identity::load_certs(dir.join("west-gw/cert.pem")).expect("certs");
-    let key = federation::identity::load_private_key(dir.join("west-gw/key.pem")).expect("key");
-    let v = Arc::new(
-        PeerVerifier::from_ca_file(
-            dir.join("ca/ca.pem"),
-            Role::Gateway,
-            federation::identity::allow_any(),
-        )
-        .expect("v"),
-    );
-    let mut sc =
-        federation::identity::server_config(certs.clone(), key.clone_key(), v.clone()).expect("sc");
-    sc.alpn_protocols = vec![b"raw".to_vec()];
-    let mut cc = federation::identity::client_config(certs, key, v).expect("cc");
-    cc.alpn_protocols = vec![b"raw".to_vec()];
-    let tuning = gateway::config::TransportTuning::default();
-    let link = gateway::config::LinkConfig::default();
-    let transport = Arc::new(
-        gateway::tls::transport(&tuning, link.keep_alive, Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
-        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(sc)).expect("qsc"),
-    ));
-    server.transport_config(transport.clone());
-    let ep_s = quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("a")).expect("server");
-    let addr = ep_s.local_addr().expect("addr");
+    let (ep_s, addr, ep_c) = quinn_pair(dir, b"raw");
     tokio::spawn(async move {
         if let Some(inc) = ep_s.accept().await
             && let Ok(conn) = inc.await
@@ -362,12 +343,6 @@ async fn raw_quinn(dir: &Path, bytes: u64) -> f64 {
             conn.closed().await;
         }
     });
-    let mut client = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cc)).expect("qcc"),
-    ));
-    client.transport_config(transport);
-    let mut ep_c = quinn::Endpoint::client("127.0.0.1:0".parse().expect("a")).expect("client");
-    ep_c.set_default_client_config(client);
     let conn = ep_c
         .connect(addr, "west")
         .expect("connect")
