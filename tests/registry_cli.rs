@@ -451,25 +451,49 @@ fn shipped_discovery_examples_are_valid() {
     assert_eq!(n, 3, "east, central and west examples");
 }
 
+/// A registry in a real etcd with east (us-east, `east_endpoints` endpoints of echo.default) and
+/// west (us-west, one), each published by its own `strait registry publish`.
+struct EastAndWest {
+    _publishers: [Proc; 2],
+    _etcd: EtcdServer,
+    url: String,
+    cache: RegistryCache,
+    dir: tempfile::TempDir,
+}
+
+async fn east_and_west(east_endpoints: usize) -> EastAndWest {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start(&dir.path().join("etcd")).unwrap();
+    let url = etcd.endpoint();
+    let east = dir.path().join("east.yaml");
+    let west = dir.path().join("west.yaml");
+    std::fs::write(&east, discovery("east", "us-east", east_endpoints, 18000)).unwrap();
+    std::fs::write(&west, discovery("west", "us-west", 1, 19000)).unwrap();
+    let publishers = [publish(&url, &east, "10s"), publish(&url, &west, "10s")];
+    let cache = cache(&url).await;
+    cache
+        .wait_for(WAIT, |s| {
+            has(s, "east", east_endpoints) && has(s, "west", 1)
+        })
+        .await
+        .unwrap();
+    EastAndWest {
+        _publishers: publishers,
+        _etcd: etcd,
+        url,
+        cache,
+        dir,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_explain_shows_priorities_and_reasons_from_the_registry() {
     use federation::model::{LinkHealth, LinkState, Name};
     use federation::registry::Op;
     use federation::registry::codec::encode_link;
 
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdServer::start(&dir.path().join("etcd")).unwrap();
-    let url = etcd.endpoint();
-    let east = dir.path().join("east.yaml");
-    let west = dir.path().join("west.yaml");
-    std::fs::write(&east, discovery("east", "us-east", 2, 18000)).unwrap();
-    std::fs::write(&west, discovery("west", "us-west", 1, 19000)).unwrap();
-    let _pe = publish(&url, &east, "10s");
-    let _pw = publish(&url, &west, "10s");
-    let w = cache(&url).await;
-    w.wait_for(WAIT, |s| has(s, "east", 2) && has(s, "west", 1))
-        .await
-        .unwrap();
+    let fed = east_and_west(2).await;
+    let (url, w) = (fed.url.clone(), &fed.cache);
 
     let out = strait(&[
         "route",
@@ -573,22 +597,11 @@ async fn route_explain_shows_priorities_and_reasons_from_the_registry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_are_applied_listed_used_by_explain_and_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let etcd = EtcdServer::start(&dir.path().join("etcd")).unwrap();
-    let url = etcd.endpoint();
-    let east = dir.path().join("east.yaml");
-    let west = dir.path().join("west.yaml");
-    std::fs::write(&east, discovery("east", "us-east", 1, 18000)).unwrap();
-    std::fs::write(&west, discovery("west", "us-west", 1, 19000)).unwrap();
-    let _pe = publish(&url, &east, "10s");
-    let _pw = publish(&url, &west, "10s");
-    let w = cache(&url).await;
-    w.wait_for(WAIT, |s| has(s, "east", 1) && has(s, "west", 1))
-        .await
-        .unwrap();
+    let fed = east_and_west(1).await;
+    let (dir, url, w) = (fed.dir.path(), fed.url.clone(), &fed.cache);
 
     // A bad file is refused with file, line and field, and nothing is written.
-    let bad = dir.path().join("bad.yaml");
+    let bad = dir.join("bad.yaml");
     std::fs::write(
         &bad,
         "policies:\n  - service: echo.default\n    distribute: [{from: \"us-east/*\", to: {\"us-west/*\": 50}}]\n",
@@ -612,7 +625,7 @@ async fn policies_are_applied_listed_used_by_explain_and_deleted() {
     let out = strait(&["policy", "list", "--etcd", &url]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no policies"));
 
-    let good = dir.path().join("policy.yaml");
+    let good = dir.join("policy.yaml");
     std::fs::write(
         &good,
         "policies:\n  - service: echo.default\n    distribute:\n      - from: \"us-east/*\"\n        to: {\"us-east/*\": 70, \"us-west/*\": 30}\n",
