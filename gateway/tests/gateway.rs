@@ -274,7 +274,8 @@ async fn wait_link(gw: &Gateway, peer: &str, state: &str, within: Duration) -> D
     }
 }
 
-fn client_tls(dir: &Path, ca: &Path) -> Arc<rustls::ClientConfig> {
+/// A TLS client with the identity in `dir` that expects a gateway on the other side.
+fn client_config(dir: &Path, ca: &Path, alpn: &[u8]) -> rustls::ClientConfig {
     let certs = federation::identity::load_certs(dir.join("cert.pem")).unwrap();
     let key = federation::identity::load_private_key(dir.join("key.pem")).unwrap();
     let verifier = Arc::new(
@@ -286,8 +287,12 @@ fn client_tls(dir: &Path, ca: &Path) -> Arc<rustls::ClientConfig> {
         .unwrap(),
     );
     let mut c = federation::identity::client_config(certs, key, verifier).unwrap();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(c)
+    c.alpn_protocols = vec![alpn.to_vec()];
+    c
+}
+
+fn client_tls(dir: &Path, ca: &Path) -> Arc<rustls::ClientConfig> {
+    Arc::new(client_config(dir, ca, b"http/1.1"))
 }
 
 /// HTTP/1.1 CONNECT through an ingress; returns the status and, on 200, the tunnel.
@@ -597,18 +602,7 @@ async fn raw_quic(
     ca: &Path,
     addr: SocketAddr,
 ) -> Result<quinn::Connection, String> {
-    let certs = federation::identity::load_certs(cert_dir.join("cert.pem")).unwrap();
-    let key = federation::identity::load_private_key(cert_dir.join("key.pem")).unwrap();
-    let verifier = Arc::new(
-        federation::identity::PeerVerifier::from_ca_file(
-            ca,
-            federation::identity::Role::Gateway,
-            federation::identity::allow_any(),
-        )
-        .unwrap(),
-    );
-    let mut c = federation::identity::client_config(certs, key, verifier).unwrap();
-    c.alpn_protocols = vec![b"strait/1".to_vec()];
+    let c = client_config(cert_dir, ca, gateway::tls::ALPN_PEER);
     let qc = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(c)).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
