@@ -247,14 +247,14 @@ where
         if this.to_local.state == HalfState::Done && this.to_peer.state == HalfState::Done {
             return Poll::Ready(Ended::Done);
         }
-        let now = Instant::now();
         if moved {
-            this.last_activity = now;
+            this.last_activity = Instant::now();
         }
-        // The idle timer: re-armed lazily, only when it fires early.
+        // The idle timer: re-armed lazily, only when it fires early (the clock is read only
+        // when bytes moved or the timer fired).
         while this.timer.as_mut().poll(cx).is_ready() {
             let deadline = this.last_activity + this.idle;
-            if deadline <= now {
+            if deadline <= Instant::now() {
                 return Poll::Ready(Ended::Idle);
             }
             this.timer.as_mut().reset(deadline);
