@@ -1,6 +1,6 @@
 //! `strait registry …`: publish a static discovery file, dump and watch the registry.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -62,11 +62,6 @@ pub async fn run(cmd: RegistryCommand) -> anyhow::Result<()> {
     }
 }
 
-fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
 async fn publish(
     etcd: Vec<String>,
     file: PathBuf,
@@ -118,36 +113,14 @@ async fn publish(
     });
 
     // Republish when the file changes.
-    let mut stamp = file_stamp(&file);
-    let mut ticker = tokio::time::interval(poll.max(Duration::from_millis(50)));
-    let shutdown = crate::shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = ticker.tick() => {
-                let now = file_stamp(&file);
-                if now == stamp {
-                    continue;
-                }
-                stamp = now;
-                match DiscoveryFile::load(&file) {
-                    Ok(f) if f.state.cluster.id != cluster => {
-                        tracing::error!(
-                            file = %file.display(),
-                            "the file now names cluster `{}`, not `{cluster}`; keeping the last good state",
-                            f.state.cluster.id
-                        );
-                    }
-                    Ok(f) => {
-                        tracing::info!(file = %file.display(), services = f.state.services.len(), "discovery file changed; republishing");
-                        desired_tx.send_replace(cluster_state_kvs(&f.state));
-                    }
-                    Err(e) => tracing::error!("{e}; keeping the last good state"),
-                }
-            }
-        }
-    }
+    federation::discovery::follow_file(
+        file,
+        cluster,
+        poll,
+        desired_tx,
+        crate::shutdown_signal(),
+    )
+    .await;
     let _ = stop_tx.send(());
     task.await.context("the publisher task failed")?;
     reporter.abort();

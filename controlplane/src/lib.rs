@@ -1,6 +1,9 @@
-//! Strait's per-cluster control plane: local discovery, publishing into the registry, route
-//! resolution and the merged xDS server. Built in the controlplane issue; today the cluster
-//! publisher lives in `federation::registry::publisher` and `strait registry publish`.
+//! Strait's per-cluster control plane: publishes the cluster's endpoints to the registry,
+//! follows every other cluster, resolves locality-aware routes and serves them to the
+//! cluster's proxies over ADS (state of the world and delta) — Envoy and proxyless gRPC.
 #![forbid(unsafe_code)]
 
+pub mod metrics;
 pub mod resources;
+pub mod view;
+pub mod xds;

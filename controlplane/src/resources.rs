@@ -1,23 +1,81 @@
-//! xDS resources built from resolved routes (`federation::route`): the EDS
-//! `ClusterLoadAssignment` of a service port, as Envoy and proxyless gRPC read it.
+//! xDS resources built from resolved routes (`federation::route`): clusters (CDS), load
+//! assignments (EDS), listeners (LDS) and route configurations (RDS), for the two kinds of
+//! clients the control plane serves: Envoy (and Envoy-like proxies) and proxyless gRPC.
 //!
-//! Each locality group becomes one `LocalityLbEndpoints` with its priority (levels are dense
-//! from 0, as Envoy requires), its locality, and its locality weight; each endpoint one
+//! **EDS.** Each locality group becomes one `LocalityLbEndpoints` with its priority (levels are
+//! dense from 0, as Envoy requires), its locality, and its locality weight; each endpoint one
 //! `LbEndpoint` with its health and weight. Endpoints of clusters on another network carry filter
-//! metadata `strait` `{cluster, via_gateway: true}`: the xDS server routes those through the
-//! caller's east-west gateway.
+//! metadata `strait` `{cluster, authority, via_gateway: true}`. For Envoy they are addressed to
+//! the internal listener [`TUNNEL_LISTENER`] of the bootstrap (`strait proxy bootstrap --envoy`),
+//! which tunnels the connection over HTTP/2 CONNECT to the local east-west gateway's ingress with
+//! authority `SERVICE.NAMESPACE:PORT` and header `strait-cluster: C`, both read from that
+//! metadata. Proxyless gRPC cannot tunnel: it gets the directly reachable groups only.
+//!
+//! **Graceful draining for gRPC.** gRPC ignores the overprovisioning factor and moves to the next
+//! priority only when a whole priority fails. [`grpc_fold`] computes Envoy's priority load split
+//! (overprovisioning 1.4 on the serving share of each level) and merges every level that would
+//! receive traffic into priority 0, with locality weights that reproduce the split, so a
+//! degrading level sheds load gradually for gRPC clients too.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
-use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind};
-use federation::model::{Health, ServiceKey};
-use federation::route::Route;
+use envoy_types::pb::envoy::config::listener::v3 as listener;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::transport_sockets::internal_upstream::v3::{
+    InternalUpstreamTransport, internal_upstream_transport::MetadataValueSource,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::envoy::r#type::metadata::v3::{MetadataKind, metadata_kind};
+use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, value::Kind};
+use envoy_types::util::pack_any;
+use federation::model::{Health, Protocol, ServiceKey, ServicePort};
+use federation::route::{LocalityGroup, Route};
+
+/// The internal listener (in the Envoy bootstrap) that tunnels to the local gateway.
+pub const TUNNEL_LISTENER: &str = "strait_tunnel";
+/// The metadata namespace of tunnelled endpoints.
+pub const METADATA_NAMESPACE: &str = "strait";
+/// Envoy's outbound HTTP listener and its route configuration.
+pub const OUTBOUND_LISTENER: &str = "strait_outbound_http";
+pub const OUTBOUND_ROUTES: &str = "strait_outbound";
+
+/// Envoy's default overprovisioning factor, in percent.
+const OVERPROVISIONING: u64 = 140;
 
 /// The name of the cluster (CDS) and load assignment (EDS) of a service port.
 pub fn cluster_name(service: &ServiceKey, port: u16) -> String {
     format!("{}.{}:{port}", service.name, service.namespace)
+}
+
+/// What to do with endpoints of clusters on another network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Remote {
+    /// Address them to the bootstrap's internal tunnel listener (Envoy).
+    Tunnel,
+    /// Leave them out (no gateway, or a client that cannot tunnel).
+    Drop,
+    /// Keep their own addresses (validation and tests).
+    Direct,
+}
+
+/// How to build a load assignment for one service port.
+#[derive(Debug, Clone, Copy)]
+pub struct PortView<'a> {
+    pub service: &'a ServiceKey,
+    pub port: &'a ServicePort,
+    /// The service's first port: endpoints' own ports serve it; other ports are reached on the
+    /// endpoint's address at the service port number.
+    pub first: bool,
+    pub remote: Remote,
 }
 
 fn socket_address(a: SocketAddr) -> core::Address {
@@ -32,6 +90,21 @@ fn socket_address(a: SocketAddr) -> core::Address {
     }
 }
 
+fn internal_address(endpoint_id: String) -> core::Address {
+    core::Address {
+        address: Some(core::address::Address::EnvoyInternalAddress(
+            core::EnvoyInternalAddress {
+                endpoint_id,
+                address_name_specifier: Some(
+                    core::envoy_internal_address::AddressNameSpecifier::ServerListenerName(
+                        TUNNEL_LISTENER.to_string(),
+                    ),
+                ),
+            },
+        )),
+    }
+}
+
 fn health(h: Health) -> i32 {
     (match h {
         Health::Healthy => core::HealthStatus::Healthy,
@@ -41,14 +114,16 @@ fn health(h: Health) -> i32 {
     }) as i32
 }
 
-fn strait_metadata(cluster: &str) -> core::Metadata {
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+fn strait_metadata(cluster: &str, authority: &str) -> core::Metadata {
     let fields = [
-        (
-            "cluster".to_string(),
-            Value {
-                kind: Some(Kind::StringValue(cluster.to_string())),
-            },
-        ),
+        ("cluster".to_string(), string_value(cluster)),
+        ("authority".to_string(), string_value(authority)),
         (
             "via_gateway".to_string(),
             Value {
@@ -59,17 +134,63 @@ fn strait_metadata(cluster: &str) -> core::Metadata {
     .into_iter()
     .collect();
     core::Metadata {
-        filter_metadata: [("strait".to_string(), Struct { fields })]
+        filter_metadata: [(METADATA_NAMESPACE.to_string(), Struct { fields })]
             .into_iter()
             .collect(),
         ..Default::default()
     }
 }
 
-/// The EDS resource of `name` for a resolved route.
+fn ads() -> core::ConfigSource {
+    core::ConfigSource {
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            core::AggregatedConfigSource {},
+        )),
+        resource_api_version: core::ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+fn duration_ms(ms: u64) -> Duration {
+    Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// The EDS resource of `name` for a resolved route (endpoints as the route has them).
 pub fn load_assignment(name: &str, route: &Route) -> endpoint::ClusterLoadAssignment {
-    let endpoints = route
+    let groups: Vec<&LocalityGroup> = route.groups.iter().collect();
+    assignment(name, &groups, None, Remote::Direct, "")
+}
+
+/// The EDS resource of one service port as `view` asks.
+pub fn port_assignment(route: &Route, view: PortView<'_>) -> endpoint::ClusterLoadAssignment {
+    let name = cluster_name(view.service, view.port.port);
+    let groups: Vec<&LocalityGroup> = route
         .groups
+        .iter()
+        .filter(|g| !(g.via_gateway && view.remote == Remote::Drop))
+        .collect();
+    let port = (!view.first).then_some(view.port.port);
+    let authority = format!(
+        "{}.{}:{}",
+        view.service.name, view.service.namespace, view.port.port
+    );
+    assignment(&name, &groups, port, view.remote, &authority)
+}
+
+fn assignment(
+    name: &str,
+    groups: &[&LocalityGroup],
+    port: Option<u16>,
+    remote: Remote,
+    authority: &str,
+) -> endpoint::ClusterLoadAssignment {
+    // Priorities stay dense after dropping groups.
+    let levels: BTreeSet<u32> = groups.iter().map(|g| g.priority).collect();
+    let dense = |p: u32| levels.iter().position(|l| *l == p).unwrap_or(0) as u32;
+    let endpoints = groups
         .iter()
         .map(|g| endpoint::LocalityLbEndpoints {
             locality: Some(core::Locality {
@@ -80,26 +201,358 @@ pub fn load_assignment(name: &str, route: &Route) -> endpoint::ClusterLoadAssign
             lb_endpoints: g
                 .endpoints
                 .iter()
-                .map(|e| endpoint::LbEndpoint {
-                    health_status: health(e.health),
-                    load_balancing_weight: Some(UInt32Value { value: e.weight }),
-                    metadata: g.via_gateway.then(|| strait_metadata(g.cluster.as_str())),
-                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
-                        endpoint::Endpoint {
-                            address: Some(socket_address(SocketAddr::new(e.address, e.port))),
-                            ..Default::default()
-                        },
-                    )),
+                .map(|e| {
+                    let addr = SocketAddr::new(e.address, port.unwrap_or(e.port));
+                    let tunnel = g.via_gateway && remote == Remote::Tunnel;
+                    endpoint::LbEndpoint {
+                        health_status: health(e.health),
+                        load_balancing_weight: Some(UInt32Value { value: e.weight }),
+                        metadata: g
+                            .via_gateway
+                            .then(|| strait_metadata(g.cluster.as_str(), authority)),
+                        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                            endpoint::Endpoint {
+                                address: Some(if tunnel {
+                                    internal_address(format!("{}/{addr}", g.cluster))
+                                } else {
+                                    socket_address(addr)
+                                }),
+                                ..Default::default()
+                            },
+                        )),
+                    }
                 })
                 .collect(),
             load_balancing_weight: Some(UInt32Value { value: g.weight }),
-            priority: g.priority,
+            priority: dense(g.priority),
             ..Default::default()
         })
         .collect();
     endpoint::ClusterLoadAssignment {
         cluster_name: name.to_string(),
         endpoints,
+        ..Default::default()
+    }
+}
+
+/// Envoy's share of traffic per priority level (in parts per million), from the serving share
+/// of each level and the overprovisioning factor, normalised when the levels together are not
+/// healthy enough to take everything.
+pub fn priority_loads(levels: &[(usize, usize)]) -> Vec<u64> {
+    const FULL: u64 = 1_000_000;
+    let health: Vec<u64> = levels
+        .iter()
+        .map(|&(serving, total)| {
+            if total == 0 {
+                0
+            } else {
+                (FULL * OVERPROVISIONING / 100 * serving as u64 / total as u64).min(FULL)
+            }
+        })
+        .collect();
+    let sum: u64 = health.iter().sum::<u64>().min(FULL);
+    if sum == 0 {
+        return vec![0; levels.len()];
+    }
+    let mut left = FULL;
+    health
+        .iter()
+        .map(|h| {
+            // Normalised health: each level's share of the total when the sum is below 100 %.
+            let h = h * FULL / sum;
+            let take = h.min(left);
+            left -= take;
+            take
+        })
+        .collect()
+}
+
+/// Fold a route for a client that ignores overprovisioning (proxyless gRPC): the levels Envoy
+/// would send traffic to become priority 0 together, their locality weights scaled to Envoy's
+/// split; unserving endpoints are left out; the remaining levels follow, renumbered.
+pub fn grpc_fold(route: &Route) -> Route {
+    let levels = route.levels() as usize;
+    let mut counts = vec![(0usize, 0usize); levels];
+    for g in &route.groups {
+        let c = &mut counts[g.priority as usize];
+        c.0 += g.serving();
+        c.1 += g.endpoints.len();
+    }
+    let loads = priority_loads(&counts);
+    let mut level_weight = vec![0u64; levels];
+    for g in &route.groups {
+        level_weight[g.priority as usize] += u64::from(g.weight);
+    }
+    let spill = loads.iter().filter(|l| **l > 0).count();
+    let mut out = Route {
+        groups: Vec::new(),
+        excluded: route.excluded.clone(),
+    };
+    for g in &route.groups {
+        let p = g.priority as usize;
+        let mut g2 = g.clone();
+        g2.endpoints.retain(|e| e.health.is_serving());
+        if g2.endpoints.is_empty() {
+            continue;
+        }
+        if loads[p] > 0 {
+            g2.priority = 0;
+            if spill > 1 {
+                // Parts of 10,000 of the total, at least 1.
+                let w = loads[p] * u64::from(g.weight) / level_weight[p].max(1) / 100;
+                g2.weight = w.clamp(1, u64::from(u32::MAX)) as u32;
+                g2.why = format!("{}; receives Envoy's spill-over share", g.why);
+            }
+        } else {
+            g2.priority = (p + 1 - spill) as u32;
+        }
+        out.groups.push(g2);
+    }
+    out.groups.sort_by_key(|g| g.priority);
+    out
+}
+
+/// Which kind of client a resource set is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ClientKind {
+    Envoy,
+    Grpc,
+}
+
+fn http2_options() -> (String, envoy_types::pb::google::protobuf::Any) {
+    let opts = HttpProtocolOptions {
+        upstream_protocol_options: Some(
+            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(
+                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            Default::default(),
+                        ),
+                    ),
+                },
+            ),
+        ),
+        ..Default::default()
+    };
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+        pack_any(opts),
+    )
+}
+
+/// The CDS resource of one service port.
+pub fn service_cluster(
+    service: &ServiceKey,
+    port: &ServicePort,
+    kind: ClientKind,
+) -> cluster::Cluster {
+    let mut c = cluster::Cluster {
+        name: cluster_name(service, port.port),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
+        ..Default::default()
+    };
+    if kind == ClientKind::Envoy {
+        c.connect_timeout = Some(duration_ms(1000));
+        c.common_lb_config = Some(cluster::cluster::CommonLbConfig {
+            locality_config_specifier: Some(
+                cluster::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                    Default::default(),
+                ),
+            ),
+            ..Default::default()
+        });
+        // Passive health: eject endpoints that fail, so retries and spill-over move on.
+        c.outlier_detection = Some(cluster::OutlierDetection {
+            consecutive_5xx: Some(UInt32Value { value: 5 }),
+            consecutive_gateway_failure: Some(UInt32Value { value: 3 }),
+            interval: Some(duration_ms(1000)),
+            base_ejection_time: Some(duration_ms(5000)),
+            max_ejection_percent: Some(UInt32Value { value: 50 }),
+            ..Default::default()
+        });
+        // Endpoints behind the gateway are internal addresses: pass their `strait` metadata on
+        // to the tunnel listener's connection, where the CONNECT authority and header read it.
+        c.transport_socket = Some(core::TransportSocket {
+            name: "envoy.transport_sockets.internal_upstream".to_string(),
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(pack_any(
+                InternalUpstreamTransport {
+                    passthrough_metadata: vec![MetadataValueSource {
+                        kind: Some(MetadataKind {
+                            kind: Some(metadata_kind::Kind::Host(Default::default())),
+                        }),
+                        name: METADATA_NAMESPACE.to_string(),
+                    }],
+                    transport_socket: Some(core::TransportSocket {
+                        name: "envoy.transport_sockets.raw_buffer".to_string(),
+                        config_type: Some(core::transport_socket::ConfigType::TypedConfig(
+                            pack_any(RawBuffer {}),
+                        )),
+                    }),
+                },
+            ))),
+        });
+        if matches!(port.protocol, Protocol::Http2 | Protocol::Grpc) {
+            c.typed_extension_protocol_options = [http2_options()].into_iter().collect();
+        }
+    }
+    c
+}
+
+fn router_filter() -> hcm::HttpFilter {
+    hcm::HttpFilter {
+        name: "envoy.filters.http.router".to_string(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+            Router::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+fn route_to(cluster: String, retries: bool) -> route::Route {
+    let retry_policy = retries.then(|| route::RetryPolicy {
+        retry_on: "connect-failure,refused-stream,reset,gateway-error".to_string(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        // A retry goes to another host, and to another priority than the one that failed.
+        retry_host_predicate: vec![route::retry_policy::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".to_string(),
+            config_type: Some(
+                route::retry_policy::retry_host_predicate::ConfigType::TypedConfig(pack_any(
+                    envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate::default(),
+                )),
+            ),
+        }],
+        retry_priority: Some(route::retry_policy::RetryPriority {
+            name: "envoy.retry_priorities.previous_priorities".to_string(),
+            config_type: Some(route::retry_policy::retry_priority::ConfigType::TypedConfig(
+                pack_any(
+                    envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig {
+                        update_frequency: 1,
+                    },
+                ),
+            )),
+        }),
+        host_selection_retry_max_attempts: 3,
+        ..Default::default()
+    });
+    route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".to_string())),
+            ..Default::default()
+        }),
+        action: Some(route::route::Action::Route(route::RouteAction {
+            cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(cluster)),
+            retry_policy,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// The host names a service port answers to: `NAME.NS`, `NAME.NS.svc.clusterset.local` and
+/// `NAME.NS.svc.cluster.local`, each with `:PORT`, and without a port for the first port.
+pub fn domains(service: &ServiceKey, port: u16, first: bool) -> Vec<String> {
+    let base = format!("{}.{}", service.name, service.namespace);
+    let names = [
+        base.clone(),
+        format!("{base}.svc.clusterset.local"),
+        format!("{base}.svc.cluster.local"),
+    ];
+    let mut out = Vec::new();
+    for n in names {
+        out.push(format!("{n}:{port}"));
+        if first {
+            out.push(n);
+        }
+    }
+    out
+}
+
+/// One HTTP service port for Envoy's outbound route configuration.
+pub struct HttpPort<'a> {
+    pub service: &'a ServiceKey,
+    pub port: u16,
+    pub first: bool,
+}
+
+/// Envoy's outbound route configuration: one virtual host per HTTP service port.
+pub fn outbound_routes(ports: &[HttpPort<'_>]) -> route::RouteConfiguration {
+    route::RouteConfiguration {
+        name: OUTBOUND_ROUTES.to_string(),
+        virtual_hosts: ports
+            .iter()
+            .map(|p| route::VirtualHost {
+                name: cluster_name(p.service, p.port),
+                domains: domains(p.service, p.port, p.first),
+                routes: vec![route_to(cluster_name(p.service, p.port), true)],
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn hcm_filter(h: hcm::HttpConnectionManager) -> listener::Filter {
+    listener::Filter {
+        name: "envoy.filters.network.http_connection_manager".to_string(),
+        config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(h))),
+    }
+}
+
+/// Envoy's outbound HTTP listener on `addr`, routed by `Host`/`:authority` through RDS.
+pub fn outbound_listener(addr: SocketAddr) -> listener::Listener {
+    let h = hcm::HttpConnectionManager {
+        stat_prefix: "strait_outbound".to_string(),
+        codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+            config_source: Some(ads()),
+            route_config_name: OUTBOUND_ROUTES.to_string(),
+        })),
+        http_filters: vec![router_filter()],
+        ..Default::default()
+    };
+    listener::Listener {
+        name: OUTBOUND_LISTENER.to_string(),
+        address: Some(socket_address(addr)),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![hcm_filter(h)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// A proxyless gRPC client's listener for target `xds:///NAME` (an `api_listener` with an inline
+/// route to the service port's cluster).
+pub fn grpc_listener(name: &str, cluster: String) -> listener::Listener {
+    let h = hcm::HttpConnectionManager {
+        stat_prefix: name.to_string(),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+            route::RouteConfiguration {
+                name: name.to_string(),
+                virtual_hosts: vec![route::VirtualHost {
+                    name: name.to_string(),
+                    domains: vec!["*".to_string()],
+                    routes: vec![route_to(cluster, false)],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters: vec![router_filter()],
+        ..Default::default()
+    };
+    listener::Listener {
+        name: name.to_string(),
+        api_listener: Some(listener::ApiListener {
+            api_listener: Some(pack_any(h)),
+        }),
         ..Default::default()
     }
 }

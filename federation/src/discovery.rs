@@ -471,3 +471,63 @@ services:
         );
     }
 }
+
+/// `#[serde(with = "federation::discovery::duration_field")]`: a duration written like `500ms`
+/// or `2s` in a configuration file.
+pub mod duration_field {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("`{s}` is not a duration (e.g. 500ms, 2s): {e}"))
+        })
+    }
+}
+
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Check `path` every `poll` and send its cluster state (registry keys and values) to `desired`
+/// whenever it changes, until `shutdown`. An edit that does not parse, or that names another
+/// cluster than `cluster`, is logged with its file:line:field and the last good state stays.
+pub async fn follow_file(
+    path: PathBuf,
+    cluster: crate::model::ClusterId,
+    poll: std::time::Duration,
+    desired: tokio::sync::watch::Sender<std::collections::BTreeMap<String, Vec<u8>>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut stamp = file_stamp(&path);
+    let mut ticker = tokio::time::interval(poll.max(std::time::Duration::from_millis(50)));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = ticker.tick() => {}
+        }
+        let now = file_stamp(&path);
+        if now == stamp {
+            continue;
+        }
+        stamp = now;
+        match DiscoveryFile::load(&path) {
+            Ok(f) if f.state.cluster.id != cluster => {
+                tracing::error!(
+                    file = %path.display(),
+                    "the file now names cluster `{}`, not `{cluster}`; keeping the last good state",
+                    f.state.cluster.id
+                );
+            }
+            Ok(f) => {
+                tracing::info!(file = %path.display(), services = f.state.services.len(),
+                    "discovery file changed; republishing");
+                desired.send_replace(crate::registry::codec::cluster_state_kvs(&f.state));
+            }
+            Err(e) => tracing::error!("{e}; keeping the last good state"),
+        }
+    }
+}

@@ -49,13 +49,13 @@ pub struct DnsConfig {
     /// Name servers (`IP:PORT`); empty: the system's (`/etc/resolv.conf`).
     pub nameservers: Vec<SocketAddr>,
     /// Per-query timeout.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub timeout: Duration,
     /// Names are looked up again no sooner than this (also the retry delay after a failure).
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub min_refresh: Duration,
     /// ... and no later than this, whatever the records' TTL.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub max_refresh: Duration,
 }
 
@@ -88,7 +88,7 @@ pub struct TlsFiles {
     pub key: PathBuf,
     pub ca: PathBuf,
     /// How often the files are checked for rotation.
-    #[serde(default = "default_reload", with = "humantime_serde_compat")]
+    #[serde(default = "default_reload", with = "federation::discovery::duration_field")]
     pub reload_interval: Duration,
 }
 
@@ -101,7 +101,7 @@ fn default_reload() -> Duration {
 pub struct RegistryConfig {
     pub etcd: Vec<String>,
     /// TTL of the gateway's lease over its link states.
-    #[serde(default = "default_lease_ttl", with = "humantime_serde_compat")]
+    #[serde(default = "default_lease_ttl", with = "federation::discovery::duration_field")]
     pub lease_ttl: Duration,
 }
 
@@ -129,12 +129,12 @@ pub struct StaticPeer {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LinkConfig {
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub probe_interval: Duration,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub probe_timeout: Duration,
     /// No probe reply for this long: the link is down.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub down_after: Duration,
     /// Consecutive replies needed after a reconnect before the link is up.
     pub up_after_replies: u32,
@@ -142,15 +142,15 @@ pub struct LinkConfig {
     pub window: usize,
     /// Loss ratio (0..1) at which the link is degraded.
     pub degraded_loss: f64,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub degraded_rtt: Duration,
     pub degrade_after: u32,
     pub recover_after: u32,
     /// QUIC keep-alive interval.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub keep_alive: Duration,
     /// QUIC idle timeout: a connection with no packets for this long is dead.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub idle_timeout: Duration,
 }
 
@@ -222,13 +222,13 @@ impl Default for TransportTuning {
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelConfig {
     /// A tunnel with no bytes either way for this long is closed.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub idle_timeout: Duration,
     /// Connecting to a local endpoint may take this long.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub connect_timeout: Duration,
     /// Opening a tunnel (header sent to status received) may take this long.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "federation::discovery::duration_field")]
     pub open_timeout: Duration,
 }
 
@@ -243,17 +243,6 @@ impl Default for TunnelConfig {
 }
 
 /// Durations written as `500ms`, `2s`, `1h`.
-mod humantime_serde_compat {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!("`{s}` is not a duration (e.g. 500ms, 2s): {e}"))
-        })
-    }
-}
 
 /// A configuration file that cannot be used.
 #[derive(Debug, thiserror::Error)]

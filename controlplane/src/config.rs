@@ -1,0 +1,194 @@
+//! `strait controlplane --config FILE`: the control plane's YAML configuration.
+//!
+//! ```yaml
+//! cluster: east
+//! region: us-east
+//! registry: {etcd: ["http://127.0.0.1:2379"]}   # or {embedded: true}
+//! discovery: {file: east.yaml}                   # optional: this cluster's endpoints
+//! xds:
+//!   listen: "127.0.0.1:15010"
+//!   tls: {cert: certs/east-cp/cert.pem, key: certs/east-cp/key.pem, ca: certs/ca.pem}  # optional
+//! gateway: {ingress: "127.0.0.1:15008"}          # optional: the local east-west gateway
+//! admin: {listen: "127.0.0.1:15014"}
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use federation::discovery::{DiscoveryError, parse_yaml};
+use federation::model::Name;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    pub cluster: Name,
+    pub region: String,
+    pub registry: RegistryConfig,
+    #[serde(default)]
+    pub discovery: Option<DiscoveryConfig>,
+    pub xds: XdsConfig,
+    #[serde(default)]
+    pub gateway: Option<GatewayConfig>,
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// etcd client URLs.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    /// An in-process registry instead (a single cluster, or tests).
+    #[serde(default)]
+    pub embedded: bool,
+    /// TTL of the lease over this cluster's published entries.
+    #[serde(
+        default = "default_lease_ttl",
+        with = "federation::discovery::duration_field"
+    )]
+    pub lease_ttl: Duration,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// A static discovery file (see docs/configuration.md); re-read when it changes.
+    pub file: PathBuf,
+    #[serde(
+        default = "default_poll",
+        with = "federation::discovery::duration_field"
+    )]
+    pub poll: Duration,
+}
+
+fn default_poll() -> Duration {
+    Duration::from_secs(1)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsConfig {
+    pub listen: SocketAddr,
+    /// mTLS with workload certificates; without it the listener must be on loopback.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    #[serde(
+        default = "default_debounce",
+        with = "federation::discovery::duration_field"
+    )]
+    pub debounce: Duration,
+    #[serde(
+        default = "default_max_delay",
+        with = "federation::discovery::duration_field"
+    )]
+    pub max_delay: Duration,
+    #[serde(
+        default = "default_send_timeout",
+        with = "federation::discovery::duration_field"
+    )]
+    pub send_timeout: Duration,
+}
+
+fn default_debounce() -> Duration {
+    Duration::from_millis(5)
+}
+fn default_max_delay() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The local gateway's ingress (HTTP CONNECT over mTLS).
+    pub ingress: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    File(#[from] DiscoveryError),
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+impl ControlPlaneConfig {
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        Self::parse(path, &federation::discovery::read_file(path)?)
+    }
+
+    pub fn parse(path: impl AsRef<Path>, text: &str) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let mut cfg: ControlPlaneConfig = parse_yaml(path, text)?;
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            reason,
+        };
+        federation::model::Locality::new(&cfg.region, "", "")
+            .map_err(|e| invalid("region", e.reason))?;
+        match (cfg.registry.etcd.is_empty(), cfg.registry.embedded) {
+            (true, false) => {
+                return Err(invalid(
+                    "registry",
+                    "give `etcd: [URL, …]` or `embedded: true`".into(),
+                ));
+            }
+            (false, true) => {
+                return Err(invalid(
+                    "registry",
+                    "`etcd` and `embedded` exclude each other".into(),
+                ));
+            }
+            _ => {}
+        }
+        if cfg.xds.tls.is_none() && !cfg.xds.listen.ip().is_loopback() {
+            return Err(invalid(
+                "xds.listen",
+                format!(
+                    "{} is not a loopback address: serving xDS beyond this host needs `xds.tls` (mTLS)",
+                    cfg.xds.listen
+                ),
+            ));
+        }
+        // Relative paths are relative to the file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(d) = &mut cfg.discovery {
+            d.file = base.join(&d.file);
+        }
+        if let Some(t) = &mut cfg.xds.tls {
+            t.cert = base.join(&t.cert);
+            t.key = base.join(&t.key);
+            t.ca = base.join(&t.ca);
+        }
+        Ok(cfg)
+    }
+}

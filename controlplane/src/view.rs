@@ -1,0 +1,354 @@
+//! What one proxy is given: the resources of every type for its *view* — its cluster, locality,
+//! workload labels, client kind and listener settings, all read from the xDS `Node`. Proxies
+//! with the same view share one computed resource set per registry generation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::{Any, Struct, value::Kind};
+use envoy_types::util::pack_any;
+use federation::model::{ClusterId, Labels, Locality, Protocol, Service, ServiceKey};
+use federation::registry::Snapshot;
+use federation::route::{Caller, Inputs, resolve};
+
+use crate::resources::{
+    ClientKind, HttpPort, PortView, Remote, cluster_name, grpc_fold, grpc_listener,
+    outbound_listener, outbound_routes, port_assignment, service_cluster,
+};
+
+/// The four resource types, in the order they are pushed (make-before-break: clusters before
+/// their endpoints, listeners before their routes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TypeKind {
+    Cluster = 0,
+    Endpoint = 1,
+    Listener = 2,
+    Route = 3,
+}
+
+pub const ORDER: [TypeKind; 4] = [
+    TypeKind::Cluster,
+    TypeKind::Endpoint,
+    TypeKind::Listener,
+    TypeKind::Route,
+];
+
+impl TypeKind {
+    pub fn url(self) -> &'static str {
+        match self {
+            TypeKind::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            TypeKind::Endpoint => {
+                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+            }
+            TypeKind::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
+            TypeKind::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        }
+    }
+
+    pub fn from_url(url: &str) -> Option<Self> {
+        ORDER.into_iter().find(|t| t.url() == url)
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            TypeKind::Cluster => "CDS",
+            TypeKind::Endpoint => "EDS",
+            TypeKind::Listener => "LDS",
+            TypeKind::Route => "RDS",
+        }
+    }
+
+    /// CDS and LDS are subscribed to as a whole (wildcard) by Envoy.
+    pub fn wildcard_by_default(self) -> bool {
+        matches!(self, TypeKind::Cluster | TypeKind::Listener)
+    }
+}
+
+/// One resource as sent: its name, a content version (a hash of its encoding), the packed
+/// message, and the clusters it refers to (for listeners and routes).
+#[derive(Debug)]
+pub struct Resource {
+    pub name: String,
+    pub version: String,
+    pub body: Any,
+    pub refs: Vec<String>,
+}
+
+impl Resource {
+    fn new<M: prost::Name + prost::Message>(name: String, msg: M, refs: Vec<String>) -> Self {
+        let body = pack_any(msg);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        body.value.hash(&mut h);
+        Self {
+            name,
+            version: format!("{:016x}", h.finish()),
+            body,
+            refs,
+        }
+    }
+}
+
+pub type Resources = BTreeMap<String, Arc<Resource>>;
+
+/// Every resource of a view, by type.
+#[derive(Debug, Default)]
+pub struct View {
+    pub types: [Resources; 4],
+}
+
+impl View {
+    pub fn get(&self, t: TypeKind) -> &Resources {
+        &self.types[t as usize]
+    }
+}
+
+/// What a proxy's resources depend on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ViewKey {
+    pub kind: ClientKind,
+    pub locality: Locality,
+    pub labels: Labels,
+    /// Envoy's outbound HTTP listener address (node metadata `STRAIT_OUTBOUND`).
+    pub outbound: Option<SocketAddr>,
+    /// The bootstrap has the tunnel listener to the gateway (node metadata `STRAIT_TUNNEL`).
+    pub tunnel: bool,
+}
+
+/// A proxy as it introduced itself.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub id: String,
+    pub user_agent: String,
+    pub key: ViewKey,
+}
+
+/// Node metadata keys Strait reads.
+pub const META_CLUSTER: &str = "STRAIT_CLUSTER";
+pub const META_LABELS: &str = "STRAIT_LABELS";
+pub const META_OUTBOUND: &str = "STRAIT_OUTBOUND";
+pub const META_TUNNEL: &str = "STRAIT_TUNNEL";
+pub const META_KIND: &str = "STRAIT_KIND";
+
+fn meta_string<'a>(meta: Option<&'a Struct>, key: &str) -> Result<Option<&'a str>, String> {
+    match meta.and_then(|m| m.fields.get(key)).and_then(|v| v.kind.as_ref()) {
+        None | Some(Kind::NullValue(_)) => Ok(None),
+        Some(Kind::StringValue(s)) => Ok(Some(s)),
+        Some(_) => Err(format!("node metadata {key}: expected a string")),
+    }
+}
+
+impl NodeInfo {
+    /// Read a node; `cluster` and `region` are this control plane's (the defaults, and what a
+    /// node's `STRAIT_CLUSTER` must say).
+    pub fn parse(node: &Node, cluster: &ClusterId, region: &str) -> Result<Self, String> {
+        if node.id.is_empty() {
+            return Err("node.id is empty".into());
+        }
+        let meta = node.metadata.as_ref();
+        if let Some(c) = meta_string(meta, META_CLUSTER)?
+            && c != cluster.as_str()
+        {
+            return Err(format!(
+                "node {} says it is in cluster {c:?}, but this control plane serves cluster {cluster:?}",
+                node.id
+            ));
+        }
+        let kind = match meta_string(meta, META_KIND)? {
+            Some("envoy") => ClientKind::Envoy,
+            Some("grpc") => ClientKind::Grpc,
+            Some(other) => {
+                return Err(format!(
+                    "node metadata {META_KIND}: {other:?} is not envoy or grpc"
+                ));
+            }
+            None if node.user_agent_name.to_ascii_lowercase().contains("grpc") => {
+                ClientKind::Grpc
+            }
+            None => ClientKind::Envoy,
+        };
+        let loc = node.locality.clone().unwrap_or_default();
+        let region = if loc.region.is_empty() {
+            region
+        } else {
+            &loc.region
+        };
+        let locality = Locality::new(region, &loc.zone, &loc.sub_zone)
+            .map_err(|e| format!("node.locality: {e}"))?;
+        let labels = match meta
+            .and_then(|m| m.fields.get(META_LABELS))
+            .and_then(|v| v.kind.as_ref())
+        {
+            None | Some(Kind::NullValue(_)) => Labels::default(),
+            Some(Kind::StructValue(s)) => {
+                let mut map = BTreeMap::new();
+                for (k, v) in &s.fields {
+                    match &v.kind {
+                        Some(Kind::StringValue(s)) => {
+                            map.insert(k.clone(), s.clone());
+                        }
+                        _ => {
+                            return Err(format!(
+                                "node metadata {META_LABELS}.{k}: expected a string"
+                            ));
+                        }
+                    }
+                }
+                Labels::new(map).map_err(|e| format!("node metadata {META_LABELS}: {e}"))?
+            }
+            Some(_) => return Err(format!("node metadata {META_LABELS}: expected a map")),
+        };
+        let outbound = meta_string(meta, META_OUTBOUND)?
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .map_err(|e| format!("node metadata {META_OUTBOUND}: {s:?}: {e}"))
+            })
+            .transpose()?;
+        let tunnel = match meta
+            .and_then(|m| m.fields.get(META_TUNNEL))
+            .and_then(|v| v.kind.as_ref())
+        {
+            None | Some(Kind::NullValue(_)) => false,
+            Some(Kind::BoolValue(b)) => *b,
+            Some(Kind::StringValue(s)) if s == "true" => true,
+            Some(Kind::StringValue(s)) if s == "false" => false,
+            Some(_) => return Err(format!("node metadata {META_TUNNEL}: expected a boolean")),
+        };
+        Ok(Self {
+            id: node.id.clone(),
+            user_agent: node.user_agent_name.clone(),
+            key: ViewKey {
+                kind,
+                locality,
+                labels,
+                outbound,
+                tunnel,
+            },
+        })
+    }
+}
+
+/// The control plane's own settings that views depend on.
+#[derive(Debug, Clone)]
+pub struct ViewSettings {
+    pub cluster: ClusterId,
+    pub region: String,
+    /// A local gateway ingress exists: Envoy proxies with a tunnel listener reach remote
+    /// clusters through it.
+    pub gateway: bool,
+}
+
+/// Every service in the snapshot, with its ports (this cluster's definition when it has one,
+/// else the first cluster's).
+fn services(snapshot: &Snapshot, own: &ClusterId) -> BTreeMap<ServiceKey, Service> {
+    let mut out: BTreeMap<ServiceKey, Service> = BTreeMap::new();
+    for ((key, cluster), se) in &snapshot.endpoints {
+        if cluster == own || !out.contains_key(key) {
+            out.insert(key.clone(), se.service.clone());
+        }
+    }
+    out
+}
+
+/// Compute the resources of `key` from a registry snapshot.
+pub fn build(snapshot: &Snapshot, key: &ViewKey, settings: &ViewSettings) -> View {
+    let caller = Caller {
+        cluster: settings.cluster.clone(),
+        locality: key.locality.clone(),
+        labels: key.labels.clone(),
+    };
+    let remote = match key.kind {
+        ClientKind::Envoy if key.tunnel && settings.gateway => Remote::Tunnel,
+        _ => Remote::Drop,
+    };
+    let mut view = View::default();
+    let mut http_ports: Vec<HttpPort<'_>> = Vec::new();
+    let services = services(snapshot, &settings.cluster);
+    for (skey, service) in &services {
+        let mut route = resolve(&caller, &Inputs::from_snapshot(snapshot, skey));
+        if key.kind == ClientKind::Grpc {
+            route.groups.retain(|g| !g.via_gateway);
+            route = grpc_fold(&route);
+        }
+        for (i, port) in service.ports.iter().enumerate() {
+            let name = cluster_name(skey, port.port);
+            let pv = PortView {
+                service: skey,
+                port,
+                first: i == 0,
+                remote,
+            };
+            view.types[TypeKind::Cluster as usize].insert(
+                name.clone(),
+                Arc::new(Resource::new(
+                    name.clone(),
+                    service_cluster(skey, port, key.kind),
+                    Vec::new(),
+                )),
+            );
+            view.types[TypeKind::Endpoint as usize].insert(
+                name.clone(),
+                Arc::new(Resource::new(
+                    name.clone(),
+                    port_assignment(&route, pv),
+                    Vec::new(),
+                )),
+            );
+            match key.kind {
+                ClientKind::Envoy => {
+                    if matches!(
+                        port.protocol,
+                        Protocol::Http | Protocol::Http2 | Protocol::Grpc
+                    ) {
+                        http_ports.push(HttpPort {
+                            service: skey,
+                            port: port.port,
+                            first: i == 0,
+                        });
+                    }
+                }
+                ClientKind::Grpc => {
+                    let mut names = vec![format!("{}.{}:{}", skey.name, skey.namespace, port.port)];
+                    if i == 0 {
+                        names.push(format!("{}.{}", skey.name, skey.namespace));
+                    }
+                    for n in names {
+                        view.types[TypeKind::Listener as usize].insert(
+                            n.clone(),
+                            Arc::new(Resource::new(
+                                n.clone(),
+                                grpc_listener(&n, name.clone()),
+                                vec![name.clone()],
+                            )),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if key.kind == ClientKind::Envoy {
+        let routes = outbound_routes(&http_ports);
+        let refs: BTreeSet<String> = http_ports
+            .iter()
+            .map(|p| cluster_name(p.service, p.port))
+            .collect();
+        view.types[TypeKind::Route as usize].insert(
+            routes.name.clone(),
+            Arc::new(Resource::new(
+                routes.name.clone(),
+                routes,
+                refs.into_iter().collect(),
+            )),
+        );
+        if let Some(addr) = key.outbound {
+            let l = outbound_listener(addr);
+            view.types[TypeKind::Listener as usize].insert(
+                l.name.clone(),
+                Arc::new(Resource::new(l.name.clone(), l, Vec::new())),
+            );
+        }
+    }
+    view
+}

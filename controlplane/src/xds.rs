@@ -1,0 +1,770 @@
+//! The ADS server: state-of-the-world (`StreamAggregatedResources`) and delta
+//! (`DeltaAggregatedResources`) for CDS, EDS, LDS and RDS.
+//!
+//! - **Generations.** [`Xds::follow`] watches the registry cache; a burst of changes is
+//!   debounced (quiet period, bounded by a maximum delay) into one generation. Each proxy's
+//!   resources are computed once per (view, generation), shared by every proxy with that view.
+//! - **Streams.** Each stream runs in its own task with a small bounded outbox: a client that
+//!   stops reading blocks only itself, and is dropped after `send_timeout`.
+//! - **Flow.** One response in flight per type: the next waits for the ACK or NACK. Types are
+//!   pushed in the order CDS, EDS, LDS, RDS; a cluster that listeners or routes the client has
+//!   acknowledged still refer to is kept until a route update without it is acknowledged
+//!   (make-before-break). A changed cluster's endpoints are re-sent after it.
+//! - **NACK.** Logged with the client's message and counted; the server does not re-send the
+//!   rejected content (the client keeps its last good config) and sends again when content
+//!   changes.
+//! - **Nonces.** A request whose nonce is not the latest sent for its type is stale and ignored
+//!   (counted). Unknown type URLs are logged once per stream and counted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    Resource as DeltaResource,
+};
+use federation::registry::Snapshot;
+use futures::Stream;
+use tokio::sync::{OnceCell, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::Metrics;
+use crate::view::{self, NodeInfo, ORDER, Resource, TypeKind, View, ViewKey, ViewSettings};
+
+/// Server tuning.
+#[derive(Debug, Clone)]
+pub struct XdsOptions {
+    /// Wait this long without further registry changes before publishing a generation.
+    pub debounce: Duration,
+    /// ... but never longer than this after the first change.
+    pub max_delay: Duration,
+    /// Drop a stream whose client has not read a response for this long.
+    pub send_timeout: Duration,
+}
+
+impl Default for XdsOptions {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(5),
+            max_delay: Duration::from_millis(50),
+            send_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One published registry state and the views computed from it.
+pub struct Generation {
+    pub id: u64,
+    pub snapshot: Arc<Snapshot>,
+    /// When the change that led to it was seen.
+    pub seen: Instant,
+    views: Mutex<HashMap<ViewKey, Arc<OnceCell<Arc<View>>>>>,
+}
+
+/// What a connected proxy was last sent, for `/debug/config`.
+pub struct ClientRecord {
+    pub node: NodeInfo,
+    pub delta: bool,
+    pub connected: SystemTime,
+    pub sent: Mutex<[BTreeMap<String, Arc<Resource>>; 4]>,
+    pub acked: Mutex<[Option<String>; 4]>,
+    pub last_nack: Mutex<Option<String>>,
+}
+
+/// The xDS server's shared state. Cheap to clone.
+#[derive(Clone)]
+pub struct Xds {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: ViewSettings,
+    options: XdsOptions,
+    generations: watch::Sender<Option<Arc<Generation>>>,
+    metrics: Arc<Metrics>,
+    clients: Mutex<BTreeMap<u64, Arc<ClientRecord>>>,
+    next_client: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl Xds {
+    pub fn new(settings: ViewSettings, options: XdsOptions, metrics: Arc<Metrics>) -> Self {
+        let (generations, _) = watch::channel(None);
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                options,
+                generations,
+                metrics,
+                clients: Mutex::new(BTreeMap::new()),
+                next_client: AtomicU64::new(1),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Close every stream.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// True once a generation has been published (streams are served from then on).
+    pub fn ready(&self) -> bool {
+        self.inner.generations.borrow().is_some()
+    }
+
+    /// The current generation, if any.
+    pub fn generation(&self) -> Option<Arc<Generation>> {
+        self.inner.generations.borrow().clone()
+    }
+
+    /// Publish a snapshot as a new generation now.
+    pub fn publish(&self, snapshot: Arc<Snapshot>, seen: Instant) {
+        let id = self.inner.metrics.generations.fetch_add(1, Relaxed) + 1;
+        let g = Arc::new(Generation {
+            id,
+            snapshot,
+            seen,
+            views: Mutex::new(HashMap::new()),
+        });
+        self.inner.generations.send_replace(Some(g));
+    }
+
+    /// Follow a registry cache: publish its snapshots as generations, debounced. `synced`
+    /// gates the first one (proxies must never be sent the empty state of a cache that has not
+    /// loaded yet).
+    pub async fn follow(
+        self,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        mut synced: watch::Receiver<bool>,
+    ) {
+        let shutdown = self.inner.shutdown.clone();
+        let opts = self.inner.options.clone();
+        tokio::select! {
+            _ = synced.wait_for(|s| *s) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let mut last: Option<Arc<Snapshot>> = None;
+        loop {
+            let seen = Instant::now();
+            // Debounce: wait for a quiet period, at most max_delay.
+            let deadline = tokio::time::Instant::now() + opts.max_delay;
+            if last.is_some() {
+                loop {
+                    snapshots.mark_unchanged();
+                    let quiet = tokio::time::sleep(opts.debounce);
+                    tokio::select! {
+                        _ = quiet => break,
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        r = snapshots.changed() => if r.is_err() { return },
+                        _ = shutdown.cancelled() => return,
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                }
+            }
+            let snap = snapshots.borrow_and_update().clone();
+            if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &snap)) {
+                self.publish(snap.clone(), seen);
+                last = Some(snap);
+            }
+            tokio::select! {
+                r = snapshots.changed() => if r.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn view(&self, g: &Arc<Generation>, key: &ViewKey) -> Arc<View> {
+        let cell = {
+            let mut views = g.views.lock().unwrap_or_else(|p| p.into_inner());
+            views.entry(key.clone()).or_default().clone()
+        };
+        cell.get_or_init(|| async {
+            let snapshot = g.snapshot.clone();
+            let key = key.clone();
+            let settings = self.inner.settings.clone();
+            self.inner.metrics.view_builds.fetch_add(1, Relaxed);
+            let built =
+                tokio::task::spawn_blocking(move || view::build(&snapshot, &key, &settings)).await;
+            match built {
+                Ok(v) => Arc::new(v),
+                Err(e) => {
+                    tracing::error!(error = %e, "building a proxy view failed");
+                    Arc::new(View::default())
+                }
+            }
+        })
+        .await
+        .clone()
+    }
+
+    /// The resources computed for `node_id`'s view in the current generation, and what it was
+    /// last sent, for `/debug/config`.
+    pub fn clients(&self) -> Vec<Arc<ClientRecord>> {
+        self.inner
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn outbox<T: Send + 'static>() -> (mpsc::Sender<Result<T, Status>>, BoxStream<T>) {
+    let (tx, mut rx) = mpsc::channel::<Result<T, Status>>(4);
+    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (tx, Box::pin(stream))
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Xds {
+    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let (tx, stream) = outbox();
+        let session = Session::new(self.clone(), false, peer);
+        tokio::spawn(session.run(Inbound::Sotw(request.into_inner()), Outbound::Sotw(tx)));
+        Ok(Response::new(stream))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let (tx, stream) = outbox();
+        let session = Session::new(self.clone(), true, peer);
+        tokio::spawn(session.run(Inbound::Delta(request.into_inner()), Outbound::Delta(tx)));
+        Ok(Response::new(stream))
+    }
+}
+
+enum Inbound {
+    Sotw(Streaming<DiscoveryRequest>),
+    Delta(Streaming<DeltaDiscoveryRequest>),
+}
+
+enum Outbound {
+    Sotw(mpsc::Sender<Result<DiscoveryResponse, Status>>),
+    Delta(mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>),
+}
+
+/// A request of either protocol, normalised.
+struct Req {
+    node: Option<Node>,
+    type_url: String,
+    nonce: String,
+    error: Option<String>,
+    /// SotW: the full list of names.
+    names: Option<Vec<String>>,
+    /// Delta: changes.
+    subscribe: Vec<String>,
+    unsubscribe: Vec<String>,
+    initial_versions: HashMap<String, String>,
+}
+
+impl From<DiscoveryRequest> for Req {
+    fn from(r: DiscoveryRequest) -> Self {
+        Self {
+            node: r.node,
+            type_url: r.type_url,
+            nonce: r.response_nonce,
+            error: r.error_detail.map(|e| format!("code {}: {}", e.code, e.message)),
+            names: Some(r.resource_names),
+            subscribe: Vec::new(),
+            unsubscribe: Vec::new(),
+            initial_versions: HashMap::new(),
+        }
+    }
+}
+
+impl From<DeltaDiscoveryRequest> for Req {
+    fn from(r: DeltaDiscoveryRequest) -> Self {
+        Self {
+            node: r.node,
+            type_url: r.type_url,
+            nonce: r.response_nonce,
+            error: r.error_detail.map(|e| format!("code {}: {}", e.code, e.message)),
+            names: None,
+            subscribe: r.resource_names_subscribe,
+            unsubscribe: r.resource_names_unsubscribe,
+            initial_versions: r.initial_resource_versions,
+        }
+    }
+}
+
+/// Per-type stream state.
+#[derive(Default)]
+struct TypeState {
+    /// A request for this type has been seen.
+    subscribed: bool,
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// SotW: the last response's resources. Delta: what the client holds, by our account.
+    sent: BTreeMap<String, Arc<Resource>>,
+    /// Delta: versions the client said it had on (re)connect, not yet confirmed.
+    client_versions: HashMap<String, String>,
+    /// Delta: named subscriptions already told they do not exist.
+    told_absent: BTreeSet<String>,
+    /// At least one response was sent.
+    responded: bool,
+    /// The nonce of the response awaiting its ACK/NACK, and the generation it carried.
+    inflight: Option<(String, u64, Instant, bool)>,
+    last_nonce: String,
+    /// Clusters referred to by what the client acknowledged (listeners, routes).
+    acked_refs: BTreeSet<String>,
+    /// Re-send these even if unchanged (endpoints of a changed cluster).
+    force: BTreeSet<String>,
+    /// An ACK was seen (later pushes count towards convergence).
+    acked_once: bool,
+}
+
+struct Session {
+    xds: Xds,
+    delta: bool,
+    peer: String,
+    client_id: u64,
+    node: Option<NodeInfo>,
+    record: Option<Arc<ClientRecord>>,
+    types: [TypeState; 4],
+    nonce: u64,
+    warned_types: BTreeSet<String>,
+    generation: Option<Arc<Generation>>,
+    view: Option<Arc<View>>,
+}
+
+enum Fatal {
+    Gone,
+    Refuse(Status),
+}
+
+impl Session {
+    fn new(xds: Xds, delta: bool, peer: Option<std::net::SocketAddr>) -> Self {
+        let client_id = xds.inner.next_client.fetch_add(1, Relaxed);
+        Self {
+            xds,
+            delta,
+            peer: peer.map_or_else(|| "unknown".to_string(), |p| p.to_string()),
+            client_id,
+            node: None,
+            record: None,
+            types: Default::default(),
+            nonce: 0,
+            warned_types: BTreeSet::new(),
+            generation: None,
+            view: None,
+        }
+    }
+
+    async fn run(mut self, mut inbound: Inbound, outbound: Outbound) {
+        let metrics = self.xds.inner.metrics.clone();
+        metrics.streams.fetch_add(1, Relaxed);
+        let mut gens = self.xds.inner.generations.subscribe();
+        let shutdown = self.xds.inner.shutdown.clone();
+        let result: Result<(), Fatal> = async {
+            loop {
+                self.push(&outbound).await?;
+                tokio::select! {
+                    r = next(&mut inbound) => match r {
+                        Ok(Some(req)) => self.handle(req).await?,
+                        Ok(None) => return Err(Fatal::Gone),
+                        Err(status) => {
+                            tracing::debug!(peer = %self.peer, %status, "xDS stream ended");
+                            return Err(Fatal::Gone);
+                        }
+                    },
+                    r = gens.changed() => {
+                        if r.is_err() {
+                            return Err(Fatal::Gone);
+                        }
+                        let g = gens.borrow_and_update().clone();
+                        self.load_generation(&g).await;
+                    }
+                    _ = shutdown.cancelled() => return Err(Fatal::Gone),
+                }
+            }
+        }
+        .await;
+        if let Err(Fatal::Refuse(status)) = result {
+            metrics.rejected_streams.fetch_add(1, Relaxed);
+            tracing::warn!(peer = %self.peer, reason = %status.message(), "xDS stream refused");
+            match &outbound {
+                Outbound::Sotw(tx) => {
+                    let _ = tx.try_send(Err(status));
+                }
+                Outbound::Delta(tx) => {
+                    let _ = tx.try_send(Err(status));
+                }
+            }
+        }
+        if let Some(node) = &self.node {
+            metrics.connected.fetch_sub(1, Relaxed);
+            tracing::info!(node = %node.id, peer = %self.peer, "proxy disconnected");
+            self.xds
+                .inner
+                .clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.client_id);
+        }
+    }
+
+    async fn load_generation(&mut self, g: &Option<Arc<Generation>>) {
+        let (Some(g), Some(node)) = (g, &self.node) else {
+            return;
+        };
+        self.view = Some(self.xds.view(g, &node.key).await);
+        self.generation = Some(g.clone());
+    }
+
+    async fn handle(&mut self, req: Req) -> Result<(), Fatal> {
+        if self.node.is_none() {
+            let Some(node) = &req.node else {
+                return Err(Fatal::Refuse(Status::invalid_argument(
+                    "the first xDS request must carry the node",
+                )));
+            };
+            let s = &self.xds.inner.settings;
+            let info = NodeInfo::parse(node, &s.cluster, &s.region)
+                .map_err(|e| Fatal::Refuse(Status::invalid_argument(e)))?;
+            tracing::info!(node = %info.id, peer = %self.peer, kind = ?info.key.kind,
+                locality = %info.key.locality, delta = self.delta, "proxy connected");
+            let record = Arc::new(ClientRecord {
+                node: info.clone(),
+                delta: self.delta,
+                connected: SystemTime::now(),
+                sent: Default::default(),
+                acked: Default::default(),
+                last_nack: Mutex::new(None),
+            });
+            self.xds
+                .inner
+                .clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.client_id, record.clone());
+            self.xds.inner.metrics.connected.fetch_add(1, Relaxed);
+            self.record = Some(record);
+            self.node = Some(info);
+            let g = self.xds.inner.generations.borrow().clone();
+            self.load_generation(&g).await;
+        }
+        let Some(t) = TypeKind::from_url(&req.type_url) else {
+            self.xds.inner.metrics.unknown_types.fetch_add(1, Relaxed);
+            if self.warned_types.len() < 16 && self.warned_types.insert(req.type_url.clone()) {
+                tracing::warn!(node = %self.node_id(), type_url = %req.type_url,
+                    "request for a resource type this server does not serve; ignored");
+            }
+            return Ok(());
+        };
+        let metrics = self.xds.inner.metrics.clone();
+        let node_id = self.node_id().to_string();
+        let delta = self.delta;
+        let ts = &mut self.types[t as usize];
+        if !req.nonce.is_empty() {
+            if req.nonce != ts.last_nonce {
+                metrics.stale_nonces.fetch_add(1, Relaxed);
+                tracing::debug!(node = %node_id, type_ = t.short(), nonce = %req.nonce,
+                    "stale or unknown nonce; request ignored");
+                if !delta {
+                    return Ok(());
+                }
+            } else if let Some((_, _, seen, counts)) = ts.inflight.take() {
+                match &req.error {
+                    Some(err) => {
+                        metrics.nacks[t as usize].fetch_add(1, Relaxed);
+                        tracing::warn!(node = %node_id, type_ = t.short(), nonce = %req.nonce,
+                            error = %err, "proxy rejected a response (NACK); it keeps its last good config");
+                        if let Some(r) = &self.record {
+                            *r.last_nack.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(format!("{}: {err}", t.short()));
+                        }
+                    }
+                    None => {
+                        metrics.acks[t as usize].fetch_add(1, Relaxed);
+                        if counts && ts.acked_once {
+                            metrics.convergence.observe(seen.elapsed());
+                        }
+                        ts.acked_once = true;
+                        ts.acked_refs = ts
+                            .sent
+                            .values()
+                            .flat_map(|r| r.refs.iter().cloned())
+                            .collect();
+                        if let Some(r) = &self.record {
+                            r.acked.lock().unwrap_or_else(|p| p.into_inner())[t as usize] =
+                                Some(req.nonce.clone());
+                        }
+                    }
+                }
+            }
+        }
+        ts.subscribed = true;
+        match req.names {
+            Some(names) => {
+                // State of the world: the full list each time.
+                ts.wildcard = names.iter().any(|n| n == "*")
+                    || (names.is_empty() && t.wildcard_by_default());
+                ts.names = names.into_iter().filter(|n| n != "*").collect();
+            }
+            None => {
+                let first = !ts.responded && ts.names.is_empty() && !ts.wildcard;
+                if first && req.subscribe.is_empty() && t.wildcard_by_default() {
+                    ts.wildcard = true;
+                }
+                for n in req.subscribe {
+                    if n == "*" {
+                        ts.wildcard = true;
+                    } else {
+                        ts.names.insert(n);
+                    }
+                }
+                for n in req.unsubscribe {
+                    if n == "*" {
+                        ts.wildcard = false;
+                    } else {
+                        ts.names.remove(&n);
+                        ts.sent.remove(&n);
+                        ts.told_absent.remove(&n);
+                    }
+                }
+                ts.client_versions.extend(req.initial_versions);
+            }
+        }
+        Ok(())
+    }
+
+    fn node_id(&self) -> &str {
+        self.node.as_ref().map_or("?", |n| n.id.as_str())
+    }
+
+    /// What the client should hold of type `t` now.
+    fn desired(&self, t: TypeKind, view: &View) -> BTreeMap<String, Arc<Resource>> {
+        let ts = &self.types[t as usize];
+        let all = view.get(t);
+        let mut out: BTreeMap<String, Arc<Resource>> = if ts.wildcard {
+            all.clone()
+        } else {
+            ts.names
+                .iter()
+                .filter_map(|n| all.get(n).map(|r| (n.clone(), r.clone())))
+                .collect()
+        };
+        match t {
+            TypeKind::Cluster => {
+                // Keep clusters the client's acknowledged listeners and routes still use.
+                let refs: BTreeSet<&String> = self.types[TypeKind::Listener as usize]
+                    .acked_refs
+                    .iter()
+                    .chain(self.types[TypeKind::Route as usize].acked_refs.iter())
+                    .collect();
+                for (n, r) in &ts.sent {
+                    if !out.contains_key(n) && refs.contains(n) {
+                        out.insert(n.clone(), r.clone());
+                    }
+                }
+            }
+            TypeKind::Endpoint => {
+                // ... and their endpoints.
+                let kept = &self.types[TypeKind::Cluster as usize].sent;
+                for (n, r) in &ts.sent {
+                    if !out.contains_key(n)
+                        && kept.contains_key(n)
+                        && !view.get(TypeKind::Cluster).contains_key(n)
+                        && (ts.wildcard || ts.names.contains(n))
+                    {
+                        out.insert(n.clone(), r.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    async fn push(&mut self, outbound: &Outbound) -> Result<(), Fatal> {
+        let (Some(view), Some(g)) = (self.view.clone(), self.generation.clone()) else {
+            return Ok(());
+        };
+        for t in ORDER {
+            let ts = &self.types[t as usize];
+            if !ts.subscribed || ts.inflight.is_some() {
+                continue;
+            }
+            let want = self.desired(t, &view);
+            let ts = &mut self.types[t as usize];
+            let nonce = format!("{}", self.nonce + 1);
+            let sent = if self.delta {
+                // Changed or new resources, and removals.
+                let mut changed: Vec<Arc<Resource>> = Vec::new();
+                for (n, r) in &want {
+                    let have = ts.sent.get(n).map(|s| s.version.as_str()).or_else(|| {
+                        ts.client_versions.get(n).map(String::as_str)
+                    });
+                    if have != Some(r.version.as_str()) || ts.force.contains(n) {
+                        changed.push(r.clone());
+                    }
+                }
+                let mut removed: Vec<String> = ts
+                    .sent
+                    .keys()
+                    .filter(|n| !want.contains_key(*n))
+                    .cloned()
+                    .collect();
+                removed.extend(
+                    ts.client_versions
+                        .keys()
+                        .filter(|n| !want.contains_key(*n) && !ts.sent.contains_key(*n))
+                        .cloned(),
+                );
+                if !ts.wildcard {
+                    for n in &ts.names {
+                        if !want.contains_key(n)
+                            && !ts.sent.contains_key(n)
+                            && !ts.told_absent.contains(n)
+                        {
+                            removed.push(n.clone());
+                        }
+                    }
+                }
+                removed.sort();
+                removed.dedup();
+                if changed.is_empty() && removed.is_empty() && ts.responded {
+                    ts.client_versions.clear();
+                    continue;
+                }
+                for n in &removed {
+                    ts.sent.remove(n);
+                    if ts.names.contains(n) {
+                        ts.told_absent.insert(n.clone());
+                    }
+                }
+                for r in &changed {
+                    ts.sent.insert(r.name.clone(), r.clone());
+                    ts.told_absent.remove(&r.name);
+                }
+                ts.client_versions.clear();
+                let resp = DeltaDiscoveryResponse {
+                    system_version_info: format!("{}", g.id),
+                    resources: changed
+                        .iter()
+                        .map(|r| DeltaResource {
+                            name: r.name.clone(),
+                            version: r.version.clone(),
+                            resource: Some(r.body.clone()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    type_url: t.url().to_string(),
+                    removed_resources: removed,
+                    nonce: nonce.clone(),
+                    ..Default::default()
+                };
+                let Outbound::Delta(tx) = outbound else {
+                    return Err(Fatal::Gone);
+                };
+                send(&self.xds, tx, resp, self.node.as_ref()).await?;
+                changed
+            } else {
+                let same = ts.responded
+                    && ts.force.is_empty()
+                    && want.len() == ts.sent.len()
+                    && want
+                        .iter()
+                        .zip(ts.sent.iter())
+                        .all(|((a, ra), (b, rb))| a == b && ra.version == rb.version);
+                if same {
+                    continue;
+                }
+                let changed: Vec<Arc<Resource>> = want
+                    .values()
+                    .filter(|r| {
+                        ts.sent.get(&r.name).map(|s| s.version.as_str())
+                            != Some(r.version.as_str())
+                    })
+                    .cloned()
+                    .collect();
+                let resp = DiscoveryResponse {
+                    version_info: format!("{}", g.id),
+                    resources: want.values().map(|r| r.body.clone()).collect(),
+                    type_url: t.url().to_string(),
+                    nonce: nonce.clone(),
+                    ..Default::default()
+                };
+                ts.sent = want;
+                let Outbound::Sotw(tx) = outbound else {
+                    return Err(Fatal::Gone);
+                };
+                send(&self.xds, tx, resp, self.node.as_ref()).await?;
+                changed
+            };
+            self.nonce += 1;
+            let ts = &mut self.types[t as usize];
+            ts.force.clear();
+            ts.responded = true;
+            ts.last_nonce = nonce.clone();
+            ts.inflight = Some((nonce, g.id, g.seen, !sent.is_empty()));
+            self.xds.inner.metrics.pushes[t as usize].fetch_add(1, Relaxed);
+            if t == TypeKind::Cluster {
+                // A changed cluster re-warms: send its endpoints again.
+                let eds = &mut self.types[TypeKind::Endpoint as usize];
+                for r in &sent {
+                    if eds.sent.contains_key(&r.name) {
+                        eds.force.insert(r.name.clone());
+                    }
+                }
+            }
+            if let Some(rec) = &self.record {
+                rec.sent.lock().unwrap_or_else(|p| p.into_inner())[t as usize] =
+                    self.types[t as usize].sent.clone();
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn next(inbound: &mut Inbound) -> Result<Option<Req>, Status> {
+    match inbound {
+        Inbound::Sotw(s) => Ok(s.message().await?.map(Req::from)),
+        Inbound::Delta(s) => Ok(s.message().await?.map(Req::from)),
+    }
+}
+
+async fn send<T>(
+    xds: &Xds,
+    tx: &mpsc::Sender<Result<T, Status>>,
+    msg: T,
+    node: Option<&NodeInfo>,
+) -> Result<(), Fatal> {
+    match tokio::time::timeout(xds.inner.options.send_timeout, tx.send(Ok(msg))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Fatal::Gone),
+        Err(_) => {
+            xds.inner.metrics.slow_clients.fetch_add(1, Relaxed);
+            tracing::warn!(node = node.map_or("?", |n| n.id.as_str()),
+                timeout = ?xds.inner.options.send_timeout,
+                "proxy stopped reading its xDS stream; closing it");
+            Err(Fatal::Gone)
+        }
+    }
+}
