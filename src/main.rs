@@ -5,6 +5,7 @@ mod demo;
 mod etcd_args;
 mod pki_cmd;
 mod policy_cmd;
+mod proxy_cmd;
 mod registry_cmd;
 mod route_cmd;
 
@@ -59,6 +60,17 @@ enum Command {
         #[arg(long)]
         config: std::path::PathBuf,
     },
+    /// Run a cluster's control plane (registry publisher, route resolution, xDS server).
+    Controlplane {
+        /// The control plane's YAML configuration (see docs/controlplane.md).
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
+    /// Sidecar helpers: `bootstrap --envoy|--grpc` prints a bootstrap for the control plane.
+    Proxy {
+        #[command(subcommand)]
+        cmd: proxy_cmd::ProxyCommand,
+    },
     /// A guided tour of what Strait can do on this machine.
     Demo(demo::DemoArgs),
 }
@@ -79,7 +91,10 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.command {
-        Command::Demo(_) | Command::Route { .. } | Command::Policy { .. } => "warn",
+        Command::Demo(_)
+        | Command::Route { .. }
+        | Command::Policy { .. }
+        | Command::Proxy { .. } => "warn",
         _ => "info",
     };
     let log = cli.log.clone().unwrap_or_else(|| default_log.to_string());
@@ -102,6 +117,8 @@ fn main() -> std::process::ExitCode {
         Command::Policy { cmd } => run_async(policy_cmd::run(cmd)),
         Command::Demo(args) => run_async(demo::run(args)),
         Command::Gateway { config } => run_async(run_gateway(config)),
+        Command::Controlplane { config } => run_async(run_controlplane(config)),
+        Command::Proxy { cmd } => proxy_cmd::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -129,6 +146,18 @@ async fn run_gateway(path: std::path::PathBuf) -> anyhow::Result<()> {
     );
     shutdown_signal().await;
     gw.shutdown().await;
+    Ok(())
+}
+
+async fn run_controlplane(path: std::path::PathBuf) -> anyhow::Result<()> {
+    let config = controlplane::config::ControlPlaneConfig::load(&path)?;
+    let cp = controlplane::server::ControlPlane::start(config).await?;
+    println!(
+        "controlplane ready: xds {}, admin {}",
+        cp.xds_addr, cp.admin_addr
+    );
+    shutdown_signal().await;
+    cp.shutdown().await;
     Ok(())
 }
 

@@ -113,14 +113,8 @@ async fn publish(
     });
 
     // Republish when the file changes.
-    federation::discovery::follow_file(
-        file,
-        cluster,
-        poll,
-        desired_tx,
-        crate::shutdown_signal(),
-    )
-    .await;
+    federation::discovery::follow_file(file, cluster, poll, desired_tx, crate::shutdown_signal())
+        .await;
     let _ = stop_tx.send(());
     task.await.context("the publisher task failed")?;
     reporter.abort();

@@ -52,7 +52,7 @@ fn parse_from(from: &str) -> anyhow::Result<(ClusterId, Option<String>)> {
     Ok((cluster, rest))
 }
 
-fn parse_labels(labels: &[String]) -> anyhow::Result<Labels> {
+pub fn parse_labels(labels: &[String]) -> anyhow::Result<Labels> {
     let mut map = BTreeMap::new();
     for l in labels {
         let Some((k, v)) = l.split_once('=') else {

@@ -3,7 +3,11 @@
 //! cluster's proxies over ADS (state of the world and delta) — Envoy and proxyless gRPC.
 #![forbid(unsafe_code)]
 
+pub mod bootstrap;
+pub mod config;
+pub mod debug;
 pub mod metrics;
 pub mod resources;
+pub mod server;
 pub mod view;
 pub mod xds;

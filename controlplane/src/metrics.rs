@@ -45,11 +45,7 @@ impl Histogram {
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_us.load(Relaxed) as f64 / 1e6
-        );
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
         let _ = writeln!(out, "{name}_count {count}");
     }
 }
@@ -102,7 +98,11 @@ impl Metrics {
         );
         for (name, help, arr) in [
             ("strait_xds_pushes_total", "Responses sent.", &self.pushes),
-            ("strait_xds_acks_total", "Responses acknowledged.", &self.acks),
+            (
+                "strait_xds_acks_total",
+                "Responses acknowledged.",
+                &self.acks,
+            ),
             (
                 "strait_xds_nacks_total",
                 "Responses rejected by the client.",

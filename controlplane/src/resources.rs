@@ -510,10 +510,12 @@ pub fn outbound_listener(addr: SocketAddr) -> listener::Listener {
     let h = hcm::HttpConnectionManager {
         stat_prefix: "strait_outbound".to_string(),
         codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
-        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
-            config_source: Some(ads()),
-            route_config_name: OUTBOUND_ROUTES.to_string(),
-        })),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                config_source: Some(ads()),
+                route_config_name: OUTBOUND_ROUTES.to_string(),
+            },
+        )),
         http_filters: vec![router_filter()],
         ..Default::default()
     };

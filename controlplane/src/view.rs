@@ -133,7 +133,10 @@ pub const META_TUNNEL: &str = "STRAIT_TUNNEL";
 pub const META_KIND: &str = "STRAIT_KIND";
 
 fn meta_string<'a>(meta: Option<&'a Struct>, key: &str) -> Result<Option<&'a str>, String> {
-    match meta.and_then(|m| m.fields.get(key)).and_then(|v| v.kind.as_ref()) {
+    match meta
+        .and_then(|m| m.fields.get(key))
+        .and_then(|v| v.kind.as_ref())
+    {
         None | Some(Kind::NullValue(_)) => Ok(None),
         Some(Kind::StringValue(s)) => Ok(Some(s)),
         Some(_) => Err(format!("node metadata {key}: expected a string")),
@@ -164,9 +167,7 @@ impl NodeInfo {
                     "node metadata {META_KIND}: {other:?} is not envoy or grpc"
                 ));
             }
-            None if node.user_agent_name.to_ascii_lowercase().contains("grpc") => {
-                ClientKind::Grpc
-            }
+            None if node.user_agent_name.to_ascii_lowercase().contains("grpc") => ClientKind::Grpc,
             None => ClientKind::Envoy,
         };
         let loc = node.locality.clone().unwrap_or_default();

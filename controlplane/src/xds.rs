@@ -91,6 +91,8 @@ struct Inner {
     clients: Mutex<BTreeMap<u64, Arc<ClientRecord>>>,
     next_client: AtomicU64,
     shutdown: CancellationToken,
+    /// With mTLS: only workload certificates of this cluster may connect.
+    require_workload: Mutex<Option<federation::model::ClusterId>>,
 }
 
 impl Xds {
@@ -105,7 +107,52 @@ impl Xds {
                 clients: Mutex::new(BTreeMap::new()),
                 next_client: AtomicU64::new(1),
                 shutdown: CancellationToken::new(),
+                require_workload: Mutex::new(None),
             }),
+        }
+    }
+
+    /// Require every stream to come over mTLS with a workload certificate of `cluster`.
+    pub fn require_workload_of(&self, cluster: federation::model::ClusterId) {
+        *self
+            .inner
+            .require_workload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(cluster);
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(cluster) = self
+            .inner
+            .require_workload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return Ok(());
+        };
+        let refuse = |why: String| {
+            self.inner.metrics.rejected_streams.fetch_add(1, Relaxed);
+            tracing::warn!(peer = ?request.remote_addr(), reason = %why, "xDS client refused");
+            Err(Status::permission_denied(why))
+        };
+        let Some(certs) = request.peer_certs() else {
+            return refuse("no client certificate".into());
+        };
+        let Some(leaf) = certs.first() else {
+            return refuse("no client certificate".into());
+        };
+        match federation::identity::spiffe_id_from_cert(leaf) {
+            Ok(id)
+                if id.cluster() == cluster.as_str()
+                    && id.role() == federation::identity::Role::Workload =>
+            {
+                Ok(())
+            }
+            Ok(id) => refuse(format!(
+                "{id} is not a workload of cluster {cluster}: only this cluster's workloads get its xDS"
+            )),
+            Err(e) => refuse(format!("client certificate: {e}")),
         }
     }
 
@@ -240,6 +287,7 @@ impl AggregatedDiscoveryService for Xds {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        self.authorize(&request)?;
         let peer = request.remote_addr();
         let (tx, stream) = outbox();
         let session = Session::new(self.clone(), false, peer);
@@ -251,6 +299,7 @@ impl AggregatedDiscoveryService for Xds {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        self.authorize(&request)?;
         let peer = request.remote_addr();
         let (tx, stream) = outbox();
         let session = Session::new(self.clone(), true, peer);
@@ -289,7 +338,9 @@ impl From<DiscoveryRequest> for Req {
             node: r.node,
             type_url: r.type_url,
             nonce: r.response_nonce,
-            error: r.error_detail.map(|e| format!("code {}: {}", e.code, e.message)),
+            error: r
+                .error_detail
+                .map(|e| format!("code {}: {}", e.code, e.message)),
             names: Some(r.resource_names),
             subscribe: Vec::new(),
             unsubscribe: Vec::new(),
@@ -304,7 +355,9 @@ impl From<DeltaDiscoveryRequest> for Req {
             node: r.node,
             type_url: r.type_url,
             nonce: r.response_nonce,
-            error: r.error_detail.map(|e| format!("code {}: {}", e.code, e.message)),
+            error: r
+                .error_detail
+                .map(|e| format!("code {}: {}", e.code, e.message)),
             names: None,
             subscribe: r.resource_names_subscribe,
             unsubscribe: r.resource_names_unsubscribe,
@@ -523,8 +576,8 @@ impl Session {
         match req.names {
             Some(names) => {
                 // State of the world: the full list each time.
-                ts.wildcard = names.iter().any(|n| n == "*")
-                    || (names.is_empty() && t.wildcard_by_default());
+                ts.wildcard =
+                    names.iter().any(|n| n == "*") || (names.is_empty() && t.wildcard_by_default());
                 ts.names = names.into_iter().filter(|n| n != "*").collect();
             }
             None => {
@@ -618,9 +671,11 @@ impl Session {
                 // Changed or new resources, and removals.
                 let mut changed: Vec<Arc<Resource>> = Vec::new();
                 for (n, r) in &want {
-                    let have = ts.sent.get(n).map(|s| s.version.as_str()).or_else(|| {
-                        ts.client_versions.get(n).map(String::as_str)
-                    });
+                    let have = ts
+                        .sent
+                        .get(n)
+                        .map(|s| s.version.as_str())
+                        .or_else(|| ts.client_versions.get(n).map(String::as_str));
                     if have != Some(r.version.as_str()) || ts.force.contains(n) {
                         changed.push(r.clone());
                     }
@@ -699,8 +754,7 @@ impl Session {
                 let changed: Vec<Arc<Resource>> = want
                     .values()
                     .filter(|r| {
-                        ts.sent.get(&r.name).map(|s| s.version.as_str())
-                            != Some(r.version.as_str())
+                        ts.sent.get(&r.name).map(|s| s.version.as_str()) != Some(r.version.as_str())
                     })
                     .cloned()
                     .collect();

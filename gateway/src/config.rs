@@ -88,7 +88,10 @@ pub struct TlsFiles {
     pub key: PathBuf,
     pub ca: PathBuf,
     /// How often the files are checked for rotation.
-    #[serde(default = "default_reload", with = "federation::discovery::duration_field")]
+    #[serde(
+        default = "default_reload",
+        with = "federation::discovery::duration_field"
+    )]
     pub reload_interval: Duration,
 }
 
@@ -101,7 +104,10 @@ fn default_reload() -> Duration {
 pub struct RegistryConfig {
     pub etcd: Vec<String>,
     /// TTL of the gateway's lease over its link states.
-    #[serde(default = "default_lease_ttl", with = "federation::discovery::duration_field")]
+    #[serde(
+        default = "default_lease_ttl",
+        with = "federation::discovery::duration_field"
+    )]
     pub lease_ttl: Duration,
 }
 

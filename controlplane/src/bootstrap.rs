@@ -1,0 +1,208 @@
+//! `strait proxy bootstrap --envoy`: an Envoy bootstrap that takes everything else from the
+//! cluster's control plane over ADS, and a proxyless gRPC bootstrap (`GRPC_XDS_BOOTSTRAP`).
+//!
+//! The Envoy bootstrap holds only what must be local: the node (id, cluster, locality, Strait
+//! metadata), the `strait_xds` cluster, and — when a gateway is given — the `strait_gateway`
+//! cluster (the local east-west gateway's ingress, HTTP/2 over mTLS with the workload
+//! certificate, the gateway's SPIFFE identity pinned) with the internal listener
+//! `strait_tunnel`: a TCP proxy that tunnels each connection in an HTTP/2 CONNECT whose
+//! authority and `strait-cluster` header come from the endpoint's `strait` metadata.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use federation::model::{ClusterId, Labels, Locality};
+use serde_json::{Value, json};
+
+use crate::resources::{METADATA_NAMESPACE, TUNNEL_LISTENER};
+use crate::view::{META_CLUSTER, META_KIND, META_LABELS, META_OUTBOUND, META_TUNNEL};
+
+/// Workload certificate files.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// What a bootstrap needs.
+#[derive(Debug, Clone)]
+pub struct BootstrapSpec {
+    pub node_id: String,
+    pub cluster: ClusterId,
+    pub locality: Locality,
+    pub labels: Labels,
+    /// The control plane's xDS address.
+    pub xds: SocketAddr,
+    /// mTLS to the control plane (and to the gateway) with these workload certificate files.
+    pub tls: Option<CertFiles>,
+    /// Delta xDS instead of state of the world.
+    pub delta: bool,
+    /// Envoy's admin address.
+    pub admin: SocketAddr,
+    /// The outbound HTTP listener's address.
+    pub outbound: SocketAddr,
+    /// The local gateway's ingress and the SPIFFE id it must present.
+    pub gateway: Option<(SocketAddr, String)>,
+}
+
+fn socket(a: SocketAddr) -> Value {
+    json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}})
+}
+
+fn tls_context(files: &CertFiles, alpn: &[&str], san: Option<&str>) -> Value {
+    let mut validation = json!({"trusted_ca": {"filename": files.ca}});
+    if let Some(san) = san {
+        validation["match_typed_subject_alt_names"] =
+            json!([{"san_type": "URI", "matcher": {"exact": san}}]);
+    }
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": files.cert},
+                    "private_key": {"filename": files.key},
+                }],
+                "validation_context": validation,
+                "alpn_protocols": alpn,
+            }
+        }
+    })
+}
+
+fn h2_options() -> Value {
+    json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    })
+}
+
+fn node(spec: &BootstrapSpec, kind: &str) -> Value {
+    let labels: serde_json::Map<String, Value> = spec
+        .labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+        .collect();
+    let mut metadata = json!({
+        META_CLUSTER: spec.cluster.as_str(),
+        META_KIND: kind,
+        META_LABELS: labels,
+    });
+    if kind == "envoy" {
+        metadata[META_OUTBOUND] = json!(spec.outbound.to_string());
+        metadata[META_TUNNEL] = json!(spec.gateway.is_some());
+    }
+    json!({
+        "id": spec.node_id,
+        "cluster": spec.cluster.as_str(),
+        "locality": {
+            "region": spec.locality.region(),
+            "zone": spec.locality.zone(),
+            "sub_zone": spec.locality.subzone(),
+        },
+        "metadata": metadata,
+    })
+}
+
+/// The Envoy bootstrap (JSON; Envoy reads it with `-c FILE`).
+pub fn envoy(spec: &BootstrapSpec) -> Value {
+    let mut xds_cluster = json!({
+        "name": "strait_xds",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": h2_options(),
+        "load_assignment": {
+            "cluster_name": "strait_xds",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(spec.xds)}}]}],
+        },
+    });
+    if let Some(files) = &spec.tls {
+        xds_cluster["transport_socket"] = tls_context(files, &["h2"], None);
+    }
+    let mut clusters = vec![xds_cluster];
+    let mut listeners = Vec::new();
+    let mut extensions = Vec::new();
+    if let Some((ingress, san)) = &spec.gateway {
+        let mut gw = json!({
+            "name": "strait_gateway",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": h2_options(),
+            "load_assignment": {
+                "cluster_name": "strait_gateway",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(*ingress)}}]}],
+            },
+        });
+        if let Some(files) = &spec.tls {
+            gw["transport_socket"] = tls_context(files, &["h2"], Some(san));
+        }
+        clusters.push(gw);
+        listeners.push(json!({
+            "name": TUNNEL_LISTENER,
+            "internal_listener": {},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.tcp_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": TUNNEL_LISTENER,
+                    "cluster": "strait_gateway",
+                    "tunneling_config": {
+                        "hostname": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:authority)%"),
+                        "headers_to_add": [{"header": {
+                            "key": "strait-cluster",
+                            "value": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:cluster)%"),
+                        }}],
+                    },
+                },
+            }]}],
+        }));
+        extensions.push(json!({
+            "name": "envoy.bootstrap.internal_listener",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
+            },
+        }));
+    }
+    let config_source = json!({"ads": {}, "resource_api_version": "V3"});
+    json!({
+        "node": node(spec, "envoy"),
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": if spec.delta { "DELTA_GRPC" } else { "GRPC" },
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "strait_xds"}}],
+                "set_node_on_first_message_only": true,
+            },
+            "cds_config": config_source,
+            "lds_config": config_source,
+        },
+        "static_resources": {"clusters": clusters, "listeners": listeners},
+        "bootstrap_extensions": extensions,
+        "admin": {"address": socket(spec.admin)},
+    })
+}
+
+/// A proxyless gRPC bootstrap (the file `GRPC_XDS_BOOTSTRAP` names).
+pub fn grpc(spec: &BootstrapSpec) -> Value {
+    // mTLS to the control plane with the workload certificate (gRFC A65 `tls` credentials).
+    let creds = match &spec.tls {
+        Some(f) => json!([{"type": "tls", "config": {
+            "ca_certificate_file": f.ca,
+            "certificate_file": f.cert,
+            "private_key_file": f.key,
+        }}]),
+        None => json!([{"type": "insecure"}]),
+    };
+    json!({
+        "xds_servers": [{
+            "server_uri": spec.xds.to_string(),
+            "channel_creds": creds,
+            "server_features": ["xds_v3"],
+        }],
+        "node": node(spec, "grpc"),
+    })
+}

@@ -1,0 +1,395 @@
+//! A running control plane: the publisher of this cluster's discovery file, the registry cache,
+//! the ADS server and the admin endpoint.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use federation::discovery::DiscoveryFile;
+use federation::registry::codec::cluster_state_kvs;
+use federation::registry::etcd::{EtcdBackend, EtcdOptions};
+use federation::registry::publisher::Owned;
+use federation::registry::{
+    Backend, CacheStatus, EmbeddedRegistry, LeasedPublisher, PublisherConfig, RegistryCache,
+    RegistryError,
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ControlPlaneConfig;
+use crate::metrics::Metrics;
+use crate::view::{ORDER, ViewSettings};
+use crate::xds::{Xds, XdsOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Discovery(#[from] federation::discovery::DiscoveryError),
+    #[error(
+        "discovery file {path}: it describes cluster `{found}`, but this control plane is `{expected}`"
+    )]
+    WrongCluster {
+        path: String,
+        found: String,
+        expected: String,
+    },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("xDS TLS: {0}")]
+    Tls(String),
+}
+
+/// A started control plane. Dropping it does not stop it: call [`ControlPlane::shutdown`].
+pub struct ControlPlane {
+    pub xds: Xds,
+    pub xds_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    cache: Arc<RegistryCache>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    pub async fn start(cfg: ControlPlaneConfig) -> Result<Self, StartError> {
+        let backend = if cfg.registry.embedded {
+            Backend::Embedded(EmbeddedRegistry::new())
+        } else {
+            Backend::Etcd(EtcdBackend::connect(&cfg.registry.etcd, EtcdOptions::default()).await?)
+        };
+        Self::start_with(cfg, backend).await
+    }
+
+    /// Start on an existing registry backend.
+    pub async fn start_with(cfg: ControlPlaneConfig, backend: Backend) -> Result<Self, StartError> {
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        // Publish this cluster's discovery file.
+        if let Some(d) = &cfg.discovery {
+            let parsed = DiscoveryFile::load(&d.file)?;
+            if parsed.state.cluster.id != cfg.cluster {
+                return Err(StartError::WrongCluster {
+                    path: d.file.display().to_string(),
+                    found: parsed.state.cluster.id.to_string(),
+                    expected: cfg.cluster.to_string(),
+                });
+            }
+            let (desired_tx, desired_rx) = watch::channel(cluster_state_kvs(&parsed.state));
+            let (publisher, _status) = LeasedPublisher::new(
+                backend.clone(),
+                format!("cluster {}", cfg.cluster),
+                Owned::cluster(&cfg.cluster),
+                PublisherConfig {
+                    lease_ttl: cfg.registry.lease_ttl,
+                    ..PublisherConfig::default()
+                },
+                desired_rx,
+            );
+            let s = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                publisher.run(s.cancelled_owned()).await;
+            }));
+            let s = stop.clone();
+            tasks.push(tokio::spawn(federation::discovery::follow_file(
+                d.file.clone(),
+                cfg.cluster.clone(),
+                d.poll,
+                desired_tx,
+                s.cancelled_owned(),
+            )));
+        }
+
+        // Follow the registry.
+        let cache = Arc::new(RegistryCache::spawn(backend));
+        let metrics = Arc::new(Metrics::default());
+        let xds = Xds::new(
+            ViewSettings {
+                cluster: cfg.cluster.clone(),
+                region: cfg.region.clone(),
+                gateway: cfg.gateway.is_some(),
+            },
+            XdsOptions {
+                debounce: cfg.xds.debounce,
+                max_delay: cfg.xds.max_delay,
+                send_timeout: cfg.xds.send_timeout,
+            },
+            metrics,
+        );
+        let (synced_tx, synced_rx) = watch::channel(false);
+        let mut status = cache.status_receiver();
+        tasks.push(tokio::spawn(async move {
+            let mut last: Option<bool> = None;
+            loop {
+                let s = status.borrow_and_update().clone();
+                let ok = matches!(s, CacheStatus::Synced { .. });
+                if ok {
+                    synced_tx.send_replace(true);
+                }
+                if last != Some(ok) {
+                    match &s {
+                        CacheStatus::Synced { revision } => {
+                            tracing::info!(revision, "registry in sync")
+                        }
+                        CacheStatus::Disconnected { error, .. } => tracing::warn!(
+                            %error, "registry unreachable; serving the last good state"
+                        ),
+                        CacheStatus::Starting => {}
+                    }
+                    last = Some(ok);
+                }
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
+        tasks.push(tokio::spawn(
+            xds.clone().follow(cache.snapshots(), synced_rx),
+        ));
+
+        // Serve xDS.
+        let listener =
+            TcpListener::bind(cfg.xds.listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    what: "xds.listen",
+                    addr: cfg.xds.listen,
+                    source,
+                })?;
+        let xds_addr = listener.local_addr().map_err(|source| StartError::Listen {
+            what: "xds.listen",
+            addr: cfg.xds.listen,
+            source,
+        })?;
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        if let Some(t) = &cfg.xds.tls {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
+            };
+            let identity = tonic::transport::Identity::from_pem(read(&t.cert)?, read(&t.key)?);
+            let tls = tonic::transport::ServerTlsConfig::new()
+                .identity(identity)
+                .client_ca_root(tonic::transport::Certificate::from_pem(read(&t.ca)?));
+            xds.require_workload_of(cfg.cluster.clone());
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+        }
+        let service =
+            AggregatedDiscoveryServiceServer::new(xds.clone()).max_decoding_message_size(4 << 20);
+        let s = stop.clone();
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = builder
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, s.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "xDS server failed");
+            }
+        }));
+
+        // Admin.
+        let admin = TcpListener::bind(cfg.admin.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                what: "admin.listen",
+                addr: cfg.admin.listen,
+                source,
+            })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Listen {
+            what: "admin.listen",
+            addr: cfg.admin.listen,
+            source,
+        })?;
+        tasks.push(tokio::spawn(serve_admin(
+            xds.clone(),
+            cache.clone(),
+            admin,
+            stop.clone(),
+        )));
+        tracing::info!(cluster = %cfg.cluster, xds = %xds_addr, admin = %admin_addr,
+            tls = cfg.xds.tls.is_some(), "controlplane started");
+        Ok(Self {
+            xds,
+            xds_addr,
+            admin_addr,
+            cache,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn cache(&self) -> &RegistryCache {
+        &self.cache
+    }
+
+    /// Stop serving, close every stream and revoke the publisher's lease.
+    pub async fn shutdown(self) {
+        self.xds.shutdown();
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+async fn serve_admin(
+    xds: Xds,
+    cache: Arc<RegistryCache>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let xds = xds.clone();
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let r = admin(&xds, &cache, &req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn admin(xds: &Xds, cache: &RegistryCache, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/ready" => {
+            if xds.ready() {
+                respond(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("waiting for the registry: {:?}\n", cache.status()),
+                )
+            }
+        }
+        "/metrics" => {
+            let mut text = xds.metrics().render();
+            let synced = matches!(cache.status(), CacheStatus::Synced { .. });
+            text.push_str(&format!(
+                "# HELP strait_registry_synced 1 when the registry cache is up to date.\n# TYPE strait_registry_synced gauge\nstrait_registry_synced {}\n",
+                u8::from(synced)
+            ));
+            text.push_str(&format!(
+                "# HELP strait_registry_endpoints Endpoints in the registry.\n# TYPE strait_registry_endpoints gauge\nstrait_registry_endpoints {}\n",
+                cache.snapshot().endpoint_count()
+            ));
+            respond(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
+        "/debug/config" => debug_config(xds, req.uri().query().unwrap_or("")),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /ready, /metrics, /debug/config?node=ID\n".into(),
+        ),
+    }
+}
+
+fn debug_config(xds: &Xds, query: &str) -> Response<Full<Bytes>> {
+    let node = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "node")
+        .map(|(_, v)| v.to_string());
+    let clients = xds.clients();
+    let Some(node) = node else {
+        let ids: Vec<serde_json::Value> = clients
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "node": c.node.id,
+                    "kind": format!("{:?}", c.node.key.kind),
+                    "locality": c.node.key.locality.to_string(),
+                    "delta": c.delta,
+                })
+            })
+            .collect();
+        return respond(
+            StatusCode::OK,
+            "application/json",
+            serde_json::json!({"proxies": ids}).to_string(),
+        );
+    };
+    let Some(c) = clients.iter().find(|c| c.node.id == node) else {
+        return respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no proxy with node id {node:?} is connected\n"),
+        );
+    };
+    let sent = c.sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let acked = c.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut types = serde_json::Map::new();
+    for t in ORDER {
+        let resources: Vec<serde_json::Value> = sent[t as usize]
+            .values()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "version": r.version,
+                    "resource": crate::debug::render(&r.body),
+                })
+            })
+            .collect();
+        types.insert(
+            t.short().to_string(),
+            serde_json::json!({"acked_nonce": acked[t as usize], "resources": resources}),
+        );
+    }
+    let body = serde_json::json!({
+        "node": c.node.id,
+        "user_agent": c.node.user_agent,
+        "kind": format!("{:?}", c.node.key.kind),
+        "locality": c.node.key.locality.to_string(),
+        "delta": c.delta,
+        "last_nack": *c.last_nack.lock().unwrap_or_else(|p| p.into_inner()),
+        "sent": types,
+    });
+    respond(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_string_pretty(&body).unwrap_or_default(),
+    )
+}

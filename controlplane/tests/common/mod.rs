@@ -1,0 +1,319 @@
+//! Shared fixtures for the control plane's end-to-end tests: a real etcd, the control plane
+//! in-process, HTTP backends that answer with their name, a real Envoy, bounded waits.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use controlplane::config::ControlPlaneConfig;
+use controlplane::server::ControlPlane;
+use federation::discovery::DiscoveryFile;
+use federation::etcd_server::EtcdServer;
+use federation::registry::codec::cluster_state_kvs;
+use federation::registry::etcd::{EtcdBackend, EtcdOptions};
+use federation::registry::{Backend, Op};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+pub fn envoy_binary() -> PathBuf {
+    let p = std::env::var_os("STRAIT_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/envoy"));
+    assert!(
+        p.exists(),
+        "Envoy 1.40 not found at {} (set STRAIT_ENVOY, or run `cargo xtask setup`)",
+        p.display()
+    );
+    p
+}
+
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("STRAIT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    assert!(
+        p.exists(),
+        "the venv's python (with grpcio) not found at {} (set STRAIT_PYTHON, or run `cargo xtask setup`)",
+        p.display()
+    );
+    p
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from((
+        [127, 0, 0, 1],
+        federation::etcd_server::free_port().unwrap(),
+    ))
+}
+
+/// A real etcd and a client of it.
+pub struct Registry {
+    pub etcd: EtcdServer,
+    pub backend: Backend,
+}
+
+impl Registry {
+    pub async fn start(dir: &Path) -> Self {
+        let etcd = EtcdServer::start(&dir.join("etcd")).expect("etcd starts");
+        let backend = Backend::Etcd(
+            EtcdBackend::connect(&[etcd.endpoint()], EtcdOptions::default())
+                .await
+                .expect("etcd client connects"),
+        );
+        Self { etcd, backend }
+    }
+
+    /// Write a cluster's discovery file (YAML) into the registry as its publisher would; keys of
+    /// the cluster that the file no longer has are deleted.
+    pub async fn publish(&self, yaml: &str) {
+        let file = DiscoveryFile::parse("test.yaml", yaml).expect("test discovery file parses");
+        let kvs = cluster_state_kvs(&file.state);
+        let prefix = federation::registry::RegistryKey::endpoints_prefix(&file.state.cluster.id);
+        let (_, old) = self.backend.get_prefix(&prefix).await.expect("read");
+        let mut ops: Vec<Op> = old
+            .into_iter()
+            .filter(|kv| !kvs.contains_key(&kv.key))
+            .map(|kv| Op::Delete { key: kv.key })
+            .collect();
+        ops.extend(kvs.into_iter().map(|(key, value)| Op::Put {
+            key,
+            value,
+            lease: None,
+        }));
+        self.backend.commit(ops).await.expect("commit");
+    }
+
+    pub async fn put(&self, key: String, value: Vec<u8>) {
+        self.backend
+            .commit(vec![Op::Put {
+                key,
+                value,
+                lease: None,
+            }])
+            .await
+            .expect("commit");
+    }
+}
+
+pub fn config(cluster: &str, region: &str, etcd: &str) -> ControlPlaneConfig {
+    ControlPlaneConfig::parse(
+        "cp.yaml",
+        &format!(
+            "cluster: {cluster}\nregion: {region}\nregistry: {{etcd: [\"{etcd}\"]}}\n\
+             xds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n"
+        ),
+    )
+    .expect("test config parses")
+}
+
+pub async fn start_cp(reg: &Registry, cluster: &str, region: &str) -> ControlPlane {
+    ControlPlane::start_with(
+        config(cluster, region, &reg.etcd.endpoint()),
+        reg.backend.clone(),
+    )
+    .await
+    .expect("controlplane starts")
+}
+
+/// An HTTP/1.1 server answering every request with `name`.
+pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut have = Vec::new();
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    have.extend_from_slice(&buf[..n]);
+                    while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                        have.drain(..end + 4);
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{name}",
+                            name.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// GET / with `Host: host` through `proxy`; the status and body.
+pub async fn get(proxy: SocketAddr, host: &str) -> Result<(u16, String), String> {
+    let fut = async {
+        let mut s = TcpStream::connect(proxy).await.map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status: u16 = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| "request timed out".to_string())?
+}
+
+/// Poll `f` until it returns `Some`, at most `within`; panics with `what` and the last value.
+pub async fn wait_for<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match f().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if start.elapsed() > within {
+            panic!("timed out after {within:?} waiting for {what}; last: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A real Envoy process, killed on drop.
+pub struct Envoy {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub outbound: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Envoy {
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        bootstrap: &serde_json::Value,
+        admin: SocketAddr,
+        outbound: SocketAddr,
+    ) -> Self {
+        let cfg = dir.join(format!("{name}.json"));
+        std::fs::write(&cfg, serde_json::to_vec_pretty(bootstrap).unwrap()).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "info"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("envoy starts");
+        Self {
+            child,
+            admin,
+            outbound,
+            log,
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Envoy's stats matching `filter` (admin `/stats?filter=`), as (name, value).
+    pub async fn stats(&self, filter: &str) -> Vec<(String, u64)> {
+        let text = admin_get(self.admin, &format!("/stats?filter={filter}"))
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(": ")?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET `path` from an admin endpoint; the body.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("no response")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("{head}\n{body}"));
+        }
+        // Chunked bodies (Envoy's admin): strip the chunk framing.
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            let mut rest = body;
+            let mut plain = String::new();
+            while let Some((size, after)) = rest.split_once("\r\n") {
+                let n = usize::from_str_radix(size.trim(), 16).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    break;
+                }
+                plain.push_str(&after[..n.min(after.len())]);
+                rest = after.get(n + 2..).unwrap_or("");
+            }
+            return Ok(plain);
+        }
+        Ok(body.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| "admin request timed out".to_string())?
+}
+
+/// The metric `name` (no labels, or with the exact label set `labels`) from Prometheus text.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
