@@ -113,7 +113,13 @@ async fn proxyless_grpc_follows_priorities() {
 
     expect_all(&mut lines, "A", 10, "answers from A (priority 0)").await;
     reg.publish(&discovery(a, "unhealthy", b)).await;
-    expect_all(&mut lines, "B", 10, "answers from B after A turned unhealthy").await;
+    expect_all(
+        &mut lines,
+        "B",
+        10,
+        "answers from B after A turned unhealthy",
+    )
+    .await;
     reg.publish(&discovery(a, "healthy", b)).await;
     expect_all(&mut lines, "A", 10, "answers from A again").await;
 

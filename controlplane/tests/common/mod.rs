@@ -86,7 +86,9 @@ impl Registry {
             value,
             lease: None,
         }));
-        self.backend.commit(ops).await.expect("commit");
+        for batch in federation::registry::publisher::batches(ops, 128, 1 << 20) {
+            self.backend.commit(batch).await.expect("commit");
+        }
     }
 
     pub async fn put(&self, key: String, value: Vec<u8>) {
@@ -113,12 +115,13 @@ pub fn config(cluster: &str, region: &str, etcd: &str) -> ControlPlaneConfig {
 }
 
 pub async fn start_cp(reg: &Registry, cluster: &str, region: &str) -> ControlPlane {
-    ControlPlane::start_with(
-        config(cluster, region, &reg.etcd.endpoint()),
-        reg.backend.clone(),
-    )
-    .await
-    .expect("controlplane starts")
+    start_cp_with(reg, config(cluster, region, &reg.etcd.endpoint())).await
+}
+
+pub async fn start_cp_with(reg: &Registry, cfg: ControlPlaneConfig) -> ControlPlane {
+    ControlPlane::start_with(cfg, reg.backend.clone())
+        .await
+        .expect("controlplane starts")
 }
 
 /// An HTTP/1.1 server answering every request with `name`.

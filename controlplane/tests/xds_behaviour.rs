@@ -1,0 +1,434 @@
+//! The ADS server's behaviour with many proxies and with hostile ones, against a real etcd:
+//! a link reported down takes its cluster out of every proxy's EDS within 200 ms; a policy
+//! change re-orders priorities for every proxy; bad nodes are refused with the reason; unknown
+//! types, wrong nonces, NACK storms and a client that never reads are contained.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use controlplane::client::{LightClient, localities, node};
+use controlplane::view::TypeKind;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use federation::model::{
+    FailoverPolicy, FailoverTarget, LinkHealth, LinkState, Name, PolicyScope, ServiceKey,
+};
+use federation::registry::RegistryKey;
+use federation::registry::codec::{encode_link, encode_policy};
+use tokio::sync::mpsc;
+use tonic::Streaming;
+
+fn east(port: u16, services: usize) -> String {
+    let mut s = String::from(
+        "cluster: east\nregion: us-east\ngateways: [\"127.0.0.1:15443\"]\nservices:\n",
+    );
+    s.push_str(&format!(
+        "  - name: echo\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {port}, zone: a}}\n"
+    ));
+    for i in 0..services {
+        s.push_str(&format!(
+            "  - name: filler-{i}\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.{}, port: {port}, zone: a}}\n",
+            (i % 250) + 1
+        ));
+    }
+    s
+}
+
+const WEST: &str = "cluster: west\nregion: us-west\ngateways: [\"127.0.0.1:25443\"]\nservices:\n  - name: echo\n    ports: [{name: http, port: 8080, protocol: http}]\n    endpoints:\n      - {address: 10.1.0.1, port: 8080, zone: a}\n      - {address: 10.1.0.2, port: 8080, zone: b}\n";
+
+fn with_gateway(reg: &Registry) -> controlplane::config::ControlPlaneConfig {
+    let mut cfg = config("east", "us-east", &reg.etcd.endpoint());
+    cfg.gateway = Some(controlplane::config::GatewayConfig {
+        ingress: "127.0.0.1:15008".parse().unwrap(),
+    });
+    cfg
+}
+
+/// The regions of echo's localities in a client's EDS, by priority.
+fn echo_regions(c: &LightClient) -> Vec<(u32, String)> {
+    let s = c.state.borrow();
+    s.assignments
+        .get("echo.default:8080")
+        .map(|cla| {
+            let mut v: Vec<(u32, String)> = localities(cla)
+                .into_iter()
+                .map(|(p, r, _)| (p, r))
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        })
+        .unwrap_or_default()
+}
+
+async fn wait_all(clients: &[LightClient], within: Duration, what: &str, want: &[(u32, &str)]) {
+    let want: Vec<(u32, String)> = want.iter().map(|(p, r)| (*p, r.to_string())).collect();
+    wait_for(within, what, || async {
+        for (i, c) in clients.iter().enumerate() {
+            let got = echo_regions(c);
+            if got != want {
+                return Err(format!("client {i} has {got:?}"));
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+fn link(state: LinkHealth) -> Vec<u8> {
+    encode_link(&LinkState {
+        from: Name::parse("from", "east").unwrap(),
+        to: Name::parse("to", "west").unwrap(),
+        state,
+        rtt_ms: 1.0,
+        loss: if state == LinkHealth::Down { 1.0 } else { 0.0 },
+        since: std::time::SystemTime::now(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_down_leaves_every_eds_within_200ms_and_policy_reorders() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path()).await;
+    reg.publish(&east(18080, 0)).await;
+    reg.publish(WEST).await;
+    let cp = start_cp_with(&reg, with_gateway(&reg)).await;
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let zone = if i % 2 == 0 { "a" } else { "b" };
+        clients.push(
+            LightClient::connect(
+                cp.xds_addr,
+                node(&format!("p{i}"), "east", "us-east", zone, true),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    wait_all(
+        &clients,
+        Duration::from_secs(10),
+        "east at priority 0, west at 1",
+        &[(0, "us-east"), (1, "us-west")],
+    )
+    .await;
+
+    // The gateway reports the link down: west leaves every proxy's EDS.
+    let key = RegistryKey::Link(
+        Name::parse("a", "east").unwrap(),
+        Name::parse("b", "west").unwrap(),
+    )
+    .encode();
+    let t0 = Instant::now();
+    reg.put(key.clone(), link(LinkHealth::Down)).await;
+    wait_all(
+        &clients,
+        Duration::from_secs(5),
+        "west to leave every EDS",
+        &[(0, "us-east")],
+    )
+    .await;
+    let took = t0.elapsed();
+    println!(
+        "link down → west out of {} proxies' EDS in {took:?}",
+        clients.len()
+    );
+    assert!(
+        took <= Duration::from_millis(200),
+        "west left every EDS only after {took:?} (must be within 200 ms)"
+    );
+
+    // Up again: back at priority 1.
+    reg.put(key, link(LinkHealth::Up)).await;
+    wait_all(
+        &clients,
+        Duration::from_secs(5),
+        "west to come back",
+        &[(0, "us-east"), (1, "us-west")],
+    )
+    .await;
+
+    // A policy preferring west re-orders every proxy.
+    let policy = FailoverPolicy {
+        scope: PolicyScope::Service(ServiceKey::new("default", "echo").unwrap()),
+        targets: vec![
+            FailoverTarget::Cluster(Name::parse("c", "west").unwrap()),
+            FailoverTarget::Cluster(Name::parse("c", "east").unwrap()),
+        ],
+        exclude_others: false,
+        failover_priority: Vec::new(),
+        distribute: Vec::new(),
+    };
+    reg.put(
+        RegistryKey::Policy(policy.scope.clone()).encode(),
+        encode_policy(&policy),
+    )
+    .await;
+    wait_all(
+        &clients,
+        Duration::from_secs(5),
+        "west first after the policy",
+        &[(0, "us-west"), (1, "us-east")],
+    )
+    .await;
+    drop(clients);
+    cp.shutdown().await;
+}
+
+/// A raw ADS stream the test drives by hand.
+struct Raw {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: Streaming<DiscoveryResponse>,
+}
+
+async fn raw(xds: SocketAddr, first: DiscoveryRequest) -> Result<Raw, tonic::Status> {
+    // Small flow-control windows: a client that stops reading pushes back quickly.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{xds}"))
+        .unwrap()
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let (tx, mut rx) = mpsc::channel::<DiscoveryRequest>(1024);
+    tx.send(first).await.unwrap();
+    let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let rx = client
+        .stream_aggregated_resources(requests)
+        .await?
+        .into_inner();
+    Ok(Raw { tx, rx })
+}
+
+impl Raw {
+    async fn next(&mut self) -> Result<DiscoveryResponse, tonic::Status> {
+        match tokio::time::timeout(Duration::from_secs(10), self.rx.message()).await {
+            Ok(Ok(Some(r))) => Ok(r),
+            Ok(Ok(None)) => Err(tonic::Status::cancelled("stream ended")),
+            Ok(Err(s)) => Err(s),
+            Err(_) => panic!("no response within 10 s"),
+        }
+    }
+}
+
+fn req(node_: Option<envoy_types::pb::envoy::config::core::v3::Node>, t: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        node: node_,
+        type_url: t.to_string(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_are_refused_or_contained() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path()).await;
+    reg.publish(&east(18080, 1000)).await;
+    reg.publish(WEST).await;
+    let mut cfg = with_gateway(&reg);
+    cfg.xds.send_timeout = Duration::from_millis(500);
+    let cp = start_cp_with(&reg, cfg).await;
+    let cds = TypeKind::Cluster.url();
+
+    // A well-behaved proxy, watched throughout.
+    let good = LightClient::connect(cp.xds_addr, node("good", "east", "us-east", "a", true))
+        .await
+        .unwrap();
+    wait_all(
+        std::slice::from_ref(&good),
+        Duration::from_secs(10),
+        "the good proxy's first config",
+        &[(0, "us-east"), (1, "us-west")],
+    )
+    .await;
+
+    // No node: refused with the reason.
+    let mut r = raw(cp.xds_addr, req(None, cds)).await.unwrap();
+    let err = r
+        .next()
+        .await
+        .expect_err("a stream without a node is refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("node"), "{}", err.message());
+    // A node of another cluster: refused, naming both.
+    let mut r = raw(
+        cp.xds_addr,
+        req(Some(node("spy", "west", "us-west", "a", false)), cds),
+    )
+    .await
+    .unwrap();
+    let err = r
+        .next()
+        .await
+        .expect_err("a node of another cluster is refused");
+    assert!(
+        err.message().contains("west") && err.message().contains("east"),
+        "{}",
+        err.message()
+    );
+
+    // Unknown type and wrong nonces: ignored, the stream goes on.
+    let mut r = raw(
+        cp.xds_addr,
+        req(
+            Some(node("odd", "east", "us-east", "a", true)),
+            "type.googleapis.com/not.a.Type",
+        ),
+    )
+    .await
+    .unwrap();
+    r.tx.send(DiscoveryRequest {
+        type_url: TypeKind::Endpoint.url().into(),
+        response_nonce: "no-such-nonce".into(),
+        resource_names: vec!["echo.default:8080".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    r.tx.send(req(None, cds)).await.unwrap();
+    let first = r.next().await.expect("CDS answered after the junk");
+    assert_eq!(first.type_url, cds);
+    assert_eq!(first.resources.len(), 1001);
+
+    // A NACK storm: every response rejected, hundreds of times over.
+    let mut storm = raw(
+        cp.xds_addr,
+        req(Some(node("storm", "east", "us-east", "a", true)), cds),
+    )
+    .await
+    .unwrap();
+    let resp = storm.next().await.unwrap();
+    for i in 0..500 {
+        storm
+            .tx
+            .send(DiscoveryRequest {
+                type_url: cds.into(),
+                response_nonce: if i % 2 == 0 {
+                    resp.nonce.clone()
+                } else {
+                    format!("x{i}")
+                },
+                error_detail: Some(RpcStatus {
+                    code: 3,
+                    message: format!("rejected #{i}"),
+                    details: vec![],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    // A client that never reads: subscribes to everything, then stops reading. (Without ACKs
+    // the server sends it at most one response per type; see the churn below.)
+    let names: Vec<String> = good.state.borrow().clusters.clone();
+    let mut sleeper = raw(
+        cp.xds_addr,
+        req(Some(node("sleeper", "east", "us-east", "b", true)), cds),
+    )
+    .await
+    .unwrap();
+    let r0 = sleeper.next().await.unwrap();
+    sleeper
+        .tx
+        .send(DiscoveryRequest {
+            type_url: cds.into(),
+            response_nonce: r0.nonce,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    sleeper
+        .tx
+        .send(DiscoveryRequest {
+            type_url: TypeKind::Endpoint.url().into(),
+            resource_names: names.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // Churn: every change must still reach the good proxy. The sleeper blindly acknowledges
+    // every nonce it might have been sent (without reading), so the server keeps pushing to it.
+    for round in 0..12u16 {
+        for n in 1..=60u32 {
+            for t in [cds, TypeKind::Endpoint.url()] {
+                let _ = sleeper.tx.try_send(DiscoveryRequest {
+                    type_url: t.into(),
+                    response_nonce: n.to_string(),
+                    resource_names: if t == cds { Vec::new() } else { names.clone() },
+                    ..Default::default()
+                });
+            }
+        }
+        reg.publish(&east(18081 + round, 1000)).await;
+        let want = u32::from(18081 + round);
+        wait_for(Duration::from_secs(5), "the good proxy to see the change", || async {
+            let s = good.state.borrow();
+            let port = s
+                .assignments
+                .get("filler-0.default:8080")
+                .and_then(|c| c.endpoints.first())
+                .and_then(|l| l.lb_endpoints.first())
+                .and_then(|e| match &e.host_identifier {
+                    Some(envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(ep)) => ep.address.clone(),
+                    _ => None,
+                })
+                .and_then(|a| match a.address {
+                    Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s)) => match s.port_specifier {
+                        Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => Some(p),
+                        _ => None,
+                    },
+                    _ => None,
+                });
+            if port == Some(want) { Ok(()) } else { Err(format!("port {port:?}")) }
+        })
+        .await;
+    }
+    // The sleeper was cut off; the NACKs were counted once per response; the junk was counted.
+    let metrics = wait_for(
+        Duration::from_secs(10),
+        "the non-reading client to be dropped",
+        || async {
+            let m = admin_get(cp.admin_addr, "/metrics").await?;
+            if metric(&m, "strait_xds_slow_clients_total").unwrap_or(0.0) >= 1.0 {
+                Ok(m)
+            } else {
+                Err(m)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(&metrics, "strait_xds_nacks_total{type=\"CDS\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "strait_xds_stale_nonces_total").unwrap_or(0.0) >= 250.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "strait_xds_unknown_types_total").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "strait_xds_rejected_streams_total"),
+        Some(2.0),
+        "{metrics}"
+    );
+    // Nothing else was disturbed: the good proxy got every round.
+    let names: BTreeSet<String> = good.state.borrow().assignments.keys().cloned().collect();
+    assert_eq!(names.len(), 1001);
+    drop((storm, sleeper, r));
+    cp.shutdown().await;
+}
