@@ -215,3 +215,108 @@ fn envoy_rejects_what_it_should_so_the_check_above_means_something() {
     assert!(!ok, "Envoy accepted a zero locality weight:\n{out}");
     assert!(out.contains("load_balancing_weight"), "{out}");
 }
+
+/// The Envoy bootstrap of `strait proxy bootstrap --envoy` with a gateway (mTLS to the control
+/// plane and the gateway, the internal tunnel listener) together with a service cluster as the
+/// control plane sends it — remote endpoints addressed to the tunnel listener through the
+/// internal_upstream transport socket — are accepted by Envoy.
+#[test]
+fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
+    use controlplane::bootstrap::{BootstrapSpec, CertFiles};
+    use controlplane::resources::{ClientKind, PortView, Remote, port_assignment, service_cluster};
+    use federation::identity::{CertificateAuthority, SpiffeId};
+
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca =
+        CertificateAuthority::init("strait.test", std::time::Duration::from_secs(86400)).unwrap();
+    let id = SpiffeId::workload("strait.test", "east", "default", "client").unwrap();
+    let paths = ca
+        .issue(&id, std::time::Duration::from_secs(3600))
+        .unwrap()
+        .write(dir.path().join("client"))
+        .unwrap();
+    let spec = BootstrapSpec {
+        node_id: "client-1".into(),
+        cluster: id_of("east"),
+        locality: Locality::parse("l", "us-east/a").unwrap(),
+        labels: Labels::default(),
+        xds: "127.0.0.1:15010".parse().unwrap(),
+        tls: Some(CertFiles {
+            cert: paths.cert.clone(),
+            key: paths.key.clone(),
+            ca: paths.ca.clone(),
+        }),
+        delta: true,
+        admin: "127.0.0.1:15000".parse().unwrap(),
+        outbound: "127.0.0.1:15001".parse().unwrap(),
+        gateway: Some((
+            "127.0.0.1:15008".parse().unwrap(),
+            "spiffe://strait.test/cluster/east/gateway".into(),
+        )),
+    };
+    let json = controlplane::bootstrap::envoy(&spec);
+    let text = json.to_string();
+    assert!(
+        text.contains("%DYNAMIC_METADATA(strait:authority)%"),
+        "{text}"
+    );
+    assert!(text.contains("strait_tunnel"), "{text}");
+
+    // The service cluster, made static with its load assignment.
+    let route = route();
+    let key = ServiceKey::new("default", "echo").unwrap();
+    let port = ServicePort::new("http", 8080, Protocol::Http).unwrap();
+    let mut c = service_cluster(&key, &port, ClientKind::Envoy);
+    let cla = port_assignment(
+        &route,
+        PortView {
+            service: &key,
+            port: &port,
+            first: true,
+            remote: Remote::Tunnel,
+        },
+    );
+    let internal = cla
+        .endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .filter(|e| format!("{e:?}").contains("EnvoyInternalAddress"))
+        .count();
+    assert_eq!(
+        internal, 3,
+        "west and central (other networks) go through the tunnel"
+    );
+    c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+        cluster::DiscoveryType::Static as i32,
+    ));
+    c.eds_cluster_config = None;
+    c.load_assignment = Some(cla);
+    let pb = Bootstrap {
+        static_resources: Some(StaticResources {
+            clusters: vec![c],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pb_path = dir.path().join("clusters.pb");
+    std::fs::write(&pb_path, pb.encode_to_vec()).unwrap();
+    // `--config-yaml` merges the JSON bootstrap over the binary one.
+    let out = Command::new(envoy())
+        .args(["--mode", "validate", "--log-level", "warn", "-c"])
+        .arg(&pb_path)
+        .arg("--config-yaml")
+        .arg(&text)
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "Envoy refused the bootstrap:\n{log}");
+}
+
+fn id_of(c: &str) -> ClusterId {
+    id(c)
+}
