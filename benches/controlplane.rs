@@ -1,0 +1,425 @@
+//! Control-plane convergence and memory, against a real etcd.
+//!
+//! 1. **Convergence**: 3 clusters (east and central in us-east, west in us-west), 1,000
+//!    services, 10,000 endpoints, one `strait controlplane` per cluster (in this process) with
+//!    100 light ADS clients each. An endpoint change is written to cluster east's registry
+//!    entries; measured: the time until every client of cluster west holds the new EDS
+//!    (p50/p99 over `--changes` changes), side by side with the floor under it: the time until a
+//!    plain etcd watcher sees the same write.
+//! 2. **Memory at scale**: one `strait controlplane` process with 1,000,000 endpoints in the
+//!    registry (1,000 services × 1,000) and `--scale-clients` clients: its peak RSS and CPU
+//!    seconds until every client holds the full EDS.
+//!
+//! Run: `cargo xtask bench controlplane` (= `cargo bench --bench controlplane`). Options:
+//! `--changes N` (default 100), `--clients N` (per control plane, default 100), `--million 0`
+//! to skip part 2.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use controlplane::client::{LightClient, node};
+use controlplane::config::ControlPlaneConfig;
+use controlplane::server::ControlPlane;
+use federation::etcd_server::EtcdServer;
+use federation::model::{
+    Cluster, ClusterState, Endpoint, Locality, Name, Protocol, Service, ServiceEndpoints,
+    ServiceKey, ServicePort,
+};
+use federation::registry::codec::{cluster_state_kvs, encode_service_endpoints};
+use federation::registry::etcd::{EtcdBackend, EtcdOptions};
+use federation::registry::{Backend, Op, RegistryKey};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const CLUSTERS: [(&str, &str); 3] = [
+    ("east", "us-east"),
+    ("central", "us-east"),
+    ("west", "us-west"),
+];
+
+fn id(s: &str) -> Name {
+    Name::parse("c", s).expect("valid name")
+}
+
+fn service(i: usize) -> Service {
+    Service::new(
+        ServiceKey::new("default", &format!("svc-{i}")).expect("valid"),
+        vec![ServicePort::new("http", 8080, Protocol::Http).expect("valid")],
+    )
+    .expect("valid")
+}
+
+/// `per` endpoints of service `i` in cluster `c` (index `ci`), the first on `port`.
+fn endpoints(
+    ci: usize,
+    c: &str,
+    region: &str,
+    i: usize,
+    per: usize,
+    port: u16,
+) -> ServiceEndpoints {
+    let eps = (0..per)
+        .map(|k| {
+            let n = (i * per + k) as u32;
+            let addr = std::net::Ipv4Addr::new(10, ci as u8, (n >> 8) as u8, n as u8);
+            Endpoint::new(
+                addr.into(),
+                if k == 0 { port } else { 8080 },
+                Locality::parse("l", &format!("{region}/{}", ["a", "b"][k % 2])).expect("valid"),
+                id(c),
+            )
+            .expect("valid")
+        })
+        .collect();
+    ServiceEndpoints::new(id(c), service(i), eps).expect("valid")
+}
+
+async fn commit_all(backend: &Backend, kvs: BTreeMap<String, Vec<u8>>) {
+    let ops: Vec<Op> = kvs
+        .into_iter()
+        .map(|(key, value)| Op::Put {
+            key,
+            value,
+            lease: None,
+        })
+        .collect();
+    for batch in federation::registry::publisher::batches(ops, 128, 1 << 20) {
+        backend.commit(batch).await.expect("etcd commit");
+    }
+}
+
+fn config(cluster: &str, region: &str, etcd: &str) -> ControlPlaneConfig {
+    ControlPlaneConfig::parse(
+        "bench.yaml",
+        &format!(
+            "cluster: {cluster}\nregion: {region}\nregistry: {{etcd: [\"{etcd}\"]}}\n\
+             xds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n\
+             gateway: {{ingress: \"127.0.0.1:15008\"}}\n"
+        ),
+    )
+    .expect("bench config")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// The first endpoint port of `svc-0`'s load assignment, as a client holds it.
+fn port_of(c: &LightClient, name: &str) -> Option<u32> {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    let s = c.state.borrow();
+    let cla = s.assignments.get(name)?;
+    cla.endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .find_map(|e| {
+            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                return None;
+            };
+            match ep.address.as_ref()?.address.as_ref()? {
+                address::Address::SocketAddress(sa) if sa.address.starts_with("10.0.") => {
+                    match sa.port_specifier {
+                        Some(socket_address::PortSpecifier::PortValue(p)) if p != 8080 => Some(p),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            }
+        })
+}
+
+async fn convergence(dir: &std::path::Path) {
+    let changes = arg("--changes", 100);
+    let per_cp = arg("--clients", 100);
+    let etcd = EtcdServer::start(&dir.join("etcd-conv")).expect("etcd");
+    let backend = Backend::Etcd(
+        EtcdBackend::connect(&[etcd.endpoint()], EtcdOptions::default())
+            .await
+            .expect("etcd client"),
+    );
+    // 1,000 services in every cluster; 4 + 3 + 3 endpoints each: 10,000 endpoints.
+    for (ci, (c, region)) in CLUSTERS.iter().enumerate() {
+        let per = if ci == 0 { 4 } else { 3 };
+        let state = ClusterState {
+            cluster: Cluster::new(id(c), region, None, vec![]).expect("valid"),
+            services: (0..1000)
+                .map(|i| endpoints(ci, c, region, i, per, 9000))
+                .collect(),
+        };
+        commit_all(&backend, cluster_state_kvs(&state)).await;
+    }
+    let mut cps = Vec::new();
+    for (c, region) in CLUSTERS {
+        cps.push(
+            ControlPlane::start_with(config(c, region, &etcd.endpoint()), backend.clone())
+                .await
+                .expect("controlplane"),
+        );
+    }
+    let mut clients: Vec<Vec<LightClient>> = Vec::new();
+    for (k, (c, region)) in CLUSTERS.iter().enumerate() {
+        let mut v = Vec::new();
+        for i in 0..per_cp {
+            let zone = ["a", "b"][i % 2];
+            v.push(
+                LightClient::connect(
+                    cps[k].xds_addr,
+                    node(&format!("{c}-{i}"), c, region, zone, true),
+                )
+                .await
+                .expect("client connects"),
+            );
+        }
+        clients.push(v);
+    }
+    let west = &clients[2];
+    let target = "svc-0.default:8080";
+    let t = Instant::now();
+    for c in west {
+        let mut rx = c.state.clone();
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            rx.wait_for(|s| s.assignments.len() == 1000),
+        )
+        .await
+        .expect("initial sync within 120 s")
+        .expect("client alive");
+    }
+    println!(
+        "initial sync: {} clients per control plane hold 1,000 EDS resources ({} total endpoints) after {}",
+        per_cp,
+        10_000,
+        ms(t.elapsed())
+    );
+
+    // The floor: a plain etcd watcher of the same key.
+    let key = RegistryKey::Endpoints(id("east"), service(0).key.clone()).encode();
+    let mut watcher = backend.watch(&key, 0).await.expect("etcd watch");
+    let mut cp_times = Vec::new();
+    let mut etcd_times = Vec::new();
+    for n in 0..changes {
+        let port = 9001 + n as u16;
+        let value = encode_service_endpoints(&endpoints(0, "east", "us-east", 0, 4, port));
+        let t0 = Instant::now();
+        backend
+            .commit(vec![Op::Put {
+                key: key.clone(),
+                value,
+                lease: None,
+            }])
+            .await
+            .expect("commit");
+        loop {
+            let b = watcher.next().await.expect("watch event");
+            if !b.events.is_empty() {
+                break;
+            }
+        }
+        etcd_times.push(t0.elapsed());
+        // Every west client holds the new EDS.
+        for c in west {
+            let mut rx = c.state.clone();
+            let want = u32::from(port);
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if port_of(c, target) == Some(want) {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await
+            .expect("client converges within 10 s");
+        }
+        cp_times.push(t0.elapsed());
+    }
+    cp_times.sort();
+    etcd_times.sort();
+    let (p50, p99) = (percentile(&cp_times, 0.5), percentile(&cp_times, 0.99));
+    let (e50, e99) = (percentile(&etcd_times, 0.5), percentile(&etcd_times, 0.99));
+    println!(
+        "\n## Convergence (3 clusters, 1,000 services, 10,000 endpoints, {per_cp} clients per control plane, {changes} changes)\n"
+    );
+    println!("| | p50 | p99 | max |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| change in east → all {} west clients hold the new EDS | {} | {} | {} |",
+        west.len(),
+        ms(p50),
+        ms(p99),
+        ms(*cp_times.last().unwrap_or(&Duration::ZERO))
+    );
+    println!(
+        "| change in east → a plain etcd watcher sees it (floor) | {} | {} | {} |",
+        ms(e50),
+        ms(e99),
+        ms(*etcd_times.last().unwrap_or(&Duration::ZERO))
+    );
+    println!(
+        "\nratio to the floor: p50 {:.1}×, p99 {:.1}×; goal p99 ≤ 100 ms: {}",
+        p50.as_secs_f64() / e50.as_secs_f64().max(1e-9),
+        p99.as_secs_f64() / e99.as_secs_f64().max(1e-9),
+        if p99 <= Duration::from_millis(100) {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    drop(clients);
+    for cp in cps {
+        cp.shutdown().await;
+    }
+}
+
+fn proc_stat(pid: u32) -> (u64, u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 (11 and 12 after the command).
+    let cpu = (ticks(11) + ticks(12)) as f64 / 100.0;
+    (kib("VmRSS:"), kib("VmHWM:"), cpu)
+}
+
+async fn million(dir: &std::path::Path) {
+    let clients_n = arg("--scale-clients", 2);
+    let etcd = EtcdServer::start(&dir.join("etcd-1m")).expect("etcd");
+    let backend = Backend::Etcd(
+        EtcdBackend::connect(&[etcd.endpoint()], EtcdOptions::default())
+            .await
+            .expect("etcd client"),
+    );
+    let t = Instant::now();
+    for (ci, (c, region)) in CLUSTERS.iter().enumerate() {
+        // 1,000 services × 334/333/333 endpoints per cluster ≈ 1,000,000 endpoints.
+        let per = if ci == 0 { 334 } else { 333 };
+        let state = ClusterState {
+            cluster: Cluster::new(id(c), region, None, vec![]).expect("valid"),
+            services: (0..1000)
+                .map(|i| endpoints(ci, c, region, i, per, 9000))
+                .collect(),
+        };
+        commit_all(&backend, cluster_state_kvs(&state)).await;
+    }
+    println!("\nwrote 1,001,000 endpoints to etcd in {}", ms(t.elapsed()));
+    let cfg = dir.join("cp-1m.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "cluster: west\nregion: us-west\nregistry: {{etcd: [\"{}\"]}}\nxds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\ngateway: {{ingress: \"127.0.0.1:15008\"}}\n",
+            etcd.endpoint()
+        ),
+    )
+    .expect("write config");
+    let xds_port = federation::etcd_server::free_port().expect("port");
+    let text = std::fs::read_to_string(&cfg).expect("read").replace(
+        "127.0.0.1:0\"}\nadmin",
+        &format!("127.0.0.1:{xds_port}\"}}\nadmin"),
+    );
+    std::fs::write(&cfg, text).expect("write config");
+    let t = Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args(["--log", "warn", "controlplane", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("strait controlplane starts");
+    let pid = child.id();
+    let xds: std::net::SocketAddr = format!("127.0.0.1:{xds_port}").parse().expect("addr");
+    let mut clients = Vec::new();
+    for i in 0..clients_n {
+        let c = loop {
+            match LightClient::connect(xds, node(&format!("w{i}"), "west", "us-west", "a", true))
+                .await
+            {
+                Ok(c) => break c,
+                Err(_) if t.elapsed() < Duration::from_secs(120) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        clients.push(c);
+    }
+    for c in &clients {
+        let mut rx = c.state.clone();
+        tokio::time::timeout(
+            Duration::from_secs(600),
+            rx.wait_for(|s| s.assignments.len() == 1000),
+        )
+        .await
+        .expect("full EDS within 600 s")
+        .expect("client alive");
+    }
+    let took = t.elapsed();
+    let (rss, hwm, cpu) = proc_stat(pid);
+    println!(
+        "\n## Memory at scale (1,001,000 endpoints, 1,000 services, 3 clusters; {clients_n} clients)\n"
+    );
+    println!("| | value |\n| --- | --- |");
+    println!("| start → every client holds the full EDS | {} |", ms(took));
+    println!("| controlplane RSS now | {:.0} MiB |", rss as f64 / 1024.0);
+    println!("| controlplane peak RSS | {:.0} MiB |", hwm as f64 / 1024.0);
+    println!("| controlplane CPU (user + system) | {cpu:.1} s |");
+    println!(
+        "\npeak RSS / 1 GB goal: {:.2}× ({})",
+        hwm as f64 * 1024.0 / 1e9,
+        if hwm as f64 * 1024.0 <= 1e9 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    drop(clients);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn main() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    rt.block_on(async {
+        convergence(dir.path()).await;
+        if arg("--million", 1) != 0 {
+            million(dir.path()).await;
+        }
+    });
+}
