@@ -139,6 +139,13 @@ fn port_of(c: &LightClient, name: &str) -> Option<u32> {
                         _ => None,
                     }
                 }
+                // East is on another network: addressed to the tunnel as `east/IP:PORT`.
+                address::Address::EnvoyInternalAddress(ia)
+                    if ia.endpoint_id.starts_with("east/") =>
+                {
+                    let p: u32 = ia.endpoint_id.rsplit_once(':')?.1.parse().ok()?;
+                    (p != 8080).then_some(p)
+                }
                 _ => None,
             }
         })
@@ -211,6 +218,12 @@ async fn convergence(dir: &std::path::Path) {
     // The floor: a plain etcd watcher of the same key.
     let key = RegistryKey::Endpoints(id("east"), service(0).key.clone()).encode();
     let mut watcher = backend.watch(&key, 0).await.expect("etcd watch");
+    assert_eq!(
+        port_of(&west[0], target),
+        Some(9000),
+        "west's view of svc-0: {:?}",
+        west[0].state.borrow().assignments.get(target)
+    );
     let mut cp_times = Vec::new();
     let mut etcd_times = Vec::new();
     for n in 0..changes {
@@ -232,11 +245,38 @@ async fn convergence(dir: &std::path::Path) {
             }
         }
         etcd_times.push(t0.elapsed());
+        if std::env::var_os("STRAIT_BENCH_TRACE").is_some() {
+            let east_port = |snap: &federation::registry::Snapshot| {
+                snap.endpoints
+                    .get(&(service(0).key.clone(), id("east")))
+                    .map(|se| se.endpoints[0].port)
+            };
+            while east_port(&cps[2].cache().snapshot()) != Some(port) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let t_cache = t0.elapsed();
+            while cps[2].xds.generation().and_then(|g| east_port(&g.snapshot)) != Some(port) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let t_gen = t0.elapsed();
+            let pushes = |cp: &ControlPlane| {
+                cp.xds.metrics().pushes[1].load(std::sync::atomic::Ordering::Relaxed)
+            };
+            let p0 = pushes(&cps[2]);
+            while pushes(&cps[2]) < p0 + west.len() as u64 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            eprintln!(
+                "trace: etcd {:?} cache {t_cache:?} generation {t_gen:?} pushed {:?}",
+                etcd_times.last(),
+                t0.elapsed()
+            );
+        }
         // Every west client holds the new EDS.
         for c in west {
             let mut rx = c.state.clone();
             let want = u32::from(port);
-            tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::time::timeout(Duration::from_secs(60), async {
                 loop {
                     if port_of(c, target) == Some(want) {
                         return;
@@ -247,7 +287,23 @@ async fn convergence(dir: &std::path::Path) {
                 }
             })
             .await
-            .expect("client converges within 10 s");
+            .unwrap_or_else(|_| {
+                let east_port = |snap: &federation::registry::Snapshot| {
+                    snap.endpoints
+                        .get(&(service(0).key.clone(), id("east")))
+                        .map(|se| se.endpoints[0].port)
+                };
+                let g = cps[2].xds.generation();
+                let m = cps[2].xds.metrics().render();
+                let m: Vec<&str> = m.lines().filter(|l| !l.starts_with('#') && (l.contains("EDS") || l.contains("stale") || l.contains("generations"))).collect();
+                panic!(
+                    "client did not converge within 60 s: {m:?} client port {:?}; cache {:?}; generation {:?} {:?}",
+                    port_of(c, target),
+                    east_port(&cps[2].cache().snapshot()),
+                    g.as_ref().map(|g| g.id),
+                    g.as_ref().and_then(|g| east_port(&g.snapshot)),
+                )
+            });
         }
         cp_times.push(t0.elapsed());
     }
@@ -362,8 +418,11 @@ async fn million(dir: &std::path::Path) {
     let mut clients = Vec::new();
     for i in 0..clients_n {
         let c = loop {
-            match LightClient::connect(xds, node(&format!("w{i}"), "west", "us-west", "a", true))
-                .await
+            match LightClient::connect_delta(
+                xds,
+                node(&format!("w{i}"), "west", "us-west", "a", true),
+            )
+            .await
             {
                 Ok(c) => break c,
                 Err(_) if t.elapsed() < Duration::from_secs(120) => {

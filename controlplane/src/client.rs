@@ -10,7 +10,9 @@ use std::time::Instant;
 use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -71,7 +73,98 @@ pub fn node(id: &str, cluster: &str, region: &str, zone: &str, tunnel: bool) -> 
 }
 
 impl LightClient {
-    /// Connect to `xds` (plaintext) as `node` and follow CDS and EDS.
+    /// Connect to `xds` (plaintext) as `node` and follow CDS and EDS over delta xDS: only
+    /// changed resources travel.
+    pub async fn connect_delta(xds: SocketAddr, node: Node) -> Result<Self, String> {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
+            .await
+            .map_err(|e| format!("cannot connect to {xds}: {e}"))?
+            .max_decoding_message_size(64 << 20);
+        let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
+        let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node),
+            type_url: TypeKind::Cluster.url().to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| "request channel closed".to_string())?;
+        let mut responses = client
+            .delta_aggregated_resources(requests)
+            .await
+            .map_err(|e| format!("ADS stream refused: {e}"))?
+            .into_inner();
+        let (state_tx, state) = watch::channel(ClientState::default());
+        let task = tokio::spawn(async move {
+            loop {
+                let r: DeltaDiscoveryResponse = match responses.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(format!("ADS stream failed: {e}")),
+                };
+                let ack = DeltaDiscoveryRequest {
+                    type_url: r.type_url.clone(),
+                    response_nonce: r.nonce.clone(),
+                    ..Default::default()
+                };
+                match TypeKind::from_url(&r.type_url) {
+                    Some(TypeKind::Cluster) => {
+                        let added: Vec<String> =
+                            r.resources.iter().map(|x| x.name.clone()).collect();
+                        state_tx.send_modify(|s| {
+                            s.clusters.retain(|c| !r.removed_resources.contains(c));
+                            for a in &added {
+                                if !s.clusters.contains(a) {
+                                    s.clusters.push(a.clone());
+                                }
+                            }
+                        });
+                        if tx.send(ack).await.is_err() {
+                            return Ok(());
+                        }
+                        if !added.is_empty() || !r.removed_resources.is_empty() {
+                            let sub = DeltaDiscoveryRequest {
+                                type_url: TypeKind::Endpoint.url().to_string(),
+                                resource_names_subscribe: added,
+                                resource_names_unsubscribe: r.removed_resources.clone(),
+                                ..Default::default()
+                            };
+                            if tx.send(sub).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Some(TypeKind::Endpoint) => {
+                        let mut changed = Vec::new();
+                        for x in &r.resources {
+                            let Some(a) = &x.resource else { continue };
+                            let cla = ClusterLoadAssignment::decode(a.value.as_slice())
+                                .map_err(|e| format!("bad EDS resource: {e}"))?;
+                            changed.push(Arc::new(cla));
+                        }
+                        let now = Instant::now();
+                        state_tx.send_modify(|s| {
+                            for n in &r.removed_resources {
+                                s.assignments.remove(n);
+                            }
+                            for c in changed {
+                                s.assignments.insert(c.cluster_name.clone(), c);
+                            }
+                            s.updated = Some(now);
+                            s.eds_responses += 1;
+                        });
+                        if tx.send(ack).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Ok(Self { state, task })
+    }
+
+    /// Connect to `xds` (plaintext) as `node` and follow CDS and EDS (state of the world).
     pub async fn connect(xds: SocketAddr, node: Node) -> Result<Self, String> {
         let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
             .await

@@ -253,8 +253,40 @@ fn services(snapshot: &Snapshot, own: &ClusterId) -> BTreeMap<ServiceKey, Servic
     out
 }
 
+/// Whether `service`'s route inputs are the same (shared, unchanged) in both snapshots.
+fn same_service(a: &Snapshot, b: &Snapshot, service: &ServiceKey) -> bool {
+    let mut ia = a.service(service);
+    let mut ib = b.service(service);
+    loop {
+        match (ia.next(), ib.next()) {
+            (None, None) => break,
+            (Some(x), Some(y)) if Arc::ptr_eq(x, y) => {}
+            _ => return false,
+        }
+    }
+    match (a.policy_for(service), b.policy_for(service)) {
+        (None, None) => true,
+        (Some(x), Some(y)) => Arc::ptr_eq(x, y) || x == y,
+        _ => false,
+    }
+}
+
 /// Compute the resources of `key` from a registry snapshot.
 pub fn build(snapshot: &Snapshot, key: &ViewKey, settings: &ViewSettings) -> View {
+    build_from(snapshot, key, settings, None)
+}
+
+/// Compute the resources of `key`, reusing those of services whose inputs did not change since
+/// `prev` (the snapshot and view of the previous generation).
+pub fn build_from(
+    snapshot: &Snapshot,
+    key: &ViewKey,
+    settings: &ViewSettings,
+    prev: Option<(&Snapshot, &View)>,
+) -> View {
+    // Cluster records and link states feed every route: any change there rebuilds everything.
+    let prev =
+        prev.filter(|(ps, _)| ps.clusters == snapshot.clusters && ps.links == snapshot.links);
     let caller = Caller {
         cluster: settings.cluster.clone(),
         locality: key.locality.clone(),
@@ -268,6 +300,42 @@ pub fn build(snapshot: &Snapshot, key: &ViewKey, settings: &ViewSettings) -> Vie
     let mut http_ports: Vec<HttpPort<'_>> = Vec::new();
     let services = services(snapshot, &settings.cluster);
     for (skey, service) in &services {
+        if let Some((ps, pv)) = prev
+            && same_service(ps, snapshot, skey)
+        {
+            // Unchanged: take the previous resources as they are.
+            for (i, port) in service.ports.iter().enumerate() {
+                let name = cluster_name(skey, port.port);
+                for t in [TypeKind::Cluster, TypeKind::Endpoint] {
+                    if let Some(r) = pv.get(t).get(&name) {
+                        view.types[t as usize].insert(name.clone(), r.clone());
+                    }
+                }
+                match key.kind {
+                    ClientKind::Envoy => {
+                        if matches!(
+                            port.protocol,
+                            Protocol::Http | Protocol::Http2 | Protocol::Grpc
+                        ) {
+                            http_ports.push(HttpPort {
+                                service: skey,
+                                port: port.port,
+                                first: i == 0,
+                            });
+                        }
+                    }
+                    ClientKind::Grpc => {
+                        let base = format!("{}.{}", skey.name, skey.namespace);
+                        for n in [format!("{base}:{}", port.port), base] {
+                            if let Some(r) = pv.get(TypeKind::Listener).get(&n) {
+                                view.types[TypeKind::Listener as usize].insert(n, r.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         let mut route = resolve(&caller, &Inputs::from_snapshot(snapshot, skey));
         if key.kind == ClientKind::Grpc {
             route.groups.retain(|g| !g.via_gateway);

@@ -91,6 +91,8 @@ struct Inner {
     clients: Mutex<BTreeMap<u64, Arc<ClientRecord>>>,
     next_client: AtomicU64,
     shutdown: CancellationToken,
+    /// The latest view computed per key, the base of the next generation's.
+    last_views: Mutex<HashMap<ViewKey, (Arc<Snapshot>, Arc<View>)>>,
     /// With mTLS: only workload certificates of this cluster may connect.
     require_workload: Mutex<Option<federation::model::ClusterId>>,
 }
@@ -108,6 +110,7 @@ impl Xds {
                 next_client: AtomicU64::new(1),
                 shutdown: CancellationToken::new(),
                 require_workload: Mutex::new(None),
+                last_views: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -242,11 +245,38 @@ impl Xds {
             let snapshot = g.snapshot.clone();
             let key = key.clone();
             let settings = self.inner.settings.clone();
+            let prev = self
+                .inner
+                .last_views
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .cloned();
             self.inner.metrics.view_builds.fetch_add(1, Relaxed);
-            let built =
-                tokio::task::spawn_blocking(move || view::build(&snapshot, &key, &settings)).await;
+            let k2 = key.clone();
+            let s2 = snapshot.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                let prev = prev.as_ref().map(|(s, v)| (&**s, &**v));
+                view::build_from(&s2, &k2, &settings, prev)
+            })
+            .await;
             match built {
-                Ok(v) => Arc::new(v),
+                Ok(v) => {
+                    let v = Arc::new(v);
+                    let mut last = self
+                        .inner
+                        .last_views
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    // Keep the newest generation's view as the base for the next one.
+                    if last
+                        .get(&key)
+                        .is_none_or(|(s, _)| s.revision <= snapshot.revision)
+                    {
+                        last.insert(key, (snapshot, v.clone()));
+                    }
+                    v
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "building a proxy view failed");
                     Arc::new(View::default())
@@ -429,7 +459,25 @@ impl Session {
         }
     }
 
-    async fn run(mut self, mut inbound: Inbound, outbound: Outbound) {
+    async fn run(mut self, inbound: Inbound, outbound: Outbound) {
+        // Requests are read by their own task: `select!` below may drop a pending read, and a
+        // dropped read must never lose a message (an ACK lost would stall the stream's type).
+        let (req_tx, mut requests) = mpsc::channel::<Result<Req, Status>>(16);
+        let reader = tokio::spawn(async move {
+            let mut inbound = inbound;
+            loop {
+                let r = next(&mut inbound).await;
+                let end = !matches!(r, Ok(Some(_)));
+                let msg = match r {
+                    Ok(Some(req)) => Ok(req),
+                    Ok(None) => return,
+                    Err(status) => Err(status),
+                };
+                if req_tx.send(msg).await.is_err() || end {
+                    return;
+                }
+            }
+        });
         let metrics = self.xds.inner.metrics.clone();
         metrics.streams.fetch_add(1, Relaxed);
         let mut gens = self.xds.inner.generations.subscribe();
@@ -438,10 +486,10 @@ impl Session {
             loop {
                 self.push(&outbound).await?;
                 tokio::select! {
-                    r = next(&mut inbound) => match r {
-                        Ok(Some(req)) => self.handle(req).await?,
-                        Ok(None) => return Err(Fatal::Gone),
-                        Err(status) => {
+                    r = requests.recv() => match r {
+                        Some(Ok(req)) => self.handle(req).await?,
+                        None => return Err(Fatal::Gone),
+                        Some(Err(status)) => {
                             tracing::debug!(peer = %self.peer, %status, "xDS stream ended");
                             return Err(Fatal::Gone);
                         }
@@ -458,6 +506,7 @@ impl Session {
             }
         }
         .await;
+        reader.abort();
         if let Err(Fatal::Refuse(status)) = result {
             metrics.rejected_streams.fetch_add(1, Relaxed);
             tracing::warn!(peer = %self.peer, reason = %status.message(), "xDS stream refused");
