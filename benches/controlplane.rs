@@ -185,7 +185,7 @@ async fn convergence(dir: &std::path::Path) {
         for i in 0..per_cp {
             let zone = ["a", "b"][i % 2];
             v.push(
-                LightClient::connect(
+                LightClient::connect_delta(
                     cps[k].xds_addr,
                     node(&format!("{c}-{i}"), c, region, zone, true),
                 )

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::google::protobuf::{Any, Struct, value::Kind};
 use envoy_types::util::pack_any;
 use federation::model::{ClusterId, Labels, Locality, Protocol, Service, ServiceKey};
@@ -78,6 +79,8 @@ pub struct Resource {
 }
 
 impl Resource {
+    /// Resources without multi-entry protobuf maps: their encoding is deterministic, and its
+    /// hash is the version.
     fn new<M: prost::Name + prost::Message>(name: String, msg: M, refs: Vec<String>) -> Self {
         let body = pack_any(msg);
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -87,6 +90,35 @@ impl Resource {
             version: format!("{:016x}", h.finish()),
             body,
             refs,
+        }
+    }
+
+    /// A load assignment: its endpoint metadata are protobuf maps, encoded in hash-map order,
+    /// so the version hashes the encoding without them plus the metadata sorted.
+    fn assignment(name: String, cla: ClusterLoadAssignment) -> Self {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut bare = cla.clone();
+        for l in &mut bare.endpoints {
+            for e in &mut l.lb_endpoints {
+                if let Some(m) = e.metadata.take() {
+                    let mut entries: Vec<String> = m
+                        .filter_metadata
+                        .iter()
+                        .flat_map(|(ns, s)| {
+                            s.fields.iter().map(move |(k, v)| format!("{ns}.{k}={v:?}"))
+                        })
+                        .collect();
+                    entries.sort();
+                    entries.hash(&mut h);
+                }
+            }
+        }
+        prost::Message::encode_to_vec(&bare).hash(&mut h);
+        Self {
+            name,
+            version: format!("{:016x}", h.finish()),
+            body: pack_any(cla),
+            refs: Vec::new(),
         }
     }
 }
@@ -359,10 +391,9 @@ pub fn build_from(
             );
             view.types[TypeKind::Endpoint as usize].insert(
                 name.clone(),
-                Arc::new(Resource::new(
+                Arc::new(Resource::assignment(
                     name.clone(),
                     port_assignment(&route, pv),
-                    Vec::new(),
                 )),
             );
             match key.kind {
@@ -420,4 +451,108 @@ pub fn build_from(
         }
     }
     view
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use federation::model::{Endpoint, ServicePort};
+
+    fn snapshot() -> Snapshot {
+        let mut snap = Snapshot::default();
+        let service = Service::new(
+            ServiceKey::new("default", "echo").unwrap(),
+            vec![ServicePort::new("http", 8080, Protocol::Http).unwrap()],
+        )
+        .unwrap();
+        for (c, region, ip) in [("east", "us-east", 1u8), ("west", "us-west", 2)] {
+            let id = ClusterId::parse("c", c).unwrap();
+            let ep = Endpoint::new(
+                std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, ip, 0, 1)),
+                8080,
+                Locality::parse("l", &format!("{region}/a")).unwrap(),
+                id.clone(),
+            )
+            .unwrap();
+            let se =
+                federation::model::ServiceEndpoints::new(id.clone(), service.clone(), vec![ep])
+                    .unwrap();
+            snap.endpoints
+                .insert((service.key.clone(), id), Arc::new(se));
+        }
+        snap
+    }
+
+    fn key() -> ViewKey {
+        ViewKey {
+            kind: ClientKind::Envoy,
+            locality: Locality::parse("l", "us-east/a").unwrap(),
+            labels: Labels::default(),
+            outbound: None,
+            tunnel: true,
+        }
+    }
+
+    fn settings() -> ViewSettings {
+        ViewSettings {
+            cluster: ClusterId::parse("c", "east").unwrap(),
+            region: "us-east".into(),
+            gateway: true,
+        }
+    }
+
+    /// Versions must not depend on hash-map order (tunnelled endpoints carry metadata maps):
+    /// rebuilding the same input gives the same versions, or every proxy would be sent every
+    /// resource again at each generation.
+    #[test]
+    fn versions_are_stable_across_rebuilds() {
+        let snap = snapshot();
+        let a = build(&snap, &key(), &settings());
+        let eds = a.get(TypeKind::Endpoint).get("echo.default:8080").unwrap();
+        assert!(format!("{:?}", eds.body).len() > 0);
+        for _ in 0..20 {
+            let b = build(&snap, &key(), &settings());
+            for t in ORDER {
+                let va: Vec<&str> = a.get(t).values().map(|r| r.version.as_str()).collect();
+                let vb: Vec<&str> = b.get(t).values().map(|r| r.version.as_str()).collect();
+                assert_eq!(va, vb, "{t:?} versions changed on a rebuild");
+            }
+        }
+    }
+
+    /// An incremental build reuses unchanged services and equals a full build.
+    #[test]
+    fn incremental_build_equals_full_build() {
+        let snap = snapshot();
+        let first = build(&snap, &key(), &settings());
+        let mut next = snap.clone();
+        next.revision += 1;
+        let inc = build_from(&next, &key(), &settings(), Some((&snap, &first)));
+        let full = build(&next, &key(), &settings());
+        for t in ORDER {
+            let vi: Vec<(&String, &str)> = inc
+                .get(t)
+                .iter()
+                .map(|(n, r)| (n, r.version.as_str()))
+                .collect();
+            let vf: Vec<(&String, &str)> = full
+                .get(t)
+                .iter()
+                .map(|(n, r)| (n, r.version.as_str()))
+                .collect();
+            assert_eq!(vi, vf, "{t:?}");
+        }
+        let e1 = first
+            .get(TypeKind::Endpoint)
+            .get("echo.default:8080")
+            .unwrap();
+        let e2 = inc
+            .get(TypeKind::Endpoint)
+            .get("echo.default:8080")
+            .unwrap();
+        assert!(
+            Arc::ptr_eq(e1, e2),
+            "the unchanged service's resource is reused"
+        );
+    }
 }
