@@ -83,6 +83,9 @@ pub struct Xds {
     inner: Arc<Inner>,
 }
 
+/// A view and the snapshot it was computed from.
+type BaseView = (Arc<Snapshot>, Arc<View>);
+
 struct Inner {
     settings: ViewSettings,
     options: XdsOptions,
@@ -92,7 +95,7 @@ struct Inner {
     next_client: AtomicU64,
     shutdown: CancellationToken,
     /// The latest view computed per key, the base of the next generation's.
-    last_views: Mutex<HashMap<ViewKey, (Arc<Snapshot>, Arc<View>)>>,
+    last_views: Mutex<HashMap<ViewKey, BaseView>>,
     /// With mTLS: only workload certificates of this cluster may connect.
     require_workload: Mutex<Option<federation::model::ClusterId>>,
 }
