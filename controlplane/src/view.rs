@@ -509,7 +509,7 @@ mod tests {
         let snap = snapshot();
         let a = build(&snap, &key(), &settings());
         let eds = a.get(TypeKind::Endpoint).get("echo.default:8080").unwrap();
-        assert!(format!("{:?}", eds.body).len() > 0);
+        assert!(!eds.body.value.is_empty());
         for _ in 0..20 {
             let b = build(&snap, &key(), &settings());
             for t in ORDER {
