@@ -407,13 +407,22 @@ async fn million(dir: &std::path::Path) {
     );
     std::fs::write(&cfg, text).expect("write config");
     let t = Instant::now();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
         .args(["--log", "warn", "controlplane", "--config"])
         .arg(&cfg)
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("strait controlplane starts");
     let pid = child.id();
+    // Stop the control plane whatever happens below.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(child);
     let xds: std::net::SocketAddr = format!("127.0.0.1:{xds_port}").parse().expect("addr");
     let mut clients = Vec::new();
     for i in 0..clients_n {
@@ -463,8 +472,7 @@ async fn million(dir: &std::path::Path) {
         }
     );
     drop(clients);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
 
 fn main() {

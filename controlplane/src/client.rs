@@ -79,7 +79,7 @@ impl LightClient {
         let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
             .await
             .map_err(|e| format!("cannot connect to {xds}: {e}"))?
-            .max_decoding_message_size(64 << 20);
+            .max_decoding_message_size(1 << 30);
         let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
         let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         tx.send(DeltaDiscoveryRequest {
@@ -169,7 +169,7 @@ impl LightClient {
         let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
             .await
             .map_err(|e| format!("cannot connect to {xds}: {e}"))?
-            .max_decoding_message_size(64 << 20);
+            .max_decoding_message_size(1 << 30);
         let (tx, mut rx) = mpsc::channel::<DiscoveryRequest>(16);
         let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         tx.send(DiscoveryRequest {
