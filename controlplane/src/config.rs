@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use federation::discovery::{DiscoveryError, parse_yaml};
+use federation::discovery::parse_yaml;
 use federation::model::Name;
 use serde::Deserialize;
 
@@ -126,18 +126,7 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
-/// A configuration file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error(transparent)]
-    File(#[from] DiscoveryError),
-    #[error("{path}: {field}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        reason: String,
-    },
-}
+pub use federation::discovery::ConfigError;
 
 impl ControlPlaneConfig {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {

@@ -531,3 +531,17 @@ pub async fn follow_file(
         }
     }
 }
+
+/// A configuration file (gateway, control plane) that cannot be used: unreadable or not valid
+/// YAML (with file:line:column), or a value that breaks a rule (file and field).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    File(#[from] DiscoveryError),
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}

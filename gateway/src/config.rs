@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use federation::discovery::{DiscoveryError, parse_yaml};
+use federation::discovery::parse_yaml;
 use federation::model::{GatewayAddress, Name};
 use serde::Deserialize;
 
@@ -248,18 +248,7 @@ impl Default for TunnelConfig {
     }
 }
 
-/// A configuration file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error(transparent)]
-    File(#[from] DiscoveryError),
-    #[error("{path}: {field}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        reason: String,
-    },
-}
+pub use federation::discovery::ConfigError;
 
 impl GatewayConfig {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
