@@ -72,14 +72,24 @@ pub fn node(id: &str, cluster: &str, region: &str, zone: &str, tunnel: bool) -> 
     }
 }
 
+/// A plaintext ADS client of `xds` that takes responses of any size (a first response at a
+/// million endpoints is ~100 MB).
+async fn ads_client(
+    xds: SocketAddr,
+) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
+    Ok(
+        AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
+            .await
+            .map_err(|e| format!("cannot connect to {xds}: {e}"))?
+            .max_decoding_message_size(1 << 30),
+    )
+}
+
 impl LightClient {
     /// Connect to `xds` (plaintext) as `node` and follow CDS and EDS over delta xDS: only
     /// changed resources travel.
     pub async fn connect_delta(xds: SocketAddr, node: Node) -> Result<Self, String> {
-        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
-            .await
-            .map_err(|e| format!("cannot connect to {xds}: {e}"))?
-            .max_decoding_message_size(1 << 30);
+        let mut client = ads_client(xds).await?;
         let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
         let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         tx.send(DeltaDiscoveryRequest {
@@ -166,10 +176,7 @@ impl LightClient {
 
     /// Connect to `xds` (plaintext) as `node` and follow CDS and EDS (state of the world).
     pub async fn connect(xds: SocketAddr, node: Node) -> Result<Self, String> {
-        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
-            .await
-            .map_err(|e| format!("cannot connect to {xds}: {e}"))?
-            .max_decoding_message_size(1 << 30);
+        let mut client = ads_client(xds).await?;
         let (tx, mut rx) = mpsc::channel::<DiscoveryRequest>(16);
         let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         tx.send(DiscoveryRequest {

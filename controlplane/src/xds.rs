@@ -412,10 +412,9 @@ struct TypeState {
     client_versions: HashMap<String, String>,
     /// Delta: named subscriptions already told they do not exist.
     told_absent: BTreeSet<String>,
-    /// At least one response was sent.
-    responded: bool,
     /// The nonce of the response awaiting its ACK/NACK, and the generation it carried.
     inflight: Option<(String, u64, Instant, bool)>,
+    /// The latest nonce sent for this type (empty: nothing sent yet).
     last_nonce: String,
     /// Clusters referred to by what the client acknowledged (listeners, routes).
     acked_refs: BTreeSet<String>,
@@ -633,7 +632,7 @@ impl Session {
                 ts.names = names.into_iter().filter(|n| n != "*").collect();
             }
             None => {
-                let first = !ts.responded && ts.names.is_empty() && !ts.wildcard;
+                let first = ts.last_nonce.is_empty() && ts.names.is_empty() && !ts.wildcard;
                 if first && req.subscribe.is_empty() && t.wildcard_by_default() {
                     ts.wildcard = true;
                 }
@@ -756,7 +755,7 @@ impl Session {
                 }
                 removed.sort();
                 removed.dedup();
-                if changed.is_empty() && removed.is_empty() && ts.responded {
+                if changed.is_empty() && removed.is_empty() && !ts.last_nonce.is_empty() {
                     ts.client_versions.clear();
                     continue;
                 }
@@ -793,7 +792,7 @@ impl Session {
                 send(&self.xds, tx, resp, self.node.as_ref()).await?;
                 changed
             } else {
-                let same = ts.responded
+                let same = !ts.last_nonce.is_empty()
                     && ts.force.is_empty()
                     && want.len() == ts.sent.len()
                     && want
@@ -827,7 +826,6 @@ impl Session {
             self.nonce += 1;
             let ts = &mut self.types[t as usize];
             ts.force.clear();
-            ts.responded = true;
             ts.last_nonce = nonce.clone();
             ts.inflight = Some((nonce, g.id, g.seen, !sent.is_empty()));
             self.xds.inner.metrics.pushes[t as usize].fetch_add(1, Relaxed);
