@@ -95,6 +95,31 @@ async fn commit_all(backend: &Backend, kvs: BTreeMap<String, Vec<u8>>) {
     }
 }
 
+async fn start_etcd(dir: &std::path::Path) -> (EtcdServer, Backend) {
+    let etcd = EtcdServer::start(dir).expect("etcd");
+    let backend = Backend::Etcd(
+        EtcdBackend::connect(&[etcd.endpoint()], EtcdOptions::default())
+            .await
+            .expect("etcd client"),
+    );
+    (etcd, backend)
+}
+
+/// Write the three clusters with 1,000 services each: `first` endpoints per service in east,
+/// `rest` in central and west.
+async fn populate(backend: &Backend, first: usize, rest: usize) {
+    for (ci, (c, region)) in CLUSTERS.iter().enumerate() {
+        let per = if ci == 0 { first } else { rest };
+        let state = ClusterState {
+            cluster: Cluster::new(id(c), region, None, vec![]).expect("valid"),
+            services: (0..1000)
+                .map(|i| endpoints(ci, c, region, i, per, 9000))
+                .collect(),
+        };
+        commit_all(backend, cluster_state_kvs(&state)).await;
+    }
+}
+
 fn config(cluster: &str, region: &str, etcd: &str) -> ControlPlaneConfig {
     ControlPlaneConfig::parse(
         "bench.yaml",
@@ -154,23 +179,9 @@ fn port_of(c: &LightClient, name: &str) -> Option<u32> {
 async fn convergence(dir: &std::path::Path) {
     let changes = arg("--changes", 100);
     let per_cp = arg("--clients", 100);
-    let etcd = EtcdServer::start(&dir.join("etcd-conv")).expect("etcd");
-    let backend = Backend::Etcd(
-        EtcdBackend::connect(&[etcd.endpoint()], EtcdOptions::default())
-            .await
-            .expect("etcd client"),
-    );
+    let (etcd, backend) = start_etcd(&dir.join("etcd-conv")).await;
     // 1,000 services in every cluster; 4 + 3 + 3 endpoints each: 10,000 endpoints.
-    for (ci, (c, region)) in CLUSTERS.iter().enumerate() {
-        let per = if ci == 0 { 4 } else { 3 };
-        let state = ClusterState {
-            cluster: Cluster::new(id(c), region, None, vec![]).expect("valid"),
-            services: (0..1000)
-                .map(|i| endpoints(ci, c, region, i, per, 9000))
-                .collect(),
-        };
-        commit_all(&backend, cluster_state_kvs(&state)).await;
-    }
+    populate(&backend, 4, 3).await;
     let mut cps = Vec::new();
     for (c, region) in CLUSTERS {
         cps.push(
@@ -372,24 +383,10 @@ fn proc_stat(pid: u32) -> (u64, u64, f64) {
 
 async fn million(dir: &std::path::Path) {
     let clients_n = arg("--scale-clients", 2);
-    let etcd = EtcdServer::start(&dir.join("etcd-1m")).expect("etcd");
-    let backend = Backend::Etcd(
-        EtcdBackend::connect(&[etcd.endpoint()], EtcdOptions::default())
-            .await
-            .expect("etcd client"),
-    );
+    let (etcd, backend) = start_etcd(&dir.join("etcd-1m")).await;
     let t = Instant::now();
-    for (ci, (c, region)) in CLUSTERS.iter().enumerate() {
-        // 1,000 services × 334/333/333 endpoints per cluster ≈ 1,000,000 endpoints.
-        let per = if ci == 0 { 334 } else { 333 };
-        let state = ClusterState {
-            cluster: Cluster::new(id(c), region, None, vec![]).expect("valid"),
-            services: (0..1000)
-                .map(|i| endpoints(ci, c, region, i, per, 9000))
-                .collect(),
-        };
-        commit_all(&backend, cluster_state_kvs(&state)).await;
-    }
+    // 1,000 services × 334/333/333 endpoints per cluster ≈ 1,000,000 endpoints.
+    populate(&backend, 334, 333).await;
     println!("\nwrote 1,001,000 endpoints to etcd in {}", ms(t.elapsed()));
     let cfg = dir.join("cp-1m.yaml");
     std::fs::write(
