@@ -226,6 +226,34 @@ async fn convergence(dir: &std::path::Path) {
         ms(t.elapsed())
     );
 
+    if std::env::var_os("STRAIT_BENCH_TRACE").is_some() {
+        use controlplane::view::{ViewKey, ViewSettings, build, build_from};
+        let snap = cps[2].cache().snapshot();
+        let settings = ViewSettings {
+            cluster: id("west"),
+            region: "us-west".into(),
+            gateway: true,
+        };
+        let key = ViewKey {
+            kind: controlplane::resources::ClientKind::Envoy,
+            locality: Locality::parse("l", "us-west/a").expect("valid"),
+            labels: Default::default(),
+            outbound: None,
+            tunnel: true,
+        };
+        let t = Instant::now();
+        let full = build(&snap, &key, &settings);
+        let t_full = t.elapsed();
+        let mut next = (*snap).clone();
+        next.revision += 1;
+        let t = Instant::now();
+        let _inc = build_from(&next, &key, &settings, Some((&snap, &full)));
+        eprintln!(
+            "trace: a full view build {t_full:?}, an incremental one without changes {:?}",
+            t.elapsed()
+        );
+    }
+
     // The floor: a plain etcd watcher of the same key.
     let key = RegistryKey::Endpoints(id("east"), service(0).key.clone()).encode();
     let mut watcher = backend.watch(&key, 0).await.expect("etcd watch");
@@ -240,6 +268,14 @@ async fn convergence(dir: &std::path::Path) {
     for n in 0..changes {
         let port = 9001 + n as u16;
         let value = encode_service_endpoints(&endpoints(0, "east", "us-east", 0, 4, port));
+        let pushes = |cp: &ControlPlane| {
+            cp.xds.metrics().pushes[1].load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let p0 = pushes(&cps[2]);
+        let vb0 = {
+            let vb = &cps[2].xds.metrics().view_build;
+            (vb.count(), vb.sum())
+        };
         let t0 = Instant::now();
         backend
             .commit(vec![Op::Put {
@@ -270,17 +306,16 @@ async fn convergence(dir: &std::path::Path) {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             let t_gen = t0.elapsed();
-            let pushes = |cp: &ControlPlane| {
-                cp.xds.metrics().pushes[1].load(std::sync::atomic::Ordering::Relaxed)
-            };
-            let p0 = pushes(&cps[2]);
             while pushes(&cps[2]) < p0 + west.len() as u64 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
+            let vb = &cps[2].xds.metrics().view_build;
+            let builds = vb.count() - vb0.0;
             eprintln!(
-                "trace: etcd {:?} cache {t_cache:?} generation {t_gen:?} pushed {:?}",
+                "trace: etcd {:?} cache {t_cache:?} generation {t_gen:?} pushed {:?}; {builds} view builds, {:?} each",
                 etcd_times.last(),
-                t0.elapsed()
+                t0.elapsed(),
+                (vb.sum() - vb0.1) / builds.max(1) as u32,
             );
         }
         // Every west client holds the new EDS.

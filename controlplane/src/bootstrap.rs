@@ -61,6 +61,12 @@ fn tls_context(files: &CertFiles, alpn: &[&str], san: Option<&str>) -> Value {
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             "common_tls_context": {
+                // Envoy's clients stop at TLS 1.2 unless told; Strait's gateways and control
+                // planes speak TLS 1.3 only.
+                "tls_params": {
+                    "tls_minimum_protocol_version": "TLSv1_3",
+                    "tls_maximum_protocol_version": "TLSv1_3",
+                },
                 "tls_certificates": [{
                     "certificate_chain": {"filename": files.cert},
                     "private_key": {"filename": files.key},

@@ -34,6 +34,11 @@ impl Histogram {
         self.count.load(Relaxed)
     }
 
+    /// The sum of the observations.
+    pub fn sum(&self) -> Duration {
+        Duration::from_micros(self.sum_us.load(Relaxed))
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -64,6 +69,7 @@ pub struct Metrics {
     pub generations: AtomicU64,
     pub view_builds: AtomicU64,
     pub convergence: Histogram,
+    pub view_build: Histogram,
 }
 
 impl Metrics {
@@ -158,6 +164,11 @@ impl Metrics {
             &mut out,
             "strait_xds_convergence_seconds",
             "From a registry change seen to the proxy's ACK of it.",
+        );
+        self.view_build.render(
+            &mut out,
+            "strait_xds_view_build_seconds",
+            "Time to compute one view's resources for one generation.",
         );
         out
     }

@@ -129,11 +129,55 @@ pub type Resources = BTreeMap<String, Arc<Resource>>;
 #[derive(Debug, Default)]
 pub struct View {
     pub types: [Resources; 4],
+    /// Unique among the views of this process (0: an empty fallback view).
+    pub id: u64,
+    /// What differs from the view it was built from, if any.
+    pub diff: Option<ViewDiff>,
+    /// A hash of the HTTP service ports the route configuration was built from.
+    routes_from: u64,
 }
+
+/// The names of the resources that differ (added, changed or removed) between view `base` and
+/// the view holding this diff, by type. Streams whose client holds `base` push only these.
+#[derive(Debug, Default)]
+pub struct ViewDiff {
+    pub base: u64,
+    pub changed: [BTreeSet<String>; 4],
+}
+
+static NEXT_VIEW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl View {
     pub fn get(&self, t: TypeKind) -> &Resources {
         &self.types[t as usize]
+    }
+
+    /// Compare with `prev` (the view this one was built from): resources with the same content
+    /// become the very same `Arc` as in `prev`, and the names that differ are recorded.
+    fn settle(&mut self, prev: &View) {
+        let mut diff = ViewDiff {
+            base: prev.id,
+            changed: Default::default(),
+        };
+        for t in ORDER {
+            let changed = &mut diff.changed[t as usize];
+            let mut old = prev.types[t as usize].iter().peekable();
+            for (name, r) in self.types[t as usize].iter_mut() {
+                // Names only in the previous view, before this one: removed.
+                while let Some((n, _)) = old.next_if(|(n, _)| *n < name) {
+                    changed.insert(n.clone());
+                }
+                match old.next_if(|(n, _)| *n == name) {
+                    Some((_, o)) if Arc::ptr_eq(o, r) => {}
+                    Some((_, o)) if o.version == r.version => *r = o.clone(),
+                    _ => {
+                        changed.insert(name.clone());
+                    }
+                }
+            }
+            changed.extend(old.map(|(n, _)| n.clone()));
+        }
+        self.diff = Some(diff);
     }
 }
 
@@ -275,11 +319,11 @@ pub struct ViewSettings {
 
 /// Every service in the snapshot, with its ports (this cluster's definition when it has one,
 /// else the first cluster's).
-fn services(snapshot: &Snapshot, own: &ClusterId) -> BTreeMap<ServiceKey, Service> {
-    let mut out: BTreeMap<ServiceKey, Service> = BTreeMap::new();
+fn services<'a>(snapshot: &'a Snapshot, own: &ClusterId) -> BTreeMap<&'a ServiceKey, &'a Service> {
+    let mut out: BTreeMap<&ServiceKey, &Service> = BTreeMap::new();
     for ((key, cluster), se) in &snapshot.endpoints {
         if cluster == own || !out.contains_key(key) {
-            out.insert(key.clone(), se.service.clone());
+            out.insert(key, &se.service);
         }
     }
     out
@@ -316,6 +360,7 @@ pub fn build_from(
     settings: &ViewSettings,
     prev: Option<(&Snapshot, &View)>,
 ) -> View {
+    let prev_any = prev;
     // Cluster records and link states feed every route: any change there rebuilds everything.
     let prev =
         prev.filter(|(ps, _)| ps.clusters == snapshot.clusters && ps.links == snapshot.links);
@@ -429,19 +474,33 @@ pub fn build_from(
         }
     }
     if key.kind == ClientKind::Envoy {
-        let routes = outbound_routes(&http_ports);
-        let refs: BTreeSet<String> = http_ports
-            .iter()
-            .map(|p| cluster_name(p.service, p.port))
-            .collect();
-        view.types[TypeKind::Route as usize].insert(
-            routes.name.clone(),
-            Arc::new(Resource::new(
-                routes.name.clone(),
-                routes,
-                refs.into_iter().collect(),
-            )),
-        );
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for p in &http_ports {
+            (p.service, p.port, p.first).hash(&mut h);
+        }
+        view.routes_from = h.finish();
+        let reuse = prev_any.filter(|(_, pv)| pv.routes_from == view.routes_from);
+        match reuse {
+            Some((_, pv)) if !pv.get(TypeKind::Route).is_empty() => {
+                // The same HTTP ports: the same route configuration.
+                view.types[TypeKind::Route as usize] = pv.get(TypeKind::Route).clone();
+            }
+            _ => {
+                let routes = outbound_routes(&http_ports);
+                let refs: BTreeSet<String> = http_ports
+                    .iter()
+                    .map(|p| cluster_name(p.service, p.port))
+                    .collect();
+                view.types[TypeKind::Route as usize].insert(
+                    routes.name.clone(),
+                    Arc::new(Resource::new(
+                        routes.name.clone(),
+                        routes,
+                        refs.into_iter().collect(),
+                    )),
+                );
+            }
+        }
         if let Some(addr) = key.outbound {
             let l = outbound_listener(addr);
             view.types[TypeKind::Listener as usize].insert(
@@ -449,6 +508,10 @@ pub fn build_from(
                 Arc::new(Resource::new(l.name.clone(), l, Vec::new())),
             );
         }
+    }
+    view.id = NEXT_VIEW.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some((_, pv)) = prev_any {
+        view.settle(pv);
     }
     view
 }
@@ -554,5 +617,96 @@ mod tests {
             Arc::ptr_eq(e1, e2),
             "the unchanged service's resource is reused"
         );
+    }
+
+    /// A view built from the previous one lists exactly what differs; the route configuration
+    /// is reused while the HTTP service ports are the same.
+    #[test]
+    fn diff_names_only_what_changed() {
+        let snap = snapshot();
+        let first = build(&snap, &key(), &settings());
+        assert!(first.diff.is_none() && first.id != 0);
+
+        // Nothing changed: an empty diff, the same Arcs everywhere.
+        let mut same = snap.clone();
+        same.revision += 1;
+        let v2 = build_from(&same, &key(), &settings(), Some((&snap, &first)));
+        let d = v2.diff.as_ref().expect("a diff");
+        assert_eq!(d.base, first.id);
+        assert!(d.changed.iter().all(|c| c.is_empty()), "{d:?}");
+        assert!(Arc::ptr_eq(
+            first.get(TypeKind::Route).get("strait_outbound").unwrap(),
+            v2.get(TypeKind::Route).get("strait_outbound").unwrap()
+        ));
+
+        // The west endpoint moves: only echo's endpoints differ.
+        let mut moved = same.clone();
+        moved.revision += 1;
+        let west = ClusterId::parse("c", "west").unwrap();
+        let k = (ServiceKey::new("default", "echo").unwrap(), west.clone());
+        let old = moved.endpoints.get(&k).unwrap().clone();
+        let mut eps = old.endpoints.clone();
+        eps[0] = Endpoint::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 2, 0, 9)),
+            8080,
+            (*eps[0].locality).clone(),
+            west.clone(),
+        )
+        .unwrap();
+        moved.endpoints.insert(
+            k,
+            Arc::new(
+                federation::model::ServiceEndpoints::new(west, old.service.clone(), eps).unwrap(),
+            ),
+        );
+        let v3 = build_from(&moved, &key(), &settings(), Some((&same, &v2)));
+        let d = v3.diff.as_ref().expect("a diff");
+        assert_eq!(d.base, v2.id);
+        let names = |t: TypeKind| d.changed[t as usize].iter().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            names(TypeKind::Endpoint),
+            vec!["echo.default:8080".to_string()]
+        );
+        assert!(names(TypeKind::Cluster).is_empty(), "same cluster content");
+        assert!(names(TypeKind::Route).is_empty(), "same ports, same routes");
+
+        // A new service: its cluster and endpoints appear, and the routes change.
+        let mut more = moved.clone();
+        more.revision += 1;
+        let east = ClusterId::parse("c", "east").unwrap();
+        let svc = Service::new(
+            ServiceKey::new("default", "other").unwrap(),
+            vec![ServicePort::new("http", 9090, Protocol::Http).unwrap()],
+        )
+        .unwrap();
+        let ep = Endpoint::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 0, 7)),
+            9090,
+            Locality::parse("l", "us-east/a").unwrap(),
+            east.clone(),
+        )
+        .unwrap();
+        more.endpoints.insert(
+            (svc.key.clone(), east.clone()),
+            Arc::new(federation::model::ServiceEndpoints::new(east, svc, vec![ep]).unwrap()),
+        );
+        let v4 = build_from(&more, &key(), &settings(), Some((&moved, &v3)));
+        let d = v4.diff.as_ref().expect("a diff");
+        let names = |t: TypeKind| d.changed[t as usize].iter().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            names(TypeKind::Cluster),
+            vec!["other.default:9090".to_string()]
+        );
+        assert_eq!(
+            names(TypeKind::Endpoint),
+            vec!["other.default:9090".to_string()]
+        );
+        assert_eq!(names(TypeKind::Route), vec!["strait_outbound".to_string()]);
+
+        // ... and removing it again lists the same names.
+        let v5 = build_from(&moved, &key(), &settings(), Some((&more, &v4)));
+        let d = v5.diff.as_ref().expect("a diff");
+        assert!(d.changed[TypeKind::Cluster as usize].contains("other.default:9090"));
+        assert!(!v5.get(TypeKind::Cluster).contains_key("other.default:9090"));
     }
 }

@@ -258,9 +258,13 @@ impl Xds {
             self.inner.metrics.view_builds.fetch_add(1, Relaxed);
             let k2 = key.clone();
             let s2 = snapshot.clone();
+            let metrics = self.inner.metrics.clone();
             let built = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
                 let prev = prev.as_ref().map(|(s, v)| (&**s, &**v));
-                view::build_from(&s2, &k2, &settings, prev)
+                let v = view::build_from(&s2, &k2, &settings, prev);
+                metrics.view_build.observe(started.elapsed());
+                v
             })
             .await;
             match built {
@@ -422,6 +426,9 @@ struct TypeState {
     force: BTreeSet<String>,
     /// An ACK was seen (later pushes count towards convergence).
     acked_once: bool,
+    /// The id of the view whose desired state `sent` was last brought to (nothing else
+    /// changed since): from there only the view's diff needs looking at.
+    synced: Option<u64>,
 }
 
 struct Session {
@@ -610,11 +617,17 @@ impl Session {
                             metrics.convergence.observe(seen.elapsed());
                         }
                         ts.acked_once = true;
-                        ts.acked_refs = ts
+                        let refs: BTreeSet<String> = ts
                             .sent
                             .values()
                             .flat_map(|r| r.refs.iter().cloned())
                             .collect();
+                        let refs_changed = refs != ts.acked_refs;
+                        ts.acked_refs = refs;
+                        if refs_changed {
+                            // Clusters kept for the old listeners or routes may go now.
+                            self.types[TypeKind::Cluster as usize].synced = None;
+                        }
                         if let Some(r) = &self.record {
                             r.acked.lock().unwrap_or_else(|p| p.into_inner())[t as usize] =
                                 Some(req.nonce.clone());
@@ -623,15 +636,28 @@ impl Session {
                 }
             }
         }
+        let ts = &mut self.types[t as usize];
         ts.subscribed = true;
         match req.names {
             Some(names) => {
                 // State of the world: the full list each time.
-                ts.wildcard =
+                let wildcard =
                     names.iter().any(|n| n == "*") || (names.is_empty() && t.wildcard_by_default());
-                ts.names = names.into_iter().filter(|n| n != "*").collect();
+                let names: BTreeSet<String> = names.into_iter().filter(|n| n != "*").collect();
+                if wildcard != ts.wildcard || names != ts.names {
+                    ts.synced = None;
+                }
+                ts.wildcard = wildcard;
+                ts.names = names;
             }
             None => {
+                if !req.subscribe.is_empty()
+                    || !req.unsubscribe.is_empty()
+                    || !req.initial_versions.is_empty()
+                    || ts.last_nonce.is_empty()
+                {
+                    ts.synced = None;
+                }
                 let first = ts.last_nonce.is_empty() && ts.names.is_empty() && !ts.wildcard;
                 if first && req.subscribe.is_empty() && t.wildcard_by_default() {
                     ts.wildcard = true;
@@ -706,6 +732,55 @@ impl Session {
         out
     }
 
+    /// [`Self::desired`] for one name: what the client should hold under `name` now.
+    fn desired_one(&self, t: TypeKind, name: &str, view: &View) -> Option<Arc<Resource>> {
+        let ts = &self.types[t as usize];
+        let subscribed = ts.wildcard || ts.names.contains(name);
+        if subscribed && let Some(r) = view.get(t).get(name) {
+            return Some(r.clone());
+        }
+        let sent = ts.sent.get(name)?;
+        let keep = match t {
+            TypeKind::Cluster => {
+                self.types[TypeKind::Listener as usize]
+                    .acked_refs
+                    .contains(name)
+                    || self.types[TypeKind::Route as usize]
+                        .acked_refs
+                        .contains(name)
+            }
+            TypeKind::Endpoint => {
+                subscribed
+                    && self.types[TypeKind::Cluster as usize]
+                        .sent
+                        .contains_key(name)
+                    && !view.get(TypeKind::Cluster).contains_key(name)
+            }
+            _ => false,
+        };
+        keep.then(|| sent.clone())
+    }
+
+    /// The names that may differ between what the client holds of type `t` and what it should
+    /// hold, when that is known without looking at every resource: the view's diff since the
+    /// view `sent` was last brought to, plus the names to re-send.
+    fn candidates(&self, t: TypeKind, view: &View) -> Option<BTreeSet<String>> {
+        let ts = &self.types[t as usize];
+        if !ts.client_versions.is_empty() {
+            return None;
+        }
+        let mut out = match ts.synced {
+            Some(id) if id == view.id && id != 0 => BTreeSet::new(),
+            Some(id) => match &view.diff {
+                Some(d) if d.base == id && id != 0 => d.changed[t as usize].clone(),
+                _ => return None,
+            },
+            None => return None,
+        };
+        out.extend(ts.force.iter().cloned());
+        Some(out)
+    }
+
     async fn push(&mut self, outbound: &Outbound) -> Result<(), Fatal> {
         let (Some(view), Some(g)) = (self.view.clone(), self.generation.clone()) else {
             return Ok(());
@@ -715,48 +790,81 @@ impl Session {
             if !ts.subscribed || ts.inflight.is_some() {
                 continue;
             }
-            let want = self.desired(t, &view);
-            let ts = &mut self.types[t as usize];
+            let candidates = self.candidates(t, &view);
+            if candidates.as_ref().is_some_and(|c| c.is_empty()) {
+                // Nothing can have changed for this type.
+                self.types[t as usize].synced = Some(view.id);
+                continue;
+            }
             let nonce = format!("{}", self.nonce + 1);
-            let sent = if self.delta {
-                // Changed or new resources, and removals.
+            // (changed resources, removed names, whether `sent` was updated in place)
+            let (sent, removed, in_place) = if self.delta {
                 let mut changed: Vec<Arc<Resource>> = Vec::new();
-                for (n, r) in &want {
-                    let have = ts
-                        .sent
-                        .get(n)
-                        .map(|s| s.version.as_str())
-                        .or_else(|| ts.client_versions.get(n).map(String::as_str));
-                    if have != Some(r.version.as_str()) || ts.force.contains(n) {
-                        changed.push(r.clone());
+                let mut removed: Vec<String> = Vec::new();
+                match &candidates {
+                    Some(names) => {
+                        // Only the names that may differ.
+                        for n in names {
+                            let want = self.desired_one(t, n, &view);
+                            let ts = &self.types[t as usize];
+                            match want {
+                                Some(r) => {
+                                    let have = ts.sent.get(n).map(|s| s.version.as_str());
+                                    if have != Some(r.version.as_str()) || ts.force.contains(n) {
+                                        changed.push(r);
+                                    }
+                                }
+                                None => {
+                                    if ts.sent.contains_key(n)
+                                        || (!ts.wildcard
+                                            && ts.names.contains(n)
+                                            && !ts.told_absent.contains(n))
+                                    {
+                                        removed.push(n.clone());
+                                    }
+                                }
+                            }
+                        }
                     }
-                }
-                let mut removed: Vec<String> = ts
-                    .sent
-                    .keys()
-                    .filter(|n| !want.contains_key(*n))
-                    .cloned()
-                    .collect();
-                removed.extend(
-                    ts.client_versions
-                        .keys()
-                        .filter(|n| !want.contains_key(*n) && !ts.sent.contains_key(*n))
-                        .cloned(),
-                );
-                if !ts.wildcard {
-                    for n in &ts.names {
-                        if !want.contains_key(n)
-                            && !ts.sent.contains_key(n)
-                            && !ts.told_absent.contains(n)
-                        {
-                            removed.push(n.clone());
+                    None => {
+                        let want = self.desired(t, &view);
+                        let ts = &self.types[t as usize];
+                        for (n, r) in &want {
+                            let have = ts
+                                .sent
+                                .get(n)
+                                .map(|s| s.version.as_str())
+                                .or_else(|| ts.client_versions.get(n).map(String::as_str));
+                            if have != Some(r.version.as_str()) || ts.force.contains(n) {
+                                changed.push(r.clone());
+                            }
+                        }
+                        removed.extend(ts.sent.keys().filter(|n| !want.contains_key(*n)).cloned());
+                        removed.extend(
+                            ts.client_versions
+                                .keys()
+                                .filter(|n| !want.contains_key(*n) && !ts.sent.contains_key(*n))
+                                .cloned(),
+                        );
+                        if !ts.wildcard {
+                            for n in &ts.names {
+                                if !want.contains_key(n)
+                                    && !ts.sent.contains_key(n)
+                                    && !ts.told_absent.contains(n)
+                                {
+                                    removed.push(n.clone());
+                                }
+                            }
                         }
                     }
                 }
                 removed.sort();
                 removed.dedup();
+                let ts = &mut self.types[t as usize];
                 if changed.is_empty() && removed.is_empty() && !ts.last_nonce.is_empty() {
                     ts.client_versions.clear();
+                    ts.force.clear();
+                    ts.synced = Some(view.id);
                     continue;
                 }
                 for n in &removed {
@@ -782,7 +890,7 @@ impl Session {
                         })
                         .collect(),
                     type_url: t.url().to_string(),
-                    removed_resources: removed,
+                    removed_resources: removed.clone(),
                     nonce: nonce.clone(),
                     ..Default::default()
                 };
@@ -790,8 +898,25 @@ impl Session {
                     return Err(Fatal::Gone);
                 };
                 send(&self.xds, tx, resp, self.node.as_ref()).await?;
-                changed
+                (changed, removed, candidates.is_some())
             } else {
+                let ts = &self.types[t as usize];
+                if let Some(names) = &candidates {
+                    // State of the world: skip unless one of the names really changed.
+                    let any = names.iter().any(|n| {
+                        ts.force.contains(n)
+                            || self.desired_one(t, n, &view).map(|r| r.version.clone())
+                                != ts.sent.get(n).map(|r| r.version.clone())
+                    });
+                    if !any && !ts.last_nonce.is_empty() {
+                        let ts = &mut self.types[t as usize];
+                        ts.force.clear();
+                        ts.synced = Some(view.id);
+                        continue;
+                    }
+                }
+                let want = self.desired(t, &view);
+                let ts = &mut self.types[t as usize];
                 let same = !ts.last_nonce.is_empty()
                     && ts.force.is_empty()
                     && want.len() == ts.sent.len()
@@ -800,6 +925,7 @@ impl Session {
                         .zip(ts.sent.iter())
                         .all(|((a, ra), (b, rb))| a == b && ra.version == rb.version);
                 if same {
+                    ts.synced = Some(view.id);
                     continue;
                 }
                 let changed: Vec<Arc<Resource>> = want
@@ -821,26 +947,39 @@ impl Session {
                     return Err(Fatal::Gone);
                 };
                 send(&self.xds, tx, resp, self.node.as_ref()).await?;
-                changed
+                (changed, Vec::new(), false)
             };
             self.nonce += 1;
             let ts = &mut self.types[t as usize];
             ts.force.clear();
+            ts.synced = Some(view.id);
             ts.last_nonce = nonce.clone();
             ts.inflight = Some((nonce, g.id, g.seen, !sent.is_empty()));
             self.xds.inner.metrics.pushes[t as usize].fetch_add(1, Relaxed);
             if t == TypeKind::Cluster {
-                // A changed cluster re-warms: send its endpoints again.
+                // A changed cluster re-warms: send its endpoints again. Clusters added or
+                // removed change which endpoints are kept: look at them all next time.
                 let eds = &mut self.types[TypeKind::Endpoint as usize];
                 for r in &sent {
                     if eds.sent.contains_key(&r.name) {
                         eds.force.insert(r.name.clone());
                     }
                 }
+                eds.synced = None;
             }
             if let Some(rec) = &self.record {
-                rec.sent.lock().unwrap_or_else(|p| p.into_inner())[t as usize] =
-                    self.types[t as usize].sent.clone();
+                let mut held = rec.sent.lock().unwrap_or_else(|p| p.into_inner());
+                let ts = &self.types[t as usize];
+                if in_place {
+                    for n in &removed {
+                        held[t as usize].remove(n);
+                    }
+                    for r in &sent {
+                        held[t as usize].insert(r.name.clone(), r.clone());
+                    }
+                } else {
+                    held[t as usize] = ts.sent.clone();
+                }
             }
         }
         Ok(())

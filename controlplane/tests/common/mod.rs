@@ -229,7 +229,13 @@ impl Envoy {
         let child = Command::new(envoy_binary())
             .arg("-c")
             .arg(&cfg)
-            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "info"])
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                &std::env::var("STRAIT_ENVOY_LOG").unwrap_or_else(|_| "info".into()),
+            ])
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
