@@ -12,7 +12,8 @@
 //!
 //! Run: `cargo xtask bench controlplane` (= `cargo bench --bench controlplane`). Options:
 //! `--changes N` (default 100), `--clients N` (per control plane, default 100), `--million 0`
-//! to skip part 2.
+//! to skip part 2, `--convergence 0` to skip part 1; for part 2 `--scale-clients N` (default 2)
+//! and `--scale-per N` (endpoints per service and cluster, default 333).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -219,6 +220,14 @@ async fn convergence(dir: &std::path::Path) {
         .expect("initial sync within 120 s")
         .expect("client alive");
     }
+    if std::env::var_os("STRAIT_BENCH_TRACE").is_some() {
+        let (rss, hwm, _) = proc_stat(std::process::id());
+        eprintln!(
+            "trace: after the initial sync RSS {} MiB, peak {} MiB",
+            rss / 1024,
+            hwm / 1024
+        );
+    }
     println!(
         "initial sync: {} clients per control plane hold 1,000 EDS resources ({} total endpoints) after {}",
         per_cp,
@@ -353,6 +362,15 @@ async fn convergence(dir: &std::path::Path) {
         }
         cp_times.push(t0.elapsed());
     }
+    if std::env::var_os("STRAIT_BENCH_TRACE").is_some() {
+        let (rss, hwm, _) = proc_stat(std::process::id());
+        eprintln!(
+            "trace: bench process (3 control planes, {} clients) RSS {} MiB, peak {} MiB",
+            3 * per_cp,
+            rss / 1024,
+            hwm / 1024
+        );
+    }
     cp_times.sort();
     etcd_times.sort();
     let (p50, p99) = (percentile(&cp_times, 0.5), percentile(&cp_times, 0.99));
@@ -418,11 +436,13 @@ fn proc_stat(pid: u32) -> (u64, u64, f64) {
 
 async fn million(dir: &std::path::Path) {
     let clients_n = arg("--scale-clients", 2);
+    let per = arg("--scale-per", 333);
+    let total = 1000 * (3 * per + 1);
     let (etcd, backend) = start_etcd(&dir.join("etcd-1m")).await;
     let t = Instant::now();
     // 1,000 services × 334/333/333 endpoints per cluster ≈ 1,000,000 endpoints.
-    populate(&backend, 334, 333).await;
-    println!("\nwrote 1,001,000 endpoints to etcd in {}", ms(t.elapsed()));
+    populate(&backend, per + 1, per).await;
+    println!("\nwrote {total} endpoints to etcd in {}", ms(t.elapsed()));
     let cfg = dir.join("cp-1m.yaml");
     std::fs::write(
         &cfg,
@@ -487,7 +507,7 @@ async fn million(dir: &std::path::Path) {
     let took = t.elapsed();
     let (rss, hwm, cpu) = proc_stat(pid);
     println!(
-        "\n## Memory at scale (1,001,000 endpoints, 1,000 services, 3 clusters; {clients_n} clients)\n"
+        "\n## Memory at scale ({total} endpoints, 1,000 services, 3 clusters; {clients_n} clients)\n"
     );
     println!("| | value |\n| --- | --- |");
     println!("| start → every client holds the full EDS | {} |", ms(took));
@@ -516,7 +536,9 @@ fn main() {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     rt.block_on(async {
-        convergence(dir.path()).await;
+        if arg("--convergence", 1) != 0 {
+            convergence(dir.path()).await;
+        }
         if arg("--million", 1) != 0 {
             million(dir.path()).await;
         }

@@ -68,6 +68,7 @@ pub struct Metrics {
     pub slow_clients: AtomicU64,
     pub generations: AtomicU64,
     pub view_builds: AtomicU64,
+    pub views_cached: AtomicU64,
     pub convergence: Histogram,
     pub view_build: Histogram,
 }
@@ -159,6 +160,13 @@ impl Metrics {
             "Resource sets computed (one per view and generation).",
             "counter",
             self.view_builds.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "strait_xds_views_cached",
+            "Views kept as the base of the next generation's (one per distinct view connected).",
+            "gauge",
+            self.views_cached.load(Relaxed),
         );
         self.convergence.render(
             &mut out,

@@ -176,6 +176,16 @@ impl Xds {
         self.inner.generations.borrow().is_some()
     }
 
+    /// How many views are cached as the base of the next generation's (one per distinct view
+    /// of the connected proxies).
+    pub fn cached_views(&self) -> usize {
+        self.inner
+            .last_views
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// The current generation, if any.
     pub fn generation(&self) -> Option<Arc<Generation>> {
         self.inner.generations.borrow().clone()
@@ -270,17 +280,25 @@ impl Xds {
             match built {
                 Ok(v) => {
                     let v = Arc::new(v);
+                    // Lock order: clients, then last_views (as on disconnect).
+                    let clients = self.inner.clients.lock().unwrap_or_else(|p| p.into_inner());
                     let mut last = self
                         .inner
                         .last_views
                         .lock()
                         .unwrap_or_else(|p| p.into_inner());
-                    // Keep the newest generation's view as the base for the next one.
-                    if last
-                        .get(&key)
-                        .is_none_or(|(s, _)| s.revision <= snapshot.revision)
+                    // Keep the newest generation's view as the base for the next one, while a
+                    // proxy with this view is connected.
+                    if clients.values().any(|c| c.node.key == key)
+                        && last
+                            .get(&key)
+                            .is_none_or(|(s, _)| s.revision <= snapshot.revision)
                     {
                         last.insert(key, (snapshot, v.clone()));
+                        self.inner
+                            .metrics
+                            .views_cached
+                            .store(last.len() as u64, Relaxed);
                     }
                     v
                 }
@@ -531,12 +549,25 @@ impl Session {
         if let Some(node) = &self.node {
             metrics.connected.fetch_sub(1, Relaxed);
             tracing::info!(node = %node.id, peer = %self.peer, "proxy disconnected");
-            self.xds
+            let mut clients = self
+                .xds
                 .inner
                 .clients
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&self.client_id);
+                .unwrap_or_else(|p| p.into_inner());
+            clients.remove(&self.client_id);
+            // The last proxy of its view is gone: forget the view (labels and localities come
+            // and go with workloads; the cache must not grow with every one ever seen).
+            if !clients.values().any(|c| c.node.key == node.key) {
+                self.xds
+                    .inner
+                    .last_views
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&node.key);
+                let n = self.xds.cached_views();
+                self.xds.inner.metrics.views_cached.store(n as u64, Relaxed);
+            }
         }
     }
 

@@ -432,3 +432,78 @@ async fn hostile_clients_are_refused_or_contained() {
     drop((storm, sleeper, r));
     cp.shutdown().await;
 }
+
+/// Views are cached per distinct view of the connected proxies, and forgotten with the last
+/// proxy of a view: localities and labels come and go with workloads, the cache must not grow
+/// with every one ever seen. The remaining proxies keep following changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_of_departed_proxies_are_forgotten() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path()).await;
+    reg.publish(&east(18080, 10)).await;
+    reg.publish(WEST).await;
+    let cp = start_cp_with(&reg, with_gateway(&reg)).await;
+    let cached = || async {
+        let m = admin_get(cp.admin_addr, "/metrics").await?;
+        metric(&m, "strait_xds_views_cached").ok_or_else(|| format!("no gauge in\n{m}"))
+    };
+    let mut clients = Vec::new();
+    for zone in ["a", "b", "c", "d"] {
+        for i in 0..2 {
+            clients.push(
+                LightClient::connect_delta(
+                    cp.xds_addr,
+                    node(&format!("{zone}-{i}"), "east", "us-east", zone, true),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+    }
+    wait_all(
+        &clients,
+        Duration::from_secs(10),
+        "every proxy's first config",
+        &[(0, "us-east"), (1, "us-west")],
+    )
+    .await;
+    wait_for(Duration::from_secs(10), "4 views cached", || async {
+        match cached().await? {
+            4.0 => Ok(()),
+            n => Err(format!("{n} cached")),
+        }
+    })
+    .await;
+    // Zone c and d leave, and one proxy of zone a: two views remain.
+    let kept: Vec<LightClient> = clients
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i == 0 || *i == 2 || *i == 3)
+        .map(|(_, c)| c)
+        .collect();
+    wait_for(Duration::from_secs(10), "2 views cached", || async {
+        match cached().await? {
+            2.0 => Ok(()),
+            n => Err(format!("{n} cached")),
+        }
+    })
+    .await;
+    // The proxies that stayed still follow changes (their views rebuilt as before).
+    let key = RegistryKey::Link(
+        Name::parse("c", "east").unwrap(),
+        Name::parse("c", "west").unwrap(),
+    )
+    .encode();
+    reg.put(key, link(LinkHealth::Down)).await;
+    wait_all(
+        &kept,
+        Duration::from_secs(10),
+        "the remaining proxies to drop west",
+        &[(0, "us-east")],
+    )
+    .await;
+    let m = admin_get(cp.admin_addr, "/metrics").await.unwrap();
+    assert_eq!(metric(&m, "strait_xds_views_cached"), Some(2.0), "{m}");
+    cp.shutdown().await;
+}
