@@ -459,7 +459,19 @@ async fn million(dir: &std::path::Path) {
     );
     std::fs::write(&cfg, text).expect("write config");
     let t = Instant::now();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+    // STRAIT_BENCH_WRAP="heaptrack -o FILE" runs the control plane under a profiler.
+    let wrap: Vec<String> = std::env::var("STRAIT_BENCH_WRAP")
+        .map(|w| w.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = std::process::Command::new(first);
+            c.args(rest).arg(env!("CARGO_BIN_EXE_strait"));
+            c
+        }
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_strait")),
+    };
+    let child = cmd
         .args(["--log", "warn", "controlplane", "--config"])
         .arg(&cfg)
         .stdout(std::process::Stdio::null())

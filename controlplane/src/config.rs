@@ -93,6 +93,15 @@ pub struct XdsConfig {
         with = "federation::discovery::duration_field"
     )]
     pub send_timeout: Duration,
+    /// A delta response carries at most about this many bytes of resources; larger updates
+    /// (a proxy's first config) go out in several responses, each waiting for the previous
+    /// one's ACK. Bounds what each stream buffers.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+fn default_max_response_bytes() -> usize {
+    256 * 1024
 }
 
 fn default_debounce() -> Duration {

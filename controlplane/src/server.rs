@@ -127,6 +127,7 @@ impl ControlPlane {
                 debounce: cfg.xds.debounce,
                 max_delay: cfg.xds.max_delay,
                 send_timeout: cfg.xds.send_timeout,
+                max_response_bytes: cfg.xds.max_response_bytes,
             },
             metrics,
         );

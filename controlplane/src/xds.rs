@@ -46,6 +46,8 @@ pub struct XdsOptions {
     pub max_delay: Duration,
     /// Drop a stream whose client has not read a response for this long.
     pub send_timeout: Duration,
+    /// Delta: split updates larger than this (resource bytes) over several responses.
+    pub max_response_bytes: usize,
 }
 
 impl Default for XdsOptions {
@@ -54,6 +56,7 @@ impl Default for XdsOptions {
             debounce: Duration::from_millis(5),
             max_delay: Duration::from_millis(50),
             send_timeout: Duration::from_secs(30),
+            max_response_bytes: 256 * 1024,
         }
     }
 }
@@ -447,6 +450,8 @@ struct TypeState {
     /// The id of the view whose desired state `sent` was last brought to (nothing else
     /// changed since): from there only the view's diff needs looking at.
     synced: Option<u64>,
+    /// Delta: the last response was one part of a larger update; more is to come.
+    incomplete: bool,
 }
 
 struct Session {
@@ -818,6 +823,10 @@ impl Session {
         };
         for t in ORDER {
             let ts = &self.types[t as usize];
+            if ts.incomplete && ts.inflight.is_some() {
+                // Make-before-break: later types wait until this one's update is complete.
+                break;
+            }
             if !ts.subscribed || ts.inflight.is_some() {
                 continue;
             }
@@ -825,11 +834,13 @@ impl Session {
             if candidates.as_ref().is_some_and(|c| c.is_empty()) {
                 // Nothing can have changed for this type.
                 self.types[t as usize].synced = Some(view.id);
+                self.types[t as usize].incomplete = false;
                 continue;
             }
             let nonce = format!("{}", self.nonce + 1);
-            // (changed resources, removed names, whether `sent` was updated in place)
-            let (sent, removed, in_place) = if self.delta {
+            // (changed resources, removed names, whether `sent` was updated in place, whether
+            // more remains to be sent)
+            let (sent, removed, in_place, partial) = if self.delta {
                 let mut changed: Vec<Arc<Resource>> = Vec::new();
                 let mut removed: Vec<String> = Vec::new();
                 match &candidates {
@@ -891,11 +902,28 @@ impl Session {
                 }
                 removed.sort();
                 removed.dedup();
+                // A large update goes out in parts (each after the previous one's ACK), so no
+                // stream holds one huge message; later types wait until this one is complete.
+                let budget = self.xds.inner.options.max_response_bytes;
+                let mut size = 0usize;
+                let fits = changed
+                    .iter()
+                    .position(|r| {
+                        size += r.body.value.len()
+                            + r.body.type_url.len()
+                            + r.name.len()
+                            + r.version.len();
+                        size > budget
+                    })
+                    .map_or(changed.len(), |i| i.max(1));
+                let partial = fits < changed.len();
+                changed.truncate(fits);
                 let ts = &mut self.types[t as usize];
                 if changed.is_empty() && removed.is_empty() && !ts.last_nonce.is_empty() {
                     ts.client_versions.clear();
                     ts.force.clear();
                     ts.synced = Some(view.id);
+                    ts.incomplete = false;
                     continue;
                 }
                 for n in &removed {
@@ -908,7 +936,18 @@ impl Session {
                     ts.sent.insert(r.name.clone(), r.clone());
                     ts.told_absent.remove(&r.name);
                 }
-                ts.client_versions.clear();
+                if partial {
+                    // What was not sent yet is found by the next full comparison.
+                    for r in &changed {
+                        ts.client_versions.remove(&r.name);
+                        ts.force.remove(&r.name);
+                    }
+                    for n in &removed {
+                        ts.client_versions.remove(n);
+                    }
+                } else {
+                    ts.client_versions.clear();
+                }
                 let resp = DeltaDiscoveryResponse {
                     system_version_info: format!("{}", g.id),
                     resources: changed
@@ -929,7 +968,7 @@ impl Session {
                     return Err(Fatal::Gone);
                 };
                 send(&self.xds, tx, resp, self.node.as_ref()).await?;
-                (changed, removed, candidates.is_some())
+                (changed, removed, candidates.is_some(), partial)
             } else {
                 let ts = &self.types[t as usize];
                 if let Some(names) = &candidates {
@@ -978,12 +1017,17 @@ impl Session {
                     return Err(Fatal::Gone);
                 };
                 send(&self.xds, tx, resp, self.node.as_ref()).await?;
-                (changed, Vec::new(), false)
+                (changed, Vec::new(), false, false)
             };
             self.nonce += 1;
             let ts = &mut self.types[t as usize];
-            ts.force.clear();
-            ts.synced = Some(view.id);
+            ts.incomplete = partial;
+            if partial {
+                ts.synced = None;
+            } else {
+                ts.force.clear();
+                ts.synced = Some(view.id);
+            }
             ts.last_nonce = nonce.clone();
             ts.inflight = Some((nonce, g.id, g.seen, !sent.is_empty()));
             self.xds.inner.metrics.pushes[t as usize].fetch_add(1, Relaxed);
@@ -1011,6 +1055,10 @@ impl Session {
                 } else {
                     held[t as usize] = ts.sent.clone();
                 }
+            }
+            if partial {
+                // Make-before-break: the types after this one wait until it is complete.
+                break;
             }
         }
         Ok(())

@@ -507,3 +507,60 @@ async fn views_of_departed_proxies_are_forgotten() {
     assert_eq!(metric(&m, "strait_xds_views_cached"), Some(2.0), "{m}");
     cp.shutdown().await;
 }
+
+/// A large update goes out in parts of about `max_response_bytes`, each after the previous
+/// one's ACK: the proxy ends up with everything, and follows changes afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_delta_updates_go_out_in_parts() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path()).await;
+    reg.publish(&east(18080, 300)).await;
+    reg.publish(WEST).await;
+    let mut cfg = with_gateway(&reg);
+    cfg.xds.max_response_bytes = 8 * 1024;
+    let cp = start_cp_with(&reg, cfg).await;
+    let c = LightClient::connect_delta(cp.xds_addr, node("big", "east", "us-east", "a", true))
+        .await
+        .unwrap();
+    let mut rx = c.state.clone();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        rx.wait_for(|s| s.assignments.len() == 301 && s.clusters.len() == 301),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        let s = c.state.borrow();
+        panic!(
+            "the proxy holds {} clusters and {} assignments of 301",
+            s.clusters.len(),
+            s.assignments.len()
+        )
+    })
+    .expect("client alive");
+    let parts = c.state.borrow().eds_responses;
+    assert!(
+        parts >= 5,
+        "301 assignments in 8 KiB parts need several responses, got {parts}"
+    );
+    let m = admin_get(cp.admin_addr, "/metrics").await.unwrap();
+    assert!(
+        metric(&m, "strait_xds_pushes_total{type=\"CDS\"}").unwrap_or(0.0) >= 2.0,
+        "CDS went out in parts too\n{m}"
+    );
+    // Then a change arrives as usual.
+    reg.publish(&east(18081, 300)).await;
+    wait_for(Duration::from_secs(10), "echo's new port", || async {
+        let s = c.state.borrow();
+        let cla = s.assignments.get("echo.default:8080").ok_or("no echo")?;
+        let text = format!("{cla:?}");
+        if text.contains("18081") && !text.contains("18080") {
+            Ok(())
+        } else {
+            Err("old port still there".to_string())
+        }
+    })
+    .await;
+    assert_eq!(c.state.borrow().assignments.len(), 301);
+    cp.shutdown().await;
+}
