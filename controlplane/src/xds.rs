@@ -452,6 +452,8 @@ struct TypeState {
     synced: Option<u64>,
     /// Delta: the last response was one part of a larger update; more is to come.
     incomplete: bool,
+    /// Delta: the last name of the last part sent; the next part starts after it.
+    resume_after: Option<String>,
 }
 
 struct Session {
@@ -705,6 +707,7 @@ impl Session {
                         ts.names.insert(n);
                     }
                 }
+                let dropped = !req.unsubscribe.is_empty();
                 for n in req.unsubscribe {
                     if n == "*" {
                         ts.wildcard = false;
@@ -715,6 +718,24 @@ impl Session {
                     }
                 }
                 ts.client_versions.extend(req.initial_versions);
+                if dropped {
+                    match t {
+                        // Which endpoints are kept depends on the clusters the client holds.
+                        TypeKind::Cluster => self.types[TypeKind::Endpoint as usize].synced = None,
+                        // The client no longer holds what it unsubscribed: its clusters need
+                        // not be kept for it.
+                        TypeKind::Listener | TypeKind::Route => {
+                            let ts = &mut self.types[t as usize];
+                            ts.acked_refs = ts
+                                .sent
+                                .values()
+                                .flat_map(|r| r.refs.iter().cloned())
+                                .collect();
+                            self.types[TypeKind::Cluster as usize].synced = None;
+                        }
+                        TypeKind::Endpoint => {}
+                    }
+                }
             }
         }
         Ok(())
@@ -871,14 +892,17 @@ impl Session {
                     None => {
                         let want = self.desired(t, &view);
                         let ts = &self.types[t as usize];
+                        // Resources the client said it holds (delta reconnect) in the version
+                        // it should: not sent again, but recorded as held.
+                        let mut adopt: Vec<Arc<Resource>> = Vec::new();
                         for (n, r) in &want {
-                            let have = ts
-                                .sent
-                                .get(n)
-                                .map(|s| s.version.as_str())
-                                .or_else(|| ts.client_versions.get(n).map(String::as_str));
+                            let sent = ts.sent.get(n).map(|s| s.version.as_str());
+                            let held = ts.client_versions.get(n).map(String::as_str);
+                            let have = sent.or(held);
                             if have != Some(r.version.as_str()) || ts.force.contains(n) {
                                 changed.push(r.clone());
+                            } else if sent.is_none() {
+                                adopt.push(r.clone());
                             }
                         }
                         removed.extend(ts.sent.keys().filter(|n| !want.contains_key(*n)).cloned());
@@ -898,6 +922,16 @@ impl Session {
                                 }
                             }
                         }
+                        if !adopt.is_empty() {
+                            let ts = &mut self.types[t as usize];
+                            for r in &adopt {
+                                ts.sent.insert(r.name.clone(), r.clone());
+                            }
+                            if let Some(rec) = &self.record {
+                                rec.sent.lock().unwrap_or_else(|p| p.into_inner())[t as usize] =
+                                    ts.sent.clone();
+                            }
+                        }
                     }
                 }
                 removed.sort();
@@ -905,6 +939,11 @@ impl Session {
                 // A large update goes out in parts (each after the previous one's ACK), so no
                 // stream holds one huge message; later types wait until this one is complete.
                 let budget = self.xds.inner.options.max_response_bytes;
+                if let Some(after) = &self.types[t as usize].resume_after {
+                    // Continue after the previous part (then wrap): names that change again
+                    // and again cannot starve the rest.
+                    changed.sort_by_key(|r| r.name.as_str() <= after.as_str());
+                }
                 let mut size = 0usize;
                 let fits = changed
                     .iter()
@@ -918,6 +957,11 @@ impl Session {
                     .map_or(changed.len(), |i| i.max(1));
                 let partial = fits < changed.len();
                 changed.truncate(fits);
+                self.types[t as usize].resume_after = if partial {
+                    changed.last().map(|r| r.name.clone())
+                } else {
+                    None
+                };
                 let ts = &mut self.types[t as usize];
                 if changed.is_empty() && removed.is_empty() && !ts.last_nonce.is_empty() {
                     ts.client_versions.clear();

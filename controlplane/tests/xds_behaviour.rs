@@ -564,3 +564,91 @@ async fn large_delta_updates_go_out_in_parts() {
     assert_eq!(c.state.borrow().assignments.len(), 301);
     cp.shutdown().await;
 }
+
+/// A delta stream opened with `initial_resource_versions` (a proxy reconnecting) is not sent
+/// what it already holds, yet what it holds is accounted for: when a service it had before the
+/// reconnect leaves the registry, the proxy is told to remove its cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_delta_proxy_is_told_of_removals_of_what_it_held() {
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    };
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path()).await;
+    reg.publish(&east(18080, 3)).await;
+    reg.publish(WEST).await;
+    let cp = start_cp_with(&reg, with_gateway(&reg)).await;
+    let cds = TypeKind::Cluster.url().to_string();
+    let open = |initial: std::collections::HashMap<String, String>| {
+        let cds = cds.clone();
+        async move {
+            let mut client =
+                AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr))
+                    .await
+                    .unwrap();
+            let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
+            tx.send(DeltaDiscoveryRequest {
+                node: Some(node("re", "east", "us-east", "a", true)),
+                type_url: cds,
+                initial_resource_versions: initial,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            let stream = client
+                .delta_aggregated_resources(requests)
+                .await
+                .unwrap()
+                .into_inner();
+            (tx, stream)
+        }
+    };
+    async fn next(s: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("a response within 10 s")
+            .expect("stream ok")
+            .expect("stream open")
+    }
+    // First connection: every cluster.
+    let (tx, mut s) = open(Default::default()).await;
+    let first = next(&mut s).await;
+    let held: std::collections::HashMap<String, String> = first
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    assert!(held.contains_key("filler-2.default:8080"), "{held:?}");
+    drop(tx);
+    drop(s);
+
+    // Reconnect saying what it holds: nothing to send (or only what changed meanwhile).
+    let (tx, mut s) = open(held.clone()).await;
+    let r = next(&mut s).await;
+    assert!(
+        r.resources
+            .iter()
+            .all(|x| held.get(&x.name) != Some(&x.version)),
+        "resources the proxy holds in the right version are not sent again: {:?}",
+        r.resources.iter().map(|x| &x.name).collect::<Vec<_>>()
+    );
+    tx.send(DeltaDiscoveryRequest {
+        type_url: cds.clone(),
+        response_nonce: r.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // filler-2 leaves the registry: the proxy must be told.
+    reg.publish(&east(18080, 2)).await;
+    let r = next(&mut s).await;
+    assert!(
+        r.removed_resources
+            .contains(&"filler-2.default:8080".to_string()),
+        "removal of a cluster held since before the reconnect: {:?}",
+        r.removed_resources
+    );
+}
