@@ -1,2 +1,10 @@
-//! Strait's sidecar proxy: the xDS-fed data plane in every cluster. Built in the proxy issue.
+//! Strait's sidecar proxy: the xDS-fed data plane in every cluster.
+//!
+//! - [`config`] — the proxy's configuration model, translated and validated from xDS resources
+//!   (an error names the resource and the field; the xDS client NACKs with it).
+//! - [`xds`] — the delta ADS client: NACKs what it cannot apply, warms before publishing,
+//!   keeps its last good config while the control plane is away, and resyncs.
 #![forbid(unsafe_code)]
+
+pub mod config;
+pub mod xds;

@@ -1,0 +1,437 @@
+//! The proxy's xDS client: delta ADS to its control plane.
+//!
+//! - Subscribes to every cluster and listener (wildcard), to the endpoints of the clusters it
+//!   holds and to the route configurations its listeners name.
+//! - Each response is translated and validated as a whole ([`crate::config`]): if any resource
+//!   is refused, the response is NACKed with the errors (resource and field) and nothing of it
+//!   is applied; the proxy keeps its last good config.
+//! - **Warming**: a config is published only once it is complete (every cluster has its
+//!   endpoints, every listener its routes), or after `warm_timeout` with what there is.
+//! - **Static stability**: when the control plane is away the last good config stays published;
+//!   the client reconnects with jittered backoff and tells the server what it holds
+//!   (`initial_resource_versions`), so a resync sends only what changed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use federation::backoff::Backoff;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{
+    self, ASSIGNMENT_TYPE, Assignment, CLUSTER_TYPE, ClusterConfig, LISTENER_TYPE, ListenerConfig,
+    ListenerKind, ROUTES_TYPE, RouteSource, RouteTable,
+};
+
+/// Everything the proxy was configured with, validated.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyConfig {
+    pub clusters: BTreeMap<String, Arc<ClusterConfig>>,
+    pub assignments: BTreeMap<String, Arc<Assignment>>,
+    pub listeners: BTreeMap<String, Arc<ListenerConfig>>,
+    pub routes: BTreeMap<String, Arc<RouteTable>>,
+    /// Resource versions by type URL and name (what the proxy holds).
+    pub versions: BTreeMap<&'static str, BTreeMap<String, String>>,
+}
+
+impl ProxyConfig {
+    /// Route configurations the listeners name.
+    fn route_names(&self) -> BTreeSet<String> {
+        self.listeners
+            .values()
+            .filter_map(|l| match &l.kind {
+                ListenerKind::Http {
+                    routes: RouteSource::Rds(n),
+                } => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// What is still missing before this config is complete.
+    pub fn missing(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .clusters
+            .keys()
+            .filter(|c| !self.assignments.contains_key(*c))
+            .map(|c| format!("endpoints of cluster {c}"))
+            .collect();
+        out.extend(
+            self.route_names()
+                .into_iter()
+                .filter(|r| !self.routes.contains_key(r))
+                .map(|r| format!("route configuration {r}")),
+        );
+        out
+    }
+}
+
+/// The client's connection state, for `/ready` and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct XdsStatus {
+    pub connected: bool,
+    /// A complete config has been published at least once.
+    pub warm: bool,
+    pub acks: u64,
+    pub nacks: u64,
+    pub last_nack: Option<String>,
+    pub last_error: Option<String>,
+    pub connects: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct XdsOptions {
+    /// The control plane, e.g. `http://127.0.0.1:15010`.
+    pub server: String,
+    pub node: Node,
+    /// Publish an incomplete config after this long rather than nothing.
+    pub warm_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl XdsOptions {
+    pub fn new(server: impl Into<String>, node: Node) -> Self {
+        Self {
+            server: server.into(),
+            node,
+            warm_timeout: Duration::from_secs(15),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A running xDS client.
+pub struct XdsClient {
+    pub config: watch::Receiver<Arc<ProxyConfig>>,
+    pub status: watch::Receiver<XdsStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for XdsClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl XdsClient {
+    pub fn start(options: XdsOptions) -> Self {
+        let (config_tx, config) = watch::channel(Arc::new(ProxyConfig::default()));
+        let (status_tx, status) = watch::channel(XdsStatus::default());
+        let task = tokio::spawn(run(options, config_tx, status_tx));
+        Self {
+            config,
+            status,
+            task,
+        }
+    }
+}
+
+/// The client's working state across streams.
+struct State {
+    /// What has been applied (published, or waiting to be while it is incomplete).
+    current: ProxyConfig,
+    /// Since when `current` has been incomplete and unpublished.
+    pending_since: Option<Instant>,
+}
+
+async fn run(
+    options: XdsOptions,
+    config_tx: watch::Sender<Arc<ProxyConfig>>,
+    status_tx: watch::Sender<XdsStatus>,
+) {
+    let mut backoff = Backoff::new(options.backoff_initial, options.backoff_max);
+    let mut state = State {
+        current: ProxyConfig::default(),
+        pending_since: Some(Instant::now()),
+    };
+    loop {
+        status_tx.send_modify(|s| s.connects += 1);
+        let result = stream_once(&options, &mut state, &config_tx, &status_tx, &mut backoff).await;
+        status_tx.send_modify(|s| {
+            s.connected = false;
+            s.last_error = Some(result.clone());
+        });
+        tracing::warn!(server = %options.server, error = %result,
+            "xDS stream to the control plane ended; keeping the last good config and reconnecting");
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+fn subscribe(
+    t: &'static str,
+    names: Vec<String>,
+    initial: HashMap<String, String>,
+    node: Option<Node>,
+) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node,
+        type_url: t.to_string(),
+        resource_names_subscribe: names,
+        initial_resource_versions: initial,
+        ..Default::default()
+    }
+}
+
+/// One ADS stream, until it fails. Returns why it ended.
+async fn stream_once(
+    options: &XdsOptions,
+    state: &mut State,
+    config_tx: &watch::Sender<Arc<ProxyConfig>>,
+    status_tx: &watch::Sender<XdsStatus>,
+    backoff: &mut Backoff,
+) -> String {
+    let mut client = match AggregatedDiscoveryServiceClient::connect(options.server.clone()).await {
+        Ok(c) => c.max_decoding_message_size(256 << 20),
+        Err(e) => return format!("cannot connect to {}: {e}", options.server),
+    };
+    let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+    let held = |t: &'static str| -> HashMap<String, String> {
+        state
+            .current
+            .versions
+            .get(t)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    };
+    // Wildcard clusters and listeners; the endpoints and routes already held, by name.
+    let eds: Vec<String> = state.current.clusters.keys().cloned().collect();
+    let rds: Vec<String> = state.current.route_names().into_iter().collect();
+    let mut first = vec![
+        subscribe(
+            CLUSTER_TYPE,
+            Vec::new(),
+            held(CLUSTER_TYPE),
+            Some(options.node.clone()),
+        ),
+        subscribe(LISTENER_TYPE, Vec::new(), held(LISTENER_TYPE), None),
+    ];
+    // (An empty first subscription would ask for everything: only with names.)
+    if !eds.is_empty() {
+        first.push(subscribe(ASSIGNMENT_TYPE, eds, held(ASSIGNMENT_TYPE), None));
+    }
+    if !rds.is_empty() {
+        first.push(subscribe(ROUTES_TYPE, rds, held(ROUTES_TYPE), None));
+    }
+    for r in first {
+        if tx.send(r).await.is_err() {
+            return "request channel closed".into();
+        }
+    }
+    let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut responses = match client.delta_aggregated_resources(requests).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return format!("ADS stream refused: {e}"),
+    };
+    status_tx.send_modify(|s| {
+        s.connected = true;
+        s.last_error = None;
+    });
+    tracing::info!(server = %options.server, "xDS stream open");
+    loop {
+        // Warming: an incomplete config waits for what it misses, at most `warm_timeout`.
+        let deadline = state
+            .pending_since
+            .map(|t| tokio::time::Instant::from_std(t + options.warm_timeout));
+        let resp = tokio::select! {
+            r = responses.message() => r,
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::warn!(missing = ?state.current.missing(),
+                    "config still incomplete after the warm-up timeout; serving what there is");
+                publish(state, config_tx, status_tx, false);
+                continue;
+            }
+        };
+        let resp: DeltaDiscoveryResponse = match resp {
+            Ok(Some(r)) => r,
+            Ok(None) => return "the control plane closed the stream".into(),
+            Err(e) => return format!("stream failed: {e}"),
+        };
+        backoff.reset();
+        let (follow_ups, error) = apply(&mut state.current, &resp);
+        let ack = DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            error_detail: error.as_ref().map(|e| RpcStatus {
+                code: 3, // INVALID_ARGUMENT
+                message: e.clone(),
+                details: Vec::new(),
+            }),
+            ..Default::default()
+        };
+        match &error {
+            Some(e) => {
+                tracing::warn!(type_url = %resp.type_url, error = %e,
+                    "rejected an xDS response (NACK); keeping the last good config");
+                status_tx.send_modify(|s| {
+                    s.nacks += 1;
+                    s.last_nack = Some(e.clone());
+                });
+            }
+            None => status_tx.send_modify(|s| s.acks += 1),
+        }
+        // Subscriptions first, then the ACK (the server answers them together).
+        for r in follow_ups.into_iter().chain(std::iter::once(ack)) {
+            if tx.send(r).await.is_err() {
+                return "request channel closed".into();
+            }
+        }
+        if error.is_none() {
+            if state.current.missing().is_empty() {
+                publish(state, config_tx, status_tx, true);
+            } else if state.pending_since.is_none() {
+                state.pending_since = Some(Instant::now());
+            }
+        }
+    }
+}
+
+fn publish(
+    state: &mut State,
+    config_tx: &watch::Sender<Arc<ProxyConfig>>,
+    status_tx: &watch::Sender<XdsStatus>,
+    complete: bool,
+) {
+    state.pending_since = None;
+    config_tx.send_replace(Arc::new(state.current.clone()));
+    if complete {
+        status_tx.send_modify(|s| s.warm = true);
+    }
+}
+
+/// Apply one response to `cfg` if every resource in it translates. Returns the subscription
+/// changes it calls for, and the NACK message if it was refused.
+fn apply(
+    cfg: &mut ProxyConfig,
+    resp: &DeltaDiscoveryResponse,
+) -> (Vec<DeltaDiscoveryRequest>, Option<String>) {
+    let t: &'static str = match resp.type_url.as_str() {
+        CLUSTER_TYPE => CLUSTER_TYPE,
+        ASSIGNMENT_TYPE => ASSIGNMENT_TYPE,
+        LISTENER_TYPE => LISTENER_TYPE,
+        ROUTES_TYPE => ROUTES_TYPE,
+        other => return (Vec::new(), Some(format!("type {other} is not supported"))),
+    };
+    let mut errors = Vec::new();
+    let mut next = cfg.clone();
+    let versions = next.versions.entry(t).or_default();
+    for name in &resp.removed_resources {
+        versions.remove(name);
+    }
+    for r in &resp.resources {
+        let Some(any) = &r.resource else {
+            errors.push(format!("{}: no resource body", r.name));
+            continue;
+        };
+        versions.insert(r.name.clone(), r.version.clone());
+        let named = |got: &str| {
+            (got != r.name).then(|| format!("{}: the resource inside is named {got:?}", r.name))
+        };
+        match t {
+            CLUSTER_TYPE => match config::cluster(any) {
+                Ok(c) => match named(&c.name) {
+                    Some(e) => errors.push(e),
+                    None => {
+                        next.clusters.insert(c.name.clone(), Arc::new(c));
+                    }
+                },
+                Err(e) => errors.push(e.to_string()),
+            },
+            ASSIGNMENT_TYPE => match config::assignment(any) {
+                Ok(a) => match named(&a.cluster) {
+                    Some(e) => errors.push(e),
+                    None => {
+                        next.assignments.insert(a.cluster.clone(), Arc::new(a));
+                    }
+                },
+                Err(e) => errors.push(e.to_string()),
+            },
+            LISTENER_TYPE => match config::listener(any) {
+                Ok(Some(l)) => match named(&l.name) {
+                    Some(e) => errors.push(e),
+                    None => {
+                        next.listeners.insert(l.name.clone(), Arc::new(l));
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => errors.push(e.to_string()),
+            },
+            _ => match config::route_table(any) {
+                Ok(rt) => match named(&rt.name) {
+                    Some(e) => errors.push(e),
+                    None => {
+                        next.routes.insert(rt.name.clone(), Arc::new(rt));
+                    }
+                },
+                Err(e) => errors.push(e.to_string()),
+            },
+        }
+    }
+    if !errors.is_empty() {
+        return (Vec::new(), Some(errors.join("; ")));
+    }
+    for name in &resp.removed_resources {
+        match t {
+            CLUSTER_TYPE => {
+                next.clusters.remove(name);
+            }
+            ASSIGNMENT_TYPE => {
+                next.assignments.remove(name);
+            }
+            LISTENER_TYPE => {
+                next.listeners.remove(name);
+            }
+            _ => {
+                next.routes.remove(name);
+            }
+        }
+    }
+    // Follow the clusters with endpoint subscriptions, the listeners with route ones.
+    let mut follow = Vec::new();
+    let diff = |old: BTreeSet<String>, new: BTreeSet<String>, t: &'static str| {
+        let sub: Vec<String> = new.difference(&old).cloned().collect();
+        let unsub: Vec<String> = old.difference(&new).cloned().collect();
+        (!sub.is_empty() || !unsub.is_empty()).then(|| DeltaDiscoveryRequest {
+            type_url: t.to_string(),
+            resource_names_subscribe: sub,
+            resource_names_unsubscribe: unsub,
+            ..Default::default()
+        })
+    };
+    if t == CLUSTER_TYPE {
+        let old: BTreeSet<String> = cfg.clusters.keys().cloned().collect();
+        let new: BTreeSet<String> = next.clusters.keys().cloned().collect();
+        for gone in old.difference(&new) {
+            next.assignments.remove(gone);
+            if let Some(v) = next.versions.get_mut(ASSIGNMENT_TYPE) {
+                v.remove(gone);
+            }
+        }
+        follow.extend(diff(old, new, ASSIGNMENT_TYPE));
+    }
+    if t == LISTENER_TYPE {
+        let old = cfg.route_names();
+        let new = next.route_names();
+        for gone in old.difference(&new) {
+            next.routes.remove(gone);
+            if let Some(v) = next.versions.get_mut(ROUTES_TYPE) {
+                v.remove(gone);
+            }
+        }
+        follow.extend(diff(old, new, ROUTES_TYPE));
+    }
+    *cfg = next;
+    (follow, None)
+}

@@ -1,0 +1,357 @@
+//! The proxy's configuration model against what Strait's control plane actually sends: every
+//! resource of an Envoy view (local and tunnelled endpoints, outbound listener and routes)
+//! translates faithfully; a gRPC view's `api_listener`s are accepted and ignored; and bad
+//! resources are refused with an error naming the resource and the field.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use controlplane::resources::ClientKind;
+use controlplane::view::{TypeKind, ViewKey, ViewSettings, build};
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use envoy_types::util::pack_any;
+use federation::discovery::DiscoveryFile;
+use federation::model::{ClusterId, Labels, Locality};
+use federation::registry::Snapshot;
+use proxy::config::{
+    self, ConfigError, EndpointHealth, LbPolicy, ListenerKind, RouteSource, RouteTarget, Upstream,
+};
+
+const EAST: &str = "cluster: east\nregion: us-east\nservices:\n  - name: echo\n    ports: [{name: http, port: 8080, protocol: http}, {name: grpc, port: 9090, protocol: grpc}]\n    endpoints:\n      - {address: 10.0.0.1, port: 8080, zone: us-east-1a}\n      - {address: 10.0.0.2, port: 8080, zone: us-east-1b, health: unhealthy}\n";
+const WEST: &str = "cluster: west\nregion: us-west\nservices:\n  - name: echo\n    ports: [{name: http, port: 8080, protocol: http}, {name: grpc, port: 9090, protocol: grpc}]\n    endpoints:\n      - {address: 10.1.0.1, port: 8080, zone: us-west-1a}\n";
+
+fn snapshot() -> Snapshot {
+    let mut snap = Snapshot::default();
+    for text in [EAST, WEST] {
+        let file = DiscoveryFile::parse("test.yaml", text).unwrap();
+        for se in file.state.services {
+            snap.endpoints.insert(
+                (se.service.key.clone(), file.state.cluster.id.clone()),
+                Arc::new(se),
+            );
+        }
+    }
+    snap
+}
+
+fn key(kind: ClientKind) -> ViewKey {
+    ViewKey {
+        kind,
+        locality: Locality::parse("l", "us-east/us-east-1a").unwrap(),
+        labels: Labels::default(),
+        outbound: Some("127.0.0.1:15001".parse().unwrap()),
+        tunnel: true,
+    }
+}
+
+fn settings() -> ViewSettings {
+    ViewSettings {
+        cluster: ClusterId::parse("c", "east").unwrap(),
+        region: "us-east".into(),
+        gateway: true,
+    }
+}
+
+#[test]
+fn everything_an_envoy_view_holds_translates() {
+    let view = build(&snapshot(), &key(ClientKind::Envoy), &settings());
+
+    let clusters: Vec<config::ClusterConfig> = view
+        .get(TypeKind::Cluster)
+        .values()
+        .map(|r| config::cluster(&r.body).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    assert_eq!(clusters.len(), 2);
+    let http = clusters
+        .iter()
+        .find(|c| c.name == "echo.default:8080")
+        .unwrap();
+    assert!(http.tunnel && !http.http2);
+    assert_eq!(http.lb, LbPolicy::RoundRobin);
+    assert!(http.outlier.is_some(), "outlier detection carried over");
+    let grpc = clusters
+        .iter()
+        .find(|c| c.name == "echo.default:9090")
+        .unwrap();
+    assert!(grpc.http2, "gRPC ports speak HTTP/2 upstream");
+
+    let a = config::assignment(&view.get(TypeKind::Endpoint)["echo.default:8080"].body)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a.cluster, "echo.default:8080");
+    assert_eq!(a.overprovisioning, 140);
+    // Priority 0: the caller's zone, directly; then the rest of east; then west, tunnelled.
+    let p0: Vec<&Upstream> = a.priorities[0]
+        .iter()
+        .flat_map(|l| &l.endpoints)
+        .map(|e| &e.upstream)
+        .collect();
+    assert_eq!(
+        p0,
+        vec![&Upstream::Direct(
+            "10.0.0.1:8080".parse::<SocketAddr>().unwrap()
+        )]
+    );
+    let tunnelled: Vec<&config::EndpointConfig> = a
+        .priorities
+        .iter()
+        .flatten()
+        .flat_map(|l| &l.endpoints)
+        .filter(|e| matches!(e.upstream, Upstream::Tunnel { .. }))
+        .collect();
+    assert_eq!(tunnelled.len(), 1, "{a:?}");
+    assert_eq!(
+        tunnelled[0].upstream,
+        Upstream::Tunnel {
+            cluster: "west".into(),
+            authority: "echo.default:8080".into()
+        }
+    );
+    assert!(
+        a.priorities
+            .iter()
+            .flatten()
+            .flat_map(|l| &l.endpoints)
+            .all(|e| e.health == EndpointHealth::Healthy),
+        "the unhealthy endpoint is not sent"
+    );
+
+    let listeners: Vec<config::ListenerConfig> = view
+        .get(TypeKind::Listener)
+        .values()
+        .filter_map(|r| config::listener(&r.body).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    assert_eq!(listeners.len(), 1);
+    assert_eq!(listeners[0].address, "127.0.0.1:15001".parse().unwrap());
+    let ListenerKind::Http {
+        routes: RouteSource::Rds(name),
+    } = &listeners[0].kind
+    else {
+        panic!("{:?}", listeners[0].kind)
+    };
+    let table = config::route_table(&view.get(TypeKind::Route)[name].body)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let headers = http::HeaderMap::new();
+    for host in [
+        "echo.default",
+        "echo.default:8080",
+        "ECHO.default.svc.clusterset.local",
+        "echo.default.svc.cluster.local:8080",
+    ] {
+        let r = table
+            .route(host, "/anything?x=1", &headers)
+            .unwrap_or_else(|| panic!("no route for {host}"));
+        assert_eq!(
+            r.target,
+            RouteTarget::Cluster("echo.default:8080".into()),
+            "{host}"
+        );
+        let retry = r.retry.as_ref().expect("a retry policy");
+        assert!(retry.other_priority && retry.other_host && retry.on.connect_failure);
+    }
+    assert_eq!(
+        table
+            .route("echo.default:9090", "/", &headers)
+            .map(|r| &r.target),
+        Some(&RouteTarget::Cluster("echo.default:9090".into()))
+    );
+    assert!(table.route("other.default", "/", &headers).is_none());
+}
+
+#[test]
+fn grpc_api_listeners_are_accepted_and_ignored() {
+    let view = build(&snapshot(), &key(ClientKind::Grpc), &settings());
+    assert!(!view.get(TypeKind::Listener).is_empty());
+    for r in view.get(TypeKind::Listener).values() {
+        assert!(
+            config::listener(&r.body)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .is_none()
+        );
+    }
+}
+
+fn eds_cluster(name: &str) -> cluster::Cluster {
+    cluster::Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Eds as i32,
+        )),
+        ..Default::default()
+    }
+}
+
+fn err(r: Result<impl std::fmt::Debug, ConfigError>) -> String {
+    match r {
+        Ok(v) => panic!("accepted: {v:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_resources_are_refused_naming_resource_and_field() {
+    // Wrong type, garbage.
+    let any = pack_any(eds_cluster("a"));
+    assert!(err(config::assignment(&any)).contains("type_url"));
+    let garbage = Any {
+        type_url: config::CLUSTER_TYPE.into(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    assert!(err(config::cluster(&garbage)).contains("(encoding)"));
+
+    // Clusters.
+    let mut c = eds_cluster("web");
+    c.cluster_discovery_type = Some(cluster::cluster::ClusterDiscoveryType::Type(
+        cluster::cluster::DiscoveryType::Static as i32,
+    ));
+    let e = err(config::cluster(&pack_any(c)));
+    assert!(e.contains("cluster \"web\": type: only EDS"), "{e}");
+    let mut c = eds_cluster("web");
+    c.lb_policy = cluster::cluster::LbPolicy::Maglev as i32;
+    let e = err(config::cluster(&pack_any(c)));
+    assert!(e.contains("lb_policy: MAGLEV is not supported"), "{e}");
+    let ok = config::cluster(&pack_any(eds_cluster("web"))).unwrap();
+    assert_eq!(ok.lb, LbPolicy::RoundRobin);
+    assert!(!ok.tunnel && ok.outlier.is_none());
+
+    // Load assignments: levels must be dense, weights positive.
+    let cla = endpoint::ClusterLoadAssignment {
+        cluster_name: "web".into(),
+        endpoints: vec![endpoint::LocalityLbEndpoints {
+            priority: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let e = err(config::assignment(&pack_any(cla)));
+    assert!(e.contains("priority 0 is empty"), "{e}");
+    let cla = endpoint::ClusterLoadAssignment {
+        cluster_name: "web".into(),
+        endpoints: vec![endpoint::LocalityLbEndpoints {
+            lb_endpoints: vec![endpoint::LbEndpoint {
+                load_balancing_weight: Some(UInt32Value { value: 0 }),
+                host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                    endpoint::Endpoint::default(),
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let e = err(config::assignment(&pack_any(cla)));
+    assert!(
+        e.contains("endpoints[0].lb_endpoints[0].endpoint.address: missing"),
+        "{e}"
+    );
+
+    // Routes: a bad regex, an unknown retry condition, duplicate domains.
+    let rc = |r: route::Route, domains: Vec<&str>| route::RouteConfiguration {
+        name: "rt".into(),
+        virtual_hosts: vec![route::VirtualHost {
+            name: "vh".into(),
+            domains: domains.into_iter().map(String::from).collect(),
+            routes: vec![r],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let action = |retry_on: &str| {
+        Some(route::route::Action::Route(route::RouteAction {
+            cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster("c".into())),
+            retry_policy: Some(route::RetryPolicy {
+                retry_on: retry_on.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    };
+    let bad_regex = route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::SafeRegex(
+                envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                    regex: "(unclosed".into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        action: action("5xx"),
+        ..Default::default()
+    };
+    let e = err(config::route_table(&pack_any(rc(bad_regex, vec!["a"]))));
+    assert!(
+        e.contains("virtual_hosts[0].routes[0].match.safe_regex: invalid regex"),
+        "{e}"
+    );
+    let prefix = || {
+        Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        })
+    };
+    let bad_retry = route::Route {
+        r#match: prefix(),
+        action: action("5xx,teapot"),
+        ..Default::default()
+    };
+    let e = err(config::route_table(&pack_any(rc(bad_retry, vec!["a"]))));
+    assert!(e.contains("retry_on: \"teapot\" is not supported"), "{e}");
+    let good = route::Route {
+        r#match: prefix(),
+        action: action("5xx"),
+        ..Default::default()
+    };
+    let e = err(config::route_table(&pack_any(rc(
+        good.clone(),
+        vec!["a", "A"],
+    ))));
+    assert!(e.contains("appears twice"), "{e}");
+    let t = config::route_table(&pack_any(rc(good, vec!["a"]))).unwrap();
+    assert_eq!(
+        t.route("a", "/x", &http::HeaderMap::new()).unwrap().timeout,
+        Some(std::time::Duration::from_secs(15))
+    );
+}
+
+#[test]
+fn virtual_hosts_follow_envoys_domain_precedence() {
+    let vh = |name: &str, domains: &[&str]| route::VirtualHost {
+        name: name.into(),
+        domains: domains.iter().map(|d| d.to_string()).collect(),
+        routes: vec![route::Route {
+            r#match: Some(route::RouteMatch {
+                path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            action: Some(route::route::Action::Route(route::RouteAction {
+                cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                    name.into(),
+                )),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let rc = route::RouteConfiguration {
+        name: "rt".into(),
+        virtual_hosts: vec![
+            vh("any", &["*"]),
+            vh("prefix", &["api.*"]),
+            vh("suffix", &["*.example.com"]),
+            vh("longer-suffix", &["*.eu.example.com"]),
+            vh("exact", &["api.example.com"]),
+        ],
+        ..Default::default()
+    };
+    let t = config::route_table(&pack_any(rc)).unwrap();
+    let pick = |h: &str| t.virtual_host(h).map(|v| v.name.clone()).unwrap();
+    assert_eq!(pick("api.example.com"), "exact");
+    assert_eq!(pick("x.eu.example.com"), "longer-suffix");
+    assert_eq!(pick("x.example.com"), "suffix");
+    assert_eq!(pick("api.internal"), "prefix");
+    assert_eq!(pick("other"), "any");
+}
