@@ -4,7 +4,11 @@
 //!   (an error names the resource and the field; the xDS client NACKs with it).
 //! - [`xds`] — the delta ADS client: NACKs what it cannot apply, warms before publishing,
 //!   keeps its last good config while the control plane is away, and resyncs.
+//! - [`lb`] — Envoy's load-balancing semantics: priority load with overprovisioning and panic,
+//!   locality weights, round robin and least request, outlier ejection, retries that avoid the
+//!   priorities and hosts already tried.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod lb;
 pub mod xds;
