@@ -77,6 +77,21 @@ fn decode<M: Message + Default>(
     M::decode(any.value.as_slice()).map_err(|e| ctx.err("(encoding)", e.to_string()))
 }
 
+/// The name of a resource of one of the four types (state-of-the-world responses carry no
+/// names of their own).
+pub fn resource_name(any: &Any) -> Option<String> {
+    let v = any.value.as_slice();
+    match any.type_url.as_str() {
+        CLUSTER_TYPE => cluster::Cluster::decode(v).ok().map(|c| c.name),
+        ASSIGNMENT_TYPE => endpoint::ClusterLoadAssignment::decode(v)
+            .ok()
+            .map(|c| c.cluster_name),
+        LISTENER_TYPE => listener::Listener::decode(v).ok().map(|l| l.name),
+        ROUTES_TYPE => route::RouteConfiguration::decode(v).ok().map(|r| r.name),
+        _ => None,
+    }
+}
+
 fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> Option<Duration> {
     let secs = u64::try_from(d.seconds).ok()?;
     let nanos = u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000)?;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use federation::backoff::Backoff;
@@ -94,6 +94,9 @@ pub struct XdsOptions {
     pub warm_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Delta xDS (default); state of the world when false, and automatically when the server
+    /// does not implement delta.
+    pub delta: bool,
 }
 
 impl XdsOptions {
@@ -104,6 +107,7 @@ impl XdsOptions {
             warm_timeout: Duration::from_secs(15),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            delta: true,
         }
     }
 }
@@ -134,6 +138,9 @@ impl XdsClient {
     }
 }
 
+/// How a delta stream ends when the server does not implement delta xDS.
+const DELTA_UNIMPLEMENTED: &str = "the control plane does not implement delta xDS";
+
 /// The client's working state across streams.
 struct State {
     /// What has been applied (published, or waiting to be while it is incomplete).
@@ -152,9 +159,20 @@ async fn run(
         current: ProxyConfig::default(),
         pending_since: Some(Instant::now()),
     };
+    let mut delta = options.delta;
     loop {
         status_tx.send_modify(|s| s.connects += 1);
-        let result = stream_once(&options, &mut state, &config_tx, &status_tx, &mut backoff).await;
+        let result = if delta {
+            stream_once(&options, &mut state, &config_tx, &status_tx, &mut backoff).await
+        } else {
+            stream_sotw(&options, &mut state, &config_tx, &status_tx, &mut backoff).await
+        };
+        if delta && result == DELTA_UNIMPLEMENTED {
+            tracing::warn!(server = %options.server,
+                "the control plane does not serve delta xDS; falling back to state of the world");
+            delta = false;
+            continue;
+        }
         status_tx.send_modify(|s| {
             s.connected = false;
             s.last_error = Some(result.clone());
@@ -228,29 +246,19 @@ async fn stream_once(
     let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut responses = match client.delta_aggregated_resources(requests).await {
         Ok(r) => r.into_inner(),
+        Err(e) if e.code() == tonic::Code::Unimplemented => return DELTA_UNIMPLEMENTED.into(),
         Err(e) => return format!("ADS stream refused: {e}"),
     };
     status_tx.send_modify(|s| {
         s.connected = true;
         s.last_error = None;
     });
-    tracing::info!(server = %options.server, "xDS stream open");
+    tracing::info!(server = %options.server, "xDS stream open (delta)");
     loop {
-        // Warming: an incomplete config waits for what it misses, at most `warm_timeout`.
-        let deadline = state
-            .pending_since
-            .map(|t| tokio::time::Instant::from_std(t + options.warm_timeout));
         let resp = tokio::select! {
             r = responses.message() => r,
-            _ = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                tracing::warn!(missing = ?state.current.missing(),
-                    "config still incomplete after the warm-up timeout; serving what there is");
-                publish(state, config_tx, status_tx, false);
+            _ = warm_deadline(state, options) => {
+                warm_timeout(state, config_tx, status_tx);
                 continue;
             }
         };
@@ -264,37 +272,252 @@ async fn stream_once(
         let ack = DeltaDiscoveryRequest {
             type_url: resp.type_url.clone(),
             response_nonce: resp.nonce.clone(),
-            error_detail: error.as_ref().map(|e| RpcStatus {
-                code: 3, // INVALID_ARGUMENT
-                message: e.clone(),
-                details: Vec::new(),
-            }),
+            error_detail: error.as_deref().map(nack_status),
             ..Default::default()
         };
-        match &error {
-            Some(e) => {
-                tracing::warn!(type_url = %resp.type_url, error = %e,
-                    "rejected an xDS response (NACK); keeping the last good config");
-                status_tx.send_modify(|s| {
-                    s.nacks += 1;
-                    s.last_nack = Some(e.clone());
-                });
-            }
-            None => status_tx.send_modify(|s| s.acks += 1),
-        }
         // Subscriptions first, then the ACK (the server answers them together).
         for r in follow_ups.into_iter().chain(std::iter::once(ack)) {
             if tx.send(r).await.is_err() {
                 return "request channel closed".into();
             }
         }
-        if error.is_none() {
+        settle(state, config_tx, status_tx, &resp.type_url, error);
+    }
+}
+
+fn nack_status(message: &str) -> RpcStatus {
+    RpcStatus {
+        code: 3, // INVALID_ARGUMENT
+        message: message.to_string(),
+        details: Vec::new(),
+    }
+}
+
+/// Warming: an incomplete config waits for what it misses, at most `warm_timeout`.
+async fn warm_deadline(state: &State, options: &XdsOptions) {
+    match state.pending_since {
+        Some(t) => {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(t + options.warm_timeout)).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn warm_timeout(
+    state: &mut State,
+    config_tx: &watch::Sender<Arc<ProxyConfig>>,
+    status_tx: &watch::Sender<XdsStatus>,
+) {
+    tracing::warn!(missing = ?state.current.missing(),
+        "config still incomplete after the warm-up timeout; serving what there is");
+    publish(state, config_tx, status_tx, false);
+}
+
+/// After a response: count the ACK or NACK, and publish the config once it is complete.
+fn settle(
+    state: &mut State,
+    config_tx: &watch::Sender<Arc<ProxyConfig>>,
+    status_tx: &watch::Sender<XdsStatus>,
+    type_url: &str,
+    error: Option<String>,
+) {
+    match error {
+        Some(e) => {
+            tracing::warn!(%type_url, error = %e,
+                "rejected an xDS response (NACK); keeping the last good config");
+            status_tx.send_modify(|s| {
+                s.nacks += 1;
+                s.last_nack = Some(e);
+            });
+        }
+        None => {
+            status_tx.send_modify(|s| s.acks += 1);
             if state.current.missing().is_empty() {
                 publish(state, config_tx, status_tx, true);
             } else if state.pending_since.is_none() {
                 state.pending_since = Some(Instant::now());
             }
         }
+    }
+}
+
+/// One state-of-the-world ADS stream (the fallback for control planes without delta), until
+/// it fails. Each response is turned into the delta form `apply` takes: the resources it
+/// carries, and for clusters and listeners the ones it no longer lists as removed.
+async fn stream_sotw(
+    options: &XdsOptions,
+    state: &mut State,
+    config_tx: &watch::Sender<Arc<ProxyConfig>>,
+    status_tx: &watch::Sender<XdsStatus>,
+    backoff: &mut Backoff,
+) -> String {
+    let mut client = match AggregatedDiscoveryServiceClient::connect(options.server.clone()).await {
+        Ok(c) => c.max_decoding_message_size(256 << 20),
+        Err(e) => return format!("cannot connect to {}: {e}", options.server),
+    };
+    let (tx, mut rx) = mpsc::channel::<DiscoveryRequest>(64);
+    // Per type: the last accepted version and the last nonce.
+    let mut versions: HashMap<&'static str, String> = HashMap::new();
+    let mut nonces: HashMap<&'static str, String> = HashMap::new();
+    let names_for = |cfg: &ProxyConfig, t: &str| -> Vec<String> {
+        match t {
+            ASSIGNMENT_TYPE => cfg.clusters.keys().cloned().collect(),
+            ROUTES_TYPE => cfg.route_names().into_iter().collect(),
+            _ => Vec::new(),
+        }
+    };
+    let mut first = vec![
+        DiscoveryRequest {
+            node: Some(options.node.clone()),
+            type_url: CLUSTER_TYPE.into(),
+            ..Default::default()
+        },
+        DiscoveryRequest {
+            type_url: LISTENER_TYPE.into(),
+            ..Default::default()
+        },
+    ];
+    for t in [ASSIGNMENT_TYPE, ROUTES_TYPE] {
+        let names = names_for(&state.current, t);
+        if !names.is_empty() {
+            first.push(DiscoveryRequest {
+                type_url: t.into(),
+                resource_names: names,
+                ..Default::default()
+            });
+        }
+    }
+    for r in first {
+        if tx.send(r).await.is_err() {
+            return "request channel closed".into();
+        }
+    }
+    let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut responses = match client.stream_aggregated_resources(requests).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return format!("ADS stream refused: {e}"),
+    };
+    status_tx.send_modify(|s| {
+        s.connected = true;
+        s.last_error = None;
+    });
+    tracing::info!(server = %options.server, "xDS stream open (state of the world)");
+    loop {
+        let resp = tokio::select! {
+            r = responses.message() => r,
+            _ = warm_deadline(state, options) => {
+                warm_timeout(state, config_tx, status_tx);
+                continue;
+            }
+        };
+        let resp: DiscoveryResponse = match resp {
+            Ok(Some(r)) => r,
+            Ok(None) => return "the control plane closed the stream".into(),
+            Err(e) => return format!("stream failed: {e}"),
+        };
+        backoff.reset();
+        let Some(t) = [CLUSTER_TYPE, ASSIGNMENT_TYPE, LISTENER_TYPE, ROUTES_TYPE]
+            .into_iter()
+            .find(|t| *t == resp.type_url)
+        else {
+            let nack = DiscoveryRequest {
+                type_url: resp.type_url.clone(),
+                response_nonce: resp.nonce.clone(),
+                error_detail: Some(nack_status("type not supported")),
+                ..Default::default()
+            };
+            if tx.send(nack).await.is_err() {
+                return "request channel closed".into();
+            }
+            continue;
+        };
+        nonces.insert(t, resp.nonce.clone());
+        // The delta form of this response.
+        let mut names = Vec::with_capacity(resp.resources.len());
+        let mut bad = None;
+        for any in &resp.resources {
+            match config::resource_name(any) {
+                Some(n) => names.push(n),
+                None => {
+                    bad = Some(format!(
+                        "a resource of type {} cannot be decoded",
+                        any.type_url
+                    ))
+                }
+            }
+        }
+        let removed: Vec<String> = if t == CLUSTER_TYPE || t == LISTENER_TYPE {
+            let present: BTreeSet<&String> = names.iter().collect();
+            state
+                .current
+                .versions
+                .get(t)
+                .map(|held| {
+                    held.keys()
+                        .filter(|k| !present.contains(k))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let delta = DeltaDiscoveryResponse {
+            type_url: t.to_string(),
+            nonce: resp.nonce.clone(),
+            removed_resources: removed,
+            resources: resp
+                .resources
+                .iter()
+                .zip(&names)
+                .map(
+                    |(any, name)| envoy_types::pb::envoy::service::discovery::v3::Resource {
+                        name: name.clone(),
+                        version: resp.version_info.clone(),
+                        resource: Some(any.clone()),
+                        ..Default::default()
+                    },
+                )
+                .collect(),
+            ..Default::default()
+        };
+        let (follow_ups, error) = match bad {
+            Some(e) => (Vec::new(), Some(e)),
+            None => apply(&mut state.current, &delta),
+        };
+        if error.is_none() {
+            versions.insert(t, resp.version_info.clone());
+        }
+        let ack = DiscoveryRequest {
+            version_info: versions.get(t).cloned().unwrap_or_default(),
+            type_url: t.into(),
+            resource_names: names_for(&state.current, t),
+            response_nonce: resp.nonce.clone(),
+            error_detail: error.as_deref().map(nack_status),
+            ..Default::default()
+        };
+        // The ACK, then new name lists for the types whose subscriptions changed.
+        let mut out = vec![ack];
+        for f in follow_ups {
+            let ft: &'static str = if f.type_url == ASSIGNMENT_TYPE {
+                ASSIGNMENT_TYPE
+            } else {
+                ROUTES_TYPE
+            };
+            out.push(DiscoveryRequest {
+                version_info: versions.get(ft).cloned().unwrap_or_default(),
+                type_url: ft.into(),
+                resource_names: names_for(&state.current, ft),
+                response_nonce: nonces.get(ft).cloned().unwrap_or_default(),
+                ..Default::default()
+            });
+        }
+        for r in out {
+            if tx.send(r).await.is_err() {
+                return "request channel closed".into();
+            }
+        }
+        settle(state, config_tx, status_tx, t, error);
     }
 }
 

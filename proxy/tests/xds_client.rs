@@ -92,7 +92,16 @@ fn p0(cfg: &ProxyConfig) -> Vec<Upstream> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn follows_the_control_plane_and_outlives_it() {
+async fn follows_the_control_plane_and_outlives_it_delta() {
+    follows_the_control_plane_and_outlives_it(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_control_plane_and_outlives_it_state_of_the_world() {
+    follows_the_control_plane_and_outlives_it(false).await;
+}
+
+async fn follows_the_control_plane_and_outlives_it(delta: bool) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -105,7 +114,9 @@ async fn follows_the_control_plane_and_outlives_it() {
         .await
         .expect("control plane");
 
-    let client = XdsClient::start(XdsOptions::new(format!("http://{xds}"), node()));
+    let mut opts = XdsOptions::new(format!("http://{xds}"), node());
+    opts.delta = delta;
+    let client = XdsClient::start(opts);
     let a: Upstream = Upstream::Direct("10.0.0.1:8080".parse().unwrap());
     let b: Upstream = Upstream::Direct("10.0.0.2:8080".parse().unwrap());
 
@@ -360,4 +371,77 @@ fn tokio_stream_listener(
         let r = l.accept().await.map(|(s, _)| s);
         Some((r, l))
     })
+}
+
+/// A control plane that serves only state of the world: the client falls back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_to_state_of_the_world_when_delta_is_not_served() {
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    };
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+    use tonic::{Request, Response, Status, Streaming};
+
+    struct SotwOnly(controlplane::xds::Xds);
+
+    #[tonic::async_trait]
+    impl AggregatedDiscoveryService for SotwOnly {
+        type StreamAggregatedResourcesStream =
+            <controlplane::xds::Xds as AggregatedDiscoveryService>::StreamAggregatedResourcesStream;
+        type DeltaAggregatedResourcesStream =
+            <controlplane::xds::Xds as AggregatedDiscoveryService>::DeltaAggregatedResourcesStream;
+
+        async fn stream_aggregated_resources(
+            &self,
+            request: Request<Streaming<DiscoveryRequest>>,
+        ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+            self.0.stream_aggregated_resources(request).await
+        }
+
+        async fn delta_aggregated_resources(
+            &self,
+            _: Request<Streaming<DeltaDiscoveryRequest>>,
+        ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+            Err(Status::unimplemented("no delta here"))
+        }
+    }
+
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let etcd = EtcdServer::start(&d.join("etcd")).expect("etcd");
+    write(&d.join("east.yaml"), &discovery(true, true));
+    let xds: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let cp = ControlPlane::start(cp_config(d, &etcd.endpoint(), xds))
+        .await
+        .expect("control plane");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(SotwOnly(
+                cp.xds.clone(),
+            )))
+            .serve_with_incoming(tokio_stream_listener(listener)),
+    );
+    let client = XdsClient::start(XdsOptions::new(format!("http://{addr}"), node()));
+    let cfg = wait_config(&client, "a complete config over state of the world", |c| {
+        c.assignments.contains_key("web.default:80") && !c.routes.is_empty()
+    })
+    .await;
+    assert_eq!(
+        p0(&cfg),
+        vec![Upstream::Direct("10.0.0.1:8080".parse().unwrap())]
+    );
+    // And it follows a removal (state of the world: absence from the cluster list).
+    write(&d.join("east.yaml"), &discovery(true, false));
+    wait_config(&client, "web to go", |c| {
+        !c.clusters.contains_key("web.default:80") && !c.assignments.contains_key("web.default:80")
+    })
+    .await;
+    assert_eq!(client.status.borrow().nacks, 0);
+    server.abort();
+    cp.shutdown().await;
 }
