@@ -1,0 +1,534 @@
+//! The HTTP data plane: listeners from the published config, requests routed by host, path and
+//! headers, load-balanced with Envoy's semantics, retried to another host and priority.
+//!
+//! - **Hot updates.** Each published config is compiled into a [`Compiled`] snapshot (route
+//!   tables, one balancer and one connection pool per cluster); requests take the snapshot of
+//!   the moment they arrive, so an update never disturbs a request in flight. A cluster whose
+//!   settings did not change keeps its connection pool, and every host keeps its runtime state
+//!   (active requests, outlier ejection). Listeners are bound when they appear and stop
+//!   accepting when they go; open connections finish.
+//! - **Requests.** HTTP/1.1 and HTTP/2 (h2c) downstream; HTTP/1.1 or HTTP/2 upstream as the
+//!   cluster says. A request whose body is small and complete (≤ 64 KiB) can be retried; others
+//!   stream through on one attempt.
+//! - **Retries** follow the route's policy (connect-failure, reset, refused-stream, 5xx,
+//!   gateway-error, retriable status codes), each on another host and, with
+//!   `previous_priorities`, another priority; within the route timeout; bounded by the
+//!   cluster's `max_retries` in flight.
+//! - **Circuit breaking**: a cluster with `max_requests` in flight answers 503 at once.
+//! - Errors are answered with a status and a reason (`x-strait-reason`): no route 404, no
+//!   cluster or no healthy upstream 503, upstream timeout 504.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{
+    ClusterConfig, ListenerKind, RouteEntry, RouteSource, RouteTable, RouteTarget, Upstream,
+};
+use crate::lb::{Balancer, Host, Outcome, Random, ThreadRandom};
+use crate::xds::ProxyConfig;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Request bodies up to this size are buffered so a retry can send them again.
+const REPLAYABLE: u64 = 64 * 1024;
+
+/// One cluster, ready to serve.
+pub struct ClusterRuntime {
+    pub config: Arc<ClusterConfig>,
+    pub balancer: Balancer,
+    client: Client<HttpConnector, Body>,
+    in_flight: Arc<AtomicU64>,
+    retries_in_flight: Arc<AtomicU64>,
+}
+
+/// A published config, compiled.
+pub struct Compiled {
+    pub config: Arc<ProxyConfig>,
+    pub clusters: HashMap<String, Arc<ClusterRuntime>>,
+}
+
+impl Compiled {
+    pub fn new(config: Arc<ProxyConfig>, previous: Option<&Compiled>) -> Self {
+        let mut clusters = HashMap::new();
+        for (name, c) in &config.clusters {
+            let prev = previous.and_then(|p| p.clusters.get(name));
+            let Some(a) = config.assignments.get(name) else {
+                continue;
+            };
+            // Same settings: same connection pool and counters.
+            let reuse = prev.filter(|p| *p.config == **c);
+            let client = match reuse {
+                Some(p) => p.client.clone(),
+                None => client_for(c),
+            };
+            clusters.insert(
+                name.clone(),
+                Arc::new(ClusterRuntime {
+                    config: c.clone(),
+                    balancer: Balancer::new(c, a, prev.map(|p| &p.balancer)),
+                    client,
+                    in_flight: reuse.map_or_else(Default::default, |p| p.in_flight.clone()),
+                    retries_in_flight: reuse
+                        .map_or_else(Default::default, |p| p.retries_in_flight.clone()),
+                }),
+            );
+        }
+        Self { config, clusters }
+    }
+}
+
+fn client_for(c: &ClusterConfig) -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(c.connect_timeout));
+    connector.set_nodelay(true);
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(60));
+    if c.http2 {
+        b.http2_only(true);
+    }
+    b.build(connector)
+}
+
+/// The running data plane.
+pub struct Dataplane {
+    current: watch::Receiver<Arc<Compiled>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Dataplane {
+    /// Follow `configs` (the xDS client's published configs): compile each, bind and unbind
+    /// listeners.
+    pub fn start(mut configs: watch::Receiver<Arc<ProxyConfig>>) -> Self {
+        let first = Arc::new(Compiled::new(configs.borrow_and_update().clone(), None));
+        let (tx, current) = watch::channel(first);
+        let rx = current.clone();
+        let task = tokio::spawn(async move {
+            let mut listeners: HashMap<(String, SocketAddr), tokio::task::JoinHandle<()>> =
+                HashMap::new();
+            loop {
+                let compiled = tx.borrow().clone();
+                // Listeners: bind the new, stop the gone (their connections finish).
+                let want: HashMap<(String, SocketAddr), ()> = compiled
+                    .config
+                    .listeners
+                    .values()
+                    .filter(|l| matches!(l.kind, ListenerKind::Http { .. }))
+                    .map(|l| ((l.name.clone(), l.address), ()))
+                    .collect();
+                listeners.retain(|k, task| {
+                    let keep = want.contains_key(k);
+                    if !keep {
+                        task.abort();
+                    }
+                    keep
+                });
+                for key in want.keys() {
+                    if listeners.contains_key(key) {
+                        continue;
+                    }
+                    match TcpListener::bind(key.1).await {
+                        Ok(l) => {
+                            tracing::info!(listener = %key.0, address = %key.1, "listening");
+                            listeners.insert(
+                                key.clone(),
+                                tokio::spawn(serve(l, key.0.clone(), rx.clone())),
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(listener = %key.0, address = %key.1, error = %e,
+                                "cannot bind the listener");
+                        }
+                    }
+                }
+                if configs.changed().await.is_err() {
+                    break;
+                }
+                let next = configs.borrow_and_update().clone();
+                let compiled = Arc::new(Compiled::new(next, Some(&tx.borrow())));
+                tx.send_replace(compiled);
+            }
+            for (_, t) in listeners {
+                t.abort();
+            }
+        });
+        Self { current, task }
+    }
+
+    /// The compiled config requests use now.
+    pub fn current(&self) -> Arc<Compiled> {
+        self.current.borrow().clone()
+    }
+}
+
+async fn serve(listener: TcpListener, name: String, current: watch::Receiver<Arc<Compiled>>) {
+    let name: Arc<str> = name.into();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(listener = %name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let name = name.clone();
+        let current = current.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let compiled = current.borrow().clone();
+                let name = name.clone();
+                async move { Ok::<_, Infallible>(handle(&compiled, &name, req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
+            }
+        });
+    }
+}
+
+fn local_reply(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{reason}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        r.headers_mut().insert("x-strait-reason", v);
+    }
+    r
+}
+
+/// Hop-by-hop headers, never forwarded.
+const HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+fn table<'a>(compiled: &'a Compiled, listener: &str) -> Option<&'a RouteTable> {
+    let l = compiled.config.listeners.get(listener)?;
+    match &l.kind {
+        ListenerKind::Http {
+            routes: RouteSource::Rds(n),
+        } => compiled.config.routes.get(n).map(|t| &**t),
+        ListenerKind::Http {
+            routes: RouteSource::Inline(t),
+        } => Some(t),
+        ListenerKind::Tcp { .. } => None,
+    }
+}
+
+fn pick_cluster(route: &RouteEntry, rng: &mut dyn Random) -> String {
+    match &route.target {
+        RouteTarget::Cluster(c) => c.clone(),
+        RouteTarget::Weighted { clusters, total } => {
+            let mut x = rng.below(u64::from(*total));
+            for (c, w) in clusters {
+                if x < u64::from(*w) {
+                    return c.clone();
+                }
+                x -= u64::from(*w);
+            }
+            clusters.last().map(|(c, _)| c.clone()).unwrap_or_default()
+        }
+    }
+}
+
+/// Handle one downstream request.
+pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    let Some(table) = table(compiled, listener) else {
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "listener has no routes yet",
+        );
+    };
+    let Some(route) = table.route(&host, &path, req.headers()) else {
+        return local_reply(StatusCode::NOT_FOUND, &format!("no route for {host}{path}"));
+    };
+    let mut rng = ThreadRandom;
+    let cluster_name = pick_cluster(route, &mut rng);
+    let Some(cluster) = compiled.clusters.get(&cluster_name) else {
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cluster {cluster_name} has no endpoints"),
+        );
+    };
+    // Circuit breaker.
+    if cluster.in_flight.load(Relaxed) >= u64::from(cluster.config.thresholds.max_requests) {
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cluster {cluster_name} is at max_requests"),
+        );
+    }
+    cluster.in_flight.fetch_add(1, Relaxed);
+    let _in_flight = Decrement(cluster.in_flight.clone());
+    let deadline = route.timeout.map(|t| Instant::now() + t);
+
+    let (parts, body) = req.into_parts();
+    // A small, complete body can be replayed on a retry; anything else streams through once.
+    let size = body.size_hint();
+    let replay = route.retry.is_some()
+        && size.upper().is_some_and(|u| u <= REPLAYABLE)
+        && parts.headers.get(http::header::UPGRADE).is_none();
+    let (mut stream_body, buffered) = if replay {
+        match body.collect().await {
+            Ok(b) => (None, Some(b.to_bytes())),
+            Err(e) => {
+                return local_reply(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reading the request body: {e}"),
+                );
+            }
+        }
+    } else {
+        (
+            Some(body.map_err(|e| Box::new(e) as BoxError).boxed()),
+            None,
+        )
+    };
+    let max_attempts = 1 + route
+        .retry
+        .as_ref()
+        .filter(|_| replay)
+        .map_or(0, |r| r.num_retries);
+    let mut tried_hosts: Vec<Arc<Host>> = Vec::new();
+    let mut tried_priorities: Vec<usize> = Vec::new();
+    let mut last: Option<Response<Body>> = None;
+    for attempt in 0..max_attempts {
+        if attempt > 0
+            && cluster.retries_in_flight.load(Relaxed)
+                >= u64::from(cluster.config.thresholds.max_retries)
+        {
+            // The retry budget of the cluster is spent: answer with what we have.
+            break;
+        }
+        let now = Instant::now();
+        let policy = route.retry.as_ref();
+        let avoid_p = if policy.is_some_and(|p| p.other_priority) {
+            tried_priorities.as_slice()
+        } else {
+            &[]
+        };
+        let avoid_h = if policy.is_some_and(|p| p.other_host) {
+            tried_hosts.as_slice()
+        } else {
+            &[]
+        };
+        let Some(host) = cluster.balancer.pick(&mut rng, now, avoid_p, avoid_h) else {
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no healthy upstream in cluster {cluster_name}"),
+            );
+        };
+        tried_hosts.push(host.clone());
+        if !tried_priorities.contains(&host.priority) {
+            tried_priorities.push(host.priority);
+        }
+        let addr = match &host.upstream {
+            Upstream::Direct(a) => *a,
+            Upstream::Tunnel { cluster: c, .. } => {
+                // Remote endpoints need the gateway tunnel (not built yet): a failed attempt.
+                last = Some(local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "endpoint in cluster {c} is reached through the gateway, which this proxy cannot do yet"
+                    ),
+                ));
+                continue;
+            }
+        };
+        let body = match (&buffered, stream_body.take()) {
+            (Some(b), _) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
+            (None, Some(b)) => b,
+            (None, None) => break,
+        };
+        let mut up = Request::new(body);
+        *up.method_mut() = parts.method.clone();
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        *up.uri_mut() = match Uri::builder()
+            .scheme("http")
+            .authority(addr.to_string())
+            .path_and_query(pq)
+            .build()
+        {
+            Ok(u) => u,
+            Err(e) => return local_reply(StatusCode::BAD_REQUEST, &format!("request target: {e}")),
+        };
+        copy_headers(&parts.headers, up.headers_mut());
+        if !cluster.config.http2
+            && let Ok(v) = HeaderValue::from_str(&host_header(&host_of(&parts), addr))
+        {
+            up.headers_mut().insert(http::header::HOST, v);
+        }
+        if attempt > 0 {
+            cluster.retries_in_flight.fetch_add(1, Relaxed);
+        }
+        host.state.active.fetch_add(1, Relaxed);
+        let per_try = policy.and_then(|p| p.per_try_timeout);
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let limit = match (per_try, remaining) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sent = cluster.client.request(up);
+        let result = match limit {
+            Some(l) => tokio::time::timeout(l, sent).await.ok(),
+            None => Some(sent.await),
+        };
+        host.state.active.fetch_sub(1, Relaxed);
+        if attempt > 0 {
+            cluster.retries_in_flight.fetch_sub(1, Relaxed);
+        }
+        let now = Instant::now();
+        let (outcome, retry_it, reply) = match result {
+            None => (
+                Outcome::GatewayError,
+                false,
+                local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+            ),
+            Some(Err(e)) => {
+                let connect = e.is_connect();
+                let on = policy.map(|p| p.on).unwrap_or_default();
+                // A connect failure or a reset is a gateway error (and a 5xx) too.
+                let retry_it = on.gateway_error
+                    || on.server_error
+                    || if connect {
+                        on.connect_failure
+                    } else {
+                        on.reset
+                    };
+                (
+                    Outcome::GatewayError,
+                    retry_it,
+                    local_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "upstream {}: {e}",
+                            if connect { "connect failure" } else { "reset" }
+                        ),
+                    ),
+                )
+            }
+            Some(Ok(resp)) => {
+                let status = resp.status();
+                let code = status.as_u16();
+                let gateway = matches!(code, 502..=504);
+                let outcome = if gateway {
+                    Outcome::GatewayError
+                } else if status.is_server_error() {
+                    Outcome::ServerError
+                } else {
+                    Outcome::Success
+                };
+                let on = policy.map(|p| p.on).unwrap_or_default();
+                let retry_it = (on.server_error && status.is_server_error())
+                    || (on.gateway_error && gateway)
+                    || (on.retriable_status_codes
+                        && policy.is_some_and(|p| p.retriable_status_codes.contains(&code)));
+                let (mut rp, body) = resp.into_parts();
+                for h in HOP {
+                    rp.headers.remove(h);
+                }
+                (
+                    outcome,
+                    retry_it,
+                    Response::from_parts(rp, body.map_err(|e| Box::new(e) as BoxError).boxed()),
+                )
+            }
+        };
+        if cluster.balancer.report(&host, outcome, now) {
+            tracing::warn!(cluster = %cluster_name, upstream = ?host.upstream,
+                "outlier detection ejected a host");
+        }
+        let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+        if !retry_it || out_of_time || attempt + 1 >= max_attempts {
+            return reply;
+        }
+        last = Some(reply);
+    }
+    last.unwrap_or_else(|| local_reply(StatusCode::SERVICE_UNAVAILABLE, "no upstream answered"))
+}
+
+fn host_of(parts: &http::request::Parts) -> String {
+    parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default()
+}
+
+fn host_header(requested: &str, addr: SocketAddr) -> String {
+    if requested.is_empty() {
+        addr.to_string()
+    } else {
+        requested.to_string()
+    }
+}
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    // Headers named by `Connection` are hop-by-hop too.
+    let named: Vec<String> = from
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for (k, v) in from {
+        let n = k.as_str();
+        // `te: trailers` is end to end (gRPC needs it); every other TE is not.
+        let te_trailers = n == "te" && v.as_bytes().eq_ignore_ascii_case(b"trailers");
+        if (HOP.contains(&n) && !te_trailers) || named.iter().any(|x| x == n) || n == "host" {
+            continue;
+        }
+        to.append(k.clone(), v.clone());
+    }
+}
+
+struct Decrement(Arc<AtomicU64>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}

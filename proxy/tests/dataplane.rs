@@ -1,0 +1,183 @@
+//! The data plane end to end with real parts: a real `strait controlplane` and etcd feed the
+//! proxy's xDS client; HTTP requests through the proxy's outbound listener reach priority 0;
+//! when priority 0's endpoint dies, every request still succeeds (retried on priority 1) and
+//! outlier detection ejects the dead endpoint; unknown hosts get 404 with a reason.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use controlplane::config::ControlPlaneConfig;
+use controlplane::server::ControlPlane;
+use envoy_types::pb::google::protobuf::{Value, value::Kind};
+use federation::etcd_server::{EtcdServer, free_port};
+use proxy::dataplane::Dataplane;
+use proxy::xds::{XdsClient, XdsOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An HTTP/1.1 server answering every request with `name`.
+async fn backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
+                    name.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// One HTTP/1.1 GET with `Host: host`: (status, body, x-strait-reason).
+async fn get(proxy: SocketAddr, host: &str) -> Result<(u16, String, String), String> {
+    let mut s = TcpStream::connect(proxy).await.map_err(|e| e.to_string())?;
+    let req = format!("GET /hello HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or(format!("bad response {text:?}"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or(format!("bad status line {head:?}"))?;
+    let reason = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-strait-reason: "))
+        .unwrap_or_default()
+        .to_string();
+    Ok((status, body.to_string(), reason))
+}
+
+fn discovery(a: SocketAddr, b: SocketAddr) -> String {
+    format!(
+        "cluster: east\nregion: us-east\nservices:\n  - name: echo\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1b}}\n",
+        a.port(),
+        b.port()
+    )
+}
+
+fn cp_config(dir: &Path, etcd: &str, xds: SocketAddr) -> ControlPlaneConfig {
+    ControlPlaneConfig::parse(
+        dir.join("cp.yaml"),
+        &format!(
+            "cluster: east\nregion: us-east\nregistry: {{etcd: [\"{etcd}\"]}}\n\
+             discovery: {{file: {}, poll: 50ms}}\nxds: {{listen: \"{xds}\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
+            dir.join("east.yaml").display()
+        ),
+    )
+    .expect("config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_fail_over_to_priority_one_without_a_single_error() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let etcd = EtcdServer::start(&d.join("etcd")).expect("etcd");
+    let (a, a_task) = backend("A").await;
+    let (b, _b_task) = backend("B").await;
+    std::fs::write(d.join("east.yaml"), discovery(a, b)).unwrap();
+    let xds: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let cp = ControlPlane::start(cp_config(d, &etcd.endpoint(), xds))
+        .await
+        .expect("control plane");
+
+    let outbound: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let mut node = controlplane::client::node("proxy-1", "east", "us-east", "us-east-1a", false);
+    if let Some(m) = node.metadata.as_mut() {
+        m.fields.insert(
+            "STRAIT_OUTBOUND".into(),
+            Value {
+                kind: Some(Kind::StringValue(outbound.to_string())),
+            },
+        );
+    }
+    let client = XdsClient::start(XdsOptions::new(format!("http://{xds}"), node));
+    let dp = Dataplane::start(client.config.clone());
+
+    // Priority 0: A, the proxy's own zone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match get(outbound, "echo.default").await {
+            Ok((200, body, _)) if body == "A" => break,
+            other if tokio::time::Instant::now() > deadline => {
+                panic!(
+                    "the proxy never served A: {other:?}; status {:?}",
+                    client.status.borrow()
+                )
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    for i in 0..20 {
+        let r = get(outbound, "echo.default.svc.clusterset.local").await;
+        assert_eq!(r, Ok((200, "A".to_string(), String::new())), "request {i}");
+    }
+
+    // A dies (connections refused). The registry still lists it: every request must still
+    // succeed, retried on priority 1, and outlier detection must eject A.
+    a_task.abort();
+    let _ = a_task.await;
+    for i in 0..50 {
+        let r = get(outbound, "echo.default").await;
+        assert_eq!(
+            r,
+            Ok((200, "B".to_string(), String::new())),
+            "request {i} after A died"
+        );
+    }
+    let compiled = dp.current();
+    let cluster = compiled
+        .clusters
+        .get("echo.default:8080")
+        .expect("the cluster");
+    let dead = cluster
+        .balancer
+        .hosts()
+        .iter()
+        .find(|h| h.upstream == proxy::config::Upstream::Direct(a))
+        .expect("A is still configured");
+    assert!(
+        dead.state.ejected(std::time::Instant::now()),
+        "outlier detection ejected A"
+    );
+
+    // An unknown host: 404 with the reason.
+    let (status, _, reason) = get(outbound, "nope.default").await.unwrap();
+    assert_eq!(status, 404);
+    assert!(reason.contains("no route for nope.default"), "{reason}");
+    drop(dp);
+    drop(client);
+    cp.shutdown().await;
+}
