@@ -66,7 +66,8 @@ enum Command {
         #[arg(long)]
         config: std::path::PathBuf,
     },
-    /// Sidecar helpers: `bootstrap --envoy|--grpc` prints a bootstrap for the control plane.
+    /// The sidecar: `run` starts Strait's proxy; `bootstrap --envoy|--grpc` prints a bootstrap
+    /// for Envoy or proxyless gRPC.
     Proxy {
         #[command(subcommand)]
         cmd: proxy_cmd::ProxyCommand,
@@ -94,7 +95,9 @@ fn main() -> std::process::ExitCode {
         Command::Demo(_)
         | Command::Route { .. }
         | Command::Policy { .. }
-        | Command::Proxy { .. } => "warn",
+        | Command::Proxy {
+            cmd: proxy_cmd::ProxyCommand::Bootstrap(_),
+        } => "warn",
         _ => "info",
     };
     let log = cli.log.clone().unwrap_or_else(|| default_log.to_string());

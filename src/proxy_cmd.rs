@@ -12,6 +12,75 @@ use federation::model::{Locality, Name};
 pub enum ProxyCommand {
     /// Print a bootstrap that takes everything else from the control plane over ADS.
     Bootstrap(BootstrapArgs),
+    /// Run Strait's sidecar proxy, configured by the control plane over ADS.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The node id (unique per proxy).
+    #[arg(long)]
+    node_id: String,
+    /// The proxy's cluster.
+    #[arg(long)]
+    cluster: String,
+    /// The proxy's locality: REGION[/ZONE[/SUBZONE]].
+    #[arg(long)]
+    locality: String,
+    /// The workload's labels (for failover_priority policies), KEY=VALUE, repeatable.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// The control plane's xDS address (plaintext, loopback).
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    xds: SocketAddr,
+    /// Use state-of-the-world xDS instead of delta.
+    #[arg(long)]
+    sotw: bool,
+    /// The outbound HTTP listener's address (applications send their requests here).
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    outbound: SocketAddr,
+    /// The admin address (`/ready`, `/metrics`, `/config_dump`, `/clusters`).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+}
+
+async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
+    let cluster = Name::parse("--cluster", &a.cluster)?;
+    let locality = Locality::parse("--locality", &a.locality)?;
+    let labels: Vec<(String, String)> = crate::route_cmd::parse_labels(&a.labels)?
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let node = proxy::xds::node(
+        &a.node_id,
+        cluster.as_str(),
+        (locality.region(), locality.zone(), locality.subzone()),
+        &labels,
+        a.outbound,
+    );
+    let admin = tokio::net::TcpListener::bind(a.admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("admin address {}: {e}", a.admin))?;
+    let mut opts = proxy::xds::XdsOptions::new(format!("http://{}", a.xds), node);
+    opts.delta = !a.sotw;
+    let client = proxy::xds::XdsClient::start(opts);
+    let dataplane = proxy::dataplane::Dataplane::start(client.config.clone());
+    tracing::info!(node = %a.node_id, xds = %a.xds, outbound = %a.outbound, admin = %a.admin,
+        "strait proxy started");
+    let admin_task = tokio::spawn(proxy::admin::serve(
+        admin,
+        proxy::admin::AdminState {
+            status: client.status.clone(),
+            current: dataplane.watch(),
+        },
+    ));
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(|e| anyhow::anyhow!("waiting for ctrl-c: {e}"))?;
+    admin_task.abort();
+    drop(dataplane);
+    drop(client);
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -62,6 +131,7 @@ pub struct BootstrapArgs {
 
 pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
     match cmd {
+        ProxyCommand::Run(a) => crate::run_async(run_proxy(a)),
         ProxyCommand::Bootstrap(a) => {
             let cluster = Name::parse("--cluster", &a.cluster)?;
             let locality = Locality::parse("--locality", &a.locality)?;

@@ -179,6 +179,11 @@ impl Dataplane {
     pub fn current(&self) -> Arc<Compiled> {
         self.current.borrow().clone()
     }
+
+    /// Follow the compiled configs (for the admin endpoint).
+    pub fn watch(&self) -> watch::Receiver<Arc<Compiled>> {
+        self.current.clone()
+    }
 }
 
 async fn serve(listener: TcpListener, name: String, current: watch::Receiver<Arc<Compiled>>) {

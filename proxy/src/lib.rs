@@ -1,5 +1,6 @@
 //! Strait's sidecar proxy: the xDS-fed data plane in every cluster.
 //!
+//! - [`admin`] — `/ready`, `/metrics`, `/config_dump`, `/clusters`.
 //! - [`config`] — the proxy's configuration model, translated and validated from xDS resources
 //!   (an error names the resource and the field; the xDS client NACKs with it).
 //! - [`xds`] — the delta ADS client: NACKs what it cannot apply, warms before publishing,
@@ -11,6 +12,7 @@
 //!   priorities and hosts already tried.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod dataplane;
 pub mod lb;

@@ -658,3 +658,55 @@ fn apply(
     *cfg = next;
     (follow, None)
 }
+
+/// The xDS node this proxy introduces itself with: Strait's metadata (cluster, kind, labels,
+/// the outbound listener address) and its locality (`region`, `zone`, `subzone`).
+pub fn node(
+    id: &str,
+    cluster: &str,
+    locality: (&str, &str, &str),
+    labels: &[(String, String)],
+    outbound: std::net::SocketAddr,
+) -> Node {
+    use envoy_types::pb::envoy::config::core::v3::Locality;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let s = |v: &str| Value {
+        kind: Some(Kind::StringValue(v.to_string())),
+    };
+    let labels = Struct {
+        fields: labels.iter().map(|(k, v)| (k.clone(), s(v))).collect(),
+    };
+    let fields = [
+        ("STRAIT_CLUSTER".to_string(), s(cluster)),
+        // It takes the same resources as Envoy.
+        ("STRAIT_KIND".to_string(), s("envoy")),
+        (
+            "STRAIT_LABELS".to_string(),
+            Value {
+                kind: Some(Kind::StructValue(labels)),
+            },
+        ),
+        ("STRAIT_OUTBOUND".to_string(), s(&outbound.to_string())),
+        // Remote endpoints need the gateway tunnel, which this proxy does not have yet.
+        (
+            "STRAIT_TUNNEL".to_string(),
+            Value {
+                kind: Some(Kind::BoolValue(false)),
+            },
+        ),
+    ]
+    .into_iter()
+    .collect();
+    Node {
+        id: id.to_string(),
+        cluster: cluster.to_string(),
+        locality: Some(Locality {
+            region: locality.0.to_string(),
+            zone: locality.1.to_string(),
+            sub_zone: locality.2.to_string(),
+        }),
+        metadata: Some(Struct { fields }),
+        user_agent_name: "strait-proxy".to_string(),
+        ..Default::default()
+    }
+}
