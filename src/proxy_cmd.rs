@@ -16,8 +16,9 @@ pub enum ProxyCommand {
     Run(RunArgs),
 }
 
+/// Who the proxy is, for the control plane.
 #[derive(clap::Args, Debug)]
-pub struct RunArgs {
+pub struct NodeArgs {
     /// The node id (unique per proxy).
     #[arg(long)]
     node_id: String,
@@ -30,6 +31,22 @@ pub struct RunArgs {
     /// The workload's labels (for failover_priority policies), KEY=VALUE, repeatable.
     #[arg(long = "label")]
     labels: Vec<String>,
+}
+
+impl NodeArgs {
+    fn parse(&self) -> anyhow::Result<(Name, Locality, federation::model::Labels)> {
+        Ok((
+            Name::parse("--cluster", &self.cluster)?,
+            Locality::parse("--locality", &self.locality)?,
+            crate::route_cmd::parse_labels(&self.labels)?,
+        ))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    node: NodeArgs,
     /// The control plane's xDS address (plaintext, loopback).
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds: SocketAddr,
@@ -45,14 +62,13 @@ pub struct RunArgs {
 }
 
 async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
-    let cluster = Name::parse("--cluster", &a.cluster)?;
-    let locality = Locality::parse("--locality", &a.locality)?;
-    let labels: Vec<(String, String)> = crate::route_cmd::parse_labels(&a.labels)?
+    let (cluster, locality, labels) = a.node.parse()?;
+    let labels: Vec<(String, String)> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let node = proxy::xds::node(
-        &a.node_id,
+        &a.node.node_id,
         cluster.as_str(),
         (locality.region(), locality.zone(), locality.subzone()),
         &labels,
@@ -65,7 +81,7 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
     opts.delta = !a.sotw;
     let client = proxy::xds::XdsClient::start(opts);
     let dataplane = proxy::dataplane::Dataplane::start(client.config.clone());
-    tracing::info!(node = %a.node_id, xds = %a.xds, outbound = %a.outbound, admin = %a.admin,
+    tracing::info!(node = %a.node.node_id, xds = %a.xds, outbound = %a.outbound, admin = %a.admin,
         "strait proxy started");
     let admin_task = tokio::spawn(proxy::admin::serve(
         admin,
@@ -91,18 +107,8 @@ pub struct BootstrapArgs {
     /// A proxyless gRPC bootstrap (JSON, for `GRPC_XDS_BOOTSTRAP=FILE`).
     #[arg(long)]
     grpc: bool,
-    /// The node id (unique per proxy).
-    #[arg(long)]
-    node_id: String,
-    /// The proxy's cluster.
-    #[arg(long)]
-    cluster: String,
-    /// The proxy's locality: REGION[/ZONE[/SUBZONE]].
-    #[arg(long)]
-    locality: String,
-    /// The workload's labels (for failover_priority policies), KEY=VALUE, repeatable.
-    #[arg(long = "label")]
-    labels: Vec<String>,
+    #[command(flatten)]
+    node: NodeArgs,
     /// The control plane's xDS address.
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds: SocketAddr,
@@ -133,9 +139,7 @@ pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
     match cmd {
         ProxyCommand::Run(a) => crate::run_async(run_proxy(a)),
         ProxyCommand::Bootstrap(a) => {
-            let cluster = Name::parse("--cluster", &a.cluster)?;
-            let locality = Locality::parse("--locality", &a.locality)?;
-            let labels = crate::route_cmd::parse_labels(&a.labels)?;
+            let (cluster, locality, labels) = a.node.parse()?;
             let tls = match (a.cert, a.key, a.ca) {
                 (Some(cert), Some(key), Some(ca)) => Some(CertFiles { cert, key, ca }),
                 _ => None,
@@ -171,7 +175,7 @@ pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
                 }
             };
             let spec = BootstrapSpec {
-                node_id: a.node_id,
+                node_id: a.node.node_id,
                 cluster,
                 locality,
                 labels,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use federation::backoff::Backoff;
@@ -249,23 +249,11 @@ async fn stream_once(
         Err(e) if e.code() == tonic::Code::Unimplemented => return DELTA_UNIMPLEMENTED.into(),
         Err(e) => return format!("ADS stream refused: {e}"),
     };
-    status_tx.send_modify(|s| {
-        s.connected = true;
-        s.last_error = None;
-    });
-    tracing::info!(server = %options.server, "xDS stream open (delta)");
+    opened(options, status_tx, "delta");
     loop {
-        let resp = tokio::select! {
-            r = responses.message() => r,
-            _ = warm_deadline(state, options) => {
-                warm_timeout(state, config_tx, status_tx);
-                continue;
-            }
-        };
-        let resp: DeltaDiscoveryResponse = match resp {
-            Ok(Some(r)) => r,
-            Ok(None) => return "the control plane closed the stream".into(),
-            Err(e) => return format!("stream failed: {e}"),
+        let resp = match next_response(&mut responses, state, options, config_tx, status_tx).await {
+            Ok(r) => r,
+            Err(why) => return why,
         };
         backoff.reset();
         let (follow_ups, error) = apply(&mut state.current, &resp);
@@ -282,6 +270,35 @@ async fn stream_once(
             }
         }
         settle(state, config_tx, status_tx, &resp.type_url, error);
+    }
+}
+
+fn opened(options: &XdsOptions, status_tx: &watch::Sender<XdsStatus>, kind: &str) {
+    status_tx.send_modify(|s| {
+        s.connected = true;
+        s.last_error = None;
+    });
+    tracing::info!(server = %options.server, "xDS stream open ({kind})");
+}
+
+/// The next response of a stream; meanwhile an incomplete config is published once its warm-up
+/// time is over. `Err`: why the stream ended.
+async fn next_response<T>(
+    responses: &mut tonic::Streaming<T>,
+    state: &mut State,
+    options: &XdsOptions,
+    config_tx: &watch::Sender<Arc<ProxyConfig>>,
+    status_tx: &watch::Sender<XdsStatus>,
+) -> Result<T, String> {
+    loop {
+        tokio::select! {
+            r = responses.message() => return match r {
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => Err("the control plane closed the stream".into()),
+                Err(e) => Err(format!("stream failed: {e}")),
+            },
+            _ = warm_deadline(state, options) => warm_timeout(state, config_tx, status_tx),
+        }
     }
 }
 
@@ -397,23 +414,11 @@ async fn stream_sotw(
         Ok(r) => r.into_inner(),
         Err(e) => return format!("ADS stream refused: {e}"),
     };
-    status_tx.send_modify(|s| {
-        s.connected = true;
-        s.last_error = None;
-    });
-    tracing::info!(server = %options.server, "xDS stream open (state of the world)");
+    opened(options, status_tx, "state of the world");
     loop {
-        let resp = tokio::select! {
-            r = responses.message() => r,
-            _ = warm_deadline(state, options) => {
-                warm_timeout(state, config_tx, status_tx);
-                continue;
-            }
-        };
-        let resp: DiscoveryResponse = match resp {
-            Ok(Some(r)) => r,
-            Ok(None) => return "the control plane closed the stream".into(),
-            Err(e) => return format!("stream failed: {e}"),
+        let resp = match next_response(&mut responses, state, options, config_tx, status_tx).await {
+            Ok(r) => r,
+            Err(why) => return why,
         };
         backoff.reset();
         let Some(t) = [CLUSTER_TYPE, ASSIGNMENT_TYPE, LISTENER_TYPE, ROUTES_TYPE]
