@@ -183,9 +183,20 @@ async fn follows_the_control_plane_and_outlives_it(delta: bool) {
 
     // It comes back with a new service: the client reconnects and resyncs.
     write(&d.join("east.yaml"), &discovery(false, true));
-    let cp = ControlPlane::start(cp_config(d, &etcd.endpoint(), xds))
-        .await
-        .expect("control plane restarts");
+    // The old server may hold its port a moment after shutdown: retry the bind, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let cp = loop {
+        match ControlPlane::start(cp_config(d, &etcd.endpoint(), xds)).await {
+            Ok(cp) => break cp,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && format!("{e:?}").contains("AddrInUse") =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("control plane restarts: {e:?}"),
+        }
+    };
     let cfg = wait_config(&client, "the new service after the resync", |c| {
         c.assignments.contains_key("web.default:80")
     })
