@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Subcommand;
 use controlplane::bootstrap::{BootstrapSpec, CertFiles};
 use federation::model::{Locality, Name};
@@ -47,7 +47,7 @@ impl NodeArgs {
 pub struct RunArgs {
     #[command(flatten)]
     node: NodeArgs,
-    /// The control plane's xDS address (plaintext, loopback).
+    /// The control plane's xDS address (mutual TLS with --cert, else plaintext).
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds: SocketAddr,
     /// Use state-of-the-world xDS instead of delta.
@@ -59,6 +59,56 @@ pub struct RunArgs {
     /// The admin address (`/ready`, `/metrics`, `/config_dump`, `/clusters`).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// The local east-west gateway's ingress: endpoints of other clusters are reached through
+    /// it (needs the workload certificate).
+    #[arg(long, requires = "cert")]
+    gateway: Option<SocketAddr>,
+    #[command(flatten)]
+    tls: CertArgs,
+}
+
+/// The workload certificate.
+#[derive(clap::Args, Debug)]
+pub struct CertArgs {
+    /// The workload certificate (from `strait pki issue workload`): mTLS to the control plane
+    /// and the gateway.
+    #[arg(long, requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The federation CA certificate.
+    #[arg(long, requires = "cert")]
+    ca: Option<PathBuf>,
+}
+
+impl CertArgs {
+    fn files(&self) -> Option<proxy::tls::TlsFiles> {
+        match (&self.cert, &self.key, &self.ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(proxy::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The files, checked to be a workload certificate of `cluster`.
+    fn checked(&self, cluster: &Name) -> anyhow::Result<Option<proxy::tls::TlsFiles>> {
+        let Some(files) = self.files() else {
+            return Ok(None);
+        };
+        let id = proxy::tls::identity_of(&files.cert)?;
+        if id.cluster() != cluster.as_str() {
+            bail!(
+                "{}: the certificate is a workload of cluster {}, not {cluster}",
+                files.cert.display(),
+                id.cluster()
+            );
+        }
+        Ok(Some(files))
+    }
 }
 
 async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
@@ -73,14 +123,37 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
         (locality.region(), locality.zone(), locality.subzone()),
         &labels,
         a.outbound,
+        a.gateway.is_some(),
     );
+    let files = a.tls.checked(&cluster)?;
+    let gateway = match (a.gateway, &files) {
+        (Some(addr), Some(files)) => {
+            let tls =
+                proxy::tls::TlsSource::new(files.clone(), proxy::tls::Peer::Gateway, &[b"h2"])?;
+            Some(std::sync::Arc::new(proxy::tunnel::Gateway::new(
+                proxy::tunnel::GatewayOptions::new(addr),
+                tls,
+            )))
+        }
+        _ => None,
+    };
     let admin = tokio::net::TcpListener::bind(a.admin)
         .await
         .map_err(|e| anyhow::anyhow!("admin address {}: {e}", a.admin))?;
     let mut opts = proxy::xds::XdsOptions::new(format!("http://{}", a.xds), node);
     opts.delta = !a.sotw;
+    if let Some(files) = files {
+        opts.tls = Some(std::sync::Arc::new(proxy::tls::TlsSource::new(
+            files,
+            proxy::tls::Peer::Workload,
+            &[b"h2"],
+        )?));
+    }
     let client = proxy::xds::XdsClient::start(opts);
-    let dataplane = proxy::dataplane::Dataplane::start(client.config.clone());
+    let dataplane = proxy::dataplane::Dataplane::start_with(
+        client.config.clone(),
+        proxy::dataplane::DataplaneOptions { gateway },
+    );
     tracing::info!(node = %a.node.node_id, xds = %a.xds, outbound = %a.outbound, admin = %a.admin,
         "strait proxy started");
     let admin_task = tokio::spawn(proxy::admin::serve(
@@ -125,14 +198,8 @@ pub struct BootstrapArgs {
     /// --cert/--key/--ca).
     #[arg(long)]
     gateway: Option<SocketAddr>,
-    /// The workload certificate (from `strait pki issue workload`): mTLS to the control plane
-    /// and the gateway.
-    #[arg(long, requires_all = ["key", "ca"])]
-    cert: Option<PathBuf>,
-    #[arg(long)]
-    key: Option<PathBuf>,
-    #[arg(long)]
-    ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: CertArgs,
 }
 
 pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
@@ -140,40 +207,26 @@ pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
         ProxyCommand::Run(a) => crate::run_async(run_proxy(a)),
         ProxyCommand::Bootstrap(a) => {
             let (cluster, locality, labels) = a.node.parse()?;
-            let tls = match (a.cert, a.key, a.ca) {
-                (Some(cert), Some(key), Some(ca)) => Some(CertFiles { cert, key, ca }),
-                _ => None,
-            };
-            let gateway = match (a.gateway, &tls) {
+            let files = a.tls.checked(&cluster)?;
+            let gateway = match (a.gateway, &files) {
                 (None, _) => None,
                 (Some(_), None) => bail!(
                     "--gateway needs the workload certificate (--cert, --key, --ca): the gateway's ingress takes mTLS only"
                 ),
                 (Some(addr), Some(files)) => {
-                    let pem = std::fs::read_to_string(&files.cert)
-                        .with_context(|| format!("cannot read {}", files.cert.display()))?;
-                    let info = federation::identity::inspect_pem(&pem)
-                        .with_context(|| format!("{}", files.cert.display()))?;
-                    let (Some(td), Some(c), federation::identity::CertRole::Workload) =
-                        (&info.trust_domain, &info.cluster, info.role)
-                    else {
-                        bail!(
-                            "{}: not a workload certificate ({}; {})",
-                            files.cert.display(),
-                            info.identity.as_deref().unwrap_or("no SPIFFE id"),
-                            info.identity_error.as_deref().unwrap_or("wrong role")
-                        );
-                    };
-                    if c != cluster.as_str() {
-                        bail!(
-                            "{}: the certificate is a workload of cluster {c}, not {cluster}",
-                            files.cert.display()
-                        );
-                    }
-                    let gw = federation::identity::SpiffeId::gateway(td, cluster.as_str())?;
+                    let me = proxy::tls::identity_of(&files.cert)?;
+                    let gw = federation::identity::SpiffeId::gateway(
+                        me.trust_domain(),
+                        cluster.as_str(),
+                    )?;
                     Some((addr, gw.to_string()))
                 }
             };
+            let tls = files.map(|f| CertFiles {
+                cert: f.cert,
+                key: f.key,
+                ca: f.ca,
+            });
             let spec = BootstrapSpec {
                 node_id: a.node.node_id,
                 cluster,

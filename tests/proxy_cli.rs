@@ -184,3 +184,54 @@ async fn strait_proxy_run_serves_what_the_control_plane_says() {
     );
     cp.shutdown().await;
 }
+
+#[test]
+fn strait_proxy_run_refuses_a_certificate_of_another_cluster_and_a_gateway_without_one() {
+    use federation::identity::{CertificateAuthority, SpiffeId};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = CertificateAuthority::init("test.strait", Duration::from_secs(3600)).expect("CA");
+    let id: SpiffeId = "spiffe://test.strait/cluster/west/ns/default/sa/app"
+        .parse()
+        .expect("id");
+    let paths = ca
+        .issue(&id, Duration::from_secs(3600))
+        .expect("issue")
+        .write(dir.path().join("west-app"))
+        .expect("write");
+    let run = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["proxy", "run", "--node-id", "app-1", "--cluster", "east"])
+            .args(["--locality", "us-east/us-east-1a"])
+            .args([
+                "--outbound",
+                &addr().to_string(),
+                "--admin",
+                &addr().to_string(),
+            ])
+            .args(extra)
+            .output()
+            .expect("strait runs")
+    };
+    let out = run(&[
+        "--cert",
+        &paths.cert.display().to_string(),
+        "--key",
+        &paths.key.display().to_string(),
+        "--ca",
+        &paths.ca.display().to_string(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a west certificate for an east proxy"
+    );
+    assert!(
+        err.contains(&paths.cert.display().to_string())
+            && err.contains("workload of cluster west, not east"),
+        "{err}"
+    );
+    let out = run(&["--gateway", "127.0.0.1:15008"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "--gateway without a certificate");
+    assert!(err.contains("--cert"), "{err}");
+}

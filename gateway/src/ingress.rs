@@ -78,6 +78,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             let Some(identity) = identity else {
                 return;
             };
+            shared
+                .metrics
+                .ingress_connections_total
+                .fetch_add(1, Relaxed);
             let svc = {
                 let shared = shared.clone();
                 hyper::service::service_fn(move |req| {

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub tunnels_total: AtomicU64,
     pub inbound_streams_total: AtomicU64,
     pub ingress_requests_total: AtomicU64,
+    pub ingress_connections_total: AtomicU64,
     labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
 }
 
@@ -73,6 +74,12 @@ impl Metrics {
             "CONNECT requests from local sidecars.",
             "counter",
             c(&self.ingress_requests_total),
+        );
+        gauge(
+            "strait_gateway_ingress_connections_total",
+            "Mutual-TLS connections accepted from local sidecars.",
+            "counter",
+            c(&self.ingress_connections_total),
         );
         let m = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
         let mut last = "";

@@ -30,7 +30,6 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -39,6 +38,7 @@ use crate::config::{
     ClusterConfig, ListenerKind, RouteEntry, RouteSource, RouteTable, RouteTarget, Upstream,
 };
 use crate::lb::{Balancer, Host, Outcome, Random, ThreadRandom};
+use crate::tunnel::{Connector, Gateway, tunnel_authority};
 use crate::xds::ProxyConfig;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -51,7 +51,7 @@ const REPLAYABLE: u64 = 64 * 1024;
 pub struct ClusterRuntime {
     pub config: Arc<ClusterConfig>,
     pub balancer: Balancer,
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
     in_flight: Arc<AtomicU64>,
     retries_in_flight: Arc<AtomicU64>,
 }
@@ -63,7 +63,11 @@ pub struct Compiled {
 }
 
 impl Compiled {
-    pub fn new(config: Arc<ProxyConfig>, previous: Option<&Compiled>) -> Self {
+    pub fn new(
+        config: Arc<ProxyConfig>,
+        previous: Option<&Compiled>,
+        gateway: Option<&Arc<Gateway>>,
+    ) -> Self {
         let mut clusters = HashMap::new();
         for (name, c) in &config.clusters {
             let prev = previous.and_then(|p| p.clusters.get(name));
@@ -74,7 +78,7 @@ impl Compiled {
             let reuse = prev.filter(|p| *p.config == **c);
             let client = match reuse {
                 Some(p) => p.client.clone(),
-                None => client_for(c),
+                None => client_for(c, gateway.cloned()),
             };
             clusters.insert(
                 name.clone(),
@@ -92,16 +96,22 @@ impl Compiled {
     }
 }
 
-fn client_for(c: &ClusterConfig) -> Client<HttpConnector, Body> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(c.connect_timeout));
-    connector.set_nodelay(true);
+fn client_for(c: &ClusterConfig, gateway: Option<Arc<Gateway>>) -> Client<Connector, Body> {
+    let connector = Connector::new(c.connect_timeout, gateway);
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_idle_timeout(Duration::from_secs(60));
     if c.http2 {
         b.http2_only(true);
     }
     b.build(connector)
+}
+
+/// How the data plane reaches what is not local.
+#[derive(Debug, Default, Clone)]
+pub struct DataplaneOptions {
+    /// The local east-west gateway: endpoints of other clusters are reached through it. Without
+    /// one, an attempt on such an endpoint fails (and is retried elsewhere).
+    pub gateway: Option<Arc<Gateway>>,
 }
 
 /// The running data plane.
@@ -119,8 +129,21 @@ impl Drop for Dataplane {
 impl Dataplane {
     /// Follow `configs` (the xDS client's published configs): compile each, bind and unbind
     /// listeners.
-    pub fn start(mut configs: watch::Receiver<Arc<ProxyConfig>>) -> Self {
-        let first = Arc::new(Compiled::new(configs.borrow_and_update().clone(), None));
+    pub fn start(configs: watch::Receiver<Arc<ProxyConfig>>) -> Self {
+        Self::start_with(configs, DataplaneOptions::default())
+    }
+
+    /// [`Dataplane::start`] with options (the gateway that reaches other clusters).
+    pub fn start_with(
+        mut configs: watch::Receiver<Arc<ProxyConfig>>,
+        options: DataplaneOptions,
+    ) -> Self {
+        let gateway = options.gateway;
+        let first = Arc::new(Compiled::new(
+            configs.borrow_and_update().clone(),
+            None,
+            gateway.as_ref(),
+        ));
         let (tx, current) = watch::channel(first);
         let rx = current.clone();
         let task = tokio::spawn(async move {
@@ -165,7 +188,7 @@ impl Dataplane {
                     break;
                 }
                 let next = configs.borrow_and_update().clone();
-                let compiled = Arc::new(Compiled::new(next, Some(&tx.borrow())));
+                let compiled = Arc::new(Compiled::new(next, Some(&tx.borrow()), gateway.as_ref()));
                 tx.send_replace(compiled);
             }
             for (_, t) in listeners {
@@ -368,18 +391,18 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
         if !tried_priorities.contains(&host.priority) {
             tried_priorities.push(host.priority);
         }
-        let addr = match &host.upstream {
-            Upstream::Direct(a) => *a,
-            Upstream::Tunnel { cluster: c, .. } => {
-                // Remote endpoints need the gateway tunnel (not built yet): a failed attempt.
-                last = Some(local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!(
-                        "endpoint in cluster {c} is reached through the gateway, which this proxy cannot do yet"
-                    ),
-                ));
-                continue;
-            }
+        let authority = match &host.upstream {
+            Upstream::Direct(a) => a.to_string(),
+            Upstream::Tunnel {
+                cluster: c,
+                authority,
+            } => match tunnel_authority(c, authority) {
+                Ok(a) => a,
+                Err(e) => {
+                    last = Some(local_reply(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()));
+                    continue;
+                }
+            },
         };
         let body = match (&buffered, stream_body.take()) {
             (Some(b), _) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
@@ -391,7 +414,7 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         *up.uri_mut() = match Uri::builder()
             .scheme("http")
-            .authority(addr.to_string())
+            .authority(authority.as_str())
             .path_and_query(pq)
             .build()
         {
@@ -400,7 +423,7 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
         };
         copy_headers(&parts.headers, up.headers_mut());
         if !cluster.config.http2
-            && let Ok(v) = HeaderValue::from_str(&host_header(&host_of(&parts), addr))
+            && let Ok(v) = HeaderValue::from_str(&host_header(&host_of(&parts), &host.upstream))
         {
             up.headers_mut().insert(http::header::HOST, v);
         }
@@ -447,8 +470,9 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
                     local_reply(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &format!(
-                            "upstream {}: {e}",
-                            if connect { "connect failure" } else { "reset" }
+                            "upstream {}: {}",
+                            if connect { "connect failure" } else { "reset" },
+                            crate::error_chain(&e)
                         ),
                     ),
                 )
@@ -503,11 +527,11 @@ fn host_of(parts: &http::request::Parts) -> String {
         .unwrap_or_default()
 }
 
-fn host_header(requested: &str, addr: SocketAddr) -> String {
-    if requested.is_empty() {
-        addr.to_string()
-    } else {
-        requested.to_string()
+fn host_header(requested: &str, upstream: &Upstream) -> String {
+    match upstream {
+        _ if !requested.is_empty() => requested.to_string(),
+        Upstream::Direct(a) => a.to_string(),
+        Upstream::Tunnel { authority, .. } => authority.clone(),
     }
 }
 

@@ -7,6 +7,10 @@
 //!   keeps its last good config while the control plane is away, and resyncs.
 //! - [`dataplane`] — outbound HTTP listeners: routing, retries across hosts and priorities,
 //!   outlier reporting, circuit breaking, hot updates.
+//! - [`tunnel`] — endpoints of other clusters, through the local gateway: HTTP/2 CONNECT over
+//!   mTLS, every tunnel a stream of one connection.
+//! - [`tls`] — the workload certificate (mTLS to the control plane and the gateway), reloaded
+//!   when its files change.
 //! - [`lb`] — Envoy's load-balancing semantics: priority load with overprovisioning and panic,
 //!   locality weights, round robin and least request, outlier ejection, retries that avoid the
 //!   priorities and hosts already tried.
@@ -16,4 +20,18 @@ pub mod admin;
 pub mod config;
 pub mod dataplane;
 pub mod lb;
+pub mod tls;
+pub mod tunnel;
 pub mod xds;
+
+/// An error with its causes, `a: b: c` (hyper's and tonic's own messages alone say little).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}

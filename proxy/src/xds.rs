@@ -22,12 +22,15 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use federation::backoff::Backoff;
+use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{
     self, ASSIGNMENT_TYPE, Assignment, CLUSTER_TYPE, ClusterConfig, LISTENER_TYPE, ListenerConfig,
     ListenerKind, ROUTES_TYPE, RouteSource, RouteTable,
 };
+use crate::tls::TlsSource;
 
 /// Everything the proxy was configured with, validated.
 #[derive(Debug, Clone, Default)]
@@ -89,6 +92,9 @@ pub struct XdsStatus {
 pub struct XdsOptions {
     /// The control plane, e.g. `http://127.0.0.1:15010`.
     pub server: String,
+    /// Mutual TLS to the control plane with the workload certificate (the control plane must
+    /// present a workload identity of the proxy's own cluster).
+    pub tls: Option<Arc<TlsSource>>,
     pub node: Node,
     /// Publish an incomplete config after this long rather than nothing.
     pub warm_timeout: Duration,
@@ -103,6 +109,7 @@ impl XdsOptions {
     pub fn new(server: impl Into<String>, node: Node) -> Self {
         Self {
             server: server.into(),
+            tls: None,
             node,
             warm_timeout: Duration::from_secs(15),
             backoff_initial: Duration::from_millis(100),
@@ -198,6 +205,81 @@ fn subscribe(
     }
 }
 
+/// A channel to the control plane: plaintext, or mutual TLS with the workload certificate.
+async fn connect(
+    options: &XdsOptions,
+) -> Result<AggregatedDiscoveryServiceClient<Channel>, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("cannot connect to {}: {e}", options.server);
+    let endpoint = Endpoint::from_shared(options.server.clone())
+        .map_err(|e| fail(&e))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let channel = match &options.tls {
+        None => endpoint.connect().await.map_err(|e| fail(&e))?,
+        Some(tls) => {
+            let tls = tls.clone();
+            let connector = tower_fn(move |uri: http::Uri| {
+                let tls = tls.clone();
+                async move { tls_connect(&tls, &uri).await }
+            });
+            endpoint
+                .connect_with_connector(connector)
+                .await
+                .map_err(|e| fail(&crate::error_chain(&e)))?
+        }
+    };
+    Ok(AggregatedDiscoveryServiceClient::new(channel))
+}
+
+async fn tls_connect(
+    tls: &TlsSource,
+    uri: &http::Uri,
+) -> Result<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, std::io::Error> {
+    let io = |e: String| std::io::Error::other(e);
+    let host = uri.host().ok_or_else(|| io(format!("{uri} has no host")))?;
+    let port = uri.port_u16().unwrap_or(443);
+    let config = tls.config().map_err(|e| io(e.to_string()))?;
+    let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)).await?;
+    let _ = tcp.set_nodelay(true);
+    // The control plane is authenticated by its SPIFFE identity; the name is not checked.
+    let name = rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+        .map_err(|e| io(format!("{host}: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| io(format!("TLS: {e}")))?;
+    Ok(TokioIo::new(stream))
+}
+
+/// A `tower` service from a closure (the connector tonic takes).
+#[derive(Clone)]
+struct TowerFn<F>(F);
+
+fn tower_fn<F>(f: F) -> TowerFn<F> {
+    TowerFn(f)
+}
+
+impl<F, Fut, T> tower_service::Service<http::Uri> for TowerFn<F>
+where
+    F: FnMut(http::Uri) -> Fut,
+    Fut: std::future::Future<Output = Result<T, std::io::Error>>,
+{
+    type Response = T;
+    type Error = std::io::Error;
+    type Future = Fut;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), std::io::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Fut {
+        (self.0)(uri)
+    }
+}
+
 /// One ADS stream, until it fails. Returns why it ended.
 async fn stream_once(
     options: &XdsOptions,
@@ -206,9 +288,9 @@ async fn stream_once(
     status_tx: &watch::Sender<XdsStatus>,
     backoff: &mut Backoff,
 ) -> String {
-    let mut client = match AggregatedDiscoveryServiceClient::connect(options.server.clone()).await {
+    let mut client = match connect(options).await {
         Ok(c) => c.max_decoding_message_size(256 << 20),
-        Err(e) => return format!("cannot connect to {}: {e}", options.server),
+        Err(e) => return e,
     };
     let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
     let held = |t: &'static str| -> HashMap<String, String> {
@@ -368,9 +450,9 @@ async fn stream_sotw(
     status_tx: &watch::Sender<XdsStatus>,
     backoff: &mut Backoff,
 ) -> String {
-    let mut client = match AggregatedDiscoveryServiceClient::connect(options.server.clone()).await {
+    let mut client = match connect(options).await {
         Ok(c) => c.max_decoding_message_size(256 << 20),
-        Err(e) => return format!("cannot connect to {}: {e}", options.server),
+        Err(e) => return e,
     };
     let (tx, mut rx) = mpsc::channel::<DiscoveryRequest>(64);
     // Per type: the last accepted version and the last nonce.
@@ -672,6 +754,7 @@ pub fn node(
     locality: (&str, &str, &str),
     labels: &[(String, String)],
     outbound: std::net::SocketAddr,
+    tunnel: bool,
 ) -> Node {
     use envoy_types::pb::envoy::config::core::v3::Locality;
     use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
@@ -692,11 +775,11 @@ pub fn node(
             },
         ),
         ("STRAIT_OUTBOUND".to_string(), s(&outbound.to_string())),
-        // Remote endpoints need the gateway tunnel, which this proxy does not have yet.
+        // Remote endpoints are reached through the gateway, when the proxy has one.
         (
             "STRAIT_TUNNEL".to_string(),
             Value {
-                kind: Some(Kind::BoolValue(false)),
+                kind: Some(Kind::BoolValue(tunnel)),
             },
         ),
     ]

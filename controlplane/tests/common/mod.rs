@@ -124,16 +124,19 @@ pub async fn start_cp_with(reg: &Registry, cfg: ControlPlaneConfig) -> ControlPl
         .expect("controlplane starts")
 }
 
-/// An HTTP/1.1 server answering every request with `name`.
+/// An HTTP/1.1 server answering every request with `name`. Aborting the task kills it whole:
+/// its kept-alive connections close too (they live in the task's `JoinSet`).
 pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             let Ok((mut s, _)) = l.accept().await else {
                 return;
             };
-            tokio::spawn(async move {
+            while conns.try_join_next().is_some() {}
+            conns.spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 let mut have = Vec::new();
                 loop {

@@ -1,0 +1,386 @@
+//! Tunnels to other clusters through the local east-west gateway.
+//!
+//! An endpoint of another cluster ([`Upstream::Tunnel`](crate::config::Upstream)) is reached
+//! with an HTTP/2 `CONNECT SERVICE.NAMESPACE:PORT` carrying `strait-cluster: C`, sent to the
+//! local gateway's ingress over mutual TLS with the workload certificate (the gateway must
+//! present `spiffe://TD/cluster/OWN/gateway`). Every tunnel is one stream of **one** HTTP/2
+//! connection to the gateway, opened on first use, kept alive with pings (a dead gateway is
+//! noticed within seconds) and opened again when it fails.
+//!
+//! The gateway's refusals keep their meaning: unknown cluster 404, link down or no endpoint
+//! 503, not authorized 403 — each a connect failure of the attempt, with the gateway's reason,
+//! so the request is retried elsewhere.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::upgrade::Upgraded;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::tls::TlsSource;
+
+/// The header naming the target cluster (the gateway's ingress protocol).
+pub const CLUSTER_HEADER: &str = "strait-cluster";
+/// The header with the reason of a refusal.
+pub const REASON_HEADER: &str = "strait-reason";
+
+/// The host suffix of the synthetic URIs that address a tunnelled endpoint (see
+/// [`tunnel_authority`]).
+const TUNNEL_SUFFIX: &str = ".strait-tunnel";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("no gateway is configured to reach cluster {0}")]
+    NoGateway(String),
+    #[error("gateway {gateway}: {message}")]
+    Connect {
+        gateway: SocketAddr,
+        message: String,
+    },
+    #[error("gateway {gateway} refused {authority} in cluster {cluster}: {status} {reason}")]
+    Refused {
+        gateway: SocketAddr,
+        cluster: String,
+        authority: String,
+        status: u16,
+        reason: String,
+    },
+    #[error("gateway {gateway}: the tunnel to {authority} in cluster {cluster} failed: {message}")]
+    Stream {
+        gateway: SocketAddr,
+        cluster: String,
+        authority: String,
+        message: String,
+    },
+    #[error("bad tunnel target {0}")]
+    Target(String),
+}
+
+/// Settings of the connection to the gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// The local gateway's ingress.
+    pub address: SocketAddr,
+    /// TCP connect and TLS handshake, each.
+    pub connect_timeout: Duration,
+    /// HTTP/2 pings on the connection; a gateway that does not answer within
+    /// `keepalive_timeout` is dropped and tunnels open on a new connection.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl GatewayOptions {
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            connect_timeout: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The local gateway: tunnels on one multiplexed HTTP/2 connection.
+pub struct Gateway {
+    options: GatewayOptions,
+    tls: TlsSource,
+    conn: tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("address", &self.options.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// `tls` must be a [`TlsSource`] for [`Peer::Gateway`](crate::tls::Peer) offering `h2`.
+    pub fn new(options: GatewayOptions, tls: TlsSource) -> Self {
+        Self {
+            options,
+            tls,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.options.address
+    }
+
+    /// Open a tunnel to `authority` (`SERVICE.NAMESPACE:PORT`) in `cluster`.
+    pub async fn open(&self, cluster: &str, authority: &str) -> Result<Upgraded, TunnelError> {
+        // A stream refused because the connection just died is tried once more on a new one.
+        let mut fresh = false;
+        loop {
+            let (mut sender, new) = self.sender(fresh).await?;
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(authority)
+                .header(CLUSTER_HEADER, cluster)
+                .body(Empty::new())
+                .map_err(|e| TunnelError::Target(format!("{authority}: {e}")))?;
+            let stream_err = |message: String| TunnelError::Stream {
+                gateway: self.options.address,
+                cluster: cluster.to_string(),
+                authority: authority.to_string(),
+                message,
+            };
+            let resp = match sender.send_request(req).await {
+                Ok(r) => r,
+                Err(e) if !new && !fresh && (e.is_closed() || e.is_canceled()) => {
+                    fresh = true;
+                    continue;
+                }
+                Err(e) => return Err(stream_err(e.to_string())),
+            };
+            if resp.status() != StatusCode::OK {
+                let reason = resp
+                    .headers()
+                    .get(REASON_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                return Err(TunnelError::Refused {
+                    gateway: self.options.address,
+                    cluster: cluster.to_string(),
+                    authority: authority.to_string(),
+                    status: resp.status().as_u16(),
+                    reason,
+                });
+            }
+            return hyper::upgrade::on(resp)
+                .await
+                .map_err(|e| stream_err(e.to_string()));
+        }
+    }
+
+    /// The connection's sender, connecting if there is none (or `fresh` is asked); `true`
+    /// when it was made now.
+    async fn sender(&self, fresh: bool) -> Result<(SendRequest<Empty<Bytes>>, bool), TunnelError> {
+        let mut conn = self.conn.lock().await;
+        if !fresh
+            && let Some(s) = conn.as_ref()
+            && !s.is_closed()
+        {
+            return Ok((s.clone(), false));
+        }
+        *conn = None;
+        let s = self.connect().await?;
+        *conn = Some(s.clone());
+        Ok((s, true))
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let gateway = self.options.address;
+        let err = |message: String| TunnelError::Connect { gateway, message };
+        let config = self.tls.config().map_err(|e| err(e.to_string()))?;
+        let timeout = self.options.connect_timeout;
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(gateway))
+            .await
+            .map_err(|_| err(format!("no TCP connection within {timeout:?}")))?
+            .map_err(|e| err(format!("TCP: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        // The gateway is authenticated by its SPIFFE identity, not by a DNS name.
+        let name = rustls_pki_types::ServerName::IpAddress(gateway.ip().into());
+        let tls = tokio::time::timeout(
+            timeout,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| err(format!("no TLS handshake within {timeout:?}")))?
+        .map_err(|e| err(format!("TLS: {e}")))?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.options.keepalive_interval)
+            .keep_alive_timeout(self.options.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| err(format!("HTTP/2: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(%gateway, error = %e, "connection to the gateway ended");
+            }
+        });
+        tracing::info!(%gateway, "connected to the local gateway");
+        Ok(sender)
+    }
+}
+
+/// The authority the connection pool uses for a tunnelled endpoint:
+/// `SERVICE.NAMESPACE.CLUSTER.strait-tunnel:PORT` (one pool per remote endpoint; [`Connector`]
+/// turns it back into a tunnel).
+pub fn tunnel_authority(cluster: &str, authority: &str) -> Result<String, TunnelError> {
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| TunnelError::Target(format!("{authority} has no port")))?;
+    if host.is_empty()
+        || cluster.is_empty()
+        || cluster.contains('.')
+        || port.parse::<u16>().is_err()
+    {
+        return Err(TunnelError::Target(format!(
+            "{authority} in cluster {cluster}"
+        )));
+    }
+    Ok(format!("{host}.{cluster}{TUNNEL_SUFFIX}:{port}"))
+}
+
+/// The (cluster, authority) a URI with a [`tunnel_authority`] names.
+fn tunnel_target(uri: &Uri) -> Option<(String, String)> {
+    let host = uri.host()?.strip_suffix(TUNNEL_SUFFIX)?;
+    let (service, cluster) = host.rsplit_once('.')?;
+    let port = uri.port_u16()?;
+    Some((cluster.to_string(), format!("{service}:{port}")))
+}
+
+/// A connection to an endpoint: TCP, or a tunnel through the gateway.
+pub enum Conn {
+    Tcp(TokioIo<TcpStream>),
+    Tunnel(Upgraded),
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        match self {
+            Conn::Tcp(t) => t.connected(),
+            Conn::Tunnel(_) => Connected::new(),
+        }
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(t) => Pin::new(t).poll_read(cx, buf),
+            Conn::Tunnel(t) => Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(t) => Pin::new(t).poll_write(cx, buf),
+            Conn::Tunnel(t) => Pin::new(t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(t) => Pin::new(t).poll_flush(cx),
+            Conn::Tunnel(t) => Pin::new(t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+            Conn::Tunnel(t) => Pin::new(t).poll_shutdown(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Tcp(t) => t.is_write_vectored(),
+            Conn::Tunnel(t) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Conn::Tunnel(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The connection pools' connector: TCP to local endpoints, tunnels to remote ones.
+#[derive(Clone)]
+pub struct Connector {
+    http: HttpConnector,
+    gateway: Option<Arc<Gateway>>,
+}
+
+impl Connector {
+    pub fn new(connect_timeout: Duration, gateway: Option<Arc<Gateway>>) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        Self { http, gateway }
+    }
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = Conn;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        match tunnel_target(&uri) {
+            Some((cluster, authority)) => {
+                let gateway = self.gateway.clone();
+                Box::pin(async move {
+                    let g = gateway.ok_or_else(|| TunnelError::NoGateway(cluster.clone()))?;
+                    Ok(Conn::Tunnel(g.open(&cluster, &authority).await?))
+                })
+            }
+            None => {
+                let fut = self.http.call(uri);
+                Box::pin(async move { Ok(Conn::Tcp(fut.await?)) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_uris_name_their_target() {
+        let a = tunnel_authority("west", "echo.default:8080").expect("authority");
+        assert_eq!(a, "echo.default.west.strait-tunnel:8080");
+        let uri: Uri = format!("http://{a}/path").parse().expect("uri");
+        assert_eq!(
+            tunnel_target(&uri),
+            Some(("west".to_string(), "echo.default:8080".to_string()))
+        );
+        assert_eq!(
+            tunnel_target(&"http://127.0.0.1:80/".parse().expect("u")),
+            None
+        );
+        assert!(tunnel_authority("west", "no-port").is_err());
+        assert!(tunnel_authority("a.b", "echo.default:80").is_err());
+    }
+}
