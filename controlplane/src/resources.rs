@@ -27,6 +27,7 @@ use envoy_types::pb::envoy::config::listener::v3 as listener;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
 use envoy_types::pb::envoy::extensions::transport_sockets::internal_upstream::v3::{
     InternalUpstreamTransport, internal_upstream_transport::MetadataValueSource,
 };
@@ -524,6 +525,34 @@ pub fn outbound_listener(addr: SocketAddr) -> listener::Listener {
         address: Some(socket_address(addr)),
         filter_chains: vec![listener::FilterChain {
             filters: vec![hcm_filter(h)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The name of the outbound TCP listener of a service port.
+pub fn tcp_listener_name(service: &ServiceKey, port: u16) -> String {
+    format!("strait_outbound_tcp_{}", cluster_name(service, port))
+}
+
+/// An outbound TCP listener on `addr` for one TCP service port: every connection goes to the
+/// port's cluster (`TcpProxy`).
+pub fn tcp_listener(service: &ServiceKey, port: u16, addr: SocketAddr) -> listener::Listener {
+    let cluster = cluster_name(service, port);
+    let t = tcp_proxy::TcpProxy {
+        stat_prefix: cluster.clone(),
+        cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(cluster)),
+        ..Default::default()
+    };
+    listener::Listener {
+        name: tcp_listener_name(service, port),
+        address: Some(socket_address(addr)),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.tcp_proxy".to_string(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(t))),
+            }],
             ..Default::default()
         }],
         ..Default::default()

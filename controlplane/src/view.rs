@@ -17,7 +17,7 @@ use federation::route::{Caller, Inputs, resolve};
 
 use crate::resources::{
     ClientKind, HttpPort, PortView, Remote, cluster_name, grpc_fold, grpc_listener,
-    outbound_listener, outbound_routes, port_assignment, service_cluster,
+    outbound_listener, outbound_routes, port_assignment, service_cluster, tcp_listener,
 };
 
 /// The four resource types, in the order they are pushed (make-before-break: clusters before
@@ -375,6 +375,7 @@ pub fn build_from(
     };
     let mut view = View::default();
     let mut http_ports: Vec<HttpPort<'_>> = Vec::new();
+    let mut tcp_ports: Vec<(&ServiceKey, u16)> = Vec::new();
     let services = services(snapshot, &settings.cluster);
     for (skey, service) in &services {
         if let Some((ps, pv)) = prev
@@ -399,6 +400,8 @@ pub fn build_from(
                                 port: port.port,
                                 first: i == 0,
                             });
+                        } else {
+                            tcp_ports.push((skey, port.port));
                         }
                     }
                     ClientKind::Grpc => {
@@ -452,6 +455,8 @@ pub fn build_from(
                             port: port.port,
                             first: i == 0,
                         });
+                    } else {
+                        tcp_ports.push((skey, port.port));
                     }
                 }
                 ClientKind::Grpc => {
@@ -507,6 +512,24 @@ pub fn build_from(
                 l.name.clone(),
                 Arc::new(Resource::new(l.name.clone(), l, Vec::new())),
             );
+            // TCP service ports: a listener on the outbound address's IP at the service port.
+            // A port is given to the first service (in name order) that claims it; the HTTP
+            // listener's own port is never given away.
+            let mut taken = BTreeSet::from([addr.port()]);
+            for (service, port) in tcp_ports {
+                if !taken.insert(port) {
+                    continue;
+                }
+                let l = tcp_listener(service, port, SocketAddr::new(addr.ip(), port));
+                view.types[TypeKind::Listener as usize].insert(
+                    l.name.clone(),
+                    Arc::new(Resource::new(
+                        l.name.clone(),
+                        l,
+                        vec![cluster_name(service, port)],
+                    )),
+                );
+            }
         }
     }
     view.id = NEXT_VIEW.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -519,7 +542,9 @@ pub fn build_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::listener::v3 as listener;
     use federation::model::{Endpoint, ServicePort};
+    use prost::Message;
 
     fn snapshot() -> Snapshot {
         let mut snap = Snapshot::default();
@@ -708,5 +733,74 @@ mod tests {
         let d = v5.diff.as_ref().expect("a diff");
         assert!(d.changed[TypeKind::Cluster as usize].contains("other.default:9090"));
         assert!(!v5.get(TypeKind::Cluster).contains_key("other.default:9090"));
+    }
+
+    /// TCP service ports get a listener each on the outbound address's IP at the service port;
+    /// the first service (in name order) keeps a contested port, and the HTTP listener's port
+    /// is never given away.
+    #[test]
+    fn tcp_service_ports_get_their_own_listeners() {
+        let mut snap = snapshot();
+        let east = ClusterId::parse("c", "east").unwrap();
+        for (name, port) in [
+            ("db", 5432),
+            ("cache", 6379),
+            ("queue", 5432),
+            ("web", 15001),
+        ] {
+            let svc = Service::new(
+                ServiceKey::new("default", name).unwrap(),
+                vec![ServicePort::new("tcp", port, Protocol::Tcp).unwrap()],
+            )
+            .unwrap();
+            let ep = Endpoint::new(
+                std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 0, 9)),
+                port,
+                Locality::parse("l", "us-east/a").unwrap(),
+                east.clone(),
+            )
+            .unwrap();
+            snap.endpoints.insert(
+                (svc.key.clone(), east.clone()),
+                Arc::new(
+                    federation::model::ServiceEndpoints::new(east.clone(), svc, vec![ep]).unwrap(),
+                ),
+            );
+        }
+        let mut k = key();
+        k.outbound = Some("127.0.0.2:15001".parse().unwrap());
+        let v = build(&snap, &k, &settings());
+        let listeners: Vec<&String> = v.get(TypeKind::Listener).keys().collect();
+        assert_eq!(
+            listeners,
+            vec![
+                "strait_outbound_http",
+                "strait_outbound_tcp_cache.default:6379",
+                "strait_outbound_tcp_db.default:5432",
+            ],
+            "queue loses 5432 to db; web cannot have the HTTP listener's port"
+        );
+        let db = v
+            .get(TypeKind::Listener)
+            .get("strait_outbound_tcp_db.default:5432")
+            .unwrap();
+        assert_eq!(db.refs, vec!["db.default:5432".to_string()]);
+        let l = listener::Listener::decode(db.body.value.as_slice()).unwrap();
+        let addr = match l.address.and_then(|a| a.address) {
+            Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(addr.address, "127.0.0.2");
+        assert_eq!(
+            addr.port_specifier,
+            Some(
+                envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
+                    5432
+                )
+            )
+        );
+        // No listener for a client without an outbound address.
+        let v = build(&snap, &key(), &settings());
+        assert!(v.get(TypeKind::Listener).is_empty());
     }
 }

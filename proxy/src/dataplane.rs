@@ -54,12 +54,15 @@ pub struct ClusterRuntime {
     client: Client<Connector, Body>,
     in_flight: Arc<AtomicU64>,
     retries_in_flight: Arc<AtomicU64>,
+    /// TCP connections open through this cluster (its `max_connections` bound).
+    tcp_connections: Arc<AtomicU64>,
 }
 
 /// A published config, compiled.
 pub struct Compiled {
     pub config: Arc<ProxyConfig>,
     pub clusters: HashMap<String, Arc<ClusterRuntime>>,
+    gateway: Option<Arc<Gateway>>,
 }
 
 impl Compiled {
@@ -89,10 +92,16 @@ impl Compiled {
                     in_flight: reuse.map_or_else(Default::default, |p| p.in_flight.clone()),
                     retries_in_flight: reuse
                         .map_or_else(Default::default, |p| p.retries_in_flight.clone()),
+                    tcp_connections: prev
+                        .map_or_else(Default::default, |p| p.tcp_connections.clone()),
                 }),
             );
         }
-        Self { config, clusters }
+        Self {
+            config,
+            clusters,
+            gateway: gateway.cloned(),
+        }
     }
 }
 
@@ -105,6 +114,9 @@ fn client_for(c: &ClusterConfig, gateway: Option<Arc<Gateway>>) -> Client<Connec
     }
     b.build(connector)
 }
+
+/// A bound listener: name, address, and the cluster of a TCP listener (`None`: HTTP).
+type ListenerKey = (String, SocketAddr, Option<String>);
 
 /// How the data plane reaches what is not local.
 #[derive(Debug, Default, Clone)]
@@ -147,17 +159,21 @@ impl Dataplane {
         let (tx, current) = watch::channel(first);
         let rx = current.clone();
         let task = tokio::spawn(async move {
-            let mut listeners: HashMap<(String, SocketAddr), tokio::task::JoinHandle<()>> =
-                HashMap::new();
+            let mut listeners: HashMap<ListenerKey, tokio::task::JoinHandle<()>> = HashMap::new();
             loop {
                 let compiled = tx.borrow().clone();
                 // Listeners: bind the new, stop the gone (their connections finish).
-                let want: HashMap<(String, SocketAddr), ()> = compiled
+                let want: HashMap<ListenerKey, ()> = compiled
                     .config
                     .listeners
                     .values()
-                    .filter(|l| matches!(l.kind, ListenerKind::Http { .. }))
-                    .map(|l| ((l.name.clone(), l.address), ()))
+                    .map(|l| {
+                        let tcp = match &l.kind {
+                            ListenerKind::Tcp { cluster } => Some(cluster.clone()),
+                            ListenerKind::Http { .. } => None,
+                        };
+                        ((l.name.clone(), l.address, tcp), ())
+                    })
                     .collect();
                 listeners.retain(|k, task| {
                     let keep = want.contains_key(k);
@@ -173,10 +189,16 @@ impl Dataplane {
                     match TcpListener::bind(key.1).await {
                         Ok(l) => {
                             tracing::info!(listener = %key.0, address = %key.1, "listening");
-                            listeners.insert(
-                                key.clone(),
-                                tokio::spawn(serve(l, key.0.clone(), rx.clone())),
-                            );
+                            let task = match &key.2 {
+                                None => tokio::spawn(serve(l, key.0.clone(), rx.clone())),
+                                Some(cluster) => tokio::spawn(crate::tcp::serve(
+                                    l,
+                                    key.0.clone(),
+                                    cluster.clone(),
+                                    rx.clone(),
+                                )),
+                            };
+                            listeners.insert(key.clone(), task);
                         }
                         Err(e) => {
                             tracing::error!(listener = %key.0, address = %key.1, error = %e,
@@ -287,6 +309,23 @@ fn pick_cluster(route: &RouteEntry, rng: &mut dyn Random) -> String {
             }
             clusters.last().map(|(c, _)| c.clone()).unwrap_or_default()
         }
+    }
+}
+
+impl Compiled {
+    /// The local gateway, if the proxy has one.
+    pub fn gateway(&self) -> Option<&Arc<Gateway>> {
+        self.gateway.as_ref()
+    }
+}
+
+impl ClusterRuntime {
+    /// TCP connections open now, and a guard that counts one more while it lives — or `None`
+    /// when the cluster is at `max_connections`.
+    pub(crate) fn tcp_slot(&self) -> Option<Decrement> {
+        let n = self.tcp_connections.fetch_add(1, Relaxed);
+        let guard = Decrement(self.tcp_connections.clone());
+        (n < u64::from(self.config.thresholds.max_connections)).then_some(guard)
     }
 }
 
@@ -554,7 +593,7 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-struct Decrement(Arc<AtomicU64>);
+pub(crate) struct Decrement(Arc<AtomicU64>);
 
 impl Drop for Decrement {
     fn drop(&mut self) {

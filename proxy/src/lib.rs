@@ -7,6 +7,8 @@
 //!   keeps its last good config while the control plane is away, and resyncs.
 //! - [`dataplane`] — outbound HTTP listeners: routing, retries across hosts and priorities,
 //!   outlier reporting, circuit breaking, hot updates.
+//! - [`tcp`] — outbound TCP listeners: one endpoint per connection, another host and priority
+//!   when a connection cannot be made.
 //! - [`tunnel`] — endpoints of other clusters, through the local gateway: HTTP/2 CONNECT over
 //!   mTLS, every tunnel a stream of one connection.
 //! - [`tls`] — the workload certificate (mTLS to the control plane and the gateway), reloaded
@@ -20,6 +22,7 @@ pub mod admin;
 pub mod config;
 pub mod dataplane;
 pub mod lb;
+pub mod tcp;
 pub mod tls;
 pub mod tunnel;
 pub mod xds;

@@ -181,3 +181,141 @@ async fn requests_fail_over_to_priority_one_without_a_single_error() {
     drop(client);
     cp.shutdown().await;
 }
+
+/// A TCP server that greets with `name\n` and then echoes; aborting the task closes every
+/// connection it has.
+async fn tcp_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            while conns.try_join_next().is_some() {}
+            conns.spawn(async move {
+                if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Connect to `to`, read the greeting, send `msg`, half-close, read the echo to EOF.
+async fn tcp_exchange(to: SocketAddr, msg: &str) -> Result<(String, String), String> {
+    let fut = async {
+        let mut s = TcpStream::connect(to).await.map_err(|e| e.to_string())?;
+        s.write_all(msg.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        s.shutdown().await.map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (greeting, echo) = out
+            .split_once('\n')
+            .ok_or(format!("no greeting in {out:?}"))?;
+        Ok((greeting.to_string(), echo.to_string()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_reach_the_service_and_move_when_an_endpoint_dies() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let etcd = EtcdServer::start(&d.join("etcd")).expect("etcd");
+    let (a, a_task) = tcp_backend("A").await;
+    let (b, _b_task) = tcp_backend("B").await;
+    // The service port is where the proxy listens (on its outbound address's IP).
+    let port = free_port().unwrap();
+    std::fs::write(
+        d.join("east.yaml"),
+        format!(
+            "cluster: east\nregion: us-east\nservices:\n  - name: db\n    ports: [{{name: tcp, port: {port}, protocol: tcp}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1b}}\n",
+            a.port(),
+            b.port()
+        ),
+    )
+    .unwrap();
+    let xds: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let cp = ControlPlane::start(cp_config(d, &etcd.endpoint(), xds))
+        .await
+        .expect("control plane");
+    let outbound: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let node = proxy::xds::node(
+        "proxy-1",
+        "east",
+        ("us-east", "us-east-1a", ""),
+        &[],
+        outbound,
+        false,
+    );
+    let client = XdsClient::start(XdsOptions::new(format!("http://{xds}"), node));
+    let dp = Dataplane::start(client.config.clone());
+    let listener: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // Priority 0 (the proxy's zone): A; the payload comes back whole after the half-close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tcp_exchange(listener, "ping").await {
+            Ok(r) => {
+                assert_eq!(r, ("A".to_string(), "ping".to_string()));
+                break;
+            }
+            Err(e) if tokio::time::Instant::now() > deadline => panic!(
+                "the TCP listener never served: {e}; status {:?}",
+                client.status.borrow()
+            ),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let big = "x".repeat(1 << 20);
+    let r = tcp_exchange(listener, &big).await.expect("1 MiB through");
+    assert_eq!(r.0, "A");
+    assert!(r.1 == big, "1 MiB echoed intact ({} bytes back)", r.1.len());
+
+    // A dies: every new connection still gets through, to B, and A is ejected.
+    a_task.abort();
+    let _ = a_task.await;
+    for i in 0..20 {
+        let r = tcp_exchange(listener, "after").await;
+        assert_eq!(
+            r,
+            Ok(("B".to_string(), "after".to_string())),
+            "connection {i} after A died"
+        );
+    }
+    let compiled = dp.current();
+    let cluster = compiled
+        .clusters
+        .get(&format!("db.default:{port}"))
+        .expect("the cluster");
+    let dead = cluster
+        .balancer
+        .hosts()
+        .iter()
+        .find(|h| h.upstream == proxy::config::Upstream::Direct(a))
+        .expect("A is still configured");
+    assert!(
+        dead.state.ejected(std::time::Instant::now()),
+        "outlier detection ejected A"
+    );
+    drop(dp);
+    drop(client);
+    cp.shutdown().await;
+}
