@@ -152,7 +152,10 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
     let client = proxy::xds::XdsClient::start(opts);
     let dataplane = proxy::dataplane::Dataplane::start_with(
         client.config.clone(),
-        proxy::dataplane::DataplaneOptions { gateway },
+        proxy::dataplane::DataplaneOptions {
+            gateway,
+            ..Default::default()
+        },
     );
     tracing::info!(node = %a.node.node_id, xds = %a.xds, outbound = %a.outbound, admin = %a.admin,
         "strait proxy started");

@@ -30,7 +30,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -118,12 +118,28 @@ fn client_for(c: &ClusterConfig, gateway: Option<Arc<Gateway>>) -> Client<Connec
 /// A bound listener: name, address, and the cluster of a TCP listener (`None`: HTTP).
 type ListenerKey = (String, SocketAddr, Option<String>);
 
-/// How the data plane reaches what is not local.
-#[derive(Debug, Default, Clone)]
+/// How the data plane reaches what is not local, and its limits on downstream clients.
+#[derive(Debug, Clone)]
 pub struct DataplaneOptions {
     /// The local east-west gateway: endpoints of other clusters are reached through it. Without
     /// one, an attempt on such an endpoint fails (and is retried elsewhere).
     pub gateway: Option<Arc<Gateway>>,
+    /// An HTTP/1 client must send a request's whole header within this time, or its connection
+    /// is closed (slowloris).
+    pub header_read_timeout: Duration,
+    /// The largest request header accepted: HTTP/1 answers 431 beyond it, HTTP/2 refuses the
+    /// stream.
+    pub max_request_headers: usize,
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        Self {
+            gateway: None,
+            header_read_timeout: Duration::from_secs(10),
+            max_request_headers: 64 * 1024,
+        }
+    }
 }
 
 /// The running data plane.
@@ -150,7 +166,15 @@ impl Dataplane {
         mut configs: watch::Receiver<Arc<ProxyConfig>>,
         options: DataplaneOptions,
     ) -> Self {
-        let gateway = options.gateway;
+        let gateway = options.gateway.clone();
+        let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(options.header_read_timeout)
+            .max_buf_size(options.max_request_headers.max(8192))
+            .http2()
+            .max_header_list_size(u32::try_from(options.max_request_headers).unwrap_or(u32::MAX));
         let first = Arc::new(Compiled::new(
             configs.borrow_and_update().clone(),
             None,
@@ -190,7 +214,12 @@ impl Dataplane {
                         Ok(l) => {
                             tracing::info!(listener = %key.0, address = %key.1, "listening");
                             let task = match &key.2 {
-                                None => tokio::spawn(serve(l, key.0.clone(), rx.clone())),
+                                None => tokio::spawn(serve(
+                                    l,
+                                    key.0.clone(),
+                                    rx.clone(),
+                                    server.clone(),
+                                )),
                                 Some(cluster) => tokio::spawn(crate::tcp::serve(
                                     l,
                                     key.0.clone(),
@@ -231,7 +260,12 @@ impl Dataplane {
     }
 }
 
-async fn serve(listener: TcpListener, name: String, current: watch::Receiver<Arc<Compiled>>) {
+async fn serve(
+    listener: TcpListener,
+    name: String,
+    current: watch::Receiver<Arc<Compiled>>,
+    server: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+) {
     let name: Arc<str> = name.into();
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -245,13 +279,13 @@ async fn serve(listener: TcpListener, name: String, current: watch::Receiver<Arc
         let _ = stream.set_nodelay(true);
         let name = name.clone();
         let current = current.clone();
+        let builder = server.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let compiled = current.borrow().clone();
                 let name = name.clone();
                 async move { Ok::<_, Infallible>(handle(&compiled, &name, req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
             }

@@ -194,6 +194,7 @@ async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
         client.config.clone(),
         DataplaneOptions {
             gateway: Some(gateway.clone()),
+            ..Default::default()
         },
     );
 

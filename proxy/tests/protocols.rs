@@ -1,0 +1,304 @@
+//! Protocols through the proxy with real parts (etcd, the control plane, the proxy's xDS client
+//! and data plane): gRPC from a real grpcio client to a real grpcio server — unary, a
+//! bidirectional stream whose every message waits for the previous answer, trailers, and an
+//! error status; HTTP/2 (h2c) downstream to an HTTP/1.1 service. Bad input — malformed HTTP,
+//! oversized headers, a slowloris client — gets its error while other clients are served.
+
+#[path = "../../controlplane/tests/common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use controlplane::config::ControlPlaneConfig;
+use http_body_util::{BodyExt, Empty};
+use proxy::dataplane::{Dataplane, DataplaneOptions};
+use proxy::xds::{XdsClient, XdsOptions};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../controlplane/tests/py/grpc_echo.py")
+}
+
+struct Py(Child);
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+async fn grpc_server(name: &str) -> (SocketAddr, Py) {
+    let addr = free_addr();
+    let mut child = Command::new(python())
+        .arg(script())
+        .args(["serve", name, &addr.port().to_string()])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("gRPC server ready within 20 s");
+    assert_eq!(first.ok().flatten().as_deref(), Some("ready"));
+    (addr, Py(child))
+}
+
+/// The control plane of cluster east with the discovery file `yaml`, and a proxy fed by it.
+async fn proxy_with(
+    d: &Path,
+    reg: &Registry,
+    yaml: &str,
+    options: DataplaneOptions,
+) -> (
+    controlplane::server::ControlPlane,
+    XdsClient,
+    Dataplane,
+    SocketAddr,
+) {
+    std::fs::write(d.join("east.yaml"), yaml).unwrap();
+    let cfg = ControlPlaneConfig::parse(
+        d.join("cp.yaml"),
+        &format!(
+            "cluster: east\nregion: us-east\nregistry: {{etcd: [\"{}\"]}}\n\
+             discovery: {{file: {}, poll: 50ms}}\nxds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
+            reg.etcd.endpoint(),
+            d.join("east.yaml").display()
+        ),
+    )
+    .expect("config");
+    let cp = start_cp_with(reg, cfg).await;
+    let outbound = free_addr();
+    let node = proxy::xds::node(
+        "proxy-1",
+        "east",
+        ("us-east", "us-east-1a", ""),
+        &[],
+        outbound,
+        false,
+    );
+    let client = XdsClient::start(XdsOptions::new(format!("http://{}", cp.xds_addr), node));
+    let dp = Dataplane::start_with(client.config.clone(), options);
+    wait_for(Duration::from_secs(20), "the proxy to warm", || async {
+        let s = client.status.borrow().clone();
+        if s.warm && !dp.current().config.listeners.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
+    .await;
+    (cp, client, dp, outbound)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_bidirectional_streaming_trailers_and_errors_pass_through() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reg = Registry::start(d).await;
+    let (server, _server) = grpc_server("east-1").await;
+    let yaml = format!(
+        "cluster: east\nregion: us-east\nservices:\n  - name: echo\n    ports: [{{name: grpc, port: 9090, protocol: grpc}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n",
+        server.port()
+    );
+    let (cp, _client, dp, outbound) = proxy_with(d, &reg, &yaml, DataplaneOptions::default()).await;
+    assert!(
+        dp.current()
+            .clusters
+            .get("echo.default:9090")
+            .is_some_and(|c| c.config.http2),
+        "a grpc port is an HTTP/2 cluster"
+    );
+
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(python())
+            .arg(script())
+            .args(["check", &outbound.to_string(), "echo.default:9090"])
+            .output(),
+    )
+    .await
+    .expect("the gRPC checks finish within 60 s")
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "unary east-1",
+            "chat 20 east-1:m0 east-1:m19 rest=0 trailer=east-1 code=OK",
+            "fail PERMISSION_DENIED east-1 says no",
+        ],
+        "{stderr}"
+    );
+    drop(dp);
+    cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_reach_http1_services() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reg = Registry::start(d).await;
+    let (backend, _b) = http_backend("east-http").await;
+    let yaml = format!(
+        "cluster: east\nregion: us-east\nservices:\n  - name: web\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n",
+        backend.port()
+    );
+    let (cp, _client, dp, outbound) = proxy_with(d, &reg, &yaml, DataplaneOptions::default()).await;
+    wait_for(Duration::from_secs(20), "HTTP/1.1 to be served", || async {
+        match get(outbound, "web.default").await {
+            Ok((200, b)) if b == "east-http" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // h2c with prior knowledge; several streams on one connection.
+    let tcp = tokio::net::TcpStream::connect(outbound)
+        .await
+        .expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c handshake with the proxy");
+    tokio::spawn(conn);
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let mut sender = sender.clone();
+        calls.push(tokio::spawn(async move {
+            let req = http::Request::builder()
+                .uri(format!("http://web.default.svc.clusterset.local/{i}"))
+                .body(Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, String::from_utf8_lossy(&body).into_owned()))
+        }));
+    }
+    for (i, c) in calls.into_iter().enumerate() {
+        let r = c.await.expect("task");
+        assert_eq!(r, Ok((200, "east-http".to_string())), "stream {i}");
+    }
+    drop(dp);
+    cp.shutdown().await;
+}
+
+/// Send `raw` on a new connection and read what comes back until the proxy closes it.
+async fn raw_exchange(to: SocketAddr, raw: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(to).await.expect("connect");
+    // The proxy may answer and close before it has read everything.
+    let _ = s.write_all(raw).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_clients_get_their_error_and_others_are_served() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reg = Registry::start(d).await;
+    let (backend, _b) = http_backend("east-http").await;
+    let yaml = format!(
+        "cluster: east\nregion: us-east\nservices:\n  - name: web\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n",
+        backend.port()
+    );
+    let options = DataplaneOptions {
+        header_read_timeout: Duration::from_secs(1),
+        max_request_headers: 16 * 1024,
+        ..Default::default()
+    };
+    let (cp, _client, dp, outbound) = proxy_with(d, &reg, &yaml, options).await;
+    wait_for(Duration::from_secs(20), "HTTP/1.1 to be served", || async {
+        match get(outbound, "web.default").await {
+            Ok((200, b)) if b == "east-http" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // A slowloris client: a header line every 200 ms, never the end of the header.
+    let mut slow = tokio::net::TcpStream::connect(outbound)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: web.default\r\n")
+        .await
+        .expect("write");
+    let started = tokio::time::Instant::now();
+    let dripping = tokio::spawn(async move {
+        for i in 0..100 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow
+                .write_all(format!("x-drip-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return Some(started.elapsed());
+            }
+            let mut b = [0u8; 64];
+            // A closed connection reads as EOF (or a reset) once the proxy gave up.
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(1), slow.read(&mut b)).await
+            {
+                return Some(started.elapsed());
+            }
+        }
+        None
+    });
+
+    // Malformed HTTP: 400, and the connection closed.
+    let r = raw_exchange(outbound, b"THIS IS NOT HTTP\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400"), "malformed request: {r:?}");
+    // A header larger than the limit: 431.
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: web.default\r\nx-big: {}\r\n\r\n",
+        "a".repeat(32 * 1024)
+    );
+    let r = raw_exchange(outbound, big.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "oversized header: {r:?}");
+    // Meanwhile, a well-behaved client is served.
+    assert_eq!(
+        get(outbound, "web.default").await,
+        Ok((200, "east-http".to_string())),
+        "a normal request while the slowloris drips"
+    );
+
+    let cut = tokio::time::timeout(Duration::from_secs(30), dripping)
+        .await
+        .expect("the slowloris check ends")
+        .expect("task");
+    let cut = cut.expect("the proxy closed the slowloris connection");
+    assert!(
+        cut < Duration::from_secs(5),
+        "closed after the 1 s header timeout, not at leisure ({cut:?})"
+    );
+    // And the proxy is still fine.
+    for i in 0..10 {
+        assert_eq!(
+            get(outbound, "web.default").await,
+            Ok((200, "east-http".to_string())),
+            "request {i} after the bad clients"
+        );
+    }
+    drop(dp);
+    cp.shutdown().await;
+}
