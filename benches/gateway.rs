@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,49 +21,11 @@ use federation::identity::{CertificateAuthority, ExtraNames, PeerVerifier, Role,
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod common;
+
+use common::{Proc, arg, cpu_secs, free_port, rss_kib};
+
 const TD: &str = "bench.strait";
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-/// CPU time (user + system) a process has used, in seconds.
-fn cpu_secs(pid: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name (which may hold spaces): state is field 3.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let (u, k): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
-            Some((u + k) / 100.0)
-        })
-        .unwrap_or(0.0)
-}
 
 fn issue(ca: &CertificateAuthority, id: &str, dir: &Path) {
     let id: SpiffeId = id.parse().expect("bad id");
@@ -75,13 +37,6 @@ fn issue(ca: &CertificateAuthority, id: &str, dir: &Path) {
         .unwrap_or_else(|e| panic!("{e}"))
         .write(dir)
         .unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no port")
 }
 
 struct Gw {

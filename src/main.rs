@@ -133,7 +133,19 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    run_async_with(None, fut)
+}
+
+/// [`run_async`] with `workers` runtime threads (default: one per available core).
+fn run_async_with(
+    workers: Option<usize>,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n.max(1));
+    }
+    let rt = b
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;

@@ -65,6 +65,9 @@ pub struct RunArgs {
     gateway: Option<SocketAddr>,
     #[command(flatten)]
     tls: CertArgs,
+    /// Worker threads (like Envoy's --concurrency); default: one per available core.
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 /// The workload certificate.
@@ -207,7 +210,7 @@ pub struct BootstrapArgs {
 
 pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
     match cmd {
-        ProxyCommand::Run(a) => crate::run_async(run_proxy(a)),
+        ProxyCommand::Run(a) => crate::run_async_with(a.workers, run_proxy(a)),
         ProxyCommand::Bootstrap(a) => {
             let (cluster, locality, labels) = a.node.parse()?;
             let files = a.tls.checked(&cluster)?;

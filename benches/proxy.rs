@@ -1,0 +1,434 @@
+//! The sidecar hop, side by side in one run: client → `strait proxy` → server against
+//! client → Envoy 1.40 (`--concurrency 1`, an equivalent static config: one listener, one route,
+//! the same retry policy, one cluster) → server, against client → server as the floor.
+//!
+//! Both proxies run one worker thread (`--workers 1`, `--concurrency 1`) pinned to CPU 0 (`taskset`); this process — the load generator and the
+//! 1 KiB HTTP/1.1 server — to CPU 1. The strait proxy takes its config from a real control plane
+//! (etcd and the control plane run in this process and are idle during the measurements).
+//!
+//! 1. **Closed loop**: 16 keep-alive connections, each sending the next GET as soon as the
+//!    previous answer is in, for `--secs` (default 5) seconds: requests/s.
+//! 2. **Fixed rate**: `--rate` (default 1,000) requests/s for `--secs`×2 seconds on a pool of
+//!    keep-alive connections; each request's latency is measured from the moment it was *due*
+//!    (coordinated-omission correction): added p50/p90/p99 over the direct path; CPU time of the
+//!    proxy process per request.
+//! 3. Peak RSS of each proxy process.
+//!
+//! Run: `cargo xtask bench proxy` (= `cargo bench --bench proxy`).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Proc, arg, cpu_secs, free_port, peak_rss_kib, percentile, rss_kib};
+use controlplane::config::ControlPlaneConfig;
+use controlplane::server::ControlPlane;
+use federation::etcd_server::EtcdServer;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+const BODY: usize = 1024;
+const HOST: &str = "echo.default";
+
+/// The 1 KiB HTTP/1.1 server.
+async fn server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let body = Bytes::from(vec![b'x'; BODY]);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(body),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// One keep-alive HTTP/1.1 client connection, as lean as a load generator's.
+struct Conn {
+    io: BufReader<TcpStream>,
+    line: String,
+}
+
+impl Conn {
+    async fn open(to: SocketAddr) -> std::io::Result<Self> {
+        let s = TcpStream::connect(to).await?;
+        s.set_nodelay(true)?;
+        Ok(Self {
+            io: BufReader::new(s),
+            line: String::new(),
+        })
+    }
+
+    async fn get(&mut self) -> Result<(), String> {
+        let req = format!("GET /1k HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
+        self.io
+            .get_mut()
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut len = None;
+        let mut status_ok = false;
+        let mut first = true;
+        loop {
+            self.line.clear();
+            let n = self
+                .io
+                .read_line(&mut self.line)
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+            if first {
+                status_ok = self.line.starts_with("HTTP/1.1 200");
+                first = false;
+                continue;
+            }
+            if self.line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = self.line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse::<usize>().ok();
+            }
+        }
+        let len = len.ok_or("no content-length")?;
+        let mut body = vec![0u8; len];
+        self.io
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| e.to_string())?;
+        if status_ok && len == BODY {
+            Ok(())
+        } else {
+            Err(format!("bad answer ({len} bytes)"))
+        }
+    }
+}
+
+/// Requests/s with `conns` connections back to back for `secs`.
+async fn closed_loop(to: SocketAddr, conns: usize, secs: u64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (stop, done) = (stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Conn::open(to).await.expect("connect");
+            while !stop.load(Relaxed) {
+                c.get().await.expect("request");
+                done.fetch_add(1, Relaxed);
+            }
+        }));
+    }
+    // Warm up, then count.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (n0, t0) = (done.load(Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let rate = (done.load(Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
+    stop.store(true, Relaxed);
+    for t in tasks {
+        t.await.expect("client");
+    }
+    rate
+}
+
+/// Latencies at a fixed rate, each from the moment the request was due.
+async fn fixed_rate(to: SocketAddr, rate: u64, secs: u64) -> Vec<Duration> {
+    let n = rate * secs;
+    let (free_tx, free_rx) = async_channel();
+    for _ in 0..64 {
+        free_tx
+            .send(Conn::open(to).await.expect("connect"))
+            .await
+            .expect("pool");
+    }
+    let free_rx = Arc::new(tokio::sync::Mutex::new(free_rx));
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let due = start + interval * i as u32;
+        // tokio's timer has a 1 ms grain: sleep to just before the due time, then yield
+        // until it (this core is the load generator's).
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= due {
+                break;
+            }
+            if due - now > Duration::from_millis(2) {
+                tokio::time::sleep_until(due - Duration::from_millis(2)).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+        let (free_tx, free_rx) = (free_tx.clone(), free_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = free_rx.lock().await.recv().await.expect("a connection");
+            c.get().await.expect("request");
+            let took = due.elapsed();
+            let _ = free_tx.send(c).await;
+            took
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("request task"));
+    }
+    out.sort();
+    out
+}
+
+fn async_channel() -> (
+    tokio::sync::mpsc::Sender<Conn>,
+    tokio::sync::mpsc::Receiver<Conn>,
+) {
+    tokio::sync::mpsc::channel(256)
+}
+
+fn pin(pid: u32, cpu: &str) {
+    let ok = Command::new("taskset")
+        .args(["-a", "-cp", cpu, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("warning: could not pin process {pid} to CPU {cpu}");
+    }
+}
+
+fn envoy_binary() -> std::path::PathBuf {
+    std::env::var_os("STRAIT_ENVOY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
+}
+
+fn envoy_bootstrap(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    backend: SocketAddr,
+) -> serde_json::Value {
+    let sock = |a: SocketAddr| serde_json::json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}});
+    serde_json::json!({
+        "admin": {"address": sock(admin)},
+        "static_resources": {
+            "listeners": [{
+                "name": "outbound",
+                "address": sock(listen),
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "outbound",
+                        "codec_type": "AUTO",
+                        "route_config": {"virtual_hosts": [{
+                            "name": "echo",
+                            "domains": [HOST, format!("{HOST}:8080")],
+                            "routes": [{"match": {"prefix": "/"}, "route": {
+                                "cluster": "echo",
+                                "retry_policy": {
+                                    "retry_on": "connect-failure,refused-stream,reset,gateway-error",
+                                    "num_retries": 2,
+                                },
+                            }}],
+                        }]},
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                    },
+                }]}],
+            }],
+            "clusters": [{
+                "name": "echo",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "echo", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": sock(backend)}}]}]},
+            }],
+        },
+    })
+}
+
+async fn wait_serving(to: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = Conn::open(to).await
+            && c.get().await.is_ok()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Figures {
+    rps: f64,
+    lat: Vec<Duration>,
+    cpu_us_per_req: Option<f64>,
+    peak_rss_mib: Option<f64>,
+    rss_mib: Option<f64>,
+}
+
+async fn measure(to: SocketAddr, pid: Option<u32>, secs: u64, rate: u64) -> Figures {
+    let rps = closed_loop(to, 16, secs).await;
+    let cpu0 = pid.map(|p| cpu_secs(&p.to_string()));
+    let lat = fixed_rate(to, rate, secs * 2).await;
+    let cpu_us_per_req = pid
+        .zip(cpu0)
+        .map(|(p, c0)| (cpu_secs(&p.to_string()) - c0) * 1e6 / lat.len() as f64);
+    Figures {
+        rps,
+        lat,
+        cpu_us_per_req,
+        peak_rss_mib: pid.map(|p| peak_rss_kib(p) as f64 / 1024.0),
+        rss_mib: pid.map(|p| rss_kib(p) as f64 / 1024.0),
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    let secs = arg("--secs", 5) as u64;
+    let rate = arg("--rate", 1000) as u64;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    pin(std::process::id(), "1");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let backend = server().await;
+
+        // The strait proxy, fed by a real control plane.
+        let etcd = EtcdServer::start(&d.join("etcd")).expect("etcd");
+        std::fs::write(
+            d.join("east.yaml"),
+            format!(
+                "cluster: east\nregion: us-east\nservices:\n  - name: echo\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n",
+                backend.port()
+            ),
+        )
+        .expect("write");
+        let xds = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let cfg = ControlPlaneConfig::parse(
+            d.join("cp.yaml"),
+            &format!(
+                "cluster: east\nregion: us-east\nregistry: {{etcd: [\"{}\"]}}\n\
+                 discovery: {{file: {}}}\nxds: {{listen: \"{xds}\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
+                etcd.endpoint(),
+                d.join("east.yaml").display()
+            ),
+        )
+        .expect("control plane config");
+        let cp = ControlPlane::start(cfg).await.expect("control plane");
+        let strait_out = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let strait = Proc(
+            Command::new(env!("CARGO_BIN_EXE_strait"))
+                .args(["--log", "warn", "proxy", "run", "--node-id", "bench", "--cluster", "east"])
+                .args(["--locality", "us-east/us-east-1a", "--xds", &xds.to_string()])
+                .args(["--outbound", &strait_out.to_string(), "--workers", "1"])
+                .args(["--admin", &SocketAddr::from(([127, 0, 0, 1], free_port())).to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("strait proxy starts"),
+        );
+        pin(strait.0.id(), "0");
+        wait_serving(strait_out, "strait proxy").await;
+
+        // Envoy, static config.
+        let envoy_out = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let boot = d.join("envoy.json");
+        std::fs::write(
+            &boot,
+            serde_json::to_vec(&envoy_bootstrap(envoy_out, admin, backend)).expect("json"),
+        )
+        .expect("write");
+        let envoy = Proc(
+            Command::new(envoy_binary())
+                .arg("-c")
+                .arg(&boot)
+                .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("envoy starts (run `cargo xtask setup`)"),
+        );
+        pin(envoy.0.id(), "0");
+        wait_serving(envoy_out, "envoy").await;
+
+        println!("sidecar hop, HTTP/1.1, {BODY} B answers; closed loop 16 connections {secs} s; fixed rate {rate}/s for {} s (latency from the due time)", secs * 2);
+        let direct = measure(backend, None, secs, rate).await;
+        let s = measure(strait_out, Some(strait.0.id()), secs, rate).await;
+        let e = measure(envoy_out, Some(envoy.0.id()), secs, rate).await;
+
+        let p = |f: &Figures, q: f64| percentile(&f.lat, q);
+        let added = |f: &Figures, q: f64| us(p(f, q)) - us(p(&direct, q));
+        println!("\n| | direct | strait proxy | Envoy 1.40 | strait / Envoy |");
+        println!("| --- | --- | --- | --- | --- |");
+        println!(
+            "| requests/s (closed loop, 16 conns, proxy on 1 core) | {:.0} | {:.0} | {:.0} | {:.2}× |",
+            direct.rps, s.rps, e.rps, s.rps / e.rps
+        );
+        for q in [50.0, 90.0, 99.0] {
+            println!(
+                "| p{q:.0} at {rate}/s, µs (added over direct) | {:.0} | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {:.2}× added |",
+                us(p(&direct, q)),
+                us(p(&s, q)),
+                added(&s, q),
+                us(p(&e, q)),
+                added(&e, q),
+                added(&s, q) / added(&e, q).max(1.0)
+            );
+        }
+        let cpu = |f: &Figures| f.cpu_us_per_req.unwrap_or(0.0);
+        println!(
+            "| CPU per request at {rate}/s, µs | – | {:.0} | {:.0} | {:.2}× |",
+            cpu(&s),
+            cpu(&e),
+            cpu(&s) / cpu(&e).max(1.0)
+        );
+        let rss = |f: &Figures| f.rss_mib.unwrap_or(0.0);
+        let peak = |f: &Figures| f.peak_rss_mib.unwrap_or(0.0);
+        println!(
+            "| RSS after the runs (peak), MiB | – | {:.1} ({:.1}) | {:.1} ({:.1}) | {:.2}× |",
+            rss(&s),
+            peak(&s),
+            rss(&e),
+            peak(&e),
+            peak(&s) / peak(&e).max(0.1)
+        );
+        drop(strait);
+        drop(envoy);
+        cp.shutdown().await;
+        drop(etcd);
+    });
+}
