@@ -30,14 +30,9 @@ use federation::registry::codec::{cluster_state_kvs, encode_service_endpoints};
 use federation::registry::etcd::{EtcdBackend, EtcdOptions};
 use federation::registry::{Backend, Op, RegistryKey};
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+
+use common::{arg, percentile};
 
 const CLUSTERS: [(&str, &str); 3] = [
     ("east", "us-east"),
@@ -131,14 +126,6 @@ fn config(cluster: &str, region: &str, etcd: &str) -> ControlPlaneConfig {
         ),
     )
     .expect("bench config")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn ms(d: Duration) -> String {

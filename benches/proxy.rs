@@ -390,7 +390,7 @@ fn main() {
         let s = measure(strait_out, Some(strait.0.id()), secs, rate).await;
         let e = measure(envoy_out, Some(envoy.0.id()), secs, rate).await;
 
-        let p = |f: &Figures, q: f64| percentile(&f.lat, q);
+        let p = |f: &Figures, q: f64| percentile(&f.lat, q / 100.0);
         let added = |f: &Figures, q: f64| us(p(f, q)) - us(p(&direct, q));
         println!("\n| | direct | strait proxy | Envoy 1.40 | strait / Envoy |");
         println!("| --- | --- | --- | --- | --- |");

@@ -66,11 +66,11 @@ pub fn free_port() -> u16 {
         .expect("no port")
 }
 
-/// The `p`-th percentile (0..=100) of sorted samples.
+/// The `p` quantile (0..=1) of sorted samples.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }

@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -13,36 +12,7 @@ use common::*;
 use controlplane::bootstrap::{BootstrapSpec, grpc};
 use federation::model::{Labels, Locality, Name};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/grpc_echo.py")
-}
-
-struct Py(Child);
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
-async fn server(name: &str) -> (SocketAddr, Py) {
-    let addr = free_addr();
-    let mut child = Command::new(python())
-        .arg(script())
-        .args(["serve", name, &addr.port().to_string()])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .expect("gRPC server ready within 20 s");
-    assert_eq!(first.unwrap().as_deref(), Some("ready"));
-    (addr, Py(child))
-}
+use tokio::process::{ChildStdout, Command};
 
 fn discovery(a: SocketAddr, a_health: &str, b: SocketAddr) -> String {
     format!(
@@ -81,8 +51,8 @@ async fn proxyless_grpc_follows_priorities() {
     install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::start(dir.path()).await;
-    let (a, _sa) = server("A").await;
-    let (b, _sb) = server("B").await;
+    let (a, _sa) = grpc_server("A").await;
+    let (b, _sb) = grpc_server("B").await;
     reg.publish(&discovery(a, "healthy", b)).await;
     let cp = start_cp(&reg, "east", "us-east").await;
 
@@ -101,7 +71,7 @@ async fn proxyless_grpc_follows_priorities() {
     let bootstrap = dir.path().join("grpc-bootstrap.json");
     std::fs::write(&bootstrap, serde_json::to_vec(&grpc(&spec)).unwrap()).unwrap();
     let mut child = Command::new(python())
-        .arg(script())
+        .arg(grpc_script())
         .args(["client", "xds:///echo.default"])
         .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
         .stdout(Stdio::piped())

@@ -31,7 +31,7 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::{
@@ -268,15 +268,7 @@ async fn serve(
 ) {
     let name: Arc<str> = name.into();
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(listener = %name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, peer) = accept(&listener, &name).await;
         let name = name.clone();
         let current = current.clone();
         let builder = server.clone();
@@ -290,6 +282,23 @@ async fn serve(
                 tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
             }
         });
+    }
+}
+
+/// The next downstream connection (with `TCP_NODELAY`); a failed accept (e.g. out of file
+/// descriptors) is logged and tried again shortly.
+pub(crate) async fn accept(listener: &TcpListener, name: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, peer);
+            }
+            Err(e) => {
+                tracing::warn!(listener = %name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

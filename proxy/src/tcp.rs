@@ -33,15 +33,7 @@ pub async fn serve(
     let name: Arc<str> = name.into();
     let cluster: Arc<str> = cluster.into();
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(listener = %name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, peer) = crate::dataplane::accept(&listener, &name).await;
         let compiled = current.borrow().clone();
         let (name, cluster) = (name.clone(), cluster.clone());
         tokio::spawn(async move {

@@ -228,7 +228,7 @@ async fn connect(
                 .map_err(|e| fail(&crate::error_chain(&e)))?
         }
     };
-    Ok(AggregatedDiscoveryServiceClient::new(channel))
+    Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20))
 }
 
 async fn tls_connect(
@@ -289,7 +289,7 @@ async fn stream_once(
     backoff: &mut Backoff,
 ) -> String {
     let mut client = match connect(options).await {
-        Ok(c) => c.max_decoding_message_size(256 << 20),
+        Ok(c) => c,
         Err(e) => return e,
     };
     let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
@@ -451,7 +451,7 @@ async fn stream_sotw(
     backoff: &mut Backoff,
 ) -> String {
     let mut client = match connect(options).await {
-        Ok(c) => c.max_decoding_message_size(256 << 20),
+        Ok(c) => c,
         Err(e) => return e,
     };
     let (tx, mut rx) = mpsc::channel::<DiscoveryRequest>(64);

@@ -8,35 +8,17 @@
 #[path = "../../controlplane/tests/common/mod.rs"]
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::*;
-use controlplane::config::ControlPlaneConfig;
-use federation::identity::{CertificateAuthority, ExtraNames, IssuedPaths, SpiffeId};
+use federation::identity::{CertificateAuthority, IssuedPaths};
 use gateway::Gateway;
-use gateway::config::GatewayConfig;
 use proxy::dataplane::{Dataplane, DataplaneOptions};
 use proxy::tls::{Peer, TlsFiles, TlsSource};
 use proxy::tunnel::{Gateway as GatewayClient, GatewayOptions, TunnelError};
 use proxy::xds::{XdsClient, XdsOptions};
-
-const TD: &str = "test.strait";
-
-fn issue(ca: &CertificateAuthority, dir: &Path, id: &str, what: &str) -> IssuedPaths {
-    let id: SpiffeId = id.parse().expect("valid SPIFFE id");
-    let names = ExtraNames {
-        dns: vec!["localhost".into()],
-        ips: vec!["127.0.0.1".parse().expect("ip")],
-    };
-    ca.issue_with_names(&id, Duration::from_secs(3600), &names)
-        .expect("issue")
-        .write(dir.join(what))
-        .expect("write certificate")
-}
 
 fn files(p: &IssuedPaths) -> TlsFiles {
     TlsFiles {
@@ -46,130 +28,19 @@ fn files(p: &IssuedPaths) -> TlsFiles {
     }
 }
 
-fn discovery_yaml(cluster: &str, region: &str, zone: &str, ep: Option<SocketAddr>) -> String {
-    let endpoints = match ep {
-        Some(a) => format!(
-            "    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: {zone}}}\n",
-            a.port()
-        ),
-        None => "    endpoints: []\n".to_string(),
-    };
-    format!(
-        "cluster: {cluster}\nregion: {region}\nservices:\n  - name: echo\n    ports: [{{name: http, port: 8080, protocol: http}}]\n{endpoints}"
-    )
-}
-
-fn gateway_config(
-    dir: &Path,
-    cluster: &str,
-    certs: &IssuedPaths,
-    discovery: &Path,
-    peer: (&str, SocketAddr),
-) -> GatewayConfig {
-    let yaml = format!(
-        "cluster: {cluster}\nlisten: {{peers: \"127.0.0.1:0\", ingress: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n\
-         tls: {{cert: {}, key: {}, ca: {}}}\ndiscovery: {{file: {}}}\n\
-         peers:\n  - {{cluster: {}, address: \"{}\"}}\n",
-        certs.cert.display(),
-        certs.key.display(),
-        certs.ca.display(),
-        discovery.display(),
-        peer.0,
-        peer.1
-    );
-    GatewayConfig::parse(dir.join(format!("{cluster}-gw.yaml")), &yaml)
-        .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
     install_crypto();
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let ca = CertificateAuthority::init(TD, Duration::from_secs(86400)).expect("CA");
-    let west_gw_certs = issue(
-        &ca,
-        d,
-        &format!("spiffe://{TD}/cluster/west/gateway"),
-        "west-gw",
-    );
-    let east_gw_certs = issue(
-        &ca,
-        d,
-        &format!("spiffe://{TD}/cluster/east/gateway"),
-        "east-gw",
-    );
-    let cp_certs = issue(
-        &ca,
-        d,
-        &format!("spiffe://{TD}/cluster/west/ns/strait-system/sa/controlplane"),
-        "west-cp",
-    );
-    let app_certs = issue(
-        &ca,
-        d,
-        &format!("spiffe://{TD}/cluster/west/ns/default/sa/app"),
-        "west-app",
-    );
-
-    let (west_ep, west_task) = http_backend("west").await;
-    let (east_ep, _te) = http_backend("east").await;
-    let reg = Registry::start(d).await;
-    let west_yaml = |ep| discovery_yaml("west", "us-west", "us-west-1a", ep);
-    reg.publish(&west_yaml(Some(west_ep))).await;
-    let east_yaml = discovery_yaml("east", "us-east", "us-east-1a", Some(east_ep));
-    reg.publish(&east_yaml).await;
-    let east_disc = d.join("east-discovery.yaml");
-    std::fs::write(&east_disc, &east_yaml).unwrap();
-    let west_disc = d.join("west-discovery.yaml");
-    std::fs::write(&west_disc, west_yaml(Some(west_ep))).unwrap();
-    let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let east_gw = Gateway::start(gateway_config(
-        d,
-        "east",
-        &east_gw_certs,
-        &east_disc,
-        ("west", placeholder),
-    ))
-    .await
-    .expect("east gateway starts");
-    let west_gw = Gateway::start(gateway_config(
-        d,
-        "west",
-        &west_gw_certs,
-        &west_disc,
-        ("east", east_gw.peer_addr),
-    ))
-    .await
-    .expect("west gateway starts");
-    wait_for(
-        Duration::from_secs(20),
-        "the west → east link to come up",
-        || async {
-            match west_gw.links().into_iter().find(|l| l.cluster == "east") {
-                Some(l) if l.state == "up" => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
-
-    // West's control plane, xDS over mTLS; remote clusters through west's gateway.
-    let cfg = ControlPlaneConfig::parse(
-        d.join("west-cp.yaml"),
-        &format!(
-            "cluster: west\nregion: us-west\nregistry: {{etcd: [\"{}\"]}}\n\
-             xds: {{listen: \"127.0.0.1:0\", tls: {{cert: {}, key: {}, ca: {}}}}}\n\
-             gateway: {{ingress: \"{}\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
-            reg.etcd.endpoint(),
-            cp_certs.cert.display(),
-            cp_certs.key.display(),
-            cp_certs.ca.display(),
-            west_gw.ingress_addr
-        ),
-    )
-    .expect("control plane config");
-    let cp = start_cp_with(&reg, cfg).await;
+    let mut fed = Linked::start(dir.path()).await;
+    let Linked {
+        ref west_gw,
+        ref east_gw,
+        ref cp,
+        app: ref app_certs,
+        ref mut west_task,
+        ..
+    } = fed;
 
     // The proxy: workload certificate for both the control plane and the gateway.
     let outbound = free_addr();
@@ -183,12 +54,12 @@ async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
     );
     let mut opts = XdsOptions::new(format!("http://{}", cp.xds_addr), node);
     opts.tls = Some(Arc::new(
-        TlsSource::new(files(&app_certs), Peer::Workload, &[b"h2"]).expect("xDS TLS"),
+        TlsSource::new(files(app_certs), Peer::Workload, &[b"h2"]).expect("xDS TLS"),
     ));
     let client = XdsClient::start(opts);
     let gateway = Arc::new(GatewayClient::new(
         GatewayOptions::new(west_gw.ingress_addr),
-        TlsSource::new(files(&app_certs), Peer::Gateway, &[b"h2"]).expect("gateway TLS"),
+        TlsSource::new(files(app_certs), Peer::Gateway, &[b"h2"]).expect("gateway TLS"),
     ));
     let dp = Dataplane::start_with(
         client.config.clone(),
@@ -276,9 +147,7 @@ async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
 
     drop(dp);
     drop(client);
-    cp.shutdown().await;
-    west_gw.shutdown().await;
-    east_gw.shutdown().await;
+    fed.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use common::*;
-use controlplane::config::ControlPlaneConfig;
 use http_body_util::{BodyExt, Empty};
 use proxy::dataplane::Dataplane;
 use proxy::xds::{XdsClient, XdsOptions};
@@ -39,17 +38,7 @@ async fn a_hundred_config_pushes_under_load_fail_no_request() {
     let (c, _tc) = http_backend("C").await;
     let file = d.join("east.yaml");
     std::fs::write(&file, discovery(&[a, b])).unwrap();
-    let cfg = ControlPlaneConfig::parse(
-        d.join("cp.yaml"),
-        &format!(
-            "cluster: east\nregion: us-east\nregistry: {{etcd: [\"{}\"]}}\n\
-             discovery: {{file: {}, poll: 20ms}}\nxds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
-            reg.etcd.endpoint(),
-            file.display()
-        ),
-    )
-    .expect("config");
-    let cp = start_cp_with(&reg, cfg).await;
+    let cp = start_cp_discovery(&reg, &file, "20ms").await;
     let outbound = free_addr();
     let node = proxy::xds::node(
         "proxy-1",

@@ -8,46 +8,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use controlplane::config::ControlPlaneConfig;
 use http_body_util::{BodyExt, Empty};
 use proxy::dataplane::{Dataplane, DataplaneOptions};
 use proxy::xds::{XdsClient, XdsOptions};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../controlplane/tests/py/grpc_echo.py")
-}
-
-struct Py(Child);
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
-async fn grpc_server(name: &str) -> (SocketAddr, Py) {
-    let addr = free_addr();
-    let mut child = Command::new(python())
-        .arg(script())
-        .args(["serve", name, &addr.port().to_string()])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .expect("gRPC server ready within 20 s");
-    assert_eq!(first.ok().flatten().as_deref(), Some("ready"));
-    (addr, Py(child))
-}
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
 
 /// The control plane of cluster east with the discovery file `yaml`, and a proxy fed by it.
 async fn proxy_with(
@@ -62,17 +31,7 @@ async fn proxy_with(
     SocketAddr,
 ) {
     std::fs::write(d.join("east.yaml"), yaml).unwrap();
-    let cfg = ControlPlaneConfig::parse(
-        d.join("cp.yaml"),
-        &format!(
-            "cluster: east\nregion: us-east\nregistry: {{etcd: [\"{}\"]}}\n\
-             discovery: {{file: {}, poll: 50ms}}\nxds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
-            reg.etcd.endpoint(),
-            d.join("east.yaml").display()
-        ),
-    )
-    .expect("config");
-    let cp = start_cp_with(reg, cfg).await;
+    let cp = start_cp_discovery(reg, &d.join("east.yaml"), "50ms").await;
     let outbound = free_addr();
     let node = proxy::xds::node(
         "proxy-1",
@@ -119,7 +78,7 @@ async fn grpc_unary_bidirectional_streaming_trailers_and_errors_pass_through() {
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         Command::new(python())
-            .arg(script())
+            .arg(grpc_script())
             .args(["check", &outbound.to_string(), "echo.default:9090"])
             .output(),
     )

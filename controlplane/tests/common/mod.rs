@@ -118,6 +118,22 @@ pub async fn start_cp(reg: &Registry, cluster: &str, region: &str) -> ControlPla
     start_cp_with(reg, config(cluster, region, &reg.etcd.endpoint())).await
 }
 
+/// The control plane of cluster east (us-east) publishing the discovery file `file`, read
+/// every `poll` (e.g. `50ms`).
+pub async fn start_cp_discovery(reg: &Registry, file: &Path, poll: &str) -> ControlPlane {
+    let cfg = ControlPlaneConfig::parse(
+        file.with_extension("cp.yaml"),
+        &format!(
+            "cluster: east\nregion: us-east\nregistry: {{etcd: [\"{}\"]}}\n\
+             discovery: {{file: {}, poll: {poll}}}\nxds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
+            reg.etcd.endpoint(),
+            file.display()
+        ),
+    )
+    .expect("control plane config");
+    start_cp_with(reg, cfg).await
+}
+
 pub async fn start_cp_with(reg: &Registry, cfg: ControlPlaneConfig) -> ControlPlane {
     ControlPlane::start_with(cfg, reg.backend.clone())
         .await
@@ -328,4 +344,219 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// The grpcio test script (`tests/py/grpc_echo.py`).
+pub fn grpc_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../controlplane/tests/py/grpc_echo.py")
+}
+
+/// A Python child process, killed when dropped.
+pub struct Py(pub tokio::process::Child);
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// A grpcio echo server answering with `name`, ready.
+pub async fn grpc_server(name: &str) -> (SocketAddr, Py) {
+    use tokio::io::AsyncBufReadExt;
+    let addr = free_addr();
+    let mut child = tokio::process::Command::new(python())
+        .arg(grpc_script())
+        .args(["serve", name, &addr.port().to_string()])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("gRPC server ready within 20 s");
+    assert_eq!(first.ok().flatten().as_deref(), Some("ready"));
+    (addr, Py(child))
+}
+
+/// The trust domain of the cross-cluster fixtures.
+pub const TD: &str = "test.strait";
+
+/// Issue `id` (valid for localhost and 127.0.0.1) and write it under `dir/what`.
+pub fn issue(
+    ca: &federation::identity::CertificateAuthority,
+    dir: &Path,
+    id: &str,
+    what: &str,
+) -> federation::identity::IssuedPaths {
+    let id: federation::identity::SpiffeId = id.parse().expect("valid SPIFFE id");
+    let names = federation::identity::ExtraNames {
+        dns: vec!["localhost".into()],
+        ips: vec!["127.0.0.1".parse().expect("ip")],
+    };
+    ca.issue_with_names(&id, Duration::from_secs(3600), &names)
+        .expect("issue")
+        .write(dir.join(what))
+        .expect("write certificate")
+}
+
+/// A discovery file of `cluster` with service `echo` (HTTP, 8080) and at most one endpoint.
+pub fn discovery_yaml(cluster: &str, region: &str, zone: &str, ep: Option<SocketAddr>) -> String {
+    let endpoints = match ep {
+        Some(a) => format!(
+            "    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: {zone}}}\n",
+            a.port()
+        ),
+        None => "    endpoints: []\n".to_string(),
+    };
+    format!(
+        "cluster: {cluster}\nregion: {region}\nservices:\n  - name: echo\n    ports: [{{name: http, port: 8080, protocol: http}}]\n{endpoints}"
+    )
+}
+
+/// A gateway of `cluster` on loopback, serving `discovery`, with one static peer.
+pub fn gateway_config(
+    dir: &Path,
+    cluster: &str,
+    certs: &federation::identity::IssuedPaths,
+    discovery: &Path,
+    peer: (&str, SocketAddr),
+) -> gateway::config::GatewayConfig {
+    let yaml = format!(
+        "cluster: {cluster}\nlisten: {{peers: \"127.0.0.1:0\", ingress: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n\
+         tls: {{cert: {}, key: {}, ca: {}}}\ndiscovery: {{file: {}}}\n\
+         peers:\n  - {{cluster: {}, address: \"{}\"}}\n",
+        certs.cert.display(),
+        certs.key.display(),
+        certs.ca.display(),
+        discovery.display(),
+        peer.0,
+        peer.1
+    );
+    gateway::config::GatewayConfig::parse(dir.join(format!("{cluster}-gw.yaml")), &yaml)
+        .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+}
+
+/// Two clusters linked across gateways: service `echo` in west (us-west) and in east
+/// (us-east), each endpoint answering with its cluster's name; east's gateway serves east's
+/// endpoint; west's gateway dials east's over QUIC (the link is up); west's control plane
+/// serves xDS over mTLS and reaches remote clusters through west's gateway. `app` is a
+/// workload certificate of west.
+pub struct Linked {
+    pub reg: Registry,
+    pub west_gw: gateway::Gateway,
+    pub east_gw: gateway::Gateway,
+    pub cp: ControlPlane,
+    pub app: federation::identity::IssuedPaths,
+    pub west_ep: SocketAddr,
+    /// West's endpoint: abort it to kill it.
+    pub west_task: tokio::task::JoinHandle<()>,
+    _east_task: tokio::task::JoinHandle<()>,
+}
+
+impl Linked {
+    pub async fn start(d: &Path) -> Self {
+        let ca = federation::identity::CertificateAuthority::init(TD, Duration::from_secs(86400))
+            .expect("CA");
+        let west_gw_certs = issue(
+            &ca,
+            d,
+            &format!("spiffe://{TD}/cluster/west/gateway"),
+            "west-gw",
+        );
+        let east_gw_certs = issue(
+            &ca,
+            d,
+            &format!("spiffe://{TD}/cluster/east/gateway"),
+            "east-gw",
+        );
+        let cp_certs = issue(
+            &ca,
+            d,
+            &format!("spiffe://{TD}/cluster/west/ns/strait-system/sa/controlplane"),
+            "west-cp",
+        );
+        let app = issue(
+            &ca,
+            d,
+            &format!("spiffe://{TD}/cluster/west/ns/default/sa/app"),
+            "west-app",
+        );
+        let (west_ep, west_task) = http_backend("west").await;
+        let (east_ep, east_task) = http_backend("east").await;
+        let reg = Registry::start(d).await;
+        reg.publish(&Self::west_yaml(Some(west_ep))).await;
+        let east_yaml = discovery_yaml("east", "us-east", "us-east-1a", Some(east_ep));
+        reg.publish(&east_yaml).await;
+        let east_disc = d.join("east-discovery.yaml");
+        std::fs::write(&east_disc, &east_yaml).unwrap();
+        let west_disc = d.join("west-discovery.yaml");
+        std::fs::write(&west_disc, Self::west_yaml(Some(west_ep))).unwrap();
+        let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let east_gw = gateway::Gateway::start(gateway_config(
+            d,
+            "east",
+            &east_gw_certs,
+            &east_disc,
+            ("west", placeholder),
+        ))
+        .await
+        .expect("east gateway starts");
+        let west_gw = gateway::Gateway::start(gateway_config(
+            d,
+            "west",
+            &west_gw_certs,
+            &west_disc,
+            ("east", east_gw.peer_addr),
+        ))
+        .await
+        .expect("west gateway starts");
+        wait_for(
+            Duration::from_secs(20),
+            "the west → east link to come up",
+            || async {
+                match west_gw.links().into_iter().find(|l| l.cluster == "east") {
+                    Some(l) if l.state == "up" => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+        let cfg = ControlPlaneConfig::parse(
+            d.join("west-cp.yaml"),
+            &format!(
+                "cluster: west\nregion: us-west\nregistry: {{etcd: [\"{}\"]}}\n\
+                 xds: {{listen: \"127.0.0.1:0\", tls: {{cert: {}, key: {}, ca: {}}}}}\n\
+                 gateway: {{ingress: \"{}\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
+                reg.etcd.endpoint(),
+                cp_certs.cert.display(),
+                cp_certs.key.display(),
+                cp_certs.ca.display(),
+                west_gw.ingress_addr
+            ),
+        )
+        .expect("control plane config");
+        let cp = start_cp_with(&reg, cfg).await;
+        Self {
+            reg,
+            west_gw,
+            east_gw,
+            cp,
+            app,
+            west_ep,
+            west_task,
+            _east_task: east_task,
+        }
+    }
+
+    /// West's discovery file, with or without its endpoint.
+    pub fn west_yaml(ep: Option<SocketAddr>) -> String {
+        discovery_yaml("west", "us-west", "us-west-1a", ep)
+    }
+
+    pub async fn shutdown(self) {
+        self.cp.shutdown().await;
+        self.west_gw.shutdown().await;
+        self.east_gw.shutdown().await;
+    }
 }
