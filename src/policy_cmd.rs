@@ -121,6 +121,9 @@ async fn list(etcd: &EtcdArgs, json: bool) -> anyhow::Result<()> {
             let to: Vec<String> = d.to.iter().map(|(k, w)| format!("{k} {w}%")).collect();
             println!("  distribute from {}: {}", d.from, to.join(", "));
         }
+        for (i, r) in p.http.iter().enumerate() {
+            println!("  http {}: {r}", r.display_name(i));
+        }
     }
     Ok(())
 }

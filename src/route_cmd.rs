@@ -114,5 +114,27 @@ async fn explain(
         policy.map_or("none (defaults)".to_string(), |p| p.scope.to_string())
     );
     print!("{route}");
+    if let Some(p) = policy.filter(|p| !p.http.is_empty()) {
+        println!("# HTTP rules, tried in order; a request matching none goes to {key} as above:");
+        for (i, r) in p.http.iter().enumerate() {
+            let unknown: Vec<String> =
+                r.to.iter()
+                    .filter(|d| !snap.endpoints.keys().any(|(s, _)| s == &d.service))
+                    .map(|d| d.service.to_string())
+                    .collect();
+            let note = if unknown.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "  (not in the registry, answered 503: {})",
+                    unknown.join(", ")
+                )
+            };
+            println!("#   {}: {r}{note}", r.display_name(i));
+        }
+        println!(
+            "# each destination fails over by its own policy: `strait route explain DESTINATION`"
+        );
+    }
     Ok(())
 }

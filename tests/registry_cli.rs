@@ -628,7 +628,7 @@ async fn policies_are_applied_listed_used_by_explain_and_deleted() {
     let good = dir.join("policy.yaml");
     std::fs::write(
         &good,
-        "policies:\n  - service: echo.default\n    distribute:\n      - from: \"us-east/*\"\n        to: {\"us-east/*\": 70, \"us-west/*\": 30}\n",
+        "policies:\n  - service: echo.default\n    distribute:\n      - from: \"us-east/*\"\n        to: {\"us-east/*\": 70, \"us-west/*\": 30}\n    http:\n      - name: canary\n        match: {headers: [{name: x-canary, exact: \"1\"}]}\n        to: [{service: echo-v2.default, weight: 10}, {service: echo.default, weight: 90}]\n",
     )
     .unwrap();
     let out = strait(&[
@@ -649,7 +649,10 @@ async fn policies_are_applied_listed_used_by_explain_and_deleted() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         text.contains("echo.default")
-            && text.contains("distribute from us-east/*: us-east/* 70%, us-west/* 30%"),
+            && text.contains("distribute from us-east/*: us-east/* 70%, us-west/* 30%")
+            && text.contains(
+                "http canary: header x-canary = \"1\" → echo-v2.default 10%, echo.default 90%"
+            ),
         "{text}"
     );
     w.wait_for(WAIT, |s| !s.policies.is_empty()).await.unwrap();
@@ -666,6 +669,10 @@ async fn policies_are_applied_listed_used_by_explain_and_deleted() {
     ]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains("policy: echo.default"), "{text}");
+    assert!(
+        text.contains("#   canary: header x-canary = \"1\" → echo-v2.default 10%, echo.default 90%  (not in the registry, answered 503: echo-v2.default)"),
+        "{text}"
+    );
     let zero: Vec<&str> = text.lines().filter(|l| l.starts_with("0 ")).collect();
     assert_eq!(zero.len(), 2, "{text}");
     assert!(

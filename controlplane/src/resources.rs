@@ -35,10 +35,15 @@ use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBu
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    RegexMatcher, StringMatcher, string_matcher::MatchPattern,
+};
 use envoy_types::pb::envoy::r#type::metadata::v3::{MetadataKind, metadata_kind};
 use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, value::Kind};
 use envoy_types::util::pack_any;
-use federation::model::{Health, Protocol, ServiceKey, ServicePort};
+use federation::model::{
+    HeaderValueMatch, Health, HttpRoute, PathMatch, Protocol, ServiceKey, ServicePort,
+};
 use federation::route::{LocalityGroup, Route};
 
 /// The internal listener (in the Envoy bootstrap) that tunnels to the local gateway.
@@ -416,11 +421,19 @@ fn router_filter() -> hcm::HttpFilter {
     }
 }
 
-fn route_to(cluster: String, retries: bool) -> route::Route {
-    let retry_policy = retries.then(|| route::RetryPolicy {
-        retry_on: "connect-failure,refused-stream,reset,gateway-error".to_string(),
-        num_retries: Some(UInt32Value { value: 2 }),
-        // A retry goes to another host, and to another priority than the one that failed.
+/// A retry policy whose retries prefer another host and another priority than the ones that
+/// failed (Envoy's `previous_hosts` and `previous_priorities`).
+fn retry_policy(
+    on: &str,
+    attempts: u32,
+    per_try_timeout_ms: Option<u64>,
+    status_codes: &[u16],
+) -> route::RetryPolicy {
+    route::RetryPolicy {
+        retry_on: on.to_string(),
+        num_retries: Some(UInt32Value { value: attempts }),
+        per_try_timeout: per_try_timeout_ms.map(duration_ms),
+        retriable_status_codes: status_codes.iter().map(|c| u32::from(*c)).collect(),
         retry_host_predicate: vec![route::retry_policy::RetryHostPredicate {
             name: "envoy.retry_host_predicates.previous_hosts".to_string(),
             config_type: Some(
@@ -441,14 +454,125 @@ fn route_to(cluster: String, retries: bool) -> route::Route {
         }),
         host_selection_retry_max_attempts: 3,
         ..Default::default()
-    });
+    }
+}
+
+/// The default retry policy: two retries on connection failures, resets and gateway errors.
+fn default_retries() -> route::RetryPolicy {
+    retry_policy(
+        "connect-failure,refused-stream,reset,gateway-error",
+        2,
+        None,
+        &[],
+    )
+}
+
+fn route_to(cluster: String, retries: bool) -> route::Route {
     route::Route {
+        name: "default".to_string(),
         r#match: Some(route::RouteMatch {
             path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".to_string())),
             ..Default::default()
         }),
         action: Some(route::route::Action::Route(route::RouteAction {
             cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(cluster)),
+            retry_policy: retries.then(default_retries),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn string_matcher(m: MatchPattern) -> StringMatcher {
+    StringMatcher {
+        match_pattern: Some(m),
+        ignore_case: false,
+    }
+}
+
+fn regex_matcher(r: &str) -> RegexMatcher {
+    RegexMatcher {
+        regex: r.to_string(),
+        ..Default::default()
+    }
+}
+
+/// One HTTP routing rule of a service, its destinations resolved to cluster names.
+#[derive(Debug, Clone, Hash)]
+pub struct ResolvedRule<'a> {
+    pub index: usize,
+    pub rule: &'a HttpRoute,
+    /// (cluster, weight) for each destination.
+    pub clusters: Vec<(String, u32)>,
+}
+
+/// The Envoy route of a rule.
+pub fn rule_route(r: &ResolvedRule<'_>) -> route::Route {
+    use route::header_matcher::HeaderMatchSpecifier as H;
+    use route::route_match::PathSpecifier as P;
+    let path = match &r.rule.path {
+        None => P::Prefix("/".to_string()),
+        Some(PathMatch::Prefix(p)) => P::Prefix(p.clone()),
+        Some(PathMatch::Exact(p)) => P::Path(p.clone()),
+        Some(PathMatch::Regex(x)) => P::SafeRegex(regex_matcher(x)),
+    };
+    let headers = r
+        .rule
+        .headers
+        .iter()
+        .map(|h| route::HeaderMatcher {
+            name: h.name.clone(),
+            invert_match: h.invert,
+            header_match_specifier: Some(match &h.value {
+                HeaderValueMatch::Exact(v) => {
+                    H::StringMatch(string_matcher(MatchPattern::Exact(v.clone())))
+                }
+                HeaderValueMatch::Prefix(v) => {
+                    H::StringMatch(string_matcher(MatchPattern::Prefix(v.clone())))
+                }
+                HeaderValueMatch::Regex(v) => {
+                    H::StringMatch(string_matcher(MatchPattern::SafeRegex(regex_matcher(v))))
+                }
+                HeaderValueMatch::Present(p) => H::PresentMatch(*p),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    use route::route_action::ClusterSpecifier as CS;
+    let target = match r.clusters.as_slice() {
+        [(c, _)] => CS::Cluster(c.clone()),
+        many => CS::WeightedClusters(route::WeightedCluster {
+            clusters: many
+                .iter()
+                .map(|(c, w)| route::weighted_cluster::ClusterWeight {
+                    name: c.clone(),
+                    weight: Some(UInt32Value { value: *w }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let retry_policy = match &r.rule.retries {
+        None => Some(default_retries()),
+        Some(x) if x.attempts == 0 => None,
+        Some(x) => Some(retry_policy(
+            &x.on.join(","),
+            x.attempts,
+            x.per_try_timeout_ms,
+            &x.status_codes,
+        )),
+    };
+    route::Route {
+        name: r.rule.display_name(r.index),
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(path),
+            headers,
+            ..Default::default()
+        }),
+        action: Some(route::route::Action::Route(route::RouteAction {
+            cluster_specifier: Some(target),
+            timeout: r.rule.timeout_ms.map(duration_ms),
             retry_policy,
             ..Default::default()
         })),
@@ -480,9 +604,12 @@ pub struct HttpPort<'a> {
     pub service: &'a ServiceKey,
     pub port: u16,
     pub first: bool,
+    /// The service policy's HTTP rules, in order.
+    pub rules: Vec<ResolvedRule<'a>>,
 }
 
-/// Envoy's outbound route configuration: one virtual host per HTTP service port.
+/// Envoy's outbound route configuration: one virtual host per HTTP service port, with the
+/// service's HTTP rules in order, then the default route to the service itself.
 pub fn outbound_routes(ports: &[HttpPort<'_>]) -> route::RouteConfiguration {
     route::RouteConfiguration {
         name: OUTBOUND_ROUTES.to_string(),
@@ -491,7 +618,12 @@ pub fn outbound_routes(ports: &[HttpPort<'_>]) -> route::RouteConfiguration {
             .map(|p| route::VirtualHost {
                 name: cluster_name(p.service, p.port),
                 domains: domains(p.service, p.port, p.first),
-                routes: vec![route_to(cluster_name(p.service, p.port), true)],
+                routes: p
+                    .rules
+                    .iter()
+                    .map(rule_route)
+                    .chain([route_to(cluster_name(p.service, p.port), true)])
+                    .collect(),
                 ..Default::default()
             })
             .collect(),

@@ -16,7 +16,7 @@ use federation::registry::Snapshot;
 use federation::route::{Caller, Inputs, resolve};
 
 use crate::resources::{
-    ClientKind, HttpPort, PortView, Remote, cluster_name, grpc_fold, grpc_listener,
+    ClientKind, HttpPort, PortView, Remote, ResolvedRule, cluster_name, grpc_fold, grpc_listener,
     outbound_listener, outbound_routes, port_assignment, service_cluster, tcp_listener,
 };
 
@@ -329,6 +329,43 @@ fn services<'a>(snapshot: &'a Snapshot, own: &ClusterId) -> BTreeMap<&'a Service
     out
 }
 
+/// The HTTP rules of `service`'s policy for one of its ports, each destination resolved to the
+/// cluster of a port: the destination's `port` if given, else the same port number if the
+/// destination has it, else its first port. A destination the registry does not know keeps the
+/// requested port (its cluster is missing, so requests there get 503 until it appears).
+fn resolve_rules<'a>(
+    snapshot: &'a Snapshot,
+    services: &BTreeMap<&'a ServiceKey, &'a Service>,
+    service: &ServiceKey,
+    port: u16,
+) -> Vec<ResolvedRule<'a>> {
+    let Some(policy) = snapshot.policy_for(service) else {
+        return Vec::new();
+    };
+    policy
+        .http
+        .iter()
+        .enumerate()
+        .map(|(index, rule)| ResolvedRule {
+            index,
+            rule,
+            clusters: rule
+                .to
+                .iter()
+                .map(|d| {
+                    let p = d.port.unwrap_or_else(|| match services.get(&d.service) {
+                        Some(s) if !s.ports.iter().any(|x| x.port == port) => {
+                            s.ports.first().map_or(port, |x| x.port)
+                        }
+                        _ => port,
+                    });
+                    (cluster_name(&d.service, p), d.weight)
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 /// Whether `service`'s route inputs are the same (shared, unchanged) in both snapshots.
 fn same_service(a: &Snapshot, b: &Snapshot, service: &ServiceKey) -> bool {
     let mut ia = a.service(service);
@@ -399,6 +436,7 @@ pub fn build_from(
                                 service: skey,
                                 port: port.port,
                                 first: i == 0,
+                                rules: Vec::new(),
                             });
                         } else {
                             tcp_ports.push((skey, port.port));
@@ -454,6 +492,7 @@ pub fn build_from(
                             service: skey,
                             port: port.port,
                             first: i == 0,
+                            rules: Vec::new(),
                         });
                     } else {
                         tcp_ports.push((skey, port.port));
@@ -479,9 +518,12 @@ pub fn build_from(
         }
     }
     if key.kind == ClientKind::Envoy {
+        for p in &mut http_ports {
+            p.rules = resolve_rules(snapshot, &services, p.service, p.port);
+        }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for p in &http_ports {
-            (p.service, p.port, p.first).hash(&mut h);
+            (p.service, p.port, p.first, &p.rules).hash(&mut h);
         }
         view.routes_from = h.finish();
         let reuse = prev_any.filter(|(_, pv)| pv.routes_from == view.routes_from);
@@ -495,6 +537,13 @@ pub fn build_from(
                 let refs: BTreeSet<String> = http_ports
                     .iter()
                     .map(|p| cluster_name(p.service, p.port))
+                    .chain(
+                        http_ports
+                            .iter()
+                            .flat_map(|p| &p.rules)
+                            .flat_map(|r| r.clusters.iter().map(|(c, _)| c.clone())),
+                    )
+                    .filter(|c| view.types[TypeKind::Cluster as usize].contains_key(c))
                     .collect();
                 view.types[TypeKind::Route as usize].insert(
                     routes.name.clone(),

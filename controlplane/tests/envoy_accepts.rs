@@ -110,6 +110,7 @@ fn route() -> Route {
                 (LocalityPattern::parse("t", "us-west/*").unwrap(), 10),
             ]),
         }],
+        http: vec![],
     };
     snap.policies.insert(PolicyScope::Default, Arc::new(policy));
     let up = LinkState {

@@ -164,6 +164,7 @@ async fn link_down_leaves_every_eds_within_200ms_and_policy_reorders() {
         exclude_others: false,
         failover_priority: Vec::new(),
         distribute: Vec::new(),
+        http: Vec::new(),
     };
     reg.put(
         RegistryKey::Policy(policy.scope.clone()).encode(),

@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod discovery;
 pub mod etcd_server;
+pub mod http_route;
 pub mod identity;
 pub mod model;
 pub mod policy_file;

@@ -14,6 +14,11 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::http_route::{
+    Destination, HeaderMatch, HeaderValueMatch, HttpRoute, PathMatch, RETRY_CONDITIONS,
+    RouteRetries,
+};
+
 /// A validation error: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
@@ -911,6 +916,10 @@ pub struct FailoverPolicy {
     pub failover_priority: Vec<String>,
     #[serde(default)]
     pub distribute: Vec<Distribute>,
+    /// HTTP routing rules (service policies only), tried in order; requests that match none go
+    /// to the service itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpRoute>,
 }
 
 impl FailoverPolicy {
@@ -966,6 +975,24 @@ impl FailoverPolicy {
                 return Err(ModelError::new(
                     format!("distribute[{i}].from"),
                     format!("`{}` is listed twice", d.from),
+                ));
+            }
+        }
+        if !self.http.is_empty() && self.scope == PolicyScope::Default {
+            return Err(ModelError::new(
+                "http",
+                "HTTP rules belong to a service's policy: give `service`",
+            ));
+        }
+        for (i, r) in self.http.iter().enumerate() {
+            r.validate()
+                .map_err(|e| e.within(format_args!("http[{i}]")))?;
+            if let Some(n) = &r.name
+                && self.http[..i].iter().any(|o| o.name.as_ref() == Some(n))
+            {
+                return Err(ModelError::new(
+                    format!("http[{i}].name"),
+                    format!("`{n}` is used twice"),
                 ));
             }
         }
@@ -1176,6 +1203,7 @@ mod tests {
             exclude_others: false,
             failover_priority: vec!["topology.kubernetes.io/region".into(), "version".into()],
             distribute: vec![],
+            http: vec![],
         };
         p.validate().unwrap();
         p.targets.push(FailoverTarget::Cluster(west));

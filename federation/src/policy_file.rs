@@ -9,6 +9,12 @@
 //!     distribute:
 //!       - from: us-east/*
 //!         to: {"us-east/*": 80, "us-west/*": 20}
+//!     http:                          # routing rules, tried in order (service policies only)
+//!       - name: canary
+//!         match: {path: {prefix: /api}, headers: [{name: x-canary, exact: "1"}]}
+//!         to: [{service: echo-v2.default, weight: 90}, {service: echo.default, weight: 10}]
+//!         timeout: 2s
+//!         retries: {attempts: 2, on: [connect-failure, 5xx], per_try_timeout: 500ms}
 //! ```
 //!
 //! Errors name the file, line, column and field (`policies[0].targets[1]: …`).
@@ -21,8 +27,8 @@ use serde_saphyr::Spanned;
 
 use crate::discovery::{DiscoveryError, at, invalid, parse_yaml, read_file};
 use crate::model::{
-    Distribute, FailoverPolicy, FailoverTarget, LocalityPattern, ModelError, Name, PolicyScope,
-    ServiceKey,
+    Destination, Distribute, FailoverPolicy, FailoverTarget, HeaderMatch, HeaderValueMatch,
+    HttpRoute, LocalityPattern, ModelError, Name, PathMatch, PolicyScope, RouteRetries, ServiceKey,
 };
 
 #[derive(Deserialize)]
@@ -44,6 +50,179 @@ struct PolicySpec {
     failover_priority: Vec<String>,
     #[serde(default)]
     distribute: Vec<DistributeSpec>,
+    #[serde(default)]
+    http: Vec<HttpSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSpec {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, rename = "match")]
+    matches: Option<MatchSpec>,
+    to: Vec<DestinationSpec>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    retries: Option<RetriesSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatchSpec {
+    #[serde(default)]
+    path: Option<ValueSpec>,
+    #[serde(default)]
+    headers: Vec<HeaderSpec>,
+}
+
+/// `{exact: …}`, `{prefix: …}` or `{regex: …}` (and for headers `{present: bool}`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ValueSpec {
+    #[serde(default)]
+    exact: Option<String>,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    regex: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderSpec {
+    name: String,
+    #[serde(default)]
+    exact: Option<String>,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    regex: Option<String>,
+    #[serde(default)]
+    present: Option<bool>,
+    #[serde(default)]
+    invert: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestinationSpec {
+    service: String,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    weight: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetriesSpec {
+    attempts: u32,
+    #[serde(default)]
+    on: Vec<String>,
+    #[serde(default)]
+    per_try_timeout: Option<String>,
+    #[serde(default)]
+    status_codes: Vec<u16>,
+}
+
+fn millis(field: &str, text: &str) -> Result<u64, ModelError> {
+    let d = humantime::parse_duration(text).map_err(|e| {
+        ModelError::new(
+            field,
+            format!("`{text}` is not a duration (e.g. 2s, 500ms): {e}"),
+        )
+    })?;
+    u64::try_from(d.as_millis())
+        .map_err(|_| ModelError::new(field, format!("`{text}` is too long")))
+}
+
+fn http_route(spec: &HttpSpec) -> Result<HttpRoute, ModelError> {
+    let (path, headers) = match &spec.matches {
+        None => (None, Vec::new()),
+        Some(m) => {
+            let path = match &m.path {
+                None => None,
+                Some(v) => Some(match (&v.exact, &v.prefix, &v.regex) {
+                    (Some(p), None, None) => PathMatch::Exact(p.clone()),
+                    (None, Some(p), None) => PathMatch::Prefix(p.clone()),
+                    (None, None, Some(r)) => PathMatch::Regex(r.clone()),
+                    _ => {
+                        return Err(ModelError::new(
+                            "match.path",
+                            "give exactly one of `exact`, `prefix` or `regex`",
+                        ));
+                    }
+                }),
+            };
+            let mut headers = Vec::new();
+            for (i, h) in m.headers.iter().enumerate() {
+                let value = match (&h.exact, &h.prefix, &h.regex, h.present) {
+                    (Some(v), None, None, None) => HeaderValueMatch::Exact(v.clone()),
+                    (None, Some(v), None, None) => HeaderValueMatch::Prefix(v.clone()),
+                    (None, None, Some(v), None) => HeaderValueMatch::Regex(v.clone()),
+                    (None, None, None, Some(p)) => HeaderValueMatch::Present(p),
+                    _ => {
+                        return Err(ModelError::new(
+                            format!("match.headers[{i}]"),
+                            "give exactly one of `exact`, `prefix`, `regex` or `present`",
+                        ));
+                    }
+                };
+                headers.push(HeaderMatch {
+                    name: h.name.clone(),
+                    value,
+                    invert: h.invert,
+                });
+            }
+            (path, headers)
+        }
+    };
+    let mut to = Vec::new();
+    for (i, d) in spec.to.iter().enumerate() {
+        let weight = match (d.weight, spec.to.len()) {
+            (Some(w), _) => w,
+            (None, 1) => 100,
+            (None, _) => {
+                return Err(ModelError::new(
+                    format!("to[{i}].weight"),
+                    "missing: with several destinations, each needs a weight (percent)",
+                ));
+            }
+        };
+        to.push(Destination {
+            service: ServiceKey::parse(&format!("to[{i}].service"), &d.service)?,
+            port: d.port,
+            weight,
+        });
+    }
+    let timeout_ms = spec
+        .timeout
+        .as_deref()
+        .map(|t| millis("timeout", t))
+        .transpose()?;
+    let retries = match &spec.retries {
+        None => None,
+        Some(r) => Some(RouteRetries {
+            attempts: r.attempts,
+            on: r.on.clone(),
+            per_try_timeout_ms: r
+                .per_try_timeout
+                .as_deref()
+                .map(|t| millis("retries.per_try_timeout", t))
+                .transpose()?,
+            status_codes: r.status_codes.clone(),
+        }),
+    };
+    Ok(HttpRoute {
+        name: spec.name.clone(),
+        path,
+        headers,
+        to,
+        timeout_ms,
+        retries,
+    })
 }
 
 #[derive(Deserialize)]
@@ -95,12 +274,17 @@ fn policy(spec: &PolicySpec) -> Result<FailoverPolicy, ModelError> {
         }
         distribute.push(Distribute { from, to });
     }
+    let mut http = Vec::new();
+    for (i, h) in spec.http.iter().enumerate() {
+        http.push(http_route(h).map_err(|e| e.within(format_args!("http[{i}]")))?);
+    }
     let p = FailoverPolicy {
         scope,
         targets,
         exclude_others: spec.exclude_others,
         failover_priority: spec.failover_priority.clone(),
         distribute,
+        http,
     };
     p.validate()?;
     Ok(p)
@@ -147,6 +331,110 @@ mod tests {
         assert_eq!(ps[0].targets.len(), 2);
         assert_eq!(ps[1].scope.to_string(), "echo.default");
         assert_eq!(ps[1].distribute[0].to.len(), 2);
+    }
+
+    const RULES: &str = "policies:\n  - service: echo.default\n    http:\n      - name: canary\n        match:\n          path: {prefix: /api}\n          headers: [{name: x-canary, exact: \"1\"}, {name: x-debug, present: false}]\n        to: [{service: echo-v2.default, weight: 90}, {service: echo.default, port: 8080, weight: 10}]\n        timeout: 2s\n        retries: {attempts: 3, on: [5xx, retriable-status-codes], per_try_timeout: 500ms, status_codes: [429]}\n      - match: {path: {regex: \"/items/[0-9]+\"}}\n        to: [{service: items.default}]\n";
+
+    #[test]
+    fn http_rules_parse() {
+        let ps = parse("p.yaml", RULES).unwrap();
+        let http = &ps[0].http;
+        assert_eq!(http.len(), 2);
+        assert_eq!(http[0].display_name(0), "canary");
+        assert_eq!(http[0].path, Some(PathMatch::Prefix("/api".into())));
+        assert_eq!(http[0].headers[1].value, HeaderValueMatch::Present(false));
+        assert_eq!(http[0].to[0].weight, 90);
+        assert_eq!(http[0].to[1].port, Some(8080));
+        assert_eq!(http[0].timeout_ms, Some(2000));
+        let r = http[0].retries.as_ref().unwrap();
+        assert_eq!((r.attempts, r.per_try_timeout_ms), (3, Some(500)));
+        assert_eq!(r.status_codes, vec![429]);
+        // A single destination takes every request without a weight.
+        assert_eq!(http[1].display_name(1), "rule-1");
+        assert_eq!(http[1].to[0].weight, 100);
+        assert_eq!(
+            http[1].to_string(),
+            "path ~ /items/[0-9]+ → items.default 100%"
+        );
+        // The registry's JSON round-trips.
+        let json = serde_json::to_string(&ps[0]).unwrap();
+        let back: FailoverPolicy = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ps[0]);
+    }
+
+    #[test]
+    fn bad_http_rules_are_refused_naming_the_field() {
+        let rule =
+            |r: &str| format!("policies:\n  - service: echo.default\n    http:\n      - {r}\n");
+        let cases = [
+            (
+                "{to: [{service: a.default, weight: 60}, {service: b.default, weight: 30}]}",
+                "policies[0].http[0].to: weights add up to 90",
+            ),
+            (
+                "{to: [{service: a.default}, {service: b.default, weight: 30}]}",
+                "policies[0].http[0].to[0].weight: missing",
+            ),
+            ("{to: []}", "policies[0].http[0].to: needs at least one"),
+            ("{to: [{service: a}]}", "policies[0].http[0].to[0].service"),
+            (
+                "{match: {path: {regex: \"(\"}}, to: [{service: a.default}]}",
+                "policies[0].http[0].path.regex: invalid regular expression",
+            ),
+            (
+                "{match: {path: {prefix: api}}, to: [{service: a.default}]}",
+                "policies[0].http[0].path: `api` does not start with `/`",
+            ),
+            (
+                "{match: {path: {prefix: /a, exact: /b}}, to: [{service: a.default}]}",
+                "policies[0].http[0].match.path: give exactly one",
+            ),
+            (
+                "{match: {headers: [{name: X-Canary, exact: \"1\"}]}, to: [{service: a.default}]}",
+                "policies[0].http[0].headers[0].name: `X-Canary` has `X`",
+            ),
+            (
+                "{match: {headers: [{name: \":authority\", exact: a}]}, to: [{service: a.default}]}",
+                "no pseudo-headers",
+            ),
+            (
+                "{match: {headers: [{name: x}]}, to: [{service: a.default}]}",
+                "policies[0].http[0].match.headers[0]: give exactly one",
+            ),
+            (
+                "{to: [{service: a.default}], timeout: soon}",
+                "policies[0].http[0].timeout: `soon` is not a duration",
+            ),
+            (
+                "{to: [{service: a.default}], retries: {attempts: 2, on: [sometimes]}}",
+                "policies[0].http[0].retries.on[0]: `sometimes` is not one of",
+            ),
+            (
+                "{to: [{service: a.default}], retries: {attempts: 2}}",
+                "policies[0].http[0].retries.on: names no condition",
+            ),
+            (
+                "{to: [{service: a.default}], retries: {attempts: 2, on: [retriable-status-codes]}}",
+                "policies[0].http[0].retries.status_codes",
+            ),
+            ("{to: [{service: a.default}], colour: blue}", "colour"),
+        ];
+        for (r, want) in cases {
+            let e = err(&rule(r));
+            assert!(e.contains(want), "{r}: {e}");
+        }
+        let e = err("policies:\n  - http: [{to: [{service: a.default}]}]\n");
+        assert!(
+            e.contains("policies[0].http: HTTP rules belong to a service"),
+            "{e}"
+        );
+        let e = err(
+            "policies:\n  - service: echo.default\n    http: [{name: a, to: [{service: a.default}]}, {name: a, to: [{service: b.default}]}]\n",
+        );
+        assert!(
+            e.contains("policies[0].http[1].name: `a` is used twice"),
+            "{e}"
+        );
     }
 
     fn err(text: &str) -> String {

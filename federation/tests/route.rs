@@ -135,6 +135,7 @@ fn policy() -> FailoverPolicy {
         exclude_others: false,
         failover_priority: vec![],
         distribute: vec![],
+        http: vec![],
     }
 }
 

@@ -530,11 +530,17 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
         }
         let now = Instant::now();
         let (outcome, retry_it, reply) = match result {
-            None => (
-                Outcome::GatewayError,
-                false,
-                local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-            ),
+            None => {
+                // A per-try timeout (not the route's deadline) is retried like a 504, as Envoy
+                // does under `5xx` and `gateway-error`.
+                let on = policy.map(|p| p.on).unwrap_or_default();
+                let per_try_fired = per_try.is_some_and(|p| remaining.is_none_or(|r| p < r));
+                (
+                    Outcome::GatewayError,
+                    per_try_fired && (on.server_error || on.gateway_error),
+                    local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                )
+            }
             Some(Err(e)) => {
                 let connect = e.is_connect();
                 let on = policy.map(|p| p.on).unwrap_or_default();

@@ -1,7 +1,8 @@
 //! The data plane end to end with real parts: a real `strait controlplane` and etcd feed the
 //! proxy's xDS client; HTTP requests through the proxy's outbound listener reach priority 0;
 //! when priority 0's endpoint dies, every request still succeeds (retried on priority 1) and
-//! outlier detection ejects the dead endpoint; unknown hosts get 404 with a reason.
+//! outlier detection ejects the dead endpoint, and traffic returns when it comes back; unknown
+//! hosts get 404 with a reason.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,7 +19,15 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// An HTTP/1.1 server answering every request with `name`.
 async fn backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    backend_at(name, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// [`backend`] on a given address (to bring a dead endpoint back where it was).
+async fn backend_at(
+    name: &'static str,
+    at: SocketAddr,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind(at).await.unwrap();
     let addr = l.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
@@ -172,6 +181,27 @@ async fn requests_fail_over_to_priority_one_without_a_single_error() {
         dead.state.ejected(std::time::Instant::now()),
         "outlier detection ejected A"
     );
+
+    // A comes back on its address: once its ejection (5 s) ends, priority 0 serves again.
+    let (_, _a_again) = backend_at("A", a).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match get(outbound, "echo.default").await {
+            Ok((200, body, _)) if body == "A" => break,
+            Ok((200, body, _)) if body == "B" && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("traffic did not return to A: {other:?}"),
+        }
+    }
+    for i in 0..20 {
+        let r = get(outbound, "echo.default").await;
+        assert_eq!(
+            r,
+            Ok((200, "A".to_string(), String::new())),
+            "request {i} after A came back"
+        );
+    }
 
     // An unknown host: 404 with the reason.
     let (status, _, reason) = get(outbound, "nope.default").await.unwrap();
