@@ -650,6 +650,11 @@ pub fn outbound_listener(addr: SocketAddr) -> listener::Listener {
             },
         )),
         http_filters: vec![router_filter()],
+        // WebSockets (HTTP/1.1 upgrades) pass through, as they do in the strait proxy.
+        upgrade_configs: vec![hcm::http_connection_manager::UpgradeConfig {
+            upgrade_type: "websocket".to_string(),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     listener::Listener {

@@ -230,7 +230,13 @@ fn config_dump(c: &Compiled) -> String {
                 ListenerKind::Http {
                     routes: RouteSource::Inline(t),
                 } => json!({"http": {"inline": t.name}}),
-                ListenerKind::Tcp { cluster } => json!({"tcp": {"cluster": cluster}}),
+                ListenerKind::Tcp {
+                    cluster,
+                    idle_timeout,
+                } => json!({"tcp": {
+                    "cluster": cluster,
+                    "idle_timeout_ms": idle_timeout.map(|d| d.as_millis() as u64),
+                }}),
             };
             json!({"name": l.name, "address": l.address.to_string(), "kind": kind})
         })

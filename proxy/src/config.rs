@@ -1001,9 +1001,16 @@ pub enum RouteSource {
 pub enum ListenerKind {
     /// HTTP (1.1 and h2c), routed by host, path and headers.
     Http { routes: RouteSource },
-    /// Raw TCP to one cluster.
-    Tcp { cluster: String },
+    /// Raw TCP to one cluster; a connection with no bytes either way for `idle_timeout` is
+    /// closed (Envoy's default 1 h; `None`: never).
+    Tcp {
+        cluster: String,
+        idle_timeout: Option<Duration>,
+    },
 }
+
+/// Envoy's default TCP proxy idle timeout.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
@@ -1103,7 +1110,15 @@ pub fn listener(any: &Any) -> Result<Option<ListenerConfig>, ConfigError> {
             .map_err(|e| ctx.err("filter_chains[0].filters[0].typed_config", e.to_string()))?;
         match &t.cluster_specifier {
             Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => {
-                ListenerKind::Tcp { cluster: c.clone() }
+                let idle = opt_duration(&ctx, "tcp_proxy.idle_timeout", t.idle_timeout.as_ref())?;
+                ListenerKind::Tcp {
+                    cluster: c.clone(),
+                    idle_timeout: match idle {
+                        None => Some(TCP_IDLE_TIMEOUT),
+                        Some(d) if d.is_zero() => None,
+                        Some(d) => Some(d),
+                    },
+                }
             }
             _ => return Err(ctx.err("tcp_proxy.cluster", "a cluster is required")),
         }

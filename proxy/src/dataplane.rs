@@ -14,6 +14,8 @@
 //!   gateway-error, retriable status codes), each on another host and, with
 //!   `previous_priorities`, another priority; within the route timeout; bounded by the
 //!   cluster's `max_retries` in flight.
+//! - **Upgrades** (WebSockets): an HTTP/1.1 upgrade request is passed on; on 101 the two
+//!   upgraded connections are spliced together.
 //! - **Circuit breaking**: a cluster with `max_requests` in flight answers 503 at once.
 //! - Errors are answered with a status and a reason (`x-strait-reason`): no route 404, no
 //!   cluster or no healthy upstream 503, upstream timeout 504.
@@ -193,7 +195,7 @@ impl Dataplane {
                     .values()
                     .map(|l| {
                         let tcp = match &l.kind {
-                            ListenerKind::Tcp { cluster } => Some(cluster.clone()),
+                            ListenerKind::Tcp { cluster, .. } => Some(cluster.clone()),
                             ListenerKind::Http { .. } => None,
                         };
                         ((l.name.clone(), l.address, tcp), ())
@@ -278,7 +280,10 @@ async fn serve(
                 let name = name.clone();
                 async move { Ok::<_, Infallible>(handle(&compiled, &name, req).await) }
             });
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await
+            {
                 tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
             }
         });
@@ -412,6 +417,9 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
     cluster.in_flight.fetch_add(1, Relaxed);
     let _in_flight = Decrement(cluster.in_flight.clone());
     let deadline = route.timeout.map(|t| Instant::now() + t);
+    if is_upgrade(&req) {
+        return upgrade(cluster, &cluster_name, route, req, deadline).await;
+    }
 
     let (parts, body) = req.into_parts();
     // A small, complete body can be replayed on a retry; anything else streams through once.
@@ -473,42 +481,19 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
         if !tried_priorities.contains(&host.priority) {
             tried_priorities.push(host.priority);
         }
-        let authority = match &host.upstream {
-            Upstream::Direct(a) => a.to_string(),
-            Upstream::Tunnel {
-                cluster: c,
-                authority,
-            } => match tunnel_authority(c, authority) {
-                Ok(a) => a,
-                Err(e) => {
-                    last = Some(local_reply(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()));
-                    continue;
-                }
-            },
-        };
         let body = match (&buffered, stream_body.take()) {
             (Some(b), _) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
             (None, Some(b)) => b,
             (None, None) => break,
         };
-        let mut up = Request::new(body);
-        *up.method_mut() = parts.method.clone();
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        *up.uri_mut() = match Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(pq)
-            .build()
-        {
-            Ok(u) => u,
-            Err(e) => return local_reply(StatusCode::BAD_REQUEST, &format!("request target: {e}")),
+        let up = match upstream_request(&parts, &host, cluster.config.http2, body) {
+            Ok(up) => up,
+            Err(Failed::Tunnel(e)) => {
+                last = Some(local_reply(StatusCode::SERVICE_UNAVAILABLE, &e));
+                continue;
+            }
+            Err(Failed::Request(e)) => return local_reply(StatusCode::BAD_REQUEST, &e),
         };
-        copy_headers(&parts.headers, up.headers_mut());
-        if !cluster.config.http2
-            && let Ok(v) = HeaderValue::from_str(&host_header(&host_of(&parts), &host.upstream))
-        {
-            up.headers_mut().insert(http::header::HOST, v);
-        }
         if attempt > 0 {
             cluster.retries_in_flight.fetch_add(1, Relaxed);
         }
@@ -603,6 +588,189 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
         last = Some(reply);
     }
     last.unwrap_or_else(|| local_reply(StatusCode::SERVICE_UNAVAILABLE, "no upstream answered"))
+}
+
+/// Why an upstream request could not be built.
+enum Failed {
+    /// The endpoint's tunnel name is unusable (503): try another endpoint.
+    Tunnel(String),
+    /// The request itself is unusable (400).
+    Request(String),
+}
+
+/// The request to send to `host`: the downstream method, path and end-to-end headers.
+fn upstream_request(
+    parts: &http::request::Parts,
+    host: &Host,
+    http2: bool,
+    body: Body,
+) -> Result<Request<Body>, Failed> {
+    let authority = match &host.upstream {
+        Upstream::Direct(a) => a.to_string(),
+        Upstream::Tunnel {
+            cluster: c,
+            authority,
+        } => tunnel_authority(c, authority).map_err(|e| Failed::Tunnel(e.to_string()))?,
+    };
+    let mut up = Request::new(body);
+    *up.method_mut() = parts.method.clone();
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    *up.uri_mut() = Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| Failed::Request(format!("request target: {e}")))?;
+    copy_headers(&parts.headers, up.headers_mut());
+    if !http2 && let Ok(v) = HeaderValue::from_str(&host_header(&host_of(parts), &host.upstream)) {
+        up.headers_mut().insert(http::header::HOST, v);
+    }
+    Ok(up)
+}
+
+/// An HTTP/1.1 request asking to switch protocols (`Upgrade` named by `Connection`), e.g. a
+/// WebSocket handshake.
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() <= http::Version::HTTP_11
+        && req.headers().contains_key(http::header::UPGRADE)
+        && req
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Forward an upgrade request; when the upstream switches protocols (101), splice the two
+/// upgraded connections together until either side closes. Connection failures are retried on
+/// another host and priority (as the route allows); the handshake is bounded by the route's
+/// deadline, the upgraded connection is not.
+async fn upgrade(
+    cluster: &ClusterRuntime,
+    cluster_name: &str,
+    route: &RouteEntry,
+    mut req: Request<Incoming>,
+    deadline: Option<Instant>,
+) -> Response<Body> {
+    if cluster.config.http2 {
+        return local_reply(
+            StatusCode::BAD_GATEWAY,
+            &format!("cluster {cluster_name} speaks HTTP/2 upstream: upgrades need HTTP/1.1"),
+        );
+    }
+    let downstream = hyper::upgrade::on(&mut req);
+    let (parts, _) = req.into_parts();
+    let mut rng = ThreadRandom;
+    let attempts = 1 + route.retry.as_ref().map_or(0, |r| r.num_retries);
+    let mut tried_hosts: Vec<Arc<Host>> = Vec::new();
+    let mut tried_priorities: Vec<usize> = Vec::new();
+    let mut last = None;
+    for _ in 0..attempts {
+        let now = Instant::now();
+        let Some(host) = cluster
+            .balancer
+            .pick(&mut rng, now, &tried_priorities, &tried_hosts)
+        else {
+            break;
+        };
+        tried_hosts.push(host.clone());
+        if !tried_priorities.contains(&host.priority) {
+            tried_priorities.push(host.priority);
+        }
+        let body = Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed();
+        let mut up = match upstream_request(&parts, &host, false, body) {
+            Ok(up) => up,
+            Err(Failed::Tunnel(e)) => {
+                last = Some(local_reply(StatusCode::SERVICE_UNAVAILABLE, &e));
+                continue;
+            }
+            Err(Failed::Request(e)) => return local_reply(StatusCode::BAD_REQUEST, &e),
+        };
+        // The upgrade is the point: pass it on.
+        if let Some(u) = parts.headers.get(http::header::UPGRADE) {
+            up.headers_mut().insert(http::header::UPGRADE, u.clone());
+        }
+        up.headers_mut().insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        host.state.active.fetch_add(1, Relaxed);
+        let sent = cluster.client.request(up);
+        let result = match deadline {
+            Some(d) => tokio::time::timeout(d.saturating_duration_since(Instant::now()), sent)
+                .await
+                .ok(),
+            None => Some(sent.await),
+        };
+        host.state.active.fetch_sub(1, Relaxed);
+        let now = Instant::now();
+        match result {
+            None => {
+                cluster.balancer.report(&host, Outcome::GatewayError, now);
+                return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+            }
+            Some(Err(e)) => {
+                cluster.balancer.report(&host, Outcome::GatewayError, now);
+                let connect = e.is_connect();
+                let reply = local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "upstream {}: {}",
+                        if connect { "connect failure" } else { "reset" },
+                        crate::error_chain(&e)
+                    ),
+                );
+                if !connect {
+                    return reply;
+                }
+                last = Some(reply);
+            }
+            Some(Ok(mut resp)) => {
+                let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                let outcome = if resp.status().is_server_error() {
+                    Outcome::ServerError
+                } else {
+                    Outcome::Success
+                };
+                cluster.balancer.report(&host, outcome, now);
+                if switched {
+                    let upstream = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(splice(downstream, upstream));
+                }
+                let (mut rp, body) = resp.into_parts();
+                for h in HOP {
+                    if !(switched && (h == "upgrade" || h == "connection")) {
+                        rp.headers.remove(h);
+                    }
+                }
+                return Response::from_parts(rp, body.map_err(|e| Box::new(e) as BoxError).boxed());
+            }
+        }
+    }
+    last.unwrap_or_else(|| {
+        local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no healthy upstream in cluster {cluster_name}"),
+        )
+    })
+}
+
+/// Copy both ways between the two sides of an upgraded connection until both are done.
+async fn splice(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (d, u) = match tokio::try_join!(downstream, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "an upgrade did not complete");
+            return;
+        }
+    };
+    let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
 }
 
 fn host_of(parts: &http::request::Parts) -> String {

@@ -6,15 +6,20 @@
 //! again on another host and another priority, up to [`CONNECT_ATTEMPTS`] times, before the
 //! downstream connection is closed — nothing has been sent yet, so moving is always safe. The
 //! cluster's `max_connections` bounds the connections open through it (more are closed at once).
+//! A connection with no bytes either way for the listener's idle timeout (Envoy's default 1 h)
+//! is closed.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::config::Upstream;
+use crate::config::{ListenerKind, TCP_IDLE_TIMEOUT, Upstream};
 use crate::dataplane::Compiled;
 use crate::lb::{Host, Outcome, ThreadRandom};
 
@@ -37,7 +42,12 @@ pub async fn serve(
         let compiled = current.borrow().clone();
         let (name, cluster) = (name.clone(), cluster.clone());
         tokio::spawn(async move {
-            if let Err(e) = proxy_one(&compiled, &cluster, stream).await {
+            // The listener's settings of the moment (a hot update applies to new connections).
+            let idle = match compiled.config.listeners.get(&*name).map(|l| &l.kind) {
+                Some(ListenerKind::Tcp { idle_timeout, .. }) => *idle_timeout,
+                _ => Some(TCP_IDLE_TIMEOUT),
+            };
+            if let Err(e) = proxy_one(&compiled, &cluster, stream, idle).await {
                 tracing::debug!(listener = %name, %peer, error = %e, "TCP connection not proxied");
             }
         });
@@ -47,7 +57,8 @@ pub async fn serve(
 async fn proxy_one(
     compiled: &Compiled,
     cluster_name: &str,
-    mut down: TcpStream,
+    down: TcpStream,
+    idle: Option<Duration>,
 ) -> Result<(), String> {
     let cluster = compiled
         .clusters
@@ -73,20 +84,18 @@ async fn proxy_one(
             tried_priorities.push(host.priority);
         }
         match connect(compiled, &host, cluster.config.connect_timeout).await {
-            Ok(mut up) => {
+            Ok(up) => {
                 cluster
                     .balancer
                     .report(&host, Outcome::Success, Instant::now());
                 host.state
                     .active
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let r = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                let r = splice(down, up, idle).await;
                 host.state
                     .active
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                return r
-                    .map(|_| ())
-                    .map_err(|e| format!("{:?}: {e}", host.upstream));
+                return r.map_err(|e| format!("{:?}: {e}", host.upstream));
             }
             Err(e) => {
                 if cluster
@@ -134,5 +143,91 @@ async fn connect(
                 .map_err(|e| e.to_string())?;
             Ok(Box::new(hyper_util::rt::TokioIo::new(up)))
         }
+    }
+}
+
+/// Copy both ways (half-closes propagated) until both directions end, or until no byte has
+/// moved either way for `idle`.
+async fn splice(
+    down: TcpStream,
+    up: Box<dyn Stream>,
+    idle: Option<Duration>,
+) -> Result<(), String> {
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut down = Active {
+        inner: down,
+        start,
+        last: last.clone(),
+    };
+    let mut up = Active {
+        inner: up,
+        start,
+        last: last.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    let Some(idle) = idle else {
+        return copy.await.map(|_| ()).map_err(|e| e.to_string());
+    };
+    tokio::select! {
+        r = copy => r.map(|_| ()).map_err(|e| e.to_string()),
+        () = async {
+            loop {
+                let due = start
+                    + Duration::from_millis(last.load(Relaxed))
+                    + idle;
+                if Instant::now() >= due {
+                    return;
+                }
+                tokio::time::sleep_until(due.into()).await;
+            }
+        } => Err(format!("idle for {idle:?}: closed")),
+    }
+}
+
+/// A stream that notes when bytes last moved through it (milliseconds since `start`).
+struct Active<S> {
+    inner: S,
+    start: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<S> Active<S> {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.fetch_max(ms, Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Active<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Active<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -6,13 +6,16 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
 use envoy_types::pb::google::protobuf::{Value, value::Kind};
 use federation::etcd_server::{EtcdServer, free_port};
+use proxy::config::ListenerKind;
 use proxy::dataplane::Dataplane;
+use proxy::xds::ProxyConfig;
 use proxy::xds::{XdsClient, XdsOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -212,6 +215,9 @@ async fn requests_fail_over_to_priority_one_without_a_single_error() {
     cp.shutdown().await;
 }
 
+/// The TCP listeners' idle timeout in the TCP test.
+const IDLE: Duration = Duration::from_secs(1);
+
 /// A TCP server that greets with `name\n` and then echoes; aborting the task closes every
 /// connection it has.
 async fn tcp_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
@@ -296,7 +302,25 @@ async fn tcp_connections_reach_the_service_and_move_when_an_endpoint_dies() {
         false,
     );
     let client = XdsClient::start(XdsOptions::new(format!("http://{xds}"), node));
-    let dp = Dataplane::start(client.config.clone());
+    // The configs as the control plane sends them, with TCP listeners' idle timeout at 1 s.
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(ProxyConfig::default()));
+    let mut from_cp = client.config.clone();
+    tokio::spawn(async move {
+        loop {
+            let mut c = (**from_cp.borrow_and_update()).clone();
+            for l in c.listeners.values_mut() {
+                let mut changed = (**l).clone();
+                if let ListenerKind::Tcp { idle_timeout, .. } = &mut changed.kind {
+                    *idle_timeout = Some(IDLE);
+                }
+                *l = Arc::new(changed);
+            }
+            if tx.send(Arc::new(c)).is_err() || from_cp.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let dp = Dataplane::start(rx);
     let listener: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     // Priority 0 (the proxy's zone): A; the payload comes back whole after the half-close.
@@ -345,6 +369,35 @@ async fn tcp_connections_reach_the_service_and_move_when_an_endpoint_dies() {
         dead.state.ejected(std::time::Instant::now()),
         "outlier detection ejected A"
     );
+
+    // A connection with no bytes either way for the idle timeout is closed; one that keeps
+    // talking stays open well past it.
+    let mut idle = TcpStream::connect(listener).await.unwrap();
+    let mut greeting = [0u8; 2];
+    idle.read_exact(&mut greeting).await.unwrap();
+    let since = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection closed within 10 s")
+        .expect("closed cleanly");
+    let waited = since.elapsed();
+    assert!(
+        waited >= IDLE - Duration::from_millis(100),
+        "closed after {waited:?}, before the idle timeout"
+    );
+    let mut busy = TcpStream::connect(listener).await.unwrap();
+    busy.read_exact(&mut greeting).await.unwrap();
+    let since = std::time::Instant::now();
+    while since.elapsed() < IDLE * 3 {
+        busy.write_all(b"k").await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), busy.read_exact(&mut b))
+            .await
+            .expect("an echo within 5 s")
+            .expect("the busy connection stays open");
+        tokio::time::sleep(IDLE / 5).await;
+    }
     drop(dp);
     drop(client);
     cp.shutdown().await;

@@ -261,3 +261,141 @@ async fn bad_clients_get_their_error_and_others_are_served() {
     drop(dp);
     cp.shutdown().await;
 }
+
+/// A WebSocket-style server: answers an upgrade with 101 (echoing what `Connection` and
+/// `Upgrade` it got), then echoes bytes until the client half-closes, then says `bye` and
+/// closes. A request without an upgrade gets 426.
+async fn upgrade_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            conns.spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let header = |n: &str| {
+                    head.lines()
+                        .find_map(|l| l.strip_prefix(&format!("{n}: ")).map(str::to_string))
+                        .unwrap_or_default()
+                };
+                if header("upgrade") != "websocket" {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let resp = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+                     sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nx-seen-connection: {}\r\nx-seen-key: {}\r\n\r\n",
+                    header("connection"),
+                    header("sec-websocket-key")
+                );
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.write_all(b"bye").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_pass_through_both_ways_with_half_close() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reg = Registry::start(d).await;
+    let (backend, _b) = upgrade_backend().await;
+    let yaml = format!(
+        "cluster: east\nregion: us-east\nservices:\n  - name: ws\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n",
+        backend.port()
+    );
+    let (cp, _client, dp, outbound) = proxy_with(d, &reg, &yaml, DataplaneOptions::default()).await;
+    wait_for(
+        Duration::from_secs(20),
+        "the ws service to be routed",
+        || async {
+            match get(outbound, "ws.default").await {
+                Ok((426, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    let mut s = tokio::net::TcpStream::connect(outbound)
+        .await
+        .expect("connect");
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nhost: ws.default\r\nconnection: keep-alive, Upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("the 101 within 10 s")
+            .unwrap();
+        assert_eq!(n, 1, "connection closed in the handshake: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    // The server saw the upgrade asked for, and the client's key.
+    assert!(head.contains("x-seen-connection: upgrade"), "{head}");
+    assert!(
+        head.contains("x-seen-key: dghlihnhbxbszsbub25jzq=="),
+        "{head}"
+    );
+
+    // Messages both ways, each waiting for its echo.
+    for i in 0..20 {
+        let msg = format!("frame-{i:02}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+            .await
+            .expect("an echo within 10 s")
+            .unwrap();
+        assert_eq!(got, msg.as_bytes(), "message {i}");
+    }
+    // Half-close: the server still answers after the client stops writing.
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the server's last words within 10 s")
+        .unwrap();
+    assert_eq!(rest, b"bye");
+    drop(dp);
+    cp.shutdown().await;
+}

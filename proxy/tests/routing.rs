@@ -284,11 +284,15 @@ async fn rules_route_by_host_path_and_header_and_split_by_weight_in_strait_and_e
         wait_for(
             Duration::from_secs(10),
             &format!("{who} to send /split to v2 only"),
+            // 30 in a row: under the old 80/20 split that happens with p = 0.2^30.
             || async {
-                match request(at, "echo.default", "/split", &[]).await? {
-                    (200, b) if b == "v2" => Ok(()),
-                    other => Err(format!("{other:?}")),
+                for _ in 0..30 {
+                    match request(at, "echo.default", "/split", &[]).await? {
+                        (200, b) if b == "v2" => {}
+                        other => return Err(format!("{other:?}")),
+                    }
                 }
+                Ok(())
             },
         )
         .await;
