@@ -54,6 +54,11 @@ pub const METADATA_NAMESPACE: &str = "strait";
 pub const OUTBOUND_LISTENER: &str = "strait_outbound_http";
 pub const OUTBOUND_ROUTES: &str = "strait_outbound";
 
+/// The retry budget of every Envoy cluster: retries in flight ≤ this percent of the requests in
+/// flight, but at least [`RETRY_MIN_CONCURRENCY`].
+pub const RETRY_BUDGET_PERCENT: f64 = 50.0;
+pub const RETRY_MIN_CONCURRENCY: u32 = 32;
+
 /// Envoy's default overprovisioning factor, in percent.
 const OVERPROVISIONING: u64 = 140;
 
@@ -372,6 +377,26 @@ pub fn service_cluster(
                     Default::default(),
                 ),
             ),
+            ..Default::default()
+        });
+        // Retries are bounded by a budget, not Envoy's default of 3 in flight (which fails
+        // requests when a whole priority dies under load): at most half the requests in flight,
+        // and always at least 32 — a storm guard that still lets every request of a failed
+        // priority be retried on the next at the lab's rates.
+        c.circuit_breakers = Some(cluster::CircuitBreakers {
+            thresholds: vec![cluster::circuit_breakers::Thresholds {
+                priority: core::RoutingPriority::Default as i32,
+                retry_budget: Some(cluster::circuit_breakers::thresholds::RetryBudget {
+                    budget_percent: Some(envoy_types::pb::envoy::r#type::v3::Percent {
+                        value: RETRY_BUDGET_PERCENT,
+                    }),
+                    min_retry_concurrency: Some(UInt32Value {
+                        value: RETRY_MIN_CONCURRENCY,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
             ..Default::default()
         });
         // Passive health: eject endpoints that fail, so retries and spill-over move on.

@@ -149,7 +149,31 @@ pub struct Thresholds {
     pub max_connections: u32,
     pub max_pending_requests: u32,
     pub max_requests: u32,
+    /// Retries in flight at once (ignored when a retry budget is set, as in Envoy).
     pub max_retries: u32,
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Envoy's retry budget: retries in flight may be at most `percent` of the requests in flight,
+/// but at least `min_concurrency`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBudget {
+    /// Hundredths of a percent (Envoy's default 20 % = 2000).
+    pub percent_x100: u32,
+    pub min_concurrency: u32,
+}
+
+impl Thresholds {
+    /// Whether one more retry may start, with `requests` and `retries` in flight.
+    pub fn retry_allowed(&self, requests: u64, retries: u64) -> bool {
+        match self.retry_budget {
+            None => retries < u64::from(self.max_retries),
+            Some(b) => {
+                let share = requests.saturating_mul(u64::from(b.percent_x100)) / 10_000;
+                retries < share.max(u64::from(b.min_concurrency))
+            }
+        }
+    }
 }
 
 impl Default for Thresholds {
@@ -159,6 +183,7 @@ impl Default for Thresholds {
             max_pending_requests: 1024,
             max_requests: 1024,
             max_retries: 3,
+            retry_budget: None,
         }
     }
 }
@@ -318,6 +343,22 @@ pub fn cluster(any: &Any) -> Result<ClusterConfig, ConfigError> {
                 .map_or(d.max_pending_requests, |v| v.value),
             max_requests: t.max_requests.as_ref().map_or(d.max_requests, |v| v.value),
             max_retries: t.max_retries.as_ref().map_or(d.max_retries, |v| v.value),
+            retry_budget: match &t.retry_budget {
+                None => None,
+                Some(b) => {
+                    let pct = b.budget_percent.as_ref().map_or(20.0, |p| p.value);
+                    if !(0.0..=100.0).contains(&pct) {
+                        return Err(ctx.err(
+                            "circuit_breakers.thresholds.retry_budget.budget_percent",
+                            format!("{pct} is not within 0..=100"),
+                        ));
+                    }
+                    Some(RetryBudget {
+                        percent_x100: (pct * 100.0).round() as u32,
+                        min_concurrency: b.min_retry_concurrency.as_ref().map_or(3, |v| v.value),
+                    })
+                }
+            },
         };
     }
     Ok(ClusterConfig {

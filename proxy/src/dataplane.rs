@@ -453,10 +453,12 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
     let mut last: Option<Response<Body>> = None;
     for attempt in 0..max_attempts {
         if attempt > 0
-            && cluster.retries_in_flight.load(Relaxed)
-                >= u64::from(cluster.config.thresholds.max_retries)
+            && !cluster.config.thresholds.retry_allowed(
+                cluster.in_flight.load(Relaxed),
+                cluster.retries_in_flight.load(Relaxed),
+            )
         {
-            // The retry budget of the cluster is spent: answer with what we have.
+            // The cluster's retry budget (or `max_retries`) is spent: answer with what we have.
             break;
         }
         let now = Instant::now();
