@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// Worker threads (like Envoy's --concurrency); default: one per available core.
     #[arg(long)]
     workers: Option<usize>,
+    /// A transparent listener for connections an iptables REDIRECT sends here (e.g.
+    /// 127.0.0.1:15006): routed by their original destination; exempt the proxy's own
+    /// traffic from the redirection (by its user id).
+    #[arg(long)]
+    transparent: Option<SocketAddr>,
 }
 
 /// The workload certificate.
@@ -152,14 +157,25 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
             &[b"h2"],
         )?));
     }
+    let transparent = match a.transparent {
+        Some(t) => Some(
+            tokio::net::TcpListener::bind(t)
+                .await
+                .map_err(|e| anyhow::anyhow!("transparent address {t}: {e}"))?,
+        ),
+        None => None,
+    };
     let client = proxy::xds::XdsClient::start(opts);
-    let dataplane = proxy::dataplane::Dataplane::start_with(
+    let mut dataplane = proxy::dataplane::Dataplane::start_with(
         client.config.clone(),
         proxy::dataplane::DataplaneOptions {
             gateway,
             ..Default::default()
         },
     );
+    if let Some(l) = transparent {
+        dataplane.serve_transparent(l);
+    }
     tracing::info!(node = %a.node.node_id, xds = %a.xds, outbound = %a.outbound, admin = %a.admin,
         "strait proxy started");
     let admin_task = tokio::spawn(proxy::admin::serve(

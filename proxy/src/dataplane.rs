@@ -148,11 +148,16 @@ impl Default for DataplaneOptions {
 pub struct Dataplane {
     current: watch::Receiver<Arc<Compiled>>,
     task: tokio::task::JoinHandle<()>,
+    server: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    extra: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.task.abort();
+        for t in &self.extra {
+            t.abort();
+        }
     }
 }
 
@@ -184,6 +189,7 @@ impl Dataplane {
         ));
         let (tx, current) = watch::channel(first);
         let rx = current.clone();
+        let http_server = server.clone();
         let task = tokio::spawn(async move {
             let mut listeners: HashMap<ListenerKey, tokio::task::JoinHandle<()>> = HashMap::new();
             loop {
@@ -248,7 +254,23 @@ impl Dataplane {
                 t.abort();
             }
         });
-        Self { current, task }
+        Self {
+            current,
+            task,
+            server: http_server,
+            extra: Vec::new(),
+        }
+    }
+
+    /// Serve intercepted connections (iptables `REDIRECT`) on `listener`: see
+    /// [`crate::transparent`]. The proxy's own upstream connections must be exempt from the
+    /// redirection (e.g. by its user id), or they would loop.
+    pub fn serve_transparent(&mut self, listener: TcpListener) {
+        self.extra.push(tokio::spawn(crate::transparent::serve(
+            listener,
+            self.current.clone(),
+            self.server.clone(),
+        )));
     }
 
     /// The compiled config requests use now.
@@ -271,22 +293,34 @@ async fn serve(
     let name: Arc<str> = name.into();
     loop {
         let (stream, peer) = accept(&listener, &name).await;
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            name.clone(),
+            current.clone(),
+            server.clone(),
+        ));
+    }
+}
+
+/// Serve one downstream HTTP connection with the routes of listener `name`.
+pub(crate) async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    name: Arc<str>,
+    current: watch::Receiver<Arc<Compiled>>,
+    builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+) {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let compiled = current.borrow().clone();
         let name = name.clone();
-        let current = current.clone();
-        let builder = server.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let compiled = current.borrow().clone();
-                let name = name.clone();
-                async move { Ok::<_, Infallible>(handle(&compiled, &name, req).await) }
-            });
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
-            }
-        });
+        async move { Ok::<_, Infallible>(handle(&compiled, &name, req).await) }
+    });
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .await
+    {
+        tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
     }
 }
 
@@ -331,7 +365,7 @@ const HOP: [&str; 7] = [
     "trailer",
 ];
 
-fn table<'a>(compiled: &'a Compiled, listener: &str) -> Option<&'a RouteTable> {
+pub(crate) fn table<'a>(compiled: &'a Compiled, listener: &str) -> Option<&'a RouteTable> {
     let l = compiled.config.listeners.get(listener)?;
     match &l.kind {
         ListenerKind::Http {

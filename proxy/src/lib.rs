@@ -24,6 +24,7 @@ pub mod dataplane;
 pub mod lb;
 pub mod tcp;
 pub mod tls;
+pub mod transparent;
 pub mod tunnel;
 pub mod xds;
 

@@ -26,7 +26,7 @@ use crate::lb::{Host, Outcome, ThreadRandom};
 /// Connection attempts per downstream connection (on different hosts and priorities).
 pub const CONNECT_ATTEMPTS: usize = 3;
 
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 pub async fn serve(
@@ -54,7 +54,7 @@ pub async fn serve(
     }
 }
 
-async fn proxy_one(
+pub(crate) async fn proxy_one(
     compiled: &Compiled,
     cluster_name: &str,
     down: TcpStream,
@@ -148,7 +148,7 @@ async fn connect(
 
 /// Copy both ways (half-closes propagated) until both directions end, or until no byte has
 /// moved either way for `idle`.
-async fn splice(
+pub(crate) async fn splice(
     down: TcpStream,
     up: Box<dyn Stream>,
     idle: Option<Duration>,

