@@ -73,6 +73,11 @@ pub struct RunArgs {
     /// traffic from the redirection (by its user id).
     #[arg(long)]
     transparent: Option<SocketAddr>,
+    /// An inbound listener, LISTEN=APP[@ALPN] (repeatable): mutual TLS from workloads of the
+    /// federation terminated with the workload certificate, then plaintext to the local
+    /// application APP. ALPN: http/1.1 (default), h2, or none.
+    #[arg(long = "inbound", requires = "cert")]
+    inbound: Vec<String>,
 }
 
 /// The workload certificate.
@@ -150,12 +155,27 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("admin address {}: {e}", a.admin))?;
     let mut opts = proxy::xds::XdsOptions::new(format!("http://{}", a.xds), node);
     opts.delta = !a.sotw;
-    if let Some(files) = files {
+    if let Some(files) = &files {
         opts.tls = Some(std::sync::Arc::new(proxy::tls::TlsSource::new(
-            files,
+            files.clone(),
             proxy::tls::Peer::Workload,
             &[b"h2"],
         )?));
+    }
+    let mut inbound = Vec::new();
+    for text in &a.inbound {
+        let spec = proxy::inbound::InboundSpec::parse(text)
+            .map_err(|e| anyhow::anyhow!("--inbound {e}"))?;
+        let Some(files) = files.clone() else {
+            bail!("--inbound needs the workload certificate (--cert, --key, --ca)");
+        };
+        let alpn: Vec<&[u8]> = spec.alpn.iter().map(Vec::as_slice).collect();
+        let tls = proxy::tls::TlsSource::new(files, proxy::tls::Peer::Workload, &alpn)?;
+        tls.server_config()?;
+        let l = tokio::net::TcpListener::bind(spec.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("--inbound {}: {e}", spec.listen))?;
+        inbound.push((l, spec.app, std::sync::Arc::new(tls)));
     }
     let transparent = match a.transparent {
         Some(t) => Some(
@@ -175,6 +195,9 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
     );
     if let Some(l) = transparent {
         dataplane.serve_transparent(l);
+    }
+    for (l, app, tls) in inbound {
+        dataplane.serve_inbound(l, app, tls);
     }
     tracing::info!(node = %a.node.node_id, xds = %a.xds, outbound = %a.outbound, admin = %a.admin,
         "strait proxy started");

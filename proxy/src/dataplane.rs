@@ -262,6 +262,18 @@ impl Dataplane {
         }
     }
 
+    /// Serve an inbound listener: mutual TLS from workloads of the federation, terminated with
+    /// `tls`, then plaintext to `app` (see [`crate::inbound`]).
+    pub fn serve_inbound(
+        &mut self,
+        listener: TcpListener,
+        app: SocketAddr,
+        tls: Arc<crate::tls::TlsSource>,
+    ) {
+        self.extra
+            .push(tokio::spawn(crate::inbound::serve(listener, app, tls)));
+    }
+
     /// Serve intercepted connections (iptables `REDIRECT`) on `listener`: see
     /// [`crate::transparent`]. The proxy's own upstream connections must be exempt from the
     /// redirection (e.g. by its user id), or they would loop.

@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod config;
 pub mod dataplane;
+pub mod inbound;
 pub mod lb;
 pub mod tcp;
 pub mod tls;

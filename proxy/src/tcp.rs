@@ -149,8 +149,8 @@ async fn connect(
 /// Copy both ways (half-closes propagated) until both directions end, or until no byte has
 /// moved either way for `idle`.
 pub(crate) async fn splice(
-    down: TcpStream,
-    up: Box<dyn Stream>,
+    down: impl Stream,
+    up: impl Stream,
     idle: Option<Duration>,
 ) -> Result<(), String> {
     let start = Instant::now();

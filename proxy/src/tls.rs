@@ -9,9 +9,9 @@ use std::time::SystemTime;
 
 use federation::identity::{
     IdentityError, PeerVerifier, Role, SpiffeId, client_config, inspect_pem, load_certs,
-    load_private_key,
+    load_private_key, server_config,
 };
-use rustls::ClientConfig;
+use rustls::{ClientConfig, ServerConfig};
 
 /// The workload certificate files (from `strait pki issue workload`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +52,7 @@ pub struct TlsSource {
     peer: Peer,
     alpn: Vec<Vec<u8>>,
     cache: Mutex<Option<(Stamp, Arc<ClientConfig>)>>,
+    server_cache: Mutex<Option<(Stamp, Arc<ServerConfig>)>>,
 }
 
 type Stamp = [Option<SystemTime>; 3];
@@ -74,6 +75,7 @@ impl TlsSource {
             peer,
             alpn: alpn.iter().map(|a| a.to_vec()).collect(),
             cache: Mutex::new(None),
+            server_cache: Mutex::new(None),
         };
         source.config()?;
         Ok(source)
@@ -88,12 +90,27 @@ impl TlsSource {
     /// changed. A file that became unreadable or invalid is reported, and the last good
     /// configuration is used meanwhile.
     pub fn config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        self.cached(&self.cache, || self.build())
+    }
+
+    /// A server configuration for the inbound listener (same files, same reloading): clients
+    /// must present a workload certificate of the federation (any cluster) issued by its CA;
+    /// ALPN as given to [`TlsSource::new`].
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.cached(&self.server_cache, || self.build_server())
+    }
+
+    fn cached<T>(
+        &self,
+        cache: &Mutex<Option<(Stamp, Arc<T>)>>,
+        build: impl FnOnce() -> Result<T, TlsError>,
+    ) -> Result<Arc<T>, TlsError> {
         let stamp = [
             mtime(&self.files.cert),
             mtime(&self.files.key),
             mtime(&self.files.ca),
         ];
-        let mut cache = match self.cache.lock() {
+        let mut cache = match cache.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
@@ -102,7 +119,7 @@ impl TlsSource {
         {
             return Ok(c.clone());
         }
-        match self.build() {
+        match build() {
             Ok(c) => {
                 let c = Arc::new(c);
                 if cache.is_some() {
@@ -121,8 +138,35 @@ impl TlsSource {
         }
     }
 
-    fn build(&self) -> Result<ClientConfig, TlsError> {
-        let me = self.identity()?;
+    fn build_server(&self) -> Result<ServerConfig, TlsError> {
+        let (certs, key) = self.own()?;
+        let verifier = PeerVerifier::from_ca_file(
+            &self.files.ca,
+            Role::Workload,
+            federation::identity::allow_any(),
+        )
+        .map_err(|source| TlsError::Identity {
+            path: self.files.ca.clone(),
+            source,
+        })?;
+        let mut config =
+            server_config(certs, key, Arc::new(verifier)).map_err(|source| TlsError::Identity {
+                path: self.files.cert.clone(),
+                source,
+            })?;
+        config.alpn_protocols = self.alpn.clone();
+        Ok(config)
+    }
+
+    fn own(
+        &self,
+    ) -> Result<
+        (
+            Vec<rustls_pki_types::CertificateDer<'static>>,
+            rustls_pki_types::PrivateKeyDer<'static>,
+        ),
+        TlsError,
+    > {
         let certs = load_certs(&self.files.cert).map_err(|source| TlsError::Identity {
             path: self.files.cert.clone(),
             source,
@@ -131,6 +175,12 @@ impl TlsSource {
             path: self.files.key.clone(),
             source,
         })?;
+        Ok((certs, key))
+    }
+
+    fn build(&self) -> Result<ClientConfig, TlsError> {
+        let me = self.identity()?;
+        let (certs, key) = self.own()?;
         let (role, cluster) = match self.peer {
             Peer::Gateway => (Role::Gateway, me.cluster().to_string()),
             Peer::Workload => (Role::Workload, me.cluster().to_string()),
