@@ -15,23 +15,20 @@
 //! to skip part 2, `--convergence 0` to skip part 1; for part 2 `--scale-clients N` (default 2)
 //! and `--scale-per N` (endpoints per service and cluster, default 333).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use controlplane::client::{LightClient, node};
 use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
 use federation::etcd_server::EtcdServer;
-use federation::model::{
-    Cluster, ClusterState, Endpoint, Locality, Name, Protocol, Service, ServiceEndpoints,
-    ServiceKey, ServicePort,
-};
+use federation::model::{Cluster, ClusterState, Locality};
 use federation::registry::codec::{cluster_state_kvs, encode_service_endpoints};
 use federation::registry::etcd::{EtcdBackend, EtcdOptions};
 use federation::registry::{Backend, Op, RegistryKey};
 
 mod common;
 
+use common::registry::{commit_all, endpoints, id, service};
 use common::{arg, percentile};
 
 const CLUSTERS: [(&str, &str); 3] = [
@@ -39,57 +36,6 @@ const CLUSTERS: [(&str, &str); 3] = [
     ("central", "us-east"),
     ("west", "us-west"),
 ];
-
-fn id(s: &str) -> Name {
-    Name::parse("c", s).expect("valid name")
-}
-
-fn service(i: usize) -> Service {
-    Service::new(
-        ServiceKey::new("default", &format!("svc-{i}")).expect("valid"),
-        vec![ServicePort::new("http", 8080, Protocol::Http).expect("valid")],
-    )
-    .expect("valid")
-}
-
-/// `per` endpoints of service `i` in cluster `c` (index `ci`), the first on `port`.
-fn endpoints(
-    ci: usize,
-    c: &str,
-    region: &str,
-    i: usize,
-    per: usize,
-    port: u16,
-) -> ServiceEndpoints {
-    let eps = (0..per)
-        .map(|k| {
-            let n = (i * per + k) as u32;
-            let addr = std::net::Ipv4Addr::new(10, ci as u8, (n >> 8) as u8, n as u8);
-            Endpoint::new(
-                addr.into(),
-                if k == 0 { port } else { 8080 },
-                Locality::parse("l", &format!("{region}/{}", ["a", "b"][k % 2])).expect("valid"),
-                id(c),
-            )
-            .expect("valid")
-        })
-        .collect();
-    ServiceEndpoints::new(id(c), service(i), eps).expect("valid")
-}
-
-async fn commit_all(backend: &Backend, kvs: BTreeMap<String, Vec<u8>>) {
-    let ops: Vec<Op> = kvs
-        .into_iter()
-        .map(|(key, value)| Op::Put {
-            key,
-            value,
-            lease: None,
-        })
-        .collect();
-    for batch in federation::registry::publisher::batches(ops, 128, 1 << 20) {
-        backend.commit(batch).await.expect("etcd commit");
-    }
-}
 
 async fn start_etcd(dir: &std::path::Path) -> (EtcdServer, Backend) {
     let etcd = EtcdServer::start(dir).expect("etcd");

@@ -13,6 +13,9 @@
 //!    (coordinated-omission correction): added p50/p90/p99 over the direct path; CPU time of the
 //!    proxy process per request.
 //! 3. Peak RSS of each proxy process.
+//! 4. **Memory at scale** (`--scale 0` skips it): 1,000 clusters with 10 endpoints each
+//!    (`--scale-services`, `--scale-endpoints`) pushed by the same control plane to a fresh
+//!    strait proxy and a fresh Envoy (delta ADS): RSS of each once it holds every cluster.
 //!
 //! Run: `cargo xtask bench proxy` (= `cargo bench --bench proxy`).
 
@@ -428,7 +431,183 @@ fn main() {
         );
         drop(strait);
         drop(envoy);
+        if arg("--scale", 1) == 1 {
+            scale(d, &etcd, xds).await;
+        }
         cp.shutdown().await;
         drop(etcd);
     });
+}
+
+/// GET `path` from an admin port; the body (empty on any failure).
+async fn admin_get(addr: SocketAddr, path: &str) -> String {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.ok()?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Memory at scale: cluster `central` publishes 1,000 services with 10 endpoints each; a fresh
+/// strait proxy and a fresh Envoy (delta ADS, the bootstrap of `strait proxy bootstrap
+/// --envoy`) take all of it from the same control plane; RSS of each once it holds every
+/// cluster.
+async fn scale(d: &Path, etcd: &EtcdServer, xds: SocketAddr) {
+    use common::registry::{commit_all, endpoints, id};
+    use federation::model::{Cluster, ClusterState};
+    let services = arg("--scale-services", 1000);
+    let per = arg("--scale-endpoints", 10);
+    let backend = federation::registry::Backend::Etcd(
+        federation::registry::etcd::EtcdBackend::connect(
+            &[etcd.endpoint()],
+            federation::registry::etcd::EtcdOptions::default(),
+        )
+        .await
+        .expect("etcd client"),
+    );
+    let state = ClusterState {
+        cluster: Cluster::new(id("central"), "us-east", None, vec![]).expect("valid"),
+        services: (0..services)
+            .map(|i| endpoints(1, "central", "us-east", i, per, 8080))
+            .collect(),
+    };
+    commit_all(
+        &backend,
+        federation::registry::codec::cluster_state_kvs(&state),
+    )
+    .await;
+    let want = services + 1; // and echo.default
+
+    let strait_admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let started = Instant::now();
+    let strait = Proc(
+        Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args([
+                "--log",
+                "warn",
+                "proxy",
+                "run",
+                "--node-id",
+                "scale-strait",
+                "--cluster",
+                "east",
+            ])
+            .args([
+                "--locality",
+                "us-east/us-east-1a",
+                "--xds",
+                &xds.to_string(),
+            ])
+            .args([
+                "--outbound",
+                &SocketAddr::from(([127, 0, 0, 1], free_port())).to_string(),
+            ])
+            .args(["--workers", "1", "--admin", &strait_admin.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("strait proxy starts"),
+    );
+    let strait_took = loop {
+        let m = admin_get(strait_admin, "/metrics").await;
+        let n = m
+            .lines()
+            .filter(|l| l.starts_with("strait_proxy_upstream_active{"))
+            .count();
+        if n >= want {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the strait proxy holds {n} of {want} clusters after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let envoy_admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let spec = controlplane::bootstrap::BootstrapSpec {
+        node_id: "scale-envoy".into(),
+        cluster: id("east"),
+        locality: federation::model::Locality::parse("l", "us-east/us-east-1a").expect("valid"),
+        labels: federation::model::Labels::default(),
+        xds,
+        tls: None,
+        delta: true,
+        admin: envoy_admin,
+        outbound: SocketAddr::from(([127, 0, 0, 1], free_port())),
+        gateway: None,
+    };
+    let boot = d.join("envoy-scale.json");
+    std::fs::write(&boot, controlplane::bootstrap::envoy(&spec).to_string()).expect("write");
+    let started = Instant::now();
+    let envoy = Proc(
+        Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&boot)
+            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("envoy starts"),
+    );
+    let envoy_took = loop {
+        let stats = admin_get(
+            envoy_admin,
+            "/stats?filter=cluster_manager.(active|warming)_clusters",
+        )
+        .await;
+        let stat = |name: &str| {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("cluster_manager.{name}: ")))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
+        // Envoy's own xDS cluster is active too.
+        if stat("active_clusters").is_some_and(|n| n > want) && stat("warming_clusters") == Some(0)
+        {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "Envoy not converged after 120 s: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Let both settle (allocator, first lazy work), then read.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mib = |pid: u32| rss_kib(pid) as f64 / 1024.0;
+    let (s, e) = (mib(strait.0.id()), mib(envoy.0.id()));
+    let (sp, ep) = (
+        peak_rss_kib(strait.0.id()) as f64 / 1024.0,
+        peak_rss_kib(envoy.0.id()) as f64 / 1024.0,
+    );
+    println!(
+        "\nmemory at scale: {services} clusters, {} endpoints, from the same control plane (delta ADS)",
+        services * per
+    );
+    println!("\n| | strait proxy | Envoy 1.40 | strait / Envoy |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| RSS holding every cluster (peak), MiB | {s:.1} ({sp:.1}) | {e:.1} ({ep:.1}) | {:.2}× |",
+        s / e.max(0.1)
+    );
+    println!(
+        "| time from start to every cluster held, s | {:.2} | {:.2} | {:.2}× |",
+        strait_took.as_secs_f64(),
+        envoy_took.as_secs_f64(),
+        strait_took.as_secs_f64() / envoy_took.as_secs_f64().max(0.001)
+    );
 }

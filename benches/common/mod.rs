@@ -1,6 +1,8 @@
 //! Helpers shared by the benchmarks: options, child processes, and what /proc says about them.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::process::Child;
 use std::time::Duration;
 
