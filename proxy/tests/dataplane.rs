@@ -157,10 +157,54 @@ async fn requests_fail_over_to_priority_one_without_a_single_error() {
         assert_eq!(r, Ok((200, "A".to_string(), String::new())), "request {i}");
     }
 
-    // A dies (connections refused). The registry still lists it: every request must still
-    // succeed, retried on priority 1, and outlier detection must eject A.
+    // A dies (connections refused) under load — four clients back to back. The registry still
+    // lists it: every request must still succeed, retried on priority 1, and outlier detection
+    // must eject A.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served_by_b = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, by_b) = (stop.clone(), served_by_b.clone());
+        clients.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                match get(outbound, "echo.default").await {
+                    Ok((200, b, _)) if b == "B" => {
+                        by_b.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok((200, _, _)) => {}
+                    other => failures.push(format!("request {n}: {other:?}")),
+                }
+            }
+            (n, failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     a_task.abort();
     let _ = a_task.await;
+    // Until 100 requests have been served by B after the kill (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while served_by_b.load(std::sync::atomic::Ordering::Relaxed) < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B served only {} requests in 20 s",
+            served_by_b.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (n, failures) = c.await.expect("client task");
+        total += n;
+        assert!(
+            failures.is_empty(),
+            "failed requests under load: {failures:?}"
+        );
+    }
+    assert!(total >= 100, "{total} requests under load");
     for i in 0..50 {
         let r = get(outbound, "echo.default").await;
         assert_eq!(
