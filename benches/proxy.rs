@@ -12,9 +12,8 @@
 //!    keep-alive connections; each request's latency is measured from the moment it was *due*
 //!    (coordinated-omission correction): added p50/p90/p99 over the direct path; CPU time of the
 //!    proxy process per request.
-//! 3. Peak RSS of each proxy process.
-//! 3b. **HTTP/2** downstream: h2load (16 connections × 10 streams, h2c with prior knowledge) on
-//!    CPU 1 against each proxy: requests/s.
+//! 3. Peak RSS of each proxy process; then **HTTP/2** downstream: h2load (16 connections ×
+//!    10 streams, h2c with prior knowledge) on CPU 1 against each proxy: requests/s.
 //! 4. **Memory at scale** (`--scale 0` skips it): 1,000 clusters with 10 endpoints each
 //!    (`--scale-services`, `--scale-endpoints`) pushed by the same control plane to a fresh
 //!    strait proxy and a fresh Envoy (delta ADS): RSS of each once it holds every cluster.
