@@ -352,16 +352,11 @@ fn main() {
         .expect("control plane config");
         let cp = ControlPlane::start(cfg).await.expect("control plane");
         let strait_out = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let strait = Proc(
-            Command::new(env!("CARGO_BIN_EXE_strait"))
-                .args(["--log", "warn", "proxy", "run", "--node-id", "bench", "--cluster", "east"])
-                .args(["--locality", "us-east/us-east-1a", "--xds", &xds.to_string()])
-                .args(["--outbound", &strait_out.to_string(), "--workers", "1"])
-                .args(["--admin", &SocketAddr::from(([127, 0, 0, 1], free_port())).to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("strait proxy starts"),
+        let strait = spawn_strait(
+            "bench",
+            xds,
+            strait_out,
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
         );
         pin(strait.0.id(), "0");
         wait_serving(strait_out, "strait proxy").await;
@@ -484,6 +479,35 @@ async fn h2load(to: SocketAddr, secs: u64) -> Option<f64> {
         .and_then(|r| r.trim().parse().ok())
 }
 
+/// `strait proxy run` of cluster east (us-east/us-east-1a) with one worker.
+fn spawn_strait(node_id: &str, xds: SocketAddr, outbound: SocketAddr, admin: SocketAddr) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args([
+                "--log",
+                "warn",
+                "proxy",
+                "run",
+                "--node-id",
+                node_id,
+                "--cluster",
+                "east",
+            ])
+            .args([
+                "--locality",
+                "us-east/us-east-1a",
+                "--xds",
+                &xds.to_string(),
+            ])
+            .args(["--outbound", &outbound.to_string(), "--workers", "1"])
+            .args(["--admin", &admin.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("strait proxy starts"),
+    )
+}
+
 /// GET `path` from an admin port; the body (empty on any failure).
 async fn admin_get(addr: SocketAddr, path: &str) -> String {
     let fut = async {
@@ -537,33 +561,11 @@ async fn scale(d: &Path, etcd: &EtcdServer, xds: SocketAddr) {
 
     let strait_admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let started = Instant::now();
-    let strait = Proc(
-        Command::new(env!("CARGO_BIN_EXE_strait"))
-            .args([
-                "--log",
-                "warn",
-                "proxy",
-                "run",
-                "--node-id",
-                "scale-strait",
-                "--cluster",
-                "east",
-            ])
-            .args([
-                "--locality",
-                "us-east/us-east-1a",
-                "--xds",
-                &xds.to_string(),
-            ])
-            .args([
-                "--outbound",
-                &SocketAddr::from(([127, 0, 0, 1], free_port())).to_string(),
-            ])
-            .args(["--workers", "1", "--admin", &strait_admin.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("strait proxy starts"),
+    let strait = spawn_strait(
+        "scale-strait",
+        xds,
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+        strait_admin,
     );
     let strait_took = loop {
         let m = admin_get(strait_admin, "/metrics").await;

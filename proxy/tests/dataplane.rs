@@ -4,6 +4,8 @@
 //! outlier detection ejects the dead endpoint, and traffic returns when it comes back; unknown
 //! hosts get 404 with a reason.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -334,18 +336,7 @@ async fn tcp_connections_reach_the_service_and_move_when_an_endpoint_dies() {
     let cp = ControlPlane::start(cp_config(d, &etcd.endpoint(), xds))
         .await
         .expect("control plane");
-    let outbound: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
-        .parse()
-        .unwrap();
-    let node = proxy::xds::node(
-        "proxy-1",
-        "east",
-        ("us-east", "us-east-1a", ""),
-        &[],
-        outbound,
-        false,
-    );
-    let client = XdsClient::start(XdsOptions::new(format!("http://{xds}"), node));
+    let (client, _outbound) = support::east_client(xds);
     // The configs as the control plane sends them, with TCP listeners' idle timeout at 1 s.
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(ProxyConfig::default()));
     let mut from_cp = client.config.clone();

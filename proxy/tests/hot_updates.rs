@@ -5,6 +5,7 @@
 
 #[path = "../../controlplane/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +15,6 @@ use std::time::Duration;
 use common::*;
 use http_body_util::{BodyExt, Empty};
 use proxy::dataplane::Dataplane;
-use proxy::xds::{XdsClient, XdsOptions};
 
 fn discovery(eps: &[SocketAddr]) -> String {
     let mut s = "cluster: east\nregion: us-east\nservices:\n  - name: echo\n    ports: [{name: http, port: 8080, protocol: http}]\n    endpoints:\n".to_string();
@@ -39,16 +39,7 @@ async fn a_hundred_config_pushes_under_load_fail_no_request() {
     let file = d.join("east.yaml");
     std::fs::write(&file, discovery(&[a, b])).unwrap();
     let cp = start_cp_discovery(&reg, &file, "20ms").await;
-    let outbound = free_addr();
-    let node = proxy::xds::node(
-        "proxy-1",
-        "east",
-        ("us-east", "us-east-1a", ""),
-        &[],
-        outbound,
-        false,
-    );
-    let client = XdsClient::start(XdsOptions::new(format!("http://{}", cp.xds_addr), node));
+    let (client, outbound) = support::east_client(cp.xds_addr);
     let dp = Arc::new(Dataplane::start(client.config.clone()));
     wait_for(Duration::from_secs(20), "the proxy to serve", || async {
         match get(outbound, "echo.default").await {

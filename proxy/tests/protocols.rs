@@ -6,6 +6,7 @@
 
 #[path = "../../controlplane/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use common::*;
 use http_body_util::{BodyExt, Empty};
 use proxy::dataplane::{Dataplane, DataplaneOptions};
-use proxy::xds::{XdsClient, XdsOptions};
+use proxy::xds::XdsClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
@@ -32,16 +33,7 @@ async fn proxy_with(
 ) {
     std::fs::write(d.join("east.yaml"), yaml).unwrap();
     let cp = start_cp_discovery(reg, &d.join("east.yaml"), "50ms").await;
-    let outbound = free_addr();
-    let node = proxy::xds::node(
-        "proxy-1",
-        "east",
-        ("us-east", "us-east-1a", ""),
-        &[],
-        outbound,
-        false,
-    );
-    let client = XdsClient::start(XdsOptions::new(format!("http://{}", cp.xds_addr), node));
+    let (client, outbound) = support::east_client(cp.xds_addr);
     let dp = Dataplane::start_with(client.config.clone(), options);
     wait_for(Duration::from_secs(20), "the proxy to warm", || async {
         let s = client.status.borrow().clone();

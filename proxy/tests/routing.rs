@@ -6,6 +6,7 @@
 
 #[path = "../../controlplane/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,9 +17,8 @@ use federation::model::{Labels, Locality, Name};
 use federation::registry::RegistryKey;
 use federation::registry::codec::encode_policy;
 use proxy::dataplane::Dataplane;
-use proxy::xds::{XdsClient, XdsOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
 
 /// A server that accepts connections and never answers (it keeps reading).
 async fn black_hole() -> (SocketAddr, tokio::task::JoinHandle<()>) {
@@ -34,42 +34,6 @@ async fn black_hole() -> (SocketAddr, tokio::task::JoinHandle<()>) {
         }
     });
     (addr, task)
-}
-
-/// One HTTP/1.1 request through `proxy`: (status, body).
-async fn request(
-    proxy: SocketAddr,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<(u16, String), String> {
-    let fut = async {
-        let mut s = TcpStream::connect(proxy).await.map_err(|e| e.to_string())?;
-        let mut req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status: u16 = text
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .map_err(|_| format!("{host}{path}: no answer within 10 s"))?
 }
 
 fn discovery(echo: SocketAddr, v2: SocketAddr, items: SocketAddr, hole: SocketAddr) -> String {
@@ -234,16 +198,7 @@ async fn rules_route_by_host_path_and_header_and_split_by_weight_in_strait_and_e
     let cp = start_cp(&reg, "east", "us-east").await;
 
     // The strait proxy.
-    let outbound = free_addr();
-    let node = proxy::xds::node(
-        "proxy-1",
-        "east",
-        ("us-east", "us-east-1a", ""),
-        &[],
-        outbound,
-        false,
-    );
-    let client = XdsClient::start(XdsOptions::new(format!("http://{}", cp.xds_addr), node));
+    let (client, outbound) = support::east_client(cp.xds_addr);
     let _dp = Dataplane::start(client.config.clone());
 
     // Envoy, from the same control plane.

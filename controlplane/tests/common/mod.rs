@@ -180,13 +180,27 @@ pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinH
 
 /// GET / with `Host: host` through `proxy`; the status and body.
 pub async fn get(proxy: SocketAddr, host: &str) -> Result<(u16, String), String> {
+    request(proxy, host, "/", &[]).await
+}
+
+/// GET `path` with `Host: host` and `headers` through `proxy` (`connection: close`); the status
+/// and body.
+pub async fn request(
+    proxy: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
     let fut = async {
         let mut s = TcpStream::connect(proxy).await.map_err(|e| e.to_string())?;
-        s.write_all(
-            format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let mut req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&out).into_owned();
@@ -201,9 +215,9 @@ pub async fn get(proxy: SocketAddr, host: &str) -> Result<(u16, String), String>
             .unwrap_or_default();
         Ok((status, body))
     };
-    tokio::time::timeout(Duration::from_secs(5), fut)
+    tokio::time::timeout(Duration::from_secs(10), fut)
         .await
-        .map_err(|_| "request timed out".to_string())?
+        .map_err(|_| format!("{host}{path}: no answer within 10 s"))?
 }
 
 /// Poll `f` until it returns `Some`, at most `within`; panics with `what` and the last value.

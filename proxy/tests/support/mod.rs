@@ -1,0 +1,25 @@
+//! Helpers shared by the proxy's integration tests.
+
+use std::net::SocketAddr;
+
+use proxy::xds::{XdsClient, XdsOptions};
+
+/// The xDS client of a strait proxy `proxy-1` of cluster east (us-east/us-east-1a, no gateway)
+/// fed by the control plane at `xds` over plaintext, with its outbound HTTP listener on a free
+/// loopback address (returned).
+pub fn east_client(xds: SocketAddr) -> (XdsClient, SocketAddr) {
+    let port = federation::etcd_server::free_port().expect("a free port");
+    let outbound = SocketAddr::from(([127, 0, 0, 1], port));
+    let node = proxy::xds::node(
+        "proxy-1",
+        "east",
+        ("us-east", "us-east-1a", ""),
+        &[],
+        outbound,
+        false,
+    );
+    (
+        XdsClient::start(XdsOptions::new(format!("http://{xds}"), node)),
+        outbound,
+    )
+}
