@@ -208,9 +208,8 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
             current: dataplane.watch(),
         },
     ));
-    tokio::signal::ctrl_c()
-        .await
-        .map_err(|e| anyhow::anyhow!("waiting for ctrl-c: {e}"))?;
+    // SIGTERM (what Kubernetes sends) or SIGINT.
+    crate::shutdown_signal().await;
     admin_task.abort();
     drop(dataplane);
     drop(client);

@@ -1,6 +1,6 @@
 //! `strait proxy run` as an operator runs it: a real process fed by a real control plane (with
 //! a real etcd) serves HTTP on its outbound listener, reports ready on its admin port only once
-//! configured, shows its clusters and config, and stops on SIGINT.
+//! configured, shows its clusters and config, and exits cleanly on SIGTERM.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -96,7 +96,7 @@ async fn strait_proxy_run_serves_what_the_control_plane_says() {
 
     // The proxy first: not ready while there is no control plane.
     let (outbound, admin) = (addr(), addr());
-    let _proxy = Proc(
+    let mut proxy = Proc(
         Command::new(BIN)
             .args(["proxy", "run", "--node-id", "app-1", "--cluster", "east"])
             .args(["--locality", "us-east/us-east-1a", "--label", "version=v1"])
@@ -182,6 +182,25 @@ async fn strait_proxy_run_serves_what_the_control_plane_says() {
         metrics.contains("strait_proxy_xds_nacks_total 0"),
         "{metrics}"
     );
+
+    // SIGTERM (what Kubernetes sends): a clean exit.
+    let kill = Command::new("kill")
+        .args(["-TERM", &proxy.0.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = proxy.0.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not stop within 10 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit after SIGTERM: {status}");
     cp.shutdown().await;
 }
 
