@@ -722,8 +722,26 @@ pub fn tcp_listener(service: &ServiceKey, port: u16, addr: SocketAddr) -> listen
 }
 
 /// A proxyless gRPC client's listener for target `xds:///NAME` (an `api_listener` with an inline
-/// route to the service port's cluster).
-pub fn grpc_listener(name: &str, cluster: String) -> listener::Listener {
+/// route configuration): the service policy's HTTP rules (path, headers — gRPC metadata — and
+/// weighted destinations; gRPC takes deadlines and retries from its own call options, so the
+/// rules' timeout and retries are left out), then the route to the service port's cluster.
+pub fn grpc_listener(
+    name: &str,
+    cluster: String,
+    rules: &[ResolvedRule<'_>],
+) -> listener::Listener {
+    let mut routes: Vec<route::Route> = rules
+        .iter()
+        .map(|r| {
+            let mut route = rule_route(r);
+            if let Some(route::route::Action::Route(a)) = &mut route.action {
+                a.retry_policy = None;
+                a.timeout = None;
+            }
+            route
+        })
+        .collect();
+    routes.push(route_to(cluster, false));
     let h = hcm::HttpConnectionManager {
         stat_prefix: name.to_string(),
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
@@ -732,7 +750,7 @@ pub fn grpc_listener(name: &str, cluster: String) -> listener::Listener {
                 virtual_hosts: vec![route::VirtualHost {
                     name: name.to_string(),
                     domains: vec!["*".to_string()],
-                    routes: vec![route_to(cluster, false)],
+                    routes,
                     ..Default::default()
                 }],
                 ..Default::default()

@@ -415,7 +415,11 @@ pub fn build_from(
     let mut tcp_ports: Vec<(&ServiceKey, u16)> = Vec::new();
     let services = services(snapshot, &settings.cluster);
     for (skey, service) in &services {
+        let has_rules = snapshot
+            .policy_for(skey)
+            .is_some_and(|p| !p.http.is_empty());
         if let Some((ps, pv)) = prev
+            && !has_rules
             && same_service(ps, snapshot, skey)
         {
             // Unchanged: take the previous resources as they are.
@@ -503,13 +507,21 @@ pub fn build_from(
                     if i == 0 {
                         names.push(format!("{}.{}", skey.name, skey.namespace));
                     }
+                    let rules = resolve_rules(snapshot, &services, skey, port.port);
+                    let refs: Vec<String> = std::iter::once(name.clone())
+                        .chain(
+                            rules
+                                .iter()
+                                .flat_map(|r| r.clusters.iter().map(|(c, _)| c.clone())),
+                        )
+                        .collect();
                     for n in names {
                         view.types[TypeKind::Listener as usize].insert(
                             n.clone(),
                             Arc::new(Resource::new(
                                 n.clone(),
-                                grpc_listener(&n, name.clone()),
-                                vec![name.clone()],
+                                grpc_listener(&n, name.clone(), &rules),
+                                refs.clone(),
                             )),
                         );
                     }

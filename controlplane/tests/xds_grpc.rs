@@ -1,6 +1,7 @@
 //! A proxyless gRPC client (PyPI grpcio) calling `xds:///echo.default`, configured by the
 //! control plane over ADS: answers come from priority 0, then from priority 1 once priority 0
-//! is taken away, then from priority 0 again; the client never NACKs.
+//! is taken away, then from priority 0 again; the client never NACKs. A service policy's HTTP
+//! rules route by gRPC metadata too.
 
 mod common;
 
@@ -56,30 +57,13 @@ async fn proxyless_grpc_follows_priorities() {
     reg.publish(&discovery(a, "healthy", b)).await;
     let cp = start_cp(&reg, "east", "us-east").await;
 
-    let spec = BootstrapSpec {
-        node_id: "grpc-client-1".into(),
-        cluster: Name::parse("c", "east").unwrap(),
-        locality: Locality::parse("l", "us-east/us-east-1a").unwrap(),
-        labels: Labels::default(),
-        xds: cp.xds_addr,
-        tls: None,
-        delta: false,
-        admin: free_addr(),
-        outbound: free_addr(),
-        gateway: None,
-    };
-    let bootstrap = dir.path().join("grpc-bootstrap.json");
-    std::fs::write(&bootstrap, serde_json::to_vec(&grpc(&spec)).unwrap()).unwrap();
-    let mut child = Command::new(python())
-        .arg(grpc_script())
-        .args(["client", "xds:///echo.default"])
-        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let _client = Py(child);
+    let (mut lines, _client) = grpc_client(
+        dir.path(),
+        "grpc-client-1",
+        cp.xds_addr,
+        "xds:///echo.default",
+        &[],
+    );
 
     expect_all(&mut lines, "A", 10, "answers from A (priority 0)").await;
     reg.publish(&discovery(a, "unhealthy", b)).await;
@@ -109,5 +93,100 @@ async fn proxyless_grpc_follows_priorities() {
     let lds = v["sent"]["LDS"]["resources"].as_array().unwrap();
     assert_eq!(lds.len(), 1, "only the subscribed listener: {debug}");
     assert_eq!(lds[0]["name"], "echo.default");
+    cp.shutdown().await;
+}
+
+/// A proxyless gRPC client of `target` with `metadata` (KEY=VALUE), bootstrapped for cluster
+/// east from the control plane at `xds`; its answers, line by line.
+fn grpc_client(
+    dir: &std::path::Path,
+    node_id: &str,
+    xds: SocketAddr,
+    target: &str,
+    metadata: &[&str],
+) -> (Lines<BufReader<ChildStdout>>, Py) {
+    let spec = BootstrapSpec {
+        node_id: node_id.into(),
+        cluster: Name::parse("c", "east").unwrap(),
+        locality: Locality::parse("l", "us-east/us-east-1a").unwrap(),
+        labels: Labels::default(),
+        xds,
+        tls: None,
+        delta: false,
+        admin: free_addr(),
+        outbound: free_addr(),
+        gateway: None,
+    };
+    let bootstrap = dir.join(format!("{node_id}.json"));
+    std::fs::write(&bootstrap, serde_json::to_vec(&grpc(&spec)).unwrap()).unwrap();
+    let mut child = Command::new(python())
+        .arg(grpc_script())
+        .args(["client", target])
+        .args(metadata)
+        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (lines, Py(child))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxyless_grpc_follows_http_rules_by_metadata() {
+    use federation::registry::RegistryKey;
+    use federation::registry::codec::encode_policy;
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path()).await;
+    let (a, _sa) = grpc_server("A").await;
+    let (v2, _sv2) = grpc_server("V2").await;
+    reg.publish(&format!(
+        "cluster: east\nregion: us-east\nservices:\n\
+         \x20 - name: echo\n    ports: [{{name: grpc, port: 9090, protocol: grpc}}]\n    endpoints: [{{address: 127.0.0.1, port: {}, zone: us-east-1a}}]\n\
+         \x20 - name: echo-v2\n    ports: [{{name: grpc, port: 9090, protocol: grpc}}]\n    endpoints: [{{address: 127.0.0.1, port: {}, zone: us-east-1a}}]\n",
+        a.port(),
+        v2.port()
+    ))
+    .await;
+    let policies = federation::policy_file::parse(
+        "p.yaml",
+        "policies:\n  - service: echo.default\n    http:\n      - match: {headers: [{name: x-canary, exact: \"1\"}]}\n        to: [{service: echo-v2.default}]\n        retries: {attempts: 1, on: [5xx]}\n",
+    )
+    .expect("policy");
+    for p in policies {
+        reg.put(
+            RegistryKey::Policy(p.scope.clone()).encode(),
+            encode_policy(&p),
+        )
+        .await;
+    }
+    let cp = start_cp(&reg, "east", "us-east").await;
+
+    let (mut plain, _p1) = grpc_client(
+        dir.path(),
+        "grpc-plain",
+        cp.xds_addr,
+        "xds:///echo.default",
+        &[],
+    );
+    let (mut canary, _p2) = grpc_client(
+        dir.path(),
+        "grpc-canary",
+        cp.xds_addr,
+        "xds:///echo.default",
+        &["x-canary=1"],
+    );
+    expect_all(&mut plain, "A", 10, "calls without the header to echo").await;
+    expect_all(&mut canary, "V2", 10, "calls with x-canary: 1 to echo-v2").await;
+
+    let metrics = admin_get(cp.admin_addr, "/metrics").await.unwrap();
+    for t in ["CDS", "EDS", "LDS"] {
+        assert_eq!(
+            metric(&metrics, &format!("strait_xds_nacks_total{{type=\"{t}\"}}")),
+            Some(0.0),
+            "{t} NACKs\n{metrics}"
+        );
+    }
     cp.shutdown().await;
 }

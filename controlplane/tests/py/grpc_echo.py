@@ -47,12 +47,12 @@ def serve(name, port):
     server.wait_for_termination()
 
 
-def client(target):
+def client(target, metadata=()):
     channel = grpc.insecure_channel(target)
     say = channel.unary_unary(METHOD)
     while True:
         try:
-            reply = say(b"hi", timeout=2, wait_for_ready=False)
+            reply = say(b"hi", timeout=2, wait_for_ready=False, metadata=metadata)
             print(reply.decode(), flush=True)
         except grpc.RpcError as e:
             print(f"ERR {e.code().name} {e.details()}", flush=True)
@@ -95,7 +95,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "client":
-        client(sys.argv[2])
+        # client TARGET [KEY=VALUE ...]: the metadata sent with every call
+        client(sys.argv[2], tuple(tuple(kv.split("=", 1)) for kv in sys.argv[3:]))
     elif sys.argv[1] == "check":
         check(sys.argv[2], sys.argv[3])
     else:
