@@ -370,17 +370,7 @@ fn main() {
             serde_json::to_vec(&envoy_bootstrap(envoy_out, admin, backend)).expect("json"),
         )
         .expect("write");
-        let envoy = Proc(
-            Command::new(envoy_binary())
-                .arg("-c")
-                .arg(&boot)
-                .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("envoy starts (run `cargo xtask setup`)"),
-        );
+        let envoy = spawn_envoy(&boot);
         pin(envoy.0.id(), "0");
         wait_serving(envoy_out, "envoy").await;
 
@@ -477,6 +467,21 @@ async fn h2load(to: SocketAddr, secs: u64) -> Option<f64> {
         .and_then(|l| l.split(", ").nth(1))
         .and_then(|r| r.strip_suffix(" req/s"))
         .and_then(|r| r.trim().parse().ok())
+}
+
+/// Envoy with the bootstrap at `boot`, one worker.
+fn spawn_envoy(boot: &Path) -> Proc {
+    Proc(
+        Command::new(envoy_binary())
+            .arg("-c")
+            .arg(boot)
+            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("envoy starts (run `cargo xtask setup`)"),
+    )
 }
 
 /// `strait proxy run` of cluster east (us-east/us-east-1a) with one worker.
@@ -599,17 +604,7 @@ async fn scale(d: &Path, etcd: &EtcdServer, xds: SocketAddr) {
     let boot = d.join("envoy-scale.json");
     std::fs::write(&boot, controlplane::bootstrap::envoy(&spec).to_string()).expect("write");
     let started = Instant::now();
-    let envoy = Proc(
-        Command::new(envoy_binary())
-            .arg("-c")
-            .arg(&boot)
-            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("envoy starts"),
-    );
+    let envoy = spawn_envoy(&boot);
     let envoy_took = loop {
         let stats = admin_get(
             envoy_admin,

@@ -89,6 +89,25 @@ async fn get(proxy: SocketAddr, host: &str) -> Result<(u16, String, String), Str
     Ok((status, body.to_string(), reason))
 }
 
+/// Outlier detection has ejected endpoint `addr` of `cluster`, which is still configured.
+fn assert_ejected(dp: &Dataplane, cluster: &str, addr: SocketAddr) {
+    let compiled = dp.current();
+    let dead = compiled
+        .clusters
+        .get(cluster)
+        .expect("the cluster")
+        .balancer
+        .hosts()
+        .iter()
+        .find(|h| h.upstream == proxy::config::Upstream::Direct(addr))
+        .cloned()
+        .expect("the endpoint is still configured");
+    assert!(
+        dead.state.ejected(std::time::Instant::now()),
+        "outlier detection ejected {addr}"
+    );
+}
+
 fn discovery(a: SocketAddr, b: SocketAddr) -> String {
     format!(
         "cluster: east\nregion: us-east\nservices:\n  - name: echo\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1b}}\n",
@@ -215,21 +234,7 @@ async fn requests_fail_over_to_priority_one_without_a_single_error() {
             "request {i} after A died"
         );
     }
-    let compiled = dp.current();
-    let cluster = compiled
-        .clusters
-        .get("echo.default:8080")
-        .expect("the cluster");
-    let dead = cluster
-        .balancer
-        .hosts()
-        .iter()
-        .find(|h| h.upstream == proxy::config::Upstream::Direct(a))
-        .expect("A is still configured");
-    assert!(
-        dead.state.ejected(std::time::Instant::now()),
-        "outlier detection ejected A"
-    );
+    assert_ejected(&dp, "echo.default:8080", a);
 
     // A comes back on its address: once its ejection (5 s) ends, priority 0 serves again.
     let (_, _a_again) = backend_at("A", a).await;
@@ -389,21 +394,7 @@ async fn tcp_connections_reach_the_service_and_move_when_an_endpoint_dies() {
             "connection {i} after A died"
         );
     }
-    let compiled = dp.current();
-    let cluster = compiled
-        .clusters
-        .get(&format!("db.default:{port}"))
-        .expect("the cluster");
-    let dead = cluster
-        .balancer
-        .hosts()
-        .iter()
-        .find(|h| h.upstream == proxy::config::Upstream::Direct(a))
-        .expect("A is still configured");
-    assert!(
-        dead.state.ejected(std::time::Instant::now()),
-        "outlier detection ejected A"
-    );
+    assert_ejected(&dp, &format!("db.default:{port}"), a);
 
     // A connection with no bytes either way for the idle timeout is closed; one that keeps
     // talking stays open well past it.

@@ -54,10 +54,7 @@ async fn grpc_unary_bidirectional_streaming_trailers_and_errors_pass_through() {
     let d = dir.path();
     let reg = Registry::start(d).await;
     let (server, _server) = grpc_server("east-1").await;
-    let yaml = format!(
-        "cluster: east\nregion: us-east\nservices:\n  - name: echo\n    ports: [{{name: grpc, port: 9090, protocol: grpc}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n",
-        server.port()
-    );
+    let yaml = support::one_service("echo", "grpc", 9090, server);
     let (cp, _client, dp, outbound) = proxy_with(d, &reg, &yaml, DataplaneOptions::default()).await;
     assert!(
         dp.current()
@@ -101,10 +98,7 @@ async fn http2_clients_reach_http1_services() {
     let d = dir.path();
     let reg = Registry::start(d).await;
     let (backend, _b) = http_backend("east-http").await;
-    let yaml = format!(
-        "cluster: east\nregion: us-east\nservices:\n  - name: web\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n",
-        backend.port()
-    );
+    let yaml = support::one_service("web", "http", 8080, backend);
     let (cp, _client, dp, outbound) = proxy_with(d, &reg, &yaml, DataplaneOptions::default()).await;
     wait_for(Duration::from_secs(20), "HTTP/1.1 to be served", || async {
         match get(outbound, "web.default").await {
@@ -169,10 +163,7 @@ async fn bad_clients_get_their_error_and_others_are_served() {
     let d = dir.path();
     let reg = Registry::start(d).await;
     let (backend, _b) = http_backend("east-http").await;
-    let yaml = format!(
-        "cluster: east\nregion: us-east\nservices:\n  - name: web\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n",
-        backend.port()
-    );
+    let yaml = support::one_service("web", "http", 8080, backend);
     let options = DataplaneOptions {
         header_read_timeout: Duration::from_secs(1),
         max_request_headers: 16 * 1024,
@@ -319,10 +310,7 @@ async fn websocket_upgrades_pass_through_both_ways_with_half_close() {
     let d = dir.path();
     let reg = Registry::start(d).await;
     let (backend, _b) = upgrade_backend().await;
-    let yaml = format!(
-        "cluster: east\nregion: us-east\nservices:\n  - name: ws\n    ports: [{{name: http, port: 8080, protocol: http}}]\n    endpoints:\n      - {{address: 127.0.0.1, port: {}, zone: us-east-1a}}\n",
-        backend.port()
-    );
+    let yaml = support::one_service("ws", "http", 8080, backend);
     let (cp, _client, dp, outbound) = proxy_with(d, &reg, &yaml, DataplaneOptions::default()).await;
     wait_for(
         Duration::from_secs(20),
