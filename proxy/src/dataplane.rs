@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use crate::config::{
     ClusterConfig, ListenerKind, RouteEntry, RouteSource, RouteTable, RouteTarget, Upstream,
 };
-use crate::lb::{Balancer, Host, Outcome, Random, ThreadRandom};
+use crate::lb::{Balancer, Host, Outcome, Random, ThreadRandom, Tried};
 use crate::tunnel::{Connector, Gateway, tunnel_authority};
 use crate::xds::ProxyConfig;
 
@@ -494,8 +494,7 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
         .as_ref()
         .filter(|_| replay)
         .map_or(0, |r| r.num_retries);
-    let mut tried_hosts: Vec<Arc<Host>> = Vec::new();
-    let mut tried_priorities: Vec<usize> = Vec::new();
+    let mut tried = Tried::default();
     let mut last: Option<Response<Body>> = None;
     for attempt in 0..max_attempts {
         if attempt > 0
@@ -509,26 +508,18 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
         }
         let now = Instant::now();
         let policy = route.retry.as_ref();
-        let avoid_p = if policy.is_some_and(|p| p.other_priority) {
-            tried_priorities.as_slice()
-        } else {
-            &[]
-        };
-        let avoid_h = if policy.is_some_and(|p| p.other_host) {
-            tried_hosts.as_slice()
-        } else {
-            &[]
-        };
-        let Some(host) = cluster.balancer.pick(&mut rng, now, avoid_p, avoid_h) else {
+        let Some(host) = tried.next(
+            &cluster.balancer,
+            &mut rng,
+            now,
+            policy.is_some_and(|p| p.other_priority),
+            policy.is_some_and(|p| p.other_host),
+        ) else {
             return local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("no healthy upstream in cluster {cluster_name}"),
             );
         };
-        tried_hosts.push(host.clone());
-        if !tried_priorities.contains(&host.priority) {
-            tried_priorities.push(host.priority);
-        }
         let body = match (&buffered, stream_body.take()) {
             (Some(b), _) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
             (None, Some(b)) => b,
@@ -711,21 +702,13 @@ async fn upgrade(
     let (parts, _) = req.into_parts();
     let mut rng = ThreadRandom;
     let attempts = 1 + route.retry.as_ref().map_or(0, |r| r.num_retries);
-    let mut tried_hosts: Vec<Arc<Host>> = Vec::new();
-    let mut tried_priorities: Vec<usize> = Vec::new();
+    let mut tried = Tried::default();
     let mut last = None;
     for _ in 0..attempts {
         let now = Instant::now();
-        let Some(host) = cluster
-            .balancer
-            .pick(&mut rng, now, &tried_priorities, &tried_hosts)
-        else {
+        let Some(host) = tried.next(&cluster.balancer, &mut rng, now, true, true) else {
             break;
         };
-        tried_hosts.push(host.clone());
-        if !tried_priorities.contains(&host.priority) {
-            tried_priorities.push(host.priority);
-        }
         let body = Full::new(Bytes::new())
             .map_err(|never| match never {})
             .boxed();

@@ -425,3 +425,36 @@ impl Balancer {
         true
     }
 }
+
+/// The hosts and priorities one request (or connection) has tried, for retries that move on.
+#[derive(Default)]
+pub struct Tried {
+    hosts: Vec<Arc<Host>>,
+    priorities: Vec<usize>,
+}
+
+impl Tried {
+    /// The next host from `balancer`, avoiding the priorities and the hosts tried so far where
+    /// asked; it counts as tried from now on.
+    pub fn next(
+        &mut self,
+        balancer: &Balancer,
+        rng: &mut dyn Random,
+        now: Instant,
+        other_priority: bool,
+        other_host: bool,
+    ) -> Option<Arc<Host>> {
+        let avoid_p: &[usize] = if other_priority {
+            &self.priorities
+        } else {
+            &[]
+        };
+        let avoid_h: &[Arc<Host>] = if other_host { &self.hosts } else { &[] };
+        let host = balancer.pick(rng, now, avoid_p, avoid_h)?;
+        self.hosts.push(host.clone());
+        if !self.priorities.contains(&host.priority) {
+            self.priorities.push(host.priority);
+        }
+        Some(host)
+    }
+}

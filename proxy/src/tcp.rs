@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::{ListenerKind, TCP_IDLE_TIMEOUT, Upstream};
 use crate::dataplane::Compiled;
-use crate::lb::{Host, Outcome, ThreadRandom};
+use crate::lb::{Host, Outcome, ThreadRandom, Tried};
 
 /// Connection attempts per downstream connection (on different hosts and priorities).
 pub const CONNECT_ATTEMPTS: usize = 3;
@@ -68,21 +68,12 @@ pub(crate) async fn proxy_one(
         return Err(format!("cluster {cluster_name} is at max_connections"));
     };
     let mut rng = ThreadRandom;
-    let mut tried_hosts: Vec<Arc<Host>> = Vec::new();
-    let mut tried_priorities: Vec<usize> = Vec::new();
+    let mut tried = Tried::default();
     let mut errors = Vec::new();
     for _ in 0..CONNECT_ATTEMPTS {
-        let Some(host) =
-            cluster
-                .balancer
-                .pick(&mut rng, Instant::now(), &tried_priorities, &tried_hosts)
-        else {
+        let Some(host) = tried.next(&cluster.balancer, &mut rng, Instant::now(), true, true) else {
             break;
         };
-        tried_hosts.push(host.clone());
-        if !tried_priorities.contains(&host.priority) {
-            tried_priorities.push(host.priority);
-        }
         match connect(compiled, &host, cluster.config.connect_timeout).await {
             Ok(up) => {
                 cluster
