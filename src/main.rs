@@ -1,8 +1,10 @@
 //! `strait`: one binary for every role and every operator task of the Strait federation gateway.
 #![forbid(unsafe_code)]
 
+mod chaos;
 mod demo;
 mod etcd_args;
+mod lab;
 mod pki_cmd;
 mod policy_cmd;
 mod proxy_cmd;
@@ -72,6 +74,14 @@ enum Command {
         #[command(subcommand)]
         cmd: proxy_cmd::ProxyCommand,
     },
+    /// A local multi-cluster federation on this machine: `up`, `status`, `down`.
+    Lab {
+        #[command(subcommand)]
+        cmd: lab::LabCommand,
+    },
+    /// Faults in a running lab: cut, heal, degrade, flap, isolate, kill, restart; `run` a
+    /// scenario under load and write its report.
+    Chaos(chaos::ChaosArgs),
     /// A guided tour of what Strait can do on this machine.
     Demo(demo::DemoArgs),
 }
@@ -119,6 +129,8 @@ fn main() -> std::process::ExitCode {
         Command::Route { cmd } => run_async(route_cmd::run(cmd)),
         Command::Policy { cmd } => run_async(policy_cmd::run(cmd)),
         Command::Demo(args) => run_async(demo::run(args)),
+        Command::Lab { cmd } => run_async(lab::run(cmd)),
+        Command::Chaos(args) => run_async(chaos::run(args)),
         Command::Gateway { config } => run_async(run_gateway(config)),
         Command::Controlplane { config } => run_async(run_controlplane(config)),
         Command::Proxy { cmd } => proxy_cmd::run(cmd),

@@ -1,0 +1,346 @@
+//! `strait chaos`: faults injected into a running lab — links cut, healed, degraded (loss,
+//! delay, jitter with `tc netem`) and flapped; clusters isolated (from every other cluster and
+//! from etcd); components killed (SIGKILL) and restarted — and `chaos run`, timed scenarios under
+//! load with a report. See docs/lab.md.
+
+pub mod load;
+pub mod report;
+pub mod scenario;
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::lab::state::{Lab, LinkState, Role};
+use crate::lab::{self, LabDir};
+
+#[derive(Debug, clap::Args)]
+pub struct ChaosArgs {
+    #[command(flatten)]
+    pub at: LabDir,
+    #[command(subcommand)]
+    pub cmd: ChaosCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ChaosCommand {
+    #[command(flatten)]
+    Action(Action),
+    /// Run a scenario (timed steps under load) and write its report.
+    Run(scenario::RunArgs),
+}
+
+/// One fault, or its repair. Scenario steps are these, written as on the command line.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Action {
+    /// Cut the link between A and B (every packet dropped, both ways).
+    Cut { a: String, b: String },
+    /// Heal the link between A and B; with only A, every link of A; `--all`, every link.
+    Heal {
+        a: Option<String>,
+        b: Option<String>,
+        #[arg(long, conflicts_with = "a")]
+        all: bool,
+    },
+    /// Degrade the link between A and B: round-trip loss, added round-trip delay and jitter.
+    Degrade {
+        a: String,
+        b: String,
+        /// Round-trip loss, e.g. `30%` (each direction loses 1 - √(1 - L)).
+        #[arg(long, value_parser = parse_ratio, default_value = "0%")]
+        loss: f64,
+        /// Added round-trip delay, e.g. `200ms` (half each way).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0ms")]
+        delay: Duration,
+        /// Added round-trip jitter, e.g. `20ms`.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0ms")]
+        jitter: Duration,
+    },
+    /// Cut and heal the link between A and B in turn (half a period each), for a while.
+    Flap {
+        a: String,
+        b: String,
+        /// One cut-and-heal cycle.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        period: Duration,
+        /// How long to flap (the link is healed at the end).
+        #[arg(long = "for", value_parser = humantime::parse_duration, default_value = "30s")]
+        duration: Duration,
+    },
+    /// Cut cluster A from every other cluster and from etcd.
+    Isolate { a: String },
+    /// Kill (SIGKILL) a component: gateway|controlplane|client A, echo A[/ZONE], etcd.
+    Kill {
+        #[arg(value_parser = parse_role)]
+        role: Role,
+        target: Option<String>,
+    },
+    /// Start a component again (killing it first if it runs) and wait until it is ready.
+    Restart {
+        #[arg(value_parser = parse_role)]
+        role: Role,
+        target: Option<String>,
+    },
+}
+
+impl Action {
+    /// The action as written on the command line (`cut east west`).
+    pub fn describe(&self) -> String {
+        match self {
+            Action::Cut { a, b } => format!("cut {a} {b}"),
+            Action::Heal { all: true, .. } => "heal --all".into(),
+            Action::Heal { a, b, .. } => format!(
+                "heal {}{}",
+                a.as_deref().unwrap_or(""),
+                b.as_deref().map(|b| format!(" {b}")).unwrap_or_default()
+            ),
+            Action::Degrade {
+                a,
+                b,
+                loss,
+                delay,
+                jitter,
+            } => format!(
+                "degrade {a} {b} --loss {:.0}% --delay {delay:?} --jitter {jitter:?}",
+                loss * 100.0
+            ),
+            Action::Flap {
+                a,
+                b,
+                period,
+                duration,
+            } => format!("flap {a} {b} --period {period:?} --for {duration:?}"),
+            Action::Isolate { a } => format!("isolate {a}"),
+            Action::Kill { role, target } => {
+                format!("kill {} {}", role.as_str(), target.as_deref().unwrap_or(""))
+                    .trim_end()
+                    .to_string()
+            }
+            Action::Restart { role, target } => format!(
+                "restart {} {}",
+                role.as_str(),
+                target.as_deref().unwrap_or("")
+            )
+            .trim_end()
+            .to_string(),
+        }
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let (num, scale) = match s.strip_suffix('%') {
+        Some(n) => (n, 100.0),
+        None => (s, 1.0),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a ratio like 30% or 0.3"))?;
+    let v = v / scale;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("`{s}`: must be between 0% and 100%"));
+    }
+    Ok(v)
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    match s {
+        "etcd" => Ok(Role::Etcd),
+        "controlplane" => Ok(Role::Controlplane),
+        "gateway" => Ok(Role::Gateway),
+        "echo" => Ok(Role::Echo),
+        "client" => Ok(Role::Client),
+        _ => Err(format!(
+            "`{s}`: expected gateway, controlplane, client, echo or etcd"
+        )),
+    }
+}
+
+pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    match args.cmd {
+        ChaosCommand::Action(action) => {
+            let mut lab = Lab::load(&args.at.dir)?;
+            apply(&mut lab, &action).await?;
+            println!("done: {}", action.describe());
+            Ok(())
+        }
+        ChaosCommand::Run(run) => scenario::run(&args.at.dir, run).await,
+    }
+}
+
+/// Parse a scenario step (`cut east west`) as the command line would.
+pub fn parse_step(step: &str) -> anyhow::Result<Action> {
+    #[derive(clap::Parser, Debug)]
+    #[command(name = "step", no_binary_name = true)]
+    struct Step {
+        #[command(subcommand)]
+        action: Action,
+    }
+    use clap::Parser as _;
+    let words = step.split_whitespace();
+    Step::try_parse_from(words)
+        .map(|s| s.action)
+        .map_err(|e| anyhow::anyhow!("step `{step}`: {}", e.render().to_string().trim()))
+}
+
+/// Set one link's state and shape it; the error names the link.
+fn set_link(lab: &mut Lab, a: &str, b: &str, state: LinkState) -> anyhow::Result<()> {
+    let i = lab.link_index(a, b)?;
+    lab.links[i].state = state;
+    lab::shape(&lab.links[i], &lab.shaper).map_err(|e| anyhow::anyhow!("link {a} ↔ {b}: {e}"))?;
+    lab.save()
+}
+
+fn check_place(lab: &Lab, p: &str) -> anyhow::Result<()> {
+    if p == "etcd" {
+        return Ok(());
+    }
+    lab.cluster(p).map(|_| ())
+}
+
+/// Apply one action to the lab (and save its state). `flap` returns when it is over.
+pub async fn apply(lab: &mut Lab, action: &Action) -> anyhow::Result<()> {
+    match action {
+        Action::Cut { a, b } => set_link(lab, a, b, LinkState::Cut),
+        Action::Heal { all: true, .. } => {
+            for l in lab.links.clone() {
+                set_link(lab, &l.a, &l.b, LinkState::Up)?;
+            }
+            Ok(())
+        }
+        Action::Heal {
+            a: Some(a),
+            b: Some(b),
+            ..
+        } => set_link(lab, a, b, LinkState::Up),
+        Action::Heal {
+            a: Some(a),
+            b: None,
+            ..
+        } => {
+            check_place(lab, a)?;
+            for l in lab.links.clone() {
+                if l.a == *a || l.b == *a {
+                    set_link(lab, &l.a, &l.b, LinkState::Up)?;
+                }
+            }
+            Ok(())
+        }
+        Action::Heal { a: None, .. } => bail!("heal: name a link (A B), a place (A) or --all"),
+        Action::Degrade {
+            a,
+            b,
+            loss,
+            delay,
+            jitter,
+        } => set_link(
+            lab,
+            a,
+            b,
+            LinkState::Degraded {
+                loss: *loss,
+                delay_ms: delay.as_secs_f64() * 1000.0,
+                jitter_ms: jitter.as_secs_f64() * 1000.0,
+            },
+        ),
+        Action::Flap {
+            a,
+            b,
+            period,
+            duration,
+        } => {
+            lab.link_index(a, b)?;
+            let half = *period / 2;
+            let end = tokio::time::Instant::now() + *duration;
+            let mut next = tokio::time::Instant::now();
+            while next < end {
+                set_link(lab, a, b, LinkState::Cut)?;
+                next += half;
+                tokio::time::sleep_until(next.min(end)).await;
+                set_link(lab, a, b, LinkState::Up)?;
+                next += half;
+                tokio::time::sleep_until(next.min(end)).await;
+            }
+            set_link(lab, a, b, LinkState::Up)
+        }
+        Action::Isolate { a } => {
+            lab.cluster(a)?;
+            for l in lab.links.clone() {
+                if l.a == *a || l.b == *a {
+                    set_link(lab, &l.a, &l.b, LinkState::Cut)?;
+                }
+            }
+            Ok(())
+        }
+        Action::Kill { role, target } => {
+            let chosen = select(lab, *role, target.as_deref())?;
+            for i in chosen {
+                let p = &mut lab.processes[i];
+                if lab::alive(p.pid) {
+                    lab::signal(p.pid, "KILL")
+                        .map_err(|e| anyhow::anyhow!("killing {}: {e}", p.label()))?;
+                }
+                p.pid = 0;
+            }
+            lab.save()
+        }
+        Action::Restart { role, target } => {
+            let chosen = select(lab, *role, target.as_deref())?;
+            for &i in &chosen {
+                let p = &mut lab.processes[i];
+                if lab::alive(p.pid) {
+                    let _ = lab::signal(p.pid, "KILL");
+                    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                    while lab::alive(p.pid) && std::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                lab::spawn(p).with_context(|| format!("restarting {}", p.label()))?;
+            }
+            lab.save()?;
+            let clusters: Vec<Option<String>> =
+                chosen.iter().map(|&i| lab.processes[i].cluster.clone()).collect();
+            for c in clusters {
+                lab::wait_ready(lab, *role, c.as_deref(), Duration::from_secs(30)).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The processes an action on `role` and `target` (`A` or `A/ZONE`) means.
+fn select(lab: &Lab, role: Role, target: Option<&str>) -> anyhow::Result<Vec<usize>> {
+    let (cluster, zone) = match target {
+        None if role == Role::Etcd => (None, None),
+        None => bail!("{}: name the cluster (e.g. `east`)", role.as_str()),
+        Some(_) if role == Role::Etcd => bail!("etcd is global: no cluster to name"),
+        Some(t) => match t.split_once('/') {
+            Some((c, z)) if role == Role::Echo => (Some(c), Some(z)),
+            Some(_) => bail!("{}: a zone can be named only for echo", role.as_str()),
+            None => (Some(t), None),
+        },
+    };
+    if let Some(c) = cluster {
+        let info = lab.cluster(c)?;
+        if let Some(z) = zone
+            && !info.zones.iter().any(|x| x == z)
+        {
+            bail!("cluster {c} has no zone `{z}` (zones: {})", info.zones.join(", "));
+        }
+    }
+    let chosen: Vec<usize> = lab
+        .processes
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            p.role == role
+                && cluster.is_none_or(|c| p.cluster.as_deref() == Some(c))
+                && zone.is_none_or(|z| p.zone.as_deref() == Some(z))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if chosen.is_empty() {
+        bail!("no {} {} in this lab", role.as_str(), target.unwrap_or(""));
+    }
+    Ok(chosen)
+}

@@ -1,0 +1,1053 @@
+//! `strait lab`: a whole federation on one machine, with real processes. A real etcd in a
+//! "global" place; for each cluster a control plane, a gateway, two zones each running two
+//! replicas of the sample services (`echo` everywhere, `payments` everywhere but the first
+//! cluster), and a client sidecar (`strait proxy run`). In `netns` mode every cluster and etcd
+//! live in their own Linux network namespace, linked by veth pairs (a full mesh, and every
+//! cluster to etcd) shaped with `tc netem`, so `strait chaos` can cut, degrade and flap them.
+//! See docs/lab.md.
+
+pub mod echo;
+pub mod http;
+pub mod netns;
+pub mod state;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use federation::identity::{CertificateAuthority, ExtraNames, SpiffeId};
+use state::{
+    ClientInfo, ClusterInfo, ControlPlaneInfo, EtcdInfo, GatewayInfo, Lab, Link, LinkState, Proc,
+    Role,
+};
+
+/// `strait lab` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Build and start a lab (a lab left over in DIR or under the same name is removed first).
+    Up(UpArgs),
+    /// Every component of the running lab, with its addresses and state.
+    Status {
+        #[command(flatten)]
+        at: LabDir,
+        /// JSON (the lab's state file) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every process, remove the namespaces and the lab's files. Safe to run twice.
+    Down {
+        #[command(flatten)]
+        at: LabDir,
+        /// The lab's name (namespaces `strait-NAME-…`), when DIR has no state file left.
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// The lab's sample service (run by the lab itself).
+    #[command(hide = true)]
+    Echo(echo::EchoArgs),
+}
+
+/// Where the lab keeps its state, certificates, configuration and logs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LabDir {
+    #[arg(long, env = "STRAIT_LAB_DIR", default_value_os_t = default_dir())]
+    pub dir: PathBuf,
+}
+
+pub fn default_dir() -> PathBuf {
+    std::env::temp_dir().join("strait-lab")
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub at: LabDir,
+    /// How many clusters (2–6): east, central (us-east), west (us-west), north, south, pacific.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=6))]
+    pub clusters: u8,
+    /// netns: namespaces, veth links and tc netem (needs root). loopback: not available yet.
+    #[arg(long, default_value = "netns")]
+    pub mode: String,
+    /// The lab's name: its namespaces are `strait-NAME-…`.
+    #[arg(long, default_value = "lab")]
+    pub name: String,
+}
+
+pub async fn run(cmd: LabCommand) -> anyhow::Result<()> {
+    match cmd {
+        LabCommand::Up(args) => {
+            let lab = up(&args).await?;
+            print_status(&lab, false).await;
+            Ok(())
+        }
+        LabCommand::Status { at, json } => {
+            let lab = Lab::load(&at.dir)?;
+            print_status(&lab, json).await;
+            Ok(())
+        }
+        LabCommand::Down { at, name } => down(&at.dir, &name),
+        LabCommand::Echo(args) => echo::run(args).await,
+    }
+}
+
+const CLUSTERS: [(&str, &str); 6] = [
+    ("east", "us-east"),
+    ("central", "us-east"),
+    ("west", "us-west"),
+    ("north", "eu-north"),
+    ("south", "sa-south"),
+    ("pacific", "ap-pacific"),
+];
+const ZONES: [&str; 2] = ["zone-a", "zone-b"];
+/// (service, port, first replica port): replicas listen on consecutive ports from there.
+const SERVICES: [(&str, u16, u16); 2] = [("echo", 8080, 18081), ("payments", 9090, 19081)];
+const TRUST_DOMAIN: &str = "lab.strait";
+/// One-way delay of a link within a region, and between regions.
+const NEAR_MS: f64 = 1.0;
+const FAR_MS: f64 = 10.0;
+
+fn ns_name(lab: &str, place: &str) -> String {
+    format!("strait-{lab}-{place}")
+}
+
+fn runs_service(cluster_index: usize, service: &str) -> bool {
+    service != "payments" || cluster_index != 0
+}
+
+fn say(msg: &str) {
+    println!("\x1b[2m[lab]\x1b[0m {msg}");
+}
+
+/// Build and start a lab; returns its state (also saved in DIR/lab.json).
+pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
+    if args.mode != "netns" {
+        bail!(
+            "--mode {}: only `netns` is available in this version (it needs root); `loopback` is not built yet",
+            args.mode
+        );
+    }
+    if !rustix_is_root() {
+        bail!("the netns lab needs root (network namespaces, veth pairs, tc netem)");
+    }
+    if args.name.is_empty()
+        || args.name.len() > 8
+        || !args
+            .name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    {
+        bail!(
+            "--name `{}`: 1–8 lowercase letters or digits (it is part of namespace names)",
+            args.name
+        );
+    }
+    let dir = args.at.dir.clone();
+    down(&dir, &args.name).context("removing the previous lab")?;
+    std::fs::create_dir_all(dir.join("logs"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("{}", dir.display()))?;
+    let exe = std::env::current_exe().context("locating the strait binary")?;
+    let exe = exe.to_string_lossy().into_owned();
+    let started = Instant::now();
+
+    let n = usize::from(args.clusters);
+    let etcd_ns = ns_name(&args.name, "etcd");
+    let etcd_ip = Ipv4Addr::new(10, 240, 0, 254);
+    let mut lab = Lab {
+        name: args.name.clone(),
+        mode: "netns".into(),
+        dir: dir.clone(),
+        trust_domain: TRUST_DOMAIN.into(),
+        shaper: String::new(),
+        etcd: EtcdInfo {
+            ns: etcd_ns.clone(),
+            addr: SocketAddr::new(etcd_ip.into(), 2379),
+        },
+        clusters: Vec::new(),
+        links: Vec::new(),
+        processes: Vec::new(),
+    };
+    for (i, (name, region)) in CLUSTERS.iter().take(n).enumerate() {
+        let addr = Ipv4Addr::new(10, 240, 0, (i + 1) as u8);
+        let lo = Ipv4Addr::LOCALHOST;
+        let services = SERVICES
+            .iter()
+            .filter(|s| runs_service(i, s.0))
+            .map(|(s, port, _)| format!("{s}.default:{port}"))
+            .collect();
+        lab.clusters.push(ClusterInfo {
+            name: name.to_string(),
+            region: region.to_string(),
+            ns: ns_name(&args.name, name),
+            addr,
+            zones: ZONES.iter().map(|z| z.to_string()).collect(),
+            services,
+            gateway: GatewayInfo {
+                peers: SocketAddr::new(addr.into(), 15443),
+                ingress: SocketAddr::new(lo.into(), 15008),
+                admin: SocketAddr::new(lo.into(), 15000),
+            },
+            controlplane: ControlPlaneInfo {
+                xds: SocketAddr::new(lo.into(), 15010),
+                admin: SocketAddr::new(lo.into(), 15014),
+            },
+            client: ClientInfo {
+                zone: ZONES[0].to_string(),
+                outbound: SocketAddr::new(lo.into(), 15001),
+                admin: SocketAddr::new(lo.into(), 15020),
+            },
+        });
+    }
+    // Save early: whatever fails from here on, `lab down` knows what to remove.
+    lab.save()?;
+
+    say(&format!(
+        "building {n} clusters in network namespaces strait-{}-*",
+        args.name
+    ));
+    build_network(&mut lab)?;
+    lab.save()?;
+
+    say("issuing the federation's certificates");
+    issue_certificates(&lab)?;
+
+    say("starting etcd");
+    let etcd_data = dir.join("etcd");
+    let etcd_url = format!("http://{}", lab.etcd.addr);
+    let etcd_args: Vec<String> = [
+        "--name",
+        "strait",
+        "--data-dir",
+        &etcd_data.to_string_lossy(),
+        "--listen-client-urls",
+        &format!("{etcd_url},http://127.0.0.1:2379"),
+        "--advertise-client-urls",
+        &etcd_url,
+        "--listen-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-advertise-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-cluster",
+        "strait=http://127.0.0.1:2380",
+        "--log-level",
+        "warn",
+        "--logger",
+        "zap",
+        "--grpc-keepalive-min-time",
+        "500ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let etcd_bin = std::env::var("STRAIT_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+    let mut etcd = Proc {
+        role: Role::Etcd,
+        cluster: None,
+        zone: None,
+        ns: etcd_ns.clone(),
+        pid: 0,
+        program: etcd_bin,
+        args: etcd_args,
+        log: dir.join("logs/etcd.log"),
+    };
+    spawn(&mut etcd)?;
+    lab.processes.push(etcd);
+    lab.save()?;
+    wait_ready(&lab, Role::Etcd, None, Duration::from_secs(30)).await?;
+
+    say("applying the failover policy of payments.default (west, then central)");
+    let policies = dir.join("policies.yaml");
+    std::fs::write(&policies, POLICIES)?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &etcd_ns, &exe, "policy", "apply", "-f"])
+        .arg(&policies)
+        .args(["--etcd", "http://127.0.0.1:2379"])
+        .output()
+        .context("running `strait policy apply`")?;
+    if !out.status.success() {
+        bail!(
+            "strait policy apply failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+
+    for i in 0..lab.clusters.len() {
+        let c = lab.clusters[i].clone();
+        say(&format!(
+            "starting cluster {} ({}): echo replicas, control plane, gateway, client sidecar",
+            c.name, c.region
+        ));
+        let cdir = dir.join(&c.name);
+        std::fs::create_dir_all(&cdir)?;
+        std::fs::write(cdir.join("discovery.yaml"), discovery_yaml(i, &c))?;
+        std::fs::write(
+            cdir.join("controlplane.yaml"),
+            controlplane_yaml(&c, &etcd_url),
+        )?;
+        std::fs::write(cdir.join("gateway.yaml"), gateway_yaml(&c, &etcd_url))?;
+        let mut procs = Vec::new();
+        for (z, zone) in ZONES.iter().enumerate() {
+            let mut args = vec![
+                "lab".to_string(),
+                "echo".into(),
+                "--cluster".into(),
+                c.name.clone(),
+                "--zone".into(),
+                zone.to_string(),
+            ];
+            for (svc, _, first) in SERVICES.iter().filter(|s| runs_service(i, s.0)) {
+                for r in 0..2u16 {
+                    let port = first + (z as u16) * 2 + r;
+                    args.push("--serve".into());
+                    args.push(format!(
+                        "{svc}-{}{}={}:{port}",
+                        &zone[zone.len() - 1..],
+                        r + 1,
+                        c.addr
+                    ));
+                }
+            }
+            procs.push(proc_of(
+                &lab,
+                &exe,
+                Role::Echo,
+                &c,
+                Some(zone),
+                args,
+                &format!("echo-{}-{zone}", c.name),
+            ));
+        }
+        let cfg = |f: &str| cdir.join(f).to_string_lossy().into_owned();
+        procs.push(proc_of(
+            &lab,
+            &exe,
+            Role::Controlplane,
+            &c,
+            None,
+            vec![
+                "controlplane".into(),
+                "--config".into(),
+                cfg("controlplane.yaml"),
+            ],
+            &format!("controlplane-{}", c.name),
+        ));
+        procs.push(proc_of(
+            &lab,
+            &exe,
+            Role::Gateway,
+            &c,
+            None,
+            vec!["gateway".into(), "--config".into(), cfg("gateway.yaml")],
+            &format!("gateway-{}", c.name),
+        ));
+        let certs = dir.join("certs");
+        let client_certs = certs.join(format!("{}-client", c.name));
+        procs.push(proc_of(
+            &lab,
+            &exe,
+            Role::Client,
+            &c,
+            None,
+            vec![
+                "proxy".into(),
+                "run".into(),
+                "--node-id".into(),
+                format!("client-{}", c.name),
+                "--cluster".into(),
+                c.name.clone(),
+                "--locality".into(),
+                format!("{}/{}", c.region, c.client.zone),
+                "--xds".into(),
+                c.controlplane.xds.to_string(),
+                "--outbound".into(),
+                c.client.outbound.to_string(),
+                "--admin".into(),
+                c.client.admin.to_string(),
+                "--gateway".into(),
+                c.gateway.ingress.to_string(),
+                "--cert".into(),
+                client_certs.join("cert.pem").to_string_lossy().into_owned(),
+                "--key".into(),
+                client_certs.join("key.pem").to_string_lossy().into_owned(),
+                "--ca".into(),
+                client_certs.join("ca.pem").to_string_lossy().into_owned(),
+                "--workers".into(),
+                "1".into(),
+            ],
+            &format!("client-{}", c.name),
+        ));
+        for mut p in procs {
+            spawn(&mut p)?;
+            lab.processes.push(p);
+        }
+        lab.save()?;
+    }
+
+    say("waiting for every component to be ready and every link to be up");
+    let deadline = Duration::from_secs(60);
+    for c in &lab.clusters {
+        for role in [Role::Echo, Role::Controlplane, Role::Gateway, Role::Client] {
+            wait_ready(&lab, role, Some(&c.name), deadline).await?;
+        }
+    }
+    for c in &lab.clusters {
+        wait_links_up(&lab, c, deadline).await?;
+    }
+    say("checking that every client sidecar serves every service");
+    for c in &lab.clusters {
+        for svc in ["echo.default", "payments.default"] {
+            wait_served(&lab, c, svc, deadline).await?;
+        }
+    }
+    lab.save()?;
+    say(&format!(
+        "lab up in {:.1} s (state: {})",
+        started.elapsed().as_secs_f64(),
+        Lab::path(&dir).display()
+    ));
+    Ok(lab)
+}
+
+const POLICIES: &str = "policies:\n  - service: payments.default\n    targets: [{cluster: west}, {cluster: central}]\n";
+
+fn rustix_is_root() -> bool {
+    // The effective uid, read without unsafe code.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn proc_of(
+    lab: &Lab,
+    exe: &str,
+    role: Role,
+    c: &ClusterInfo,
+    zone: Option<&str>,
+    args: Vec<String>,
+    log: &str,
+) -> Proc {
+    Proc {
+        role,
+        cluster: Some(c.name.clone()),
+        zone: zone.map(str::to_string),
+        ns: c.ns.clone(),
+        pid: 0,
+        program: exe.to_string(),
+        args,
+        log: lab.dir.join("logs").join(format!("{log}.log")),
+    }
+}
+
+/// Start `p` in its namespace, detached from this process (it outlives `strait lab up`).
+pub fn spawn(p: &mut Proc) -> anyhow::Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&p.log)
+        .with_context(|| format!("opening {}", p.log.display()))?;
+    let log2 = log.try_clone()?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &p.ns, &p.program])
+        .args(&p.args)
+        .env("RUST_LOG_STYLE", "never")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", p.label()))?;
+    p.pid = child.id();
+    Ok(())
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// Send `signal` (e.g. `KILL`, `TERM`) to `pid`.
+pub fn signal(pid: u32, signal: &str) -> Result<(), String> {
+    netns::run("kill", &[&format!("-{signal}"), &pid.to_string()]).map(|_| ())
+}
+
+fn build_network(lab: &mut Lab) -> anyhow::Result<()> {
+    let fail = |e: String| anyhow::anyhow!(e);
+    let mut places: Vec<(String, String, Ipv4Addr)> = lab
+        .clusters
+        .iter()
+        .map(|c| (c.name.clone(), c.ns.clone(), c.addr))
+        .collect();
+    let etcd_ip = match lab.etcd.addr.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => bail!("etcd's lab address must be IPv4"),
+    };
+    places.push(("etcd".into(), lab.etcd.ns.clone(), etcd_ip));
+    for (_, ns, addr) in &places {
+        netns::ip(&["netns", "add", ns]).map_err(fail)?;
+        netns::ip_in(ns, &["link", "set", "lo", "up"]).map_err(fail)?;
+        netns::ip_in(ns, &["addr", "add", &format!("{addr}/32"), "dev", "lo"]).map_err(fail)?;
+    }
+    lab.shaper = if netem_available(&lab.etcd.ns) {
+        "netem".into()
+    } else {
+        say("this kernel has no tc netem (sch_netem): links are cut and made lossy with iptables, and cannot be delayed");
+        "iptables".into()
+    };
+    // A full mesh between clusters, and every cluster to etcd: one /30 per link.
+    let mut subnet = 1u8;
+    for i in 0..places.len() {
+        for j in (i + 1)..places.len() {
+            let (a, ns_a, addr_a) = &places[i];
+            let (b, ns_b, addr_b) = &places[j];
+            let dev_a = format!("to-{b}");
+            let dev_b = format!("to-{a}");
+            let (ip_a, ip_b) = (
+                Ipv4Addr::new(10, 241, subnet, 1),
+                Ipv4Addr::new(10, 241, subnet, 2),
+            );
+            subnet += 1;
+            netns::ip(&[
+                "link", "add", &dev_a, "netns", ns_a, "type", "veth", "peer", "name", &dev_b,
+                "netns", ns_b,
+            ])
+            .map_err(fail)?;
+            for (ns, dev, ip, peer_ip, peer_addr, own) in [
+                (ns_a, &dev_a, ip_a, ip_b, addr_b, addr_a),
+                (ns_b, &dev_b, ip_b, ip_a, addr_a, addr_b),
+            ] {
+                netns::ip_in(ns, &["addr", "add", &format!("{ip}/30"), "dev", dev])
+                    .map_err(fail)?;
+                netns::ip_in(ns, &["link", "set", dev, "up"]).map_err(fail)?;
+                netns::ip_in(
+                    ns,
+                    &[
+                        "route",
+                        "add",
+                        &format!("{peer_addr}/32"),
+                        "via",
+                        &peer_ip.to_string(),
+                        "dev",
+                        dev,
+                        "src",
+                        &own.to_string(),
+                    ],
+                )
+                .map_err(fail)?;
+            }
+            let region = |p: &str| {
+                lab.clusters
+                    .iter()
+                    .find(|c| c.name == p)
+                    .map(|c| c.region.clone())
+            };
+            let base = match (region(a), region(b)) {
+                _ if lab.shaper != "netem" => 0.0,
+                (Some(ra), Some(rb)) if ra == rb => NEAR_MS,
+                (Some(_), Some(_)) => FAR_MS,
+                _ => NEAR_MS,
+            };
+            let link = Link {
+                a: a.clone(),
+                b: b.clone(),
+                ns_a: ns_a.clone(),
+                ns_b: ns_b.clone(),
+                dev_a,
+                dev_b,
+                base_delay_ms: base,
+                state: LinkState::Up,
+            };
+            if lab.shaper == "iptables" {
+                for (ns, dev) in [(&link.ns_a, &link.dev_a), (&link.ns_b, &link.dev_b)] {
+                    let chain = chain_of(dev);
+                    iptables(ns, &["-N", &chain]).map_err(fail)?;
+                    iptables(ns, &["-A", "OUTPUT", "-o", dev, "-j", &chain]).map_err(fail)?;
+                }
+            }
+            shape(&link, &lab.shaper).map_err(fail)?;
+            lab.links.push(link);
+        }
+    }
+    Ok(())
+}
+
+/// Whether the kernel has tc netem (tried on a dummy device in namespace `ns`).
+fn netem_available(ns: &str) -> bool {
+    let ok = netns::ip_in(ns, &["link", "add", "netem-probe", "type", "dummy"]).is_ok()
+        && netns::tc_in(
+            ns,
+            &["qdisc", "add", "dev", "netem-probe", "root", "netem", "delay", "1ms"],
+        )
+        .is_ok();
+    let _ = netns::ip_in(ns, &["link", "del", "netem-probe"]);
+    ok
+}
+
+/// The iptables chain that impairs what leaves through `dev`.
+fn chain_of(dev: &str) -> String {
+    format!("strait-{dev}")
+}
+
+fn iptables(ns: &str, args: &[&str]) -> Result<String, String> {
+    let mut all = vec!["netns", "exec", ns, "iptables", "-w", "5"];
+    all.extend_from_slice(args);
+    netns::run("ip", &all)
+}
+
+/// The round-trip figures of a link state, per direction: (loss, one-way delay, one-way
+/// jitter). Round-trip loss L: each direction loses 1 - √(1 - L); delay and jitter are
+/// round-trip figures, half each way.
+fn per_direction(link: &Link) -> (f64, f64, f64) {
+    let base = link.base_delay_ms;
+    match &link.state {
+        LinkState::Up => (0.0, base, 0.0),
+        LinkState::Cut => (1.0, base, 0.0),
+        LinkState::Degraded {
+            loss,
+            delay_ms,
+            jitter_ms,
+        } => (
+            1.0 - (1.0 - loss.clamp(0.0, 1.0)).sqrt(),
+            base + delay_ms / 2.0,
+            jitter_ms / 2.0,
+        ),
+    }
+}
+
+/// Apply a link's state on both ends, with `tc netem` or, without it, iptables.
+pub fn shape(link: &Link, shaper: &str) -> Result<(), String> {
+    let (loss, delay, jitter) = per_direction(link);
+    if shaper != "netem" {
+        if let LinkState::Degraded {
+            delay_ms,
+            jitter_ms,
+            ..
+        } = &link.state
+            && (*delay_ms > 0.0 || *jitter_ms > 0.0)
+        {
+            return Err(
+                "this kernel has no tc netem (sch_netem), so links cannot be delayed here; loss and cuts work (iptables)"
+                    .into(),
+            );
+        }
+        for (ns, dev) in [(&link.ns_a, &link.dev_a), (&link.ns_b, &link.dev_b)] {
+            let chain = chain_of(dev);
+            iptables(ns, &["-F", &chain])?;
+            if loss >= 1.0 {
+                iptables(ns, &["-A", &chain, "-j", "DROP"])?;
+            } else if loss > 0.0 {
+                let p = format!("{loss:.6}");
+                iptables(
+                    ns,
+                    &[
+                        "-A",
+                        &chain,
+                        "-m",
+                        "statistic",
+                        "--mode",
+                        "random",
+                        "--probability",
+                        &p,
+                        "-j",
+                        "DROP",
+                    ],
+                )?;
+            }
+        }
+        return Ok(());
+    }
+    for (ns, dev) in [(&link.ns_a, &link.dev_a), (&link.ns_b, &link.dev_b)] {
+        let delay = format!("{delay:.3}ms");
+        let jitter = format!("{jitter:.3}ms");
+        let loss = format!("{:.4}%", loss * 100.0);
+        let mut args = vec![
+            "qdisc", "replace", "dev", dev, "root", "netem", "limit", "100000", "delay", &delay,
+        ];
+        if jitter != "0.000ms" {
+            args.push(&jitter);
+        }
+        args.extend(["loss", &loss]);
+        netns::tc_in(ns, &args)?;
+    }
+    Ok(())
+}
+
+fn issue_certificates(lab: &Lab) -> anyhow::Result<()> {
+    let certs = lab.dir.join("certs");
+    let ca = CertificateAuthority::init(TRUST_DOMAIN, Duration::from_secs(30 * 86400))?;
+    ca.write(certs.join("ca"), true)?;
+    let validity = Duration::from_secs(30 * 86400);
+    for c in &lab.clusters {
+        let names = ExtraNames {
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse()?, c.addr.into()],
+        };
+        let td = TRUST_DOMAIN;
+        for (what, id) in [
+            ("gateway", format!("spiffe://{td}/cluster/{}/gateway", c.name)),
+            (
+                "controlplane",
+                format!(
+                    "spiffe://{td}/cluster/{}/ns/strait-system/sa/controlplane",
+                    c.name
+                ),
+            ),
+            (
+                "client",
+                format!("spiffe://{td}/cluster/{}/ns/default/sa/client", c.name),
+            ),
+        ] {
+            let id: SpiffeId = id.parse()?;
+            ca.issue_with_names(&id, validity, &names)?
+                .write(certs.join(format!("{}-{what}", c.name)))?;
+        }
+    }
+    Ok(())
+}
+
+fn discovery_yaml(index: usize, c: &ClusterInfo) -> String {
+    let mut s = format!(
+        "cluster: {}\nregion: {}\ngateways: [\"{}\"]\nservices:\n",
+        c.name, c.region, c.gateway.peers
+    );
+    for (svc, port, first) in SERVICES.iter().filter(|s| runs_service(index, s.0)) {
+        s.push_str(&format!(
+            "  - name: {svc}\n    namespace: default\n    ports: [{{name: http, port: {port}, protocol: http}}]\n    endpoints:\n"
+        ));
+        for (z, zone) in ZONES.iter().enumerate() {
+            for r in 0..2u16 {
+                s.push_str(&format!(
+                    "      - {{address: {}, port: {}, zone: {zone}}}\n",
+                    c.addr,
+                    first + (z as u16) * 2 + r
+                ));
+            }
+        }
+    }
+    s
+}
+
+fn controlplane_yaml(c: &ClusterInfo, etcd: &str) -> String {
+    let certs = format!("../certs/{}-controlplane", c.name);
+    format!(
+        "cluster: {}\nregion: {}\nregistry: {{etcd: [\"{etcd}\"], lease_ttl: 5s}}\n\
+         discovery: {{file: discovery.yaml, poll: 1s}}\n\
+         xds: {{listen: \"{}\", tls: {{cert: {certs}/cert.pem, key: {certs}/key.pem, ca: {certs}/ca.pem}}}}\n\
+         gateway: {{ingress: \"{}\"}}\nadmin: {{listen: \"{}\"}}\n",
+        c.name, c.region, c.controlplane.xds, c.gateway.ingress, c.controlplane.admin
+    )
+}
+
+fn gateway_yaml(c: &ClusterInfo, etcd: &str) -> String {
+    let certs = format!("../certs/{}-gateway", c.name);
+    format!(
+        "cluster: {}\nlisten: {{peers: \"{}\", ingress: \"{}\", admin: \"{}\"}}\n\
+         tls: {{cert: {certs}/cert.pem, key: {certs}/key.pem, ca: {certs}/ca.pem}}\n\
+         registry: {{etcd: [\"{etcd}\"], lease_ttl: 5s}}\ndiscovery: {{file: discovery.yaml}}\n",
+        c.name, c.gateway.peers, c.gateway.ingress, c.gateway.admin
+    )
+}
+
+/// Wait until the processes of `role` (in `cluster`) answer; the error names the process and
+/// its log.
+pub async fn wait_ready(
+    lab: &Lab,
+    role: Role,
+    cluster: Option<&str>,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let procs: Vec<&Proc> = lab
+        .processes
+        .iter()
+        .filter(|p| p.role == role && p.cluster.as_deref() == cluster)
+        .collect();
+    for p in procs {
+        let deadline = Instant::now() + within;
+        loop {
+            let probe = probe(lab, p).await;
+            match probe {
+                Ok(()) => break,
+                Err(why) => {
+                    if !alive(p.pid) {
+                        bail!(
+                            "{} exited while starting ({why}); its log: {}\n{}",
+                            p.label(),
+                            p.log.display(),
+                            tail(&p.log, 15)
+                        );
+                    }
+                    if Instant::now() > deadline {
+                        bail!(
+                            "{} not ready after {within:?}: {why}; its log: {}\n{}",
+                            p.label(),
+                            p.log.display(),
+                            tail(&p.log, 15)
+                        );
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
+    let t = Duration::from_secs(2);
+    let ok = |(status, body): (u16, String)| {
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(format!("{status} {}", body.trim()))
+        }
+    };
+    match p.role {
+        Role::Etcd => {
+            let (_, body) = http::get(&p.ns, lab.etcd.addr, "etcd", "/health", t).await?;
+            if body.contains("true") {
+                Ok(())
+            } else {
+                Err(format!("health: {}", body.trim()))
+            }
+        }
+        _ => {
+            let name = p.cluster.as_deref().unwrap_or_default();
+            let c = lab.cluster(name).map_err(|e| e.to_string())?;
+            match p.role {
+                Role::Controlplane => {
+                    ok(http::get(&c.ns, c.controlplane.admin, "cp", "/ready", t).await?)
+                }
+                Role::Gateway => ok(http::get(&c.ns, c.gateway.admin, "gw", "/ready", t).await?),
+                Role::Client => ok(http::get(&c.ns, c.client.admin, "proxy", "/ready", t).await?),
+                Role::Echo => {
+                    for a in p.args.iter().filter_map(|a| a.split_once('=')) {
+                        let addr: SocketAddr = a.1.parse().map_err(|e| format!("{e}"))?;
+                        ok(http::get(&c.ns, addr, "echo", "/", t).await?)?;
+                    }
+                    Ok(())
+                }
+                Role::Etcd => Ok(()),
+            }
+        }
+    }
+}
+
+/// Link states as `c`'s gateway reports them: (peer, state).
+pub async fn gateway_links(lab: &Lab, c: &ClusterInfo) -> Result<Vec<(String, String)>, String> {
+    let _ = lab;
+    let (status, body) = http::get(
+        &c.ns,
+        c.gateway.admin,
+        "gw",
+        "/links",
+        Duration::from_secs(2),
+    )
+    .await?;
+    if status != 200 {
+        return Err(format!("/links: {status}"));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("/links is not JSON: {e}"))?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|l| {
+                    (
+                        l["cluster"].as_str().unwrap_or_default().to_string(),
+                        l["state"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+async fn wait_links_up(lab: &Lab, c: &ClusterInfo, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let links = gateway_links(lab, c).await;
+        let missing: Vec<String> = lab
+            .clusters
+            .iter()
+            .filter(|o| o.name != c.name)
+            .filter(|o| {
+                !links
+                    .as_ref()
+                    .is_ok_and(|l| l.iter().any(|(p, s)| *p == o.name && s == "up"))
+            })
+            .map(|o| o.name.clone())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "gateway {}: links to {} not up after {within:?} ({links:?})",
+                c.name,
+                missing.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_served(
+    lab: &Lab,
+    c: &ClusterInfo,
+    service: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let _ = lab;
+    let deadline = Instant::now() + within;
+    loop {
+        let r = http::get(
+            &c.ns,
+            c.client.outbound,
+            service,
+            "/",
+            Duration::from_secs(5),
+        )
+        .await;
+        if let Ok((200, _)) = r {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "client sidecar of {} does not serve {service} after {within:?}: {r:?}",
+                c.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Remove the lab in `dir` (and any namespace `strait-NAME-*`): processes, namespaces, files.
+pub fn down(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let mut prefixes = vec![format!("strait-{name}-")];
+    if let Ok(lab) = Lab::load(dir) {
+        for p in &lab.processes {
+            if alive(p.pid) {
+                let _ = signal(p.pid, "KILL");
+            }
+        }
+        prefixes.push(format!("strait-{}-", lab.name));
+    }
+    for ns in netns::list() {
+        if prefixes.iter().any(|p| ns.starts_with(p.as_str())) {
+            for pid in netns::pids(&ns) {
+                let _ = signal(pid, "KILL");
+            }
+            netns::ip(&["netns", "del", &ns]).map_err(|e| anyhow::anyhow!(e))?;
+        }
+    }
+    if dir.join(state::STATE_FILE).exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+async fn print_status(lab: &Lab, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(lab).unwrap_or_else(|_| "{}".into())
+        );
+        return;
+    }
+    println!(
+        "lab `{}` ({} mode, {}), etcd {} in netns {}",
+        lab.name,
+        lab.mode,
+        lab.dir.display(),
+        lab.etcd.addr,
+        lab.etcd.ns
+    );
+    for c in &lab.clusters {
+        println!(
+            "\n  cluster {} ({}), netns {}, address {}",
+            c.name, c.region, c.ns, c.addr
+        );
+        println!(
+            "    gateway       QUIC {}  ingress {}  admin {}",
+            c.gateway.peers, c.gateway.ingress, c.gateway.admin
+        );
+        println!(
+            "    controlplane  xDS {}  admin {}",
+            c.controlplane.xds, c.controlplane.admin
+        );
+        println!(
+            "    client        outbound {}  admin {}  ({})",
+            c.client.outbound, c.client.admin, c.client.zone
+        );
+        println!("    services      {}", c.services.join(", "));
+        println!(
+            "    try: ip netns exec {} curl -s -H 'Host: payments.default' http://{}/",
+            c.ns, c.client.outbound
+        );
+    }
+    println!("\n  processes:");
+    for p in &lab.processes {
+        let state = if alive(p.pid) { "running" } else { "stopped" };
+        println!(
+            "    {:<26} pid {:<8} {state:<8} log {}",
+            p.label(),
+            p.pid,
+            p.log.display()
+        );
+    }
+    println!("\n  links:");
+    for l in &lab.links {
+        let state = match &l.state {
+            LinkState::Up => "up".to_string(),
+            LinkState::Cut => "CUT".to_string(),
+            LinkState::Degraded {
+                loss,
+                delay_ms,
+                jitter_ms,
+            } => format!(
+                "degraded (loss {:.0}%, +{delay_ms} ms ± {jitter_ms} ms RTT)",
+                loss * 100.0
+            ),
+        };
+        println!(
+            "    {:<8} ↔ {:<8} {:>4.1} ms one way   {state}",
+            l.a, l.b, l.base_delay_ms
+        );
+    }
+    let mut seen = Vec::new();
+    for c in &lab.clusters {
+        if let Ok(links) = gateway_links(lab, c).await {
+            for (peer, state) in links {
+                seen.push(format!("{}→{peer} {state}", c.name));
+            }
+        }
+    }
+    if !seen.is_empty() {
+        println!("\n  gateways report: {}", seen.join(", "));
+    }
+}

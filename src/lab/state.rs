@@ -1,0 +1,197 @@
+//! What a running lab is made of, kept in `DIR/lab.json`: namespaces, addresses, links and their
+//! impairments, and every process with the command that (re)starts it. `strait lab status`,
+//! `strait chaos` and `strait lab down` all work from this file.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+pub const STATE_FILE: &str = "lab.json";
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Lab {
+    /// Namespaces are named `strait-NAME-…`.
+    pub name: String,
+    pub mode: String,
+    pub dir: PathBuf,
+    pub trust_domain: String,
+    /// How links are impaired: `netem` (tc netem: loss, delay, jitter) or `iptables` (when
+    /// the kernel has no netem: loss and cuts only).
+    pub shaper: String,
+    pub etcd: EtcdInfo,
+    pub clusters: Vec<ClusterInfo>,
+    pub links: Vec<Link>,
+    pub processes: Vec<Proc>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct EtcdInfo {
+    pub ns: String,
+    /// The address clusters reach it on.
+    pub addr: SocketAddr,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub region: String,
+    pub ns: String,
+    /// The cluster's own address (on its loopback interface, routed over the links).
+    pub addr: Ipv4Addr,
+    pub zones: Vec<String>,
+    /// `name.namespace:port` of every service running here.
+    pub services: Vec<String>,
+    pub gateway: GatewayInfo,
+    pub controlplane: ControlPlaneInfo,
+    pub client: ClientInfo,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct GatewayInfo {
+    pub peers: SocketAddr,
+    pub ingress: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ControlPlaneInfo {
+    pub xds: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ClientInfo {
+    pub zone: String,
+    /// Send HTTP here (inside the cluster's namespace) with `Host: SERVICE.NAMESPACE`.
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// A link between two places: two clusters, or a cluster and etcd (`b == "etcd"`).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Link {
+    pub a: String,
+    pub b: String,
+    pub ns_a: String,
+    pub ns_b: String,
+    pub dev_a: String,
+    pub dev_b: String,
+    /// One-way delay of the healthy link (regions apart are farther).
+    pub base_delay_ms: f64,
+    pub state: LinkState,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    Up,
+    Cut,
+    /// Round-trip loss ratio and added round-trip delay and jitter.
+    Degraded {
+        loss: f64,
+        delay_ms: f64,
+        jitter_ms: f64,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Etcd,
+    Controlplane,
+    Gateway,
+    Echo,
+    Client,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Etcd => "etcd",
+            Role::Controlplane => "controlplane",
+            Role::Gateway => "gateway",
+            Role::Echo => "echo",
+            Role::Client => "client",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Proc {
+    pub role: Role,
+    pub cluster: Option<String>,
+    pub zone: Option<String>,
+    pub ns: String,
+    /// 0 while stopped (killed by `strait chaos kill`).
+    pub pid: u32,
+    pub program: String,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// `gateway east`, `echo east/zone-a`, `etcd`.
+    pub fn label(&self) -> String {
+        match (&self.cluster, &self.zone) {
+            (Some(c), Some(z)) => format!("{} {c}/{z}", self.role.as_str()),
+            (Some(c), None) => format!("{} {c}", self.role.as_str()),
+            _ => self.role.as_str().to_string(),
+        }
+    }
+}
+
+impl Lab {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(STATE_FILE)
+    }
+
+    pub fn load(dir: &Path) -> anyhow::Result<Lab> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no lab at {} (run `strait lab up --dir {}` first)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a lab state file", path.display()))
+    }
+
+    pub fn save(&self) -> anyhow::Result<()> {
+        let path = Self::path(&self.dir);
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    pub fn cluster(&self, name: &str) -> anyhow::Result<&ClusterInfo> {
+        self.clusters.iter().find(|c| c.name == name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no cluster `{name}` in this lab (clusters: {})",
+                self.cluster_names().join(", ")
+            )
+        })
+    }
+
+    pub fn cluster_names(&self) -> Vec<String> {
+        self.clusters.iter().map(|c| c.name.clone()).collect()
+    }
+
+    /// The link between `a` and `b` (either order; `etcd` is a place too).
+    pub fn link_index(&self, a: &str, b: &str) -> anyhow::Result<usize> {
+        self.links
+            .iter()
+            .position(|l| (l.a == a && l.b == b) || (l.a == b && l.b == a))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no link between `{a}` and `{b}` (places: {}, etcd)",
+                    self.cluster_names().join(", ")
+                )
+            })
+    }
+}
