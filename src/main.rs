@@ -103,6 +103,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.command {
         Command::Demo(_)
+        | Command::Lab { .. }
+        | Command::Chaos(_)
         | Command::Route { .. }
         | Command::Policy { .. }
         | Command::Proxy {

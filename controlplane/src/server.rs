@@ -80,6 +80,7 @@ impl ControlPlane {
         let mut tasks = Vec::new();
 
         // Publish this cluster's discovery file.
+        let mut local = None;
         if let Some(d) = &cfg.discovery {
             let parsed = DiscoveryFile::load(&d.file)?;
             if parsed.state.cluster.id != cfg.cluster {
@@ -90,6 +91,7 @@ impl ControlPlane {
                 });
             }
             let (desired_tx, desired_rx) = watch::channel(cluster_state_kvs(&parsed.state));
+            local = Some(desired_rx.clone());
             let (publisher, _status) = LeasedPublisher::new(
                 backend.clone(),
                 format!("cluster {}", cfg.cluster),
@@ -159,7 +161,8 @@ impl ControlPlane {
             }
         }));
         tasks.push(tokio::spawn(
-            xds.clone().follow(cache.snapshots(), synced_rx),
+            xds.clone()
+                .follow_with_local(cache.snapshots(), synced_rx, local),
         ));
 
         // Serve xDS.

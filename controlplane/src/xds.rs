@@ -29,6 +29,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     Resource as DeltaResource,
 };
 use federation::registry::Snapshot;
+use federation::registry::cache::LocalState;
 use futures::Stream;
 use tokio::sync::{OnceCell, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -211,8 +212,21 @@ impl Xds {
     /// loaded yet).
     pub async fn follow(
         self,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        synced: watch::Receiver<bool>,
+    ) {
+        self.follow_with_local(snapshots, synced, None).await
+    }
+
+    /// [`Self::follow`], with this cluster's own entries taken from `local` (what its
+    /// publisher writes: the discovery source) rather than from the registry, which can lose
+    /// them for a while (the lease expired during an etcd partition and the publisher has not
+    /// written them again yet) — the cluster's own proxies keep their local endpoints.
+    pub async fn follow_with_local(
+        self,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
         mut synced: watch::Receiver<bool>,
+        mut local: Option<watch::Receiver<BTreeMap<String, Vec<u8>>>>,
     ) {
         let shutdown = self.inner.shutdown.clone();
         let opts = self.inner.options.clone();
@@ -221,6 +235,8 @@ impl Xds {
             _ = shutdown.cancelled() => return,
         }
         let mut last: Option<Arc<Snapshot>> = None;
+        let mut local_state: Option<LocalState> = None;
+        let mut local_dirty = true;
         loop {
             let seen = Instant::now();
             // Debounce: wait for a quiet period, at most max_delay.
@@ -240,13 +256,30 @@ impl Xds {
                     }
                 }
             }
+            if let Some(l) = local.as_mut()
+                && (local_dirty || l.has_changed().unwrap_or(false))
+            {
+                let kvs = l.borrow_and_update().clone();
+                match LocalState::decode(&kvs) {
+                    Ok(state) => local_state = Some(state),
+                    Err(e) => tracing::warn!("this cluster's own state cannot be decoded: {e}"),
+                }
+                local_dirty = true;
+            }
             let snap = snapshots.borrow_and_update().clone();
-            if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &snap)) {
-                self.publish(snap.clone(), seen);
+            if local_dirty || last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &snap)) {
+                let effective = local_state
+                    .as_ref()
+                    .and_then(|ls| snap.overlay(ls))
+                    .map(Arc::new)
+                    .unwrap_or_else(|| snap.clone());
+                self.publish(effective, seen);
                 last = Some(snap);
+                local_dirty = false;
             }
             tokio::select! {
                 r = snapshots.changed() => if r.is_err() { return },
+                _ = local_changed(&mut local) => local_dirty = true,
                 _ = shutdown.cancelled() => return,
             }
         }
@@ -1133,4 +1166,14 @@ async fn send<T>(
             Err(Fatal::Gone)
         }
     }
+}
+
+/// Resolves when `local` changes; never when there is none (or it is closed).
+async fn local_changed(local: &mut Option<watch::Receiver<BTreeMap<String, Vec<u8>>>>) {
+    if let Some(l) = local
+        && l.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }

@@ -405,6 +405,47 @@ pub fn write(dir: &Path, scenario: &Scenario, obs: &Observed) -> anyhow::Result<
     })
 }
 
+/// Every expectation's figure over repeated runs: median, p99, worst, runs met; requests and
+/// failures in all.
+pub fn summarise(scenario: &Scenario, runs: &[(Verdict, Observed)]) -> String {
+    let mut out = String::new();
+    let requests: usize = runs.iter().map(|(_, o)| o.outcomes.len()).sum();
+    let failed: usize = runs
+        .iter()
+        .map(|(_, o)| o.outcomes.iter().filter(|x| !x.ok()).count())
+        .sum();
+    let _ = writeln!(
+        out,
+        "# Scenario `{}`, {} runs\n\n{requests} requests, {failed} failed, {} of {} runs met every expectation.\n",
+        scenario.name,
+        runs.len(),
+        runs.iter().filter(|(v, _)| v.passed).count(),
+        runs.len()
+    );
+    let _ = writeln!(out, "| expectation | goal | median | p99 | worst | runs met |");
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
+    for e in &scenario.expect {
+        let checked: Vec<Checked> = runs.iter().map(|(_, o)| check(e, o)).collect();
+        let mut values: Vec<f64> = checked.iter().filter_map(|c| c.value).collect();
+        values.sort_by(f64::total_cmp);
+        let unit = if e.max_failed.is_some() { "" } else { " ms" };
+        let fmt = |v: f64| format!("{v:.0}{unit}");
+        let first = &checked[0];
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} of {} |",
+            first.what,
+            first.goal,
+            fmt(percentile(&values, 50.0)),
+            fmt(percentile(&values, 99.0)),
+            values.last().map(|v| fmt(*v)).unwrap_or_else(|| "—".into()),
+            checked.iter().filter(|c| c.passed).count(),
+            checked.len()
+        );
+    }
+    out
+}
+
 fn md_escape(table: &str) -> String {
     // The expectation table as HTML rows.
     let mut rows = String::new();
@@ -604,4 +645,162 @@ fn html(scenario: &Scenario, obs: &Observed, rows: &str, passed: bool) -> String
         verdict = if passed { "passed" } else { "FAILED" },
         desc = esc(scenario.description.trim()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chaos::load::LoadSpec;
+    use crate::chaos::scenario::{Plan, StepRecord};
+
+    fn outcome(at_ms: f64, latency_ms: f64, cluster: Option<&str>) -> Outcome {
+        Outcome {
+            stream: 0,
+            at_ms,
+            latency_ms,
+            cluster: cluster.map(str::to_string),
+            zone: Some("zone-a".into()),
+            error: cluster.is_none().then(|| "503 no healthy upstream".to_string()),
+        }
+    }
+
+    /// 10 s at 100 req/s: west until the cut at 5 s; then requests due in the first `hang`
+    /// ms hang until then and are answered by central, later ones by central at once.
+    fn observed(hang: f64, failed_at: Option<f64>) -> Observed {
+        let mut outcomes = Vec::new();
+        for i in 0..1000 {
+            let at = i as f64 * 10.0;
+            let o = if at < 5000.0 {
+                outcome(at, 2.0, Some("west"))
+            } else if Some(at) == failed_at {
+                outcome(at, 3.0, None)
+            } else if at < 5000.0 + hang {
+                outcome(at, 5000.0 + hang - at, Some("central"))
+            } else {
+                outcome(at, 2.0, Some("central"))
+            };
+            outcomes.push(o);
+        }
+        Observed {
+            duration_ms: 10_000.0,
+            load: vec![LoadSpec {
+                from: "east".into(),
+                service: "payments.default".into(),
+                rate: 100.0,
+                path: "/".into(),
+            }],
+            outcomes,
+            steps: vec![StepRecord {
+                t_ms: 5000.0,
+                action: "cut east west".into(),
+                error: None,
+            }],
+            links: Vec::new(),
+        }
+    }
+
+    fn expect(target: &str, within: &str) -> Expect {
+        Expect {
+            traffic_on: Some(target.into()),
+            after: Some("cut east west".into()),
+            within: Some(within.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn requests_that_hung_on_the_dead_link_count_in_the_failover_time() {
+        let c = check(&expect("central", "1s"), &observed(700.0, None));
+        assert!(c.passed, "{c:?}");
+        let v = c.value.expect("measured");
+        assert!((v - 700.0).abs() < 15.0, "failover ≈ 700 ms, got {v}");
+        let c = check(&expect("central", "500ms"), &observed(700.0, None));
+        assert!(!c.passed, "700 ms is not within 500 ms: {c:?}");
+    }
+
+    #[test]
+    fn a_failed_request_is_disturbed_and_counted() {
+        let obs = observed(0.0, Some(8000.0));
+        let c = check(&expect("central", "1s"), &obs);
+        assert!(!c.passed, "a failure at 8 s puts the failover at 3 s: {c:?}");
+        let failed = check(
+            &Expect {
+                max_failed: Some(0),
+                ..Default::default()
+            },
+            &obs,
+        );
+        assert!(!failed.passed);
+        assert!(failed.measured.starts_with("1 (first at 8.00 s"), "{failed:?}");
+    }
+
+    #[test]
+    fn traffic_never_on_the_target_is_never() {
+        let c = check(&expect("north", "5s"), &observed(0.0, None));
+        assert!(!c.passed);
+        assert_eq!(c.measured, "never");
+    }
+
+    #[test]
+    fn phases_split_at_steps_with_shares_and_percentiles() {
+        let obs = observed(0.0, None);
+        let scenario = Plan::parse(
+            "name: x\nduration: 10s\nload: [{from: east, service: payments.default}]\nsteps: [{at: 5s, do: cut east west}]\n",
+        )
+        .expect("parses")
+        .scenario;
+        let p = phases(&scenario, &obs);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].streams[0].requests, 500);
+        assert_eq!(p[0].streams[0].share, vec![("west".to_string(), 100.0)]);
+        assert_eq!(p[1].streams[0].share, vec![("central".to_string(), 100.0)]);
+        assert_eq!(p[1].streams[0].p99_ms, 2.0);
+    }
+
+    #[test]
+    fn bad_scenarios_are_refused_with_the_field() {
+        for (yaml, needle) in [
+            (
+                "name: x\nduration: 10s\nload: [{from: east, service: a.b}]\nsteps: [{at: 5s, do: cut east}]\n",
+                "steps[0].do",
+            ),
+            (
+                "name: x\nduration: 10s\nload: [{from: east, service: a.b}]\nsteps: [{at: 12s, do: cut east west}]\n",
+                "steps[0].at",
+            ),
+            (
+                "name: x\nduration: 10s\nload: [{from: east, service: a.b}]\nexpect: [{traffic_on: west, after: heal east west, within: 1s}]\n",
+                "no step `heal east west`",
+            ),
+            (
+                "name: x\nduration: 10s\nload: [{from: east, service: a.b}]\nexpect: [{max_failed: 0, traffic_on: west}]\n",
+                "exactly one of",
+            ),
+            ("name: x\nduration: soon\nload: []\n", "duration"),
+            (
+                "name: x\nduration: 10s\nload: [{from: east, service: a.b, rtae: 5}]\n",
+                "rtae",
+            ),
+        ] {
+            let err = match Plan::parse(yaml) {
+                Ok(_) => panic!("accepted:\n{yaml}"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains(needle), "`{needle}` not in: {err}");
+        }
+    }
+
+    #[test]
+    fn every_shipped_scenario_parses() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/lab/scenarios");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("deploy/lab/scenarios") {
+            let path = entry.expect("entry").path();
+            if let Err(e) = Plan::load(&path) {
+                panic!("{e:#}");
+            }
+            n += 1;
+        }
+        assert!(n >= 8, "only {n} scenarios shipped");
+    }
 }

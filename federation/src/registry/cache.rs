@@ -50,7 +50,75 @@ impl std::fmt::Debug for Snapshot {
     }
 }
 
+/// One cluster's own entries as its discovery source has them (what its publisher writes),
+/// decoded once, so that they can stand in for what the registry holds of that cluster.
+#[derive(Debug, Clone)]
+pub struct LocalState {
+    pub cluster: Arc<Cluster>,
+    pub endpoints: Vec<(ServiceKey, Arc<ServiceEndpoints>)>,
+}
+
+impl LocalState {
+    /// Decode a publisher's key-values (`codec::cluster_state_kvs`).
+    pub fn decode(
+        kvs: &std::collections::BTreeMap<String, Vec<u8>>,
+    ) -> Result<LocalState, RegistryError> {
+        let mut decoder = Decoder::new();
+        let mut cluster = None;
+        let mut endpoints = Vec::new();
+        for (raw, value) in kvs {
+            let Some(key) = RegistryKey::parse(raw) else {
+                continue;
+            };
+            match (decoder.decode(&key, raw, value)?, &key) {
+                (RegistryValue::Cluster(c), _) => cluster = Some(c),
+                (RegistryValue::Endpoints(e), RegistryKey::Endpoints(_, skey)) => {
+                    endpoints.push((skey.clone(), e))
+                }
+                _ => {}
+            }
+        }
+        let cluster = cluster.ok_or_else(|| RegistryError::Decode {
+            key: "(local state)".into(),
+            message: "no cluster record".into(),
+        })?;
+        Ok(LocalState { cluster, endpoints })
+    }
+}
+
 impl Snapshot {
+    /// This snapshot with `local` in place of whatever the registry holds of that cluster —
+    /// so a control plane never loses its own cluster's endpoints because the registry did
+    /// (its lease expired while etcd was out of reach, and the publisher has not written them
+    /// again yet). `None` when the snapshot already holds exactly `local`.
+    pub fn overlay(&self, local: &LocalState) -> Option<Snapshot> {
+        let id = &local.cluster.id;
+        let same_cluster = self.clusters.get(id).is_some_and(|c| **c == *local.cluster);
+        let held: Vec<(&ServiceKey, &Arc<ServiceEndpoints>)> = self
+            .endpoints
+            .iter()
+            .filter(|((_, c), _)| c == id)
+            .map(|((s, _), e)| (s, e))
+            .collect();
+        let same_endpoints = held.len() == local.endpoints.len()
+            && local
+                .endpoints
+                .iter()
+                .all(|(s, e)| held.iter().any(|(hs, he)| *hs == s && ***he == **e));
+        if same_cluster && same_endpoints {
+            return None;
+        }
+        let mut out = self.clone();
+        out.clusters.insert(id.clone(), local.cluster.clone());
+        for (s, _) in held {
+            out.endpoints.remove(&(s.clone(), id.clone()));
+        }
+        for (s, e) in &local.endpoints {
+            out.endpoints.insert((s.clone(), id.clone()), e.clone());
+        }
+        Some(out)
+    }
+
     /// The total number of endpoints.
     pub fn endpoint_count(&self) -> usize {
         self.endpoints.values().map(|s| s.endpoints.len()).sum()
@@ -536,5 +604,59 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::DiscoveryFile;
+    use crate::registry::codec::cluster_state_kvs;
+
+    fn local(yaml: &str) -> LocalState {
+        let f = DiscoveryFile::parse("west.yaml", yaml).expect("discovery file");
+        LocalState::decode(&cluster_state_kvs(&f.state)).expect("decodes")
+    }
+
+    const WEST: &str = "cluster: west\nregion: us-west\nservices:\n  - name: payments\n    ports: [{name: http, port: 9090, protocol: http}]\n    endpoints: [{address: 10.0.0.1, port: 9090, zone: a}]\n";
+
+    #[test]
+    fn a_cluster_keeps_its_own_entries_when_the_registry_lost_them() {
+        let west = local(WEST);
+        // The registry lost west (its lease expired): the overlay puts it back.
+        let empty = Snapshot::default();
+        let with = empty.overlay(&west).expect("west's entries are missing");
+        assert_eq!(with.clusters.len(), 1);
+        assert_eq!(with.endpoint_count(), 1);
+        // Already there: nothing to do (no new generation for nothing).
+        assert!(with.overlay(&west).is_none());
+        // The registry holds an older state of west (a service since removed, another
+        // endpoint): the local state wins, other clusters are untouched.
+        let older = local(&format!(
+            "{}  - name: old\n    ports: [{{name: http, port: 80, protocol: http}}]\n    endpoints: [{{address: 10.0.0.9, port: 80}}]\n",
+            WEST.replace("10.0.0.1", "10.0.0.2")
+        ));
+        let east = local(&WEST.replace("west", "east"));
+        let registry = empty
+            .overlay(&older)
+            .and_then(|s| s.overlay(&east))
+            .expect("built");
+        let fixed = registry.overlay(&west).expect("differs");
+        assert_eq!(fixed.endpoints.len(), 2, "west's payments and east's payments");
+        let west_payments = fixed
+            .endpoints
+            .iter()
+            .find(|((s, c), _)| s.name.as_str() == "payments" && c.as_str() == "west")
+            .map(|(_, e)| e.clone())
+            .expect("west's payments");
+        assert_eq!(
+            west_payments.endpoints[0].address.to_string(),
+            "10.0.0.1",
+            "the local endpoint, not the registry's older one"
+        );
+        assert!(
+            fixed.clusters.keys().any(|c| c.as_str() == "east"),
+            "other clusters untouched"
+        );
     }
 }
