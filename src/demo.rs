@@ -102,7 +102,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Ok(true)) => Ok(()),
-        Some(Ok(false)) => anyhow::bail!("the tour's expectations were not all met (see the report)"),
+        Some(Ok(false)) => {
+            anyhow::bail!("the tour's expectations were not all met (see the report)")
+        }
         Some(Err(e)) => Err(e),
     }
 }

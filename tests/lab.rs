@@ -188,7 +188,10 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
     )
     .expect("write scenario");
     let (ok, v, out) = run(&dir, &reports, &wrong.to_string_lossy());
-    assert!(!ok, "a scenario whose expectation cannot hold passed:\n{out}");
+    assert!(
+        !ok,
+        "a scenario whose expectation cannot hold passed:\n{out}"
+    );
     assert_eq!(v["passed"], false);
     assert_eq!(v["expectations"][0]["passed"], false, "{out}");
 

@@ -160,10 +160,11 @@ impl ControlPlane {
                 }
             }
         }));
-        tasks.push(tokio::spawn(
-            xds.clone()
-                .follow_with_local(cache.snapshots(), synced_rx, local),
-        ));
+        tasks.push(tokio::spawn(xds.clone().follow_with_local(
+            cache.snapshots(),
+            synced_rx,
+            local,
+        )));
 
         // Serve xDS.
         let listener =

@@ -298,8 +298,10 @@ pub async fn apply(lab: &mut Lab, action: &Action) -> anyhow::Result<()> {
                 lab::spawn(p).with_context(|| format!("restarting {}", p.label()))?;
             }
             lab.save()?;
-            let clusters: Vec<Option<String>> =
-                chosen.iter().map(|&i| lab.processes[i].cluster.clone()).collect();
+            let clusters: Vec<Option<String>> = chosen
+                .iter()
+                .map(|&i| lab.processes[i].cluster.clone())
+                .collect();
             for c in clusters {
                 lab::wait_ready(lab, *role, c.as_deref(), Duration::from_secs(30)).await?;
             }
@@ -325,7 +327,10 @@ fn select(lab: &Lab, role: Role, target: Option<&str>) -> anyhow::Result<Vec<usi
         if let Some(z) = zone
             && !info.zones.iter().any(|x| x == z)
         {
-            bail!("cluster {c} has no zone `{z}` (zones: {})", info.zones.join(", "));
+            bail!(
+                "cluster {c} has no zone `{z}` (zones: {})",
+                info.zones.join(", ")
+            );
         }
     }
     let chosen: Vec<usize> = lab

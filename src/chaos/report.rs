@@ -321,7 +321,10 @@ pub fn write(dir: &Path, scenario: &Scenario, obs: &Observed) -> anyhow::Result<
         md,
         "| phase | from | stream | requests | failed | p50 | p99 | max | served by |"
     );
-    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        md,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
     for p in &phases {
         for s in &p.streams {
             let share: Vec<String> = s
@@ -422,7 +425,10 @@ pub fn summarise(scenario: &Scenario, runs: &[(Verdict, Observed)]) -> String {
         runs.iter().filter(|(v, _)| v.passed).count(),
         runs.len()
     );
-    let _ = writeln!(out, "| expectation | goal | median | p99 | worst | runs met |");
+    let _ = writeln!(
+        out,
+        "| expectation | goal | median | p99 | worst | runs met |"
+    );
     let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
     for e in &scenario.expect {
         let checked: Vec<Checked> = runs.iter().map(|(_, o)| check(e, o)).collect();
@@ -497,7 +503,11 @@ fn html(scenario: &Scenario, obs: &Observed, rows: &str, passed: bool) -> String
     let mut pairs: Vec<(String, String)> = obs
         .links
         .iter()
-        .filter(|l| obs.links.iter().any(|m| m.from == l.from && m.to == l.to && m.state != "up"))
+        .filter(|l| {
+            obs.links
+                .iter()
+                .any(|m| m.from == l.from && m.to == l.to && m.state != "up")
+        })
         .map(|l| (l.from.clone(), l.to.clone()))
         .collect();
     pairs.sort();
@@ -568,8 +578,18 @@ fn html(scenario: &Scenario, obs: &Observed, rows: &str, passed: bool) -> String
             "<rect x='{left}' y='{y0}' width='{:.1}' height='{plot_h}' fill='none' stroke='#333'/>",
             w - left - 10.0
         );
-        let _ = writeln!(svg, "<text x='{}' y='{}'>100%</text>", left - 40.0, y0 + 10.0);
-        let _ = writeln!(svg, "<text x='{}' y='{}'>0%</text>", left - 30.0, y0 + plot_h);
+        let _ = writeln!(
+            svg,
+            "<text x='{}' y='{}'>100%</text>",
+            left - 40.0,
+            y0 + 10.0
+        );
+        let _ = writeln!(
+            svg,
+            "<text x='{}' y='{}'>0%</text>",
+            left - 30.0,
+            y0 + plot_h
+        );
         y0 += plot_h + 30.0;
     }
     // Link states.
@@ -660,7 +680,9 @@ mod tests {
             latency_ms,
             cluster: cluster.map(str::to_string),
             zone: Some("zone-a".into()),
-            error: cluster.is_none().then(|| "503 no healthy upstream".to_string()),
+            error: cluster
+                .is_none()
+                .then(|| "503 no healthy upstream".to_string()),
         }
     }
 
@@ -722,7 +744,10 @@ mod tests {
     fn a_failed_request_is_disturbed_and_counted() {
         let obs = observed(0.0, Some(8000.0));
         let c = check(&expect("central", "1s"), &obs);
-        assert!(!c.passed, "a failure at 8 s puts the failover at 3 s: {c:?}");
+        assert!(
+            !c.passed,
+            "a failure at 8 s puts the failover at 3 s: {c:?}"
+        );
         let failed = check(
             &Expect {
                 max_failed: Some(0),
@@ -731,7 +756,10 @@ mod tests {
             &obs,
         );
         assert!(!failed.passed);
-        assert!(failed.measured.starts_with("1 (first at 8.00 s"), "{failed:?}");
+        assert!(
+            failed.measured.starts_with("1 (first at 8.00 s"),
+            "{failed:?}"
+        );
     }
 
     #[test]

@@ -103,7 +103,8 @@ impl Plan {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Plan> {
-        let scenario: Scenario = serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let scenario: Scenario =
+            serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         let total = duration("duration", &scenario.duration)?;
         if scenario.load.is_empty() {
             bail!("load: at least one stream");
@@ -112,7 +113,11 @@ impl Plan {
         for (i, s) in scenario.steps.iter().enumerate() {
             let at = duration(&format!("steps[{i}].at"), &s.at)?;
             if at >= total {
-                bail!("steps[{i}].at: {} is not before the end ({})", s.at, scenario.duration);
+                bail!(
+                    "steps[{i}].at: {} is not before the end ({})",
+                    s.at,
+                    scenario.duration
+                );
             }
             let action = parse_step(&s.action).with_context(|| format!("steps[{i}].do"))?;
             steps.push((at, action, s.clone()));
@@ -152,7 +157,10 @@ impl Plan {
             if let Some(s) = e.stream
                 && s >= scenario.load.len()
             {
-                bail!("expect[{i}].stream: {s}, but there are {} load streams", scenario.load.len());
+                bail!(
+                    "expect[{i}].stream: {s}, but there are {} load streams",
+                    scenario.load.len()
+                );
             }
         }
         Ok(Plan {
@@ -365,12 +373,13 @@ pub async fn execute(lab: Lab, plan: &Plan, view: &mut dyn View) -> anyhow::Resu
             view.step(t, &spec.action, spec.say.as_deref());
             let error = if let super::Action::Flap { .. } = action {
                 let (mut copy, action) = (lab.clone(), action.clone());
-                flaps.push(tokio::spawn(async move {
-                    apply(&mut copy, &action).await
-                }));
+                flaps.push(tokio::spawn(async move { apply(&mut copy, &action).await }));
                 None
             } else {
-                apply(&mut lab, action).await.err().map(|e| format!("{e:#}"))
+                apply(&mut lab, action)
+                    .await
+                    .err()
+                    .map(|e| format!("{e:#}"))
             };
             if let Some(e) = &error {
                 println!("  step failed: {e}");

@@ -509,7 +509,9 @@ fn build_network(lab: &mut Lab) -> anyhow::Result<()> {
     lab.shaper = if netem_available(&lab.etcd.ns) {
         "netem".into()
     } else {
-        say("this kernel has no tc netem (sch_netem): links are cut and made lossy with iptables, and cannot be delayed");
+        say(
+            "this kernel has no tc netem (sch_netem): links are cut and made lossy with iptables, and cannot be delayed",
+        );
         "iptables".into()
     };
     // A full mesh between clusters, and every cluster to etcd: one /30 per link.
@@ -594,7 +596,16 @@ fn netem_available(ns: &str) -> bool {
     let ok = netns::ip_in(ns, &["link", "add", "netem-probe", "type", "dummy"]).is_ok()
         && netns::tc_in(
             ns,
-            &["qdisc", "add", "dev", "netem-probe", "root", "netem", "delay", "1ms"],
+            &[
+                "qdisc",
+                "add",
+                "dev",
+                "netem-probe",
+                "root",
+                "netem",
+                "delay",
+                "1ms",
+            ],
         )
         .is_ok();
     let _ = netns::ip_in(ns, &["link", "del", "netem-probe"]);
@@ -702,7 +713,10 @@ fn issue_certificates(lab: &Lab) -> anyhow::Result<()> {
         };
         let td = TRUST_DOMAIN;
         for (what, id) in [
-            ("gateway", format!("spiffe://{td}/cluster/{}/gateway", c.name)),
+            (
+                "gateway",
+                format!("spiffe://{td}/cluster/{}/gateway", c.name),
+            ),
             (
                 "controlplane",
                 format!(

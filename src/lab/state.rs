@@ -170,12 +170,15 @@ impl Lab {
     }
 
     pub fn cluster(&self, name: &str) -> anyhow::Result<&ClusterInfo> {
-        self.clusters.iter().find(|c| c.name == name).ok_or_else(|| {
-            anyhow::anyhow!(
-                "no cluster `{name}` in this lab (clusters: {})",
-                self.cluster_names().join(", ")
-            )
-        })
+        self.clusters
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no cluster `{name}` in this lab (clusters: {})",
+                    self.cluster_names().join(", ")
+                )
+            })
     }
 
     pub fn cluster_names(&self) -> Vec<String> {

@@ -297,7 +297,9 @@ fn bench(args: &[String]) -> Result<(), String> {
                 .args(&args[1..]))
         }
         Some("failover") => {
-            say("running the failover benchmark: a lab of three clusters (release build, root), the cut scenario repeated (default 20 times)");
+            say(
+                "running the failover benchmark: a lab of three clusters (release build, root), the cut scenario repeated (default 20 times)",
+            );
             run(cargo().args(["build", "--release", "--bin", "strait"]))?;
             let bin = root().join("target/release/strait");
             let dir = root().join("target/bench-lab");

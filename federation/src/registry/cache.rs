@@ -642,7 +642,11 @@ mod tests {
             .and_then(|s| s.overlay(&east))
             .expect("built");
         let fixed = registry.overlay(&west).expect("differs");
-        assert_eq!(fixed.endpoints.len(), 2, "west's payments and east's payments");
+        assert_eq!(
+            fixed.endpoints.len(),
+            2,
+            "west's payments and east's payments"
+        );
         let west_payments = fixed
             .endpoints
             .iter()
