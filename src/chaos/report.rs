@@ -166,6 +166,42 @@ fn slow_threshold(obs: &Observed, stream: Option<usize>) -> f64 {
     (percentile(&lat, 99.0) * SLOW_FACTOR).max(SLOW_FLOOR_MS)
 }
 
+/// Consecutive answers from one cluster it takes to count as the route having moved there
+/// (requests retried during a transition interleave for a moment).
+pub const STABLE_RUN: usize = 10;
+
+/// How often the serving cluster changed: a change is a run of [`STABLE_RUN`] answers in a row
+/// from another cluster than the current one (failures are skipped).
+pub fn route_changes<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> usize {
+    let mut current: Option<&str> = None;
+    let mut run: Option<(&str, usize)> = None;
+    let mut changes = 0;
+    for o in outcomes {
+        let Some(c) = o.cluster.as_deref().filter(|_| o.ok()) else {
+            continue;
+        };
+        if current.is_none() {
+            current = Some(c);
+        }
+        if Some(c) == current {
+            run = None;
+            continue;
+        }
+        run = match run {
+            Some((r, n)) if r == c => Some((r, n + 1)),
+            _ => Some((c, 1)),
+        };
+        if let Some((r, n)) = run
+            && n >= STABLE_RUN
+        {
+            current = Some(r);
+            changes += 1;
+            run = None;
+        }
+    }
+    changes
+}
+
 fn ms(d: &str) -> f64 {
     humantime::parse_duration(d)
         .map(|d| d.as_secs_f64() * 1000.0)
@@ -202,6 +238,23 @@ pub fn check(e: &Expect, obs: &Observed) -> Checked {
             measured: format!("{}{first}", failed.len()),
             value: Some(failed.len() as f64),
             passed: failed.len() as u64 <= max,
+        };
+    }
+    if let Some(link) = &e.route_changes {
+        let (from, to) = link.split_once("->").unwrap_or(("", ""));
+        let link_changes = obs
+            .links
+            .iter()
+            .filter(|l| l.from == from && l.to == to)
+            .count()
+            .saturating_sub(1);
+        let routes = route_changes(obs.outcomes.iter().filter(in_stream));
+        return Checked {
+            what: format!("route changes{streams} vs state changes of link {from}→{to}"),
+            goal: format!("≤ {link_changes}"),
+            measured: routes.to_string(),
+            value: Some(routes as f64),
+            passed: routes <= link_changes,
         };
     }
     let after = e.after.clone().unwrap_or_default();
@@ -760,6 +813,26 @@ mod tests {
             failed.measured.starts_with("1 (first at 8.00 s"),
             "{failed:?}"
         );
+    }
+
+    #[test]
+    fn route_changes_count_stable_moves_only() {
+        let seq = |clusters: &[(&str, usize)]| {
+            let mut v = Vec::new();
+            for (c, n) in clusters {
+                for _ in 0..*n {
+                    v.push(outcome(v.len() as f64, 1.0, Some(c)));
+                }
+            }
+            v
+        };
+        // west → central → west: two changes; a short interleave of central is none.
+        let o = seq(&[("west", 50), ("central", 40), ("west", 50)]);
+        assert_eq!(route_changes(o.iter()), 2);
+        let o = seq(&[("west", 50), ("central", 3), ("west", 50)]);
+        assert_eq!(route_changes(o.iter()), 0);
+        let o = seq(&[("west", 20), ("central", 10), ("west", 10), ("central", 10)]);
+        assert_eq!(route_changes(o.iter()), 3);
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub struct StepSpec {
     pub say: Option<String>,
 }
 
-/// One expectation. Exactly one of `traffic_on`, `max_failed`, `link` is set.
+/// One expectation. Exactly one of `traffic_on`, `max_failed`, `link`, `route_changes` is set.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
@@ -79,6 +79,10 @@ pub struct Expect {
     pub link: Option<String>,
     #[serde(default)]
     pub state: Option<String>,
+    /// `FROM->TO`: the serving cluster changes no more often than FROM's gateway saw that
+    /// link change state (no flapping of routes beyond the link's own).
+    #[serde(default)]
+    pub route_changes: Option<String>,
     /// Only this load stream (index in `load`); default: all.
     #[serde(default)]
     pub stream: Option<usize>,
@@ -128,9 +132,15 @@ impl Plan {
                 e.traffic_on.is_some(),
                 e.max_failed.is_some(),
                 e.link.is_some(),
+                e.route_changes.is_some(),
             ];
             if set.iter().filter(|x| **x).count() != 1 {
-                bail!("expect[{i}]: exactly one of traffic_on, max_failed, link");
+                bail!("expect[{i}]: exactly one of traffic_on, max_failed, link, route_changes");
+            }
+            if let Some(l) = &e.route_changes
+                && !l.contains("->")
+            {
+                bail!("expect[{i}].route_changes: `{l}`: expected FROM->TO");
             }
             if e.traffic_on.is_some() || e.link.is_some() {
                 let after = e
