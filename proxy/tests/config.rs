@@ -72,17 +72,17 @@ fn everything_an_envoy_view_holds_translates() {
     assert!(http.tunnel && !http.http2);
     assert_eq!(http.lb, LbPolicy::RoundRobin);
     assert!(http.outlier.is_some(), "outlier detection carried over");
-    // The retry budget: at most half the requests in flight, at least 32 retries.
+    // The retry budget: never more retries than requests in flight, at least 32 retries.
     let t = http.thresholds;
     assert_eq!(
         t.retry_budget,
         Some(config::RetryBudget {
-            percent_x100: 5000,
+            percent_x100: 10_000,
             min_concurrency: 32
         })
     );
     assert!(t.retry_allowed(10, 31) && !t.retry_allowed(10, 32));
-    assert!(t.retry_allowed(100, 49) && !t.retry_allowed(100, 50));
+    assert!(t.retry_allowed(100, 99) && !t.retry_allowed(100, 100));
     // Without a budget, Envoy's `max_retries` (3) in flight.
     let plain = config::Thresholds::default();
     assert!(plain.retry_allowed(1000, 2) && !plain.retry_allowed(1000, 3));
