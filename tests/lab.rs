@@ -4,11 +4,14 @@
 //! (`strait chaos run`) and must meet their expectations — failover within 1 s and not one
 //! failed request when a link is cut, a gateway or a zone dies, a cluster is isolated, a link
 //! flaps or turns lossy, or etcd is away for a minute. Each prints its measured times. A
-//! scenario whose expectation is wrong must fail; bad chaos commands get clear errors; `lab
-//! down` removes everything and is safe to run twice.
+//! scenario whose expectation is wrong must fail; bad chaos commands get clear errors; an
+//! endpoint added while etcd is away reaches every cluster once etcd is back; an isolated
+//! cluster leaves the registry when its lease expires; `lab down` removes everything and is
+//! safe to run twice.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_strait");
 
@@ -108,6 +111,191 @@ fn print_measured(name: &str, v: &serde_json::Value) {
             }
         );
     }
+}
+
+/// `GET http://ADDR/PATH` from inside namespace `ns` (curl).
+fn get_in(ns: &str, addr: &str, path: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-s", "-m", "5"])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("ip netns exec curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Wait (bounded) until `check` holds; panics with `what` and the last observation.
+fn wait_until(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> Result<(), String>,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(()) => return start.elapsed(),
+            Err(seen) if start.elapsed() > within => {
+                panic!("{what}: not within {within:?}; last seen: {seen}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// How many of `cluster`'s payments endpoints the client sidecar in `ns` holds.
+fn payments_endpoints(ns: &str, cluster: &str, own: bool) -> usize {
+    get_in(ns, "127.0.0.1:15020", "/clusters")
+        .lines()
+        .filter(|l| l.starts_with("payments.default:9090::"))
+        .filter(|l| {
+            if own {
+                !l.contains("via gateway")
+            } else {
+                l.contains(&format!("via gateway to {cluster}::"))
+            }
+        })
+        .count()
+}
+
+/// etcd down; west's discovery file gains a payments endpoint: west's own sidecar gets it at
+/// once (its control plane takes its own entries from the file), the others only once etcd is
+/// back — then everywhere; removed again afterwards.
+fn an_endpoint_added_while_etcd_is_away_appears_everywhere_after(dir: &str, name: &str) {
+    let ns = |c: &str| format!("strait-{name}-{c}");
+    let file = Path::new(dir).join("west/discovery.yaml");
+    let original = std::fs::read_to_string(&file).expect("west's discovery file");
+    let before = payments_endpoints(&ns("west"), "west", true);
+    assert_eq!(
+        before, 4,
+        "west's own client holds west's four payments replicas"
+    );
+    assert_eq!(payments_endpoints(&ns("east"), "west", false), 4);
+
+    let kill = strait(&["chaos", "--dir", dir, "kill", "etcd"]);
+    assert!(kill.status.success(), "{}", text(&kill));
+    let added = original.replacen(
+        "    endpoints:\n      - {address: 10.240.0.3, port: 19081",
+        "    endpoints:\n      - {address: 10.240.0.3, port: 19099, zone: zone-b}\n      - {address: 10.240.0.3, port: 19081",
+        1,
+    );
+    assert_ne!(
+        added, original,
+        "the payments endpoints of west's discovery file:\n{original}"
+    );
+    std::fs::write(&file, &added).expect("edit west's discovery file");
+    wait_until(
+        "west's own client to see the new endpoint while etcd is away",
+        Duration::from_secs(15),
+        || match payments_endpoints(&ns("west"), "west", true) {
+            5 => Ok(()),
+            n => Err(format!("{n} endpoints")),
+        },
+    );
+    assert_eq!(
+        payments_endpoints(&ns("east"), "west", false),
+        4,
+        "east cannot know of it before etcd is back"
+    );
+
+    let restart = strait(&["chaos", "--dir", dir, "restart", "etcd"]);
+    assert!(restart.status.success(), "{}", text(&restart));
+    let took = wait_until(
+        "east and central to see west's new endpoint after etcd's return",
+        Duration::from_secs(30),
+        || {
+            let (e, c) = (
+                payments_endpoints(&ns("east"), "west", false),
+                payments_endpoints(&ns("central"), "west", false),
+            );
+            if e == 5 && c == 5 {
+                Ok(())
+            } else {
+                Err(format!("east {e}, central {c}"))
+            }
+        },
+    );
+    println!(
+        "an endpoint added during the etcd outage reached east and central {took:?} after etcd's restart"
+    );
+
+    std::fs::write(&file, &original).expect("restore west's discovery file");
+    wait_until(
+        "the endpoint to be removed everywhere",
+        Duration::from_secs(30),
+        || {
+            let (w, e) = (
+                payments_endpoints(&ns("west"), "west", true),
+                payments_endpoints(&ns("east"), "west", false),
+            );
+            if w == 4 && e == 4 {
+                Ok(())
+            } else {
+                Err(format!("west {w}, east {e}"))
+            }
+        },
+    );
+}
+
+/// West cut from everything: its entries leave the registry when its lease (5 s) expires,
+/// and come back after the heal.
+fn an_isolated_cluster_leaves_the_registry_within_its_lease(dir: &str, name: &str) {
+    let etcd_ns = format!("strait-{name}-etcd");
+    let west_keys = || {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &etcd_ns,
+                BIN,
+                "registry",
+                "dump",
+                "--json",
+                "--etcd",
+                "http://127.0.0.1:2379",
+            ])
+            .output()
+            .expect("registry dump");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["entries"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| {
+                        let k = e["key"].as_str().unwrap_or_default();
+                        k.contains("/clusters/west") || k.contains("/endpoints/west/")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        west_keys() >= 3,
+        "west's cluster record and its two services are in the registry"
+    );
+    let isolate = strait(&["chaos", "--dir", dir, "isolate", "west"]);
+    assert!(isolate.status.success(), "{}", text(&isolate));
+    let gone = wait_until(
+        "west's entries to leave the registry",
+        Duration::from_secs(15),
+        || match west_keys() {
+            0 => Ok(()),
+            n => Err(format!("{n} keys of west")),
+        },
+    );
+    println!("isolated west left the registry {gone:?} after the cut (lease TTL 5 s)");
+    assert!(
+        gone >= Duration::from_secs(3),
+        "west's entries vanished before its lease could expire ({gone:?})"
+    );
+    let heal = strait(&["chaos", "--dir", dir, "heal", "west"]);
+    assert!(heal.status.success(), "{}", text(&heal));
+    wait_until(
+        "west's entries to come back",
+        Duration::from_secs(30),
+        || match west_keys() {
+            0 => Err("none".into()),
+            _ => Ok(()),
+        },
+    );
 }
 
 #[test]
@@ -217,6 +405,9 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+
+    an_endpoint_added_while_etcd_is_away_appears_everywhere_after(&dir, &name);
+    an_isolated_cluster_leaves_the_registry_within_its_lease(&dir, &name);
 
     // Down: everything gone, and again is fine.
     let down = strait(&["lab", "down", "--dir", &dir, "--name", &name]);
