@@ -269,7 +269,7 @@ impl Xds {
             let snap = snapshots.borrow_and_update().clone();
             if local_dirty || last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &snap)) {
                 let effective = local_state
-                    .as_ref()
+                    .as_mut()
                     .and_then(|ls| snap.overlay(ls))
                     .map(Arc::new)
                     .unwrap_or_else(|| snap.clone());

@@ -91,27 +91,41 @@ impl Snapshot {
     /// so a control plane never loses its own cluster's endpoints because the registry did
     /// (its lease expired while etcd was out of reach, and the publisher has not written them
     /// again yet). `None` when the snapshot already holds exactly `local`.
-    pub fn overlay(&self, local: &LocalState) -> Option<Snapshot> {
-        let id = &local.cluster.id;
-        let same_cluster = self.clusters.get(id).is_some_and(|c| **c == *local.cluster);
-        let held: Vec<(&ServiceKey, &Arc<ServiceEndpoints>)> = self
+    ///
+    /// Runs on every generation: entries found equal to the registry's are replaced in `local`
+    /// by the registry's own `Arc`s, so that while nothing changes each later check is a
+    /// pointer comparison per service.
+    pub fn overlay(&self, local: &mut LocalState) -> Option<Snapshot> {
+        let id = local.cluster.id.clone();
+        let mut same = match self.clusters.get(&id) {
+            Some(c) if Arc::ptr_eq(c, &local.cluster) => true,
+            Some(c) if **c == *local.cluster => {
+                local.cluster = c.clone();
+                true
+            }
+            _ => false,
+        };
+        let held: Vec<ServiceKey> = self
             .endpoints
-            .iter()
-            .filter(|((_, c), _)| c == id)
-            .map(|((s, _), e)| (s, e))
+            .keys()
+            .filter(|(_, c)| *c == id)
+            .map(|(s, _)| s.clone())
             .collect();
-        let same_endpoints = held.len() == local.endpoints.len()
-            && local
-                .endpoints
-                .iter()
-                .all(|(s, e)| held.iter().any(|(hs, he)| *hs == s && ***he == **e));
-        if same_cluster && same_endpoints {
+        same &= held.len() == local.endpoints.len();
+        for (s, e) in &mut local.endpoints {
+            match self.endpoints.get(&(s.clone(), id.clone())) {
+                Some(r) if Arc::ptr_eq(r, e) => {}
+                Some(r) if **r == **e => *e = r.clone(),
+                _ => same = false,
+            }
+        }
+        if same {
             return None;
         }
         let mut out = self.clone();
         out.clusters.insert(id.clone(), local.cluster.clone());
-        for (s, _) in held {
-            out.endpoints.remove(&(s.clone(), id.clone()));
+        for s in held {
+            out.endpoints.remove(&(s, id.clone()));
         }
         for (s, e) in &local.endpoints {
             out.endpoints.insert((s.clone(), id.clone()), e.clone());
@@ -622,26 +636,34 @@ mod tests {
 
     #[test]
     fn a_cluster_keeps_its_own_entries_when_the_registry_lost_them() {
-        let west = local(WEST);
+        let mut west = local(WEST);
         // The registry lost west (its lease expired): the overlay puts it back.
         let empty = Snapshot::default();
-        let with = empty.overlay(&west).expect("west's entries are missing");
+        let with = empty
+            .overlay(&mut west)
+            .expect("west's entries are missing");
         assert_eq!(with.clusters.len(), 1);
         assert_eq!(with.endpoint_count(), 1);
         // Already there: nothing to do (no new generation for nothing).
-        assert!(with.overlay(&west).is_none());
+        assert!(with.overlay(&mut west).is_none());
+        // The registry's own, equal copy (decoded apart): nothing to do either, and west now
+        // holds the registry's copy, so the next check compares pointers.
+        let mut copy = local(WEST);
+        let registry_copy = Snapshot::default().overlay(&mut copy).expect("built");
+        assert!(registry_copy.overlay(&mut west).is_none());
+        assert!(Arc::ptr_eq(&west.cluster, &copy.cluster));
         // The registry holds an older state of west (a service since removed, another
         // endpoint): the local state wins, other clusters are untouched.
-        let older = local(&format!(
+        let mut older = local(&format!(
             "{}  - name: old\n    ports: [{{name: http, port: 80, protocol: http}}]\n    endpoints: [{{address: 10.0.0.9, port: 80}}]\n",
             WEST.replace("10.0.0.1", "10.0.0.2")
         ));
-        let east = local(&WEST.replace("west", "east"));
+        let mut east = local(&WEST.replace("west", "east"));
         let registry = empty
-            .overlay(&older)
-            .and_then(|s| s.overlay(&east))
+            .overlay(&mut older)
+            .and_then(|s| s.overlay(&mut east))
             .expect("built");
-        let fixed = registry.overlay(&west).expect("differs");
+        let fixed = registry.overlay(&mut west).expect("differs");
         assert_eq!(
             fixed.endpoints.len(),
             2,
