@@ -2,6 +2,8 @@
 //! a real etcd) serves HTTP on its outbound listener, reports ready on its admin port only once
 //! configured, shows its clusters and config, and exits cleanly on SIGTERM.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,7 +12,7 @@ use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
 use federation::etcd_server::{EtcdServer, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_strait");
 
@@ -59,30 +61,7 @@ async fn strait_proxy_run_serves_what_the_control_plane_says() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // The service: a backend answering "hello".
-    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let be = backend.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = backend.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
-                    )
-                    .await;
-            });
-        }
-    });
+    let be = support::server("127.0.0.1:0", "hello", true).await;
     std::fs::write(
         d.join("east.yaml"),
         format!(

@@ -9,6 +9,8 @@
 //! - HTTP for a host the mesh does not know, and a server-first protocol, pass through to the
 //!   original destination unchanged.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,8 +21,6 @@ use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
 use federation::etcd_server::{EtcdServer, free_port};
 use federation::identity::{CertificateAuthority, ExtraNames, SpiffeId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 const BIN: &str = env!("CARGO_BIN_EXE_strait");
 const PROXY_UID: &str = "1337";
@@ -173,38 +173,6 @@ fn app(ns: &Netns, args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// An HTTP server answering `name` to everything, or a TCP server that greets with `name`.
-async fn server(at: &str, name: &'static str, http: bool) -> SocketAddr {
-    let l = TcpListener::bind(at).await.expect("bind a test server");
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                if http {
-                    let mut got = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
-                        name.len()
-                    );
-                    let _ = s.write_all(resp.as_bytes()).await;
-                } else {
-                    let _ = s.write_all(format!("{name}\n").as_bytes()).await;
-                    let mut buf = [0u8; 64];
-                    let _ = s.read(&mut buf).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intercepted_connections_are_routed_by_their_original_destination() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -214,10 +182,10 @@ async fn intercepted_connections_are_routed_by_their_original_destination() {
     let host = ns.host_ip.clone();
 
     // Servers on this side of the veth pair: two mesh services and two outside the mesh.
-    let echo = server(&format!("{host}:0"), "mesh-http", true).await;
-    let db = server(&format!("{host}:0"), "mesh-db", false).await;
-    let outside_http = server(&format!("{host}:0"), "outside-http", true).await;
-    let outside_tcp = server(&format!("{host}:0"), "outside-tcp", false).await;
+    let echo = support::server(&format!("{host}:0"), "mesh-http", true).await;
+    let db = support::server(&format!("{host}:0"), "mesh-db", false).await;
+    let outside_http = support::server(&format!("{host}:0"), "outside-http", true).await;
+    let outside_tcp = support::server(&format!("{host}:0"), "outside-tcp", false).await;
     std::fs::write(
         d.join("east.yaml"),
         format!(

@@ -89,27 +89,12 @@ impl EtcdServer {
         let client_url = format!("http://{}", self.client);
         let peer_url = format!("http://{}", self.peer);
         let child = Command::new(&self.binary)
-            .arg("--name")
-            .arg("strait")
-            .arg("--data-dir")
-            .arg(self.data_dir.join("data"))
-            .arg("--listen-client-urls")
-            .arg(&client_url)
-            .arg("--advertise-client-urls")
-            .arg(&client_url)
-            .arg("--listen-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-cluster")
-            .arg(format!("strait={peer_url}"))
-            .arg("--log-level")
-            .arg("warn")
-            .arg("--logger")
-            .arg("zap")
-            // Let clients detect a silently dead connection within a couple of seconds.
-            .arg("--grpc-keepalive-min-time")
-            .arg("500ms")
+            .args(single_member_args(
+                &self.data_dir.join("data"),
+                &client_url,
+                &client_url,
+                &peer_url,
+            ))
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log)
@@ -205,4 +190,41 @@ fn health(addr: SocketAddr) -> bool {
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
     buf.contains("\"health\":\"true\"")
+}
+
+/// The command-line arguments of a one-member etcd: data in `data_dir`, clients served on
+/// `listen_clients` (comma-separated URLs) and told to use `advertise`, the member's peer URL
+/// `peer_url`. Logs warnings only; keep-alives as often as every 500 ms are allowed, so that
+/// clients detect a silently dead connection within a couple of seconds.
+pub fn single_member_args(
+    data_dir: &Path,
+    listen_clients: &str,
+    advertise: &str,
+    peer_url: &str,
+) -> Vec<String> {
+    [
+        "--name",
+        "strait",
+        "--data-dir",
+        &data_dir.to_string_lossy(),
+        "--listen-client-urls",
+        listen_clients,
+        "--advertise-client-urls",
+        advertise,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        &format!("strait={peer_url}"),
+        "--log-level",
+        "warn",
+        "--logger",
+        "zap",
+        "--grpc-keepalive-min-time",
+        "500ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }

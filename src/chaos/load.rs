@@ -162,8 +162,9 @@ pub async fn generate(
         // Reap finished requests as we go, so the set stays small.
         while tasks.try_join_next().is_some() {}
         due += interval;
-        // Behind schedule by more than a second (a stalled machine): skip ahead, and say so
-        // in the outcomes as failures would be wrong; the gap shows in the timeline instead.
+        // Behind schedule by more than a second (a stalled generator): skip ahead rather than
+        // fire a burst; the skipped requests are not counted as failures (the generator, not
+        // the system, stalled) and the gap shows in the timeline.
         let now = Instant::now();
         if now > due + Duration::from_secs(1) {
             tracing::warn!(

@@ -298,10 +298,12 @@ pub async fn apply(lab: &mut Lab, action: &Action) -> anyhow::Result<()> {
                 lab::spawn(p).with_context(|| format!("restarting {}", p.label()))?;
             }
             lab.save()?;
-            let clusters: Vec<Option<String>> = chosen
+            // One wait per cluster covers every restarted process of the role there.
+            let mut clusters: Vec<Option<String>> = chosen
                 .iter()
                 .map(|&i| lab.processes[i].cluster.clone())
                 .collect();
+            clusters.dedup();
             for c in clusters {
                 lab::wait_ready(lab, *role, c.as_deref(), Duration::from_secs(30)).await?;
             }

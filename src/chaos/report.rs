@@ -79,7 +79,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.clamp(1, sorted.len()) - 1]
 }
 
-fn key_of(o: &Outcome, by_zone: bool) -> String {
+/// The serving cluster of an answer, or `cluster/zone`.
+pub fn key_of(o: &Outcome, by_zone: bool) -> String {
     match (&o.cluster, &o.zone) {
         (Some(c), Some(z)) if by_zone => format!("{c}/{z}"),
         (Some(c), _) => c.clone(),
@@ -87,9 +88,26 @@ fn key_of(o: &Outcome, by_zone: bool) -> String {
     }
 }
 
+/// How many answers came from each serving cluster (or zone), sorted by name.
+pub fn served<'a>(
+    outcomes: impl Iterator<Item = &'a Outcome>,
+    by_zone: bool,
+) -> Vec<(String, usize)> {
+    let mut by: Vec<(String, usize)> = Vec::new();
+    for o in outcomes.filter(|o| o.ok()) {
+        let k = key_of(o, by_zone);
+        match by.iter_mut().find(|x| x.0 == k) {
+            Some(x) => x.1 += 1,
+            None => by.push((k, 1)),
+        }
+    }
+    by.sort();
+    by
+}
+
 /// Whether a stream's shares are worth showing per zone (a service every cluster runs, whose
 /// zones matter), decided by the scenario's expectations naming a zone for it.
-fn zoned(scenario: &Scenario, stream: usize) -> bool {
+pub fn zoned(scenario: &Scenario, stream: usize) -> bool {
     scenario.expect.iter().any(|e| {
         e.traffic_on.as_deref().is_some_and(|t| t.contains('/'))
             && e.stream.is_none_or(|s| s == stream)
@@ -113,20 +131,11 @@ pub fn phases(scenario: &Scenario, obs: &Observed) -> Vec<Phase> {
                 .collect();
             let mut lat: Vec<f64> = os.iter().map(|o| o.latency_ms).collect();
             lat.sort_by(f64::total_cmp);
-            let mut share: Vec<(String, f64)> = Vec::new();
-            let by_zone = zoned(scenario, s);
-            for o in os.iter().filter(|o| o.ok()) {
-                let k = key_of(o, by_zone);
-                match share.iter_mut().find(|x| x.0 == k) {
-                    Some(x) => x.1 += 1.0,
-                    None => share.push((k, 1.0)),
-                }
-            }
             let n = os.len().max(1) as f64;
-            for x in &mut share {
-                x.1 = x.1 * 100.0 / n;
-            }
-            share.sort_by(|a, b| a.0.cmp(&b.0));
+            let share = served(os.iter().copied(), zoned(scenario, s))
+                .into_iter()
+                .map(|(k, c)| (k, c as f64 * 100.0 / n))
+                .collect();
             streams.push(PhaseStream {
                 stream: s,
                 requests: os.len(),
@@ -440,7 +449,7 @@ pub fn write(dir: &Path, scenario: &Scenario, obs: &Observed) -> anyhow::Result<
     std::fs::write(dir.join("report.md"), &md)?;
     std::fs::write(
         dir.join("report.html"),
-        html(scenario, obs, &md_escape(&table), passed),
+        html(scenario, obs, &checked, passed),
     )?;
     let results = Results {
         scenario,
@@ -505,21 +514,6 @@ pub fn summarise(scenario: &Scenario, runs: &[(Verdict, Observed)]) -> String {
     out
 }
 
-fn md_escape(table: &str) -> String {
-    // The expectation table as HTML rows.
-    let mut rows = String::new();
-    for line in table.lines().skip(2) {
-        let cells: Vec<&str> = line.trim_matches('|').split(" | ").collect();
-        rows.push_str("<tr>");
-        for c in cells {
-            let c = esc(c.trim().trim_matches('*'));
-            rows.push_str(&format!("<td>{c}</td>"));
-        }
-        rows.push_str("</tr>\n");
-    }
-    rows
-}
-
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -533,7 +527,19 @@ const PALETTE: [&str; 8] = [
 
 /// A self-contained page: per stream, the share of requests by serving cluster (and failures)
 /// over time in 250 ms buckets; under it, the links' states; steps as vertical lines.
-fn html(scenario: &Scenario, obs: &Observed, rows: &str, passed: bool) -> String {
+fn html(scenario: &Scenario, obs: &Observed, checked: &[Checked], passed: bool) -> String {
+    let rows: String = checked
+        .iter()
+        .map(|c| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                esc(&c.what),
+                esc(&c.goal),
+                esc(&c.measured),
+                if c.passed { "met" } else { "NOT MET" }
+            )
+        })
+        .collect();
     let (w, left, plot_h) = (1000.0_f64, 150.0_f64, 160.0_f64);
     let bucket = 250.0;
     let n = (obs.duration_ms / bucket).ceil().max(1.0) as usize;

@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use super::load::{LoadSpec, Outcome, Running};
 use super::{Action, apply, parse_step};
+use crate::lab;
 use crate::lab::state::Lab;
-use crate::lab::{self, http};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -213,7 +213,7 @@ pub struct Tick<'a> {
     pub t: Duration,
     pub outcomes: &'a [Outcome],
     pub links: &'a [LinkEvent],
-    pub load: &'a [LoadSpec],
+    pub scenario: &'a Scenario,
 }
 
 /// What the person watching sees: steps with their narration, and a tick every second.
@@ -243,26 +243,17 @@ impl View for Plain {
 pub fn summary_line(tick: &Tick<'_>) -> String {
     let now_ms = tick.t.as_secs_f64() * 1000.0;
     let mut parts = Vec::new();
-    for (i, spec) in tick.load.iter().enumerate() {
+    for (i, spec) in tick.scenario.load.iter().enumerate() {
         let recent: Vec<&Outcome> = tick
             .outcomes
             .iter()
             .filter(|o| o.stream == i && o.end_ms() > now_ms - 1000.0)
             .collect();
         let failed = recent.iter().filter(|o| !o.ok()).count();
-        let mut by: Vec<(String, usize)> = Vec::new();
-        for o in recent.iter().filter(|o| o.ok()) {
-            let key = match (&o.cluster, &o.zone) {
-                (Some(c), Some(z)) if spec.service.starts_with("echo") => format!("{c}/{z}"),
-                (Some(c), _) => c.clone(),
-                _ => "?".into(),
-            };
-            match by.iter_mut().find(|(k, _)| *k == key) {
-                Some(e) => e.1 += 1,
-                None => by.push((key, 1)),
-            }
-        }
-        by.sort();
+        let by = super::report::served(
+            recent.iter().copied(),
+            super::report::zoned(tick.scenario, i),
+        );
         let total = recent.len().max(1) as f64;
         let shares: Vec<String> = by
             .iter()
@@ -315,28 +306,9 @@ pub fn summary_line(tick: &Tick<'_>) -> String {
 async fn warm_up(lab: &Lab, load: &[LoadSpec]) -> anyhow::Result<()> {
     for spec in load {
         let c = lab.cluster(&spec.from)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let r = http::get(
-                &c.ns,
-                c.client.outbound,
-                &spec.service,
-                &spec.path,
-                Duration::from_secs(5),
-            )
-            .await;
-            if matches!(r, Ok((200, _))) {
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "the client sidecar of {} does not serve {} before the run: {r:?}",
-                    spec.from,
-                    spec.service
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        lab::wait_served(c, &spec.service, &spec.path, Duration::from_secs(30))
+            .await
+            .context("before the run")?;
     }
     Ok(())
 }
@@ -364,18 +336,15 @@ pub async fn execute(lab: Lab, plan: &Plan, view: &mut dyn View) -> anyhow::Resu
         tokio::time::sleep_until(wake).await;
         let now = Instant::now();
         if now >= next_tick {
-            let outcomes = running
-                .outcomes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let l = links.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let outcomes = running.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+            let l = links.lock().unwrap_or_else(|p| p.into_inner());
             view.tick(&Tick {
                 t: now - start,
                 outcomes: &outcomes,
                 links: &l,
-                load: &plan.scenario.load,
+                scenario: &plan.scenario,
             });
+            drop((outcomes, l));
             next_tick += Duration::from_secs(1);
         }
         if let Some((_, action, spec)) = steps.peek().filter(|s| now >= start + s.0) {
@@ -437,7 +406,7 @@ async fn follow_links(lab: Lab, start: Instant, out: Arc<Mutex<Vec<LinkEvent>>>)
     let mut last: std::collections::HashMap<(String, String), String> = Default::default();
     loop {
         for c in &lab.clusters {
-            let seen = lab::gateway_links(&lab, c).await;
+            let seen = lab::gateway_links(c).await;
             let t_ms = (Instant::now() - start).as_secs_f64() * 1000.0;
             let now: Vec<(String, String)> = match seen {
                 Ok(l) => l,

@@ -129,7 +129,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
             args.mode
         );
     }
-    if !rustix_is_root() {
+    if !is_root() {
         bail!("the netns lab needs root (network namespaces, veth pairs, tc netem)");
     }
     if args.name.is_empty()
@@ -219,31 +219,12 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     say("starting etcd");
     let etcd_data = dir.join("etcd");
     let etcd_url = format!("http://{}", lab.etcd.addr);
-    let etcd_args: Vec<String> = [
-        "--name",
-        "strait",
-        "--data-dir",
-        &etcd_data.to_string_lossy(),
-        "--listen-client-urls",
+    let etcd_args = federation::etcd_server::single_member_args(
+        &etcd_data,
         &format!("{etcd_url},http://127.0.0.1:2379"),
-        "--advertise-client-urls",
         &etcd_url,
-        "--listen-peer-urls",
         "http://127.0.0.1:2380",
-        "--initial-advertise-peer-urls",
-        "http://127.0.0.1:2380",
-        "--initial-cluster",
-        "strait=http://127.0.0.1:2380",
-        "--log-level",
-        "warn",
-        "--logger",
-        "zap",
-        "--grpc-keepalive-min-time",
-        "500ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    );
     let etcd_bin = std::env::var("STRAIT_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
     let mut etcd = Proc {
         role: Role::Etcd,
@@ -401,7 +382,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     say("checking that every client sidecar serves every service");
     for c in &lab.clusters {
         for svc in ["echo.default", "payments.default"] {
-            wait_served(&lab, c, svc, deadline).await?;
+            wait_served(c, svc, "/", deadline).await?;
         }
     }
     lab.save()?;
@@ -415,7 +396,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
 
 const POLICIES: &str = "policies:\n  - service: payments.default\n    targets: [{cluster: west}, {cluster: central}]\n";
 
-fn rustix_is_root() -> bool {
+fn is_root() -> bool {
     // The effective uid, read without unsafe code.
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -872,8 +853,7 @@ async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
 }
 
 /// Link states as `c`'s gateway reports them: (peer, state).
-pub async fn gateway_links(lab: &Lab, c: &ClusterInfo) -> Result<Vec<(String, String)>, String> {
-    let _ = lab;
+pub async fn gateway_links(c: &ClusterInfo) -> Result<Vec<(String, String)>, String> {
     let (status, body) = http::get(
         &c.ns,
         c.gateway.admin,
@@ -904,7 +884,7 @@ pub async fn gateway_links(lab: &Lab, c: &ClusterInfo) -> Result<Vec<(String, St
 async fn wait_links_up(lab: &Lab, c: &ClusterInfo, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
-        let links = gateway_links(lab, c).await;
+        let links = gateway_links(c).await;
         let missing: Vec<String> = lab
             .clusters
             .iter()
@@ -930,20 +910,20 @@ async fn wait_links_up(lab: &Lab, c: &ClusterInfo, within: Duration) -> anyhow::
     }
 }
 
-async fn wait_served(
-    lab: &Lab,
+/// Wait until the client sidecar of `c` answers `GET SERVICE/PATH` with a 200.
+pub async fn wait_served(
     c: &ClusterInfo,
     service: &str,
+    path: &str,
     within: Duration,
 ) -> anyhow::Result<()> {
-    let _ = lab;
     let deadline = Instant::now() + within;
     loop {
         let r = http::get(
             &c.ns,
             c.client.outbound,
             service,
-            "/",
+            path,
             Duration::from_secs(5),
         )
         .await;
@@ -1055,7 +1035,7 @@ async fn print_status(lab: &Lab, json: bool) {
     }
     let mut seen = Vec::new();
     for c in &lab.clusters {
-        if let Ok(links) = gateway_links(lab, c).await {
+        if let Ok(links) = gateway_links(c).await {
             for (peer, state) in links {
                 seen.push(format!("{}→{peer} {state}", c.name));
             }
