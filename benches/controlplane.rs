@@ -182,6 +182,7 @@ async fn convergence(dir: &std::path::Path) {
             labels: Default::default(),
             outbound: None,
             tunnel: true,
+            mtls: true,
         };
         let t = Instant::now();
         let full = build(&snap, &key, &settings);

@@ -83,8 +83,8 @@ pub struct RunArgs {
 /// The workload certificate.
 #[derive(clap::Args, Debug)]
 pub struct CertArgs {
-    /// The workload certificate (from `strait pki issue workload`): mTLS to the control plane
-    /// and the gateway.
+    /// The workload certificate (from `strait pki issue workload`): mTLS to the control plane,
+    /// the gateway, and endpoints behind other sidecars (labelled `strait.io/tls-mode: mutual`).
     #[arg(long, requires_all = ["key", "ca"])]
     cert: Option<PathBuf>,
     /// Its private key.
@@ -137,6 +137,7 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
         &labels,
         a.outbound,
         a.gateway.is_some(),
+        a.tls.cert.is_some(),
     );
     let files = a.tls.checked(&cluster)?;
     let gateway = match (a.gateway, &files) {
@@ -162,6 +163,15 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
             &[b"h2"],
         )?));
     }
+    // Endpoints behind sidecars: mutual TLS with the workload certificate.
+    let workload_tls = match &files {
+        Some(files) => Some(std::sync::Arc::new(proxy::tls::TlsSource::new(
+            files.clone(),
+            proxy::tls::Peer::Workload,
+            &[],
+        )?)),
+        None => None,
+    };
     let mut inbound = Vec::new();
     for text in &a.inbound {
         let spec = proxy::inbound::InboundSpec::parse(text)
@@ -190,6 +200,7 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
         client.config.clone(),
         proxy::dataplane::DataplaneOptions {
             gateway,
+            workload_tls,
             ..Default::default()
         },
     );

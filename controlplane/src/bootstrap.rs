@@ -6,7 +6,10 @@
 //! cluster (the local east-west gateway's ingress, HTTP/2 over mTLS with the workload
 //! certificate, the gateway's SPIFFE identity pinned) with the internal listener
 //! `strait_tunnel`: a TCP proxy that tunnels each connection in an HTTP/2 CONNECT whose
-//! authority and `strait-cluster` header come from the endpoint's `strait` metadata.
+//! authority and `strait-cluster` header come from the endpoint's `strait` metadata. With the
+//! workload certificate it also holds the static secrets `strait_workload` and
+//! `strait_federation_ca` that the service clusters' mutual-TLS transport sockets (to endpoints
+//! behind sidecars) name, and says so in the node metadata (`STRAIT_MTLS`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,8 +17,8 @@ use std::path::PathBuf;
 use federation::model::{ClusterId, Labels, Locality};
 use serde_json::{Value, json};
 
-use crate::resources::{METADATA_NAMESPACE, TUNNEL_LISTENER};
-use crate::view::{META_CLUSTER, META_KIND, META_LABELS, META_OUTBOUND, META_TUNNEL};
+use crate::resources::{CA_SECRET, METADATA_NAMESPACE, TUNNEL_LISTENER, WORKLOAD_SECRET};
+use crate::view::{META_CLUSTER, META_KIND, META_LABELS, META_MTLS, META_OUTBOUND, META_TUNNEL};
 
 /// Workload certificate files.
 #[derive(Debug, Clone)]
@@ -101,6 +104,9 @@ fn node(spec: &BootstrapSpec, kind: &str) -> Value {
     if kind == "envoy" {
         metadata[META_OUTBOUND] = json!(spec.outbound.to_string());
         metadata[META_TUNNEL] = json!(spec.gateway.is_some());
+        // With the workload certificate, the bootstrap holds the static secrets that the
+        // clusters' mutual-TLS transport sockets name: sidecars can be reached.
+        metadata[META_MTLS] = json!(spec.tls.is_some());
     }
     json!({
         "id": spec.node_id,
@@ -173,6 +179,18 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
             },
         }));
     }
+    // The secrets of the mutual-TLS transport sockets to sidecars (`transport_socket_matches`
+    // of the service clusters name them).
+    let secrets = match &spec.tls {
+        Some(f) => json!([
+            {"name": WORKLOAD_SECRET, "tls_certificate": {
+                "certificate_chain": {"filename": f.cert},
+                "private_key": {"filename": f.key},
+            }},
+            {"name": CA_SECRET, "validation_context": {"trusted_ca": {"filename": f.ca}}},
+        ]),
+        None => json!([]),
+    };
     let config_source = json!({"ads": {}, "resource_api_version": "V3"});
     json!({
         "node": node(spec, "envoy"),
@@ -186,7 +204,7 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
             "cds_config": config_source,
             "lds_config": config_source,
         },
-        "static_resources": {"clusters": clusters, "listeners": listeners},
+        "static_resources": {"clusters": clusters, "listeners": listeners, "secrets": secrets},
         "bootstrap_extensions": extensions,
         "admin": {"address": socket(spec.admin)},
     })

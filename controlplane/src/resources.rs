@@ -50,6 +50,41 @@ use federation::route::{LocalityGroup, Route};
 pub const TUNNEL_LISTENER: &str = "strait_tunnel";
 /// The metadata namespace of tunnelled endpoints.
 pub const METADATA_NAMESPACE: &str = "strait";
+/// The endpoint metadata namespace Envoy matches `transport_socket_matches` against.
+pub const SOCKET_MATCH_NAMESPACE: &str = "envoy.transport_socket_match";
+/// Keys of an endpoint's socket-match metadata: its TLS mode
+/// ([`federation::model::TLS_MODE_MUTUAL`]) and its cluster, whose workload identity its sidecar
+/// must present.
+pub const MATCH_TLS_MODE: &str = federation::model::TLS_MODE_LABEL;
+pub const MATCH_CLUSTER: &str = "strait.io/cluster";
+/// The static secrets of the bootstrap (`strait proxy bootstrap --envoy` with certificates):
+/// the workload certificate and the federation CA. Upstream TLS contexts name them.
+pub const WORKLOAD_SECRET: &str = "strait_workload";
+pub const CA_SECRET: &str = "strait_federation_ca";
+/// The name of the transport-socket match for sidecars of `cluster`.
+pub fn mutual_match_name(cluster: &str) -> String {
+    format!("strait_mutual_tls/{cluster}")
+}
+/// The URI SAN a sidecar of `cluster` must present: a workload of that cluster (the trust
+/// domain is pinned by the federation CA, which issues for one trust domain only).
+pub fn workload_san_regex(cluster: &str) -> String {
+    format!(
+        "^spiffe://[^/]+/cluster/{}/ns/[^/]+/sa/[^/]+$",
+        regex_escape(cluster)
+    )
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if !c.is_ascii_alphanumeric() && c != '-' && c != '_' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Envoy's outbound HTTP listener and its route configuration.
 pub const OUTBOUND_LISTENER: &str = "strait_outbound_http";
 pub const OUTBOUND_ROUTES: &str = "strait_outbound";
@@ -90,6 +125,10 @@ pub struct PortView<'a> {
     /// endpoint's address at the service port number.
     pub first: bool,
     pub remote: Remote,
+    /// The client can originate mutual TLS with a workload certificate (node metadata
+    /// `STRAIT_MTLS`): endpoints behind sidecars get socket-match metadata. Without it they are
+    /// left out, since they refuse plaintext.
+    pub mtls: bool,
 }
 
 fn socket_address(a: SocketAddr) -> core::Address {
@@ -134,7 +173,7 @@ fn string_value(s: &str) -> Value {
     }
 }
 
-fn strait_metadata(cluster: &str, authority: &str) -> core::Metadata {
+fn strait_fields(cluster: &str, authority: &str) -> Struct {
     let fields = [
         ("cluster".to_string(), string_value(cluster)),
         ("authority".to_string(), string_value(authority)),
@@ -147,11 +186,22 @@ fn strait_metadata(cluster: &str, authority: &str) -> core::Metadata {
     ]
     .into_iter()
     .collect();
-    core::Metadata {
-        filter_metadata: [(METADATA_NAMESPACE.to_string(), Struct { fields })]
-            .into_iter()
-            .collect(),
-        ..Default::default()
+    Struct { fields }
+}
+
+/// An endpoint behind a sidecar of `cluster`: the socket-match metadata that selects the
+/// cluster's mutual-TLS transport socket ([`mutual_matches`]).
+fn socket_match_fields(cluster: &str) -> Struct {
+    Struct {
+        fields: [
+            (
+                MATCH_TLS_MODE.to_string(),
+                string_value(federation::model::TLS_MODE_MUTUAL),
+            ),
+            (MATCH_CLUSTER.to_string(), string_value(cluster)),
+        ]
+        .into_iter()
+        .collect(),
     }
 }
 
@@ -175,7 +225,7 @@ fn duration_ms(ms: u64) -> Duration {
 /// The EDS resource of `name` for a resolved route (endpoints as the route has them).
 pub fn load_assignment(name: &str, route: &Route) -> endpoint::ClusterLoadAssignment {
     let groups: Vec<&LocalityGroup> = route.groups.iter().collect();
-    assignment(name, &groups, None, Remote::Direct, "")
+    assignment(name, &groups, None, Remote::Direct, "", true)
 }
 
 /// The EDS resource of one service port as `view` asks.
@@ -191,7 +241,7 @@ pub fn port_assignment(route: &Route, view: PortView<'_>) -> endpoint::ClusterLo
         "{}.{}:{}",
         view.service.name, view.service.namespace, view.port.port
     );
-    assignment(&name, &groups, port, view.remote, &authority)
+    assignment(&name, &groups, port, view.remote, &authority, view.mtls)
 }
 
 fn assignment(
@@ -200,6 +250,7 @@ fn assignment(
     port: Option<u16>,
     remote: Remote,
     authority: &str,
+    mtls: bool,
 ) -> endpoint::ClusterLoadAssignment {
     // Priorities stay dense after dropping groups.
     let levels: BTreeSet<u32> = groups.iter().map(|g| g.priority).collect();
@@ -215,15 +266,32 @@ fn assignment(
             lb_endpoints: g
                 .endpoints
                 .iter()
+                // A tunnelled endpoint is the remote gateway's business (it originates the
+                // mutual TLS); a direct one behind a sidecar needs a client that can.
+                .filter(|e| mtls || !e.mutual_tls || (g.via_gateway && remote == Remote::Tunnel))
                 .map(|e| {
                     let addr = SocketAddr::new(e.address, port.unwrap_or(e.port));
                     let tunnel = g.via_gateway && remote == Remote::Tunnel;
+                    let mut filter_metadata = std::collections::HashMap::new();
+                    if g.via_gateway {
+                        filter_metadata.insert(
+                            METADATA_NAMESPACE.to_string(),
+                            strait_fields(g.cluster.as_str(), authority),
+                        );
+                    }
+                    if e.mutual_tls && !tunnel {
+                        filter_metadata.insert(
+                            SOCKET_MATCH_NAMESPACE.to_string(),
+                            socket_match_fields(g.cluster.as_str()),
+                        );
+                    }
                     endpoint::LbEndpoint {
                         health_status: health(e.health),
                         load_balancing_weight: Some(UInt32Value { value: e.weight }),
-                        metadata: g
-                            .via_gateway
-                            .then(|| strait_metadata(g.cluster.as_str(), authority)),
+                        metadata: (!filter_metadata.is_empty()).then(|| core::Metadata {
+                            filter_metadata,
+                            ..Default::default()
+                        }),
                         host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
                             endpoint::Endpoint {
                                 address: Some(if tunnel {
@@ -354,11 +422,95 @@ fn http2_options() -> (String, envoy_types::pb::google::protobuf::Any) {
     )
 }
 
-/// The CDS resource of one service port.
+/// The clusters whose endpoints in `route` sit behind sidecars and are reached directly (not
+/// through the gateway): each needs a mutual-TLS transport-socket match.
+pub fn mutual_clusters(route: &Route) -> Vec<&str> {
+    let set: BTreeSet<&str> = route
+        .groups
+        .iter()
+        .filter(|g| !g.via_gateway && g.endpoints.iter().any(|e| e.mutual_tls))
+        .map(|g| g.cluster.as_str())
+        .collect();
+    set.into_iter().collect()
+}
+
+/// One transport-socket match per cluster in `mutual`: endpoints whose socket-match metadata
+/// names the cluster get TLS 1.3 with the bootstrap's workload certificate, trust in the
+/// federation CA, the cluster's workload identities only, and the port's ALPN.
+pub fn mutual_matches(
+    mutual: &[&str],
+    port: &ServicePort,
+) -> Vec<cluster::cluster::TransportSocketMatch> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    mutual
+        .iter()
+        .map(|c| {
+            let validation = tls::CertificateValidationContext {
+                match_typed_subject_alt_names: vec![tls::SubjectAltNameMatcher {
+                    san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
+                    matcher: Some(string_matcher(MatchPattern::SafeRegex(regex_matcher(
+                        &workload_san_regex(c),
+                    )))),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let context = tls::UpstreamTlsContext {
+                common_tls_context: Some(tls::CommonTlsContext {
+                    tls_params: Some(tls::TlsParameters {
+                        tls_minimum_protocol_version: tls::tls_parameters::TlsProtocol::TlSv13
+                            as i32,
+                        tls_maximum_protocol_version: tls::tls_parameters::TlsProtocol::TlSv13
+                            as i32,
+                        ..Default::default()
+                    }),
+                    tls_certificate_sds_secret_configs: vec![tls::SdsSecretConfig {
+                        name: WORKLOAD_SECRET.to_string(),
+                        sds_config: None,
+                    }],
+                    validation_context_type: Some(
+                        tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                            tls::common_tls_context::CombinedCertificateValidationContext {
+                                default_validation_context: Some(validation),
+                                validation_context_sds_secret_config: Some(tls::SdsSecretConfig {
+                                    name: CA_SECRET.to_string(),
+                                    sds_config: None,
+                                }),
+                                ..Default::default()
+                            },
+                        ),
+                    ),
+                    alpn_protocols: port
+                        .protocol
+                        .alpn()
+                        .map(str::to_string)
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            cluster::cluster::TransportSocketMatch {
+                name: mutual_match_name(c),
+                r#match: Some(socket_match_fields(c)),
+                transport_socket: Some(core::TransportSocket {
+                    name: "envoy.transport_sockets.tls".to_string(),
+                    config_type: Some(core::transport_socket::ConfigType::TypedConfig(pack_any(
+                        context,
+                    ))),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// The CDS resource of one service port; `mutual`: the clusters whose sidecars it reaches
+/// directly ([`mutual_clusters`]; Envoy-like clients only).
 pub fn service_cluster(
     service: &ServiceKey,
     port: &ServicePort,
     kind: ClientKind,
+    mutual: &[&str],
 ) -> cluster::Cluster {
     let mut c = cluster::Cluster {
         name: cluster_name(service, port.port),
@@ -431,6 +583,7 @@ pub fn service_cluster(
                 },
             ))),
         });
+        c.transport_socket_matches = mutual_matches(mutual, port);
         if matches!(port.protocol, Protocol::Http2 | Protocol::Grpc) {
             c.typed_extension_protocol_options = [http2_options()].into_iter().collect();
         }

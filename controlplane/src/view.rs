@@ -17,7 +17,8 @@ use federation::route::{Caller, Inputs, resolve};
 
 use crate::resources::{
     ClientKind, HttpPort, PortView, Remote, ResolvedRule, cluster_name, grpc_fold, grpc_listener,
-    outbound_listener, outbound_routes, port_assignment, service_cluster, tcp_listener,
+    mutual_clusters, outbound_listener, outbound_routes, port_assignment, service_cluster,
+    tcp_listener,
 };
 
 /// The four resource types, in the order they are pushed (make-before-break: clusters before
@@ -123,6 +124,33 @@ impl Resource {
     }
 }
 
+impl Resource {
+    /// A cluster: its transport-socket matches are protobuf maps too (hashed sorted, as in
+    /// [`Resource::assignment`]).
+    fn cluster(name: String, c: envoy_types::pb::envoy::config::cluster::v3::Cluster) -> Self {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut bare = c.clone();
+        for m in &mut bare.transport_socket_matches {
+            if let Some(fields) = m.r#match.take() {
+                let mut entries: Vec<String> = fields
+                    .fields
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v:?}"))
+                    .collect();
+                entries.sort();
+                entries.hash(&mut h);
+            }
+        }
+        prost::Message::encode_to_vec(&bare).hash(&mut h);
+        Self {
+            name,
+            version: format!("{:016x}", h.finish()),
+            body: pack_any(c),
+            refs: Vec::new(),
+        }
+    }
+}
+
 pub type Resources = BTreeMap<String, Arc<Resource>>;
 
 /// Every resource of a view, by type.
@@ -191,6 +219,9 @@ pub struct ViewKey {
     pub outbound: Option<SocketAddr>,
     /// The bootstrap has the tunnel listener to the gateway (node metadata `STRAIT_TUNNEL`).
     pub tunnel: bool,
+    /// The proxy can originate mutual TLS to sidecars with its workload certificate (node
+    /// metadata `STRAIT_MTLS`; an Envoy bootstrap with the static secrets).
+    pub mtls: bool,
 }
 
 /// A proxy as it introduced itself.
@@ -207,6 +238,7 @@ pub const META_LABELS: &str = "STRAIT_LABELS";
 pub const META_OUTBOUND: &str = "STRAIT_OUTBOUND";
 pub const META_TUNNEL: &str = "STRAIT_TUNNEL";
 pub const META_KIND: &str = "STRAIT_KIND";
+pub const META_MTLS: &str = "STRAIT_MTLS";
 
 fn meta_string<'a>(meta: Option<&'a Struct>, key: &str) -> Result<Option<&'a str>, String> {
     match meta
@@ -216,6 +248,19 @@ fn meta_string<'a>(meta: Option<&'a Struct>, key: &str) -> Result<Option<&'a str
         None | Some(Kind::NullValue(_)) => Ok(None),
         Some(Kind::StringValue(s)) => Ok(Some(s)),
         Some(_) => Err(format!("node metadata {key}: expected a string")),
+    }
+}
+
+fn meta_bool(meta: Option<&Struct>, key: &str) -> Result<bool, String> {
+    match meta
+        .and_then(|m| m.fields.get(key))
+        .and_then(|v| v.kind.as_ref())
+    {
+        None | Some(Kind::NullValue(_)) => Ok(false),
+        Some(Kind::BoolValue(b)) => Ok(*b),
+        Some(Kind::StringValue(s)) if s == "true" => Ok(true),
+        Some(Kind::StringValue(s)) if s == "false" => Ok(false),
+        Some(_) => Err(format!("node metadata {key}: expected a boolean")),
     }
 }
 
@@ -283,16 +328,9 @@ impl NodeInfo {
                     .map_err(|e| format!("node metadata {META_OUTBOUND}: {s:?}: {e}"))
             })
             .transpose()?;
-        let tunnel = match meta
-            .and_then(|m| m.fields.get(META_TUNNEL))
-            .and_then(|v| v.kind.as_ref())
-        {
-            None | Some(Kind::NullValue(_)) => false,
-            Some(Kind::BoolValue(b)) => *b,
-            Some(Kind::StringValue(s)) if s == "true" => true,
-            Some(Kind::StringValue(s)) if s == "false" => false,
-            Some(_) => return Err(format!("node metadata {META_TUNNEL}: expected a boolean")),
-        };
+        let tunnel = meta_bool(meta, META_TUNNEL)?;
+        // Proxyless gRPC cannot originate Strait's mutual TLS to sidecars.
+        let mtls = meta_bool(meta, META_MTLS)? && kind == ClientKind::Envoy;
         Ok(Self {
             id: node.id.clone(),
             user_agent: node.user_agent_name.clone(),
@@ -302,6 +340,7 @@ impl NodeInfo {
                 labels,
                 outbound,
                 tunnel,
+                mtls,
             },
         })
     }
@@ -463,6 +502,11 @@ pub fn build_from(
             route.groups.retain(|g| !g.via_gateway);
             route = grpc_fold(&route);
         }
+        let mutual = if key.mtls {
+            mutual_clusters(&route)
+        } else {
+            Vec::new()
+        };
         for (i, port) in service.ports.iter().enumerate() {
             let name = cluster_name(skey, port.port);
             let pv = PortView {
@@ -470,13 +514,13 @@ pub fn build_from(
                 port,
                 first: i == 0,
                 remote,
+                mtls: key.mtls,
             };
             view.types[TypeKind::Cluster as usize].insert(
                 name.clone(),
-                Arc::new(Resource::new(
+                Arc::new(Resource::cluster(
                     name.clone(),
-                    service_cluster(skey, port, key.kind),
-                    Vec::new(),
+                    service_cluster(skey, port, key.kind, &mutual),
                 )),
             );
             view.types[TypeKind::Endpoint as usize].insert(
@@ -639,6 +683,7 @@ mod tests {
             labels: Labels::default(),
             outbound: None,
             tunnel: true,
+            mtls: false,
         }
     }
 
@@ -667,6 +712,67 @@ mod tests {
                 assert_eq!(va, vb, "{t:?} versions changed on a rebuild");
             }
         }
+    }
+
+    /// An endpoint behind a sidecar: a client with a workload certificate gets the cluster's
+    /// mutual-TLS transport-socket match and the endpoint's socket-match metadata (with stable
+    /// versions, although both are protobuf maps); a client without one never sees it.
+    #[test]
+    fn sidecar_endpoints_reach_only_clients_that_speak_mutual_tls() {
+        use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+        use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+        let mut snap = snapshot();
+        let k = (
+            ServiceKey::new("default", "echo").unwrap(),
+            ClusterId::parse("c", "east").unwrap(),
+        );
+        let mut se = (**snap.endpoints.get(&k).unwrap()).clone();
+        se.endpoints[0] = se.endpoints[0].clone().with_labels(
+            Labels::new(BTreeMap::from([(
+                federation::model::TLS_MODE_LABEL.to_string(),
+                federation::model::TLS_MODE_MUTUAL.to_string(),
+            )]))
+            .unwrap(),
+        );
+        snap.endpoints.insert(k, Arc::new(se));
+        let mtls = ViewKey {
+            mtls: true,
+            ..key()
+        };
+        let a = build(&snap, &mtls, &settings());
+        let cds = a.get(TypeKind::Cluster).get("echo.default:8080").unwrap();
+        let c = Cluster::decode(cds.body.value.as_slice()).unwrap();
+        let names: Vec<&str> = c
+            .transport_socket_matches
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(names, vec!["strait_mutual_tls/east"]);
+        let eds = a.get(TypeKind::Endpoint).get("echo.default:8080").unwrap();
+        let cla = ClusterLoadAssignment::decode(eds.body.value.as_slice()).unwrap();
+        let text = format!("{cla:?}");
+        assert!(text.contains("10.1.0.1") && text.contains("envoy.transport_socket_match"));
+        for _ in 0..20 {
+            let b = build(&snap, &mtls, &settings());
+            for t in ORDER {
+                let va: Vec<&str> = a.get(t).values().map(|r| r.version.as_str()).collect();
+                let vb: Vec<&str> = b.get(t).values().map(|r| r.version.as_str()).collect();
+                assert_eq!(va, vb, "{t:?} versions changed on a rebuild");
+            }
+        }
+        let plain = build(&snap, &key(), &settings());
+        let cds = plain
+            .get(TypeKind::Cluster)
+            .get("echo.default:8080")
+            .unwrap();
+        let c = Cluster::decode(cds.body.value.as_slice()).unwrap();
+        assert!(c.transport_socket_matches.is_empty());
+        let eds = plain
+            .get(TypeKind::Endpoint)
+            .get("echo.default:8080")
+            .unwrap();
+        let cla = ClusterLoadAssignment::decode(eds.body.value.as_slice()).unwrap();
+        assert!(!format!("{cla:?}").contains("10.1.0.1"), "{cla:?}");
     }
 
     /// An incremental build reuses unchanged services and equals a full build.

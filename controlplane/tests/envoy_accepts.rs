@@ -220,7 +220,9 @@ fn envoy_rejects_what_it_should_so_the_check_above_means_something() {
 /// The Envoy bootstrap of `strait proxy bootstrap --envoy` with a gateway (mTLS to the control
 /// plane and the gateway, the internal tunnel listener) together with a service cluster as the
 /// control plane sends it — remote endpoints addressed to the tunnel listener through the
-/// internal_upstream transport socket — are accepted by Envoy.
+/// internal_upstream transport socket — are accepted by Envoy. One of east's own endpoints sits
+/// behind a sidecar: the cluster's mutual-TLS transport-socket match (naming the bootstrap's
+/// static secrets) and the endpoint's socket-match metadata are accepted too.
 #[test]
 fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
     use controlplane::bootstrap::{BootstrapSpec, CertFiles};
@@ -264,11 +266,29 @@ fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
     );
     assert!(text.contains("strait_tunnel"), "{text}");
 
+    assert!(text.contains("strait_workload"), "{text}");
+
     // The service cluster, made static with its load assignment.
-    let route = route();
+    let mut route = route();
+    for g in route
+        .groups
+        .iter_mut()
+        .filter(|g| g.cluster.as_str() == "east")
+    {
+        for e in &mut g.endpoints {
+            e.mutual_tls = true;
+        }
+    }
     let key = ServiceKey::new("default", "echo").unwrap();
     let port = ServicePort::new("http", 8080, Protocol::Http).unwrap();
-    let mut c = service_cluster(&key, &port, ClientKind::Envoy);
+    let mutual = controlplane::resources::mutual_clusters(&route);
+    assert_eq!(
+        mutual,
+        vec!["east"],
+        "only east's own endpoints are reached directly"
+    );
+    let mut c = service_cluster(&key, &port, ClientKind::Envoy, &mutual);
+    assert_eq!(c.transport_socket_matches.len(), 1);
     let cla = port_assignment(
         &route,
         PortView {
@@ -276,7 +296,33 @@ fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
             port: &port,
             first: true,
             remote: Remote::Tunnel,
+            mtls: true,
         },
+    );
+    let matched = cla
+        .endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .filter(|e| format!("{e:?}").contains("envoy.transport_socket_match"))
+        .count();
+    assert!(
+        matched >= 1,
+        "east's sidecar endpoints carry socket-match metadata"
+    );
+    // A client without the secrets does not get them at all.
+    let plain = port_assignment(
+        &route,
+        PortView {
+            service: &key,
+            port: &port,
+            first: true,
+            remote: Remote::Tunnel,
+            mtls: false,
+        },
+    );
+    assert!(
+        !format!("{plain:?}").contains("10.0.0.1"),
+        "a sidecar endpoint reached a client that cannot speak mutual TLS"
     );
     let internal = cla
         .endpoints

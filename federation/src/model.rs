@@ -325,6 +325,18 @@ pub struct ServicePort {
     pub protocol: Protocol,
 }
 
+impl Protocol {
+    /// The ALPN protocol a client offers an endpoint's sidecar (which passes the bytes on to
+    /// the application as they are): `http/1.1`, `h2`, or none for opaque TCP.
+    pub fn alpn(self) -> Option<&'static str> {
+        match self {
+            Protocol::Http => Some("http/1.1"),
+            Protocol::Http2 | Protocol::Grpc => Some("h2"),
+            Protocol::Tcp => None,
+        }
+    }
+}
+
 impl ServicePort {
     pub fn new(name: &str, port: u16, protocol: Protocol) -> Result<Self, ModelError> {
         Ok(Self {
@@ -548,6 +560,13 @@ pub fn validate_label_value(value: &str) -> Result<(), String> {
 /// but keeping endpoint weights small keeps weighted round robin fair and cheap).
 pub const MAX_WEIGHT: u32 = 128;
 
+/// The endpoint label that says how the endpoint is reached: [`TLS_MODE_MUTUAL`] when a sidecar
+/// inbound listener fronts it (mutual TLS with workload certificates, like Istio's
+/// `security.istio.io/tlsMode: istio`); absent (or anything else), plaintext.
+pub const TLS_MODE_LABEL: &str = "strait.io/tls-mode";
+/// The value of [`TLS_MODE_LABEL`] for endpoints behind a sidecar.
+pub const TLS_MODE_MUTUAL: &str = "mutual";
+
 /// One instance of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
@@ -591,6 +610,11 @@ impl Endpoint {
     pub fn with_labels(mut self, labels: Labels) -> Self {
         self.labels = labels;
         self
+    }
+
+    /// A sidecar fronts the endpoint: it is reached with mutual TLS ([`TLS_MODE_LABEL`]).
+    pub fn mutual_tls(&self) -> bool {
+        self.labels.get(TLS_MODE_LABEL) == Some(TLS_MODE_MUTUAL)
     }
 
     /// `address:port`.

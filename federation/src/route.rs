@@ -103,6 +103,8 @@ pub struct RoutedEndpoint {
     pub port: u16,
     pub health: Health,
     pub weight: u32,
+    /// A sidecar fronts it: reached with mutual TLS ([`crate::model::TLS_MODE_LABEL`]).
+    pub mutual_tls: bool,
 }
 
 /// A group of endpoints of one cluster and locality (and label class) at one priority.
@@ -241,6 +243,7 @@ pub fn resolve(caller: &Caller, inputs: &Inputs<'_>) -> Route {
                     port: e.port,
                     health: e.health,
                     weight: e.weight,
+                    mutual_tls: e.mutual_tls(),
                 });
         }
     }

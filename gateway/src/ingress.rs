@@ -197,7 +197,7 @@ async fn handle(
 
     if target == shared.own.as_str() {
         let tcp = match connect_local(&shared, &service, port).await {
-            Ok(t) => t,
+            Ok((t, _)) => t,
             Err((code, why)) => {
                 let status = match code {
                     TunnelCode::UnknownService => 404,

@@ -84,6 +84,8 @@ pub struct Shared {
     pub endpoint: quinn::Endpoint,
     pub quic_client: RwLock<quinn::ClientConfig>,
     pub ingress_tls: RwLock<Arc<rustls::ServerConfig>>,
+    /// Mutual TLS to local endpoints behind sidecars.
+    pub sidecar_tls: RwLock<tls::SidecarTls>,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
     pub links_changed: Notify,
@@ -295,6 +297,7 @@ impl Gateway {
             endpoint,
             quic_client: RwLock::new(material.quic_client),
             ingress_tls: RwLock::new(material.ingress),
+            sidecar_tls: RwLock::new(material.sidecars),
             metrics: Metrics::default(),
             shutdown: Shutdown::new(),
             links_changed: Notify::new(),
@@ -407,6 +410,9 @@ async fn reload_tls(shared: Arc<Shared>, source: Arc<TlsSource>) {
                 }
                 if let Ok(mut c) = shared.ingress_tls.write() {
                     *c = m.ingress;
+                }
+                if let Ok(mut c) = shared.sidecar_tls.write() {
+                    *c = m.sidecars;
                 }
                 tracing::info!("certificates reloaded; existing connections keep theirs");
                 shared

@@ -16,6 +16,14 @@ pub struct LocalTable {
     pub services: HashMap<ServiceKey, Arc<ServiceEndpoints>>,
 }
 
+/// An endpoint to connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub addr: SocketAddr,
+    /// Behind a sidecar (mutual TLS), offering this ALPN (the service port's protocol).
+    pub sidecar: Option<Option<&'static str>>,
+}
+
 /// Picks endpoints round-robin among the serving ones.
 pub struct LocalEndpoints {
     table: watch::Receiver<Arc<LocalTable>>,
@@ -30,14 +38,14 @@ impl LocalEndpoints {
         }
     }
 
-    /// Up to `n` candidate addresses for `service:port`, starting at the round-robin cursor
+    /// Up to `n` candidate endpoints for `service:port`, starting at the round-robin cursor
     /// (the first is the choice; the rest are fall-backs if connecting fails).
     pub fn pick(
         &self,
         service: &ServiceKey,
         port: u16,
         n: usize,
-    ) -> Result<Vec<SocketAddr>, (StatusCode, String)> {
+    ) -> Result<Vec<Candidate>, (StatusCode, String)> {
         let table = self.table.borrow().clone();
         let Some(set) = table.services.get(service) else {
             return Err((
@@ -60,14 +68,18 @@ impl LocalEndpoints {
                 ),
             ));
         };
-        let serving: Vec<SocketAddr> = set
+        let alpn = set.service.ports[index].protocol.alpn();
+        let serving: Vec<Candidate> = set
             .endpoints
             .iter()
             .filter(|e| e.health.is_serving())
             .map(|e| {
                 // The first port is served on the endpoint's port; other ports on their own number.
                 let p = if index == 0 { e.port } else { port };
-                SocketAddr::new(e.address, p)
+                Candidate {
+                    addr: SocketAddr::new(e.address, p),
+                    sidecar: e.mutual_tls().then_some(alpn),
+                }
             })
             .collect();
         if serving.is_empty() {

@@ -495,7 +495,7 @@ async fn handle_inbound(
         .await;
         return;
     };
-    let tcp = match connect_local(&shared, &key, header.port as u16).await {
+    let (tcp, endpoint) = match connect_local(&shared, &key, header.port as u16).await {
         Ok(t) => t,
         Err((code, why)) => {
             tracing::debug!(peer = %peer.cluster, service = %key, reason = %why, "tunnel refused");
@@ -503,7 +503,7 @@ async fn handle_inbound(
             return;
         }
     };
-    let endpoint = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let endpoint = endpoint.to_string();
     if write_frame(
         &mut send,
         &TunnelStatus {
@@ -536,27 +536,123 @@ async fn reply(send: &mut quinn::SendStream, code: StatusCode, message: String, 
     let _ = send.finish();
 }
 
-/// Connect to a healthy local endpoint of `service:port`, trying a few in round-robin order.
+/// A connection to a local endpoint: plain TCP, or mutual TLS to the sidecar in front of it.
+pub enum LocalStream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl crate::splice::Abort for LocalStream {
+    fn abort(&mut self) {
+        // Reset the TCP connection under the TLS session too: the far side sees an error.
+        match self {
+            LocalStream::Tcp(s) => s.abort(),
+            LocalStream::Tls(s) => s.get_mut().0.abort(),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for LocalStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LocalStream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            LocalStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for LocalStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            LocalStream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            LocalStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LocalStream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            LocalStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LocalStream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            LocalStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connect to a healthy local endpoint of `service:port`, trying a few in round-robin order;
+/// an endpoint behind a sidecar gets mutual TLS with the gateway's certificate (the sidecar
+/// must be a workload of this cluster). Returns the stream and the endpoint's address.
 pub async fn connect_local(
     shared: &Shared,
     service: &ServiceKey,
     port: u16,
-) -> Result<TcpStream, (StatusCode, String)> {
+) -> Result<(LocalStream, SocketAddr), (StatusCode, String)> {
     let candidates = shared.local.pick(service, port, 3)?;
+    let timeout = shared.config.tunnel.connect_timeout;
     let mut last = String::new();
-    for addr in candidates {
+    for c in candidates {
+        let addr = c.addr;
+        let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                last = format!("{addr}: {e}");
+                continue;
+            }
+            Err(_) => {
+                last = format!("{addr}: connect timed out");
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(alpn) = c.sidecar else {
+            return Ok((LocalStream::Tcp(tcp), addr));
+        };
+        let config = match shared.sidecar_tls.read() {
+            Ok(t) => t.get(alpn),
+            Err(p) => p.into_inner().get(alpn),
+        };
+        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
         match tokio::time::timeout(
-            shared.config.tunnel.connect_timeout,
-            TcpStream::connect(addr),
+            timeout,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
         )
         .await
         {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
+            Ok(Ok(s)) => return Ok((LocalStream::Tls(Box::new(s)), addr)),
+            Ok(Err(e)) => {
+                let reason = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .and_then(federation::identity::rejection_reason)
+                    .map_or_else(|| e.to_string(), ToString::to_string);
+                tracing::warn!(endpoint = %addr, %reason, "mutual TLS to the endpoint's sidecar failed");
+                shared
+                    .metrics
+                    .count("strait_gateway_sidecar_tls_failures_total", "handshake");
+                last = format!("{addr}: mutual TLS to its sidecar: {reason}");
             }
-            Ok(Err(e)) => last = format!("{addr}: {e}"),
-            Err(_) => last = format!("{addr}: connect timed out"),
+            Err(_) => {
+                last = format!("{addr}: no TLS handshake with its sidecar within {timeout:?}")
+            }
         }
     }
     Err((

@@ -49,7 +49,28 @@ pub struct Material {
     pub quic_server: quinn::ServerConfig,
     pub quic_client: quinn::ClientConfig,
     pub ingress: Arc<rustls::ServerConfig>,
+    pub sidecars: SidecarTls,
     pub trust_domain: String,
+}
+
+/// Client configs for local endpoints behind sidecars: the gateway's certificate, a peer that
+/// is a workload of the gateway's own cluster, one config per ALPN offered.
+#[derive(Clone)]
+pub struct SidecarTls {
+    none: Arc<rustls::ClientConfig>,
+    http1: Arc<rustls::ClientConfig>,
+    h2: Arc<rustls::ClientConfig>,
+}
+
+impl SidecarTls {
+    /// The config offering `alpn` (`http/1.1`, `h2`, or none).
+    pub fn get(&self, alpn: Option<&str>) -> Arc<rustls::ClientConfig> {
+        match alpn {
+            Some("h2") => self.h2.clone(),
+            Some(_) => self.http1.clone(),
+            None => self.none.clone(),
+        }
+    }
 }
 
 /// Builds [`Material`] and notices when the files change.
@@ -169,8 +190,27 @@ impl TlsSource {
         // the reason when it belongs to another cluster (clearer than a TLS alert).
         let workload_auth: Authorizer = identity::allow_any();
         let workload_verifier = Arc::new(PeerVerifier::new(&ca, Role::Workload, workload_auth)?);
-        let mut ingress = server_config(chain, key, workload_verifier)?;
+        let mut ingress = server_config(chain.clone(), key.clone_key(), workload_verifier)?;
         ingress.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+
+        // Sidecars of this cluster in front of local endpoints.
+        let sidecar_verifier = Arc::new(PeerVerifier::new(
+            &ca,
+            Role::Workload,
+            identity::allow_clusters([self.own.to_string()]),
+        )?);
+        let sidecar = |alpn: &[u8]| -> Result<Arc<rustls::ClientConfig>, TlsError> {
+            let mut c = client_config(chain.clone(), key.clone_key(), sidecar_verifier.clone())?;
+            if !alpn.is_empty() {
+                c.alpn_protocols = vec![alpn.to_vec()];
+            }
+            Ok(Arc::new(c))
+        };
+        let sidecars = SidecarTls {
+            none: sidecar(b"")?,
+            http1: sidecar(b"http/1.1")?,
+            h2: sidecar(b"h2")?,
+        };
 
         if let Ok(mut s) = self.stamp.write() {
             *s = Some(stamp);
@@ -179,6 +219,7 @@ impl TlsSource {
             quic_server,
             quic_client,
             ingress: Arc::new(ingress),
+            sidecars,
             trust_domain,
         })
     }

@@ -38,6 +38,17 @@ const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rou
 
 /// The metadata namespace and keys of endpoints reached through the gateway.
 const TUNNEL_NAMESPACE: &str = "strait";
+/// The endpoint metadata namespace that `transport_socket_matches` match against.
+const SOCKET_MATCH_NAMESPACE: &str = "envoy.transport_socket_match";
+const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
+const RAW_BUFFER: &str = "envoy.transport_sockets.raw_buffer";
+const UPSTREAM_TLS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+/// The secrets an upstream TLS context may name: the proxy presents its own workload
+/// certificate and trusts the federation CA (the names of the Envoy bootstrap's static
+/// secrets, so that one CDS resource serves both).
+pub const WORKLOAD_SECRET: &str = "strait_workload";
+pub const CA_SECRET: &str = "strait_federation_ca";
 
 /// A resource the proxy cannot apply: which one, which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -200,6 +211,193 @@ pub struct ClusterConfig {
     pub tunnel: bool,
     pub outlier: Option<OutlierDetection>,
     pub thresholds: Thresholds,
+    /// Transport-socket matches (`transport_socket_matches`), in order: the first whose
+    /// criteria an endpoint's socket-match metadata satisfies decides how it is reached.
+    pub tls_matches: Vec<TlsMatch>,
+}
+
+/// One transport-socket match of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsMatch {
+    pub name: String,
+    /// Entries the endpoint's `envoy.transport_socket_match` metadata must all have.
+    pub criteria: Vec<(String, String)>,
+    /// Mutual TLS with the workload certificate, or `None`: plaintext (`raw_buffer`).
+    pub tls: Option<UpstreamTls>,
+}
+
+impl TlsMatch {
+    /// Whether an endpoint with these socket-match entries is this match's.
+    pub fn matches(&self, endpoint: &[(String, String)]) -> bool {
+        self.criteria.iter().all(|c| endpoint.contains(c))
+    }
+}
+
+/// Mutual TLS to an endpoint's sidecar: the proxy's workload certificate, the federation CA,
+/// and who the peer must be.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// ALPN protocols offered (what the application behind the sidecar speaks).
+    pub alpn: Vec<Vec<u8>>,
+    /// The peer's URI SAN must match one of these (none: any workload of the federation).
+    pub san: Vec<SanMatch>,
+}
+
+/// A URI SAN matcher (`match_typed_subject_alt_names`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SanMatch {
+    Exact(String),
+    Prefix(String),
+    /// Validated at translation; RE2 syntax, matched against the whole SAN.
+    Regex(String),
+}
+
+/// Translate `transport_socket_matches`.
+fn tls_matches(ctx: &Ctx<'_>, c: &cluster::Cluster) -> Result<Vec<TlsMatch>, ConfigError> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    let mut out = Vec::with_capacity(c.transport_socket_matches.len());
+    for (i, m) in c.transport_socket_matches.iter().enumerate() {
+        let field = |f: &str| format!("transport_socket_matches[{i}].{f}");
+        let mut criteria = Vec::new();
+        for (k, v) in m.r#match.iter().flat_map(|s| s.fields.iter()) {
+            match &v.kind {
+                Some(Kind::StringValue(s)) => criteria.push((k.clone(), s.clone())),
+                _ => {
+                    return Err(ctx.err(field(&format!("match.{k}")), "only strings are supported"));
+                }
+            }
+        }
+        criteria.sort();
+        let Some(ts) = &m.transport_socket else {
+            return Err(ctx.err(field("transport_socket"), "missing"));
+        };
+        let typed = match &ts.config_type {
+            Some(core::transport_socket::ConfigType::TypedConfig(a)) => Some(a),
+            None => None,
+        };
+        let upstream = match ts.name.as_str() {
+            RAW_BUFFER => None,
+            TLS_SOCKET => {
+                let Some(any) = typed else {
+                    return Err(ctx.err(field("transport_socket.typed_config"), "missing"));
+                };
+                if any.type_url != UPSTREAM_TLS_TYPE {
+                    return Err(ctx.err(
+                        field("transport_socket.typed_config"),
+                        format!("{} is not {UPSTREAM_TLS_TYPE}", any.type_url),
+                    ));
+                }
+                let u = tls::UpstreamTlsContext::decode(any.value.as_slice())
+                    .map_err(|e| ctx.err(field("transport_socket.typed_config"), e.to_string()))?;
+                let field = |f: &str| field(&format!("transport_socket.common_tls_context.{f}"));
+                let common = u
+                    .common_tls_context
+                    .ok_or_else(|| ctx.err(field(""), "missing"))?;
+                if let Some(p) = &common.tls_params
+                    && p.tls_maximum_protocol_version != 0
+                    && p.tls_maximum_protocol_version
+                        < tls::tls_parameters::TlsProtocol::TlSv13 as i32
+                {
+                    return Err(ctx.err(
+                        field("tls_params.tls_maximum_protocol_version"),
+                        "Strait sidecars speak TLS 1.3 only",
+                    ));
+                }
+                if !common.tls_certificates.is_empty() {
+                    return Err(ctx.err(
+                        field("tls_certificates"),
+                        format!("inline certificates are not supported: the proxy presents its workload certificate (secret `{WORKLOAD_SECRET}`)"),
+                    ));
+                }
+                let names: Vec<&str> = common
+                    .tls_certificate_sds_secret_configs
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect();
+                if names != [WORKLOAD_SECRET] {
+                    return Err(ctx.err(
+                        field("tls_certificate_sds_secret_configs"),
+                        format!("must name the secret `{WORKLOAD_SECRET}` (the proxy's workload certificate), not {names:?}"),
+                    ));
+                }
+                use tls::common_tls_context::ValidationContextType as V;
+                let (ca, validation) = match common.validation_context_type {
+                    Some(V::CombinedValidationContext(c)) => (
+                        c.validation_context_sds_secret_config.map(|s| s.name),
+                        c.default_validation_context,
+                    ),
+                    Some(V::ValidationContextSdsSecretConfig(s)) => (Some(s.name), None),
+                    _ => (None, None),
+                };
+                if ca.as_deref() != Some(CA_SECRET) {
+                    return Err(ctx.err(
+                        field("validation_context_type"),
+                        format!("must name the secret `{CA_SECRET}` (the federation CA)"),
+                    ));
+                }
+                let mut san = Vec::new();
+                for (j, m) in validation
+                    .iter()
+                    .flat_map(|v| &v.match_typed_subject_alt_names)
+                    .enumerate()
+                {
+                    let field = |f: &str| {
+                        field(&format!(
+                            "combined_validation_context.default_validation_context.match_typed_subject_alt_names[{j}].{f}"
+                        ))
+                    };
+                    if m.san_type != tls::subject_alt_name_matcher::SanType::Uri as i32 {
+                        return Err(ctx.err(
+                            field("san_type"),
+                            "only URI SANs (SPIFFE ids) are supported",
+                        ));
+                    }
+                    use matcher::string_matcher::MatchPattern as P;
+                    let pattern = m.matcher.as_ref().and_then(|m| {
+                        (!m.ignore_case)
+                            .then_some(m.match_pattern.as_ref())
+                            .flatten()
+                    });
+                    san.push(match pattern {
+                        Some(P::Exact(e)) => SanMatch::Exact(e.clone()),
+                        Some(P::Prefix(p)) => SanMatch::Prefix(p.clone()),
+                        Some(P::SafeRegex(r)) => {
+                            regex::Regex::new(&r.regex).map_err(|e| {
+                                ctx.err(field("matcher.safe_regex"), format!("{:?}: {e}", r.regex))
+                            })?;
+                            SanMatch::Regex(r.regex.clone())
+                        }
+                        _ => {
+                            return Err(ctx.err(
+                                field("matcher"),
+                                "only case-sensitive exact, prefix and safe_regex are supported",
+                            ));
+                        }
+                    });
+                }
+                Some(UpstreamTls {
+                    alpn: common
+                        .alpn_protocols
+                        .iter()
+                        .map(|a| a.as_bytes().to_vec())
+                        .collect(),
+                    san,
+                })
+            }
+            other => {
+                return Err(ctx.err(
+                    field("transport_socket"),
+                    format!("{other} is not supported (tls, raw_buffer)"),
+                ));
+            }
+        };
+        out.push(TlsMatch {
+            name: m.name.clone(),
+            criteria,
+            tls: upstream,
+        });
+    }
+    Ok(out)
 }
 
 /// Translate a CDS resource.
@@ -361,6 +559,7 @@ pub fn cluster(any: &Any) -> Result<ClusterConfig, ConfigError> {
             },
         };
     }
+    let tls_matches = tls_matches(&ctx, &c)?;
     Ok(ClusterConfig {
         name: c.name.clone(),
         connect_timeout,
@@ -369,6 +568,7 @@ pub fn cluster(any: &Any) -> Result<ClusterConfig, ConfigError> {
         tunnel,
         outlier,
         thresholds,
+        tls_matches,
     })
 }
 
@@ -399,6 +599,9 @@ pub struct EndpointConfig {
     pub upstream: Upstream,
     pub health: EndpointHealth,
     pub weight: u32,
+    /// Its `envoy.transport_socket_match` metadata (sorted), which selects the cluster's
+    /// transport-socket match.
+    pub socket_match: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -517,10 +720,32 @@ pub fn assignment(any: &Any) -> Result<Assignment, ConfigError> {
             if weight == 0 {
                 return Err(ctx.err(field("load_balancing_weight"), "must be ≥ 1"));
             }
+            let mut socket_match = Vec::new();
+            if let Some(m) = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get(SOCKET_MATCH_NAMESPACE))
+            {
+                for (k, v) in &m.fields {
+                    match &v.kind {
+                        Some(Kind::StringValue(s)) => socket_match.push((k.clone(), s.clone())),
+                        _ => {
+                            return Err(ctx.err(
+                                field(&format!(
+                                    "metadata.filter_metadata.{SOCKET_MATCH_NAMESPACE}.{k}"
+                                )),
+                                "only strings are supported",
+                            ));
+                        }
+                    }
+                }
+                socket_match.sort();
+            }
             endpoints.push(EndpointConfig {
                 upstream,
                 health,
                 weight,
+                socket_match,
             });
         }
         let weight = l.load_balancing_weight.as_ref().map_or(1, |w| w.value);

@@ -40,6 +40,7 @@ use crate::config::{
     ClusterConfig, ListenerKind, RouteEntry, RouteSource, RouteTable, RouteTarget, Upstream,
 };
 use crate::lb::{Balancer, Host, Outcome, Random, ThreadRandom, Tried};
+use crate::tls::TlsSource;
 use crate::tunnel::{Connector, Gateway, tunnel_authority};
 use crate::xds::ProxyConfig;
 
@@ -54,6 +55,8 @@ pub struct ClusterRuntime {
     pub config: Arc<ClusterConfig>,
     pub balancer: Balancer,
     client: Client<Connector, Body>,
+    /// One pool per transport-socket match (`None`: the match is plaintext, use `client`).
+    tls_clients: Vec<Option<Client<Connector, Body>>>,
     in_flight: Arc<AtomicU64>,
     retries_in_flight: Arc<AtomicU64>,
     /// TCP connections open through this cluster (its `max_connections` bound).
@@ -64,15 +67,20 @@ pub struct ClusterRuntime {
 pub struct Compiled {
     pub config: Arc<ProxyConfig>,
     pub clusters: HashMap<String, Arc<ClusterRuntime>>,
-    gateway: Option<Arc<Gateway>>,
+    reach: Reach,
+}
+
+/// How the data plane reaches endpoints beyond plain TCP.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    /// The local east-west gateway, for endpoints of other clusters.
+    pub gateway: Option<Arc<Gateway>>,
+    /// The proxy's workload certificate, for endpoints behind sidecars (mutual TLS).
+    pub tls: Option<Arc<TlsSource>>,
 }
 
 impl Compiled {
-    pub fn new(
-        config: Arc<ProxyConfig>,
-        previous: Option<&Compiled>,
-        gateway: Option<&Arc<Gateway>>,
-    ) -> Self {
+    pub fn new(config: Arc<ProxyConfig>, previous: Option<&Compiled>, reach: &Reach) -> Self {
         let mut clusters = HashMap::new();
         for (name, c) in &config.clusters {
             let prev = previous.and_then(|p| p.clusters.get(name));
@@ -81,9 +89,9 @@ impl Compiled {
             };
             // Same settings: same connection pool and counters.
             let reuse = prev.filter(|p| *p.config == **c);
-            let client = match reuse {
-                Some(p) => p.client.clone(),
-                None => client_for(c, gateway.cloned()),
+            let (client, tls_clients) = match reuse {
+                Some(p) => (p.client.clone(), p.tls_clients.clone()),
+                None => clients_for(c, reach),
             };
             clusters.insert(
                 name.clone(),
@@ -91,6 +99,7 @@ impl Compiled {
                     config: c.clone(),
                     balancer: Balancer::new(c, a, prev.map(|p| &p.balancer)),
                     client,
+                    tls_clients,
                     in_flight: reuse.map_or_else(Default::default, |p| p.in_flight.clone()),
                     retries_in_flight: reuse
                         .map_or_else(Default::default, |p| p.retries_in_flight.clone()),
@@ -102,19 +111,42 @@ impl Compiled {
         Self {
             config,
             clusters,
-            gateway: gateway.cloned(),
+            reach: reach.clone(),
         }
     }
 }
 
-fn client_for(c: &ClusterConfig, gateway: Option<Arc<Gateway>>) -> Client<Connector, Body> {
-    let connector = Connector::new(c.connect_timeout, gateway);
-    let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(Duration::from_secs(60));
-    if c.http2 {
-        b.http2_only(true);
-    }
-    b.build(connector)
+type Clients = (
+    Client<Connector, Body>,
+    Vec<Option<Client<Connector, Body>>>,
+);
+
+/// The cluster's pool, and one per transport-socket match that speaks TLS. Without a workload
+/// certificate such a match gets a pool whose every connection fails with the reason.
+fn clients_for(c: &ClusterConfig, reach: &Reach) -> Clients {
+    let build = |connector: Connector| {
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(Duration::from_secs(60));
+        if c.http2 {
+            b.http2_only(true);
+        }
+        b.build(connector)
+    };
+    let plain = build(Connector::new(c.connect_timeout, reach.gateway.clone()));
+    let tls = c
+        .tls_matches
+        .iter()
+        .map(|m| {
+            m.tls.as_ref().map(|settings| {
+                let connector = Connector::new(c.connect_timeout, reach.gateway.clone());
+                build(match &reach.tls {
+                    Some(t) => connector.mutual(t.clone(), settings.clone()),
+                    None => connector.refuse_mutual(),
+                })
+            })
+        })
+        .collect();
+    (plain, tls)
 }
 
 /// A bound listener: name, address, and the cluster of a TCP listener (`None`: HTTP).
@@ -126,6 +158,10 @@ pub struct DataplaneOptions {
     /// The local east-west gateway: endpoints of other clusters are reached through it. Without
     /// one, an attempt on such an endpoint fails (and is retried elsewhere).
     pub gateway: Option<Arc<Gateway>>,
+    /// The proxy's workload certificate: endpoints behind sidecars are reached with mutual TLS
+    /// presenting it. Without one, an attempt on such an endpoint fails (and is retried
+    /// elsewhere); a control plane does not send them to a proxy that did not announce one.
+    pub workload_tls: Option<Arc<TlsSource>>,
     /// An HTTP/1 client must send a request's whole header within this time, or its connection
     /// is closed (slowloris).
     pub header_read_timeout: Duration,
@@ -138,6 +174,7 @@ impl Default for DataplaneOptions {
     fn default() -> Self {
         Self {
             gateway: None,
+            workload_tls: None,
             header_read_timeout: Duration::from_secs(10),
             max_request_headers: 64 * 1024,
         }
@@ -173,7 +210,10 @@ impl Dataplane {
         mut configs: watch::Receiver<Arc<ProxyConfig>>,
         options: DataplaneOptions,
     ) -> Self {
-        let gateway = options.gateway.clone();
+        let reach = Reach {
+            gateway: options.gateway.clone(),
+            tls: options.workload_tls.clone(),
+        };
         let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         server
             .http1()
@@ -185,7 +225,7 @@ impl Dataplane {
         let first = Arc::new(Compiled::new(
             configs.borrow_and_update().clone(),
             None,
-            gateway.as_ref(),
+            &reach,
         ));
         let (tx, current) = watch::channel(first);
         let rx = current.clone();
@@ -247,7 +287,7 @@ impl Dataplane {
                     break;
                 }
                 let next = configs.borrow_and_update().clone();
-                let compiled = Arc::new(Compiled::new(next, Some(&tx.borrow()), gateway.as_ref()));
+                let compiled = Arc::new(Compiled::new(next, Some(&tx.borrow()), &reach));
                 tx.send_replace(compiled);
             }
             for (_, t) in listeners {
@@ -409,11 +449,24 @@ fn pick_cluster(route: &RouteEntry, rng: &mut dyn Random) -> String {
 impl Compiled {
     /// The local gateway, if the proxy has one.
     pub fn gateway(&self) -> Option<&Arc<Gateway>> {
-        self.gateway.as_ref()
+        self.reach.gateway.as_ref()
+    }
+
+    /// The proxy's workload certificate, if it has one.
+    pub fn workload_tls(&self) -> Option<&Arc<TlsSource>> {
+        self.reach.tls.as_ref()
     }
 }
 
 impl ClusterRuntime {
+    /// The pool that reaches `host`: its transport-socket match's, or the cluster's.
+    fn client(&self, host: &Host) -> &Client<Connector, Body> {
+        host.socket
+            .and_then(|i| self.tls_clients.get(i))
+            .and_then(Option::as_ref)
+            .unwrap_or(&self.client)
+    }
+
     /// TCP connections open now, and a guard that counts one more while it lives — or `None`
     /// when the cluster is at `max_connections`.
     pub(crate) fn tcp_slot(&self) -> Option<Decrement> {
@@ -543,7 +596,7 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let sent = cluster.client.request(up);
+        let sent = cluster.client(&host).request(up);
         let result = match limit {
             Some(l) => tokio::time::timeout(l, sent).await.ok(),
             None => Some(sent.await),
@@ -729,7 +782,7 @@ async fn upgrade(
             HeaderValue::from_static("upgrade"),
         );
         host.state.active.fetch_add(1, Relaxed);
-        let sent = cluster.client.request(up);
+        let sent = cluster.client(&host).request(up);
         let result = match deadline {
             Some(d) => tokio::time::timeout(d.saturating_duration_since(Instant::now()), sent)
                 .await

@@ -2,8 +2,9 @@
 //! proxy's workload certificate, then plaintext to the local application.
 //!
 //! A client must present a workload certificate issued by the federation's CA (any cluster of
-//! the trust domain); anything else — no certificate, another CA, a gateway's certificate,
-//! plaintext — is refused at the handshake, with the reason in the log. The accepted peer's
+//! the trust domain), or be the east-west gateway of the proxy's own cluster (bringing requests
+//! from other clusters); anything else — no certificate, another CA, another cluster's
+//! gateway, plaintext — is refused at the handshake, with the reason in the log. The accepted peer's
 //! SPIFFE id is logged. ALPN is what the application speaks (`http/1.1` by default, `h2` for an
 //! h2c or gRPC application, none for other TCP protocols), since the bytes are passed on as
 //! they are. Certificate files are re-read when they change; open connections are kept.

@@ -122,6 +122,9 @@ impl HostState {
 #[derive(Debug)]
 pub struct Host {
     pub upstream: Upstream,
+    /// The cluster's transport-socket match this endpoint falls under (index into
+    /// `ClusterConfig::tls_matches`); `None`: the cluster's default (plaintext, or the tunnel).
+    pub socket: Option<usize>,
     pub health: EndpointHealth,
     pub weight: u32,
     pub priority: usize,
@@ -194,8 +197,17 @@ impl Balancer {
                             .endpoints
                             .iter()
                             .map(|e| {
+                                let socket = match e.upstream {
+                                    // The remote gateway reaches the endpoint itself.
+                                    Upstream::Tunnel { .. } => None,
+                                    Upstream::Direct(_) => cluster
+                                        .tls_matches
+                                        .iter()
+                                        .position(|m| m.matches(&e.socket_match)),
+                                };
                                 let h = Arc::new(Host {
                                     upstream: e.upstream.clone(),
+                                    socket,
                                     health: e.health,
                                     weight: e.weight,
                                     priority: p,

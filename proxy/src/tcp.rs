@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::config::{ListenerKind, TCP_IDLE_TIMEOUT, Upstream};
+use crate::config::{ClusterConfig, ListenerKind, TCP_IDLE_TIMEOUT, Upstream};
 use crate::dataplane::Compiled;
 use crate::lb::{Host, Outcome, ThreadRandom, Tried};
 
@@ -74,7 +74,7 @@ pub(crate) async fn proxy_one(
         let Some(host) = tried.next(&cluster.balancer, &mut rng, Instant::now(), true, true) else {
             break;
         };
-        match connect(compiled, &host, cluster.config.connect_timeout).await {
+        match connect(compiled, &cluster.config, &host).await {
             Ok(up) => {
                 cluster
                     .balancer
@@ -112,17 +112,36 @@ pub(crate) async fn proxy_one(
 
 async fn connect(
     compiled: &Compiled,
+    cluster: &ClusterConfig,
     host: &Host,
-    timeout: Duration,
 ) -> Result<Box<dyn Stream>, String> {
+    let timeout = cluster.connect_timeout;
     match &host.upstream {
         Upstream::Direct(addr) => {
+            // Behind a sidecar: mutual TLS with the match's settings.
+            let mutual = match host.socket.and_then(|i| cluster.tls_matches.get(i)) {
+                Some(m) => match (&m.tls, compiled.workload_tls()) {
+                    (None, _) => None,
+                    (Some(settings), Some(tls)) => Some((settings, tls)),
+                    (Some(_), None) => {
+                        return Err(format!(
+                            "{addr}: the endpoint is behind a sidecar (mutual TLS) and this proxy has no workload certificate"
+                        ));
+                    }
+                },
+                None => None,
+            };
             let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
                 .await
                 .map_err(|_| format!("{addr}: no connection within {timeout:?}"))?
                 .map_err(|e| format!("{addr}: {e}"))?;
             let _ = s.set_nodelay(true);
-            Ok(Box::new(s))
+            match mutual {
+                None => Ok(Box::new(s)),
+                Some((settings, tls)) => Ok(Box::new(
+                    crate::tls::handshake(tls, settings, s, timeout).await?,
+                )),
+            }
         }
         Upstream::Tunnel { cluster, authority } => {
             let g = compiled

@@ -1,4 +1,5 @@
-//! The proxy's workload certificate: mutual TLS to the control plane and to the local gateway.
+//! The proxy's workload certificate: mutual TLS to the control plane, to the local gateway, to
+//! other sidecars (endpoints behind them), and on its inbound listeners.
 //!
 //! The files are read again when they change (checked before each new connection), so a
 //! rotated certificate is used from the next connection on; open connections are kept.
@@ -7,11 +8,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use std::collections::HashMap;
+
 use federation::identity::{
-    IdentityError, PeerVerifier, Role, SpiffeId, client_config, inspect_pem, load_certs,
-    load_private_key, server_config,
+    Authorizer, IdentityError, PeerVerifier, Role, SpiffeId, client_config, inspect_pem,
+    load_certs, load_private_key, server_config,
 };
 use rustls::{ClientConfig, ServerConfig};
+
+use crate::config::{SanMatch, UpstreamTls};
 
 /// The workload certificate files (from `strait pki issue workload`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +58,7 @@ pub struct TlsSource {
     alpn: Vec<Vec<u8>>,
     cache: Mutex<Option<(Stamp, Arc<ClientConfig>)>>,
     server_cache: Mutex<Option<(Stamp, Arc<ServerConfig>)>>,
+    upstream_cache: Mutex<HashMap<UpstreamTls, Arc<Mutex<Option<(Stamp, Arc<ClientConfig>)>>>>>,
 }
 
 type Stamp = [Option<SystemTime>; 3];
@@ -76,6 +82,7 @@ impl TlsSource {
             alpn: alpn.iter().map(|a| a.to_vec()).collect(),
             cache: Mutex::new(None),
             server_cache: Mutex::new(None),
+            upstream_cache: Mutex::new(HashMap::new()),
         };
         source.config()?;
         Ok(source)
@@ -93,9 +100,67 @@ impl TlsSource {
         self.cached(&self.cache, || self.build())
     }
 
+    /// A client configuration for an endpoint behind another sidecar: this workload
+    /// certificate, the federation CA, a workload peer whose SPIFFE id matches `u`'s SAN rules,
+    /// `u`'s ALPN. Cached per `u`, rebuilt when the files change.
+    pub fn upstream_config(&self, u: &UpstreamTls) -> Result<Arc<ClientConfig>, TlsError> {
+        let slot = {
+            let mut all = self
+                .upstream_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            all.entry(u.clone()).or_default().clone()
+        };
+        self.cached(&slot, || self.build_upstream(u))
+    }
+
+    fn build_upstream(&self, u: &UpstreamTls) -> Result<ClientConfig, TlsError> {
+        let (certs, key) = self.own()?;
+        let mut exact = Vec::new();
+        let mut prefixes = Vec::new();
+        let mut patterns = Vec::new();
+        for m in &u.san {
+            match m {
+                SanMatch::Exact(e) => exact.push(e.clone()),
+                SanMatch::Prefix(p) => prefixes.push(p.clone()),
+                SanMatch::Regex(r) => patterns.push(format!("^(?:{r})$")),
+            }
+        }
+        let regexes = regex::RegexSet::new(&patterns).map_err(|e| TlsError::Certificate {
+            path: self.files.ca.clone(),
+            message: format!("SAN pattern: {e}"),
+        })?;
+        let any = u.san.is_empty();
+        let authorizer: Authorizer = Arc::new(move |id: &SpiffeId| {
+            let san = id.to_string();
+            if any
+                || exact.contains(&san)
+                || prefixes.iter().any(|p| san.starts_with(p.as_str()))
+                || regexes.is_match(&san)
+            {
+                Ok(())
+            } else {
+                Err(format!("{san} is not an identity this endpoint may have"))
+            }
+        });
+        let verifier = PeerVerifier::from_ca_file(&self.files.ca, Role::Workload, authorizer)
+            .map_err(|source| TlsError::Identity {
+                path: self.files.ca.clone(),
+                source,
+            })?;
+        let mut config =
+            client_config(certs, key, Arc::new(verifier)).map_err(|source| TlsError::Identity {
+                path: self.files.cert.clone(),
+                source,
+            })?;
+        config.alpn_protocols = u.alpn.clone();
+        Ok(config)
+    }
+
     /// A server configuration for the inbound listener (same files, same reloading): clients
-    /// must present a workload certificate of the federation (any cluster) issued by its CA;
-    /// ALPN as given to [`TlsSource::new`].
+    /// must present a workload certificate of the federation (any cluster) issued by its CA, or
+    /// be the east-west gateway of the proxy's own cluster (which brings other clusters'
+    /// requests); ALPN as given to [`TlsSource::new`].
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         self.cached(&self.server_cache, || self.build_server())
     }
@@ -140,15 +205,22 @@ impl TlsSource {
 
     fn build_server(&self) -> Result<ServerConfig, TlsError> {
         let (certs, key) = self.own()?;
-        let verifier = PeerVerifier::from_ca_file(
-            &self.files.ca,
-            Role::Workload,
-            federation::identity::allow_any(),
-        )
-        .map_err(|source| TlsError::Identity {
-            path: self.files.ca.clone(),
-            source,
-        })?;
+        let own = self.identity()?.cluster().to_string();
+        let authorizer: Authorizer = Arc::new(move |id: &SpiffeId| {
+            if id.role() == Role::Gateway && id.cluster() != own {
+                Err(format!(
+                    "only the gateway of cluster `{own}` may connect, not {id}"
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        let verifier = PeerVerifier::from_ca_file(&self.files.ca, Role::Workload, authorizer)
+            .map_err(|source| TlsError::Identity {
+                path: self.files.ca.clone(),
+                source,
+            })?
+            .also_accepting(Role::Gateway);
         let mut config =
             server_config(certs, key, Arc::new(verifier)).map_err(|source| TlsError::Identity {
                 path: self.files.cert.clone(),
@@ -203,6 +275,40 @@ impl TlsSource {
         config.alpn_protocols = self.alpn.clone();
         Ok(config)
     }
+}
+
+/// Mutual TLS over `tcp` to an endpoint's sidecar, within `timeout`; the error says why (the
+/// peer's identity refused, its CA, a timeout, …).
+pub async fn handshake(
+    tls: &TlsSource,
+    settings: &UpstreamTls,
+    tcp: tokio::net::TcpStream,
+    timeout: std::time::Duration,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let peer = tcp
+        .peer_addr()
+        .map_or_else(|_| "the endpoint".to_string(), |a| a.to_string());
+    let config = tls.upstream_config(settings).map_err(|e| e.to_string())?;
+    // Identities are SPIFFE ids, verified by the peer verifier; the server name is unused.
+    let name = rustls_pki_types::ServerName::IpAddress(
+        tcp.peer_addr()
+            .map_or(std::net::Ipv4Addr::LOCALHOST.into(), |a| a.ip())
+            .into(),
+    );
+    tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| format!("{peer}: mutual TLS to its sidecar: no handshake within {timeout:?}"))?
+    .map_err(|e| {
+        let reason = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .and_then(federation::identity::rejection_reason)
+            .map_or_else(|| e.to_string(), ToString::to_string);
+        format!("{peer}: mutual TLS to its sidecar: {reason}")
+    })
 }
 
 fn mtime(p: &Path) -> Option<SystemTime> {

@@ -27,6 +27,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::config::UpstreamTls;
 use crate::tls::TlsSource;
 
 /// The header naming the target cluster (the gateway's ingress protocol).
@@ -246,9 +247,11 @@ fn tunnel_target(uri: &Uri) -> Option<(String, String)> {
     Some((cluster.to_string(), format!("{service}:{port}")))
 }
 
-/// A connection to an endpoint: TCP, or a tunnel through the gateway.
+/// A connection to an endpoint: TCP, mutual TLS to its sidecar, or a tunnel through the
+/// gateway.
 pub enum Conn {
     Tcp(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
     Tunnel(Upgraded),
 }
 
@@ -256,6 +259,7 @@ impl Connection for Conn {
     fn connected(&self) -> Connected {
         match self {
             Conn::Tcp(t) => t.connected(),
+            Conn::Tls(t) => t.inner().get_ref().0.connected(),
             Conn::Tunnel(_) => Connected::new(),
         }
     }
@@ -269,6 +273,7 @@ impl hyper::rt::Read for Conn {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(t) => Pin::new(t).poll_read(cx, buf),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
             Conn::Tunnel(t) => Pin::new(t).poll_read(cx, buf),
         }
     }
@@ -282,6 +287,7 @@ impl hyper::rt::Write for Conn {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Tcp(t) => Pin::new(t).poll_write(cx, buf),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
             Conn::Tunnel(t) => Pin::new(t).poll_write(cx, buf),
         }
     }
@@ -289,6 +295,7 @@ impl hyper::rt::Write for Conn {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(t) => Pin::new(t).poll_flush(cx),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
             Conn::Tunnel(t) => Pin::new(t).poll_flush(cx),
         }
     }
@@ -296,6 +303,7 @@ impl hyper::rt::Write for Conn {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
             Conn::Tunnel(t) => Pin::new(t).poll_shutdown(cx),
         }
     }
@@ -303,6 +311,7 @@ impl hyper::rt::Write for Conn {
     fn is_write_vectored(&self) -> bool {
         match self {
             Conn::Tcp(t) => t.is_write_vectored(),
+            Conn::Tls(t) => t.is_write_vectored(),
             Conn::Tunnel(t) => t.is_write_vectored(),
         }
     }
@@ -314,6 +323,7 @@ impl hyper::rt::Write for Conn {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Tcp(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Conn::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
             Conn::Tunnel(t) => Pin::new(t).poll_write_vectored(cx, bufs),
         }
     }
@@ -321,11 +331,17 @@ impl hyper::rt::Write for Conn {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The connection pools' connector: TCP to local endpoints, tunnels to remote ones.
+/// The connection pools' connector: TCP to local endpoints (or mutual TLS to their sidecars),
+/// tunnels to remote ones.
 #[derive(Clone)]
 pub struct Connector {
     http: HttpConnector,
     gateway: Option<Arc<Gateway>>,
+    /// Every direct connection is mutual TLS with these settings (a pool for the endpoints of
+    /// one transport-socket match).
+    mutual: Option<(Arc<TlsSource>, Arc<UpstreamTls>)>,
+    no_certificate: bool,
+    timeout: Duration,
 }
 
 impl Connector {
@@ -333,7 +349,26 @@ impl Connector {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
-        Self { http, gateway }
+        Self {
+            http,
+            gateway,
+            mutual: None,
+            no_certificate: false,
+            timeout: connect_timeout,
+        }
+    }
+
+    /// Refuse every direct connection: its endpoints need mutual TLS and the proxy has no
+    /// workload certificate.
+    pub fn refuse_mutual(mut self) -> Self {
+        self.no_certificate = true;
+        self
+    }
+
+    /// Speak mutual TLS to every endpoint reached directly.
+    pub fn mutual(mut self, tls: Arc<TlsSource>, settings: UpstreamTls) -> Self {
+        self.mutual = Some((tls, Arc::new(settings)));
+        self
     }
 }
 
@@ -355,9 +390,25 @@ impl tower_service::Service<Uri> for Connector {
                     Ok(Conn::Tunnel(g.open(&cluster, &authority).await?))
                 })
             }
+            None if self.no_certificate => Box::pin(async move {
+                Err(format!(
+                    "{uri}: the endpoint is behind a sidecar (mutual TLS) and this proxy has no workload certificate"
+                )
+                .into())
+            }),
             None => {
                 let fut = self.http.call(uri);
-                Box::pin(async move { Ok(Conn::Tcp(fut.await?)) })
+                match self.mutual.clone() {
+                    None => Box::pin(async move { Ok(Conn::Tcp(fut.await?)) }),
+                    Some((tls, settings)) => {
+                        let timeout = self.timeout;
+                        Box::pin(async move {
+                            let tcp = fut.await?.into_inner();
+                            let s = crate::tls::handshake(&tls, &settings, tcp, timeout).await?;
+                            Ok(Conn::Tls(Box::new(TokioIo::new(s))))
+                        })
+                    }
+                }
             }
         }
     }

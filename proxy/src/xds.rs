@@ -747,7 +747,9 @@ fn apply(
 }
 
 /// The xDS node this proxy introduces itself with: Strait's metadata (cluster, kind, labels,
-/// the outbound listener address) and its locality (`region`, `zone`, `subzone`).
+/// the outbound listener address, whether it reaches other clusters through a gateway
+/// (`tunnel`) and sidecars with its workload certificate (`mtls`)) and its locality (`region`,
+/// `zone`, `subzone`).
 pub fn node(
     id: &str,
     cluster: &str,
@@ -755,6 +757,7 @@ pub fn node(
     labels: &[(String, String)],
     outbound: std::net::SocketAddr,
     tunnel: bool,
+    mtls: bool,
 ) -> Node {
     use envoy_types::pb::envoy::config::core::v3::Locality;
     use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
@@ -780,6 +783,13 @@ pub fn node(
             "STRAIT_TUNNEL".to_string(),
             Value {
                 kind: Some(Kind::BoolValue(tunnel)),
+            },
+        ),
+        // Endpoints behind sidecars are reached with mutual TLS, when it has a certificate.
+        (
+            "STRAIT_MTLS".to_string(),
+            Value {
+                kind: Some(Kind::BoolValue(mtls)),
             },
         ),
     ]

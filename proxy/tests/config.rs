@@ -16,6 +16,7 @@ use envoy_types::util::pack_any;
 use federation::discovery::DiscoveryFile;
 use federation::model::{ClusterId, Labels, Locality};
 use federation::registry::Snapshot;
+use prost::Message;
 use proxy::config::{
     self, ConfigError, EndpointHealth, LbPolicy, ListenerKind, RouteSource, RouteTarget, Upstream,
 };
@@ -44,6 +45,7 @@ fn key(kind: ClientKind) -> ViewKey {
         labels: Labels::default(),
         outbound: Some("127.0.0.1:15001".parse().unwrap()),
         tunnel: true,
+        mtls: false,
     }
 }
 
@@ -172,6 +174,159 @@ fn everything_an_envoy_view_holds_translates() {
         Some(&RouteTarget::Cluster("echo.default:9090".into()))
     );
     assert!(table.route("other.default", "/", &headers).is_none());
+}
+
+/// East's first endpoint behind a sidecar, for a proxy with a workload certificate: the
+/// cluster's mutual-TLS match (east's workload identities, the port's ALPN) and the endpoint's
+/// socket-match entries translate, and the balancer puts that endpoint — and only it — under
+/// the match. Broken matches are refused naming the field.
+#[test]
+fn sidecar_endpoints_get_mutual_tls_and_broken_matches_are_refused() {
+    let mut snap = Snapshot::default();
+    let east = EAST.replace(
+        "zone: us-east-1a}",
+        "zone: us-east-1a, labels: {strait.io/tls-mode: mutual}}",
+    );
+    for text in [east.as_str(), WEST] {
+        let file = DiscoveryFile::parse("test.yaml", text).unwrap();
+        for se in file.state.services {
+            snap.endpoints.insert(
+                (se.service.key.clone(), file.state.cluster.id.clone()),
+                Arc::new(se),
+            );
+        }
+    }
+    let with_cert = ViewKey {
+        mtls: true,
+        ..key(ClientKind::Envoy)
+    };
+    let view = build(&snap, &with_cert, &settings());
+    let cds = |name: &str| view.get(TypeKind::Cluster)[name].body.clone();
+    let http = config::cluster(&cds("echo.default:8080")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(http.tls_matches.len(), 1, "{http:?}");
+    let m = &http.tls_matches[0];
+    assert_eq!(m.name, "strait_mutual_tls/east");
+    assert_eq!(
+        m.criteria,
+        vec![
+            ("strait.io/cluster".to_string(), "east".to_string()),
+            ("strait.io/tls-mode".to_string(), "mutual".to_string()),
+        ]
+    );
+    let tls = m.tls.as_ref().expect("mutual TLS");
+    assert_eq!(tls.alpn, vec![b"http/1.1".to_vec()]);
+    assert!(
+        matches!(&tls.san[..], [config::SanMatch::Regex(r)] if r.contains("/cluster/east/ns/")),
+        "{tls:?}"
+    );
+    let grpc = config::cluster(&cds("echo.default:9090")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        grpc.tls_matches[0].tls.as_ref().map(|t| t.alpn.clone()),
+        Some(vec![b"h2".to_vec()])
+    );
+    let a = config::assignment(&view.get(TypeKind::Endpoint)["echo.default:8080"].body)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b = proxy::lb::Balancer::new(&http, &a, None);
+    let under: Vec<(String, Option<usize>)> = b
+        .hosts()
+        .iter()
+        .map(|h| (format!("{:?}", h.upstream), h.socket))
+        .collect();
+    assert!(
+        under.contains(&("Direct(10.0.0.1:8080)".to_string(), Some(0))),
+        "{under:?}"
+    );
+    assert!(
+        under.iter().filter(|(_, s)| s.is_some()).count() == 1,
+        "only the sidecar endpoint is under the match: {under:?}"
+    );
+
+    // Broken matches: a socket the proxy does not have, inline certificates, a bad regex.
+    use envoy_types::pb::envoy::config::core::v3 as core;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tlsv3;
+    let raw = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(
+        cds("echo.default:8080").value.as_slice(),
+    )
+    .unwrap();
+    let with_socket = |ts: core::TransportSocket| {
+        let mut c = raw.clone();
+        c.transport_socket_matches[0].transport_socket = Some(ts);
+        pack_any(c)
+    };
+    let e = err(config::cluster(&with_socket(core::TransportSocket {
+        name: "envoy.transport_sockets.alts".into(),
+        config_type: None,
+    })));
+    assert!(
+        e.contains("transport_socket_matches[0].transport_socket: envoy.transport_sockets.alts is not supported"),
+        "{e}"
+    );
+    let tls_socket = |ctx: tlsv3::UpstreamTlsContext| core::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(pack_any(
+            ctx,
+        ))),
+    };
+    let original = match &raw.transport_socket_matches[0].transport_socket {
+        Some(core::TransportSocket {
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(a)),
+            ..
+        }) => tlsv3::UpstreamTlsContext::decode(a.value.as_slice()).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let mut inline = original.clone();
+    if let Some(c) = inline.common_tls_context.as_mut() {
+        c.tls_certificates.push(tlsv3::TlsCertificate::default());
+    }
+    let e = err(config::cluster(&with_socket(tls_socket(inline))));
+    assert!(
+        e.contains("tls_certificates: inline certificates are not supported"),
+        "{e}"
+    );
+    let mut bad_regex = original.clone();
+    let text = format!("{bad_regex:?}");
+    assert!(
+        text.contains("safe_regex") || text.contains("SafeRegex"),
+        "{text}"
+    );
+    if let Some(tlsv3::common_tls_context::ValidationContextType::CombinedValidationContext(v)) =
+        bad_regex
+            .common_tls_context
+            .as_mut()
+            .and_then(|c| c.validation_context_type.as_mut())
+        && let Some(d) = v.default_validation_context.as_mut()
+    {
+        d.match_typed_subject_alt_names[0].matcher = Some(
+            envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher {
+                match_pattern: Some(
+                    envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern::SafeRegex(
+                        envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                            regex: "spiffe://(".into(),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                ..Default::default()
+            },
+        );
+    }
+    let e = err(config::cluster(&with_socket(tls_socket(bad_regex))));
+    assert!(e.contains("matcher.safe_regex"), "{e}");
+    let mut tls12 = original;
+    if let Some(c) = tls12.common_tls_context.as_mut() {
+        c.tls_params = Some(tlsv3::TlsParameters {
+            tls_maximum_protocol_version: tlsv3::tls_parameters::TlsProtocol::TlSv12 as i32,
+            ..Default::default()
+        });
+    }
+    let e = err(config::cluster(&with_socket(tls_socket(tls12))));
+    assert!(e.contains("TLS 1.3 only"), "{e}");
+
+    // A proxy without a certificate never gets the sidecar endpoint.
+    let plain = build(&snap, &key(ClientKind::Envoy), &settings());
+    let a = config::assignment(&plain.get(TypeKind::Endpoint)["echo.default:8080"].body)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!format!("{a:?}").contains("10.0.0.1"), "{a:?}");
 }
 
 #[test]

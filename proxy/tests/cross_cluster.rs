@@ -51,6 +51,7 @@ async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
         &[],
         outbound,
         true,
+        true,
     );
     let mut opts = XdsOptions::new(format!("http://{}", cp.xds_addr), node);
     opts.tls = Some(Arc::new(

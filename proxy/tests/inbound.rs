@@ -1,8 +1,8 @@
 //! Inbound listeners: mutual TLS terminated with the sidecar's workload certificate, then
-//! plaintext to the local application. Workloads of any cluster of the federation get through
-//! (HTTP/1.1, and HTTP/2 negotiated by ALPN to an h2c application); a gateway's certificate,
-//! a certificate of another CA, no certificate and plaintext are refused, and the listener
-//! keeps serving.
+//! plaintext to the local application. Workloads of any cluster of the federation and the
+//! gateway of the sidecar's own cluster get through (HTTP/1.1, and HTTP/2 negotiated by ALPN to
+//! an h2c application); another cluster's gateway, a certificate of another CA, no certificate
+//! and plaintext are refused, and the listener keeps serving.
 
 #[path = "../../controlplane/tests/common/mod.rs"]
 mod common;
@@ -143,6 +143,12 @@ async fn workloads_of_the_federation_get_through_and_everything_else_is_refused(
         "west-client",
     );
     let gateway = issue(&ca, d, &format!("spiffe://{TD}/cluster/west/gateway"), "gw");
+    let own_gateway = issue(
+        &ca,
+        d,
+        &format!("spiffe://{TD}/cluster/east/gateway"),
+        "east-gw",
+    );
     let other_ca = CertificateAuthority::init(TD, Duration::from_secs(86400)).expect("CA");
     let impostor = issue(
         &other_ca,
@@ -160,10 +166,14 @@ async fn workloads_of_the_federation_get_through_and_everything_else_is_refused(
     let good = connector(&west_client, &west_client.ca, &[b"http/1.1"]);
     assert_eq!(get_tls(h1, &good).await, Ok("app".to_string()));
 
-    // Refused at the handshake: a gateway's certificate (not a workload), another CA's.
+    // The sidecar's own cluster's gateway (bringing other clusters' requests): through.
+    let own_gw = connector(&own_gateway, &own_gateway.ca, &[b"http/1.1"]);
+    assert_eq!(get_tls(h1, &own_gw).await, Ok("app".to_string()));
+
+    // Refused at the handshake: another cluster's gateway, another CA's certificate.
     for (what, c) in [
         (
-            "a gateway certificate",
+            "another cluster's gateway",
             connector(&gateway, &gateway.ca, &[]),
         ),
         ("another CA", connector(&impostor, &sidecar.ca, &[])),

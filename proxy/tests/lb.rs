@@ -34,6 +34,7 @@ fn cluster(lb: LbPolicy, outlier: Option<OutlierDetection>) -> ClusterConfig {
         tunnel: false,
         outlier,
         thresholds: Thresholds::default(),
+        tls_matches: Vec::new(),
     }
 }
 
@@ -42,6 +43,7 @@ fn ep(i: u32, health: EndpointHealth, weight: u32) -> EndpointConfig {
         upstream: Upstream::Direct(format!("10.0.{}.{}:80", i / 250, i % 250).parse().unwrap()),
         health,
         weight,
+        socket_match: Vec::new(),
     }
 }
 

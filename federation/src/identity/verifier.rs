@@ -129,6 +129,8 @@ enum Usage {
 pub struct PeerVerifier {
     trust_domain: String,
     role: Role,
+    /// A second role accepted as well (the authorizer then decides on each).
+    also: Option<Role>,
     authorizer: Authorizer,
     roots: Arc<RootCertStore>,
     client_verifier: Arc<dyn ClientCertVerifier>,
@@ -202,11 +204,19 @@ impl PeerVerifier {
         Ok(PeerVerifier {
             trust_domain: trust_domain.to_owned(),
             role,
+            also: None,
             authorizer,
             roots,
             client_verifier,
             algorithms,
         })
+    }
+
+    /// Accept peers of `role` too (e.g. a sidecar's inbound listener accepting its own
+    /// cluster's gateway besides workloads); the authorizer sees both kinds.
+    pub fn also_accepting(mut self, role: Role) -> Self {
+        self.also = Some(role);
+        self
     }
 
     /// The trust domain peers must belong to.
@@ -269,7 +279,7 @@ impl PeerVerifier {
                 id: Box::new(id),
             });
         }
-        if id.role() != self.role {
+        if id.role() != self.role && Some(id.role()) != self.also {
             return Err(IdentityError::WrongRole {
                 expected: self.role,
                 found: id.role(),

@@ -18,6 +18,7 @@ pub fn east_client(xds: SocketAddr) -> (XdsClient, SocketAddr) {
         &[],
         outbound,
         false,
+        false,
     );
     (
         XdsClient::start(XdsOptions::new(format!("http://{xds}"), node)),
