@@ -97,55 +97,55 @@ impl Resource {
     /// A load assignment: its endpoint metadata are protobuf maps, encoded in hash-map order,
     /// so the version hashes the encoding without them plus the metadata sorted.
     fn assignment(name: String, cla: ClusterLoadAssignment) -> Self {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
         let mut bare = cla.clone();
+        let mut maps = Vec::new();
         for l in &mut bare.endpoints {
             for e in &mut l.lb_endpoints {
                 if let Some(m) = e.metadata.take() {
-                    let mut entries: Vec<String> = m
-                        .filter_metadata
-                        .iter()
-                        .flat_map(|(ns, s)| {
-                            s.fields.iter().map(move |(k, v)| format!("{ns}.{k}={v:?}"))
-                        })
-                        .collect();
-                    entries.sort();
-                    entries.hash(&mut h);
+                    maps.push(
+                        m.filter_metadata
+                            .iter()
+                            .flat_map(|(ns, s)| {
+                                s.fields.iter().map(move |(k, v)| format!("{ns}.{k}={v:?}"))
+                            })
+                            .collect(),
+                    );
                 }
             }
         }
-        prost::Message::encode_to_vec(&bare).hash(&mut h);
-        Self {
-            name,
-            version: format!("{:016x}", h.finish()),
-            body: pack_any(cla),
-            refs: Vec::new(),
-        }
+        Self::with_maps(name, pack_any(cla), &bare, maps)
     }
-}
 
-impl Resource {
-    /// A cluster: its transport-socket matches are protobuf maps too (hashed sorted, as in
-    /// [`Resource::assignment`]).
+    /// A cluster: its transport-socket matches are protobuf maps too.
     fn cluster(name: String, c: envoy_types::pb::envoy::config::cluster::v3::Cluster) -> Self {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
         let mut bare = c.clone();
-        for m in &mut bare.transport_socket_matches {
-            if let Some(fields) = m.r#match.take() {
-                let mut entries: Vec<String> = fields
-                    .fields
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v:?}"))
-                    .collect();
-                entries.sort();
-                entries.hash(&mut h);
-            }
+        let maps = bare
+            .transport_socket_matches
+            .iter_mut()
+            .filter_map(|m| m.r#match.take())
+            .map(|s| s.fields.iter().map(|(k, v)| format!("{k}={v:?}")).collect())
+            .collect();
+        Self::with_maps(name, pack_any(c), &bare, maps)
+    }
+
+    /// The version of `body`: the hash of `bare` (the message without its maps) and of each
+    /// map's entries sorted.
+    fn with_maps<M: prost::Message>(
+        name: String,
+        body: Any,
+        bare: &M,
+        maps: Vec<Vec<String>>,
+    ) -> Self {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for mut entries in maps {
+            entries.sort();
+            entries.hash(&mut h);
         }
-        prost::Message::encode_to_vec(&bare).hash(&mut h);
+        bare.encode_to_vec().hash(&mut h);
         Self {
             name,
             version: format!("{:016x}", h.finish()),
-            body: pack_any(c),
+            body,
             refs: Vec::new(),
         }
     }

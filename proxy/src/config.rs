@@ -271,10 +271,10 @@ fn tls_matches(ctx: &Ctx<'_>, c: &cluster::Cluster) -> Result<Vec<TlsMatch>, Con
         let Some(ts) = &m.transport_socket else {
             return Err(ctx.err(field("transport_socket"), "missing"));
         };
-        let typed = match &ts.config_type {
-            Some(core::transport_socket::ConfigType::TypedConfig(a)) => Some(a),
-            None => None,
-        };
+        let typed = ts
+            .config_type
+            .as_ref()
+            .map(|core::transport_socket::ConfigType::TypedConfig(a)| a);
         let upstream = match ts.name.as_str() {
             RAW_BUFFER => None,
             TLS_SOCKET => {

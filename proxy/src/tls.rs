@@ -58,10 +58,12 @@ pub struct TlsSource {
     alpn: Vec<Vec<u8>>,
     cache: Mutex<Option<(Stamp, Arc<ClientConfig>)>>,
     server_cache: Mutex<Option<(Stamp, Arc<ServerConfig>)>>,
-    upstream_cache: Mutex<HashMap<UpstreamTls, Arc<Mutex<Option<(Stamp, Arc<ClientConfig>)>>>>>,
+    upstream_cache: Mutex<HashMap<UpstreamTls, Arc<Slot<ClientConfig>>>>,
 }
 
 type Stamp = [Option<SystemTime>; 3];
+/// A cached configuration and the file stamps it was built from.
+type Slot<T> = Mutex<Option<(Stamp, Arc<T>)>>;
 
 impl std::fmt::Debug for TlsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

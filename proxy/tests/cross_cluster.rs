@@ -7,26 +7,20 @@
 
 #[path = "../../controlplane/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::*;
-use federation::identity::{CertificateAuthority, IssuedPaths};
+use federation::identity::CertificateAuthority;
 use gateway::Gateway;
 use proxy::dataplane::{Dataplane, DataplaneOptions};
 use proxy::tls::{Peer, TlsFiles, TlsSource};
 use proxy::tunnel::{Gateway as GatewayClient, GatewayOptions, TunnelError};
 use proxy::xds::{XdsClient, XdsOptions};
-
-fn files(p: &IssuedPaths) -> TlsFiles {
-    TlsFiles {
-        cert: p.cert.clone(),
-        key: p.key.clone(),
-        ca: p.ca.clone(),
-    }
-}
+use support::files;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {

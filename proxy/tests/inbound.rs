@@ -6,6 +6,7 @@
 
 #[path = "../../controlplane/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -19,18 +20,11 @@ use federation::identity::{
 };
 use http_body_util::{BodyExt, Empty};
 use proxy::inbound::InboundSpec;
-use proxy::tls::{Peer, TlsFiles, TlsSource};
+use proxy::tls::{Peer, TlsSource};
+use support::files;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
-
-fn files(p: &IssuedPaths) -> TlsFiles {
-    TlsFiles {
-        cert: p.cert.clone(),
-        key: p.key.clone(),
-        ca: p.ca.clone(),
-    }
-}
 
 /// A client presenting `me`, trusting workloads of `ca_of`'s CA, offering `alpn`.
 fn connector(me: &IssuedPaths, ca_of: &Path, alpn: &[&[u8]]) -> TlsConnector {

@@ -8,6 +8,7 @@
 
 #[path = "../../controlplane/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,19 +18,12 @@ use common::*;
 use federation::identity::{CertificateAuthority, IssuedPaths};
 use proxy::dataplane::{Dataplane, DataplaneOptions};
 use proxy::inbound::InboundSpec;
-use proxy::tls::{Peer, TlsFiles, TlsSource};
+use proxy::tls::{Peer, TlsSource};
 use proxy::tunnel::{Gateway as GatewayClient, GatewayOptions};
 use proxy::xds::{XdsClient, XdsOptions};
+use support::files;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn files(p: &IssuedPaths) -> TlsFiles {
-    TlsFiles {
-        cert: p.cert.clone(),
-        key: p.key.clone(),
-        ca: p.ca.clone(),
-    }
-}
 
 /// A sidecar's inbound listener (`SPEC` as `--inbound` takes it, listening on a free port)
 /// presenting `certs`; its address.
@@ -99,30 +93,54 @@ async fn raw_http(to: SocketAddr) -> Result<String, String> {
         .map_err(|_| "no answer within 10 s".to_string())?
 }
 
+/// The certificates of both tests: west's control plane, west's client, and the echo
+/// sidecars of west and east.
+struct Certs {
+    ca: CertificateAuthority,
+    cp: IssuedPaths,
+    client: IssuedPaths,
+    west_echo: IssuedPaths,
+    east_echo: IssuedPaths,
+}
+
+impl Certs {
+    fn issue(d: &std::path::Path) -> Self {
+        let ca = CertificateAuthority::init(TD, Duration::from_secs(86400)).expect("CA");
+        let cert =
+            |path: &str, what: &str| issue(&ca, d, &format!("spiffe://{TD}/cluster/{path}"), what);
+        Self {
+            cp: cert("west/ns/strait-system/sa/controlplane", "west-cp"),
+            client: cert("west/ns/default/sa/client", "west-client"),
+            west_echo: cert("west/ns/default/sa/echo", "west-echo"),
+            east_echo: cert("east/ns/default/sa/echo", "east-echo"),
+            ca,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_reach_sidecars_with_mutual_tls_within_and_across_clusters() {
     install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ca = CertificateAuthority::init(TD, Duration::from_secs(86400)).expect("CA");
-    let cert = |id: String, what: &str| issue(&ca, d, &id, what);
-    let west_gw_certs = cert(format!("spiffe://{TD}/cluster/west/gateway"), "west-gw");
-    let east_gw_certs = cert(format!("spiffe://{TD}/cluster/east/gateway"), "east-gw");
-    let cp_certs = cert(
-        format!("spiffe://{TD}/cluster/west/ns/strait-system/sa/controlplane"),
-        "west-cp",
+    let Certs {
+        ca,
+        cp: cp_certs,
+        client,
+        west_echo,
+        east_echo,
+    } = Certs::issue(d);
+    let west_gw_certs = issue(
+        &ca,
+        d,
+        &format!("spiffe://{TD}/cluster/west/gateway"),
+        "west-gw",
     );
-    let client = cert(
-        format!("spiffe://{TD}/cluster/west/ns/default/sa/client"),
-        "west-client",
-    );
-    let west_echo = cert(
-        format!("spiffe://{TD}/cluster/west/ns/default/sa/echo"),
-        "west-echo",
-    );
-    let east_echo = cert(
-        format!("spiffe://{TD}/cluster/east/ns/default/sa/echo"),
-        "east-echo",
+    let east_gw_certs = issue(
+        &ca,
+        d,
+        &format!("spiffe://{TD}/cluster/east/gateway"),
+        "east-gw",
     );
 
     // Applications, and the sidecars in front of them.
@@ -173,40 +191,17 @@ async fn sidecars_reach_sidecars_with_mutual_tls_within_and_across_clusters() {
     std::fs::write(&west_disc, west_yaml(true)).unwrap();
     let east_disc = d.join("east-discovery.yaml");
     std::fs::write(&east_disc, &east_yaml).unwrap();
-    let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let east_gw = gateway::Gateway::start(gateway_config(
+    let (west_gw, east_gw) = linked_gateways(
         d,
-        "east",
-        &east_gw_certs,
-        &east_disc,
-        ("west", placeholder),
-    ))
-    .await
-    .expect("east gateway starts");
-    let west_gw = gateway::Gateway::start(gateway_config(
-        d,
-        "west",
-        &west_gw_certs,
-        &west_disc,
-        ("east", east_gw.peer_addr),
-    ))
-    .await
-    .expect("west gateway starts");
-    let cfg = controlplane::config::ControlPlaneConfig::parse(
-        d.join("west-cp.yaml"),
-        &format!(
-            "cluster: west\nregion: us-west\nregistry: {{etcd: [\"{}\"]}}\n\
-             xds: {{listen: \"127.0.0.1:0\", tls: {{cert: {}, key: {}, ca: {}}}}}\n\
-             gateway: {{ingress: \"{}\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
-            reg.etcd.endpoint(),
-            cp_certs.cert.display(),
-            cp_certs.key.display(),
-            cp_certs.ca.display(),
-            west_gw.ingress_addr
-        ),
+        (&west_gw_certs, &west_disc),
+        (&east_gw_certs, &east_disc),
     )
-    .expect("control plane config");
-    let cp = start_cp_with(&reg, cfg).await;
+    .await;
+    let cp = start_cp_with(
+        &reg,
+        west_cp_config(d, &reg, &cp_certs, Some(west_gw.ingress_addr)),
+    )
+    .await;
 
     // West's client proxy: workload certificate for the control plane, the gateway and
     // sidecars.
@@ -294,17 +289,6 @@ async fn sidecars_reach_sidecars_with_mutual_tls_within_and_across_clusters() {
 
     // West's endpoint leaves: east's, through both gateways; east's gateway originates the
     // mutual TLS to east's sidecar.
-    wait_for(
-        Duration::from_secs(20),
-        "the west → east link to come up",
-        || async {
-            match west_gw.links().into_iter().find(|l| l.cluster == "east") {
-                Some(l) if l.state == "up" => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
     reg.publish(&west_yaml(false)).await;
     wait_for(
         Duration::from_secs(20),
@@ -352,24 +336,13 @@ async fn envoy_reaches_strait_sidecars_with_mutual_tls() {
     install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ca = CertificateAuthority::init(TD, Duration::from_secs(86400)).expect("CA");
-    let cert = |id: String, what: &str| issue(&ca, d, &id, what);
-    let cp_certs = cert(
-        format!("spiffe://{TD}/cluster/west/ns/strait-system/sa/controlplane"),
-        "west-cp",
-    );
-    let app_certs = cert(
-        format!("spiffe://{TD}/cluster/west/ns/default/sa/client"),
-        "west-client",
-    );
-    let west_echo = cert(
-        format!("spiffe://{TD}/cluster/west/ns/default/sa/echo"),
-        "west-echo",
-    );
-    let east_echo = cert(
-        format!("spiffe://{TD}/cluster/east/ns/default/sa/echo"),
-        "east-echo",
-    );
+    let Certs {
+        cp: cp_certs,
+        client: app_certs,
+        west_echo,
+        east_echo,
+        ..
+    } = Certs::issue(d);
     let (app, _a) = http_backend("west-sidecar").await;
     let west_in = sidecar(app, "http/1.1", &west_echo).await;
     let impostor_in = sidecar(app, "http/1.1", &east_echo).await;
@@ -383,20 +356,7 @@ async fn envoy_reaches_strait_sidecars_with_mutual_tls() {
         ],
     ))
     .await;
-    let cfg = controlplane::config::ControlPlaneConfig::parse(
-        d.join("west-cp.yaml"),
-        &format!(
-            "cluster: west\nregion: us-west\nregistry: {{etcd: [\"{}\"]}}\n\
-             xds: {{listen: \"127.0.0.1:0\", tls: {{cert: {}, key: {}, ca: {}}}}}\n\
-             admin: {{listen: \"127.0.0.1:0\"}}\n",
-            reg.etcd.endpoint(),
-            cp_certs.cert.display(),
-            cp_certs.key.display(),
-            cp_certs.ca.display(),
-        ),
-    )
-    .expect("control plane config");
-    let cp = start_cp_with(&reg, cfg).await;
+    let cp = start_cp_with(&reg, west_cp_config(d, &reg, &cp_certs, None)).await;
     let admin = free_addr();
     let outbound = free_addr();
     let spec = BootstrapSpec {

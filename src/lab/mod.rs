@@ -1,7 +1,8 @@
 //! `strait lab`: a whole federation on one machine, with real processes. A real etcd in a
 //! "global" place; for each cluster a control plane, a gateway, two zones each running two
 //! replicas of the sample services (`echo` everywhere, `payments` everywhere but the first
-//! cluster), and a client sidecar (`strait proxy run`). In `netns` mode every cluster and etcd
+//! cluster) behind the zone's sidecar (`strait proxy run --inbound`: mutual TLS only, the
+//! endpoints labelled `strait.io/tls-mode: mutual`), and a client sidecar. In `netns` mode every cluster and etcd
 //! live in their own Linux network namespace, linked by veth pairs (a full mesh, and every
 //! cluster to etcd) shaped with `tc netem`, so `strait chaos` can cut, degrade and flap them.
 //! See docs/lab.md.
@@ -102,6 +103,10 @@ const CLUSTERS: [(&str, &str); 6] = [
     ("pacific", "ap-pacific"),
 ];
 const ZONES: [&str; 2] = ["zone-a", "zone-b"];
+/// The echo sidecars' outbound and admin ports (one sidecar per zone: these plus the zone's
+/// index), on the namespace's loopback.
+const SIDECAR_OUTBOUND: u16 = 15101;
+const SIDECAR_ADMIN: u16 = 15121;
 /// (service, port, first replica port): replicas listen on consecutive ports from there.
 const SERVICES: [(&str, u16, u16); 2] = [("echo", 8080, 18081), ("payments", 9090, 19081)];
 const TRUST_DOMAIN: &str = "lab.strait";
@@ -260,7 +265,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     for i in 0..lab.clusters.len() {
         let c = lab.clusters[i].clone();
         say(&format!(
-            "starting cluster {} ({}): echo replicas, control plane, gateway, client sidecar",
+            "starting cluster {} ({}): echo replicas and their sidecars, control plane, gateway, client sidecar",
             c.name, c.region
         ));
         let cdir = dir.join(&c.name);
@@ -281,16 +286,27 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
                 "--zone".into(),
                 zone.to_string(),
             ];
+            // The zone's sidecar: one inbound listener (mutual TLS) on the cluster address per
+            // replica, in front of the replica on the namespace's loopback.
+            let mut sidecar = proxy_args(
+                &dir,
+                &c,
+                "echo",
+                zone,
+                SocketAddr::from(([127, 0, 0, 1], SIDECAR_OUTBOUND + z as u16)),
+                SocketAddr::from(([127, 0, 0, 1], SIDECAR_ADMIN + z as u16)),
+            );
             for (svc, _, first) in SERVICES.iter().filter(|s| runs_service(i, s.0)) {
                 for r in 0..2u16 {
                     let port = first + (z as u16) * 2 + r;
                     args.push("--serve".into());
                     args.push(format!(
-                        "{svc}-{}{}={}:{port}",
+                        "{svc}-{}{}=127.0.0.1:{port}",
                         &zone[zone.len() - 1..],
                         r + 1,
-                        c.addr
                     ));
+                    sidecar.push("--inbound".into());
+                    sidecar.push(format!("{}:{port}=127.0.0.1:{port}", c.addr));
                 }
             }
             procs.push(proc_of(
@@ -301,6 +317,15 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
                 Some(zone),
                 args,
                 &format!("echo-{}-{zone}", c.name),
+            ));
+            procs.push(proc_of(
+                &lab,
+                &exe,
+                Role::Echo,
+                &c,
+                Some(zone),
+                sidecar,
+                &format!("echo-sidecar-{}-{zone}", c.name),
             ));
         }
         let cfg = |f: &str| cdir.join(f).to_string_lossy().into_owned();
@@ -326,40 +351,22 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
             vec!["gateway".into(), "--config".into(), cfg("gateway.yaml")],
             &format!("gateway-{}", c.name),
         ));
-        let certs = dir.join("certs");
-        let client_certs = certs.join(format!("{}-client", c.name));
+        let mut client = proxy_args(
+            &dir,
+            &c,
+            "client",
+            &c.client.zone,
+            c.client.outbound,
+            c.client.admin,
+        );
+        client.extend(["--gateway".into(), c.gateway.ingress.to_string()]);
         procs.push(proc_of(
             &lab,
             &exe,
             Role::Client,
             &c,
             None,
-            vec![
-                "proxy".into(),
-                "run".into(),
-                "--node-id".into(),
-                format!("client-{}", c.name),
-                "--cluster".into(),
-                c.name.clone(),
-                "--locality".into(),
-                format!("{}/{}", c.region, c.client.zone),
-                "--xds".into(),
-                c.controlplane.xds.to_string(),
-                "--outbound".into(),
-                c.client.outbound.to_string(),
-                "--admin".into(),
-                c.client.admin.to_string(),
-                "--gateway".into(),
-                c.gateway.ingress.to_string(),
-                "--cert".into(),
-                client_certs.join("cert.pem").to_string_lossy().into_owned(),
-                "--key".into(),
-                client_certs.join("key.pem").to_string_lossy().into_owned(),
-                "--ca".into(),
-                client_certs.join("ca.pem").to_string_lossy().into_owned(),
-                "--workers".into(),
-                "1".into(),
-            ],
+            client,
             &format!("client-{}", c.name),
         ));
         for mut p in procs {
@@ -406,6 +413,49 @@ fn is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
         })
         .unwrap_or(false)
+}
+
+/// `strait proxy run` for workload `who` of cluster `c` in `zone` (node `WHO-CLUSTER[-ZONE]`, its
+/// certificate `certs/CLUSTER-WHO`, one worker).
+fn proxy_args(
+    dir: &Path,
+    c: &ClusterInfo,
+    who: &str,
+    zone: &str,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+) -> Vec<String> {
+    let certs = dir.join("certs").join(format!("{}-{who}", c.name));
+    let cert = |f: &str| certs.join(f).to_string_lossy().into_owned();
+    let node = if who == "client" {
+        format!("client-{}", c.name)
+    } else {
+        format!("{who}-{}-{zone}", c.name)
+    };
+    vec![
+        "proxy".to_string(),
+        "run".into(),
+        "--node-id".into(),
+        node,
+        "--cluster".into(),
+        c.name.clone(),
+        "--locality".into(),
+        format!("{}/{zone}", c.region),
+        "--xds".into(),
+        c.controlplane.xds.to_string(),
+        "--outbound".into(),
+        outbound.to_string(),
+        "--admin".into(),
+        admin.to_string(),
+        "--cert".into(),
+        cert("cert.pem"),
+        "--key".into(),
+        cert("key.pem"),
+        "--ca".into(),
+        cert("ca.pem"),
+        "--workers".into(),
+        "1".into(),
+    ]
 }
 
 fn proc_of(
@@ -709,6 +759,10 @@ fn issue_certificates(lab: &Lab) -> anyhow::Result<()> {
                 "client",
                 format!("spiffe://{td}/cluster/{}/ns/default/sa/client", c.name),
             ),
+            (
+                "echo",
+                format!("spiffe://{td}/cluster/{}/ns/default/sa/echo", c.name),
+            ),
         ] {
             let id: SpiffeId = id.parse()?;
             ca.issue_with_names(&id, validity, &names)?
@@ -729,8 +783,9 @@ fn discovery_yaml(index: usize, c: &ClusterInfo) -> String {
         ));
         for (z, zone) in ZONES.iter().enumerate() {
             for r in 0..2u16 {
+                // Behind its sidecar: reached with mutual TLS.
                 s.push_str(&format!(
-                    "      - {{address: {}, port: {}, zone: {zone}}}\n",
+                    "      - {{address: {}, port: {}, zone: {zone}, labels: {{strait.io/tls-mode: mutual}}}}\n",
                     c.addr,
                     first + (z as u16) * 2 + r
                 ));
@@ -839,6 +894,17 @@ async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
                 }
                 Role::Gateway => ok(http::get(&c.ns, c.gateway.admin, "gw", "/ready", t).await?),
                 Role::Client => ok(http::get(&c.ns, c.client.admin, "proxy", "/ready", t).await?),
+                // A sidecar of the echo replicas: its admin endpoint.
+                Role::Echo if p.args.first().map(String::as_str) == Some("proxy") => {
+                    let admin = p
+                        .args
+                        .iter()
+                        .skip_while(|a| *a != "--admin")
+                        .nth(1)
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                        .ok_or("the sidecar has no --admin address")?;
+                    ok(http::get(&c.ns, admin, "proxy", "/ready", t).await?)
+                }
                 Role::Echo => {
                     for a in p.args.iter().filter_map(|a| a.split_once('=')) {
                         let addr: SocketAddr = a.1.parse().map_err(|e| format!("{e}"))?;

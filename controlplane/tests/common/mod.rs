@@ -451,6 +451,72 @@ pub fn gateway_config(
         .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
 }
 
+/// West's and east's gateways, each serving its discovery file; west dials east over QUIC and
+/// the link is up when this returns.
+pub async fn linked_gateways(
+    d: &Path,
+    west: (&federation::identity::IssuedPaths, &Path),
+    east: (&federation::identity::IssuedPaths, &Path),
+) -> (gateway::Gateway, gateway::Gateway) {
+    let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let east_gw = gateway::Gateway::start(gateway_config(
+        d,
+        "east",
+        east.0,
+        east.1,
+        ("west", placeholder),
+    ))
+    .await
+    .expect("east gateway starts");
+    let west_gw = gateway::Gateway::start(gateway_config(
+        d,
+        "west",
+        west.0,
+        west.1,
+        ("east", east_gw.peer_addr),
+    ))
+    .await
+    .expect("west gateway starts");
+    wait_for(
+        Duration::from_secs(20),
+        "the west → east link to come up",
+        || async {
+            match west_gw.links().into_iter().find(|l| l.cluster == "east") {
+                Some(l) if l.state == "up" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    (west_gw, east_gw)
+}
+
+/// West's control plane (us-west) on the registry, serving xDS over mTLS with `certs`, reaching
+/// other clusters through the gateway ingress `gateway` if given.
+pub fn west_cp_config(
+    d: &Path,
+    reg: &Registry,
+    certs: &federation::identity::IssuedPaths,
+    gateway: Option<SocketAddr>,
+) -> ControlPlaneConfig {
+    let gateway = gateway
+        .map(|g| format!("gateway: {{ingress: \"{g}\"}}\n"))
+        .unwrap_or_default();
+    ControlPlaneConfig::parse(
+        d.join("west-cp.yaml"),
+        &format!(
+            "cluster: west\nregion: us-west\nregistry: {{etcd: [\"{}\"]}}\n\
+             xds: {{listen: \"127.0.0.1:0\", tls: {{cert: {}, key: {}, ca: {}}}}}\n\
+             {gateway}admin: {{listen: \"127.0.0.1:0\"}}\n",
+            reg.etcd.endpoint(),
+            certs.cert.display(),
+            certs.key.display(),
+            certs.ca.display(),
+        ),
+    )
+    .expect("control plane config")
+}
+
 /// Two clusters linked across gateways: service `echo` in west (us-west) and in east
 /// (us-east), each endpoint answering with its cluster's name; east's gateway serves east's
 /// endpoint; west's gateway dials east's over QUIC (the link is up); west's control plane
@@ -506,51 +572,17 @@ impl Linked {
         std::fs::write(&east_disc, &east_yaml).unwrap();
         let west_disc = d.join("west-discovery.yaml");
         std::fs::write(&west_disc, Self::west_yaml(Some(west_ep))).unwrap();
-        let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let east_gw = gateway::Gateway::start(gateway_config(
+        let (west_gw, east_gw) = linked_gateways(
             d,
-            "east",
-            &east_gw_certs,
-            &east_disc,
-            ("west", placeholder),
-        ))
-        .await
-        .expect("east gateway starts");
-        let west_gw = gateway::Gateway::start(gateway_config(
-            d,
-            "west",
-            &west_gw_certs,
-            &west_disc,
-            ("east", east_gw.peer_addr),
-        ))
-        .await
-        .expect("west gateway starts");
-        wait_for(
-            Duration::from_secs(20),
-            "the west → east link to come up",
-            || async {
-                match west_gw.links().into_iter().find(|l| l.cluster == "east") {
-                    Some(l) if l.state == "up" => Ok(()),
-                    other => Err(format!("{other:?}")),
-                }
-            },
+            (&west_gw_certs, &west_disc),
+            (&east_gw_certs, &east_disc),
         )
         .await;
-        let cfg = ControlPlaneConfig::parse(
-            d.join("west-cp.yaml"),
-            &format!(
-                "cluster: west\nregion: us-west\nregistry: {{etcd: [\"{}\"]}}\n\
-                 xds: {{listen: \"127.0.0.1:0\", tls: {{cert: {}, key: {}, ca: {}}}}}\n\
-                 gateway: {{ingress: \"{}\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
-                reg.etcd.endpoint(),
-                cp_certs.cert.display(),
-                cp_certs.key.display(),
-                cp_certs.ca.display(),
-                west_gw.ingress_addr
-            ),
+        let cp = start_cp_with(
+            &reg,
+            west_cp_config(d, &reg, &cp_certs, Some(west_gw.ingress_addr)),
         )
-        .expect("control plane config");
-        let cp = start_cp_with(&reg, cfg).await;
+        .await;
         Self {
             reg,
             west_gw,

@@ -36,3 +36,13 @@ pub fn one_service(name: &str, protocol: &str, port: u16, ep: SocketAddr) -> Str
         ep.port()
     )
 }
+
+/// The workload certificate files of `p`, as the proxy takes them.
+#[allow(dead_code)]
+pub fn files(p: &federation::identity::IssuedPaths) -> proxy::tls::TlsFiles {
+    proxy::tls::TlsFiles {
+        cert: p.cert.clone(),
+        key: p.key.clone(),
+        ca: p.ca.clone(),
+    }
+}
