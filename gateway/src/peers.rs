@@ -639,11 +639,7 @@ pub async fn connect_local(
         {
             Ok(Ok(s)) => return Ok((LocalStream::Tls(Box::new(s)), addr)),
             Ok(Err(e)) => {
-                let reason = e
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                    .and_then(federation::identity::rejection_reason)
-                    .map_or_else(|| e.to_string(), ToString::to_string);
+                let reason = federation::identity::handshake_failure(&e);
                 tracing::warn!(endpoint = %addr, %reason, "mutual TLS to the endpoint's sidecar failed");
                 shared
                     .metrics

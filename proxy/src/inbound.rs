@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use federation::identity::{rejection_reason, spiffe_id_from_cert};
+use federation::identity::{handshake_failure, spiffe_id_from_cert};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -93,14 +93,7 @@ async fn one(
         tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
             .await
             .map_err(|_| format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
-            .map_err(|e| {
-                let reason = e
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                    .and_then(rejection_reason)
-                    .map_or_else(|| e.to_string(), ToString::to_string);
-                format!("TLS handshake: {reason}")
-            })?;
+            .map_err(|e| format!("TLS handshake: {}", handshake_failure(&e)))?;
     let who = accepted
         .get_ref()
         .1

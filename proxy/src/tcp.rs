@@ -123,11 +123,7 @@ async fn connect(
                 Some(m) => match (&m.tls, compiled.workload_tls()) {
                     (None, _) => None,
                     (Some(settings), Some(tls)) => Some((settings, tls)),
-                    (Some(_), None) => {
-                        return Err(format!(
-                            "{addr}: the endpoint is behind a sidecar (mutual TLS) and this proxy has no workload certificate"
-                        ));
-                    }
+                    (Some(_), None) => return Err(crate::tls::no_certificate(addr)),
                 },
                 None => None,
             };

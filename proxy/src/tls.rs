@@ -304,13 +304,18 @@ pub async fn handshake(
     .await
     .map_err(|_| format!("{peer}: mutual TLS to its sidecar: no handshake within {timeout:?}"))?
     .map_err(|e| {
-        let reason = e
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .and_then(federation::identity::rejection_reason)
-            .map_or_else(|| e.to_string(), ToString::to_string);
-        format!("{peer}: mutual TLS to its sidecar: {reason}")
+        format!(
+            "{peer}: mutual TLS to its sidecar: {}",
+            federation::identity::handshake_failure(&e)
+        )
     })
+}
+
+/// Why an endpoint behind a sidecar cannot be reached by a proxy without a workload certificate.
+pub fn no_certificate(endpoint: &dyn std::fmt::Display) -> String {
+    format!(
+        "{endpoint}: the endpoint is behind a sidecar (mutual TLS) and this proxy has no workload certificate"
+    )
 }
 
 fn mtime(p: &Path) -> Option<SystemTime> {

@@ -390,12 +390,9 @@ impl tower_service::Service<Uri> for Connector {
                     Ok(Conn::Tunnel(g.open(&cluster, &authority).await?))
                 })
             }
-            None if self.no_certificate => Box::pin(async move {
-                Err(format!(
-                    "{uri}: the endpoint is behind a sidecar (mutual TLS) and this proxy has no workload certificate"
-                )
-                .into())
-            }),
+            None if self.no_certificate => {
+                Box::pin(async move { Err(crate::tls::no_certificate(&uri).into()) })
+            }
             None => {
                 let fut = self.http.call(uri);
                 match self.mutual.clone() {

@@ -9,18 +9,15 @@
 mod common;
 mod support;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::*;
 use federation::identity::CertificateAuthority;
 use gateway::Gateway;
-use proxy::dataplane::{Dataplane, DataplaneOptions};
 use proxy::tls::{Peer, TlsFiles, TlsSource};
 use proxy::tunnel::{Gateway as GatewayClient, GatewayOptions, TunnelError};
-use proxy::xds::{XdsClient, XdsOptions};
-use support::files;
+use support::{WestProxy, files};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
@@ -37,31 +34,17 @@ async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
     } = fed;
 
     // The proxy: workload certificate for both the control plane and the gateway.
-    let outbound = free_addr();
-    let node = proxy::xds::node(
-        "west-app",
-        "west",
-        ("us-west", "us-west-1a", ""),
-        &[],
+    let WestProxy {
+        xds: client,
+        dataplane: dp,
+        gateway,
         outbound,
-        true,
-        true,
-    );
-    let mut opts = XdsOptions::new(format!("http://{}", cp.xds_addr), node);
-    opts.tls = Some(Arc::new(
-        TlsSource::new(files(app_certs), Peer::Workload, &[b"h2"]).expect("xDS TLS"),
-    ));
-    let client = XdsClient::start(opts);
-    let gateway = Arc::new(GatewayClient::new(
-        GatewayOptions::new(west_gw.ingress_addr),
-        TlsSource::new(files(app_certs), Peer::Gateway, &[b"h2"]).expect("gateway TLS"),
-    ));
-    let dp = Dataplane::start_with(
-        client.config.clone(),
-        DataplaneOptions {
-            gateway: Some(gateway.clone()),
-            ..Default::default()
-        },
+    } = WestProxy::start(
+        "west-app",
+        cp.xds_addr,
+        west_gw.ingress_addr,
+        app_certs,
+        false,
     );
 
     // Priority 0: west's own endpoint, directly; nothing crosses the gateway.

@@ -16,12 +16,9 @@ use std::time::Duration;
 
 use common::*;
 use federation::identity::{CertificateAuthority, IssuedPaths};
-use proxy::dataplane::{Dataplane, DataplaneOptions};
 use proxy::inbound::InboundSpec;
 use proxy::tls::{Peer, TlsSource};
-use proxy::tunnel::{Gateway as GatewayClient, GatewayOptions};
-use proxy::xds::{XdsClient, XdsOptions};
-use support::files;
+use support::{WestProxy, files};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -205,34 +202,17 @@ async fn sidecars_reach_sidecars_with_mutual_tls_within_and_across_clusters() {
 
     // West's client proxy: workload certificate for the control plane, the gateway and
     // sidecars.
-    let outbound = free_addr();
-    let node = proxy::xds::node(
-        "west-client",
-        "west",
-        ("us-west", "us-west-1a", ""),
-        &[],
+    let WestProxy {
+        xds,
+        dataplane: _dp,
         outbound,
+        ..
+    } = WestProxy::start(
+        "west-client",
+        cp.xds_addr,
+        west_gw.ingress_addr,
+        &client,
         true,
-        true,
-    );
-    let mut opts = XdsOptions::new(format!("http://{}", cp.xds_addr), node);
-    opts.tls = Some(Arc::new(
-        TlsSource::new(files(&client), Peer::Workload, &[b"h2"]).expect("xDS TLS"),
-    ));
-    let xds = XdsClient::start(opts);
-    let gateway = Arc::new(GatewayClient::new(
-        GatewayOptions::new(west_gw.ingress_addr),
-        TlsSource::new(files(&client), Peer::Gateway, &[b"h2"]).expect("gateway TLS"),
-    ));
-    let _dp = Dataplane::start_with(
-        xds.config.clone(),
-        DataplaneOptions {
-            gateway: Some(gateway),
-            workload_tls: Some(Arc::new(
-                TlsSource::new(files(&client), Peer::Workload, &[]).expect("workload TLS"),
-            )),
-            ..Default::default()
-        },
     );
 
     // West's own sidecar, directly, over mutual TLS (it accepts nothing else).

@@ -36,8 +36,8 @@ pub use names::{
 };
 pub use tls::{client_config, crypto_provider, server_config};
 pub use verifier::{
-    Authorizer, PeerRejected, PeerVerifier, allow_any, allow_clusters, rejection_reason,
-    spiffe_id_from_cert,
+    Authorizer, PeerRejected, PeerVerifier, allow_any, allow_clusters, handshake_failure,
+    rejection_reason, spiffe_id_from_cert,
 };
 
 /// Everything that can go wrong while creating, loading, issuing, inspecting or verifying

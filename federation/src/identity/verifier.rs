@@ -84,6 +84,15 @@ pub fn rejection_reason(err: &rustls::Error) -> Option<&IdentityError> {
     }
 }
 
+/// Why a TLS handshake (a tokio-rustls I/O error) failed: the [`PeerVerifier`]'s reason when it
+/// refused the peer, else the error itself.
+pub fn handshake_failure(err: &std::io::Error) -> String {
+    err.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(rejection_reason)
+        .map_or_else(|| err.to_string(), ToString::to_string)
+}
+
 fn reject(error: IdentityError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(PeerRejected(
         error,

@@ -46,3 +46,65 @@ pub fn files(p: &federation::identity::IssuedPaths) -> proxy::tls::TlsFiles {
         ca: p.ca.clone(),
     }
 }
+
+/// West's strait proxy (library) in us-west/us-west-1a: its workload certificate `certs` for
+/// mTLS ADS with the control plane at `xds` and for the gateway ingress `gateway`; with
+/// `sidecars`, also for endpoints behind sidecars (and announced to the control plane).
+#[allow(dead_code)]
+pub struct WestProxy {
+    pub xds: XdsClient,
+    pub dataplane: proxy::dataplane::Dataplane,
+    pub gateway: std::sync::Arc<proxy::tunnel::Gateway>,
+    pub outbound: SocketAddr,
+}
+
+#[allow(dead_code)]
+impl WestProxy {
+    pub fn start(
+        id: &str,
+        xds: SocketAddr,
+        gateway: SocketAddr,
+        certs: &federation::identity::IssuedPaths,
+        sidecars: bool,
+    ) -> Self {
+        use proxy::tls::{Peer, TlsSource};
+        use std::sync::Arc;
+        let port = federation::etcd_server::free_port().expect("a free port");
+        let outbound = SocketAddr::from(([127, 0, 0, 1], port));
+        let node = proxy::xds::node(
+            id,
+            "west",
+            ("us-west", "us-west-1a", ""),
+            &[],
+            outbound,
+            true,
+            sidecars,
+        );
+        let mut opts = XdsOptions::new(format!("http://{xds}"), node);
+        opts.tls = Some(Arc::new(
+            TlsSource::new(files(certs), Peer::Workload, &[b"h2"]).expect("xDS TLS"),
+        ));
+        let client = XdsClient::start(opts);
+        let gateway = Arc::new(proxy::tunnel::Gateway::new(
+            proxy::tunnel::GatewayOptions::new(gateway),
+            TlsSource::new(files(certs), Peer::Gateway, &[b"h2"]).expect("gateway TLS"),
+        ));
+        let workload_tls = sidecars.then(|| {
+            Arc::new(TlsSource::new(files(certs), Peer::Workload, &[]).expect("workload TLS"))
+        });
+        let dataplane = proxy::dataplane::Dataplane::start_with(
+            client.config.clone(),
+            proxy::dataplane::DataplaneOptions {
+                gateway: Some(gateway.clone()),
+                workload_tls,
+                ..Default::default()
+            },
+        );
+        Self {
+            xds: client,
+            dataplane,
+            gateway,
+            outbound,
+        }
+    }
+}
