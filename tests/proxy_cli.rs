@@ -187,7 +187,7 @@ async fn strait_proxy_run_serves_what_the_control_plane_says() {
 fn strait_proxy_run_refuses_a_certificate_of_another_cluster_and_a_gateway_without_one() {
     use federation::identity::{CertificateAuthority, SpiffeId};
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = CertificateAuthority::init("test.strait", Duration::from_secs(3600)).expect("CA");
+    let ca = CertificateAuthority::init("test.strait", Duration::from_secs(86400)).expect("CA");
     let id: SpiffeId = "spiffe://test.strait/cluster/west/ns/default/sa/app"
         .parse()
         .expect("id");
