@@ -615,10 +615,11 @@ fn publish(
     complete: bool,
 ) {
     state.pending_since = None;
-    config_tx.send_replace(Arc::new(state.current.clone()));
+    // Warm first: whoever sees the complete config sees the status that says so.
     if complete {
         status_tx.send_modify(|s| s.warm = true);
     }
+    config_tx.send_replace(Arc::new(state.current.clone()));
 }
 
 /// Apply one response to `cfg` if every resource in it translates. Returns the subscription
