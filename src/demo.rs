@@ -1,5 +1,5 @@
-//! `strait demo`: the guided failover tour. It builds a lab (three clusters in network
-//! namespaces: east and central in us-east, west in us-west; real etcd, control planes,
+//! `strait demo`: the guided failover tour. It builds a lab (three clusters, in network
+//! namespaces as root or on loopback addresses with user-space links otherwise: east and central in us-east, west in us-west; real etcd, control planes,
 //! gateways over QUIC + mTLS, echo and payments replicas in two zones, client sidecars), sends
 //! traffic from east's client sidecar, and walks through steady state → the preferred link cut →
 //! failover → heal → traffic back → a zone killed → zone failover, with a live view of who
@@ -26,6 +26,9 @@ pub struct DemoArgs {
     /// Leave the lab running at the end (then `strait lab down --dir DIR --name demo`).
     #[arg(long)]
     keep: bool,
+    /// netns (needs root) or loopback; default: netns as root, loopback otherwise.
+    #[arg(long, default_value_t = lab::default_mode())]
+    mode: String,
 }
 
 /// The tour, as a scenario (also shipped as deploy/lab/scenarios/tour.yaml).
@@ -64,7 +67,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 dir: args.dir.clone(),
             },
             clusters: 3,
-            mode: "netns".into(),
+            mode: args.mode.clone(),
             name: NAME.into(),
         };
         let lab = lab::up(&up).await?;

@@ -1,5 +1,5 @@
-//! The lab end to end, in netns mode, with every real part: `strait lab up` builds three
-//! clusters (real etcd, control planes, gateways over QUIC + mTLS, echo replicas, client
+//! The lab end to end, in netns mode (loopback mode: tests/lab_loopback.rs), with every real
+//! part: `strait lab up` builds three clusters (real etcd, control planes, gateways over QUIC + mTLS, echo replicas, client
 //! sidecars) in network namespaces; the shipped chaos scenarios run against it under load
 //! (`strait chaos run`) and must meet their expectations — failover within 1 s and not one
 //! failed request when a link is cut, a gateway or a zone dies, a cluster is isolated, a link
@@ -9,39 +9,13 @@
 //! cluster leaves the registry when its lease expires; `lab down` removes everything and is
 //! safe to run twice.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+mod lab_common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_strait");
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
-fn strait(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("strait {}: {e}", args.join(" ")))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Takes the lab down however the test ends.
-struct Lab {
-    dir: PathBuf,
-    name: String,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let dir = self.dir.to_string_lossy().into_owned();
-        let _ = strait(&["lab", "down", "--dir", &dir, "--name", &self.name]);
-    }
-}
+use lab_common::{BIN, Lab, SCENARIOS, print_measured, run, scenario, strait, text, wait_until};
 
 fn namespaces(prefix: &str) -> Vec<String> {
     let out = Command::new("ip")
@@ -56,63 +30,6 @@ fn namespaces(prefix: &str) -> Vec<String> {
         .collect()
 }
 
-fn scenario(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy/lab/scenarios")
-        .join(format!("{name}.yaml"))
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// Run a scenario; its results.json.
-fn run(dir: &str, reports: &Path, file: &str) -> (bool, serde_json::Value, String) {
-    let name = Path::new(file)
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let report = reports.join(&name);
-    let out = strait(&[
-        "chaos",
-        "--dir",
-        dir,
-        "run",
-        file,
-        "--report",
-        &report.to_string_lossy(),
-    ]);
-    let results = std::fs::read_to_string(report.join("results.json"))
-        .unwrap_or_else(|e| panic!("scenario {name}: no results.json ({e}):\n{}", text(&out)));
-    let v: serde_json::Value = serde_json::from_str(&results).expect("results.json is JSON");
-    for f in ["report.md", "report.html"] {
-        let body = std::fs::read_to_string(report.join(f)).unwrap_or_default();
-        assert!(
-            body.contains(&name),
-            "scenario {name}: {f} is missing or does not name the scenario"
-        );
-    }
-    (out.status.success(), v, text(&out))
-}
-
-fn print_measured(name: &str, v: &serde_json::Value) {
-    println!(
-        "scenario {name}: {} requests, {} failed",
-        v["requests"], v["failed"]
-    );
-    for e in v["expectations"].as_array().into_iter().flatten() {
-        println!(
-            "  {}: {} (goal {}){}",
-            e["what"].as_str().unwrap_or_default(),
-            e["measured"].as_str().unwrap_or_default(),
-            e["goal"].as_str().unwrap_or_default(),
-            if e["passed"].as_bool() == Some(true) {
-                ""
-            } else {
-                "  NOT MET"
-            }
-        );
-    }
-}
-
 /// `GET http://ADDR/PATH` from inside namespace `ns` (curl).
 fn get_in(ns: &str, addr: &str, path: &str) -> String {
     let out = Command::new("ip")
@@ -121,24 +38,6 @@ fn get_in(ns: &str, addr: &str, path: &str) -> String {
         .output()
         .expect("ip netns exec curl");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Wait (bounded) until `check` holds; panics with `what` and the last observation.
-fn wait_until(
-    what: &str,
-    within: Duration,
-    mut check: impl FnMut() -> Result<(), String>,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        match check() {
-            Ok(()) => return start.elapsed(),
-            Err(seen) if start.elapsed() > within => {
-                panic!("{what}: not within {within:?}; last seen: {seen}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
 }
 
 /// How many of `cluster`'s payments endpoints the client sidecar in `ns` holds.
@@ -388,15 +287,12 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
     assert_eq!(v["expectations"][0]["passed"], false, "{out}");
 
     let mut failures = Vec::new();
-    for name in [
-        "cut-east-west",
-        "kill-zone",
-        "kill-gateway",
-        "isolate-west",
-        "degrade-loss",
-        "flap",
-        "kill-etcd",
-    ] {
+    let mut scenarios = SCENARIOS.to_vec();
+    if state["shaper"] == "netem" {
+        // Without tc netem links cannot be delayed here (the loopback test runs it instead).
+        scenarios.push("degrade-delay");
+    }
+    for name in scenarios {
         let (ok, v, out) = run(&dir, &reports, &scenario(name));
         print_measured(name, &v);
         assert!(

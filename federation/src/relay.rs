@@ -4,7 +4,12 @@
 //! # `TcpRelay`
 //!
 //! A TCP relay that can cut a path (close every connection through it and refuse new ones) and
-//! heal it: the tests' way to partition one client from etcd.
+//! heal it: the tests' way to partition one client from etcd, and the loopback lab's path from a
+//! cluster to etcd. It can also delay what it carries ([`TcpRelay::set_delay`]): every chunk
+//! read is written on no sooner than `delay` later, in order, so a delay adds latency without
+//! reordering bytes. At most 256 chunks (of up to 64 KiB) are held per direction: beyond that
+//! the relay stops reading, and backpressure reaches the sender. Loss cannot be modelled on a
+//! byte stream (TCP would hide it as delay), so this relay has none.
 //!
 //! # `UdpRelay`
 //!
@@ -46,6 +51,8 @@ use tokio::time::Instant;
 
 struct State {
     up: AtomicBool,
+    /// The delay added to every chunk, in microseconds.
+    delay_us: AtomicU64,
     /// Bumped on every cut: connections opened before it close.
     generation: watch::Sender<u64>,
 }
@@ -78,6 +85,7 @@ impl TcpRelay {
         let (generation, _) = watch::channel(0u64);
         let state = Arc::new(State {
             up: AtomicBool::new(true),
+            delay_us: AtomicU64::new(0),
             generation,
         });
         let st = state.clone();
@@ -98,15 +106,22 @@ impl TcpRelay {
                     drop(inbound);
                     continue;
                 }
+                let st = st.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
                     let _ = inbound.set_nodelay(true);
                     let _ = outbound.set_nodelay(true);
-                    let (mut a, mut b) = (inbound, outbound);
+                    let (a_read, a_write) = inbound.into_split();
+                    let (b_read, b_write) = outbound.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = async {
+                            tokio::join!(
+                                delayed_copy(a_read, b_write, &st),
+                                delayed_copy(b_read, a_write, &st),
+                            )
+                        } => {}
                         _ = gen_rx.changed() => {}
                     }
                 });
@@ -135,6 +150,57 @@ impl TcpRelay {
     pub fn is_up(&self) -> bool {
         self.state.up.load(Ordering::SeqCst)
     }
+
+    /// Delay every chunk by `delay` from now on, both ways (zero: none).
+    pub fn set_delay(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.state.delay_us.store(us, Ordering::SeqCst);
+    }
+
+    pub fn delay(&self) -> Duration {
+        Duration::from_micros(self.state.delay_us.load(Ordering::SeqCst))
+    }
+}
+
+/// The chunks a TCP relay holds per direction while delaying them.
+const HELD_CHUNKS: usize = 256;
+
+/// Copy `from` to `to`, each chunk no sooner than the relay's delay after it was read; EOF is
+/// passed on (half-close) once everything before it is written.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    state: &State,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(HELD_CHUNKS);
+    let read = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let delay = Duration::from_micros(state.delay_us.load(Ordering::Relaxed));
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 /// The largest datagram the UDP relay carries.

@@ -1,17 +1,24 @@
-//! The built-in load generator: fixed-rate (open-loop) HTTP GETs from a cluster's client
-//! sidecar to a service, each request's outcome, latency and serving cluster recorded. Latency
+//! The built-in load generator: fixed-rate (open-loop) HTTP GETs or gRPC unary calls from a
+//! cluster's client sidecar to a service, each request's outcome, latency and serving cluster
+//! recorded. HTTP goes over HTTP/1.1 with keep-alive; gRPC over one h2c connection (calls
+//! multiplexed as streams), `POST /strait.lab.Echo/Who`, a call succeeding only with HTTP 200,
+//! `grpc-status: 0` and a reply message naming who served it. Latency
 //! is measured from the moment a request was due, not when it was sent, so a stalled
 //! generator cannot hide a stall of the system (no coordinated omission).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::BodyExt as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::lab::http::pooled;
+use crate::lab::echo::{GRPC_METHOD, WhoReply, grpc_frame, is_grpc};
+use crate::lab::http::{NsConnector, PooledClient, pooled};
 use crate::lab::state::Lab;
 
 /// One stream of load.
@@ -25,9 +32,121 @@ pub struct LoadSpec {
     /// Requests per second.
     #[serde(default = "default_rate")]
     pub rate: f64,
-    /// The request path.
+    /// The request path (HTTP only; gRPC calls `/strait.lab.Echo/Who`).
     #[serde(default = "default_path")]
     pub path: String,
+    /// `http` (GET over HTTP/1.1) or `grpc` (unary calls over h2c).
+    #[serde(default)]
+    pub protocol: LoadProtocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadProtocol {
+    #[default]
+    Http,
+    Grpc,
+}
+
+impl LoadSpec {
+    /// `GET http://payments.default/` or `gRPC payments.default/strait.lab.Echo/Who`.
+    pub fn describe(&self) -> String {
+        match self.protocol {
+            LoadProtocol::Http => format!("GET http://{}{}", self.service, self.path),
+            LoadProtocol::Grpc => format!("gRPC {}{GRPC_METHOD}", self.service),
+        }
+    }
+}
+
+/// How one stream sends its requests.
+#[derive(Clone)]
+enum Caller {
+    Http(PooledClient, http::Uri),
+    Grpc(Client<NsConnector, Full<Bytes>>, http::Uri),
+}
+
+/// The error and its causes, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(&format!(": {x}"));
+        src = x.source();
+    }
+    s
+}
+
+impl Caller {
+    /// One request: who served it (`CLUSTER ZONE INSTANCE`), or what went wrong.
+    async fn call(&self) -> Result<String, String> {
+        match self {
+            Caller::Http(client, uri) => {
+                let req = http::Request::get(uri.clone())
+                    .body(http_body_util::Empty::new())
+                    .map_err(|e| format!("request: {e}"))?;
+                let resp = client.request(req).await.map_err(|e| chain(&e))?;
+                let status = resp.status().as_u16();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("body: {e}"))?
+                    .to_bytes();
+                let body = String::from_utf8_lossy(&body).into_owned();
+                if status == 200 {
+                    Ok(body)
+                } else {
+                    Err(format!("{status} {}", body.trim()))
+                }
+            }
+            Caller::Grpc(client, uri) => {
+                let req = http::Request::post(uri.clone())
+                    .header(http::header::CONTENT_TYPE, "application/grpc")
+                    .header(http::header::TE, "trailers")
+                    .body(Full::new(grpc_frame(&[])))
+                    .map_err(|e| format!("request: {e}"))?;
+                let resp = client.request(req).await.map_err(|e| chain(&e))?;
+                let status = resp.status().as_u16();
+                let (parts, body) = resp.into_parts();
+                let collected = body.collect().await.map_err(|e| format!("body: {e}"))?;
+                let trailers = collected.trailers().cloned().unwrap_or_default();
+                let data = collected.to_bytes();
+                if status != 200 {
+                    return Err(format!(
+                        "{status} {}",
+                        String::from_utf8_lossy(&data).trim()
+                    ));
+                }
+                // grpc-status in the trailers, or in the headers of a trailers-only answer.
+                let grpc_status = trailers
+                    .get("grpc-status")
+                    .or_else(|| parts.headers.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                if grpc_status != "0" {
+                    let message = trailers
+                        .get("grpc-message")
+                        .or_else(|| parts.headers.get("grpc-message"))
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    return Err(format!("grpc-status `{grpc_status}` {message}"));
+                }
+                if !is_grpc(&parts.headers) {
+                    return Err("a 200 that is not a gRPC answer (content-type)".into());
+                }
+                let message = data
+                    .get(5..)
+                    .filter(|m| data[0] == 0 && !m.is_empty())
+                    .ok_or_else(|| {
+                        format!("no gRPC message in the answer ({} bytes)", data.len())
+                    })?;
+                let reply = <WhoReply as prost::Message>::decode(message)
+                    .map_err(|e| format!("the gRPC reply is not a WhoReply: {e}"))?;
+                Ok(reply.served_by)
+            }
+        }
+    }
 }
 
 fn default_rate() -> f64 {
@@ -86,10 +205,25 @@ pub async fn generate(
             spec.rate
         );
     }
-    let client = pooled(&c.ns, c.client.outbound);
-    let uri: http::Uri = format!("http://{}{}", spec.service, spec.path)
-        .parse()
-        .map_err(|e| anyhow::anyhow!("load to `{}{}`: {e}", spec.service, spec.path))?;
+    let caller = match spec.protocol {
+        LoadProtocol::Http => Caller::Http(
+            pooled(&c.ns, c.client.outbound),
+            format!("http://{}{}", spec.service, spec.path)
+                .parse()
+                .map_err(|e| anyhow::anyhow!("load to `{}{}`: {e}", spec.service, spec.path))?,
+        ),
+        LoadProtocol::Grpc => Caller::Grpc(
+            Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(NsConnector {
+                    ns: c.ns.clone(),
+                    addr: c.client.outbound,
+                }),
+            format!("http://{}{GRPC_METHOD}", spec.service)
+                .parse()
+                .map_err(|e| anyhow::anyhow!("gRPC load to `{}`: {e}", spec.service))?,
+        ),
+    };
     let interval = Duration::from_secs_f64(1.0 / spec.rate);
     let mut tasks = tokio::task::JoinSet::new();
     let mut due = start;
@@ -102,41 +236,11 @@ pub async fn generate(
             break;
         }
         let at_ms = due.duration_since(start).as_secs_f64() * 1000.0;
-        let (client, uri, out, when) = (client.clone(), uri.clone(), out.clone(), due);
+        let (caller, out, when) = (caller.clone(), out.clone(), due);
         tasks.spawn(async move {
-            let req = http::Request::get(uri).body(http_body_util::Empty::new());
-            let result = match req {
-                Err(e) => Err(format!("request: {e}")),
-                Ok(req) => {
-                    let fut = async {
-                        let resp = client.request(req).await.map_err(|e| {
-                            let mut s = format!("{e}");
-                            let mut src = std::error::Error::source(&e);
-                            while let Some(x) = src {
-                                s.push_str(&format!(": {x}"));
-                                src = x.source();
-                            }
-                            s
-                        })?;
-                        let status = resp.status().as_u16();
-                        let body = resp
-                            .into_body()
-                            .collect()
-                            .await
-                            .map_err(|e| format!("body: {e}"))?
-                            .to_bytes();
-                        let body = String::from_utf8_lossy(&body).into_owned();
-                        if status == 200 {
-                            Ok(body)
-                        } else {
-                            Err(format!("{status} {}", body.trim()))
-                        }
-                    };
-                    tokio::time::timeout(REQUEST_TIMEOUT, fut)
-                        .await
-                        .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")))
-                }
-            };
+            let result = tokio::time::timeout(REQUEST_TIMEOUT, caller.call())
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")));
             let latency_ms = when.elapsed().as_secs_f64() * 1000.0;
             let mut o = Outcome {
                 stream: index,
@@ -234,5 +338,119 @@ impl Running {
         let mut all = std::mem::take(&mut *self.outcomes.lock().unwrap_or_else(|p| p.into_inner()));
         all.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
         Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn echo(who: &str) -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(crate::lab::echo::serve(l, who.to_string()));
+        addr
+    }
+
+    fn grpc_caller(addr: std::net::SocketAddr) -> Caller {
+        Caller::Grpc(
+            Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(NsConnector {
+                    ns: String::new(),
+                    addr,
+                }),
+            format!("http://ledger.default{GRPC_METHOD}")
+                .parse()
+                .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_grpc_call_to_the_echo_names_who_served_it() {
+        let addr = echo("west zone-a ledger-a1").await;
+        let caller = grpc_caller(addr);
+        for _ in 0..3 {
+            assert_eq!(caller.call().await.unwrap(), "west zone-a ledger-a1");
+        }
+        let http = Caller::Http(
+            pooled("", addr),
+            "http://payments.default/".parse().unwrap(),
+        );
+        assert_eq!(http.call().await.unwrap().trim(), "west zone-a ledger-a1");
+    }
+
+    /// An h2c server that answers every request with `status`, `headers` and `body`.
+    async fn fake(
+        status: u16,
+        headers: Vec<(&'static str, &'static str)>,
+        body: &'static [u8],
+    ) -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let headers = headers.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let mut b = http::Response::builder().status(status);
+                        for (k, v) in &headers {
+                            b = b.header(*k, *v);
+                        }
+                        let resp = b.body(Full::new(Bytes::from_static(body))).unwrap();
+                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_grpc_call_fails_on_anything_but_a_grpc_success_with_a_reply() {
+        type Case = (
+            u16,
+            Vec<(&'static str, &'static str)>,
+            &'static [u8],
+            &'static str,
+        );
+        let cases: [Case; 4] = [
+            (
+                503,
+                vec![],
+                b"no healthy upstream",
+                "503 no healthy upstream",
+            ),
+            (
+                200,
+                vec![
+                    ("content-type", "application/grpc"),
+                    ("grpc-status", "14"),
+                    ("grpc-message", "unavailable"),
+                ],
+                b"",
+                "grpc-status `14` unavailable",
+            ),
+            (
+                200,
+                vec![("content-type", "text/plain"), ("grpc-status", "0")],
+                b"hello",
+                "not a gRPC answer",
+            ),
+            (
+                200,
+                vec![("content-type", "application/grpc"), ("grpc-status", "0")],
+                b"",
+                "no gRPC message",
+            ),
+        ];
+        for (status, headers, body, want) in cases {
+            let addr = fake(status, headers, body).await;
+            let err = grpc_caller(addr).call().await.unwrap_err();
+            assert!(err.contains(want), "want `{want}` in `{err}`");
+        }
     }
 }

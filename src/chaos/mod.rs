@@ -187,7 +187,7 @@ pub fn parse_step(step: &str) -> anyhow::Result<Action> {
 fn set_link(lab: &mut Lab, a: &str, b: &str, state: LinkState) -> anyhow::Result<()> {
     let i = lab.link_index(a, b)?;
     lab.links[i].state = state;
-    lab::shape(&lab.links[i], &lab.shaper).map_err(|e| anyhow::anyhow!("link {a} ↔ {b}: {e}"))?;
+    lab::shape(lab, &lab.links[i]).map_err(|e| anyhow::anyhow!("link {a} ↔ {b}: {e}"))?;
     lab.save()
 }
 

@@ -374,8 +374,10 @@ pub fn write(dir: &Path, scenario: &Scenario, obs: &Observed) -> anyhow::Result<
     for (i, l) in obs.load.iter().enumerate() {
         let _ = writeln!(
             md,
-            "- stream {i}: GET http://{}{} from {}'s client sidecar, {} requests/s",
-            l.service, l.path, l.from, l.rate
+            "- stream {i}: {} from {}'s client sidecar, {} requests/s",
+            l.describe(),
+            l.from,
+            l.rate
         );
     }
     let _ = writeln!(md, "\n## Phases\n");
@@ -769,6 +771,7 @@ mod tests {
                 service: "payments.default".into(),
                 rate: 100.0,
                 path: "/".into(),
+                protocol: Default::default(),
             }],
             outcomes,
             steps: vec![StepRecord {

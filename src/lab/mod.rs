@@ -2,14 +2,17 @@
 //! "global" place; for each cluster a control plane, a gateway, two zones each running two
 //! replicas of the sample services (`echo` everywhere, `payments` everywhere but the first
 //! cluster) behind the zone's sidecar (`strait proxy run --inbound`: mutual TLS only, the
-//! endpoints labelled `strait.io/tls-mode: mutual`), and a client sidecar. In `netns` mode every cluster and etcd
-//! live in their own Linux network namespace, linked by veth pairs (a full mesh, and every
-//! cluster to etcd) shaped with `tc netem`, so `strait chaos` can cut, degrade and flap them.
+//! endpoints labelled `strait.io/tls-mode: mutual`), and a client sidecar. In `netns` mode every
+//! cluster and etcd live in their own Linux network namespace, linked by veth pairs (a full
+//! mesh, and every cluster to etcd) shaped with `tc netem`, so `strait chaos` can cut, degrade
+//! and flap them. In `loopback` mode (no root) every place has its own 127.1.K.* addresses and
+//! every link is a user-space relay (`strait lab relay`): UDP between gateways, TCP to etcd.
 //! See docs/lab.md.
 
 pub mod echo;
 pub mod http;
 pub mod netns;
+pub mod relay;
 pub mod state;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -49,6 +52,9 @@ pub enum LabCommand {
     /// The lab's sample service (run by the lab itself).
     #[command(hide = true)]
     Echo(echo::EchoArgs),
+    /// The loopback lab's link relays (run by the lab itself).
+    #[command(hide = true)]
+    Relay(relay::RelayArgs),
 }
 
 /// Where the lab keeps its state, certificates, configuration and logs.
@@ -56,6 +62,11 @@ pub enum LabCommand {
 pub struct LabDir {
     #[arg(long, env = "STRAIT_LAB_DIR", default_value_os_t = default_dir())]
     pub dir: PathBuf,
+}
+
+/// `netns` as root, `loopback` otherwise.
+pub fn default_mode() -> String {
+    if is_root() { "netns" } else { "loopback" }.to_string()
 }
 
 pub fn default_dir() -> PathBuf {
@@ -69,8 +80,9 @@ pub struct UpArgs {
     /// How many clusters (2–6): east, central (us-east), west (us-west), north, south, pacific.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=6))]
     pub clusters: u8,
-    /// netns: namespaces, veth links and tc netem (needs root). loopback: not available yet.
-    #[arg(long, default_value = "netns")]
+    /// netns: namespaces, veth links and tc netem (needs root). loopback: 127.1.K.* addresses
+    /// and user-space relays as links (no root). Default: netns as root, loopback otherwise.
+    #[arg(long, default_value_t = default_mode())]
     pub mode: String,
     /// The lab's name: its namespaces are `strait-NAME-…`.
     #[arg(long, default_value = "lab")]
@@ -91,6 +103,7 @@ pub async fn run(cmd: LabCommand) -> anyhow::Result<()> {
         }
         LabCommand::Down { at, name } => down(&at.dir, &name),
         LabCommand::Echo(args) => echo::run(args).await,
+        LabCommand::Relay(args) => relay::run(args).await,
     }
 }
 
@@ -104,12 +117,22 @@ const CLUSTERS: [(&str, &str); 6] = [
 ];
 const ZONES: [&str; 2] = ["zone-a", "zone-b"];
 /// The echo sidecars' outbound and admin ports (one sidecar per zone: these plus the zone's
-/// index), on the namespace's loopback.
+/// index), on the cluster's local address.
 const SIDECAR_OUTBOUND: u16 = 15101;
 const SIDECAR_ADMIN: u16 = 15121;
-/// (service, port, first replica port): replicas listen on consecutive ports from there.
-const SERVICES: [(&str, u16, u16); 2] = [("echo", 8080, 18081), ("payments", 9090, 19081)];
+/// (service, port, first replica port, protocol): replicas listen on consecutive ports from
+/// there. `ledger` is payments' gRPC twin (same clusters, same failover policy).
+const SERVICES: [(&str, u16, u16, &str); 3] = [
+    ("echo", 8080, 18081, "http"),
+    ("payments", 9090, 19081, "http"),
+    ("ledger", 7070, 17081, "grpc"),
+];
 const TRUST_DOMAIN: &str = "lab.strait";
+/// The ports of the gateways' QUIC listeners and of etcd's clients.
+const PEERS_PORT: u16 = 15443;
+const ETCD_PORT: u16 = 2379;
+/// Loopback mode: the relay process's control port (on etcd's place, 127.1.0.1).
+const RELAY_CONTROL_PORT: u16 = 15900;
 /// One-way delay of a link within a region, and between regions.
 const NEAR_MS: f64 = 1.0;
 const FAR_MS: f64 = 10.0;
@@ -119,23 +142,29 @@ fn ns_name(lab: &str, place: &str) -> String {
 }
 
 fn runs_service(cluster_index: usize, service: &str) -> bool {
-    service != "payments" || cluster_index != 0
+    service == "echo" || cluster_index != 0
 }
 
 fn say(msg: &str) {
     println!("\x1b[2m[lab]\x1b[0m {msg}");
 }
 
+/// Loopback mode: place `k` (0 is etcd's, clusters from 1) has the addresses 127.1.K.*.
+fn loopback_ip(place: usize, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 1, place as u8, host)
+}
+
 /// Build and start a lab; returns its state (also saved in DIR/lab.json).
 pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
-    if args.mode != "netns" {
+    let loopback = match args.mode.as_str() {
+        "netns" => false,
+        "loopback" => true,
+        other => bail!("--mode {other}: expected `netns` (needs root) or `loopback`"),
+    };
+    if !loopback && !is_root() {
         bail!(
-            "--mode {}: only `netns` is available in this version (it needs root); `loopback` is not built yet",
-            args.mode
+            "the netns lab needs root (network namespaces, veth pairs, tc netem); `--mode loopback` runs without"
         );
-    }
-    if !is_root() {
-        bail!("the netns lab needs root (network namespaces, veth pairs, tc netem)");
     }
     if args.name.is_empty()
         || args.name.len() > 8
@@ -161,39 +190,58 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     let started = Instant::now();
 
     let n = usize::from(args.clusters);
-    let etcd_ns = ns_name(&args.name, "etcd");
-    let etcd_ip = Ipv4Addr::new(10, 240, 0, 254);
+    let (etcd_ns, etcd_ip) = if loopback {
+        (String::new(), loopback_ip(0, 1))
+    } else {
+        (ns_name(&args.name, "etcd"), Ipv4Addr::new(10, 240, 0, 254))
+    };
     let mut lab = Lab {
         name: args.name.clone(),
-        mode: "netns".into(),
+        mode: args.mode.clone(),
         dir: dir.clone(),
         trust_domain: TRUST_DOMAIN.into(),
         shaper: String::new(),
+        relay: None,
         etcd: EtcdInfo {
             ns: etcd_ns.clone(),
-            addr: SocketAddr::new(etcd_ip.into(), 2379),
+            addr: SocketAddr::new(etcd_ip.into(), ETCD_PORT),
         },
         clusters: Vec::new(),
         links: Vec::new(),
         processes: Vec::new(),
     };
     for (i, (name, region)) in CLUSTERS.iter().take(n).enumerate() {
-        let addr = Ipv4Addr::new(10, 240, 0, (i + 1) as u8);
-        let lo = Ipv4Addr::LOCALHOST;
+        let (ns, addr, lo, etcd_via) = if loopback {
+            (
+                String::new(),
+                loopback_ip(i + 1, 2),
+                loopback_ip(i + 1, 1),
+                Some(SocketAddr::new(loopback_ip(i + 1, 3).into(), ETCD_PORT)),
+            )
+        } else {
+            (
+                ns_name(&args.name, name),
+                Ipv4Addr::new(10, 240, 0, (i + 1) as u8),
+                Ipv4Addr::LOCALHOST,
+                None,
+            )
+        };
         let services = SERVICES
             .iter()
             .filter(|s| runs_service(i, s.0))
-            .map(|(s, port, _)| format!("{s}.default:{port}"))
+            .map(|(s, port, _, _)| format!("{s}.default:{port}"))
             .collect();
         lab.clusters.push(ClusterInfo {
             name: name.to_string(),
             region: region.to_string(),
-            ns: ns_name(&args.name, name),
+            ns,
             addr,
+            local: lo,
+            etcd_via,
             zones: ZONES.iter().map(|z| z.to_string()).collect(),
             services,
             gateway: GatewayInfo {
-                peers: SocketAddr::new(addr.into(), 15443),
+                peers: SocketAddr::new(addr.into(), PEERS_PORT),
                 ingress: SocketAddr::new(lo.into(), 15008),
                 admin: SocketAddr::new(lo.into(), 15000),
             },
@@ -211,11 +259,30 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     // Save early: whatever fails from here on, `lab down` knows what to remove.
     lab.save()?;
 
-    say(&format!(
-        "building {n} clusters in network namespaces strait-{}-*",
-        args.name
-    ));
-    build_network(&mut lab)?;
+    if loopback {
+        // The addresses are fixed: a second loopback lab would collide with a running one.
+        for addr in [
+            lab.etcd.addr,
+            SocketAddr::new(loopback_ip(0, 1).into(), RELAY_CONTROL_PORT),
+        ] {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                bail!(
+                    "loopback mode: {addr} is taken ({e}): another loopback lab runs on this machine; \
+                     take it down first (`strait lab down --dir DIR`)"
+                );
+            }
+        }
+        say(&format!(
+            "building {n} clusters on 127.1.K.* addresses, linked by user-space relays"
+        ));
+        build_relays(&mut lab)?;
+    } else {
+        say(&format!(
+            "building {n} clusters in network namespaces strait-{}-*",
+            args.name
+        ));
+        build_network(&mut lab)?;
+    }
     lab.save()?;
 
     say("issuing the federation's certificates");
@@ -224,12 +291,19 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     say("starting etcd");
     let etcd_data = dir.join("etcd");
     let etcd_url = format!("http://{}", lab.etcd.addr);
-    let etcd_args = federation::etcd_server::single_member_args(
-        &etcd_data,
-        &format!("{etcd_url},http://127.0.0.1:2379"),
-        &etcd_url,
-        "http://127.0.0.1:2380",
-    );
+    let (client_urls, peer_url) = if loopback {
+        (
+            etcd_url.clone(),
+            format!("http://{}:{}", lab.etcd.addr.ip(), ETCD_PORT + 1),
+        )
+    } else {
+        (
+            format!("{etcd_url},http://127.0.0.1:{ETCD_PORT}"),
+            format!("http://127.0.0.1:{}", ETCD_PORT + 1),
+        )
+    };
+    let etcd_args =
+        federation::etcd_server::single_member_args(&etcd_data, &client_urls, &etcd_url, &peer_url);
     let etcd_bin = std::env::var("STRAIT_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
     let mut etcd = Proc {
         role: Role::Etcd,
@@ -246,13 +320,44 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     lab.save()?;
     wait_ready(&lab, Role::Etcd, None, Duration::from_secs(30)).await?;
 
+    if let Some(control) = lab.relay {
+        say(&format!("starting the link relays (control {control})"));
+        let mut relay = Proc {
+            role: Role::Relay,
+            cluster: None,
+            zone: None,
+            ns: String::new(),
+            pid: 0,
+            program: exe.clone(),
+            args: vec![
+                "lab".into(),
+                "relay".into(),
+                "--config".into(),
+                dir.join(RELAYS_FILE).to_string_lossy().into_owned(),
+            ],
+            log: dir.join("logs/relay.log"),
+        };
+        spawn(&mut relay)?;
+        lab.processes.push(relay);
+        lab.save()?;
+        wait_ready(&lab, Role::Relay, None, Duration::from_secs(30)).await?;
+    }
+
     say("applying the failover policy of payments.default (west, then central)");
     let policies = dir.join("policies.yaml");
     std::fs::write(&policies, POLICIES)?;
-    let out = Command::new("ip")
-        .args(["netns", "exec", &etcd_ns, &exe, "policy", "apply", "-f"])
+    let mut apply = if loopback {
+        let mut c = Command::new(&exe);
+        c.args(["policy", "apply", "--etcd", &etcd_url, "-f"]);
+        c
+    } else {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &etcd_ns, &exe, "policy", "apply"])
+            .args(["--etcd", &format!("http://127.0.0.1:{ETCD_PORT}"), "-f"]);
+        c
+    };
+    let out = apply
         .arg(&policies)
-        .args(["--etcd", "http://127.0.0.1:2379"])
         .output()
         .context("running `strait policy apply`")?;
     if !out.status.success() {
@@ -271,11 +376,14 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         let cdir = dir.join(&c.name);
         std::fs::create_dir_all(&cdir)?;
         std::fs::write(cdir.join("discovery.yaml"), discovery_yaml(i, &c))?;
+        let etcd = c
+            .etcd_via
+            .map_or_else(|| etcd_url.clone(), |a| format!("http://{a}"));
+        std::fs::write(cdir.join("controlplane.yaml"), controlplane_yaml(&c, &etcd))?;
         std::fs::write(
-            cdir.join("controlplane.yaml"),
-            controlplane_yaml(&c, &etcd_url),
+            cdir.join("gateway.yaml"),
+            gateway_yaml(&c, &etcd, &static_peers(&lab, &c)),
         )?;
-        std::fs::write(cdir.join("gateway.yaml"), gateway_yaml(&c, &etcd_url))?;
         let mut procs = Vec::new();
         for (z, zone) in ZONES.iter().enumerate() {
             let mut args = vec![
@@ -287,26 +395,29 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
                 zone.to_string(),
             ];
             // The zone's sidecar: one inbound listener (mutual TLS) on the cluster address per
-            // replica, in front of the replica on the namespace's loopback.
+            // replica, in front of the replica on the cluster's local address.
             let mut sidecar = proxy_args(
                 &dir,
                 &c,
                 "echo",
                 zone,
-                SocketAddr::from(([127, 0, 0, 1], SIDECAR_OUTBOUND + z as u16)),
-                SocketAddr::from(([127, 0, 0, 1], SIDECAR_ADMIN + z as u16)),
+                SocketAddr::new(c.local.into(), SIDECAR_OUTBOUND + z as u16),
+                SocketAddr::new(c.local.into(), SIDECAR_ADMIN + z as u16),
             );
-            for (svc, _, first) in SERVICES.iter().filter(|s| runs_service(i, s.0)) {
+            for (svc, _, first, protocol) in SERVICES.iter().filter(|s| runs_service(i, s.0)) {
+                // The sidecar offers the app's protocol in ALPN (h2 for gRPC).
+                let alpn = if *protocol == "grpc" { "@h2" } else { "" };
                 for r in 0..2u16 {
                     let port = first + (z as u16) * 2 + r;
                     args.push("--serve".into());
                     args.push(format!(
-                        "{svc}-{}{}=127.0.0.1:{port}",
+                        "{svc}-{}{}={}:{port}",
                         &zone[zone.len() - 1..],
                         r + 1,
+                        c.local
                     ));
                     sidecar.push("--inbound".into());
-                    sidecar.push(format!("{}:{port}=127.0.0.1:{port}", c.addr));
+                    sidecar.push(format!("{}:{port}={}:{port}{alpn}", c.addr, c.local));
                 }
             }
             procs.push(proc_of(
@@ -388,7 +499,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     }
     say("checking that every client sidecar serves every service");
     for c in &lab.clusters {
-        for svc in ["echo.default", "payments.default"] {
+        for svc in ["echo.default", "payments.default", "ledger.default"] {
             wait_served(c, svc, "/", deadline).await?;
         }
     }
@@ -401,7 +512,8 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     Ok(lab)
 }
 
-const POLICIES: &str = "policies:\n  - service: payments.default\n    targets: [{cluster: west}, {cluster: central}]\n";
+const POLICIES: &str = "policies:\n  - service: payments.default\n    targets: [{cluster: west}, {cluster: central}]\n  \
+     - service: ledger.default\n    targets: [{cluster: west}, {cluster: central}]\n";
 
 fn is_root() -> bool {
     // The effective uid, read without unsafe code.
@@ -479,7 +591,7 @@ fn proc_of(
     }
 }
 
-/// Start `p` in its namespace, detached from this process (it outlives `strait lab up`).
+/// Start `p` in its namespace (if it has one), detached from this process (it outlives `strait lab up`).
 pub fn spawn(p: &mut Proc) -> anyhow::Result<()> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -487,8 +599,14 @@ pub fn spawn(p: &mut Proc) -> anyhow::Result<()> {
         .open(&p.log)
         .with_context(|| format!("opening {}", p.log.display()))?;
     let log2 = log.try_clone()?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &p.ns, &p.program])
+    let mut cmd = if p.ns.is_empty() {
+        Command::new(&p.program)
+    } else {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &p.ns, &p.program]);
+        c
+    };
+    let child = cmd
         .args(&p.args)
         .env("RUST_LOG_STYLE", "never")
         .stdin(Stdio::null())
@@ -615,10 +733,119 @@ fn build_network(lab: &mut Lab) -> anyhow::Result<()> {
                     iptables(ns, &["-A", "OUTPUT", "-o", dev, "-j", &chain]).map_err(fail)?;
                 }
             }
-            shape(&link, &lab.shaper).map_err(fail)?;
+            shape(lab, &link).map_err(fail)?;
             lab.links.push(link);
         }
     }
+    Ok(())
+}
+
+/// The relay plan's file in the lab's directory.
+const RELAYS_FILE: &str = "relays.json";
+
+/// Loopback mode: where cluster `from` (index) reaches the gateway of cluster `to` (index): its
+/// own relay of that link.
+fn loopback_path(from: usize, to: usize) -> SocketAddr {
+    SocketAddr::new(loopback_ip(from + 1, 101 + to as u8).into(), PEERS_PORT)
+}
+
+/// The gateway's static peers (loopback mode: each peer through its relay); none in netns
+/// mode, where the registry's addresses are routed over the veth links.
+fn static_peers(lab: &Lab, c: &ClusterInfo) -> Vec<(String, SocketAddr)> {
+    if lab.relay.is_none() {
+        return Vec::new();
+    }
+    let Some(me) = lab.clusters.iter().position(|o| o.name == c.name) else {
+        return Vec::new();
+    };
+    lab.clusters
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != me)
+        .map(|(j, o)| (o.name.clone(), loopback_path(me, j)))
+        .collect()
+}
+
+/// Loopback mode: one link per pair of clusters (a UDP relay each way a gateway dials) and one
+/// per cluster to etcd (a TCP relay), planned in DIR/relays.json for `strait lab relay`.
+fn build_relays(lab: &mut Lab) -> anyhow::Result<()> {
+    let mut paths = Vec::new();
+    let near_or_far = |a: &ClusterInfo, b: &ClusterInfo| {
+        if a.region == b.region {
+            NEAR_MS
+        } else {
+            FAR_MS
+        }
+    };
+    let n = lab.clusters.len();
+    for i in 0..n {
+        for j in (i + 1)..n {
+            let (a, b) = (&lab.clusters[i], &lab.clusters[j]);
+            let link = Link {
+                a: a.name.clone(),
+                b: b.name.clone(),
+                ns_a: String::new(),
+                ns_b: String::new(),
+                dev_a: format!("udp {}", loopback_path(i, j)),
+                dev_b: format!("udp {}", loopback_path(j, i)),
+                base_delay_ms: near_or_far(a, b),
+                state: LinkState::Up,
+            };
+            let (loss, delay_ms, jitter_ms) = per_direction(&link);
+            let shape = relay::Shape {
+                loss,
+                delay_ms,
+                jitter_ms,
+            };
+            for (from, to, listen) in [(a, b, loopback_path(i, j)), (b, a, loopback_path(j, i))] {
+                paths.push(relay::PathPlan {
+                    a: from.name.clone(),
+                    b: to.name.clone(),
+                    kind: relay::PathKind::Udp,
+                    listen,
+                    target: to.gateway.peers,
+                    shape,
+                });
+            }
+            lab.links.push(link);
+        }
+    }
+    for c in &lab.clusters {
+        let Some(listen) = c.etcd_via else {
+            bail!("cluster {}: no relay address to etcd", c.name);
+        };
+        let link = Link {
+            a: c.name.clone(),
+            b: "etcd".into(),
+            ns_a: String::new(),
+            ns_b: String::new(),
+            dev_a: format!("tcp {listen}"),
+            dev_b: "-".into(),
+            base_delay_ms: NEAR_MS,
+            state: LinkState::Up,
+        };
+        let (loss, delay_ms, jitter_ms) = per_direction(&link);
+        paths.push(relay::PathPlan {
+            a: c.name.clone(),
+            b: "etcd".into(),
+            kind: relay::PathKind::Tcp,
+            listen,
+            target: lab.etcd.addr,
+            shape: relay::Shape {
+                loss,
+                delay_ms,
+                jitter_ms,
+            },
+        });
+        lab.links.push(link);
+    }
+    let control = SocketAddr::new(loopback_ip(0, 1).into(), RELAY_CONTROL_PORT);
+    let plan = relay::Plan { control, paths };
+    let file = lab.dir.join(RELAYS_FILE);
+    std::fs::write(&file, serde_json::to_string_pretty(&plan)?)
+        .with_context(|| format!("writing {}", file.display()))?;
+    lab.relay = Some(control);
+    lab.shaper = "relay".into();
     Ok(())
 }
 
@@ -674,10 +901,26 @@ fn per_direction(link: &Link) -> (f64, f64, f64) {
     }
 }
 
-/// Apply a link's state on both ends, with `tc netem` or, without it, iptables.
-pub fn shape(link: &Link, shaper: &str) -> Result<(), String> {
+/// Apply a link's state on both ends: with `tc netem`, without it iptables, and in loopback
+/// mode through the relay process.
+pub fn shape(lab: &Lab, link: &Link) -> Result<(), String> {
     let (loss, delay, jitter) = per_direction(link);
-    if shaper != "netem" {
+    if lab.shaper == "relay" {
+        let control = lab
+            .relay
+            .ok_or("this loopback lab has no relay process recorded in its state")?;
+        return relay::set(
+            control,
+            &link.a,
+            &link.b,
+            relay::Shape {
+                loss,
+                delay_ms: delay,
+                jitter_ms: jitter,
+            },
+        );
+    }
+    if lab.shaper != "netem" {
         if let LinkState::Degraded {
             delay_ms,
             jitter_ms,
@@ -740,7 +983,7 @@ fn issue_certificates(lab: &Lab) -> anyhow::Result<()> {
     for c in &lab.clusters {
         let names = ExtraNames {
             dns: vec!["localhost".into()],
-            ips: vec!["127.0.0.1".parse()?, c.addr.into()],
+            ips: vec!["127.0.0.1".parse()?, c.local.into(), c.addr.into()],
         };
         let td = TRUST_DOMAIN;
         for (what, id) in [
@@ -777,9 +1020,9 @@ fn discovery_yaml(index: usize, c: &ClusterInfo) -> String {
         "cluster: {}\nregion: {}\ngateways: [\"{}\"]\nservices:\n",
         c.name, c.region, c.gateway.peers
     );
-    for (svc, port, first) in SERVICES.iter().filter(|s| runs_service(index, s.0)) {
+    for (svc, port, first, protocol) in SERVICES.iter().filter(|s| runs_service(index, s.0)) {
         s.push_str(&format!(
-            "  - name: {svc}\n    namespace: default\n    ports: [{{name: http, port: {port}, protocol: http}}]\n    endpoints:\n"
+            "  - name: {svc}\n    namespace: default\n    ports: [{{name: {protocol}, port: {port}, protocol: {protocol}}}]\n    endpoints:\n"
         ));
         for (z, zone) in ZONES.iter().enumerate() {
             for r in 0..2u16 {
@@ -806,14 +1049,23 @@ fn controlplane_yaml(c: &ClusterInfo, etcd: &str) -> String {
     )
 }
 
-fn gateway_yaml(c: &ClusterInfo, etcd: &str) -> String {
+fn gateway_yaml(c: &ClusterInfo, etcd: &str, peers: &[(String, SocketAddr)]) -> String {
     let certs = format!("../certs/{}-gateway", c.name);
-    format!(
+    let mut s = format!(
         "cluster: {}\nlisten: {{peers: \"{}\", ingress: \"{}\", admin: \"{}\"}}\n\
          tls: {{cert: {certs}/cert.pem, key: {certs}/key.pem, ca: {certs}/ca.pem}}\n\
          registry: {{etcd: [\"{etcd}\"], lease_ttl: 5s}}\ndiscovery: {{file: discovery.yaml}}\n",
         c.name, c.gateway.peers, c.gateway.ingress, c.gateway.admin
-    )
+    );
+    if !peers.is_empty() {
+        s.push_str("peers:\n");
+        for (cluster, addr) in peers {
+            s.push_str(&format!(
+                "  - {{cluster: {cluster}, address: \"{addr}\"}}\n"
+            ));
+        }
+    }
+    s
 }
 
 /// Wait until the processes of `role` (in `cluster`) answer; the error names the process and
@@ -877,6 +1129,14 @@ async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
         }
     };
     match p.role {
+        Role::Relay => {
+            let control = lab
+                .relay
+                .ok_or("no relay control port in the lab's state")?;
+            tokio::task::spawn_blocking(move || relay::stats(control).map(|_| ()))
+                .await
+                .map_err(|e| format!("relay probe: {e}"))?
+        }
         Role::Etcd => {
             let (_, body) = http::get(&p.ns, lab.etcd.addr, "etcd", "/health", t).await?;
             if body.contains("true") {
@@ -912,7 +1172,7 @@ async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
                     }
                     Ok(())
                 }
-                Role::Etcd => Ok(()),
+                Role::Etcd | Role::Relay => Ok(()),
             }
         }
     }
@@ -1039,18 +1299,29 @@ async fn print_status(lab: &Lab, json: bool) {
         );
         return;
     }
+    let place = |ns: &str| {
+        if ns.is_empty() {
+            String::new()
+        } else {
+            format!(" in netns {ns}")
+        }
+    };
     println!(
-        "lab `{}` ({} mode, {}), etcd {} in netns {}",
+        "lab `{}` ({} mode, {}), etcd {}{}",
         lab.name,
         lab.mode,
         lab.dir.display(),
         lab.etcd.addr,
-        lab.etcd.ns
+        place(&lab.etcd.ns)
     );
     for c in &lab.clusters {
         println!(
-            "\n  cluster {} ({}), netns {}, address {}",
-            c.name, c.region, c.ns, c.addr
+            "\n  cluster {} ({}){}, address {}, local listeners on {}",
+            c.name,
+            c.region,
+            place(&c.ns),
+            c.addr,
+            c.local
         );
         println!(
             "    gateway       QUIC {}  ingress {}  admin {}",
@@ -1065,9 +1336,14 @@ async fn print_status(lab: &Lab, json: bool) {
             c.client.outbound, c.client.admin, c.client.zone
         );
         println!("    services      {}", c.services.join(", "));
+        let exec = if c.ns.is_empty() {
+            String::new()
+        } else {
+            format!("ip netns exec {} ", c.ns)
+        };
         println!(
-            "    try: ip netns exec {} curl -s -H 'Host: payments.default' http://{}/",
-            c.ns, c.client.outbound
+            "    try: {exec}curl -s -H 'Host: payments.default' http://{}/",
+            c.client.outbound
         );
     }
     println!("\n  processes:");
@@ -1098,6 +1374,21 @@ async fn print_status(lab: &Lab, json: bool) {
             "    {:<8} ↔ {:<8} {:>4.1} ms one way   {state}",
             l.a, l.b, l.base_delay_ms
         );
+    }
+    if let Some(control) = lab.relay {
+        match tokio::task::spawn_blocking(move || relay::stats(control)).await {
+            Ok(Ok(paths)) => {
+                println!("\n  relays (control {control}):");
+                for p in paths {
+                    println!(
+                        "    {:<8} → {:<8} {:?} {} → {}   {} forwarded, {} dropped",
+                        p.a, p.b, p.kind, p.listen, p.target, p.forwarded, p.dropped
+                    );
+                }
+            }
+            Ok(Err(e)) => println!("\n  relays: {e}"),
+            Err(e) => println!("\n  relays: {e}"),
+        }
     }
     let mut seen = Vec::new();
     for c in &lab.clusters {

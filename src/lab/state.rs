@@ -17,9 +17,13 @@ pub struct Lab {
     pub mode: String,
     pub dir: PathBuf,
     pub trust_domain: String,
-    /// How links are impaired: `netem` (tc netem: loss, delay, jitter) or `iptables` (when
-    /// the kernel has no netem: loss and cuts only).
+    /// How links are impaired: `netem` (tc netem: loss, delay, jitter), `iptables` (when
+    /// the kernel has no netem: loss and cuts only) or `relay` (loopback mode: the user-space
+    /// relays of `strait lab relay`).
     pub shaper: String,
+    /// Loopback mode: the relay process's control port.
+    #[serde(default)]
+    pub relay: Option<SocketAddr>,
     pub etcd: EtcdInfo,
     pub clusters: Vec<ClusterInfo>,
     pub links: Vec<Link>,
@@ -37,15 +41,29 @@ pub struct EtcdInfo {
 pub struct ClusterInfo {
     pub name: String,
     pub region: String,
+    /// Its network namespace (empty in loopback mode: this machine's own).
     pub ns: String,
-    /// The cluster's own address (on its loopback interface, routed over the links).
+    /// The cluster's own address: what other places reach it on (netns: on its loopback
+    /// interface, routed over the links; loopback mode: 127.1.K.2).
     pub addr: Ipv4Addr,
+    /// Where the cluster's local listeners are (netns: 127.0.0.1 in its namespace; loopback
+    /// mode: 127.1.K.1).
+    #[serde(default = "localhost")]
+    pub local: Ipv4Addr,
+    /// The address the cluster reaches etcd on, when it is not etcd's own (loopback mode:
+    /// its relay to etcd).
+    #[serde(default)]
+    pub etcd_via: Option<SocketAddr>,
     pub zones: Vec<String>,
     /// `name.namespace:port` of every service running here.
     pub services: Vec<String>,
     pub gateway: GatewayInfo,
     pub controlplane: ControlPlaneInfo,
     pub client: ClientInfo,
+}
+
+fn localhost() -> Ipv4Addr {
+    Ipv4Addr::LOCALHOST
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -69,7 +87,9 @@ pub struct ClientInfo {
     pub admin: SocketAddr,
 }
 
-/// A link between two places: two clusters, or a cluster and etcd (`b == "etcd"`).
+/// A link between two places: two clusters, or a cluster and etcd (`b == "etcd"`). In netns
+/// mode `dev_*` are its veth ends; in loopback mode they name the relay each side goes
+/// through (`udp 127.1.1.103:15443`).
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Link {
     pub a: String,
@@ -104,6 +124,8 @@ pub enum Role {
     Gateway,
     Echo,
     Client,
+    /// Loopback mode: the process holding every link's relay.
+    Relay,
 }
 
 impl Role {
@@ -114,6 +136,7 @@ impl Role {
             Role::Gateway => "gateway",
             Role::Echo => "echo",
             Role::Client => "client",
+            Role::Relay => "relay",
         }
     }
 }

@@ -20,7 +20,6 @@ use tokio::task::JoinHandle;
 use super::RegistryError;
 use super::backend::{Backend, WatchEvent};
 use super::codec::{Decoder, ROOT, RegistryKey, RegistryValue};
-use crate::backoff::Backoff;
 use crate::model::{
     Cluster, ClusterId, FailoverPolicy, LinkState, Name, PolicyScope, ServiceEndpoints, ServiceKey,
 };
@@ -469,7 +468,7 @@ async fn run(
     };
     let mut current = Snapshot::default();
     let mut decoder = Decoder::new();
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff = super::store_backoff();
     'load: loop {
         // Full load at one revision.
         let (revision, kvs) = match backend.get_prefix(ROOT).await {

@@ -17,6 +17,17 @@ pub use embedded::EmbeddedRegistry;
 pub use etcd::{EtcdBackend, EtcdOptions};
 pub use publisher::{LeasedPublisher, PublisherConfig, PublisherStatus};
 
+/// How the cache and the publisher retry a store they cannot reach: from 100 ms, doubling, up
+/// to 2 s (jittered down to half). The cap bounds how long a cluster whose lease expired while
+/// etcd was out of reach stays unpublished once etcd is back (what traffic returning to it
+/// waits for); an attempt every 1–2 s per process costs an unreachable etcd nothing.
+pub(crate) fn store_backoff() -> crate::backoff::Backoff {
+    crate::backoff::Backoff::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(2),
+    )
+}
+
 /// What can go wrong talking to the registry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {

@@ -121,7 +121,7 @@ impl LeasedPublisher {
     /// retried with back-off, never returned.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = super::store_backoff();
         loop {
             // A lease first.
             let lease = loop {

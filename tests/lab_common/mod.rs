@@ -1,0 +1,123 @@
+//! What the lab's end-to-end tests share: the `strait` binary, a guard that takes a lab down
+//! however a test ends, shipped scenarios run with their report checked, bounded waits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_strait");
+
+pub fn strait(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("strait {}: {e}", args.join(" ")))
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Takes the lab down however the test ends.
+pub struct Lab {
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let dir = self.dir.to_string_lossy().into_owned();
+        let _ = strait(&["lab", "down", "--dir", &dir, "--name", &self.name]);
+    }
+}
+
+/// The shipped scenarios every lab must pass (netns and loopback mode alike); `degrade-delay`
+/// also, where links can be delayed.
+pub const SCENARIOS: [&str; 7] = [
+    "cut-east-west",
+    "kill-zone",
+    "kill-gateway",
+    "isolate-west",
+    "degrade-loss",
+    "flap",
+    "kill-etcd",
+];
+
+pub fn scenario(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/lab/scenarios")
+        .join(format!("{name}.yaml"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Run a scenario; its results.json.
+pub fn run(dir: &str, reports: &Path, file: &str) -> (bool, serde_json::Value, String) {
+    let name = Path::new(file)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let report = reports.join(&name);
+    let out = strait(&[
+        "chaos",
+        "--dir",
+        dir,
+        "run",
+        file,
+        "--report",
+        &report.to_string_lossy(),
+    ]);
+    let results = std::fs::read_to_string(report.join("results.json"))
+        .unwrap_or_else(|e| panic!("scenario {name}: no results.json ({e}):\n{}", text(&out)));
+    let v: serde_json::Value = serde_json::from_str(&results).expect("results.json is JSON");
+    for f in ["report.md", "report.html"] {
+        let body = std::fs::read_to_string(report.join(f)).unwrap_or_default();
+        assert!(
+            body.contains(&name),
+            "scenario {name}: {f} is missing or does not name the scenario"
+        );
+    }
+    (out.status.success(), v, text(&out))
+}
+
+pub fn print_measured(name: &str, v: &serde_json::Value) {
+    println!(
+        "scenario {name}: {} requests, {} failed",
+        v["requests"], v["failed"]
+    );
+    for e in v["expectations"].as_array().into_iter().flatten() {
+        println!(
+            "  {}: {} (goal {}){}",
+            e["what"].as_str().unwrap_or_default(),
+            e["measured"].as_str().unwrap_or_default(),
+            e["goal"].as_str().unwrap_or_default(),
+            if e["passed"].as_bool() == Some(true) {
+                ""
+            } else {
+                "  NOT MET"
+            }
+        );
+    }
+}
+
+/// Wait (bounded) until `check` holds; panics with `what` and the last observation.
+pub fn wait_until(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> Result<(), String>,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(()) => return start.elapsed(),
+            Err(seen) if start.elapsed() > within => {
+                panic!("{what}: not within {within:?}; last seen: {seen}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
