@@ -15,7 +15,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use lab_common::{BIN, Lab, SCENARIOS, print_measured, run, scenario, strait, text, wait_until};
+use lab_common::{
+    Lab, SCENARIOS, an_isolated_cluster_leaves_the_registry_within_its_lease, print_measured, run,
+    scenario, strait, text, wait_until,
+};
 
 fn namespaces(prefix: &str) -> Vec<String> {
     let out = Command::new("ip")
@@ -134,69 +137,6 @@ fn an_endpoint_added_while_etcd_is_away_appears_everywhere_after(dir: &str, name
     );
 }
 
-/// West cut from everything: its entries leave the registry when its lease (5 s) expires,
-/// and come back after the heal.
-fn an_isolated_cluster_leaves_the_registry_within_its_lease(dir: &str, name: &str) {
-    let etcd_ns = format!("strait-{name}-etcd");
-    let west_keys = || {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &etcd_ns,
-                BIN,
-                "registry",
-                "dump",
-                "--json",
-                "--etcd",
-                "http://127.0.0.1:2379",
-            ])
-            .output()
-            .expect("registry dump");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["entries"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|e| {
-                        let k = e["key"].as_str().unwrap_or_default();
-                        k.contains("/clusters/west") || k.contains("/endpoints/west/")
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
-    };
-    assert!(
-        west_keys() >= 3,
-        "west's cluster record and its two services are in the registry"
-    );
-    let isolate = strait(&["chaos", "--dir", dir, "isolate", "west"]);
-    assert!(isolate.status.success(), "{}", text(&isolate));
-    let gone = wait_until(
-        "west's entries to leave the registry",
-        Duration::from_secs(15),
-        || match west_keys() {
-            0 => Ok(()),
-            n => Err(format!("{n} keys of west")),
-        },
-    );
-    println!("isolated west left the registry {gone:?} after the cut (lease TTL 5 s)");
-    assert!(
-        gone >= Duration::from_secs(3),
-        "west's entries vanished before its lease could expire ({gone:?})"
-    );
-    let heal = strait(&["chaos", "--dir", dir, "heal", "west"]);
-    assert!(heal.status.success(), "{}", text(&heal));
-    wait_until(
-        "west's entries to come back",
-        Duration::from_secs(30),
-        || match west_keys() {
-            0 => Err("none".into()),
-            _ => Ok(()),
-        },
-    );
-}
-
 #[test]
 fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -307,7 +247,11 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 
     an_endpoint_added_while_etcd_is_away_appears_everywhere_after(&dir, &name);
-    an_isolated_cluster_leaves_the_registry_within_its_lease(&dir, &name);
+    an_isolated_cluster_leaves_the_registry_within_its_lease(
+        &dir,
+        &format!("strait-{name}-etcd"),
+        "http://127.0.0.1:2379",
+    );
 
     // Down: everything gone, and again is fine.
     let down = strait(&["lab", "down", "--dir", &dir, "--name", &name]);

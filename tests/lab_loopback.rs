@@ -12,7 +12,10 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use lab_common::{Lab, SCENARIOS, print_measured, run, scenario, strait, text, wait_until};
+use lab_common::{
+    Lab, SCENARIOS, an_isolated_cluster_leaves_the_registry_within_its_lease, print_measured, run,
+    scenario, strait, text, wait_until,
+};
 
 /// `GET http://ADDR/` with `Host: HOST` (curl).
 fn get(addr: &str, host: &str) -> String {
@@ -162,56 +165,8 @@ fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 
-    // West cut from etcd too: its entries leave the registry when its lease (5 s) expires.
     let etcd = format!("http://{}", state["etcd"]["addr"].as_str().expect("etcd"));
-    let west_keys = || {
-        let out = strait(&["registry", "dump", "--json", "--etcd", &etcd]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["entries"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|e| {
-                        let k = e["key"].as_str().unwrap_or_default();
-                        k.contains("/clusters/west") || k.contains("/endpoints/west/")
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
-    };
-    wait_until(
-        "west's entries in the registry",
-        Duration::from_secs(30),
-        || match west_keys() {
-            n if n >= 3 => Ok(()),
-            n => Err(format!("{n} keys of west")),
-        },
-    );
-    let isolate = strait(&["chaos", "--dir", &dir, "isolate", "west"]);
-    assert!(isolate.status.success(), "{}", text(&isolate));
-    let gone = wait_until(
-        "west's entries to leave the registry",
-        Duration::from_secs(15),
-        || match west_keys() {
-            0 => Ok(()),
-            n => Err(format!("{n} keys of west")),
-        },
-    );
-    println!("isolated west left the registry {gone:?} after the cut (lease TTL 5 s)");
-    assert!(
-        gone >= Duration::from_secs(3),
-        "west's entries vanished before its lease could expire ({gone:?})"
-    );
-    let heal = strait(&["chaos", "--dir", &dir, "heal", "--all"]);
-    assert!(heal.status.success(), "{}", text(&heal));
-    wait_until(
-        "west's entries to come back",
-        Duration::from_secs(30),
-        || match west_keys() {
-            0 => Err("none".into()),
-            _ => Ok(()),
-        },
-    );
+    an_isolated_cluster_leaves_the_registry_within_its_lease(&dir, "", &etcd);
 
     // Down: every process stopped, the files gone, and again is fine.
     let pids: Vec<u64> = state["processes"]

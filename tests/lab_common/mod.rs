@@ -121,3 +121,73 @@ pub fn wait_until(
         }
     }
 }
+
+/// How many registry keys of cluster `west` etcd holds (read with `strait registry dump`, from
+/// namespace `ns` unless it is empty).
+fn west_keys(ns: &str, etcd: &str) -> usize {
+    let dump = [BIN, "registry", "dump", "--json", "--etcd", etcd];
+    let out = if ns.is_empty() {
+        Command::new(BIN).args(&dump[1..]).output()
+    } else {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(dump)
+            .output()
+    }
+    .expect("registry dump");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["entries"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| {
+                    let k = e["key"].as_str().unwrap_or_default();
+                    k.contains("/clusters/west") || k.contains("/endpoints/west/")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// West cut from everything (etcd included): its entries leave the registry when its lease
+/// (5 s) expires — not before 3 s, so an explicit deletion would not pass for expiry — and come
+/// back after the heal. `etcd_ns` and `etcd` are where etcd is reached from.
+pub fn an_isolated_cluster_leaves_the_registry_within_its_lease(
+    dir: &str,
+    etcd_ns: &str,
+    etcd: &str,
+) {
+    wait_until(
+        "west's cluster record and its services in the registry",
+        Duration::from_secs(30),
+        || match west_keys(etcd_ns, etcd) {
+            n if n >= 3 => Ok(()),
+            n => Err(format!("{n} keys of west")),
+        },
+    );
+    let isolate = strait(&["chaos", "--dir", dir, "isolate", "west"]);
+    assert!(isolate.status.success(), "{}", text(&isolate));
+    let gone = wait_until(
+        "west's entries to leave the registry",
+        Duration::from_secs(15),
+        || match west_keys(etcd_ns, etcd) {
+            0 => Ok(()),
+            n => Err(format!("{n} keys of west")),
+        },
+    );
+    println!("isolated west left the registry {gone:?} after the cut (lease TTL 5 s)");
+    assert!(
+        gone >= Duration::from_secs(3),
+        "west's entries vanished before its lease could expire ({gone:?})"
+    );
+    let heal = strait(&["chaos", "--dir", dir, "heal", "west"]);
+    assert!(heal.status.success(), "{}", text(&heal));
+    wait_until(
+        "west's entries to come back",
+        Duration::from_secs(30),
+        || match west_keys(etcd_ns, etcd) {
+            0 => Err("none".into()),
+            _ => Ok(()),
+        },
+    );
+}
