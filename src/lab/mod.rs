@@ -791,12 +791,7 @@ fn build_relays(lab: &mut Lab) -> anyhow::Result<()> {
                 base_delay_ms: near_or_far(a, b),
                 state: LinkState::Up,
             };
-            let (loss, delay_ms, jitter_ms) = per_direction(&link);
-            let shape = relay::Shape {
-                loss,
-                delay_ms,
-                jitter_ms,
-            };
+            let shape = relay_shape(&link);
             for (from, to, listen) in [(a, b, loopback_path(i, j)), (b, a, loopback_path(j, i))] {
                 paths.push(relay::PathPlan {
                     a: from.name.clone(),
@@ -824,18 +819,13 @@ fn build_relays(lab: &mut Lab) -> anyhow::Result<()> {
             base_delay_ms: NEAR_MS,
             state: LinkState::Up,
         };
-        let (loss, delay_ms, jitter_ms) = per_direction(&link);
         paths.push(relay::PathPlan {
             a: c.name.clone(),
             b: "etcd".into(),
             kind: relay::PathKind::Tcp,
             listen,
             target: lab.etcd.addr,
-            shape: relay::Shape {
-                loss,
-                delay_ms,
-                jitter_ms,
-            },
+            shape: relay_shape(&link),
         });
         lab.links.push(link);
     }
@@ -901,25 +891,26 @@ fn per_direction(link: &Link) -> (f64, f64, f64) {
     }
 }
 
+/// A link's state as the relays take it (per direction, like netem's).
+fn relay_shape(link: &Link) -> relay::Shape {
+    let (loss, delay_ms, jitter_ms) = per_direction(link);
+    relay::Shape {
+        loss,
+        delay_ms,
+        jitter_ms,
+    }
+}
+
 /// Apply a link's state on both ends: with `tc netem`, without it iptables, and in loopback
 /// mode through the relay process.
 pub fn shape(lab: &Lab, link: &Link) -> Result<(), String> {
-    let (loss, delay, jitter) = per_direction(link);
     if lab.shaper == "relay" {
         let control = lab
             .relay
             .ok_or("this loopback lab has no relay process recorded in its state")?;
-        return relay::set(
-            control,
-            &link.a,
-            &link.b,
-            relay::Shape {
-                loss,
-                delay_ms: delay,
-                jitter_ms: jitter,
-            },
-        );
+        return relay::set(control, &link.a, &link.b, relay_shape(link));
     }
+    let (loss, delay, jitter) = per_direction(link);
     if lab.shaper != "netem" {
         if let LinkState::Degraded {
             delay_ms,
