@@ -4,15 +4,18 @@
 //! cluster) behind the zone's sidecar (`strait proxy run --inbound`: mutual TLS only, the
 //! endpoints labelled `strait.io/tls-mode: mutual`), and a client sidecar. In `netns` mode every
 //! cluster and etcd live in their own Linux network namespace, linked by veth pairs (a full
-//! mesh, and every cluster to etcd) shaped with `tc netem`, so `strait chaos` can cut, degrade
-//! and flap them. In `loopback` mode (no root) every place has its own 127.1.K.* addresses and
+//! mesh, and every cluster to etcd) shaped with `tc netem` (on a kernel without it: iptables for
+//! loss and cuts, and `strait lab shaper` delaying packets through NFQUEUE), so `strait chaos`
+//! can cut, degrade and flap them. In `loopback` mode (no root) every place has its own 127.1.K.* addresses and
 //! every link is a user-space relay (`strait lab relay`): UDP between gateways, TCP to etcd.
 //! See docs/lab.md.
 
 pub mod echo;
 pub mod http;
 pub mod netns;
+pub mod nfqueue;
 pub mod relay;
+pub mod shaper;
 pub mod state;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -55,6 +58,9 @@ pub enum LabCommand {
     /// The loopback lab's link relays (run by the lab itself).
     #[command(hide = true)]
     Relay(relay::RelayArgs),
+    /// The netns lab's packet delayer on a kernel without tc netem (run by the lab itself).
+    #[command(hide = true)]
+    Shaper(shaper::ShaperArgs),
 }
 
 /// Where the lab keeps its state, certificates, configuration and logs.
@@ -104,6 +110,7 @@ pub async fn run(cmd: LabCommand) -> anyhow::Result<()> {
         LabCommand::Down { at, name } => down(&at.dir, &name),
         LabCommand::Echo(args) => echo::run(args).await,
         LabCommand::Relay(args) => relay::run(args).await,
+        LabCommand::Shaper(args) => shaper::run(args).await,
     }
 }
 
@@ -202,6 +209,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         trust_domain: TRUST_DOMAIN.into(),
         shaper: String::new(),
         relay: None,
+        shaper_control: None,
         etcd: EtcdInfo {
             ns: etcd_ns.clone(),
             addr: SocketAddr::new(etcd_ip.into(), ETCD_PORT),
@@ -341,6 +349,30 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         lab.processes.push(relay);
         lab.save()?;
         wait_ready(&lab, Role::Relay, None, Duration::from_secs(30)).await?;
+    }
+    if let Some(control) = lab.shaper_control {
+        say(&format!(
+            "starting the link shaper (NFQUEUE, control {control})"
+        ));
+        let mut shaper = Proc {
+            role: Role::Shaper,
+            cluster: None,
+            zone: None,
+            ns: String::new(),
+            pid: 0,
+            program: exe.clone(),
+            args: vec![
+                "lab".into(),
+                "shaper".into(),
+                "--config".into(),
+                dir.join(SHAPER_FILE).to_string_lossy().into_owned(),
+            ],
+            log: dir.join("logs/shaper.log"),
+        };
+        spawn(&mut shaper)?;
+        lab.processes.push(shaper);
+        lab.save()?;
+        wait_ready(&lab, Role::Shaper, None, Duration::from_secs(30)).await?;
     }
 
     say("applying the failover policy of payments.default (west, then central)");
@@ -657,12 +689,18 @@ fn build_network(lab: &mut Lab) -> anyhow::Result<()> {
     }
     lab.shaper = if netem_available(&lab.etcd.ns) {
         "netem".into()
+    } else if std::path::Path::new(NFQUEUE_PROC).exists() {
+        say(
+            "this kernel has no tc netem (sch_netem): links are cut and made lossy with iptables, and delayed by `strait lab shaper` (NFQUEUE)",
+        );
+        "nfqueue".into()
     } else {
         say(
-            "this kernel has no tc netem (sch_netem): links are cut and made lossy with iptables, and cannot be delayed",
+            "this kernel has neither tc netem (sch_netem) nor NFQUEUE: links are cut and made lossy with iptables, and cannot be delayed",
         );
         "iptables".into()
     };
+    let mut queues = Vec::new();
     // A full mesh between clusters, and every cluster to etcd: one /30 per link.
     let mut subnet = 1u8;
     for i in 0..places.len() {
@@ -725,8 +763,27 @@ fn build_network(lab: &mut Lab) -> anyhow::Result<()> {
                 dev_b,
                 base_delay_ms: base,
                 state: LinkState::Up,
+                queues: None,
             };
-            if lab.shaper == "iptables" {
+            let mut link = link;
+            if lab.shaper == "nfqueue" {
+                // Queue numbers from 1, two per link (one per end).
+                let q = 1 + 2 * lab.links.len() as u16;
+                link.queues = Some([q, q + 1]);
+                for (from, to, ns, dev, queue) in [
+                    (&link.a, &link.b, &link.ns_a, &link.dev_a, q),
+                    (&link.b, &link.a, &link.ns_b, &link.dev_b, q + 1),
+                ] {
+                    queues.push(shaper::QueuePlan {
+                        a: from.clone(),
+                        b: to.clone(),
+                        ns: ns.clone(),
+                        dev: dev.clone(),
+                        queue,
+                    });
+                }
+            }
+            if lab.shaper != "netem" {
                 for (ns, dev) in [(&link.ns_a, &link.dev_a), (&link.ns_b, &link.dev_b)] {
                     let chain = chain_of(dev);
                     iptables(ns, &["-N", &chain]).map_err(fail)?;
@@ -737,8 +794,24 @@ fn build_network(lab: &mut Lab) -> anyhow::Result<()> {
             lab.links.push(link);
         }
     }
+    if lab.shaper == "nfqueue" {
+        // The shaper's control port: a free port on this namespace's loopback.
+        let control = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .context("choosing the shaper's control port")?;
+        let plan = shaper::Plan { control, queues };
+        let file = lab.dir.join(SHAPER_FILE);
+        std::fs::write(&file, serde_json::to_string_pretty(&plan)?)
+            .with_context(|| format!("writing {}", file.display()))?;
+        lab.shaper_control = Some(control);
+    }
     Ok(())
 }
+
+/// The netns shaper's plan in the lab's directory.
+const SHAPER_FILE: &str = "shaper.json";
+/// Present when the kernel has NFQUEUE (`nfnetlink_queue`).
+const NFQUEUE_PROC: &str = "/proc/net/netfilter/nfnetlink_queue";
 
 /// The relay plan's file in the lab's directory.
 const RELAYS_FILE: &str = "relays.json";
@@ -790,6 +863,7 @@ fn build_relays(lab: &mut Lab) -> anyhow::Result<()> {
                 dev_b: format!("udp {}", loopback_path(j, i)),
                 base_delay_ms: near_or_far(a, b),
                 state: LinkState::Up,
+                queues: None,
             };
             let shape = relay_shape(&link);
             for (from, to, listen) in [(a, b, loopback_path(i, j)), (b, a, loopback_path(j, i))] {
@@ -818,6 +892,7 @@ fn build_relays(lab: &mut Lab) -> anyhow::Result<()> {
             dev_b: "-".into(),
             base_delay_ms: NEAR_MS,
             state: LinkState::Up,
+            queues: None,
         };
         paths.push(relay::PathPlan {
             a: c.name.clone(),
@@ -912,24 +987,42 @@ pub fn shape(lab: &Lab, link: &Link) -> Result<(), String> {
     }
     let (loss, delay, jitter) = per_direction(link);
     if lab.shaper != "netem" {
-        if let LinkState::Degraded {
-            delay_ms,
-            jitter_ms,
-            ..
-        } = &link.state
-            && (*delay_ms > 0.0 || *jitter_ms > 0.0)
-        {
-            return Err(
-                "this kernel has no tc netem (sch_netem), so links cannot be delayed here; loss and cuts work (iptables)"
-                    .into(),
-            );
+        let delayed = delay > 0.0 || jitter > 0.0;
+        let queues = match (lab.shaper.as_str(), link.queues) {
+            ("nfqueue", Some(q)) => Some(q),
+            _ if delayed => {
+                return Err(
+                    "this kernel has no tc netem (sch_netem) and no NFQUEUE, so links cannot be delayed here; loss and cuts work (iptables)"
+                        .into(),
+                );
+            }
+            _ => None,
+        };
+        // The shaper holds packets for the new figures before any rule sends them there.
+        match (lab.shaper_control, queues) {
+            (Some(control), Some(_)) if delayed => {
+                shaper::set(control, &link.a, &link.b, delay, jitter)?
+            }
+            // No rule will send this link's packets to the shaper: its figures are only what
+            // `lab status` shows, so a shaper that cannot be told does not fail the change.
+            (Some(control), Some(_)) => {
+                let _ = shaper::set(control, &link.a, &link.b, 0.0, 0.0);
+            }
+            _ if delayed => return Err("this lab has no shaper process in its state".into()),
+            _ => {}
         }
-        for (ns, dev) in [(&link.ns_a, &link.dev_a), (&link.ns_b, &link.dev_b)] {
+        let ends = [
+            (&link.ns_a, &link.dev_a, queues.map(|q| q[0])),
+            (&link.ns_b, &link.dev_b, queues.map(|q| q[1])),
+        ];
+        for (ns, dev, queue) in ends {
             let chain = chain_of(dev);
             iptables(ns, &["-F", &chain])?;
             if loss >= 1.0 {
                 iptables(ns, &["-A", &chain, "-j", "DROP"])?;
-            } else if loss > 0.0 {
+                continue;
+            }
+            if loss > 0.0 {
                 let p = format!("{loss:.6}");
                 iptables(
                     ns,
@@ -946,6 +1039,11 @@ pub fn shape(lab: &Lab, link: &Link) -> Result<(), String> {
                         "DROP",
                     ],
                 )?;
+            }
+            if let Some(q) = queue.filter(|_| delayed) {
+                // After the loss rule: a lost packet is never held.
+                let q = q.to_string();
+                iptables(ns, &["-A", &chain, "-j", "NFQUEUE", "--queue-num", &q])?;
             }
         }
         return Ok(());
@@ -1128,6 +1226,14 @@ async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("relay probe: {e}"))?
         }
+        Role::Shaper => {
+            let control = lab
+                .shaper_control
+                .ok_or("no shaper control port in the lab's state")?;
+            tokio::task::spawn_blocking(move || shaper::queue_stats(control).map(|_| ()))
+                .await
+                .map_err(|e| format!("shaper probe: {e}"))?
+        }
         Role::Etcd => {
             let (_, body) = http::get(&p.ns, lab.etcd.addr, "etcd", "/health", t).await?;
             if body.contains("true") {
@@ -1163,7 +1269,7 @@ async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
                     }
                     Ok(())
                 }
-                Role::Etcd | Role::Relay => Ok(()),
+                Role::Etcd | Role::Relay | Role::Shaper => Ok(()),
             }
         }
     }
@@ -1379,6 +1485,21 @@ async fn print_status(lab: &Lab, json: bool) {
             }
             Ok(Err(e)) => println!("\n  relays: {e}"),
             Err(e) => println!("\n  relays: {e}"),
+        }
+    }
+    if let Some(control) = lab.shaper_control {
+        match tokio::task::spawn_blocking(move || shaper::queue_stats(control)).await {
+            Ok(Ok(queues)) => {
+                println!("\n  shaper (NFQUEUE, control {control}):");
+                for q in queues.iter().filter(|q| q.queued > 0 || q.delay_ms > 0.0) {
+                    println!(
+                        "    {:<8} → {:<8} queue {:<3} +{:.1} ms ± {:.1} ms   {} held, {} let go",
+                        q.a, q.b, q.queue, q.delay_ms, q.jitter_ms, q.held, q.released
+                    );
+                }
+            }
+            Ok(Err(e)) => println!("\n  shaper: {e}"),
+            Err(e) => println!("\n  shaper: {e}"),
         }
     }
     let mut seen = Vec::new();

@@ -72,6 +72,28 @@ pub fn pids(ns: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Move the calling thread into network namespace `ns` (`""`: stay). Sockets it creates from
+/// then on belong to `ns`; other threads of the process are not affected.
+pub fn enter(ns: &str) -> io::Result<()> {
+    if ns.is_empty() {
+        return Ok(());
+    }
+    std::fs::File::open(format!("/var/run/netns/{ns}"))
+        .and_then(|f| {
+            rustix::thread::move_into_link_name_space(
+                f.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(io::Error::from)
+        })
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot enter network namespace {ns}: {e}"),
+            )
+        })
+}
+
 type Request = oneshot::Sender<io::Result<std::net::TcpStream>>;
 
 /// One thread per namespace that makes sockets in it. `""` is this process's own namespace.
@@ -95,21 +117,9 @@ fn maker(ns: &str) -> io::Result<Arc<Maker>> {
     std::thread::Builder::new()
         .name(format!("netns-{ns}"))
         .spawn(move || {
-            if !name.is_empty() {
-                let entered = std::fs::File::open(format!("/var/run/netns/{name}")).and_then(|f| {
-                    rustix::thread::move_into_link_name_space(
-                        f.as_fd(),
-                        Some(rustix::thread::LinkNameSpaceType::Network),
-                    )
-                    .map_err(io::Error::from)
-                });
-                if let Err(e) = entered {
-                    let _ = ready_tx.send(Err(io::Error::new(
-                        e.kind(),
-                        format!("cannot enter network namespace {name}: {e}"),
-                    )));
-                    return;
-                }
+            if let Err(e) = enter(&name) {
+                let _ = ready_tx.send(Err(e));
+                return;
             }
             let _ = ready_tx.send(Ok(()));
             while let Ok((addr, reply)) = rx.recv() {

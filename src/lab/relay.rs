@@ -64,9 +64,10 @@ pub struct Shape {
     pub jitter_ms: f64,
 }
 
+/// A control request (the relays' and the netns shaper's).
 #[derive(Serialize, Deserialize, Debug)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
-enum Request {
+pub(crate) enum Request {
     Set {
         a: String,
         b: String,
@@ -205,7 +206,16 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("control port {}", plan.control))?;
     tracing::info!(control = %plan.control, paths = paths.len(), "lab relays up");
-    let paths = Arc::new(Mutex::new(paths));
+    let paths = Mutex::new(paths);
+    serve_control(listener, move |line| answer(&paths, line)).await
+}
+
+/// Serve a control port: one JSON line in, `answer`'s JSON line out, per connection.
+pub(crate) async fn serve_control(
+    listener: TcpListener,
+    answer: impl Fn(&str) -> serde_json::Value + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let answer = Arc::new(answer);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -215,14 +225,14 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let paths = paths.clone();
+        let answer = answer.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
             let mut r = tokio::io::BufReader::new(r);
             let read = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await;
             let answer = match read {
-                Ok(Ok(_)) => answer(&paths, &line),
+                Ok(Ok(_)) => answer(&line),
                 _ => serde_json::json!({"error": "no request line within 5 s"}),
             };
             let _ = w.write_all(format!("{answer}\n").as_bytes()).await;
@@ -261,11 +271,15 @@ fn answer(paths: &Mutex<Vec<Path>>, line: &str) -> serde_json::Value {
     }
 }
 
-/// Send one request to the relay process at `control`; its answer.
-fn request(control: SocketAddr, req: &Request) -> Result<serde_json::Value, String> {
-    let mut s = std::net::TcpStream::connect_timeout(&control, Duration::from_secs(2))
-        .map_err(|e| format!("the lab's relay process at {control}: {e}"))?;
-    let io = |e: std::io::Error| format!("the lab's relay process at {control}: {e}");
+/// Send one request to the lab's `what` process (relay, shaper) at `control`; its answer.
+pub(crate) fn request(
+    control: SocketAddr,
+    what: &str,
+    req: &Request,
+) -> Result<serde_json::Value, String> {
+    let io = |e: std::io::Error| format!("the lab's {what} process at {control}: {e}");
+    let mut s =
+        std::net::TcpStream::connect_timeout(&control, Duration::from_secs(2)).map_err(io)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(io)?;
     s.set_write_timeout(Some(Duration::from_secs(5)))
@@ -275,7 +289,7 @@ fn request(control: SocketAddr, req: &Request) -> Result<serde_json::Value, Stri
     let mut answer = String::new();
     BufReader::new(s).read_line(&mut answer).map_err(io)?;
     let v: serde_json::Value = serde_json::from_str(answer.trim())
-        .map_err(|e| format!("the lab's relay process at {control} answered `{answer}`: {e}"))?;
+        .map_err(|e| format!("the lab's {what} process at {control} answered `{answer}`: {e}"))?;
     match v.get("error").and_then(|e| e.as_str()) {
         Some(e) => Err(e.to_string()),
         None => Ok(v),
@@ -286,6 +300,7 @@ fn request(control: SocketAddr, req: &Request) -> Result<serde_json::Value, Stri
 pub fn set(control: SocketAddr, a: &str, b: &str, shape: Shape) -> Result<(), String> {
     request(
         control,
+        "relay",
         &Request::Set {
             a: a.to_string(),
             b: b.to_string(),
@@ -297,6 +312,6 @@ pub fn set(control: SocketAddr, a: &str, b: &str, shape: Shape) -> Result<(), St
 
 /// Every path's figures and counters.
 pub fn stats(control: SocketAddr) -> Result<Vec<PathStats>, String> {
-    let v = request(control, &Request::Stats(()))?;
+    let v = request(control, "relay", &Request::Stats(()))?;
     serde_json::from_value(v["paths"].clone()).map_err(|e| format!("relay stats: {e}"))
 }

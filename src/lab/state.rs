@@ -17,13 +17,17 @@ pub struct Lab {
     pub mode: String,
     pub dir: PathBuf,
     pub trust_domain: String,
-    /// How links are impaired: `netem` (tc netem: loss, delay, jitter), `iptables` (when
-    /// the kernel has no netem: loss and cuts only) or `relay` (loopback mode: the user-space
-    /// relays of `strait lab relay`).
+    /// How links are impaired: `netem` (tc netem: loss, delay, jitter), `nfqueue` (when the
+    /// kernel has no netem: loss and cuts with iptables, delay and jitter by `strait lab
+    /// shaper` through NFQUEUE), `iptables` (no netem and no NFQUEUE: loss and cuts only) or
+    /// `relay` (loopback mode: the user-space relays of `strait lab relay`).
     pub shaper: String,
     /// Loopback mode: the relay process's control port.
     #[serde(default)]
     pub relay: Option<SocketAddr>,
+    /// `nfqueue` shaping: the shaper process's control port.
+    #[serde(default)]
+    pub shaper_control: Option<SocketAddr>,
     pub etcd: EtcdInfo,
     pub clusters: Vec<ClusterInfo>,
     pub links: Vec<Link>,
@@ -101,6 +105,9 @@ pub struct Link {
     /// One-way delay of the healthy link (regions apart are farther).
     pub base_delay_ms: f64,
     pub state: LinkState,
+    /// `nfqueue` shaping: the NFQUEUE numbers of the `a` and `b` ends.
+    #[serde(default)]
+    pub queues: Option<[u16; 2]>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -126,6 +133,8 @@ pub enum Role {
     Client,
     /// Loopback mode: the process holding every link's relay.
     Relay,
+    /// netns mode without tc netem: the process that delays packets (NFQUEUE).
+    Shaper,
 }
 
 impl Role {
@@ -137,6 +146,7 @@ impl Role {
             Role::Echo => "echo",
             Role::Client => "client",
             Role::Relay => "relay",
+            Role::Shaper => "shaper",
         }
     }
 }

@@ -14,9 +14,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-/// Debian packages and the command each provides.
+/// Debian packages and the command (or, for an absolute path, the file) each provides.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc"),
+    // protoc's well-known types (google/protobuf/*.proto), which etcd-client's protos import;
+    // only a recommendation of protobuf-compiler, and we install without recommendations.
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
     ("etcd-server", "etcd"),
     ("curl", "curl"),
     // Network namespaces and iptables: the transparent-mode test, the lab and its chaos.
@@ -151,7 +157,13 @@ fn setup() -> Result<(), String> {
 fn setup_apt() -> Result<(), String> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
-        .filter(|(_, cmd)| !have(cmd))
+        .filter(|(_, cmd)| {
+            if cmd.starts_with('/') {
+                !Path::new(cmd).is_file()
+            } else {
+                !have(cmd)
+            }
+        })
         .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
