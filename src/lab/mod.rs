@@ -1066,7 +1066,9 @@ pub fn shape(lab: &Lab, link: &Link) -> Result<(), String> {
 
 fn issue_certificates(lab: &Lab) -> anyhow::Result<()> {
     let certs = lab.dir.join("certs");
-    let ca = CertificateAuthority::init(TRUST_DOMAIN, Duration::from_secs(30 * 86400))?;
+    // The CA outlives what it issues: a certificate may not expire after its CA, and a
+    // second can tick between the two.
+    let ca = CertificateAuthority::init(TRUST_DOMAIN, Duration::from_secs(31 * 86400))?;
     ca.write(certs.join("ca"), true)?;
     let validity = Duration::from_secs(30 * 86400);
     for c in &lab.clusters {
