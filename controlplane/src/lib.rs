@@ -7,6 +7,7 @@ pub mod bootstrap;
 pub mod client;
 pub mod config;
 pub mod debug;
+pub mod kubernetes;
 pub mod metrics;
 pub mod resources;
 pub mod server;
