@@ -4,7 +4,8 @@
 //! cluster: east
 //! region: us-east
 //! registry: {etcd: ["http://127.0.0.1:2379"]}   # or {embedded: true}
-//! discovery: {file: east.yaml}                   # optional: this cluster's endpoints
+//! discovery: {file: east.yaml}                   # optional: this cluster's endpoints, or
+//! # discovery: {kubernetes: {kubeconfig: kube.yaml, gateways: ["203.0.113.7:15443"]}}
 //! xds:
 //!   listen: "127.0.0.1:15010"
 //!   tls: {cert: certs/east-cp/cert.pem, key: certs/east-cp/key.pem, ca: certs/ca.pem}  # optional
@@ -59,7 +60,11 @@ fn default_lease_ttl() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// A static discovery file (see docs/configuration.md); re-read when it changes.
-    pub file: PathBuf,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Kubernetes: exported Services and their EndpointSlices (see docs/kubernetes.md).
+    #[serde(default)]
+    pub kubernetes: Option<crate::kubernetes::source::KubernetesConfig>,
     #[serde(
         default = "default_poll",
         with = "federation::discovery::duration_field"
@@ -180,7 +185,25 @@ impl ControlPlaneConfig {
         // Relative paths are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(d) = &mut cfg.discovery {
-            d.file = base.join(&d.file);
+            match (&mut d.file, &mut d.kubernetes) {
+                (Some(file), None) => *file = base.join(&*file),
+                (None, Some(k)) => {
+                    if let Some(kc) = &mut k.kubeconfig {
+                        *kc = base.join(&*kc);
+                    }
+                    for (i, g) in k.gateways.iter().enumerate() {
+                        federation::model::GatewayAddress::parse("gateways", g).map_err(|e| {
+                            invalid(&format!("discovery.kubernetes.gateways[{i}]"), e.reason)
+                        })?;
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        "discovery",
+                        "give exactly one of `file: PATH` and `kubernetes: {…}`".into(),
+                    ));
+                }
+            }
         }
         if let Some(t) = &mut cfg.xds.tls {
             t.cert = base.join(&t.cert);

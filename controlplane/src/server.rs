@@ -44,6 +44,10 @@ pub enum StartError {
         found: String,
         expected: String,
     },
+    #[error("kubernetes discovery: {0}")]
+    Kubernetes(#[from] crate::kubernetes::source::ClientError),
+    #[error("kubernetes discovery: {0}")]
+    KubernetesCluster(federation::model::ModelError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Listen {
         what: &'static str,
@@ -74,6 +78,74 @@ impl ControlPlane {
         Self::start_with(cfg, backend).await
     }
 
+    /// Kubernetes discovery: the watchers, and the publisher of what they see once they have
+    /// seen everything once (a control plane that starts while the API server is away does not
+    /// withdraw its cluster's services). Returns the cluster's own entries for the xDS view.
+    async fn start_kubernetes(
+        cfg: &ControlPlaneConfig,
+        k: &crate::kubernetes::source::KubernetesConfig,
+        backend: &Backend,
+        stop: &CancellationToken,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> Result<watch::Receiver<std::collections::BTreeMap<String, Vec<u8>>>, StartError> {
+        let gateways = k
+            .gateways
+            .iter()
+            .map(|g| federation::model::GatewayAddress::parse("gateways", g))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::KubernetesCluster)?;
+        let cluster =
+            federation::model::Cluster::new(cfg.cluster.clone(), &cfg.region, None, gateways)
+                .map_err(StartError::KubernetesCluster)?;
+        let client = crate::kubernetes::source::client(k).await?;
+        let (states_tx, mut states_rx) = watch::channel(None);
+        tasks.push(tokio::spawn(crate::kubernetes::source::follow(
+            client,
+            cluster,
+            states_tx,
+            Duration::from_millis(100),
+            stop.clone(),
+        )));
+        let (desired_tx, desired_rx) = watch::channel(std::collections::BTreeMap::new());
+        let (publisher, _status) = LeasedPublisher::new(
+            backend.clone(),
+            format!("cluster {}", cfg.cluster),
+            Owned::cluster(&cfg.cluster),
+            PublisherConfig {
+                lease_ttl: cfg.registry.lease_ttl,
+                ..PublisherConfig::default()
+            },
+            desired_rx.clone(),
+        );
+        let s = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            // Publish nothing before the first complete view.
+            loop {
+                if let Some(state) = states_rx.borrow_and_update().as_ref() {
+                    desired_tx.send_replace(cluster_state_kvs(state));
+                    break;
+                }
+                tokio::select! {
+                    () = s.cancelled() => return,
+                    r = states_rx.changed() => if r.is_err() { return },
+                }
+            }
+            let run = publisher.run(s.clone().cancelled_owned());
+            let forward = async {
+                while states_rx.changed().await.is_ok() {
+                    if let Some(state) = states_rx.borrow_and_update().as_ref() {
+                        desired_tx.send_replace(cluster_state_kvs(state));
+                    }
+                }
+            };
+            tokio::select! {
+                () = run => {}
+                () = forward => {}
+            }
+        }));
+        Ok(desired_rx)
+    }
+
     /// Start on an existing registry backend.
     pub async fn start_with(cfg: ControlPlaneConfig, backend: Backend) -> Result<Self, StartError> {
         let stop = CancellationToken::new();
@@ -81,11 +153,18 @@ impl ControlPlane {
 
         // Publish this cluster's discovery file.
         let mut local = None;
-        if let Some(d) = &cfg.discovery {
-            let parsed = DiscoveryFile::load(&d.file)?;
+        if let Some(d) = &cfg.discovery
+            && let Some(k) = &d.kubernetes
+        {
+            local = Some(Self::start_kubernetes(&cfg, k, &backend, &stop, &mut tasks).await?);
+        }
+        if let Some(d) = &cfg.discovery
+            && let Some(file) = &d.file
+        {
+            let parsed = DiscoveryFile::load(file)?;
             if parsed.state.cluster.id != cfg.cluster {
                 return Err(StartError::WrongCluster {
-                    path: d.file.display().to_string(),
+                    path: file.display().to_string(),
                     found: parsed.state.cluster.id.to_string(),
                     expected: cfg.cluster.to_string(),
                 });
@@ -108,7 +187,7 @@ impl ControlPlane {
             }));
             let s = stop.clone();
             tasks.push(tokio::spawn(federation::discovery::follow_file(
-                d.file.clone(),
+                file.clone(),
                 cfg.cluster.clone(),
                 d.poll,
                 desired_tx,

@@ -1,0 +1,262 @@
+//! Kubernetes discovery, the I/O part: `kube` watchers on Services, EndpointSlices, Nodes and
+//! `ServiceExport`s keep one [`Objects`] view of the cluster; after every change (coalesced) the
+//! view is turned into the cluster's state by [`cluster_state`] and handed on.
+//!
+//! - Each watcher lists, then watches from the list's resource version; when the watch expires
+//!   (410 Gone) it lists again, and the relisted objects replace that kind's objects at once
+//!   (objects gone meanwhile disappear without a delete event).
+//! - Nothing is handed on before every kind has been listed once: a control plane that starts
+//!   while the API server is away does not publish an empty cluster.
+//! - Errors (the API server unreachable, a watch refused) are logged and retried with back-off
+//!   (0.8 s doubling to 30 s, jittered); meanwhile the last good state stays where it is.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use federation::model::{Cluster, ClusterState};
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use k8s_openapi::api::core::v1::{Node, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Client, Config};
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{ObjectKey, Objects, cluster_state};
+
+/// `discovery: {kubernetes: …}` in the control plane's configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; without it, the in-cluster service account
+    /// (`KUBERNETES_SERVICE_HOST`, the mounted token and CA).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current context).
+    #[serde(default)]
+    pub context: Option<String>,
+    /// Where other clusters reach this cluster's east-west gateway (`HOST:PORT`, e.g. the
+    /// address of its LoadBalancer Service), published with the cluster.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no kubeconfig given and not running in a Kubernetes pod (in-cluster configuration): {0}"
+    )]
+    InCluster(#[from] kube::config::InClusterError),
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client for the configured API server.
+pub async fn client(cfg: &KubernetesConfig) -> Result<Client, ClientError> {
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let err = |source| ClientError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(err)?;
+            let options = kube::config::KubeConfigOptions {
+                context: cfg.context.clone(),
+                ..Default::default()
+            };
+            Config::from_custom_kubeconfig(kc, &options)
+                .await
+                .map_err(err)?
+        }
+        None => Config::incluster()?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// The `ServiceExport` resource of the Multi-Cluster Services API.
+pub fn service_export_resource() -> ApiResource {
+    let gvk = GroupVersionKind::gvk("multicluster.x-k8s.io", "v1alpha1", "ServiceExport");
+    ApiResource::from_gvk_with_plural(&gvk, "serviceexports")
+}
+
+type Item<K> = Box<Result<watcher::Event<K>, watcher::Error>>;
+
+/// One kind's event, tagged (boxed: the objects differ much in size).
+enum Update {
+    Service(Item<KubeService>),
+    Slice(Item<EndpointSlice>),
+    Node(Item<Node>),
+    Export(Item<DynamicObject>),
+}
+
+/// A kind's relist in progress, and whether it was ever listed.
+struct Relist<K, V> {
+    buffer: Option<BTreeMap<K, V>>,
+    synced: bool,
+}
+
+impl<K: Ord, V> Default for Relist<K, V> {
+    fn default() -> Self {
+        Self {
+            buffer: None,
+            synced: false,
+        }
+    }
+}
+
+impl<K: Ord, V> Relist<K, V> {
+    /// Apply one event to `live`; whether `live` changed.
+    fn apply<O>(
+        &mut self,
+        live: &mut BTreeMap<K, V>,
+        event: watcher::Event<O>,
+        split: impl Fn(O) -> Option<(K, V)>,
+    ) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.buffer = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(o) => {
+                if let (Some(buffer), Some((k, v))) = (self.buffer.as_mut(), split(o)) {
+                    buffer.insert(k, v);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                *live = self.buffer.take().unwrap_or_default();
+                self.synced = true;
+                true
+            }
+            watcher::Event::Apply(o) => match split(o) {
+                Some((k, v)) => {
+                    live.insert(k, v);
+                    true
+                }
+                None => false,
+            },
+            watcher::Event::Delete(o) => match split(o) {
+                Some((k, _)) => live.remove(&k).is_some(),
+                None => false,
+            },
+        }
+    }
+}
+
+fn namespaced<O: kube::Resource>(o: O) -> Option<(ObjectKey, O)> {
+    let m = o.meta();
+    let key = (m.namespace.clone()?, m.name.clone()?);
+    Some((key, o))
+}
+
+/// Follow the cluster's objects until `stop`; every new state goes to `states` (the first one
+/// once every kind has been listed).
+pub async fn follow(
+    client: Client,
+    cluster: Cluster,
+    states: watch::Sender<Option<ClusterState>>,
+    coalesce: Duration,
+    stop: CancellationToken,
+) {
+    let cfg = watcher::Config::default;
+    let exports = service_export_resource();
+    let streams: Vec<BoxStream<'static, Update>> = vec![
+        watcher(Api::<KubeService>::all(client.clone()), cfg())
+            .default_backoff()
+            .map(|r| Update::Service(Box::new(r)))
+            .boxed(),
+        watcher(Api::<EndpointSlice>::all(client.clone()), cfg())
+            .default_backoff()
+            .map(|r| Update::Slice(Box::new(r)))
+            .boxed(),
+        watcher(Api::<Node>::all(client.clone()), cfg())
+            .default_backoff()
+            .map(|r| Update::Node(Box::new(r)))
+            .boxed(),
+        watcher(Api::<DynamicObject>::all_with(client, &exports), cfg())
+            .default_backoff()
+            .map(|r| Update::Export(Box::new(r)))
+            .boxed(),
+    ];
+    let mut updates = futures::stream::select_all(streams);
+
+    let mut objects = Objects::default();
+    let mut export_set: BTreeMap<ObjectKey, ()> = BTreeMap::new();
+    let mut services = Relist::default();
+    let mut slices = Relist::default();
+    let mut nodes = Relist::default();
+    let mut exported = Relist::default();
+    let mut dirty = false;
+    let mut last_skipped: BTreeSet<String> = BTreeSet::new();
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            update = updates.next() => {
+                let Some(update) = update else { return };
+                let (kind, changed) = match update {
+                    Update::Service(r) => match *r {
+                        Ok(e) => ("Services", services.apply(&mut objects.services, e, namespaced)),
+                        Err(e) => { warn("Services", &e); continue }
+                    },
+                    Update::Slice(r) => match *r {
+                        Ok(e) => ("EndpointSlices", slices.apply(&mut objects.slices, e, namespaced)),
+                        Err(e) => { warn("EndpointSlices", &e); continue }
+                    },
+                    Update::Node(r) => match *r {
+                        Ok(e) => ("Nodes", nodes.apply(&mut objects.nodes, e, |n: Node| {
+                            let name = n.metadata.name.clone()?;
+                            Some((name, n))
+                        })),
+                        Err(e) => { warn("Nodes", &e); continue }
+                    },
+                    Update::Export(r) => match *r {
+                        Ok(e) => {
+                            let changed = exported.apply(&mut export_set, e, |o| namespaced(o).map(|(k, _)| (k, ())));
+                            if changed {
+                                objects.exports = export_set.keys().cloned().collect();
+                            }
+                            ("ServiceExports", changed)
+                        }
+                        Err(e) => { warn("ServiceExports", &e); continue }
+                    },
+                };
+                tracing::trace!(kind, changed, "kubernetes event");
+                if changed && !dirty {
+                    dirty = true;
+                    timer.as_mut().reset(tokio::time::Instant::now() + coalesce);
+                }
+            }
+            () = &mut timer, if dirty => {
+                if !(services.synced && slices.synced && nodes.synced && exported.synced) {
+                    // Not every kind listed yet: wait for the others (they will change).
+                    dirty = false;
+                    continue;
+                }
+                dirty = false;
+                let conversion = cluster_state(&cluster, &objects);
+                let skipped: BTreeSet<String> = conversion.skipped.into_iter().collect();
+                for s in skipped.difference(&last_skipped) {
+                    tracing::warn!("kubernetes discovery: {s}");
+                }
+                last_skipped = skipped;
+                tracing::debug!(services = conversion.state.services.len(), "kubernetes state");
+                states.send_replace(Some(conversion.state));
+            }
+        }
+    }
+}
+
+fn warn(kind: &str, e: &watcher::Error) {
+    tracing::warn!(kind, error = %e, "kubernetes watch failed; keeping the last good state, retrying");
+}

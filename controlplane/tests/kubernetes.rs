@@ -1,0 +1,710 @@
+//! Kubernetes discovery against a test API server that speaks real Kubernetes JSON: lists
+//! with resource versions, newline-delimited watch streams, a watch that expires (an `ERROR`
+//! event with code 410, as a real API server sends it), and an API server that fails. The
+//! `kube` watchers of `controlplane::kubernetes::source` must turn it into the cluster's state:
+//! only exported services, endpoint health and localities right, changes followed, a relist
+//! after 410 Gone picking up what the expired watch missed, nothing handed on before every kind
+//! is listed, and the last good state kept while the API server is away.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use controlplane::kubernetes::source;
+use federation::model::{Cluster, ClusterState, Health, Name};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const NODES: &str = "/api/v1/nodes";
+const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
+
+/// (path, list kind, apiVersion)
+const KINDS: [(&str, &str, &str); 4] = [
+    (SERVICES, "ServiceList", "v1"),
+    (SLICES, "EndpointSliceList", "discovery.k8s.io/v1"),
+    (NODES, "NodeList", "v1"),
+    (
+        EXPORTS,
+        "ServiceExportList",
+        "multicluster.x-k8s.io/v1alpha1",
+    ),
+];
+
+#[derive(Default)]
+struct Store {
+    /// path → (namespace/name → object)
+    items: BTreeMap<&'static str, BTreeMap<String, Value>>,
+    version: u64,
+    /// Paths answering 500.
+    broken: HashSet<&'static str>,
+    /// Lists served, per path.
+    lists: BTreeMap<&'static str, usize>,
+    /// Every event sent, per path, with its resource version: a watch from version N first
+    /// gets what came after N (no gap between a list and the watch that follows it).
+    log: BTreeMap<&'static str, Vec<(u64, String)>>,
+    live: BTreeMap<&'static str, broadcast::Sender<String>>,
+}
+
+impl Store {
+    /// Record and broadcast an event (under the store's lock, so that a watch starting at the
+    /// same time sees it exactly once).
+    fn send(&mut self, path: &'static str, event: Value, logged: bool) {
+        let line = format!("{event}\n");
+        if logged {
+            let v = self.version;
+            self.log.entry(path).or_default().push((v, line.clone()));
+        }
+        if let Some(tx) = self.live.get(path) {
+            let _ = tx.send(line);
+        }
+    }
+}
+
+struct ApiServer {
+    url: String,
+    store: Arc<Mutex<Store>>,
+    stop: CancellationToken,
+}
+
+fn key(o: &Value) -> String {
+    format!(
+        "{}/{}",
+        o["metadata"]["namespace"].as_str().unwrap_or(""),
+        o["metadata"]["name"].as_str().unwrap_or("")
+    )
+}
+
+impl ApiServer {
+    async fn start() -> ApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let store = Arc::new(Mutex::new(Store {
+            live: KINDS
+                .iter()
+                .map(|(p, _, _)| (*p, broadcast::channel(256).0))
+                .collect(),
+            ..Store::default()
+        }));
+        let stop = CancellationToken::new();
+        let (s, st) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (conn, _) = tokio::select! {
+                    () = st.cancelled() => return,
+                    c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
+                };
+                let (s, st2) = (s.clone(), st.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(handle(&s, req)) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(conn), svc);
+                    tokio::select! {
+                        () = st2.cancelled() => {}
+                        _ = conn => {}
+                    }
+                });
+            }
+        });
+        ApiServer { url, store, stop }
+    }
+
+    /// Set an object; tell the watchers (ADDED or MODIFIED) unless `quietly` (then only a
+    /// list shows it).
+    fn set(&self, path: &'static str, mut o: Value, quietly: bool) {
+        let mut st = self.store.lock().expect("store");
+        st.version += 1;
+        o["metadata"]["resourceVersion"] = json!(st.version.to_string());
+        let existed = st
+            .items
+            .entry(path)
+            .or_default()
+            .insert(key(&o), o.clone())
+            .is_some();
+        if !quietly {
+            let kind = if existed { "MODIFIED" } else { "ADDED" };
+            st.send(path, json!({"type": kind, "object": o}), true);
+        }
+    }
+
+    fn put(&self, path: &'static str, o: Value) {
+        self.set(path, o, false);
+    }
+
+    fn put_quietly(&self, path: &'static str, o: Value) {
+        self.set(path, o, true);
+    }
+
+    fn delete(&self, path: &'static str, o: &Value) {
+        self.remove(path, o, false);
+    }
+
+    /// Remove an object; tell the watchers unless `quietly`.
+    fn remove(&self, path: &'static str, o: &Value, quietly: bool) {
+        let mut st = self.store.lock().expect("store");
+        st.version += 1;
+        let v = st.version;
+        let mut removed = st
+            .items
+            .get_mut(path)
+            .and_then(|m| m.remove(&key(o)))
+            .expect("deleting an object that is there");
+        removed["metadata"]["resourceVersion"] = json!(v.to_string());
+        if !quietly {
+            st.send(path, json!({"type": "DELETED", "object": removed}), true);
+        }
+    }
+
+    /// The watch of `path` expires: an ERROR event with a 410 Status, as the API server sends.
+    fn expire(&self, path: &'static str) {
+        self.send(
+            path,
+            json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                   "status": "Failure", "message": "too old resource version: 1 (2)",
+                   "reason": "Expired", "code": 410}}),
+        );
+    }
+
+    fn send(&self, path: &'static str, event: Value) {
+        self.store.lock().expect("store").send(path, event, false);
+    }
+
+    fn set_broken(&self, path: &'static str, broken: bool) {
+        let mut st = self.store.lock().expect("store");
+        if broken {
+            st.broken.insert(path);
+        } else {
+            st.broken.remove(path);
+        }
+    }
+
+    fn lists(&self, path: &'static str) -> usize {
+        self.store
+            .lock()
+            .expect("store")
+            .lists
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn full(status: u16, body: Value) -> hyper::Response<BoxBody<Bytes, Infallible>> {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("header"));
+    r
+}
+
+fn handle(
+    store: &Mutex<Store>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<BoxBody<Bytes, Infallible>> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let Some((p, list_kind, api_version)) = KINDS.iter().find(|(p, _, _)| *p == path) else {
+        return full(
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "reason": "NotFound", "code": 404, "message": format!("no {path}")}),
+        );
+    };
+    let mut st = store.lock().expect("store");
+    if st.broken.contains(p) {
+        return full(
+            500,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "reason": "InternalError", "code": 500, "message": "etcd is away"}),
+        );
+    }
+    if query
+        .split('&')
+        .any(|q| q == "watch=true" || q == "watch=1")
+    {
+        let from: u64 = query
+            .split('&')
+            .find_map(|q| q.strip_prefix("resourceVersion="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let Some(rx) = st.live.get(p).map(broadcast::Sender::subscribe) else {
+            return full(500, json!({"kind": "Status", "code": 500}));
+        };
+        let backlog: Vec<String> = st
+            .log
+            .get(p)
+            .into_iter()
+            .flatten()
+            .filter(|(v, _)| *v > from)
+            .map(|(_, l)| l.clone())
+            .collect();
+        let backlog = futures::stream::iter(
+            backlog
+                .into_iter()
+                .map(|l| Ok::<_, Infallible>(Frame::data(Bytes::from(l)))),
+        );
+        let live = futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(line) => {
+                        return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), rx));
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        use futures::StreamExt as _;
+        let mut r = hyper::Response::new(BodyExt::boxed(StreamBody::new(backlog.chain(live))));
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().expect("header"));
+        return r;
+    }
+    *st.lists.entry(p).or_default() += 1;
+    let items: Vec<Value> = st
+        .items
+        .get(p)
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    full(
+        200,
+        json!({"kind": list_kind, "apiVersion": api_version,
+               "metadata": {"resourceVersion": st.version.to_string()}, "items": items}),
+    )
+}
+
+fn service(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+           "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
+}
+
+fn export(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+           "metadata": {"name": name, "namespace": ns}})
+}
+
+fn node(name: &str, zone: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {
+        "topology.kubernetes.io/region": "us-east", "topology.kubernetes.io/zone": zone}}})
+}
+
+/// A slice of `service` with endpoints (address, node, ready, terminating).
+fn slice(ns: &str, name: &str, service: &str, endpoints: &[(&str, &str, bool, bool)]) -> Value {
+    let eps: Vec<Value> = endpoints
+        .iter()
+        .map(|(a, n, ready, term)| {
+            json!({"addresses": [a], "nodeName": n,
+                   "conditions": {"ready": ready, "serving": ready | term, "terminating": term}})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": name, "namespace": ns,
+                        "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+           "endpoints": eps})
+}
+
+/// `name.ns` → [(address, health, zone)]
+fn summary(s: &ClusterState) -> BTreeMap<String, Vec<(String, Health, String)>> {
+    s.services
+        .iter()
+        .map(|se| {
+            (
+                format!("{}.{}", se.service.key.name, se.service.key.namespace),
+                se.endpoints
+                    .iter()
+                    .map(|e| {
+                        (
+                            e.address.to_string(),
+                            e.health,
+                            e.locality.zone().to_string(),
+                        )
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Wait (10 s at most) until the state satisfies `ok`.
+async fn wait_for(
+    rx: &mut watch::Receiver<Option<ClusterState>>,
+    what: &str,
+    ok: impl Fn(&BTreeMap<String, Vec<(String, Health, String)>>) -> bool,
+) -> BTreeMap<String, Vec<(String, Health, String)>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = rx.borrow_and_update().as_ref().map(summary);
+        if let Some(s) = &seen
+            && ok(s)
+        {
+            return s.clone();
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            panic!("not within 10 s: {what}; last state: {seen:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_objects_become_the_clusters_state_and_follow_every_change() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let api = ApiServer::start().await;
+    api.put(SERVICES, service("shop", "payments"));
+    api.put(SERVICES, service("shop", "internal"));
+    api.put(NODES, node("node-a", "us-east-1a"));
+    api.put(NODES, node("node-b", "us-east-1b"));
+    api.put(
+        SLICES,
+        slice(
+            "shop",
+            "payments-1",
+            "payments",
+            &[
+                ("10.1.0.1", "node-a", true, false),
+                ("10.1.0.2", "node-b", true, false),
+            ],
+        ),
+    );
+    api.put(
+        SLICES,
+        slice(
+            "shop",
+            "internal-1",
+            "internal",
+            &[("10.2.0.1", "node-a", true, false)],
+        ),
+    );
+    api.put(EXPORTS, export("shop", "payments"));
+    // ServiceExports cannot be listed at first: nothing may be handed on until they can.
+    api.set_broken(EXPORTS, true);
+
+    let client =
+        kube::Client::try_from(kube::Config::new(api.url.parse().expect("url"))).expect("client");
+    let cluster = Cluster::new(
+        Name::parse("cluster", "east").expect("id"),
+        "us-east",
+        None,
+        vec![],
+    )
+    .expect("cluster");
+    let (tx, mut rx) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let follower = tokio::spawn(source::follow(
+        client,
+        cluster,
+        tx,
+        Duration::from_millis(20),
+        stop.clone(),
+    ));
+
+    // The other kinds are listed; the exports are not: no state yet.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while [SERVICES, SLICES, NODES].iter().any(|p| api.lists(p) == 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watchers did not list services, slices and nodes within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), rx.changed())
+            .await
+            .is_err(),
+        "a state was handed on before the ServiceExports were listed: {:?}",
+        rx.borrow().as_ref().map(summary)
+    );
+    api.set_broken(EXPORTS, false);
+
+    let zone = |z: &str| z.to_string();
+    let s = wait_for(&mut rx, "payments with its two endpoints", |s| {
+        s.get("payments.shop").is_some_and(|e| e.len() == 2)
+    })
+    .await;
+    assert_eq!(
+        s,
+        BTreeMap::from([(
+            "payments.shop".to_string(),
+            vec![
+                ("10.1.0.1".into(), Health::Healthy, zone("us-east-1a")),
+                ("10.1.0.2".into(), Health::Healthy, zone("us-east-1b")),
+            ]
+        )]),
+        "only the exported service, localities from the nodes"
+    );
+
+    // A terminating endpoint stops getting new traffic.
+    api.put(
+        SLICES,
+        slice(
+            "shop",
+            "payments-1",
+            "payments",
+            &[
+                ("10.1.0.1", "node-a", true, false),
+                ("10.1.0.2", "node-b", false, true),
+            ],
+        ),
+    );
+    wait_for(&mut rx, "10.1.0.2 draining", |s| {
+        s.get("payments.shop").is_some_and(|e| {
+            e.iter()
+                .any(|(a, h, _)| a == "10.1.0.2" && *h == Health::Draining)
+        })
+    })
+    .await;
+
+    // Exporting a service publishes it.
+    api.put(EXPORTS, export("shop", "internal"));
+    wait_for(&mut rx, "internal exported", |s| {
+        s.get("internal.shop").is_some_and(|e| e.len() == 1)
+    })
+    .await;
+
+    // The slices' watch expires (410 Gone) while a slice was added and another deleted
+    // unannounced: only the relist can show them, and it replaces what was there.
+    let lists_before = api.lists(SLICES);
+    api.remove(SLICES, &slice("shop", "internal-1", "internal", &[]), true);
+    api.put_quietly(
+        SLICES,
+        slice(
+            "shop",
+            "payments-2",
+            "payments",
+            &[("10.1.0.3", "node-b", true, false)],
+        ),
+    );
+    api.expire(SLICES);
+    wait_for(&mut rx, "10.1.0.3 after the relist", |s| {
+        s.get("payments.shop")
+            .is_some_and(|e| e.iter().any(|(a, _, _)| a == "10.1.0.3"))
+    })
+    .await;
+    let s = wait_for(
+        &mut rx,
+        "internal's deleted slice gone after the relist",
+        |s| s.get("internal.shop").is_some_and(Vec::is_empty),
+    )
+    .await;
+    assert_eq!(s["payments.shop"].len(), 3, "{s:?}");
+    assert!(
+        api.lists(SLICES) > lists_before,
+        "410 Gone must lead to a relist"
+    );
+
+    // Withdrawing the export withdraws the service.
+    api.delete(EXPORTS, &export("shop", "payments"));
+    let s = wait_for(&mut rx, "payments withdrawn", |s| {
+        !s.contains_key("payments.shop")
+    })
+    .await;
+    assert_eq!(s.keys().collect::<Vec<_>>(), ["internal.shop"]);
+
+    // The API server fails: the last good state stays.
+    for (p, _, _) in KINDS {
+        api.set_broken(p, true);
+        api.expire(p);
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), rx.changed())
+            .await
+            .is_err(),
+        "the state changed while the API server was away: {:?}",
+        rx.borrow().as_ref().map(summary)
+    );
+    // And when it is back, changes flow again.
+    for (p, _, _) in KINDS {
+        api.set_broken(p, false);
+    }
+    api.put(EXPORTS, export("shop", "payments"));
+    wait_for(&mut rx, "payments exported again after the outage", |s| {
+        s.contains_key("payments.shop") && s.contains_key("internal.shop")
+    })
+    .await;
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), follower)
+        .await
+        .expect("the follower stops when told")
+        .expect("the follower does not panic");
+    api.stop.cancel();
+}
+
+/// The endpoint values of cluster east in the registry: `namespace/service` → JSON value.
+async fn published(reg: &common::Registry) -> BTreeMap<String, String> {
+    let (_, kvs) = reg
+        .backend
+        .get_prefix("/strait/v1/endpoints/east/")
+        .await
+        .expect("registry read");
+    kvs.into_iter()
+        .map(|kv| {
+            (
+                kv.key
+                    .trim_start_matches("/strait/v1/endpoints/east/")
+                    .to_string(),
+                String::from_utf8_lossy(&kv.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_into_etcd() {
+    common::install_crypto();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = common::Registry::start(dir.path()).await;
+    let api = ApiServer::start().await;
+    api.put(SERVICES, service("shop", "payments"));
+    api.put(SERVICES, service("shop", "internal"));
+    api.put(NODES, node("node-a", "us-east-1a"));
+    api.put(
+        SLICES,
+        slice(
+            "shop",
+            "payments-1",
+            "payments",
+            &[("10.1.0.1", "node-a", true, false)],
+        ),
+    );
+    api.put(
+        SLICES,
+        slice(
+            "shop",
+            "internal-1",
+            "internal",
+            &[("10.2.0.1", "node-a", true, false)],
+        ),
+    );
+    api.put(EXPORTS, export("shop", "payments"));
+
+    let kubeconfig = dir.path().join("kube.yaml");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters: [{{name: test, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: test, user: {{}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: test}}}}]\n",
+            api.url
+        ),
+    )
+    .expect("kubeconfig");
+    let cfg = controlplane::config::ControlPlaneConfig::parse(
+        dir.path().join("cp.yaml"),
+        &format!(
+            "cluster: east\nregion: us-east\nregistry: {{etcd: [\"{}\"], lease_ttl: 5s}}\n\
+             discovery: {{kubernetes: {{kubeconfig: kube.yaml, gateways: [\"127.0.0.1:15443\"]}}}}\n\
+             xds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
+            reg.etcd.endpoint()
+        ),
+    )
+    .expect("control plane config");
+    let cp = common::start_cp_with(&reg, cfg).await;
+
+    let got = common::wait_for(Duration::from_secs(15), "payments published", || async {
+        let p = published(&reg).await;
+        match p.get("shop/payments") {
+            Some(v) if v.contains("10.1.0.1") => Ok(p),
+            _ => Err(format!("{p:?}")),
+        }
+    })
+    .await;
+    assert!(
+        !got.contains_key("shop/internal"),
+        "an unexported service was published: {got:?}"
+    );
+    assert!(got["shop/payments"].contains("us-east-1a"), "{got:?}");
+
+    // A terminating endpoint is published as draining; withdrawing the export withdraws it.
+    api.put(
+        SLICES,
+        slice(
+            "shop",
+            "payments-1",
+            "payments",
+            &[("10.1.0.1", "node-a", false, true)],
+        ),
+    );
+    common::wait_for(Duration::from_secs(15), "the endpoint draining", || async {
+        let p = published(&reg).await;
+        match p.get("shop/payments") {
+            Some(v) if v.contains("draining") => Ok(()),
+            _ => Err(format!("{p:?}")),
+        }
+    })
+    .await;
+    api.delete(EXPORTS, &export("shop", "payments"));
+    common::wait_for(Duration::from_secs(15), "payments withdrawn", || async {
+        let p = published(&reg).await;
+        if p.contains_key("shop/payments") {
+            Err(format!("{p:?}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    cp.shutdown().await;
+    api.stop.cancel();
+}
+
+#[tokio::test]
+async fn bad_kubernetes_configuration_is_refused_with_the_reason() {
+    use controlplane::config::ControlPlaneConfig;
+    let cfg = |discovery: &str| {
+        ControlPlaneConfig::parse(
+            "/etc/strait/cp.yaml",
+            &format!(
+                "cluster: east\nregion: us-east\nregistry: {{embedded: true}}\n\
+                 discovery: {discovery}\nxds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n"
+            ),
+        )
+    };
+    for (discovery, want) in [
+        (
+            "{file: east.yaml, kubernetes: {}}",
+            "give exactly one of `file: PATH` and `kubernetes: {…}`",
+        ),
+        ("{}", "give exactly one of"),
+        (
+            "{kubernetes: {gateways: [\"nowhere\"]}}",
+            "discovery.kubernetes.gateways[0]",
+        ),
+        ("{kubernetes: {kubeconfig: k.yaml, colour: blue}}", "colour"),
+    ] {
+        let e = cfg(discovery).expect_err(discovery).to_string();
+        assert!(e.contains(want), "{discovery}: `{e}` does not say `{want}`");
+    }
+    // A kubeconfig that is not there: the control plane does not start, and says which file.
+    let cfg = cfg("{kubernetes: {kubeconfig: missing-kube.yaml}}").expect("parses");
+    let e = controlplane::server::ControlPlane::start_with(
+        cfg,
+        federation::registry::Backend::Embedded(
+            federation::registry::embedded::EmbeddedRegistry::new(),
+        ),
+    )
+    .await
+    .err()
+    .expect("no kubeconfig, no start")
+    .to_string();
+    assert!(
+        e.contains("kubernetes discovery: kubeconfig /etc/strait/missing-kube.yaml"),
+        "{e}"
+    );
+}
