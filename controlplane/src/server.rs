@@ -78,6 +78,25 @@ impl ControlPlane {
         Self::start_with(cfg, backend).await
     }
 
+    /// The publisher of this cluster's entries, under the cluster's lease.
+    fn cluster_publisher(
+        cfg: &ControlPlaneConfig,
+        backend: &Backend,
+        desired: watch::Receiver<std::collections::BTreeMap<String, Vec<u8>>>,
+    ) -> LeasedPublisher {
+        let (publisher, _status) = LeasedPublisher::new(
+            backend.clone(),
+            format!("cluster {}", cfg.cluster),
+            Owned::cluster(&cfg.cluster),
+            PublisherConfig {
+                lease_ttl: cfg.registry.lease_ttl,
+                ..PublisherConfig::default()
+            },
+            desired,
+        );
+        publisher
+    }
+
     /// Kubernetes discovery: the watchers, and the publisher of what they see once they have
     /// seen everything once (a control plane that starts while the API server is away does not
     /// withdraw its cluster's services). Returns the cluster's own entries for the xDS view.
@@ -107,16 +126,7 @@ impl ControlPlane {
             stop.clone(),
         )));
         let (desired_tx, desired_rx) = watch::channel(std::collections::BTreeMap::new());
-        let (publisher, _status) = LeasedPublisher::new(
-            backend.clone(),
-            format!("cluster {}", cfg.cluster),
-            Owned::cluster(&cfg.cluster),
-            PublisherConfig {
-                lease_ttl: cfg.registry.lease_ttl,
-                ..PublisherConfig::default()
-            },
-            desired_rx.clone(),
-        );
+        let publisher = Self::cluster_publisher(cfg, backend, desired_rx.clone());
         let s = stop.clone();
         tasks.push(tokio::spawn(async move {
             // Publish nothing before the first complete view.
@@ -171,16 +181,7 @@ impl ControlPlane {
             }
             let (desired_tx, desired_rx) = watch::channel(cluster_state_kvs(&parsed.state));
             local = Some(desired_rx.clone());
-            let (publisher, _status) = LeasedPublisher::new(
-                backend.clone(),
-                format!("cluster {}", cfg.cluster),
-                Owned::cluster(&cfg.cluster),
-                PublisherConfig {
-                    lease_ttl: cfg.registry.lease_ttl,
-                    ..PublisherConfig::default()
-                },
-                desired_rx,
-            );
+            let publisher = Self::cluster_publisher(&cfg, &backend, desired_rx);
             let s = stop.clone();
             tasks.push(tokio::spawn(async move {
                 publisher.run(s.cancelled_owned()).await;

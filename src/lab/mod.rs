@@ -330,49 +330,13 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
 
     if let Some(control) = lab.relay {
         say(&format!("starting the link relays (control {control})"));
-        let mut relay = Proc {
-            role: Role::Relay,
-            cluster: None,
-            zone: None,
-            ns: String::new(),
-            pid: 0,
-            program: exe.clone(),
-            args: vec![
-                "lab".into(),
-                "relay".into(),
-                "--config".into(),
-                dir.join(RELAYS_FILE).to_string_lossy().into_owned(),
-            ],
-            log: dir.join("logs/relay.log"),
-        };
-        spawn(&mut relay)?;
-        lab.processes.push(relay);
-        lab.save()?;
-        wait_ready(&lab, Role::Relay, None, Duration::from_secs(30)).await?;
+        start_link_process(&mut lab, &exe, Role::Relay, RELAYS_FILE).await?;
     }
     if let Some(control) = lab.shaper_control {
         say(&format!(
             "starting the link shaper (NFQUEUE, control {control})"
         ));
-        let mut shaper = Proc {
-            role: Role::Shaper,
-            cluster: None,
-            zone: None,
-            ns: String::new(),
-            pid: 0,
-            program: exe.clone(),
-            args: vec![
-                "lab".into(),
-                "shaper".into(),
-                "--config".into(),
-                dir.join(SHAPER_FILE).to_string_lossy().into_owned(),
-            ],
-            log: dir.join("logs/shaper.log"),
-        };
-        spawn(&mut shaper)?;
-        lab.processes.push(shaper);
-        lab.save()?;
-        wait_ready(&lab, Role::Shaper, None, Duration::from_secs(30)).await?;
+        start_link_process(&mut lab, &exe, Role::Shaper, SHAPER_FILE).await?;
     }
 
     say("applying the failover policy of payments.default (west, then central)");
@@ -649,6 +613,36 @@ pub fn spawn(p: &mut Proc) -> anyhow::Result<()> {
         .with_context(|| format!("starting {}", p.label()))?;
     p.pid = child.id();
     Ok(())
+}
+
+/// Start the process that holds the lab's links (`strait lab relay|shaper --config DIR/PLAN`)
+/// and wait until its control port answers.
+async fn start_link_process(
+    lab: &mut Lab,
+    exe: &str,
+    role: Role,
+    plan: &str,
+) -> anyhow::Result<()> {
+    let name = role.as_str();
+    let mut p = Proc {
+        role,
+        cluster: None,
+        zone: None,
+        ns: String::new(),
+        pid: 0,
+        program: exe.to_string(),
+        args: vec![
+            "lab".into(),
+            name.into(),
+            "--config".into(),
+            lab.dir.join(plan).to_string_lossy().into_owned(),
+        ],
+        log: lab.dir.join(format!("logs/{name}.log")),
+    };
+    spawn(&mut p)?;
+    lab.processes.push(p);
+    lab.save()?;
+    wait_ready(lab, role, None, Duration::from_secs(30)).await
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie).
