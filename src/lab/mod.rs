@@ -748,7 +748,7 @@ fn build_network(lab: &mut Lab) -> anyhow::Result<()> {
                 (Some(_), Some(_)) => FAR_MS,
                 _ => NEAR_MS,
             };
-            let link = Link {
+            let mut link = Link {
                 a: a.clone(),
                 b: b.clone(),
                 ns_a: ns_a.clone(),
@@ -759,7 +759,6 @@ fn build_network(lab: &mut Lab) -> anyhow::Result<()> {
                 state: LinkState::Up,
                 queues: None,
             };
-            let mut link = link;
             if lab.shaper == "nfqueue" {
                 // Queue numbers from 1, two per link (one per end).
                 let q = 1 + 2 * lab.links.len() as u16;

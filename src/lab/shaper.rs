@@ -272,12 +272,22 @@ fn release(socket: &QueueSocket, space: &Namespace, shared: &Shared, ns: &str) {
                 }
             }
         }
+        // Counted once per batch, not once per packet under the shared lock. A batch is in
+        // due order, so a queue's packets mostly come in runs.
+        let mut released: Vec<(u16, u64)> = Vec::new();
         for (queue, id) in ready.drain(..) {
             if let Err(e) = socket.accept(queue, id) {
                 tracing::warn!(%ns, queue, id, error = %e, "verdict not sent");
                 continue;
             }
-            lock(&shared.figures).entry(queue).or_default().released += 1;
+            match released.last_mut() {
+                Some((q, n)) if *q == queue => *n += 1,
+                _ => released.push((queue, 1)),
+            }
+        }
+        let mut figures = lock(&shared.figures);
+        for (queue, n) in released {
+            figures.entry(queue).or_default().released += n;
         }
     }
 }
