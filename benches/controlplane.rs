@@ -181,6 +181,7 @@ async fn convergence(dir: &std::path::Path) {
             locality: Locality::parse("l", "us-west/a").expect("valid"),
             labels: Default::default(),
             outbound: None,
+            transparent: None,
             tunnel: true,
             mtls: true,
         };

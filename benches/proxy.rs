@@ -599,6 +599,7 @@ async fn scale(d: &Path, etcd: &EtcdServer, xds: SocketAddr) {
         delta: true,
         admin: envoy_admin,
         outbound: SocketAddr::from(([127, 0, 0, 1], free_port())),
+        transparent: None,
         gateway: None,
     };
     let boot = d.join("envoy-scale.json");

@@ -68,9 +68,9 @@ pub struct RunArgs {
     /// Worker threads (like Envoy's --concurrency); default: one per available core.
     #[arg(long)]
     workers: Option<usize>,
-    /// A transparent listener for connections an iptables REDIRECT sends here (e.g.
-    /// 127.0.0.1:15006): routed by their original destination; exempt the proxy's own
-    /// traffic from the redirection (by its user id).
+    /// Ask the control plane for a transparent listener here (e.g. 127.0.0.1:15006), for
+    /// connections an iptables REDIRECT sends: routed by their original destination; exempt
+    /// the proxy's own traffic from the redirection (by its user id).
     #[arg(long)]
     transparent: Option<SocketAddr>,
     /// An inbound listener, LISTEN=APP[@ALPN] (repeatable): mutual TLS from workloads of the
@@ -139,6 +139,10 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
         a.gateway.is_some(),
         a.tls.cert.is_some(),
     );
+    let node = match a.transparent {
+        Some(t) => proxy::xds::with_transparent(node, t),
+        None => node,
+    };
     let files = a.tls.checked(&cluster)?;
     let gateway = match (a.gateway, &files) {
         (Some(addr), Some(files)) => {
@@ -187,14 +191,6 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--inbound {}: {e}", spec.listen))?;
         inbound.push((l, spec.app, std::sync::Arc::new(tls)));
     }
-    let transparent = match a.transparent {
-        Some(t) => Some(
-            tokio::net::TcpListener::bind(t)
-                .await
-                .map_err(|e| anyhow::anyhow!("transparent address {t}: {e}"))?,
-        ),
-        None => None,
-    };
     let client = proxy::xds::XdsClient::start(opts);
     let mut dataplane = proxy::dataplane::Dataplane::start_with(
         client.config.clone(),
@@ -204,9 +200,6 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     );
-    if let Some(l) = transparent {
-        dataplane.serve_transparent(l);
-    }
     for (l, app, tls) in inbound {
         dataplane.serve_inbound(l, app, tls);
     }
@@ -249,6 +242,10 @@ pub struct BootstrapArgs {
     /// The outbound HTTP listener's address (Envoy).
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
+    /// Ask the control plane for a transparent listener here (Envoy), for connections an
+    /// iptables REDIRECT sends.
+    #[arg(long)]
+    transparent: Option<SocketAddr>,
     /// The local east-west gateway's ingress: remote clusters are reached through it (needs
     /// --cert/--key/--ca).
     #[arg(long)]
@@ -292,6 +289,7 @@ pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
                 delta: a.delta,
                 admin: a.admin,
                 outbound: a.outbound,
+                transparent: a.transparent,
                 gateway,
             };
             let json = if a.envoy {

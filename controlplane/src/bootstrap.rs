@@ -18,7 +18,9 @@ use federation::model::{ClusterId, Labels, Locality};
 use serde_json::{Value, json};
 
 use crate::resources::{CA_SECRET, METADATA_NAMESPACE, TUNNEL_LISTENER, WORKLOAD_SECRET};
-use crate::view::{META_CLUSTER, META_KIND, META_LABELS, META_MTLS, META_OUTBOUND, META_TUNNEL};
+use crate::view::{
+    META_CLUSTER, META_KIND, META_LABELS, META_MTLS, META_OUTBOUND, META_TRANSPARENT, META_TUNNEL,
+};
 
 /// Workload certificate files.
 #[derive(Debug, Clone)]
@@ -45,6 +47,9 @@ pub struct BootstrapSpec {
     pub admin: SocketAddr,
     /// The outbound HTTP listener's address.
     pub outbound: SocketAddr,
+    /// The transparent listener's address (where the pod's iptables redirection sends
+    /// intercepted connections), if the pod has one.
+    pub transparent: Option<SocketAddr>,
     /// The local gateway's ingress and the SPIFFE id it must present.
     pub gateway: Option<(SocketAddr, String)>,
 }
@@ -103,6 +108,9 @@ fn node(spec: &BootstrapSpec, kind: &str) -> Value {
     });
     if kind == "envoy" {
         metadata[META_OUTBOUND] = json!(spec.outbound.to_string());
+        if let Some(t) = spec.transparent {
+            metadata[META_TRANSPARENT] = json!(t.to_string());
+        }
         metadata[META_TUNNEL] = json!(spec.gateway.is_some());
         // With the workload certificate, the bootstrap holds the static secrets that the
         // clusters' mutual-TLS transport sockets name: sidecars can be reached.

@@ -88,6 +88,11 @@ fn regex_escape(s: &str) -> String {
 /// Envoy's outbound HTTP listener and its route configuration.
 pub const OUTBOUND_LISTENER: &str = "strait_outbound_http";
 pub const OUTBOUND_ROUTES: &str = "strait_outbound";
+/// The transparent listener (Envoy's `virtualOutbound`, Istio's port 15001) and the cluster it
+/// passes unknown traffic to (Istio's `PassthroughCluster`: the connection's original
+/// destination).
+pub const TRANSPARENT_LISTENER: &str = "strait_transparent";
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 
 /// The retry budget of every Envoy cluster: retries in flight ≤ this percent of the requests in
 /// flight, but at least [`RETRY_MIN_CONCURRENCY`]. 100 %: when a whole priority fails under load
@@ -872,6 +877,57 @@ pub fn tcp_listener(service: &ServiceKey, port: u16, addr: SocketAddr) -> listen
             }],
             ..Default::default()
         }],
+        ..Default::default()
+    }
+}
+
+/// The transparent listener on `addr`, for connections an iptables `REDIRECT` sent there:
+/// `use_original_dst` with the `original_dst` listener filter, so Envoy hands a connection to
+/// the listener of its original destination when it has one, and otherwise to this listener's
+/// own chain, a `TcpProxy` to [`PASSTHROUGH_CLUSTER`]. The strait proxy reads the same listener
+/// as its transparent mode (TCP service ports, then HTTP by `Host`, then passthrough).
+pub fn transparent_listener(addr: SocketAddr) -> listener::Listener {
+    use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+    let t = tcp_proxy::TcpProxy {
+        stat_prefix: PASSTHROUGH_CLUSTER.to_string(),
+        cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(
+            PASSTHROUGH_CLUSTER.to_string(),
+        )),
+        ..Default::default()
+    };
+    listener::Listener {
+        name: TRANSPARENT_LISTENER.to_string(),
+        address: Some(socket_address(addr)),
+        use_original_dst: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+        listener_filters: vec![listener::ListenerFilter {
+            name: "envoy.filters.listener.original_dst".to_string(),
+            config_type: Some(listener::listener_filter::ConfigType::TypedConfig(
+                pack_any(OriginalDst::default()),
+            )),
+            ..Default::default()
+        }],
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.tcp_proxy".to_string(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(t))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The passthrough cluster: each connection goes to its own original destination
+/// (`ORIGINAL_DST`, `CLUSTER_PROVIDED`).
+pub fn passthrough_cluster() -> cluster::Cluster {
+    use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+    cluster::Cluster {
+        name: PASSTHROUGH_CLUSTER.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(
+            DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(duration_ms(10_000)),
         ..Default::default()
     }
 }

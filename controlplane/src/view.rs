@@ -16,9 +16,9 @@ use federation::registry::Snapshot;
 use federation::route::{Caller, Inputs, resolve};
 
 use crate::resources::{
-    ClientKind, HttpPort, PortView, Remote, ResolvedRule, cluster_name, grpc_fold, grpc_listener,
-    mutual_clusters, outbound_listener, outbound_routes, port_assignment, service_cluster,
-    tcp_listener,
+    ClientKind, HttpPort, PASSTHROUGH_CLUSTER, PortView, Remote, ResolvedRule, cluster_name,
+    grpc_fold, grpc_listener, mutual_clusters, outbound_listener, outbound_routes,
+    passthrough_cluster, port_assignment, service_cluster, tcp_listener, transparent_listener,
 };
 
 /// The four resource types, in the order they are pushed (make-before-break: clusters before
@@ -217,6 +217,9 @@ pub struct ViewKey {
     pub labels: Labels,
     /// Envoy's outbound HTTP listener address (node metadata `STRAIT_OUTBOUND`).
     pub outbound: Option<SocketAddr>,
+    /// The transparent listener's address (node metadata `STRAIT_TRANSPARENT`): where the
+    /// pod's iptables redirection sends intercepted connections.
+    pub transparent: Option<SocketAddr>,
     /// The bootstrap has the tunnel listener to the gateway (node metadata `STRAIT_TUNNEL`).
     pub tunnel: bool,
     /// The proxy can originate mutual TLS to sidecars with its workload certificate (node
@@ -236,6 +239,7 @@ pub struct NodeInfo {
 pub const META_CLUSTER: &str = "STRAIT_CLUSTER";
 pub const META_LABELS: &str = "STRAIT_LABELS";
 pub const META_OUTBOUND: &str = "STRAIT_OUTBOUND";
+pub const META_TRANSPARENT: &str = "STRAIT_TRANSPARENT";
 pub const META_TUNNEL: &str = "STRAIT_TUNNEL";
 pub const META_KIND: &str = "STRAIT_KIND";
 pub const META_MTLS: &str = "STRAIT_MTLS";
@@ -322,12 +326,21 @@ impl NodeInfo {
             }
             Some(_) => return Err(format!("node metadata {META_LABELS}: expected a map")),
         };
-        let outbound = meta_string(meta, META_OUTBOUND)?
-            .map(|s| {
-                s.parse::<SocketAddr>()
-                    .map_err(|e| format!("node metadata {META_OUTBOUND}: {s:?}: {e}"))
-            })
-            .transpose()?;
+        let address = |key: &str| {
+            meta_string(meta, key)?
+                .map(|s| {
+                    s.parse::<SocketAddr>()
+                        .map_err(|e| format!("node metadata {key}: {s:?}: {e}"))
+                })
+                .transpose()
+        };
+        let outbound = address(META_OUTBOUND)?;
+        let transparent = address(META_TRANSPARENT)?;
+        if transparent.is_some() && kind != ClientKind::Envoy {
+            return Err(format!(
+                "node metadata {META_TRANSPARENT}: a proxyless gRPC client has no listeners"
+            ));
+        }
         let tunnel = meta_bool(meta, META_TUNNEL)?;
         // Proxyless gRPC cannot originate Strait's mutual TLS to sidecars.
         let mtls = meta_bool(meta, META_MTLS)? && kind == ClientKind::Envoy;
@@ -339,6 +352,7 @@ impl NodeInfo {
                 locality,
                 labels,
                 outbound,
+                transparent,
                 tunnel,
                 mtls,
             },
@@ -636,6 +650,22 @@ pub fn build_from(
                 );
             }
         }
+        if let Some(addr) = key.transparent {
+            let c = passthrough_cluster();
+            view.types[TypeKind::Cluster as usize].insert(
+                c.name.clone(),
+                Arc::new(Resource::new(c.name.clone(), c, Vec::new())),
+            );
+            let l = transparent_listener(addr);
+            view.types[TypeKind::Listener as usize].insert(
+                l.name.clone(),
+                Arc::new(Resource::new(
+                    l.name.clone(),
+                    l,
+                    vec![PASSTHROUGH_CLUSTER.to_string()],
+                )),
+            );
+        }
     }
     view.id = NEXT_VIEW.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Some((_, pv)) = prev_any {
@@ -682,6 +712,7 @@ mod tests {
             locality: Locality::parse("l", "us-east/a").unwrap(),
             labels: Labels::default(),
             outbound: None,
+            transparent: None,
             tunnel: true,
             mtls: false,
         }
@@ -969,5 +1000,77 @@ mod tests {
         // No listener for a client without an outbound address.
         let v = build(&snap, &key(), &settings());
         assert!(v.get(TypeKind::Listener).is_empty());
+    }
+
+    /// A proxy that asks for a transparent listener (node metadata `STRAIT_TRANSPARENT`) gets
+    /// it — `use_original_dst`, the `original_dst` listener filter, a `TcpProxy` to the
+    /// passthrough cluster — and the passthrough cluster (`ORIGINAL_DST`), which it keeps for as
+    /// long as the listener names it.
+    #[test]
+    fn a_transparent_listener_is_described_with_its_passthrough_cluster() {
+        use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+        use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+        let node = |transparent: &str, kind: &str| Node {
+            id: "app-1".into(),
+            metadata: Some(Struct {
+                fields: [
+                    (META_TRANSPARENT, transparent),
+                    (META_OUTBOUND, "127.0.0.1:15001"),
+                    (META_KIND, kind),
+                ]
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue(v.to_string())),
+                        },
+                    )
+                })
+                .collect(),
+            }),
+            ..Default::default()
+        };
+        let east = ClusterId::parse("c", "east").unwrap();
+        let info = NodeInfo::parse(&node("127.0.0.1:15006", "envoy"), &east, "us-east").unwrap();
+        assert_eq!(
+            info.key.transparent,
+            Some("127.0.0.1:15006".parse().unwrap())
+        );
+        let err = NodeInfo::parse(&node("15006", "envoy"), &east, "us-east").unwrap_err();
+        assert!(
+            err.contains("STRAIT_TRANSPARENT") && err.contains("\"15006\""),
+            "{err}"
+        );
+        let err = NodeInfo::parse(&node("127.0.0.1:15006", "grpc"), &east, "us-east").unwrap_err();
+        assert!(err.contains("proxyless gRPC"), "{err}");
+
+        let v = build(&snapshot(), &info.key, &settings());
+        let l = v.get(TypeKind::Listener).get("strait_transparent").unwrap();
+        assert_eq!(l.refs, vec!["PassthroughCluster".to_string()]);
+        let l = listener::Listener::decode(l.body.value.as_slice()).unwrap();
+        assert_eq!(l.use_original_dst.map(|b| b.value), Some(true));
+        assert_eq!(
+            l.listener_filters
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["envoy.filters.listener.original_dst"]
+        );
+        let c = v.get(TypeKind::Cluster).get("PassthroughCluster").unwrap();
+        let c = cluster::Cluster::decode(c.body.value.as_slice()).unwrap();
+        assert_eq!(
+            c.cluster_discovery_type,
+            Some(cluster::cluster::ClusterDiscoveryType::Type(
+                cluster::cluster::DiscoveryType::OriginalDst as i32
+            ))
+        );
+        assert!(
+            !v.get(TypeKind::Endpoint).contains_key("PassthroughCluster"),
+            "a passthrough cluster has no endpoints to send"
+        );
+        // Without the metadata: neither.
+        let v = build(&snapshot(), &key(), &settings());
+        assert!(!v.get(TypeKind::Cluster).contains_key("PassthroughCluster"));
     }
 }

@@ -253,6 +253,7 @@ fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
         delta: true,
         admin: "127.0.0.1:15000".parse().unwrap(),
         outbound: "127.0.0.1:15001".parse().unwrap(),
+        transparent: None,
         gateway: Some((
             "127.0.0.1:15008".parse().unwrap(),
             "spiffe://strait.test/cluster/east/gateway".into(),
@@ -366,4 +367,76 @@ fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
 
 fn id_of(c: &str) -> ClusterId {
     id(c)
+}
+
+/// The transparent listener (`use_original_dst`, the `original_dst` listener filter, a
+/// `TcpProxy` to the passthrough cluster) and the `ORIGINAL_DST` passthrough cluster are what
+/// Envoy itself accepts, next to a bootstrap that asks for them (`STRAIT_TRANSPARENT`).
+#[test]
+fn envoy_accepts_the_transparent_listener_and_the_passthrough_cluster() {
+    use controlplane::bootstrap::BootstrapSpec;
+    use controlplane::resources::{passthrough_cluster, transparent_listener};
+
+    let dir = tempfile::tempdir().unwrap();
+    let spec = BootstrapSpec {
+        node_id: "app-1".into(),
+        cluster: id_of("east"),
+        locality: Locality::parse("l", "us-east/a").unwrap(),
+        labels: Labels::default(),
+        xds: "127.0.0.1:15010".parse().unwrap(),
+        tls: None,
+        delta: true,
+        admin: "127.0.0.1:15000".parse().unwrap(),
+        outbound: "127.0.0.1:15001".parse().unwrap(),
+        transparent: Some("127.0.0.1:15006".parse().unwrap()),
+        gateway: None,
+    };
+    let text = controlplane::bootstrap::envoy(&spec).to_string();
+    assert!(
+        text.contains(r#""STRAIT_TRANSPARENT":"127.0.0.1:15006""#),
+        "{text}"
+    );
+    let pb = Bootstrap {
+        static_resources: Some(StaticResources {
+            clusters: vec![passthrough_cluster()],
+            listeners: vec![transparent_listener("127.0.0.1:15006".parse().unwrap())],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pb_path = dir.path().join("transparent.pb");
+    std::fs::write(&pb_path, pb.encode_to_vec()).unwrap();
+    let out = Command::new(envoy())
+        .args(["--mode", "validate", "--log-level", "warn", "-c"])
+        .arg(&pb_path)
+        .arg("--config-yaml")
+        .arg(&text)
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "Envoy refused:\n{log}");
+    // The check means something: a passthrough cluster with endpoints of its own is refused.
+    let mut broken = passthrough_cluster();
+    broken.lb_policy = cluster::LbPolicy::RoundRobin as i32;
+    let pb = Bootstrap {
+        static_resources: Some(StaticResources {
+            clusters: vec![broken],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(&pb_path, pb.encode_to_vec()).unwrap();
+    let out = Command::new(envoy())
+        .args(["--mode", "validate", "--log-level", "warn", "-c"])
+        .arg(&pb_path)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "Envoy accepted an ORIGINAL_DST cluster with round robin"
+    );
 }

@@ -72,6 +72,7 @@ async fn fails_over(delta: bool) {
         delta,
         admin,
         outbound,
+        transparent: None,
         gateway: None,
     };
     let envoy = Envoy::start(dir.path(), &node_id, &envoy(&spec), admin, outbound);

@@ -115,6 +115,7 @@ fn grpc_client(
         delta: false,
         admin: free_addr(),
         outbound: free_addr(),
+        transparent: None,
         gateway: None,
     };
     let bootstrap = dir.join(format!("{node_id}.json"));

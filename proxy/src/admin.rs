@@ -237,6 +237,10 @@ fn config_dump(c: &Compiled) -> String {
                     "cluster": cluster,
                     "idle_timeout_ms": idle_timeout.map(|d| d.as_millis() as u64),
                 }}),
+                ListenerKind::Transparent { fallback } => json!({"transparent": {
+                    "fallback": fallback,
+                    "passthrough": c.config.passthrough.contains(fallback),
+                }}),
             };
             json!({"name": l.name, "address": l.address.to_string(), "kind": kind})
         })

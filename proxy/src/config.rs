@@ -42,6 +42,8 @@ const TUNNEL_NAMESPACE: &str = "strait";
 const SOCKET_MATCH_NAMESPACE: &str = "envoy.transport_socket_match";
 const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
 const RAW_BUFFER: &str = "envoy.transport_sockets.raw_buffer";
+/// Envoy's listener filter that restores a redirected connection's original destination.
+pub const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
 const UPSTREAM_TLS_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 /// The secrets an upstream TLS context may name: the proxy presents its own workload
@@ -400,9 +402,52 @@ fn tls_matches(ctx: &Ctx<'_>, c: &cluster::Cluster) -> Result<Vec<TlsMatch>, Con
     Ok(out)
 }
 
-/// Translate a CDS resource.
-pub fn cluster(any: &Any) -> Result<ClusterConfig, ConfigError> {
+/// A CDS resource: a cluster of endpoints (EDS), or a passthrough cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterResource {
+    Eds(ClusterConfig),
+    /// `ORIGINAL_DST` with `CLUSTER_PROVIDED`: each connection goes to its own original
+    /// destination (only a transparent listener can use it).
+    OriginalDst(String),
+}
+
+/// Translate a CDS resource, passthrough clusters included.
+pub fn cluster_resource(any: &Any) -> Result<ClusterResource, ConfigError> {
+    use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as P};
     let c: cluster::Cluster = decode(any, CLUSTER_TYPE, "cluster")?;
+    if !matches!(&c.cluster_discovery_type,
+        Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::OriginalDst as i32)
+    {
+        return eds_cluster(c).map(ClusterResource::Eds);
+    }
+    let ctx = Ctx {
+        kind: "cluster",
+        name: &c.name,
+    };
+    if c.name.is_empty() {
+        return Err(ctx.err("name", "empty"));
+    }
+    if c.lb_policy != P::ClusterProvided as i32 {
+        return Err(ctx.err(
+            "lb_policy",
+            "an ORIGINAL_DST cluster needs CLUSTER_PROVIDED",
+        ));
+    }
+    if c.load_assignment.is_some() || c.eds_cluster_config.is_some() {
+        return Err(ctx.err(
+            "load_assignment",
+            "an ORIGINAL_DST cluster has no endpoints of its own",
+        ));
+    }
+    Ok(ClusterResource::OriginalDst(c.name))
+}
+
+/// Translate a CDS resource of endpoints (EDS).
+pub fn cluster(any: &Any) -> Result<ClusterConfig, ConfigError> {
+    eds_cluster(decode(any, CLUSTER_TYPE, "cluster")?)
+}
+
+fn eds_cluster(c: cluster::Cluster) -> Result<ClusterConfig, ConfigError> {
     let ctx = Ctx {
         kind: "cluster",
         name: &c.name,
@@ -414,7 +459,12 @@ pub fn cluster(any: &Any) -> Result<ClusterConfig, ConfigError> {
     match &c.cluster_discovery_type {
         Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::Eds as i32 => {}
         None => return Err(ctx.err("type", "missing: only EDS clusters are supported")),
-        Some(_) => return Err(ctx.err("type", "only EDS clusters are supported")),
+        Some(_) => {
+            return Err(ctx.err(
+                "type",
+                "only EDS clusters (and ORIGINAL_DST passthrough clusters) are supported",
+            ));
+        }
     }
     if let Some(eds) = &c.eds_cluster_config
         && !eds.service_name.is_empty()
@@ -1273,6 +1323,11 @@ pub enum ListenerKind {
         cluster: String,
         idle_timeout: Option<Duration>,
     },
+    /// Transparent mode (`use_original_dst`): connections an iptables `REDIRECT` sent here,
+    /// handled by their original destination (see [`crate::transparent`]); what no other
+    /// listener takes goes to `fallback` — an `ORIGINAL_DST` cluster passes it through
+    /// unchanged (Istio's `PassthroughCluster`), an EDS cluster gets it like a TCP listener.
+    Transparent { fallback: String },
 }
 
 /// Envoy's default TCP proxy idle timeout.
@@ -1331,6 +1386,21 @@ pub fn listener(any: &Any) -> Result<Option<ListenerConfig>, ConfigError> {
     };
     if chain.filter_chain_match.is_some() {
         return Err(ctx.err("filter_chains[0].filter_chain_match", "not supported"));
+    }
+    let transparent = l.use_original_dst.as_ref().is_some_and(|b| b.value);
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        // The original destination is read from the socket (`SO_ORIGINAL_DST`) whenever the
+        // listener is transparent: Envoy's `original_dst` listener filter is what asks for
+        // it there, and nothing else is supported.
+        if !(transparent && f.name == ORIGINAL_DST_FILTER) {
+            return Err(ctx.err(
+                format!("listener_filters[{i}]"),
+                format!(
+                    "{} is not supported (only {ORIGINAL_DST_FILTER} with use_original_dst)",
+                    f.name
+                ),
+            ));
+        }
     }
     let [filter] = chain.filters.as_slice() else {
         return Err(ctx.err(
@@ -1396,6 +1466,18 @@ pub fn listener(any: &Any) -> Result<Option<ListenerConfig>, ConfigError> {
                 cfg.type_url
             ),
         ));
+    };
+    let kind = match kind {
+        ListenerKind::Tcp { cluster, .. } if transparent => {
+            ListenerKind::Transparent { fallback: cluster }
+        }
+        ListenerKind::Http { .. } if transparent => {
+            return Err(ctx.err(
+                "use_original_dst",
+                "a transparent listener's chain must be a TcpProxy (to the passthrough cluster)",
+            ));
+        }
+        kind => kind,
     };
     Ok(Some(ListenerConfig {
         name: l.name.clone(),

@@ -149,8 +149,16 @@ fn clients_for(c: &ClusterConfig, reach: &Reach) -> Clients {
     (plain, tls)
 }
 
-/// A bound listener: name, address, and the cluster of a TCP listener (`None`: HTTP).
-type ListenerKey = (String, SocketAddr, Option<String>);
+/// A bound listener: its name, address and what it serves. A listener whose key changes is
+/// bound anew.
+type ListenerKey = (String, SocketAddr, Serves);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Serves {
+    Http,
+    Tcp(String),
+    Transparent,
+}
 
 /// How the data plane reaches what is not local, and its limits on downstream clients.
 #[derive(Debug, Clone)]
@@ -185,7 +193,6 @@ impl Default for DataplaneOptions {
 pub struct Dataplane {
     current: watch::Receiver<Arc<Compiled>>,
     task: tokio::task::JoinHandle<()>,
-    server: hyper_util::server::conn::auto::Builder<TokioExecutor>,
     extra: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -229,7 +236,6 @@ impl Dataplane {
         ));
         let (tx, current) = watch::channel(first);
         let rx = current.clone();
-        let http_server = server.clone();
         let task = tokio::spawn(async move {
             let mut listeners: HashMap<ListenerKey, tokio::task::JoinHandle<()>> = HashMap::new();
             loop {
@@ -240,11 +246,12 @@ impl Dataplane {
                     .listeners
                     .values()
                     .map(|l| {
-                        let tcp = match &l.kind {
-                            ListenerKind::Tcp { cluster, .. } => Some(cluster.clone()),
-                            ListenerKind::Http { .. } => None,
+                        let serves = match &l.kind {
+                            ListenerKind::Tcp { cluster, .. } => Serves::Tcp(cluster.clone()),
+                            ListenerKind::Http { .. } => Serves::Http,
+                            ListenerKind::Transparent { .. } => Serves::Transparent,
                         };
-                        ((l.name.clone(), l.address, tcp), ())
+                        ((l.name.clone(), l.address, serves), ())
                     })
                     .collect();
                 listeners.retain(|k, task| {
@@ -262,17 +269,23 @@ impl Dataplane {
                         Ok(l) => {
                             tracing::info!(listener = %key.0, address = %key.1, "listening");
                             let task = match &key.2 {
-                                None => tokio::spawn(serve(
+                                Serves::Http => tokio::spawn(serve(
                                     l,
                                     key.0.clone(),
                                     rx.clone(),
                                     server.clone(),
                                 )),
-                                Some(cluster) => tokio::spawn(crate::tcp::serve(
+                                Serves::Tcp(cluster) => tokio::spawn(crate::tcp::serve(
                                     l,
                                     key.0.clone(),
                                     cluster.clone(),
                                     rx.clone(),
+                                )),
+                                Serves::Transparent => tokio::spawn(crate::transparent::serve(
+                                    l,
+                                    key.0.clone(),
+                                    rx.clone(),
+                                    server.clone(),
                                 )),
                             };
                             listeners.insert(key.clone(), task);
@@ -297,7 +310,6 @@ impl Dataplane {
         Self {
             current,
             task,
-            server: http_server,
             extra: Vec::new(),
         }
     }
@@ -312,17 +324,6 @@ impl Dataplane {
     ) {
         self.extra
             .push(tokio::spawn(crate::inbound::serve(listener, app, tls)));
-    }
-
-    /// Serve intercepted connections (iptables `REDIRECT`) on `listener`: see
-    /// [`crate::transparent`]. The proxy's own upstream connections must be exempt from the
-    /// redirection (e.g. by its user id), or they would loop.
-    pub fn serve_transparent(&mut self, listener: TcpListener) {
-        self.extra.push(tokio::spawn(crate::transparent::serve(
-            listener,
-            self.current.clone(),
-            self.server.clone(),
-        )));
     }
 
     /// The compiled config requests use now.
@@ -426,7 +427,7 @@ pub(crate) fn table<'a>(compiled: &'a Compiled, listener: &str) -> Option<&'a Ro
         ListenerKind::Http {
             routes: RouteSource::Inline(t),
         } => Some(t),
-        ListenerKind::Tcp { .. } => None,
+        ListenerKind::Tcp { .. } | ListenerKind::Transparent { .. } => None,
     }
 }
 

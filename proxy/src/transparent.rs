@@ -7,8 +7,13 @@
 //! 2. HTTP (sniffed from the first bytes) whose `Host` the outbound routes know: served as
 //!    outbound HTTP (routes, retries, failover across priorities and clusters);
 //! 3. anything else — a server-first protocol (nothing sent within [`SNIFF_WAIT`]), another
-//!    protocol, a host the mesh does not know — is passed through to its original destination
-//!    unchanged (Envoy's `PassthroughCluster`).
+//!    protocol, a host the mesh does not know — goes to the listener's fallback cluster: an
+//!    `ORIGINAL_DST` cluster (the control plane's `PassthroughCluster`) passes it through to
+//!    its original destination unchanged; an EDS cluster takes it like a TCP listener; a
+//!    cluster the proxy does not have refuses it (Istio's `REGISTRY_ONLY`).
+//!
+//! The listener comes from the control plane (LDS: `use_original_dst` with a `TcpProxy` to
+//! the fallback cluster), asked for with the node metadata `STRAIT_TRANSPARENT`.
 //!
 //! The proxy's own upstream connections must be exempt from the redirection (Istio exempts the
 //! proxy's user id, 1337), or they would come back here; a connection made straight to the
@@ -48,20 +53,24 @@ const METHODS: [&[u8]; 9] = [
 ];
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
+/// Serve the transparent listener `name` (its fallback cluster is read from the config each
+/// connection starts with).
 pub async fn serve(
     listener: TcpListener,
+    name: String,
     current: watch::Receiver<Arc<Compiled>>,
     server: Builder<TokioExecutor>,
 ) {
     let own = listener.local_addr().ok();
     if let Some(a) = own {
-        tracing::info!(address = %a, "transparent listener");
+        tracing::info!(listener = %name, address = %a, "transparent listener");
     }
+    let name: Arc<str> = name.into();
     loop {
-        let (stream, peer) = crate::dataplane::accept(&listener, "transparent").await;
-        let (current, server) = (current.clone(), server.clone());
+        let (stream, peer) = crate::dataplane::accept(&listener, &name).await;
+        let (current, server, name) = (current.clone(), server.clone(), name.clone());
         tokio::spawn(async move {
-            if let Err(e) = one(stream, peer, own, current, server).await {
+            if let Err(e) = one(stream, peer, own, &name, current, server).await {
                 tracing::debug!(%peer, error = %e, "intercepted connection not proxied");
             }
         });
@@ -93,12 +102,14 @@ enum Verdict {
         listener: String,
     },
     Passthrough,
+    Refused(String),
 }
 
 async fn one(
     stream: TcpStream,
     peer: SocketAddr,
     own: Option<SocketAddr>,
+    name: &str,
     current: watch::Receiver<Arc<Compiled>>,
     server: Builder<TokioExecutor>,
 ) -> Result<(), String> {
@@ -119,9 +130,9 @@ async fn one(
                 {
                     Verdict::Http { listener }
                 }
-                _ => Verdict::Passthrough,
+                _ => fallback(&compiled, name),
             },
-            None => Verdict::Passthrough,
+            None => fallback(&compiled, name),
         },
     };
     tracing::debug!(%peer, %dst, ?verdict, "intercepted connection");
@@ -142,6 +153,25 @@ async fn one(
             let _ = up.set_nodelay(true);
             crate::tcp::splice(stream, Box::new(up), Some(TCP_IDLE_TIMEOUT)).await
         }
+        Verdict::Refused(why) => Err(format!("to {dst}: {why}")),
+    }
+}
+
+/// What the listener's fallback cluster makes of a connection no other rule took.
+fn fallback(compiled: &Compiled, name: &str) -> Verdict {
+    let cluster = match compiled.config.listeners.get(name).map(|l| &l.kind) {
+        Some(ListenerKind::Transparent { fallback }) => fallback,
+        _ => return Verdict::Refused(format!("listener {name} is gone")),
+    };
+    if compiled.config.passthrough.contains(cluster) {
+        Verdict::Passthrough
+    } else if compiled.config.clusters.contains_key(cluster) {
+        Verdict::Tcp {
+            cluster: cluster.clone(),
+            idle: Some(TCP_IDLE_TIMEOUT),
+        }
+    } else {
+        Verdict::Refused(format!("fallback cluster {cluster} is not configured"))
     }
 }
 

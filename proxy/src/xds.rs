@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{
-    self, ASSIGNMENT_TYPE, Assignment, CLUSTER_TYPE, ClusterConfig, LISTENER_TYPE, ListenerConfig,
-    ListenerKind, ROUTES_TYPE, RouteSource, RouteTable,
+    self, ASSIGNMENT_TYPE, Assignment, CLUSTER_TYPE, ClusterConfig, ClusterResource, LISTENER_TYPE,
+    ListenerConfig, ListenerKind, ROUTES_TYPE, RouteSource, RouteTable,
 };
 use crate::tls::TlsSource;
 
@@ -39,6 +39,8 @@ pub struct ProxyConfig {
     pub assignments: BTreeMap<String, Arc<Assignment>>,
     pub listeners: BTreeMap<String, Arc<ListenerConfig>>,
     pub routes: BTreeMap<String, Arc<RouteTable>>,
+    /// Passthrough clusters (`ORIGINAL_DST`): no endpoints, no subscription.
+    pub passthrough: BTreeSet<String>,
     /// Resource versions by type URL and name (what the proxy holds).
     pub versions: BTreeMap<&'static str, BTreeMap<String, String>>,
 }
@@ -651,11 +653,19 @@ fn apply(
             (got != r.name).then(|| format!("{}: the resource inside is named {got:?}", r.name))
         };
         match t {
-            CLUSTER_TYPE => match config::cluster(any) {
-                Ok(c) => match named(&c.name) {
+            CLUSTER_TYPE => match config::cluster_resource(any) {
+                Ok(ClusterResource::Eds(c)) => match named(&c.name) {
                     Some(e) => errors.push(e),
                     None => {
+                        next.passthrough.remove(&c.name);
                         next.clusters.insert(c.name.clone(), Arc::new(c));
+                    }
+                },
+                Ok(ClusterResource::OriginalDst(name)) => match named(&name) {
+                    Some(e) => errors.push(e),
+                    None => {
+                        next.clusters.remove(&name);
+                        next.passthrough.insert(name);
                     }
                 },
                 Err(e) => errors.push(e.to_string()),
@@ -697,6 +707,7 @@ fn apply(
         match t {
             CLUSTER_TYPE => {
                 next.clusters.remove(name);
+                next.passthrough.remove(name);
             }
             ASSIGNMENT_TYPE => {
                 next.assignments.remove(name);
@@ -745,6 +756,22 @@ fn apply(
     }
     *cfg = next;
     (follow, None)
+}
+
+/// Ask the control plane for a transparent listener on `addr` (node metadata
+/// `STRAIT_TRANSPARENT`): where the pod's iptables redirection sends intercepted connections.
+pub fn with_transparent(mut node: Node, addr: std::net::SocketAddr) -> Node {
+    use envoy_types::pb::google::protobuf::{Value, value::Kind};
+    node.metadata
+        .get_or_insert_with(Default::default)
+        .fields
+        .insert(
+            "STRAIT_TRANSPARENT".to_string(),
+            Value {
+                kind: Some(Kind::StringValue(addr.to_string())),
+            },
+        );
+    node
 }
 
 /// The xDS node this proxy introduces itself with: Strait's metadata (cluster, kind, labels,

@@ -44,6 +44,7 @@ fn key(kind: ClientKind) -> ViewKey {
         locality: Locality::parse("l", "us-east/us-east-1a").unwrap(),
         labels: Labels::default(),
         outbound: Some("127.0.0.1:15001".parse().unwrap()),
+        transparent: None,
         tunnel: true,
         mtls: false,
     }
@@ -340,6 +341,81 @@ fn grpc_api_listeners_are_accepted_and_ignored() {
                 .is_none()
         );
     }
+}
+
+/// The transparent listener and the passthrough cluster the control plane describes for a
+/// node with `STRAIT_TRANSPARENT` translate to the proxy's transparent mode; a transparent
+/// listener with another chain, or a listener filter the proxy cannot run, is refused.
+#[test]
+fn a_transparent_listener_and_its_passthrough_cluster_translate() {
+    use envoy_types::pb::envoy::config::listener::v3 as listener;
+    let mut k = key(ClientKind::Envoy);
+    k.transparent = Some("127.0.0.1:15006".parse().unwrap());
+    let view = build(&snapshot(), &k, &settings());
+    let l = view
+        .get(TypeKind::Listener)
+        .get("strait_transparent")
+        .unwrap();
+    let l = config::listener(&l.body).unwrap().unwrap();
+    assert_eq!(l.address, "127.0.0.1:15006".parse::<SocketAddr>().unwrap());
+    match &l.kind {
+        ListenerKind::Transparent { fallback } => assert_eq!(fallback, "PassthroughCluster"),
+        other => panic!("{other:?}"),
+    }
+    let c = view
+        .get(TypeKind::Cluster)
+        .get("PassthroughCluster")
+        .unwrap();
+    assert_eq!(
+        config::cluster_resource(&c.body).unwrap(),
+        config::ClusterResource::OriginalDst("PassthroughCluster".into())
+    );
+    // An EDS cluster stays one.
+    let any = pack_any(eds_cluster("a"));
+    assert!(matches!(
+        config::cluster_resource(&any),
+        Ok(config::ClusterResource::Eds(c)) if c.name == "a"
+    ));
+    // ORIGINAL_DST without CLUSTER_PROVIDED, or with endpoints of its own.
+    let mut od = controlplane::resources::passthrough_cluster();
+    od.lb_policy = cluster::cluster::LbPolicy::RoundRobin as i32;
+    let e = err(config::cluster_resource(&pack_any(od)));
+    assert!(
+        e.contains("PassthroughCluster") && e.contains("CLUSTER_PROVIDED"),
+        "{e}"
+    );
+    let mut od = controlplane::resources::passthrough_cluster();
+    od.load_assignment = Some(endpoint::ClusterLoadAssignment::default());
+    let e = err(config::cluster_resource(&pack_any(od)));
+    assert!(e.contains("load_assignment"), "{e}");
+
+    // use_original_dst on an HTTP listener; a listener filter on any listener.
+    let base = controlplane::resources::transparent_listener("127.0.0.1:15006".parse().unwrap());
+    let outbound = controlplane::resources::outbound_listener("127.0.0.1:15001".parse().unwrap());
+    let mut http = outbound.clone();
+    http.use_original_dst = base.use_original_dst;
+    let e = err(config::listener(&pack_any(http)));
+    assert!(
+        e.contains("use_original_dst") && e.contains("TcpProxy"),
+        "{e}"
+    );
+    let mut filtered = outbound;
+    filtered.listener_filters = base.listener_filters.clone();
+    let e = err(config::listener(&pack_any(filtered)));
+    assert!(
+        e.contains("strait_outbound_http") && e.contains("listener_filters[0]"),
+        "{e}"
+    );
+    let mut other = base;
+    other.listener_filters.push(listener::ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        ..Default::default()
+    });
+    let e = err(config::listener(&pack_any(other)));
+    assert!(
+        e.contains("listener_filters[1]") && e.contains("tls_inspector"),
+        "{e}"
+    );
 }
 
 fn eds_cluster(name: &str) -> cluster::Cluster {

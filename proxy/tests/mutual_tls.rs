@@ -353,6 +353,7 @@ async fn envoy_reaches_strait_sidecars_with_mutual_tls() {
         delta: true,
         admin,
         outbound,
+        transparent: None,
         gateway: None,
     };
     let envoy = Envoy::start(d, "west-envoy", &envoy(&spec), admin, outbound);

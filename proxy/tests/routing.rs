@@ -213,6 +213,7 @@ async fn rules_route_by_host_path_and_header_and_split_by_weight_in_strait_and_e
         delta: true,
         admin,
         outbound: envoy_out,
+        transparent: None,
         gateway: None,
     };
     let envoy_proc = Envoy::start(d, "envoy-1", &envoy(&spec), admin, envoy_out);
