@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Subcommand;
 use controlplane::bootstrap::{BootstrapSpec, CertFiles};
-use federation::model::{Locality, Name};
+use federation::model::{GatewayAddress, Locality, Name};
+
+fn host_port(s: &str) -> Result<GatewayAddress, String> {
+    GatewayAddress::parse("address", s).map_err(|e| e.to_string())
+}
 
 #[derive(Subcommand, Debug)]
 pub enum ProxyCommand {
@@ -14,6 +18,151 @@ pub enum ProxyCommand {
     Bootstrap(BootstrapArgs),
     /// Run Strait's sidecar proxy, configured by the control plane over ADS.
     Run(RunArgs),
+    /// Set the pod's iptables redirection to the transparent listener (the injected init
+    /// container runs this): every outgoing TCP connection except loopback and the proxy's
+    /// own (by user id) goes to 127.0.0.1:PORT.
+    Iptables(IptablesArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct IptablesArgs {
+    /// The proxy's user id: its own connections are not redirected.
+    #[arg(long, default_value_t = 1337)]
+    uid: u32,
+    /// The transparent listener's port.
+    #[arg(long, default_value_t = 15006)]
+    to_port: u16,
+    /// Outgoing destination ports never redirected (repeatable).
+    #[arg(long = "exclude-port")]
+    exclude_ports: Vec<u16>,
+    /// Print the iptables commands instead of running them.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// The iptables commands of the redirection (nat table, a chain of Strait's own so that
+/// running it twice, or undoing it, is clean).
+pub fn iptables_commands(a: &IptablesArgs) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = Vec::new();
+    let mut cmd = |args: &[&str]| out.push(args.iter().map(|s| s.to_string()).collect());
+    cmd(&["iptables", "-t", "nat", "-N", "STRAIT_OUTPUT"]);
+    cmd(&["iptables", "-t", "nat", "-F", "STRAIT_OUTPUT"]);
+    let uid = a.uid.to_string();
+    cmd(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "STRAIT_OUTPUT",
+        "-m",
+        "owner",
+        "--uid-owner",
+        &uid,
+        "-j",
+        "RETURN",
+    ]);
+    cmd(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "STRAIT_OUTPUT",
+        "-d",
+        "127.0.0.0/8",
+        "-j",
+        "RETURN",
+    ]);
+    for p in &a.exclude_ports {
+        let p = p.to_string();
+        cmd(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "STRAIT_OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &p,
+            "-j",
+            "RETURN",
+        ]);
+    }
+    let to = a.to_port.to_string();
+    cmd(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "STRAIT_OUTPUT",
+        "-p",
+        "tcp",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &to,
+    ]);
+    cmd(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-j",
+        "STRAIT_OUTPUT",
+    ]);
+    out
+}
+
+fn run_iptables(a: &IptablesArgs) -> anyhow::Result<()> {
+    // Running twice must not add the jump twice: a pod's init container may be restarted.
+    let check = std::process::Command::new("iptables")
+        .args([
+            "-t",
+            "nat",
+            "-C",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            "STRAIT_OUTPUT",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let present = matches!(check, Ok(s) if s.success());
+    for c in iptables_commands(a) {
+        if a.dry_run {
+            println!("{}", c.join(" "));
+            continue;
+        }
+        let creating_chain = c.get(3).map(String::as_str) == Some("-N");
+        let jump = c.get(4).map(String::as_str) == Some("OUTPUT");
+        if jump && present {
+            continue;
+        }
+        let out = std::process::Command::new(&c[0])
+            .args(&c[1..])
+            .output()
+            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", c[0]))?;
+        // The chain exists already when the init container runs a second time.
+        if !out.status.success() && !creating_chain {
+            bail!(
+                "`{}` failed: {}",
+                c.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    if !a.dry_run {
+        tracing::info!(
+            uid = a.uid,
+            port = a.to_port,
+            "outgoing TCP redirected to the proxy"
+        );
+    }
+    Ok(())
 }
 
 /// Who the proxy is, for the control plane.
@@ -25,7 +174,8 @@ pub struct NodeArgs {
     /// The proxy's cluster.
     #[arg(long)]
     cluster: String,
-    /// The proxy's locality: REGION[/ZONE[/SUBZONE]].
+    /// The proxy's locality: REGION[/ZONE[/SUBZONE]]; a trailing `/` (an empty zone, as an
+    /// unset downward-API label gives) means no zone.
     #[arg(long)]
     locality: String,
     /// The workload's labels (for failover_priority policies), KEY=VALUE, repeatable.
@@ -37,7 +187,10 @@ impl NodeArgs {
     fn parse(&self) -> anyhow::Result<(Name, Locality, federation::model::Labels)> {
         Ok((
             Name::parse("--cluster", &self.cluster)?,
-            Locality::parse("--locality", &self.locality)?,
+            Locality::parse(
+                "--locality",
+                self.locality.strip_suffix('/').unwrap_or(&self.locality),
+            )?,
             crate::route_cmd::parse_labels(&self.labels)?,
         ))
     }
@@ -47,9 +200,9 @@ impl NodeArgs {
 pub struct RunArgs {
     #[command(flatten)]
     node: NodeArgs,
-    /// The control plane's xDS address (mutual TLS with --cert, else plaintext).
-    #[arg(long, default_value = "127.0.0.1:15010")]
-    xds: SocketAddr,
+    /// The control plane's xDS address, HOST:PORT (mutual TLS with --cert, else plaintext).
+    #[arg(long, default_value = "127.0.0.1:15010", value_parser = host_port)]
+    xds: GatewayAddress,
     /// Use state-of-the-world xDS instead of delta.
     #[arg(long)]
     sotw: bool,
@@ -59,10 +212,10 @@ pub struct RunArgs {
     /// The admin address (`/ready`, `/metrics`, `/config_dump`, `/clusters`).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
-    /// The local east-west gateway's ingress: endpoints of other clusters are reached through
-    /// it (needs the workload certificate).
-    #[arg(long, requires = "cert")]
-    gateway: Option<SocketAddr>,
+    /// The local east-west gateway's ingress, HOST:PORT (a DNS name is resolved at start):
+    /// endpoints of other clusters are reached through it (needs the workload certificate).
+    #[arg(long, requires = "cert", value_parser = host_port)]
+    gateway: Option<GatewayAddress>,
     #[command(flatten)]
     tls: CertArgs,
     /// Worker threads (like Envoy's --concurrency); default: one per available core.
@@ -144,8 +297,16 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
         None => node,
     };
     let files = a.tls.checked(&cluster)?;
-    let gateway = match (a.gateway, &files) {
-        (Some(addr), Some(files)) => {
+    let gateway = match (&a.gateway, &files) {
+        (Some(at), Some(files)) => {
+            let addr = match at.socket_addr() {
+                Some(addr) => addr,
+                None => tokio::net::lookup_host((at.host(), at.port()))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--gateway {at}: {e}"))?
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--gateway {at}: the name has no address"))?,
+            };
             let tls =
                 proxy::tls::TlsSource::new(files.clone(), proxy::tls::Peer::Gateway, &[b"h2"])?;
             Some(std::sync::Arc::new(proxy::tunnel::Gateway::new(
@@ -257,6 +418,7 @@ pub struct BootstrapArgs {
 pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
     match cmd {
         ProxyCommand::Run(a) => crate::run_async_with(a.workers, run_proxy(a)),
+        ProxyCommand::Iptables(a) => run_iptables(&a),
         ProxyCommand::Bootstrap(a) => {
             let (cluster, locality, labels) = a.node.parse()?;
             let files = a.tls.checked(&cluster)?;

@@ -95,28 +95,31 @@ impl Netns {
         // Applications may dial any address (a service VIP, say): route it all out.
         exec(&["ip", "route", "add", "default", "via", &host_ip]);
         // Every TCP connection leaving an application goes to the proxy's transparent port;
-        // the proxy's own (user 1337) and loopback ones do not.
-        exec(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "!",
-            "-d",
-            "127.0.0.0/8",
-            "-m",
-            "owner",
-            "!",
-            "--uid-owner",
-            PROXY_UID,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15006",
-        ]);
+        // the proxy's own (user 1337) and loopback ones do not. Set by the injected init
+        // container's command, run twice (a restarted init container) without doubling.
+        for _ in 0..2 {
+            exec(&[
+                BIN,
+                "proxy",
+                "iptables",
+                "--uid",
+                PROXY_UID,
+                "--to-port",
+                "15006",
+            ]);
+        }
+        let rules = Command::new("ip")
+            .args([
+                "netns", "exec", &name, "iptables", "-t", "nat", "-S", "OUTPUT",
+            ])
+            .output()
+            .expect("iptables -S");
+        let rules = String::from_utf8_lossy(&rules.stdout);
+        assert_eq!(
+            rules.matches("-j STRAIT_OUTPUT").count(),
+            1,
+            "one jump to Strait's chain:\n{rules}"
+        );
         ns
     }
 

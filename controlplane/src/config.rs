@@ -33,6 +33,9 @@ pub struct ControlPlaneConfig {
     #[serde(default)]
     pub gateway: Option<GatewayConfig>,
     pub admin: AdminConfig,
+    /// The sidecar-injection webhook (Kubernetes; see docs/kubernetes.md).
+    #[serde(default)]
+    pub webhook: Option<crate::kubernetes::inject::WebhookConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

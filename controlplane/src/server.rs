@@ -63,6 +63,8 @@ pub struct ControlPlane {
     pub xds: Xds,
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The sidecar-injection webhook's address, when configured.
+    pub webhook_addr: Option<SocketAddr>,
     cache: Arc<RegistryCache>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -310,12 +312,39 @@ impl ControlPlane {
             admin,
             stop.clone(),
         )));
+        // The sidecar-injection webhook.
+        let mut webhook_addr = None;
+        if let Some(w) = &cfg.webhook {
+            let tls = crate::kubernetes::inject::ServingTls::load(w.tls.clone())
+                .map_err(StartError::Tls)?;
+            let listener =
+                TcpListener::bind(w.listen)
+                    .await
+                    .map_err(|source| StartError::Listen {
+                        what: "webhook.listen",
+                        addr: w.listen,
+                        source,
+                    })?;
+            webhook_addr = listener.local_addr().ok();
+            let injector = crate::kubernetes::inject::Injector {
+                cluster: cfg.cluster.to_string(),
+                region: cfg.region.clone(),
+                sidecar: w.sidecar.clone(),
+            };
+            tasks.push(tokio::spawn(crate::kubernetes::inject::serve(
+                listener,
+                Arc::new(tls),
+                Arc::new(injector),
+                stop.clone(),
+            )));
+        }
         tracing::info!(cluster = %cfg.cluster, xds = %xds_addr, admin = %admin_addr,
             tls = cfg.xds.tls.is_some(), "controlplane started");
         Ok(Self {
             xds,
             xds_addr,
             admin_addr,
+            webhook_addr,
             cache,
             stop,
             tasks,

@@ -708,3 +708,170 @@ async fn bad_kubernetes_configuration_is_refused_with_the_reason() {
         "{e}"
     );
 }
+
+/// POST `body` to the webhook over TLS (the API server's side: the serving certificate checked
+/// against the CA bundle for the Service's DNS name) and return the status and body.
+async fn webhook_call(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    method: &str,
+    body: Vec<u8>,
+) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let roots = federation::identity::load_roots(ca).expect("CA bundle");
+    let config =
+        rustls::ClientConfig::builder_with_provider(federation::identity::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name =
+        rustls::pki_types::ServerName::try_from("strait-controlplane.strait-system.svc").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("the webhook's certificate verifies for the Service's name");
+    let head = format!(
+        "{method} /inject HTTP/1.1\r\nHost: strait-controlplane.strait-system.svc\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    // A body over the limit is cut short by the server: it may stop reading.
+    let _ = tls.write_all(&body).await;
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| out[i + 4..].to_vec())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The sidecar-injection webhook as the API server calls it: HTTPS with a serving certificate
+/// for the Service's DNS name, a real `AdmissionReview` in and a JSON patch out; GET, a body
+/// over the limit and a handshake of garbage get clear refusals, and it keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injection_webhook_answers_admission_reviews_over_https() {
+    use controlplane::config::ControlPlaneConfig;
+    use federation::identity::{CertificateAuthority, ExtraNames, SpiffeId};
+    common::install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::init("test.strait", Duration::from_secs(86400)).unwrap();
+    let id: SpiffeId = "spiffe://test.strait/cluster/east/ns/strait-system/sa/controlplane"
+        .parse()
+        .unwrap();
+    let names = ExtraNames {
+        dns: vec!["strait-controlplane.strait-system.svc".into()],
+        ips: vec![],
+    };
+    let files = ca
+        .issue_with_names(&id, Duration::from_secs(3600), &names)
+        .unwrap()
+        .write(dir.path().join("webhook"))
+        .unwrap();
+    let cfg = ControlPlaneConfig::parse(
+        "/etc/strait/cp.yaml",
+        &format!(
+            "cluster: east\nregion: us-east\nregistry: {{embedded: true}}\n\
+             xds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n\
+             webhook:\n  listen: \"127.0.0.1:0\"\n  tls: {{cert: {}, key: {}}}\n\
+             \x20 sidecar: {{image: \"ghcr.io/strait/strait:0.1.0\", gateway: null}}\n",
+            files.cert.display(),
+            files.key.display()
+        ),
+    )
+    .expect("config");
+    let cp = controlplane::server::ControlPlane::start(cfg)
+        .await
+        .expect("control plane");
+    let addr = cp.webhook_addr.expect("the webhook listens");
+
+    // Garbage where a TLS handshake belongs: that connection alone is dropped.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut buf))
+            .await
+            .expect("the server closes a connection that is not TLS");
+    }
+
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "b1e4a7d2-0c1f-4f43-9d55-0d2a4c1f6e01",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": "web-", "namespace": "shop"},
+                "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}
+            }
+        }
+    });
+    let (status, body) = webhook_call(
+        addr,
+        &files.ca,
+        "POST",
+        serde_json::to_vec(&review).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let out: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(out["kind"], "AdmissionReview");
+    let r = &out["response"];
+    assert_eq!(r["uid"], "b1e4a7d2-0c1f-4f43-9d55-0d2a4c1f6e01");
+    assert_eq!(
+        (r["allowed"].as_bool(), r["patchType"].as_str()),
+        (Some(true), Some("JSONPatch"))
+    );
+    let patch = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(r["patch"].as_str().expect("base64"))
+            .unwrap()
+    };
+    let patch = String::from_utf8(patch).unwrap();
+    assert!(
+        patch.contains("strait-proxy") && patch.contains("--cluster\",\"east"),
+        "{patch}"
+    );
+    assert!(
+        !patch.contains("--gateway"),
+        "gateway: null leaves the flag out: {patch}"
+    );
+
+    // Malformed: a denial, not a crash; GET and a body over the limit: HTTP errors.
+    let (status, body) = webhook_call(addr, &files.ca, "POST", b"{not json".to_vec()).await;
+    assert_eq!(status, 200);
+    let out: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(out["response"]["allowed"], false, "{out}");
+    let (status, _) = webhook_call(addr, &files.ca, "GET", Vec::new()).await;
+    assert_eq!(status, 405);
+    let (status, body) = webhook_call(addr, &files.ca, "POST", vec![b' '; 5 << 20]).await;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    // Still serving.
+    let (status, _) = webhook_call(
+        addr,
+        &files.ca,
+        "POST",
+        serde_json::to_vec(&review).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    cp.shutdown().await;
+}
