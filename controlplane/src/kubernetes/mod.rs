@@ -20,6 +20,7 @@
 //! - an address that appears in two slices (while Kubernetes moves endpoints between slices)
 //!   is kept once, with its better health.
 
+pub mod crd;
 pub mod inject;
 pub mod source;
 
