@@ -4,6 +4,7 @@
 mod chaos;
 mod demo;
 mod etcd_args;
+mod install;
 mod lab;
 mod pki_cmd;
 mod policy_cmd;
@@ -74,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         cmd: proxy_cmd::ProxyCommand,
     },
+    /// Install Strait: `kubernetes` prints a cluster's manifests (for `kubectl apply -f -`).
+    Install {
+        #[command(subcommand)]
+        cmd: install::InstallCommand,
+    },
     /// A local multi-cluster federation on this machine: `up`, `status`, `down`.
     Lab {
         #[command(subcommand)]
@@ -107,6 +113,7 @@ fn main() -> std::process::ExitCode {
         | Command::Chaos(_)
         | Command::Route { .. }
         | Command::Policy { .. }
+        | Command::Install { .. }
         | Command::Proxy {
             cmd: proxy_cmd::ProxyCommand::Bootstrap(_),
         } => "warn",
@@ -136,6 +143,7 @@ fn main() -> std::process::ExitCode {
         Command::Gateway { config } => run_async(run_gateway(config)),
         Command::Controlplane { config } => run_async(run_controlplane(config)),
         Command::Proxy { cmd } => proxy_cmd::run(cmd),
+        Command::Install { cmd } => install::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

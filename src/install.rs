@@ -1,0 +1,814 @@
+//! `strait install kubernetes --cluster C --region R [--values FILE]`: every manifest a
+//! cluster needs, built with `k8s-openapi` types and printed as one YAML stream for
+//! `kubectl apply -f -` — the namespace, Strait's CRDs, least-privilege RBAC, the control plane
+//! and gateway (ConfigMaps, Deployments with probes on their admin ports and resource requests,
+//! PodDisruptionBudgets), the gateway's LoadBalancer Service on UDP for QUIC, and the sidecar
+//! injection webhook's configuration. See docs/kubernetes.md.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
+    WebhookClientConfig,
+};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+    Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+
+pub const NAMESPACE: &str = "strait-system";
+const CONTROLPLANE: &str = "strait-controlplane";
+const GATEWAY: &str = "strait-gateway";
+
+#[derive(clap::Subcommand, Debug)]
+pub enum InstallCommand {
+    /// Print the manifests of one cluster (pipe them to `kubectl apply -f -`).
+    Kubernetes(KubernetesArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KubernetesArgs {
+    /// The cluster's name in the federation.
+    #[arg(long)]
+    cluster: String,
+    /// The cluster's region.
+    #[arg(long)]
+    region: String,
+    /// A YAML file of values (image, etcd, gateway_address, webhook_ca_file, replicas…).
+    #[arg(long)]
+    values: Option<PathBuf>,
+}
+
+/// What `--values` may set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Values {
+    /// The image with the `strait` binary.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// The registry's etcd client URLs.
+    #[serde(default = "default_etcd")]
+    pub etcd: Vec<String>,
+    /// This cluster's gateway as other clusters reach it (the LoadBalancer's DNS name or
+    /// address, `host:port`); published in the registry.
+    #[serde(default)]
+    pub gateway_address: Option<String>,
+    /// The CA (PEM) that signed the webhook's serving certificate: the webhook
+    /// configuration's `caBundle`. Relative to the values file.
+    #[serde(default)]
+    pub webhook_ca_file: Option<PathBuf>,
+    /// The federation's trust domain (documentation for the certificates to create).
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+}
+
+fn default_image() -> String {
+    format!("ghcr.io/strait/strait:{}", env!("CARGO_PKG_VERSION"))
+}
+fn default_etcd() -> Vec<String> {
+    vec!["http://etcd.strait-system.svc:2379".into()]
+}
+fn default_trust_domain() -> String {
+    "strait.local".into()
+}
+
+impl Default for Values {
+    fn default() -> Self {
+        Self {
+            image: default_image(),
+            etcd: default_etcd(),
+            gateway_address: None,
+            webhook_ca_file: None,
+            trust_domain: default_trust_domain(),
+        }
+    }
+}
+
+/// One manifest, typed.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum Manifest {
+    Namespace(Box<Namespace>),
+    Crd(Box<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>),
+    ServiceAccount(Box<ServiceAccount>),
+    ClusterRole(Box<ClusterRole>),
+    ClusterRoleBinding(Box<ClusterRoleBinding>),
+    ConfigMap(Box<ConfigMap>),
+    Service(Box<Service>),
+    Deployment(Box<Deployment>),
+    PodDisruptionBudget(Box<PodDisruptionBudget>),
+    Webhook(Box<MutatingWebhookConfiguration>),
+}
+
+fn labels(component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), component.to_string()),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "strait".to_string(),
+        ),
+    ])
+}
+
+fn meta(name: &str, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(NAMESPACE.into()),
+        labels: Some(labels(component)),
+        ..Default::default()
+    }
+}
+
+fn selector(component: &str) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([(
+            "app.kubernetes.io/name".to_string(),
+            component.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str, port: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(port),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
+fn resources(cpu: &str, memory: &str, limit: &str) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(cpu.into())),
+            ("memory".to_string(), Quantity(memory.into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity(limit.into()),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn secret_volume(name: &str, secret: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
+
+fn port(name: &str, port: i32, protocol: &str) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some(protocol.into()),
+        ..Default::default()
+    }
+}
+
+/// A Deployment of one `strait` process with its config from a ConfigMap.
+fn deployment(
+    name: &str,
+    values: &Values,
+    args: Vec<String>,
+    ports: Vec<ContainerPort>,
+    admin: i32,
+    extra_volumes: Vec<(Volume, VolumeMount)>,
+) -> Deployment {
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: name.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let mut mounts = vec![mount("config", "/etc/strait/config")];
+    for (v, m) in extra_volumes {
+        volumes.push(v);
+        mounts.push(m);
+    }
+    Deployment {
+        metadata: meta(name, name),
+        spec: DeploymentSpec {
+            // One publisher per cluster: the registry's entries live under its lease.
+            replicas: Some(1),
+            selector: selector(name),
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(name)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(name.into()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(1337),
+                        run_as_group: Some(1337),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    containers: vec![Container {
+                        name: name.into(),
+                        image: Some(values.image.clone()),
+                        args: Some(args),
+                        ports: Some(ports),
+                        readiness_probe: Some(probe("/ready", admin)),
+                        liveness_probe: Some(Probe {
+                            initial_delay_seconds: Some(10),
+                            period_seconds: Some(10),
+                            ..probe("/ready", admin)
+                        }),
+                        resources: Some(resources("100m", "64Mi", "512Mi")),
+                        security_context: Some(SecurityContext {
+                            allow_privilege_escalation: Some(false),
+                            read_only_root_filesystem: Some(true),
+                            capabilities: Some(Capabilities {
+                                drop: Some(vec!["ALL".into()]),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        volume_mounts: Some(mounts),
+                        ..Default::default()
+                    }],
+                    volumes: Some(volumes),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn pdb(name: &str) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(name, name),
+        spec: Some(PodDisruptionBudgetSpec {
+            // One replica: a voluntary disruption may take it (a node drain must not hang),
+            // never more than one at a time.
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(selector(name)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn service(name: &str, component: &str, type_: &str, ports: Vec<ServicePort>) -> Service {
+    Service {
+        metadata: meta(name, component),
+        spec: Some(ServiceSpec {
+            type_: Some(type_.into()),
+            selector: Some(BTreeMap::from([(
+                "app.kubernetes.io/name".to_string(),
+                component.to_string(),
+            )])),
+            ports: Some(ports),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn service_port(name: &str, port: i32, target: i32, protocol: &str) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::Int(target)),
+        protocol: Some(protocol.into()),
+        ..Default::default()
+    }
+}
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    let v = |x: &[&str]| Some(x.iter().map(|s| s.to_string()).collect());
+    PolicyRule {
+        api_groups: v(groups),
+        resources: v(resources),
+        verbs: verbs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn yaml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// The control plane's configuration file.
+pub fn controlplane_config(cluster: &str, region: &str, values: &Values) -> String {
+    let gateways = values
+        .gateway_address
+        .as_ref()
+        .map(|g| format!("\n    gateways: [{g:?}]"))
+        .unwrap_or_default();
+    format!(
+        "# strait controlplane --config (see docs/kubernetes.md)\n\
+         cluster: {cluster}\n\
+         region: {region}\n\
+         registry: {{etcd: {etcd}}}\n\
+         discovery:\n  kubernetes:   # in-cluster: the pod's service account{gateways}\n\
+         xds:\n  listen: \"0.0.0.0:15010\"\n  tls: {{cert: /etc/strait/tls/cert.pem, key: /etc/strait/tls/key.pem, ca: /etc/strait/tls/ca.pem}}\n\
+         # a local gateway exists: sidecars reach other clusters through its ingress\n\
+         gateway: {{ingress: \"0.0.0.0:15008\"}}\n\
+         admin: {{listen: \"0.0.0.0:15014\"}}\n\
+         webhook:\n  listen: \"0.0.0.0:15017\"\n  tls: {{cert: /etc/strait/webhook/tls.crt, key: /etc/strait/webhook/tls.key}}\n  sidecar: {{image: {image:?}}}\n",
+        etcd = yaml_list(&values.etcd),
+        image = values.image,
+    )
+}
+
+/// The gateway's configuration file.
+pub fn gateway_config(cluster: &str, values: &Values) -> String {
+    format!(
+        "# strait gateway --config (see docs/gateway.md)\n\
+         cluster: {cluster}\n\
+         listen: {{peers: \"0.0.0.0:15443\", ingress: \"0.0.0.0:15008\", admin: \"0.0.0.0:15000\"}}\n\
+         tls: {{cert: /etc/strait/tls/cert.pem, key: /etc/strait/tls/key.pem, ca: /etc/strait/tls/ca.pem}}\n\
+         registry: {{etcd: {etcd}}}\n",
+        etcd = yaml_list(&values.etcd),
+    )
+}
+
+/// Every manifest of one cluster, in the order they apply.
+pub fn manifests(
+    cluster: &str,
+    region: &str,
+    values: &Values,
+    ca_bundle: Option<Vec<u8>>,
+) -> Vec<Manifest> {
+    use Manifest as M;
+    let mut out = vec![M::Namespace(Box::new(Namespace {
+        metadata: ObjectMeta {
+            name: Some(NAMESPACE.into()),
+            labels: Some(BTreeMap::from([
+                (
+                    "app.kubernetes.io/part-of".to_string(),
+                    "strait".to_string(),
+                ),
+                // The mesh's own pods are never injected.
+                ("strait.io/inject".to_string(), "disabled".to_string()),
+            ])),
+            ..Default::default()
+        },
+        ..Default::default()
+    }))];
+    out.extend(
+        controlplane::kubernetes::crd::all()
+            .into_iter()
+            .map(|c| M::Crd(Box::new(c))),
+    );
+    for name in [CONTROLPLANE, GATEWAY] {
+        out.push(M::ServiceAccount(Box::new(ServiceAccount {
+            metadata: meta(name, name),
+            // The gateway talks to etcd and its peers only; the control plane's API access is
+            // its ClusterRole's.
+            automount_service_account_token: Some(name == CONTROLPLANE),
+            ..Default::default()
+        })));
+    }
+    out.push(M::ClusterRole(Box::new(ClusterRole {
+        metadata: ObjectMeta {
+            name: Some(CONTROLPLANE.into()),
+            labels: Some(labels(CONTROLPLANE)),
+            ..Default::default()
+        },
+        rules: Some(vec![
+            rule(&[""], &["services", "nodes"], &["list", "watch"]),
+            rule(
+                &["discovery.k8s.io"],
+                &["endpointslices"],
+                &["list", "watch"],
+            ),
+            rule(
+                &["multicluster.x-k8s.io"],
+                &["serviceexports"],
+                &["list", "watch"],
+            ),
+            rule(
+                &["strait.io"],
+                &["failoverpolicies", "federatedclusters"],
+                &["get", "list", "watch"],
+            ),
+        ]),
+        ..Default::default()
+    })));
+    out.push(M::ClusterRoleBinding(Box::new(ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(CONTROLPLANE.into()),
+            labels: Some(labels(CONTROLPLANE)),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "ClusterRole".into(),
+            name: CONTROLPLANE.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: CONTROLPLANE.into(),
+            namespace: Some(NAMESPACE.into()),
+            ..Default::default()
+        }]),
+    })));
+    for (name, config) in [
+        (CONTROLPLANE, controlplane_config(cluster, region, values)),
+        (GATEWAY, gateway_config(cluster, values)),
+    ] {
+        out.push(M::ConfigMap(Box::new(ConfigMap {
+            metadata: meta(name, name),
+            data: Some(BTreeMap::from([("config.yaml".to_string(), config)])),
+            ..Default::default()
+        })));
+    }
+    out.push(M::Service(Box::new(service(
+        CONTROLPLANE,
+        CONTROLPLANE,
+        "ClusterIP",
+        vec![
+            service_port("grpc-xds", 15010, 15010, "TCP"),
+            service_port("https-webhook", 443, 15017, "TCP"),
+        ],
+    ))));
+    out.push(M::Service(Box::new(service(
+        GATEWAY,
+        GATEWAY,
+        "ClusterIP",
+        vec![service_port("https-ingress", 15008, 15008, "TCP")],
+    ))));
+    // QUIC between clusters: UDP, reachable from the other clusters.
+    let mut peers = service(
+        "strait-gateway-peers",
+        GATEWAY,
+        "LoadBalancer",
+        vec![service_port("quic-peers", 15443, 15443, "UDP")],
+    );
+    if let Some(spec) = peers.spec.as_mut() {
+        spec.external_traffic_policy = Some("Local".into());
+    }
+    out.push(M::Service(Box::new(peers)));
+    let args = |what: &str| -> Vec<String> {
+        [what, "--config", "/etc/strait/config/config.yaml"]
+            .map(String::from)
+            .to_vec()
+    };
+    out.push(M::Deployment(Box::new(deployment(
+        CONTROLPLANE,
+        values,
+        args("controlplane"),
+        vec![
+            port("grpc-xds", 15010, "TCP"),
+            port("http-admin", 15014, "TCP"),
+            port("https-webhook", 15017, "TCP"),
+        ],
+        15014,
+        vec![
+            (
+                secret_volume("tls", "strait-controlplane-tls"),
+                mount("tls", "/etc/strait/tls"),
+            ),
+            (
+                secret_volume("webhook-tls", "strait-webhook-tls"),
+                mount("webhook-tls", "/etc/strait/webhook"),
+            ),
+        ],
+    ))));
+    out.push(M::Deployment(Box::new(deployment(
+        GATEWAY,
+        values,
+        args("gateway"),
+        vec![
+            port("quic-peers", 15443, "UDP"),
+            port("https-ingress", 15008, "TCP"),
+            port("http-admin", 15000, "TCP"),
+        ],
+        15000,
+        vec![(
+            secret_volume("tls", "strait-gateway-tls"),
+            mount("tls", "/etc/strait/tls"),
+        )],
+    ))));
+    out.push(M::PodDisruptionBudget(Box::new(pdb(CONTROLPLANE))));
+    out.push(M::PodDisruptionBudget(Box::new(pdb(GATEWAY))));
+    out.push(M::Webhook(Box::new(MutatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some("strait-sidecar-injector".into()),
+            labels: Some(labels(CONTROLPLANE)),
+            ..Default::default()
+        },
+        webhooks: Some(vec![MutatingWebhook {
+            name: "inject.strait.io".into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: WebhookClientConfig {
+                ca_bundle: ca_bundle.map(ByteString),
+                service: Some(ServiceReference {
+                    name: CONTROLPLANE.into(),
+                    namespace: NAMESPACE.into(),
+                    path: Some("/inject".into()),
+                    port: Some(443),
+                }),
+                ..Default::default()
+            },
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec![String::new()]),
+                api_versions: Some(vec!["v1".into()]),
+                operations: Some(vec!["CREATE".into()]),
+                resources: Some(vec!["pods".into()]),
+                scope: Some("Namespaced".into()),
+            }]),
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    controlplane::kubernetes::inject::NAMESPACE_LABEL.to_string(),
+                    "enabled".to_string(),
+                )])),
+                ..Default::default()
+            }),
+            // A pod must not start unmeshed in an injected namespace.
+            failure_policy: Some("Fail".into()),
+            side_effects: "None".into(),
+            timeout_seconds: Some(10),
+            reinvocation_policy: Some("Never".into()),
+            ..Default::default()
+        }]),
+    })));
+    out
+}
+
+/// The manifests as one YAML stream.
+pub fn render(manifests: &[Manifest], header: &str) -> anyhow::Result<String> {
+    let mut out = String::from(header);
+    for m in manifests {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(m).context("cannot write a manifest as YAML")?);
+    }
+    Ok(out)
+}
+
+fn load_values(path: &Path) -> anyhow::Result<(Values, Option<Vec<u8>>)> {
+    let text = federation::discovery::read_file(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let values: Values = serde_saphyr::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--values {}: {e}", path.display()))?;
+    let ca = match &values.webhook_ca_file {
+        None => None,
+        Some(f) => {
+            let f = path.parent().unwrap_or(Path::new(".")).join(f);
+            let pem =
+                std::fs::read(&f).with_context(|| format!("webhook_ca_file {}", f.display()))?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                anyhow::bail!("webhook_ca_file {}: not a PEM certificate", f.display());
+            }
+            Some(pem)
+        }
+    };
+    Ok((values, ca))
+}
+
+/// The output for these arguments (also what the reference files in `deploy/kubernetes/` hold).
+pub fn output(args: &KubernetesArgs) -> anyhow::Result<String> {
+    federation::model::Name::parse("--cluster", &args.cluster)?;
+    federation::model::Locality::parse("--region", &args.region)?;
+    let (values, ca) = match &args.values {
+        Some(p) => load_values(p)?,
+        None => (Values::default(), None),
+    };
+    let mut shown = format!(
+        "strait install kubernetes --cluster {} --region {}",
+        args.cluster, args.region
+    );
+    if let Some(p) = &args.values {
+        shown.push_str(&format!(" --values {}", p.display()));
+    }
+    let (td, c) = (&values.trust_domain, &args.cluster);
+    let header = format!(
+        "# Generated by `{shown}`.\n\
+         # Before applying, create in {NAMESPACE} the Secrets (see docs/kubernetes.md):\n\
+         #   strait-controlplane-tls  cert.pem, key.pem, ca.pem  spiffe://{td}/cluster/{c}/ns/{NAMESPACE}/sa/{CONTROLPLANE}\n\
+         #   strait-gateway-tls       cert.pem, key.pem, ca.pem  spiffe://{td}/cluster/{c}/gateway\n\
+         #   strait-webhook-tls       tls.crt, tls.key           DNS {CONTROLPLANE}.{NAMESPACE}.svc\n"
+    );
+    render(
+        &manifests(&args.cluster, &args.region, &values, ca),
+        &header,
+    )
+}
+
+pub fn run(cmd: InstallCommand) -> anyhow::Result<()> {
+    match cmd {
+        InstallCommand::Kubernetes(a) => {
+            print!("{}", output(&a)?);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// Deserialize `doc` into the `k8s-openapi` type its kind names and serialize it back: a
+    /// field the type does not know is lost on the way, so the two differ (strict reading).
+    fn strict(doc: &Value) -> Result<(), String> {
+        fn back<T: serde::de::DeserializeOwned + serde::Serialize>(
+            doc: &Value,
+        ) -> Result<Value, String> {
+            let t: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+            serde_json::to_value(&t).map_err(|e| e.to_string())
+        }
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let again = match kind {
+            "Namespace" => back::<Namespace>(doc),
+            "CustomResourceDefinition" => back::<CustomResourceDefinition>(doc),
+            "ServiceAccount" => back::<ServiceAccount>(doc),
+            "ClusterRole" => back::<ClusterRole>(doc),
+            "ClusterRoleBinding" => back::<ClusterRoleBinding>(doc),
+            "ConfigMap" => back::<ConfigMap>(doc),
+            "Service" => back::<Service>(doc),
+            "Deployment" => back::<Deployment>(doc),
+            "PodDisruptionBudget" => back::<PodDisruptionBudget>(doc),
+            "MutatingWebhookConfiguration" => back::<MutatingWebhookConfiguration>(doc),
+            other => Err(format!("unexpected kind {other:?}")),
+        }?;
+        if &again == doc {
+            Ok(())
+        } else {
+            Err(format!(
+                "{kind}: fields the API type does not have:\n{}\nvs\n{}",
+                doc, again
+            ))
+        }
+    }
+
+    fn docs(path: &Path) -> Vec<Value> {
+        let text = std::fs::read_to_string(path).unwrap();
+        serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .into_iter()
+            .filter(|d| !d.is_null())
+            .collect()
+    }
+
+    /// The reference output in `deploy/kubernetes/` is what `strait install kubernetes` prints
+    /// today: CI fails when a change to the manifests was not regenerated.
+    #[test]
+    fn the_reference_manifests_are_current() {
+        for (cluster, region) in [("east", "us-east"), ("west", "us-west")] {
+            let args = KubernetesArgs {
+                cluster: cluster.into(),
+                region: region.into(),
+                values: Some(PathBuf::from(format!(
+                    "deploy/kubernetes/values/{cluster}.yaml"
+                ))),
+            };
+            let want = output(&args).unwrap();
+            let file = root().join(format!("deploy/kubernetes/{cluster}.yaml"));
+            let have = std::fs::read_to_string(&file).unwrap_or_default();
+            assert!(
+                have == want,
+                "{} is stale; regenerate it with\n  cargo run -- install kubernetes --cluster {cluster} \
+                 --region {region} --values deploy/kubernetes/values/{cluster}.yaml > deploy/kubernetes/{cluster}.yaml",
+                file.display()
+            );
+        }
+    }
+
+    /// Every manifest in `deploy/kubernetes/` reads strictly into its `k8s-openapi` type, the
+    /// configurations it carries are what the control plane and the gateway accept, and the
+    /// control plane's role only reads.
+    #[test]
+    fn every_reference_manifest_is_a_strict_kubernetes_object() {
+        let mut kinds = std::collections::BTreeSet::new();
+        for cluster in ["east", "west"] {
+            let path = root().join(format!("deploy/kubernetes/{cluster}.yaml"));
+            let docs = docs(&path);
+            assert!(
+                docs.len() >= 15,
+                "{}: {} documents",
+                path.display(),
+                docs.len()
+            );
+            for d in &docs {
+                strict(d).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                kinds.insert(d["kind"].as_str().unwrap_or_default().to_string());
+                let name = d["metadata"]["name"].as_str().unwrap_or_default();
+                if d["kind"] == "ConfigMap" {
+                    let text = d["data"]["config.yaml"].as_str().unwrap();
+                    let ok = match name {
+                        "strait-controlplane" => {
+                            controlplane::config::ControlPlaneConfig::parse("config.yaml", text)
+                                .map(|c| assert_eq!(c.cluster.as_str(), cluster))
+                                .map_err(|e| e.to_string())
+                        }
+                        "strait-gateway" => {
+                            gateway::config::GatewayConfig::parse("config.yaml", text)
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        }
+                        other => Err(format!("unexpected ConfigMap {other}")),
+                    };
+                    ok.unwrap_or_else(|e| panic!("{cluster} {name}: {e}\n{text}"));
+                }
+                if d["kind"] == "ClusterRole" {
+                    for r in d["rules"].as_array().unwrap() {
+                        for v in r["verbs"].as_array().unwrap() {
+                            assert!(
+                                ["get", "list", "watch"].contains(&v.as_str().unwrap()),
+                                "the control plane's role writes: {r}"
+                            );
+                        }
+                        assert!(!r["resources"].to_string().contains("secrets"), "{r}");
+                    }
+                }
+                if d["kind"] == "Service" && name == "strait-gateway-peers" {
+                    assert_eq!(d["spec"]["type"], "LoadBalancer");
+                    assert_eq!(d["spec"]["ports"][0]["protocol"], "UDP");
+                }
+            }
+        }
+        for k in [
+            "Namespace",
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "Deployment",
+            "PodDisruptionBudget",
+            "MutatingWebhookConfiguration",
+        ] {
+            assert!(kinds.contains(k), "no {k} in {kinds:?}");
+        }
+    }
+
+    #[test]
+    fn the_strict_check_catches_unknown_fields_and_bad_values_are_refused() {
+        let path = root().join("deploy/kubernetes/east.yaml");
+        let mut d = docs(&path)
+            .into_iter()
+            .find(|d| d["kind"] == "Deployment")
+            .unwrap();
+        d["spec"]["replica"] = Value::from(2);
+        let e = strict(&d).unwrap_err();
+        assert!(e.contains("Deployment"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let run = |values: &str, cluster: &str| {
+            let p = dir.path().join("v.yaml");
+            std::fs::write(&p, values).unwrap();
+            output(&KubernetesArgs {
+                cluster: cluster.into(),
+                region: "us-east".into(),
+                values: Some(p),
+            })
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(run("imagee: x\n", "east").contains("imagee"));
+        assert!(run("webhook_ca_file: nope.pem\n", "east").contains("nope.pem"));
+        assert!(run("{}\n", "East!").contains("--cluster"));
+    }
+}
