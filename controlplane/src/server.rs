@@ -119,6 +119,12 @@ impl ControlPlane {
             federation::model::Cluster::new(cfg.cluster.clone(), &cfg.region, None, gateways)
                 .map_err(StartError::KubernetesCluster)?;
         let client = crate::kubernetes::source::client(k).await?;
+        tasks.push(tokio::spawn(crate::kubernetes::source::follow_policies(
+            client.clone(),
+            backend.clone(),
+            Duration::from_millis(100),
+            stop.clone(),
+        )));
         let (states_tx, mut states_rx) = watch::channel(None);
         tasks.push(tokio::spawn(crate::kubernetes::source::follow(
             client,

@@ -26,9 +26,11 @@ const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const NODES: &str = "/api/v1/nodes";
 const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
+const POLICIES: &str = "/apis/strait.io/v1alpha1/failoverpolicies";
 
 /// (path, list kind, apiVersion)
-const KINDS: [(&str, &str, &str); 4] = [
+const KINDS: [(&str, &str, &str); 5] = [
+    (POLICIES, "FailoverPolicyList", "strait.io/v1alpha1"),
     (SERVICES, "ServiceList", "v1"),
     (SLICES, "EndpointSliceList", "discovery.k8s.io/v1"),
     (NODES, "NodeList", "v1"),
@@ -654,6 +656,68 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
     common::wait_for(Duration::from_secs(15), "payments withdrawn", || async {
         let p = published(&reg).await;
         if p.contains_key("shop/payments") {
+            Err(format!("{p:?}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+
+    // FailoverPolicy objects become the registry's policies, as `strait policy apply` would
+    // write them; an invalid one is left out; a deleted one's policy is removed.
+    let policy = |name: &str, spec: Value| {
+        json!({"apiVersion": "strait.io/v1alpha1", "kind": "FailoverPolicy",
+            "metadata": {"name": name, "uid": format!("uid-{name}")}, "spec": spec})
+    };
+    let good = policy(
+        "payments",
+        json!({"service": "payments.shop", "targets": [{"cluster": "west"}, {"region": "us-central"}]}),
+    );
+    api.put(POLICIES, good.clone());
+    api.put(
+        POLICIES,
+        policy("orders", json!({"service": "orders.shop", "targets": [{"cluster": "west", "region": "us-west"}]})),
+    );
+    let policies = || async {
+        let (_, kvs) = reg
+            .backend
+            .get_prefix("/strait/v1/policies/")
+            .await
+            .expect("registry read");
+        kvs.into_iter()
+            .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
+            .collect::<BTreeMap<String, String>>()
+    };
+    let got = common::wait_for(
+        Duration::from_secs(15),
+        "the policy in the registry",
+        || async {
+            let p = policies().await;
+            match p.get("/strait/v1/policies/services/shop/payments") {
+                Some(v) if v.contains("west") && v.contains("us-central") => Ok(p),
+                _ => Err(format!("{p:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        !got.contains_key("/strait/v1/policies/services/shop/orders"),
+        "an invalid FailoverPolicy was written: {got:?}"
+    );
+    let explained = federation::policy_file::parse(
+        "p.yaml",
+        "policies:\n  - service: payments.shop\n    targets: [{cluster: west}, {region: us-central}]\n",
+    )
+    .expect("policy file");
+    assert_eq!(
+        got["/strait/v1/policies/services/shop/payments"].as_bytes(),
+        federation::registry::codec::encode_policy(&explained[0]).as_slice(),
+        "the same policy as `strait policy apply` writes"
+    );
+    api.delete(POLICIES, &good);
+    common::wait_for(Duration::from_secs(15), "the policy removed", || async {
+        let p = policies().await;
+        if p.contains_key("/strait/v1/policies/services/shop/payments") {
             Err(format!("{p:?}"))
         } else {
             Ok(())

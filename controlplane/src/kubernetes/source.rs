@@ -88,6 +88,126 @@ pub fn service_export_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&gvk, "serviceexports")
 }
 
+/// Strait's `FailoverPolicy` resource (see [`super::crd`]).
+pub fn failover_policy_resource() -> ApiResource {
+    let gvk = GroupVersionKind::gvk(super::crd::GROUP, super::crd::VERSION, "FailoverPolicy");
+    ApiResource::from_gvk_with_plural(&gvk, "failoverpolicies")
+}
+
+/// Follow the cluster's `FailoverPolicy` objects until `stop` and keep the registry's policies
+/// in step, as `strait policy apply` / `delete` would: a policy object's spec (checked against
+/// the CRD's schema and read by the policy-file parser) is written under its scope; a deleted
+/// object's policy is removed. An invalid object is reported (once) and left out; of two objects
+/// for one scope the first by name wins. Nothing is written before the first complete list, and
+/// a failed write is retried with back-off.
+pub async fn follow_policies(
+    client: Client,
+    backend: federation::registry::Backend,
+    coalesce: Duration,
+    stop: CancellationToken,
+) {
+    use federation::registry::backend::Op;
+    use federation::registry::codec::{RegistryKey, encode_policy};
+    let crd = super::crd::failover_policy_crd();
+    let mut events = watcher(
+        Api::<DynamicObject>::all_with(client, &failover_policy_resource()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .boxed();
+    let mut live: BTreeMap<String, DynamicObject> = BTreeMap::new();
+    let mut relist: Relist<String, DynamicObject> = Relist::default();
+    // What this control plane wrote: key → value.
+    let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut reported: BTreeSet<String> = BTreeSet::new();
+    let mut dirty = false;
+    let mut retry = Duration::from_millis(500);
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            e = events.next() => {
+                let Some(e) = e else { return };
+                let changed = match e {
+                    Ok(e) => relist.apply(&mut live, e, |o: DynamicObject| {
+                        let name = o.metadata.name.clone()?;
+                        Some((name, o))
+                    }),
+                    Err(e) => { warn("FailoverPolicies", &e); continue }
+                };
+                if changed && !dirty {
+                    dirty = true;
+                    timer.as_mut().reset(tokio::time::Instant::now() + coalesce);
+                }
+            }
+            () = &mut timer, if dirty => {
+                if !relist.synced {
+                    dirty = false;
+                    continue;
+                }
+                let mut want: BTreeMap<String, (String, Vec<u8>)> = BTreeMap::new();
+                let mut problems = BTreeSet::new();
+                for (name, o) in &live {
+                    let obj = serde_json::to_value(o).unwrap_or_default();
+                    let policy = super::crd::validate(&crd, &obj)
+                        .map_err(|e| e.join("; "))
+                        .and_then(|()| super::crd::policy_from_spec(name, &obj["spec"]));
+                    match policy {
+                        Ok(p) => {
+                            let key = RegistryKey::Policy(p.scope.clone()).encode();
+                            if let Some((first, _)) = want.get(&key) {
+                                problems.insert(format!(
+                                    "FailoverPolicy/{name}: policy {} is FailoverPolicy/{first}'s; left out",
+                                    p.scope
+                                ));
+                            } else {
+                                want.insert(key, (name.clone(), encode_policy(&p)));
+                            }
+                        }
+                        Err(e) => {
+                            problems.insert(format!("FailoverPolicy/{name}: {e}; left out"));
+                        }
+                    }
+                }
+                for p in problems.difference(&reported) {
+                    tracing::warn!("kubernetes policies: {p}");
+                }
+                reported = problems;
+                let mut ops = Vec::new();
+                for (key, (_, value)) in &want {
+                    if written.get(key) != Some(value) {
+                        ops.push(Op::Put { key: key.clone(), value: value.clone(), lease: None });
+                    }
+                }
+                for key in written.keys() {
+                    if !want.contains_key(key) {
+                        ops.push(Op::Delete { key: key.clone() });
+                    }
+                }
+                if ops.is_empty() {
+                    dirty = false;
+                    continue;
+                }
+                let n = ops.len();
+                match backend.commit(ops).await {
+                    Ok(rev) => {
+                        tracing::info!(changes = n, revision = rev, "failover policies from Kubernetes written to the registry");
+                        written = want.into_iter().map(|(k, (_, v))| (k, v)).collect();
+                        dirty = false;
+                        retry = Duration::from_millis(500);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?retry, "cannot write the failover policies from Kubernetes; retrying");
+                        timer.as_mut().reset(tokio::time::Instant::now() + retry);
+                        retry = (retry * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+    }
+}
+
 type Item<K> = Box<Result<watcher::Event<K>, watcher::Error>>;
 
 /// One kind's event, tagged (boxed: the objects differ much in size).
