@@ -431,6 +431,19 @@ pub fn manifests(
                 &["failoverpolicies", "federatedclusters"],
                 &["get", "list", "watch"],
             ),
+            // Its only writes: the clusterset's services as ServiceImports.
+            rule(
+                &["multicluster.x-k8s.io"],
+                &["serviceimports"],
+                &[
+                    "get", "list", "watch", "create", "patch", "update", "delete",
+                ],
+            ),
+            rule(
+                &["multicluster.x-k8s.io"],
+                &["serviceimports/status"],
+                &["get", "patch", "update"],
+            ),
         ]),
         ..Default::default()
     })));
@@ -756,10 +769,15 @@ mod tests {
                 }
                 if d["kind"] == "ClusterRole" {
                     for r in d["rules"].as_array().unwrap() {
+                        let imports = r["resources"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .all(|x| x.as_str().unwrap_or("").starts_with("serviceimports"));
                         for v in r["verbs"].as_array().unwrap() {
                             assert!(
-                                ["get", "list", "watch"].contains(&v.as_str().unwrap()),
-                                "the control plane's role writes: {r}"
+                                imports || ["get", "list", "watch"].contains(&v.as_str().unwrap()),
+                                "the control plane's role writes more than ServiceImports: {r}"
                             );
                         }
                         assert!(!r["resources"].to_string().contains("secrets"), "{r}");

@@ -108,7 +108,13 @@ impl ControlPlane {
         backend: &Backend,
         stop: &CancellationToken,
         tasks: &mut Vec<JoinHandle<()>>,
-    ) -> Result<watch::Receiver<std::collections::BTreeMap<String, Vec<u8>>>, StartError> {
+    ) -> Result<
+        (
+            watch::Receiver<std::collections::BTreeMap<String, Vec<u8>>>,
+            kube::Client,
+        ),
+        StartError,
+    > {
         let gateways = k
             .gateways
             .iter()
@@ -119,6 +125,7 @@ impl ControlPlane {
             federation::model::Cluster::new(cfg.cluster.clone(), &cfg.region, None, gateways)
                 .map_err(StartError::KubernetesCluster)?;
         let client = crate::kubernetes::source::client(k).await?;
+        let kept = client.clone();
         tasks.push(tokio::spawn(crate::kubernetes::source::follow_policies(
             client.clone(),
             backend.clone(),
@@ -161,7 +168,7 @@ impl ControlPlane {
                 () = forward => {}
             }
         }));
-        Ok(desired_rx)
+        Ok((desired_rx, kept))
     }
 
     /// Start on an existing registry backend.
@@ -171,10 +178,14 @@ impl ControlPlane {
 
         // Publish this cluster's discovery file.
         let mut local = None;
+        let mut kube_client = None;
         if let Some(d) = &cfg.discovery
             && let Some(k) = &d.kubernetes
         {
-            local = Some(Self::start_kubernetes(&cfg, k, &backend, &stop, &mut tasks).await?);
+            let (desired, client) =
+                Self::start_kubernetes(&cfg, k, &backend, &stop, &mut tasks).await?;
+            local = Some(desired);
+            kube_client = Some(client);
         }
         if let Some(d) = &cfg.discovery
             && let Some(file) = &d.file
@@ -206,6 +217,16 @@ impl ControlPlane {
 
         // Follow the registry.
         let cache = Arc::new(RegistryCache::spawn(backend));
+        // The clusterset's services as ServiceImports in this Kubernetes cluster.
+        if let Some(client) = kube_client {
+            tasks.push(tokio::spawn(crate::kubernetes::imports::follow_imports(
+                client,
+                cfg.cluster.to_string(),
+                cache.snapshots(),
+                Duration::from_millis(200),
+                stop.clone(),
+            )));
+        }
         let metrics = Arc::new(Metrics::default());
         let xds = Xds::new(
             ViewSettings {

@@ -48,6 +48,12 @@ struct Store {
     version: u64,
     /// Paths answering 500.
     broken: HashSet<&'static str>,
+    /// ServiceImports written by the control plane: namespace/name → object.
+    imports: BTreeMap<String, Value>,
+    /// Namespaces that exist (imports elsewhere get 404).
+    namespaces: HashSet<String>,
+    /// Requests to the ServiceImport API (method and path), in order.
+    import_requests: Vec<String>,
     /// Lists served, per path.
     lists: BTreeMap<&'static str, usize>,
     /// Every event sent, per path, with its resource version: a watch from version N first
@@ -110,7 +116,12 @@ impl ApiServer {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let s = s.clone();
-                        async move { Ok::<_, Infallible>(handle(&s, req)) }
+                        async move {
+                            if req.uri().path().contains("/serviceimports") {
+                                return Ok::<_, Infallible>(imports(&s, req).await);
+                            }
+                            Ok::<_, Infallible>(handle(&s, req))
+                        }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(conn), svc);
@@ -210,6 +221,124 @@ fn full(status: u16, body: Value) -> hyper::Response<BoxBody<Bytes, Infallible>>
     r.headers_mut()
         .insert("content-type", "application/json".parse().expect("header"));
     r
+}
+
+const IMPORTS_PREFIX: &str = "/apis/multicluster.x-k8s.io/v1alpha1/";
+
+/// The ServiceImport API as a real API server serves it: a list by label selector, server-side
+/// apply (`application/apply-patch+yaml`) of the object and of its status subresource, delete;
+/// 404 for a namespace that does not exist.
+async fn imports(
+    store: &Mutex<Store>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<BoxBody<Bytes, Infallible>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut st = store.lock().expect("store");
+    st.import_requests.push(format!("{method} {path}"));
+    let not_found = |what: String| {
+        full(
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": "NotFound", "code": 404, "message": what}),
+        )
+    };
+    let rest = path.trim_start_matches(IMPORTS_PREFIX);
+    if rest == "serviceimports" && method == hyper::Method::GET {
+        let selector = query
+            .split('&')
+            .find_map(|q| q.strip_prefix("labelSelector="))
+            .unwrap_or("")
+            .replace("%3D", "=")
+            .replace("%2F", "/");
+        let items: Vec<Value> = st
+            .imports
+            .values()
+            .filter(|o| {
+                selector.is_empty()
+                    || selector
+                        .split_once('=')
+                        .is_some_and(|(k, v)| o["metadata"]["labels"][k] == v)
+            })
+            .cloned()
+            .collect();
+        let v = st.version;
+        return full(
+            200,
+            json!({"kind": "ServiceImportList",
+            "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            "metadata": {"resourceVersion": v.to_string()}, "items": items}),
+        );
+    }
+    let parts: Vec<&str> = rest.split('/').collect();
+    let (ns, name, status) = match parts.as_slice() {
+        ["namespaces", ns, "serviceimports", name] => (*ns, *name, false),
+        ["namespaces", ns, "serviceimports", name, "status"] => (*ns, *name, true),
+        _ => return not_found(format!("no {path}")),
+    };
+    if !st.namespaces.contains(ns) {
+        return not_found(format!("namespaces \"{ns}\" not found"));
+    }
+    let key = format!("{ns}/{name}");
+    if method == hyper::Method::DELETE {
+        return match st.imports.remove(&key) {
+            Some(_) => full(
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            ),
+            None => not_found(format!("serviceimports \"{name}\" not found")),
+        };
+    }
+    if method != hyper::Method::PATCH
+        || content_type != "application/apply-patch+yaml"
+        || !query.contains("fieldManager=strait-controlplane")
+    {
+        return full(
+            415,
+            json!({"kind": "Status", "code": 415,
+            "message": format!("expected a server-side apply, got {method} {content_type} ?{query}")}),
+        );
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return full(
+            400,
+            json!({"kind": "Status", "code": 400, "message": "bad body"}),
+        );
+    };
+    st.version += 1;
+    let v = st.version;
+    let entry = st.imports.entry(key).or_insert_with(|| json!({}));
+    if status {
+        if entry.get("spec").is_none() {
+            return not_found(format!("serviceimports \"{name}\" not found"));
+        }
+        entry["status"] = patch["status"].clone();
+    } else {
+        let keep = entry.get("status").cloned();
+        *entry = patch;
+        if let Some(k) = keep {
+            entry["status"] = k;
+        } else if let Some(m) = entry.as_object_mut() {
+            // The status subresource: applying the object never sets it.
+            m.remove("status");
+        }
+    }
+    entry["metadata"]["resourceVersion"] = json!(v.to_string());
+    let out = entry.clone();
+    full(200, out)
 }
 
 fn handle(
@@ -662,6 +791,67 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
         }
     })
     .await;
+
+    // ServiceImports: every service of the registry (here: west's `orders`, and `shop/legacy`
+    // in a namespace this cluster does not have) as an import naming its clusters; an import
+    // of someone else is never touched, one of Strait's whose service left is deleted.
+    api.store
+        .lock()
+        .expect("store")
+        .namespaces
+        .insert("shop".into());
+    {
+        let mut st = api.store.lock().expect("store");
+        st.imports.insert(
+            "shop/theirs".into(),
+            json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            "kind": "ServiceImport", "metadata": {"name": "theirs", "namespace": "shop"},
+            "spec": {"type": "Headless"}}),
+        );
+        st.imports.insert(
+            "shop/gone".into(),
+            json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            "kind": "ServiceImport", "metadata": {"name": "gone", "namespace": "shop",
+                "labels": {"app.kubernetes.io/managed-by": "strait"}},
+            "spec": {"type": "ClusterSetIP"}}),
+        );
+    }
+    reg.publish(
+        "cluster: west\nregion: us-west\nservices:\n\
+         \x20 - {name: orders, namespace: shop, ports: [{name: grpc, port: 9090, protocol: grpc}],\n\
+         \x20    endpoints: [{address: 10.9.0.1, port: 9090, zone: us-west-1a}]}\n\
+         \x20 - {name: legacy, namespace: attic, ports: [{name: tcp, port: 23, protocol: tcp}],\n\
+         \x20    endpoints: [{address: 10.9.0.2, port: 23, zone: us-west-1a}]}\n",
+    )
+    .await;
+    let imports = common::wait_for(Duration::from_secs(15), "the ServiceImports", || async {
+        let st = api.store.lock().expect("store");
+        let orders = st.imports.get("shop/orders");
+        match orders {
+            Some(o)
+                if o["status"]["clusters"] == json!([{"cluster": "west"}])
+                    && !st.imports.contains_key("shop/gone") =>
+            {
+                Ok(st.imports.clone())
+            }
+            _ => Err(format!("{:?}", st.imports)),
+        }
+    })
+    .await;
+    let orders = &imports["shop/orders"];
+    assert_eq!(orders["spec"]["type"], "ClusterSetIP");
+    assert_eq!(
+        orders["spec"]["ports"],
+        json!([{"name": "grpc", "protocol": "TCP", "port": 9090, "appProtocol": "grpc"}])
+    );
+    assert!(
+        imports.contains_key("shop/theirs"),
+        "someone else's import was touched"
+    );
+    assert!(
+        !imports.keys().any(|k| k.starts_with("attic/")),
+        "{imports:?}"
+    );
 
     // FailoverPolicy objects become the registry's policies, as `strait policy apply` would
     // write them; an invalid one is left out; a deleted one's policy is removed.
