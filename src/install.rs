@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use controlplane::kubernetes::inject::resources;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
@@ -17,13 +18,12 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-    Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
@@ -154,20 +154,6 @@ fn probe(path: &str, port: i32) -> Probe {
     }
 }
 
-fn resources(cpu: &str, memory: &str, limit: &str) -> ResourceRequirements {
-    ResourceRequirements {
-        requests: Some(BTreeMap::from([
-            ("cpu".to_string(), Quantity(cpu.into())),
-            ("memory".to_string(), Quantity(memory.into())),
-        ])),
-        limits: Some(BTreeMap::from([(
-            "memory".to_string(),
-            Quantity(limit.into()),
-        )])),
-        ..Default::default()
-    }
-}
-
 fn secret_volume(name: &str, secret: &str) -> Volume {
     Volume {
         name: name.into(),
@@ -241,6 +227,8 @@ fn deployment(
                         run_as_non_root: Some(true),
                         run_as_user: Some(1337),
                         run_as_group: Some(1337),
+                        // The Secrets' files (mode 0440) belong to this group: readable.
+                        fs_group: Some(1337),
                         seccomp_profile: Some(SeccompProfile {
                             type_: "RuntimeDefault".into(),
                             ..Default::default()
@@ -782,6 +770,15 @@ mod tests {
                         }
                         assert!(!r["resources"].to_string().contains("secrets"), "{r}");
                     }
+                }
+                if d["kind"] == "Deployment" {
+                    // Secret files are mode 0440: the pod's fsGroup must be the user's group.
+                    let pod = &d["spec"]["template"]["spec"];
+                    assert_eq!(
+                        pod["securityContext"]["fsGroup"], pod["securityContext"]["runAsGroup"],
+                        "{name}"
+                    );
+                    assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
                 }
                 if d["kind"] == "Service" && name == "strait-gateway-peers" {
                     assert_eq!(d["spec"]["type"], "LoadBalancer");

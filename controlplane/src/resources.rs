@@ -861,21 +861,25 @@ pub fn tcp_listener_name(service: &ServiceKey, port: u16) -> String {
 /// An outbound TCP listener on `addr` for one TCP service port: every connection goes to the
 /// port's cluster (`TcpProxy`).
 pub fn tcp_listener(service: &ServiceKey, port: u16, addr: SocketAddr) -> listener::Listener {
-    let cluster = cluster_name(service, port);
+    listener::Listener {
+        name: tcp_listener_name(service, port),
+        address: Some(socket_address(addr)),
+        filter_chains: vec![tcp_proxy_chain(cluster_name(service, port))],
+        ..Default::default()
+    }
+}
+
+/// A filter chain of one `TcpProxy` to `cluster`.
+fn tcp_proxy_chain(cluster: String) -> listener::FilterChain {
     let t = tcp_proxy::TcpProxy {
         stat_prefix: cluster.clone(),
         cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(cluster)),
         ..Default::default()
     };
-    listener::Listener {
-        name: tcp_listener_name(service, port),
-        address: Some(socket_address(addr)),
-        filter_chains: vec![listener::FilterChain {
-            filters: vec![listener::Filter {
-                name: "envoy.filters.network.tcp_proxy".to_string(),
-                config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(t))),
-            }],
-            ..Default::default()
+    listener::FilterChain {
+        filters: vec![listener::Filter {
+            name: "envoy.filters.network.tcp_proxy".to_string(),
+            config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(t))),
         }],
         ..Default::default()
     }
@@ -888,13 +892,6 @@ pub fn tcp_listener(service: &ServiceKey, port: u16, addr: SocketAddr) -> listen
 /// as its transparent mode (TCP service ports, then HTTP by `Host`, then passthrough).
 pub fn transparent_listener(addr: SocketAddr) -> listener::Listener {
     use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
-    let t = tcp_proxy::TcpProxy {
-        stat_prefix: PASSTHROUGH_CLUSTER.to_string(),
-        cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(
-            PASSTHROUGH_CLUSTER.to_string(),
-        )),
-        ..Default::default()
-    };
     listener::Listener {
         name: TRANSPARENT_LISTENER.to_string(),
         address: Some(socket_address(addr)),
@@ -906,13 +903,7 @@ pub fn transparent_listener(addr: SocketAddr) -> listener::Listener {
             )),
             ..Default::default()
         }],
-        filter_chains: vec![listener::FilterChain {
-            filters: vec![listener::Filter {
-                name: "envoy.filters.network.tcp_proxy".to_string(),
-                config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(t))),
-            }],
-            ..Default::default()
-        }],
+        filter_chains: vec![tcp_proxy_chain(PASSTHROUGH_CLUSTER.to_string())],
         ..Default::default()
     }
 }

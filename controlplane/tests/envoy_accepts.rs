@@ -347,26 +347,35 @@ fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
         }),
         ..Default::default()
     };
-    let pb_path = dir.path().join("clusters.pb");
-    std::fs::write(&pb_path, pb.encode_to_vec()).unwrap();
-    // `--config-yaml` merges the JSON bootstrap over the binary one.
-    let out = Command::new(envoy())
-        .args(["--mode", "validate", "--log-level", "warn", "-c"])
-        .arg(&pb_path)
-        .arg("--config-yaml")
-        .arg(&text)
-        .output()
-        .unwrap();
+    let (ok, log) = validate_bootstrap(&dir.path().join("clusters.pb"), &pb, Some(&text));
+    assert!(ok, "Envoy refused the bootstrap:\n{log}");
+}
+
+fn id_of(c: &str) -> ClusterId {
+    id(c)
+}
+
+/// `envoy --mode validate` on `pb` (binary) with `yaml` (a JSON bootstrap) merged over it
+/// (`--config-yaml`): whether Envoy accepts it, and what it said.
+fn validate_bootstrap(
+    path: &std::path::Path,
+    pb: &Bootstrap,
+    yaml: Option<&str>,
+) -> (bool, String) {
+    std::fs::write(path, pb.encode_to_vec()).unwrap();
+    let mut c = Command::new(envoy());
+    c.args(["--mode", "validate", "--log-level", "warn", "-c"])
+        .arg(path);
+    if let Some(y) = yaml {
+        c.arg("--config-yaml").arg(y);
+    }
+    let out = c.output().unwrap();
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "Envoy refused the bootstrap:\n{log}");
-}
-
-fn id_of(c: &str) -> ClusterId {
-    id(c)
+    (out.status.success(), log)
 }
 
 /// The transparent listener (`use_original_dst`, the `original_dst` listener filter, a
@@ -405,21 +414,9 @@ fn envoy_accepts_the_transparent_listener_and_the_passthrough_cluster() {
         ..Default::default()
     };
     let pb_path = dir.path().join("transparent.pb");
-    std::fs::write(&pb_path, pb.encode_to_vec()).unwrap();
-    let out = Command::new(envoy())
-        .args(["--mode", "validate", "--log-level", "warn", "-c"])
-        .arg(&pb_path)
-        .arg("--config-yaml")
-        .arg(&text)
-        .output()
-        .unwrap();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "Envoy refused:\n{log}");
-    // The check means something: a passthrough cluster with endpoints of its own is refused.
+    let (ok, log) = validate_bootstrap(&pb_path, &pb, Some(&text));
+    assert!(ok, "Envoy refused:\n{log}");
+    // The check means something: an ORIGINAL_DST cluster balanced round robin is refused.
     let mut broken = passthrough_cluster();
     broken.lb_policy = cluster::LbPolicy::RoundRobin as i32;
     let pb = Bootstrap {
@@ -429,14 +426,9 @@ fn envoy_accepts_the_transparent_listener_and_the_passthrough_cluster() {
         }),
         ..Default::default()
     };
-    std::fs::write(&pb_path, pb.encode_to_vec()).unwrap();
-    let out = Command::new(envoy())
-        .args(["--mode", "validate", "--log-level", "warn", "-c"])
-        .arg(&pb_path)
-        .output()
-        .unwrap();
+    let (ok, _) = validate_bootstrap(&pb_path, &pb, None);
     assert!(
-        !out.status.success(),
+        !ok,
         "Envoy accepted an ORIGINAL_DST cluster with round robin"
     );
 }

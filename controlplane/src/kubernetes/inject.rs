@@ -153,7 +153,8 @@ fn env_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn resources(cpu: &str, memory: &str, limit: &str) -> ResourceRequirements {
+/// CPU and memory requests and a memory limit (no CPU limit: throttling a proxy adds latency).
+pub fn resources(cpu: &str, memory: &str, limit: &str) -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(BTreeMap::from([
             ("cpu".to_string(), Quantity(cpu.into())),
@@ -332,7 +333,9 @@ impl Injector {
             name: IDENTITY_VOLUME.into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(format!("strait-identity-{account}")),
-                default_mode: Some(0o440),
+                // Readable by the proxy's user without touching the pod's fsGroup (which
+                // would change the application's volumes too); only the proxy mounts it.
+                default_mode: Some(0o444),
                 ..Default::default()
             }),
             ..Default::default()
@@ -780,9 +783,15 @@ mod tests {
         );
         let vols = spec.volumes.unwrap();
         assert_eq!(vols.len(), 1);
+        let secret = vols[0].secret.as_ref().unwrap();
         assert_eq!(
-            vols[0].secret.as_ref().unwrap().secret_name.as_deref(),
+            secret.secret_name.as_deref(),
             Some("strait-identity-payments")
+        );
+        assert_eq!(
+            secret.default_mode,
+            Some(0o444),
+            "user 1337 must read it without an fsGroup"
         );
         assert_eq!(
             p.metadata.annotations.unwrap()["strait.io/injected"],
