@@ -201,6 +201,23 @@ fn describe(value: &Option<RegistryValue>) -> String {
             l.rtt_ms,
             l.loss * 100.0
         ),
+        Some(RegistryValue::Peering(p)) => format!(
+            "{} peers with {} (region {}) at [{}], trust domain {}{}",
+            p.cluster,
+            p.peer,
+            p.region,
+            p.gateways
+                .iter()
+                .map(|g| g.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.trust_domain,
+            if p.ca_bundle.is_some() {
+                ", own CA bundle"
+            } else {
+                ""
+            }
+        ),
     }
 }
 

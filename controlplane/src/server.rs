@@ -132,6 +132,15 @@ impl ControlPlane {
             Duration::from_millis(100),
             stop.clone(),
         )));
+        tasks.push(tokio::spawn(
+            crate::kubernetes::source::follow_federated_clusters(
+                client.clone(),
+                backend.clone(),
+                cfg.cluster.clone(),
+                Duration::from_millis(100),
+                stop.clone(),
+            ),
+        ));
         let (states_tx, mut states_rx) = watch::channel(None);
         tasks.push(tokio::spawn(crate::kubernetes::source::follow(
             client,

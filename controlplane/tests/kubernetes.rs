@@ -27,10 +27,12 @@ const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const NODES: &str = "/api/v1/nodes";
 const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
 const POLICIES: &str = "/apis/strait.io/v1alpha1/failoverpolicies";
+const CLUSTERS: &str = "/apis/strait.io/v1alpha1/federatedclusters";
 
 /// (path, list kind, apiVersion)
-const KINDS: [(&str, &str, &str); 5] = [
+const KINDS: [(&str, &str, &str); 6] = [
     (POLICIES, "FailoverPolicyList", "strait.io/v1alpha1"),
+    (CLUSTERS, "FederatedClusterList", "strait.io/v1alpha1"),
     (SERVICES, "ServiceList", "v1"),
     (SLICES, "EndpointSliceList", "discovery.k8s.io/v1"),
     (NODES, "NodeList", "v1"),
@@ -724,6 +726,41 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
         ),
     );
     api.put(EXPORTS, export("shop", "payments"));
+    // Peerings: one of east's whose FederatedCluster was deleted while no control plane ran,
+    // and one of west's (not east's to touch).
+    let stale = federation::model::Peering {
+        cluster: federation::model::Name::parse("n", "east").expect("name"),
+        peer: federation::model::Name::parse("n", "gone").expect("name"),
+        region: federation::model::Name::parse("n", "us-gone").expect("name"),
+        gateways: vec![
+            federation::model::GatewayAddress::parse("g", "gw.gone.example:15443")
+                .expect("address"),
+        ],
+        trust_domain: "federation.example".into(),
+        ca_bundle: None,
+    };
+    let wests = federation::model::Peering {
+        cluster: federation::model::Name::parse("n", "west").expect("name"),
+        peer: federation::model::Name::parse("n", "east").expect("name"),
+        ..stale.clone()
+    };
+    reg.backend
+        .commit(
+            [&stale, &wests]
+                .into_iter()
+                .map(|p| federation::registry::backend::Op::Put {
+                    key: federation::registry::codec::RegistryKey::Peering(
+                        p.cluster.clone(),
+                        p.peer.clone(),
+                    )
+                    .encode(),
+                    value: federation::registry::codec::encode_peering(p),
+                    lease: None,
+                })
+                .collect(),
+        )
+        .await
+        .expect("registry write");
 
     let kubeconfig = dir.path().join("kube.yaml");
     std::fs::write(
@@ -909,6 +946,94 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
         let p = policies().await;
         if p.contains_key("/strait/v1/policies/services/shop/payments") {
             Err(format!("{p:?}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+
+    // FederatedCluster objects become east's peerings: west's (with its own CA bundle) is
+    // written, the one naming east itself skipped, a broken one left out; the stale one is
+    // gone, west's own peering untouched; a deleted object's peering is removed.
+    let west_ca =
+        federation::identity::CertificateAuthority::init("west.example", Duration::from_secs(3600))
+            .expect("CA");
+    let member = |name: &str, spec: Value| {
+        json!({"apiVersion": "strait.io/v1alpha1", "kind": "FederatedCluster",
+            "metadata": {"name": name, "uid": format!("uid-{name}")}, "spec": spec})
+    };
+    let west = member(
+        "west",
+        json!({"region": "us-west", "gateways": ["gw.west.example:15443", "203.0.113.20:15443"],
+            "trust": {"trust_domain": "west.example", "ca_bundle": west_ca.ca_cert_pem()}}),
+    );
+    api.put(CLUSTERS, west.clone());
+    api.put(
+        CLUSTERS,
+        member(
+            "east",
+            json!({"region": "us-east", "gateways": ["127.0.0.1:15443"],
+            "trust": {"trust_domain": "federation.example"}}),
+        ),
+    );
+    api.put(
+        CLUSTERS,
+        member("north", json!({"region": "us-north", "gateways": ["gw.north:15443"],
+            "trust": {"trust_domain": "federation.example",
+                "ca_bundle": "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"}})),
+    );
+    let peerings = || async {
+        let (_, kvs) = reg
+            .backend
+            .get_prefix("/strait/v1/peerings/")
+            .await
+            .expect("registry read");
+        kvs.into_iter()
+            .map(|kv| (kv.key, kv.value))
+            .collect::<BTreeMap<String, Vec<u8>>>()
+    };
+    let got = common::wait_for(Duration::from_secs(15), "east's peerings", || async {
+        let p = peerings().await;
+        if p.contains_key("/strait/v1/peerings/east/west")
+            && !p.contains_key("/strait/v1/peerings/east/gone")
+        {
+            Ok(p)
+        } else {
+            Err(format!("{:?}", p.keys().collect::<Vec<_>>()))
+        }
+    })
+    .await;
+    assert_eq!(
+        got.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "/strait/v1/peerings/east/west",
+            "/strait/v1/peerings/west/east"
+        ],
+        "east itself and the broken north are not peerings; west's own is untouched"
+    );
+    let key = federation::registry::codec::RegistryKey::Peering(
+        federation::model::Name::parse("n", "east").expect("name"),
+        federation::model::Name::parse("n", "west").expect("name"),
+    );
+    let federation::registry::codec::RegistryValue::Peering(p) =
+        federation::registry::codec::Decoder::new()
+            .decode(&key, "east/west", &got["/strait/v1/peerings/east/west"])
+            .expect("a valid peering")
+    else {
+        panic!("not a peering")
+    };
+    assert_eq!(p.region.as_str(), "us-west");
+    assert_eq!(
+        p.gateways.iter().map(|g| g.to_string()).collect::<Vec<_>>(),
+        ["gw.west.example:15443", "203.0.113.20:15443"]
+    );
+    assert_eq!(p.trust_domain, "west.example");
+    assert_eq!(p.ca_bundle.as_deref(), Some(west_ca.ca_cert_pem()));
+    api.delete(CLUSTERS, &west);
+    common::wait_for(Duration::from_secs(15), "the peering removed", || async {
+        let p = peerings().await;
+        if p.contains_key("/strait/v1/peerings/east/west") {
+            Err(format!("{:?}", p.keys().collect::<Vec<_>>()))
         } else {
             Ok(())
         }

@@ -1088,6 +1088,67 @@ impl LinkState {
     }
 }
 
+/// How one cluster's gateway sees a peer cluster — a Kubernetes `FederatedCluster` object of
+/// `cluster`, or the same written by hand: where the peer's gateways answer, and what the
+/// peer's gateway certificate must name (`trust_domain`) and chain to (`ca_bundle`; without it,
+/// the federation CA). A peering makes the peer a member for `cluster`'s gateway, its addresses
+/// take precedence over those the peer publishes itself, and a `ca_bundle` pins the peer to that
+/// CA (a certificate for the peer from any other CA is refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peering {
+    /// The cluster that declared the peering.
+    pub cluster: ClusterId,
+    /// The peer cluster.
+    pub peer: ClusterId,
+    pub region: Name,
+    pub gateways: Vec<GatewayAddress>,
+    pub trust_domain: String,
+    /// PEM certificates the peer's gateway certificate must chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+impl Peering {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.cluster == self.peer {
+            return Err(ModelError::new(
+                "peer",
+                format!("cluster `{}` cannot peer with itself", self.peer),
+            ));
+        }
+        if self.gateways.is_empty() {
+            return Err(ModelError::new(
+                "gateways",
+                "at least one address is required",
+            ));
+        }
+        crate::identity::validate_trust_domain(&self.trust_domain)
+            .map_err(|e| ModelError::new("trust_domain", e.to_string()))?;
+        self.ca_certs()
+            .map_err(|e| ModelError::new("ca_bundle", e))?;
+        Ok(())
+    }
+
+    /// The certificates of `ca_bundle` (`Ok(empty)` without one).
+    pub fn ca_certs(&self) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+        use rustls_pki_types::pem::PemObject;
+        let Some(pem) = &self.ca_bundle else {
+            return Ok(Vec::new());
+        };
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("invalid PEM: {e}"))?;
+        if certs.is_empty() {
+            return Err("contains no PEM CERTIFICATE block".into());
+        }
+        for (i, c) in certs.iter().enumerate() {
+            crate::identity::inspect_der(c, SystemTime::now())
+                .map_err(|e| format!("certificate #{}: {e}", i + 1))?;
+        }
+        Ok(certs)
+    }
+}
+
 /// RFC 3339 timestamps for `SystemTime` fields.
 pub mod rfc3339 {
     use serde::{Deserialize, Deserializer, Serializer};

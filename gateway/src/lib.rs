@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use federation::discovery::DiscoveryFile;
-use federation::model::{LinkState, Name};
+use federation::model::{LinkState, Name, Peering};
 use federation::registry::codec::encode_link;
 use federation::registry::publisher::Owned;
 use federation::registry::{
@@ -79,6 +79,10 @@ pub struct Shared {
     pub config: GatewayConfig,
     pub own: Name,
     pub members: Members,
+    /// Peers pinned to their own CA bundle (peerings).
+    pub pinned: tls::Pinned,
+    /// The federation's trust domain (of the CA file).
+    pub trust_domain: RwLock<String>,
     pub peers: Mutex<PeerMap>,
     pub local: LocalEndpoints,
     pub endpoint: quinn::Endpoint,
@@ -211,10 +215,12 @@ impl Gateway {
             )
             .map_err(GatewayError::Config)?,
         );
+        let pinned = tls::Pinned::default();
         let source = Arc::new(TlsSource::new(
             config.tls.clone(),
             own.clone(),
             members.clone(),
+            pinned.clone(),
             transport,
         ));
         let material = source.build()?;
@@ -292,6 +298,8 @@ impl Gateway {
         let shared = Arc::new(Shared {
             own: own.clone(),
             members: members.clone(),
+            pinned,
+            trust_domain: RwLock::new(material.trust_domain.clone()),
             peers: Mutex::new(HashMap::new()),
             local: LocalEndpoints::new(local_rx),
             endpoint,
@@ -414,6 +422,9 @@ async fn reload_tls(shared: Arc<Shared>, source: Arc<TlsSource>) {
                 if let Ok(mut c) = shared.sidecar_tls.write() {
                     *c = m.sidecars;
                 }
+                if let Ok(mut td) = shared.trust_domain.write() {
+                    *td = m.trust_domain;
+                }
                 tracing::info!("certificates reloaded; existing connections keep theirs");
                 shared
                     .metrics
@@ -463,14 +474,76 @@ async fn reload_discovery(
     }
 }
 
+/// What a gateway makes of its cluster's peerings: those it can use (by peer), the verifiers of
+/// those pinned to a CA bundle of their own, and the problems of the others.
+type UsablePeerings = (
+    BTreeMap<String, Arc<Peering>>,
+    BTreeMap<String, Arc<federation::identity::PeerVerifier>>,
+    BTreeSet<String>,
+);
+
+/// The peerings this gateway's cluster declared, sorted out (see [`UsablePeerings`]).
+fn usable_peerings(shared: &Shared, snap: &federation::registry::Snapshot) -> UsablePeerings {
+    let federation_td = shared
+        .trust_domain
+        .read()
+        .map(|t| t.clone())
+        .unwrap_or_default();
+    let mut usable = BTreeMap::new();
+    let mut pinned = BTreeMap::new();
+    let mut problems = BTreeSet::new();
+    for p in snap.peerings_of(&shared.own) {
+        let peer = p.peer.to_string();
+        let verdict = match p.ca_certs() {
+            Ok(certs) if !certs.is_empty() => tls::pinned_verifier(
+                shared.own.as_str(),
+                &peer,
+                &p.trust_domain,
+                &certs,
+                shared.members.clone(),
+            )
+            .map(|v| Some(Arc::new(v)))
+            .map_err(|e| format!("ca_bundle: {e}")),
+            Ok(_) if p.trust_domain == federation_td => Ok(None),
+            Ok(_) => Err(format!(
+                "trust domain `{}` is not the federation's (`{federation_td}`) and no ca_bundle says which CA vouches for it",
+                p.trust_domain
+            )),
+            Err(e) => Err(format!("ca_bundle: {e}")),
+        };
+        match verdict {
+            Ok(v) => {
+                if let Some(v) = v {
+                    pinned.insert(peer.clone(), v);
+                }
+                usable.insert(peer, p.clone());
+            }
+            Err(e) => {
+                problems.insert(format!("peering with `{peer}`: {e}; ignored"));
+            }
+        }
+    }
+    (usable, pinned, problems)
+}
+
 async fn follow_registry(
     shared: Arc<Shared>,
     mut snapshots: watch::Receiver<Arc<federation::registry::Snapshot>>,
     local: Option<watch::Sender<Arc<LocalTable>>>,
 ) {
+    let mut reported = BTreeSet::new();
     loop {
         let snap = snapshots.borrow_and_update().clone();
         if snap.revision > 0 {
+            // Peerings first: a cluster becoming pinned must not pass as a federation member
+            // in between.
+            let (peerings, pinned, problems) = usable_peerings(&shared, &snap);
+            for p in problems.difference(&reported) {
+                tracing::error!("{p}");
+            }
+            reported = problems;
+            shared.pinned.replace(pinned);
+            let is_static = |id: &str| shared.config.peers.iter().any(|p| p.cluster.as_str() == id);
             let mut clusters: BTreeSet<String> = shared
                 .config
                 .peers
@@ -478,15 +551,25 @@ async fn follow_registry(
                 .map(|p| p.cluster.to_string())
                 .collect();
             clusters.extend(snap.clusters.keys().map(|c| c.to_string()));
-            shared.members.replace(clusters);
-            for (id, c) in snap.clusters.iter() {
-                if *id == shared.own || shared.config.peers.iter().any(|p| &p.cluster == id) {
+            clusters.extend(peerings.keys().cloned());
+            shared.members.replace(clusters.clone());
+            for id in &clusters {
+                if *id == shared.own.as_str() || is_static(id) {
                     continue;
                 }
-                if let Some(peer) = shared.peer(id.as_str()) {
+                // A peering's addresses come before those the peer publishes itself.
+                let Some(targets) = peerings.get(id).map(|p| &p.gateways).or_else(|| {
+                    Name::parse("cluster", id)
+                        .ok()
+                        .and_then(|n| snap.clusters.get(&n))
+                        .map(|c| &c.gateways)
+                }) else {
+                    continue;
+                };
+                if let Some(peer) = shared.peer(id) {
                     peer.targets.send_if_modified(|cur| {
-                        if *cur != c.gateways {
-                            cur.clone_from(&c.gateways);
+                        if cur != targets {
+                            cur.clone_from(targets);
                             true
                         } else {
                             false

@@ -2,7 +2,7 @@
 //! and the ingress config (workload identities of the gateway's own cluster), rebuilt when the
 //! certificate files change. Existing connections keep the config they were made with.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -12,6 +12,10 @@ use federation::identity::{
     load_private_key, server_config,
 };
 use federation::model::Name;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::config::{TlsFiles, TransportTuning};
 
@@ -42,6 +46,162 @@ impl Members {
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
     }
+}
+
+/// Peers pinned to a trust of their own by a peering with a CA bundle (a `FederatedCluster`
+/// object): cluster → the verifier of that cluster's gateway alone.
+#[derive(Clone, Default)]
+pub struct Pinned(Arc<RwLock<BTreeMap<String, Arc<PeerVerifier>>>>);
+
+impl Pinned {
+    pub fn get(&self, cluster: &str) -> Option<Arc<PeerVerifier>> {
+        self.0.read().ok().and_then(|m| m.get(cluster).cloned())
+    }
+    pub fn contains(&self, cluster: &str) -> bool {
+        self.0
+            .read()
+            .map(|m| m.contains_key(cluster))
+            .unwrap_or(false)
+    }
+    pub fn replace(&self, pinned: BTreeMap<String, Arc<PeerVerifier>>) {
+        if let Ok(mut m) = self.0.write() {
+            *m = pinned;
+        }
+    }
+}
+
+/// The verifier of peer gateways, both ways: the certificate of a pinned cluster (by the
+/// identity it claims) is verified against that cluster's own CA bundle and trust domain alone;
+/// every other against the federation CA.
+#[derive(Debug)]
+pub struct PeerGateways {
+    federation: Arc<PeerVerifier>,
+    pinned: Pinned,
+}
+
+impl std::fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .0
+            .read()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        f.debug_tuple("Pinned").field(&names).finish()
+    }
+}
+
+impl PeerGateways {
+    fn pick(&self, end_entity: &CertificateDer<'_>) -> Arc<PeerVerifier> {
+        identity::spiffe_id_from_cert(end_entity)
+            .ok()
+            .and_then(|id| self.pinned.get(id.cluster()))
+            .unwrap_or_else(|| self.federation.clone())
+    }
+}
+
+impl ClientCertVerifier for PeerGateways {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Only the federation CA's: hints are advisory, and Strait gateways present their one
+        // certificate whatever they are.
+        ClientCertVerifier::root_hint_subjects(self.federation.as_ref())
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.pick(end_entity)
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ClientCertVerifier::verify_tls12_signature(self.federation.as_ref(), message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ClientCertVerifier::verify_tls13_signature(self.federation.as_ref(), message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        ClientCertVerifier::supported_verify_schemes(self.federation.as_ref())
+    }
+}
+
+impl ServerCertVerifier for PeerGateways {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.pick(end_entity).verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls12_signature(self.federation.as_ref(), message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls13_signature(self.federation.as_ref(), message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        ServerCertVerifier::supported_verify_schemes(self.federation.as_ref())
+    }
+}
+
+/// The verifier of cluster `peer`'s gateway under its own trust (a peering's trust domain and
+/// CA bundle), accepted as long as `members` has it.
+pub fn pinned_verifier(
+    own: &str,
+    peer: &str,
+    trust_domain: &str,
+    ca: &[CertificateDer<'_>],
+    members: Members,
+) -> Result<PeerVerifier, IdentityError> {
+    let (own, peer) = (own.to_string(), peer.to_string());
+    let auth: Authorizer = Arc::new(move |id| {
+        let c = id.cluster();
+        if c != peer || c == own {
+            Err(format!(
+                "a certificate of `{peer}`'s CA bundle names cluster `{c}`"
+            ))
+        } else if !members.contains(c) {
+            Err(format!("cluster `{c}` is not a member of the federation"))
+        } else {
+            Ok(())
+        }
+    });
+    PeerVerifier::with_trust_domain(trust_domain, ca, Role::Gateway, auth)
 }
 
 /// Configs built from one version of the files.
@@ -78,6 +238,7 @@ pub struct TlsSource {
     files: TlsFiles,
     own: Name,
     members: Members,
+    pinned: Pinned,
     transport: Arc<quinn::TransportConfig>,
     stamp: RwLock<Option<Vec<(PathBuf, SystemTime, u64)>>>,
 }
@@ -95,12 +256,14 @@ impl TlsSource {
         files: TlsFiles,
         own: Name,
         members: Members,
+        pinned: Pinned,
         transport: Arc<quinn::TransportConfig>,
     ) -> Self {
         Self {
             files,
             own,
             members,
+            pinned,
             transport,
             stamp: RwLock::new(None),
         }
@@ -155,11 +318,17 @@ impl TlsSource {
         }
 
         let members = self.members.clone();
+        let pinned = self.pinned.clone();
         let own = self.own.to_string();
         let peer_auth: Authorizer = Arc::new(move |id| {
             let c = id.cluster();
             if c == own {
                 return Err(format!("cluster `{c}` is this gateway's own cluster"));
+            }
+            if pinned.contains(c) {
+                return Err(format!(
+                    "cluster `{c}` is pinned to its own CA bundle, not the federation CA"
+                ));
             }
             if members.contains(c) {
                 Ok(())
@@ -167,8 +336,12 @@ impl TlsSource {
                 Err(format!("cluster `{c}` is not a member of the federation"))
             }
         });
-        let peer_verifier = Arc::new(PeerVerifier::new(&ca, Role::Gateway, peer_auth)?);
-        let trust_domain = peer_verifier.trust_domain().to_string();
+        let federation = Arc::new(PeerVerifier::new(&ca, Role::Gateway, peer_auth)?);
+        let trust_domain = federation.trust_domain().to_string();
+        let peer_verifier = Arc::new(PeerGateways {
+            federation,
+            pinned: self.pinned.clone(),
+        });
 
         let mut server = server_config(chain.clone(), key.clone_key(), peer_verifier.clone())?;
         server.alpn_protocols = vec![ALPN_PEER.to_vec()];

@@ -19,22 +19,27 @@ const TD: &str = "test.strait";
 struct Pki {
     dir: PathBuf,
     ca: CertificateAuthority,
+    td: &'static str,
 }
 
 impl Pki {
     fn new(dir: &Path) -> Self {
-        let ca = CertificateAuthority::init(TD, Duration::from_secs(86400)).unwrap();
+        Self::with_trust_domain(dir, TD)
+    }
+    fn with_trust_domain(dir: &Path, td: &'static str) -> Self {
+        let ca = CertificateAuthority::init(td, Duration::from_secs(86400)).unwrap();
         ca.write(dir.join("ca"), false).unwrap();
         Self {
             dir: dir.to_path_buf(),
             ca,
+            td,
         }
     }
     fn ca_file(&self) -> PathBuf {
         self.dir.join("ca/ca.pem")
     }
     fn gateway(&self, cluster: &str) -> PathBuf {
-        let id: SpiffeId = format!("spiffe://{TD}/cluster/{cluster}/gateway")
+        let id: SpiffeId = format!("spiffe://{}/cluster/{cluster}/gateway", self.td)
             .parse()
             .unwrap();
         let names = ExtraNames {
@@ -50,7 +55,7 @@ impl Pki {
         out
     }
     fn workload(&self, cluster: &str, sa: &str) -> PathBuf {
-        let id: SpiffeId = format!("spiffe://{TD}/cluster/{cluster}/ns/default/sa/{sa}")
+        let id: SpiffeId = format!("spiffe://{}/cluster/{cluster}/ns/default/sa/{sa}", self.td)
             .parse()
             .unwrap();
         let out = self.dir.join(format!("{cluster}-{sa}"));
@@ -944,6 +949,176 @@ async fn link_states_reach_the_registry() {
         .wait_for(Duration::from_secs(10), |s| s.links.is_empty())
         .await
         .unwrap_or_else(|s| panic!("link entries outlived the gateways: {:?}", s.links));
+}
+
+/// Writes (or, with `None`, deletes) `cluster`'s peering with `peer` in the registry.
+async fn put_peering(
+    backend: &federation::registry::Backend,
+    cluster: &str,
+    peer: &str,
+    value: Option<federation::model::Peering>,
+) {
+    use federation::registry::backend::Op;
+    use federation::registry::codec::{RegistryKey, encode_peering};
+    let name = |n: &str| federation::model::Name::parse("cluster", n).unwrap();
+    let key = RegistryKey::Peering(name(cluster), name(peer)).encode();
+    let op = match value {
+        Some(p) => Op::Put {
+            key,
+            value: encode_peering(&p),
+            lease: None,
+        },
+        None => Op::Delete { key },
+    };
+    backend.commit(vec![op]).await.unwrap();
+}
+
+fn peering(
+    cluster: &str,
+    peer: &str,
+    at: SocketAddr,
+    trust_domain: &str,
+    ca_bundle: Option<&str>,
+) -> federation::model::Peering {
+    let name = |n: &str| federation::model::Name::parse("cluster", n).unwrap();
+    federation::model::Peering {
+        cluster: name(cluster),
+        peer: name(peer),
+        region: name("r-peer"),
+        gateways: vec![federation::model::GatewayAddress::parse("g", &at.to_string()).unwrap()],
+        trust_domain: trust_domain.into(),
+        ca_bundle: ca_bundle.map(str::to_string),
+    }
+}
+
+/// Two clusters with CAs and trust domains of their own, linked by nothing but the peerings
+/// (`FederatedCluster` objects) each declared in the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peerings_link_clusters_of_two_cas_and_pin_each_to_its_own() {
+    use federation::registry::{Backend, EtcdBackend, EtcdOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = federation::etcd_server::EtcdServer::start(&dir.path().join("etcd")).unwrap();
+    let backend = Backend::Etcd(
+        EtcdBackend::connect(&[etcd.endpoint()], EtcdOptions::default())
+            .await
+            .unwrap(),
+    );
+    let extra = format!(
+        "registry: {{etcd: [\"{}\"], lease_ttl: 3s}}\n",
+        etcd.endpoint()
+    );
+    std::fs::create_dir_all(dir.path().join("east")).unwrap();
+    std::fs::create_dir_all(dir.path().join("west")).unwrap();
+    let east_pki = Pki::with_trust_domain(&dir.path().join("east"), "east.example");
+    let west_pki = Pki::with_trust_domain(&dir.path().join("west"), "west.example");
+    let web = http_server("west").await;
+    let west_disc = discovery(&west_pki.dir, "west", &[("web", 8080, web)]);
+    let east_disc = discovery(&east_pki.dir, "east", &[]);
+    let west = Gateway::start(config_named(
+        &west_pki,
+        "west",
+        &west_pki.gateway("west"),
+        &west_disc,
+        &[],
+        &extra,
+    ))
+    .await
+    .unwrap();
+    let east = Gateway::start(config_named(
+        &east_pki,
+        "east",
+        &east_pki.gateway("east"),
+        &east_disc,
+        &[],
+        &extra,
+    ))
+    .await
+    .unwrap();
+    let failures = |gw: &Gateway| {
+        gw.shared()
+            .metrics
+            .render(gw.shared().own.as_str(), &[])
+            .lines()
+            .filter(|l| l.starts_with("strait_gateway_handshake_failures_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+
+    // West declares east with east's CA; east declares west in west's trust domain but
+    // without its CA: east cannot verify west, ignores the peering, and refuses west's dials.
+    put_peering(
+        &backend,
+        "west",
+        "east",
+        Some(peering(
+            "west",
+            "east",
+            east.peer_addr,
+            "east.example",
+            Some(east_pki.ca.ca_cert_pem()),
+        )),
+    )
+    .await;
+    put_peering(
+        &backend,
+        "east",
+        "west",
+        Some(peering(
+            "east",
+            "west",
+            west.peer_addr,
+            "west.example",
+            None,
+        )),
+    )
+    .await;
+    let t = Instant::now();
+    while failures(&east) == 0 {
+        assert!(t.elapsed() < WAIT, "west never dialled east");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        link(&east, "west").is_none_or(|l| l.state != "up"),
+        "east accepted a gateway no CA of its own vouches for"
+    );
+
+    // With west's CA bundle, the clusters peer both ways and a tunnel reaches west's service.
+    put_peering(
+        &backend,
+        "east",
+        "west",
+        Some(peering(
+            "east",
+            "west",
+            west.peer_addr,
+            "west.example",
+            Some(west_pki.ca.ca_cert_pem()),
+        )),
+    )
+    .await;
+    wait_link(&east, "west", "up", WAIT).await;
+    wait_link(&west, "east", "up", WAIT).await;
+    let app = east_pki.workload("east", "app");
+    let reply = get_through(
+        east.ingress_addr,
+        client_tls(&app, &east_pki.ca_file()),
+        "web.default:8080",
+    )
+    .await;
+    assert!(reply.ends_with("hello from west\n"), "{reply}");
+
+    // West is pinned to its CA: a certificate for west's gateway from east's own CA (which
+    // east trusts for everyone else) is refused; the real link is untouched.
+    let impostor = east_pki.gateway("west");
+    let before = failures(&east);
+    assert!(
+        raw_quic(&impostor, &east_pki.ca_file(), east.peer_addr)
+            .await
+            .is_err(),
+        "a certificate for a pinned cluster from another CA was accepted"
+    );
+    assert!(failures(&east) > before);
+    assert_eq!(link(&east, "west").unwrap().state, "up");
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {

@@ -388,6 +388,59 @@ pub fn policy_from_spec(
     }
 }
 
+/// Reads a `FederatedCluster` named `name` (its `spec` already checked against the schema) as
+/// the peering of cluster `own` with it; `None` for the object naming `own` itself.
+pub fn peering_from_spec(
+    own: &federation::model::ClusterId,
+    name: &str,
+    spec: &Value,
+) -> Result<Option<federation::model::Peering>, String> {
+    use federation::model::{GatewayAddress, Name, Peering};
+    let peer = Name::parse("metadata.name", name).map_err(|e| e.to_string())?;
+    if &peer == own {
+        return Ok(None);
+    }
+    let field = |path: &str| -> Result<&str, String> {
+        spec.pointer(path)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("spec{}: a string is required", path.replace('/', ".")))
+    };
+    let region = Name::parse("spec.region", field("/region")?).map_err(|e| e.to_string())?;
+    let gateways = spec["gateways"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            GatewayAddress::parse(
+                &format!("spec.gateways[{i}]"),
+                g.as_str().unwrap_or_default(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let p = Peering {
+        cluster: own.clone(),
+        peer,
+        region,
+        gateways,
+        trust_domain: field("/trust/trust_domain")?.to_string(),
+        ca_bundle: spec
+            .pointer("/trust/ca_bundle")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    };
+    p.validate().map_err(|e| {
+        let field = match e.field.as_str() {
+            "trust_domain" | "ca_bundle" => format!("trust.{}", e.field),
+            other => other.to_string(),
+        };
+        format!("spec.{field}: {}", e.reason)
+    })?;
+    Ok(Some(p))
+}
+
 /// Check `object` against the schema of `crd`'s first version, as the API server does with
 /// strict field validation. Every problem is returned, each naming its path.
 pub fn validate(crd: &CustomResourceDefinition, object: &Value) -> Result<(), Vec<String>> {

@@ -94,31 +94,120 @@ pub fn failover_policy_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&gvk, "failoverpolicies")
 }
 
+/// Strait's `FederatedCluster` resource (see [`super::crd`]).
+pub fn federated_cluster_resource() -> ApiResource {
+    let gvk = GroupVersionKind::gvk(super::crd::GROUP, super::crd::VERSION, "FederatedCluster");
+    ApiResource::from_gvk_with_plural(&gvk, "federatedclusters")
+}
+
+/// One registry entry made from an object: its key, what it is (for messages), its value.
+pub struct Entry {
+    pub key: String,
+    pub what: String,
+    pub value: Vec<u8>,
+}
+
+/// What a follower writes and how (see [`follow_objects`]).
+pub struct Follower {
+    /// The kind, for messages (`FailoverPolicy`).
+    pub kind: &'static str,
+    pub resource: ApiResource,
+    pub crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    /// An object (name, whole object, already checked against the CRD's schema) → its entry, or
+    /// `None` when it has none to write.
+    #[allow(clippy::type_complexity)]
+    pub translate: Box<dyn Fn(&str, &serde_json::Value) -> Result<Option<Entry>, String> + Send>,
+    /// A registry prefix this follower owns whole: what it holds beyond the objects' entries is
+    /// deleted at the first sync (left by objects deleted while no control plane ran).
+    pub owns: Option<String>,
+}
+
 /// Follow the cluster's `FailoverPolicy` objects until `stop` and keep the registry's policies
 /// in step, as `strait policy apply` / `delete` would: a policy object's spec (checked against
 /// the CRD's schema and read by the policy-file parser) is written under its scope; a deleted
-/// object's policy is removed. An invalid object is reported (once) and left out; of two objects
-/// for one scope the first by name wins. Nothing is written before the first complete list, and
-/// a failed write is retried with back-off.
+/// object's policy is removed.
 pub async fn follow_policies(
     client: Client,
     backend: federation::registry::Backend,
     coalesce: Duration,
     stop: CancellationToken,
 ) {
-    use federation::registry::backend::Op;
     use federation::registry::codec::{RegistryKey, encode_policy};
-    let crd = super::crd::failover_policy_crd();
+    let follower = Follower {
+        kind: "FailoverPolicy",
+        resource: failover_policy_resource(),
+        crd: super::crd::failover_policy_crd(),
+        translate: Box::new(|name, obj| {
+            let p = super::crd::policy_from_spec(name, &obj["spec"])?;
+            Ok(Some(Entry {
+                key: RegistryKey::Policy(p.scope.clone()).encode(),
+                what: format!("policy {}", p.scope),
+                value: encode_policy(&p),
+            }))
+        }),
+        owns: None,
+    };
+    follow_objects(client, backend, follower, coalesce, stop).await
+}
+
+/// Follow the cluster's `FederatedCluster` objects until `stop` and keep this cluster's
+/// peerings in the registry (`/strait/v1/peerings/OWN/PEER`, no lease) in step: the object's
+/// name is the peer cluster, its spec where the peer's gateways answer and the trust they are
+/// accepted under. The object naming this cluster itself is skipped (one set of objects can be
+/// applied to every cluster); this control plane owns the prefix, so peerings of objects
+/// deleted while it was away are removed when it starts.
+pub async fn follow_federated_clusters(
+    client: Client,
+    backend: federation::registry::Backend,
+    own: federation::model::ClusterId,
+    coalesce: Duration,
+    stop: CancellationToken,
+) {
+    use federation::registry::codec::{RegistryKey, encode_peering};
+    let prefix = RegistryKey::peerings_prefix(&own);
+    let follower = Follower {
+        kind: "FederatedCluster",
+        resource: federated_cluster_resource(),
+        crd: super::crd::federated_cluster_crd(),
+        translate: Box::new(move |name, obj| {
+            let Some(p) = super::crd::peering_from_spec(&own, name, &obj["spec"])? else {
+                return Ok(None);
+            };
+            Ok(Some(Entry {
+                key: RegistryKey::Peering(p.cluster.clone(), p.peer.clone()).encode(),
+                what: format!("peering with {}", p.peer),
+                value: encode_peering(&p),
+            }))
+        }),
+        owns: Some(prefix),
+    };
+    follow_objects(client, backend, follower, coalesce, stop).await
+}
+
+/// Follow one kind of cluster-scoped object and keep registry entries made from them in step.
+/// An invalid object is reported (once) and left out; of two objects for one key the first by
+/// name wins. Nothing is written before the first complete list; a failed read or write is
+/// retried with back-off.
+pub async fn follow_objects(
+    client: Client,
+    backend: federation::registry::Backend,
+    follower: Follower,
+    coalesce: Duration,
+    stop: CancellationToken,
+) {
+    use federation::registry::backend::Op;
+    let kind = follower.kind;
     let mut events = watcher(
-        Api::<DynamicObject>::all_with(client, &failover_policy_resource()),
+        Api::<DynamicObject>::all_with(client, &follower.resource),
         watcher::Config::default(),
     )
     .default_backoff()
     .boxed();
     let mut live: BTreeMap<String, DynamicObject> = BTreeMap::new();
     let mut relist: Relist<String, DynamicObject> = Relist::default();
-    // What this control plane wrote: key → value.
-    let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // What is in the registry of ours: key → value (`None` until read, for an owned prefix).
+    let mut written: Option<BTreeMap<String, Vec<u8>>> =
+        follower.owns.is_none().then(BTreeMap::new);
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut dirty = false;
     let mut retry = Duration::from_millis(500);
@@ -134,7 +223,7 @@ pub async fn follow_policies(
                         let name = o.metadata.name.clone()?;
                         Some((name, o))
                     }),
-                    Err(e) => { warn("FailoverPolicies", &e); continue }
+                    Err(e) => { warn(kind, &e); continue }
                 };
                 if changed && !dirty {
                     dirty = true;
@@ -150,55 +239,73 @@ pub async fn follow_policies(
                 let mut problems = BTreeSet::new();
                 for (name, o) in &live {
                     let obj = serde_json::to_value(o).unwrap_or_default();
-                    let policy = super::crd::validate(&crd, &obj)
+                    let entry = super::crd::validate(&follower.crd, &obj)
                         .map_err(|e| e.join("; "))
-                        .and_then(|()| super::crd::policy_from_spec(name, &obj["spec"]));
-                    match policy {
-                        Ok(p) => {
-                            let key = RegistryKey::Policy(p.scope.clone()).encode();
-                            if let Some((first, _)) = want.get(&key) {
+                        .and_then(|()| (follower.translate)(name, &obj));
+                    match entry {
+                        Ok(Some(e)) => {
+                            if let Some((first, _)) = want.get(&e.key) {
                                 problems.insert(format!(
-                                    "FailoverPolicy/{name}: policy {} is FailoverPolicy/{first}'s; left out",
-                                    p.scope
+                                    "{kind}/{name}: {} is {kind}/{first}'s; left out",
+                                    e.what
                                 ));
                             } else {
-                                want.insert(key, (name.clone(), encode_policy(&p)));
+                                want.insert(e.key, (name.clone(), e.value));
                             }
                         }
+                        Ok(None) => {}
                         Err(e) => {
-                            problems.insert(format!("FailoverPolicy/{name}: {e}; left out"));
+                            problems.insert(format!("{kind}/{name}: {e}; left out"));
                         }
                     }
                 }
                 for p in problems.difference(&reported) {
-                    tracing::warn!("kubernetes policies: {p}");
+                    tracing::warn!("kubernetes {kind}: {p}");
                 }
                 reported = problems;
+                let held = match (&written, &follower.owns) {
+                    (Some(w), _) => w.clone(),
+                    (None, Some(prefix)) => match backend.get_prefix(prefix).await {
+                        Ok((_, kvs)) => kvs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in = ?retry, "cannot read what the registry holds of the {kind} objects; retrying");
+                            timer.as_mut().reset(tokio::time::Instant::now() + retry);
+                            retry = (retry * 2).min(Duration::from_secs(30));
+                            continue;
+                        }
+                    },
+                    (None, None) => BTreeMap::new(),
+                };
                 let mut ops = Vec::new();
                 for (key, (_, value)) in &want {
-                    if written.get(key) != Some(value) {
+                    if held.get(key) != Some(value) {
                         ops.push(Op::Put { key: key.clone(), value: value.clone(), lease: None });
                     }
                 }
-                for key in written.keys() {
+                for key in held.keys() {
                     if !want.contains_key(key) {
                         ops.push(Op::Delete { key: key.clone() });
                     }
                 }
                 if ops.is_empty() {
+                    written = Some(held);
                     dirty = false;
                     continue;
                 }
                 let n = ops.len();
                 match backend.commit(ops).await {
                     Ok(rev) => {
-                        tracing::info!(changes = n, revision = rev, "failover policies from Kubernetes written to the registry");
-                        written = want.into_iter().map(|(k, (_, v))| (k, v)).collect();
+                        tracing::info!(changes = n, revision = rev, "{kind} objects written to the registry");
+                        written = Some(want.into_iter().map(|(k, (_, v))| (k, v)).collect());
                         dirty = false;
                         retry = Duration::from_millis(500);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?retry, "cannot write the failover policies from Kubernetes; retrying");
+                        tracing::warn!(error = %e, retry_in = ?retry, "cannot write the {kind} objects to the registry; retrying");
+                        if follower.owns.is_some() {
+                            // Read again: the write may have landed.
+                            written = None;
+                        }
                         timer.as_mut().reset(tokio::time::Instant::now() + retry);
                         retry = (retry * 2).min(Duration::from_secs(30));
                     }

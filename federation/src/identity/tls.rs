@@ -1,4 +1,5 @@
-//! Mutual-TLS configurations built around a [`PeerVerifier`].
+//! Mutual-TLS configurations built around a [`super::PeerVerifier`] (or a verifier made of
+//! several).
 
 use std::sync::Arc;
 
@@ -6,7 +7,10 @@ use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::{IdentityError, PeerVerifier};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::server::danger::ClientCertVerifier;
+
+use super::IdentityError;
 
 /// The crypto provider of every Strait TLS configuration: aws-lc-rs, named explicitly so that
 /// no process-wide default is needed.
@@ -19,7 +23,7 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 pub fn server_config(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    verifier: Arc<PeerVerifier>,
+    verifier: Arc<dyn ClientCertVerifier>,
 ) -> Result<ServerConfig, IdentityError> {
     Ok(ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -32,7 +36,7 @@ pub fn server_config(
 pub fn client_config(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    verifier: Arc<PeerVerifier>,
+    verifier: Arc<dyn ServerCertVerifier>,
 ) -> Result<ClientConfig, IdentityError> {
     Ok(ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

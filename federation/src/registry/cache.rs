@@ -21,7 +21,8 @@ use super::RegistryError;
 use super::backend::{Backend, WatchEvent};
 use super::codec::{Decoder, ROOT, RegistryKey, RegistryValue};
 use crate::model::{
-    Cluster, ClusterId, FailoverPolicy, LinkState, Name, PolicyScope, ServiceEndpoints, ServiceKey,
+    Cluster, ClusterId, FailoverPolicy, LinkState, Name, Peering, PolicyScope, ServiceEndpoints,
+    ServiceKey,
 };
 
 /// A consistent view of the registry at one revision.
@@ -34,6 +35,8 @@ pub struct Snapshot {
     pub endpoints: OrdMap<(ServiceKey, ClusterId), Arc<ServiceEndpoints>>,
     pub policies: OrdMap<PolicyScope, Arc<FailoverPolicy>>,
     pub links: OrdMap<(ClusterId, ClusterId), Arc<LinkState>>,
+    /// Keyed by (declaring cluster, peer).
+    pub peerings: OrdMap<(ClusterId, ClusterId), Arc<Peering>>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -45,6 +48,7 @@ impl std::fmt::Debug for Snapshot {
             .field("endpoints", &self.endpoint_count())
             .field("policies", &self.policies.len())
             .field("links", &self.links.len())
+            .field("peerings", &self.peerings.len())
             .finish()
     }
 }
@@ -179,6 +183,18 @@ impl Snapshot {
             && self.endpoints == other.endpoints
             && self.policies == other.policies
             && self.links == other.links
+            && self.peerings == other.peerings
+    }
+
+    /// The peerings `cluster` declared, by peer.
+    pub fn peerings_of<'a>(
+        &'a self,
+        cluster: &'a ClusterId,
+    ) -> impl Iterator<Item = &'a Arc<Peering>> + 'a {
+        self.peerings
+            .range((cluster.clone(), Name::min_value())..)
+            .take_while(move |((c, _), _)| c == cluster)
+            .map(|(_, p)| p)
     }
 
     fn get(&self, key: &RegistryKey) -> Option<RegistryValue> {
@@ -195,6 +211,11 @@ impl Snapshot {
                 .get(&(a.clone(), b.clone()))
                 .cloned()
                 .map(RegistryValue::Link),
+            RegistryKey::Peering(a, b) => self
+                .peerings
+                .get(&(a.clone(), b.clone()))
+                .cloned()
+                .map(RegistryValue::Peering),
         }
     }
 
@@ -225,6 +246,15 @@ impl Snapshot {
                     != Some(&v)
             }
             (RegistryKey::Link(a, b), None) => self.links.remove(&(a.clone(), b.clone())).is_some(),
+            (RegistryKey::Peering(a, b), Some(RegistryValue::Peering(v))) => {
+                self.peerings
+                    .insert((a.clone(), b.clone()), v.clone())
+                    .as_ref()
+                    != Some(&v)
+            }
+            (RegistryKey::Peering(a, b), None) => {
+                self.peerings.remove(&(a.clone(), b.clone())).is_some()
+            }
             // A value of another kind than its key cannot come out of the decoder.
             _ => false,
         }
@@ -247,6 +277,11 @@ impl Snapshot {
             self.links
                 .keys()
                 .map(|(a, b)| RegistryKey::Link(a.clone(), b.clone())),
+        );
+        out.extend(
+            self.peerings
+                .keys()
+                .map(|(a, b)| RegistryKey::Peering(a.clone(), b.clone())),
         );
         out
     }

@@ -6,6 +6,7 @@
 //! /strait/v1/policies/default                         FailoverPolicy   (no lease)
 //! /strait/v1/policies/services/{namespace}/{service}   FailoverPolicy   (no lease)
 //! /strait/v1/links/{from}/{to}                         LinkState        (gateway's lease)
+//! /strait/v1/peerings/{cluster}/{peer}                 Peering          (no lease)
 //! ```
 //!
 //! Values are JSON objects with a `"v": 1` field. JSON because operators read the registry with
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::RegistryError;
 use crate::model::{
     Cluster, ClusterId, Endpoint, FailoverPolicy, Health, Labels, LinkState, Locality, Name,
-    PolicyScope, Service, ServiceEndpoints, ServiceKey, ServicePort,
+    Peering, PolicyScope, Service, ServiceEndpoints, ServiceKey, ServicePort,
 };
 
 /// The root of every key this version writes.
@@ -36,6 +37,7 @@ pub enum RegistryKey {
     Endpoints(ClusterId, ServiceKey),
     Policy(PolicyScope),
     Link(ClusterId, ClusterId),
+    Peering(ClusterId, ClusterId),
 }
 
 impl RegistryKey {
@@ -50,6 +52,7 @@ impl RegistryKey {
                 format!("{ROOT}policies/services/{}/{}", s.namespace, s.name)
             }
             RegistryKey::Link(a, b) => format!("{ROOT}links/{a}/{b}"),
+            RegistryKey::Peering(a, b) => format!("{ROOT}peerings/{a}/{b}"),
         }
     }
 
@@ -76,6 +79,7 @@ impl RegistryKey {
                 })))
             }
             ["links", a, b] => Some(RegistryKey::Link(name(a)?, name(b)?)),
+            ["peerings", a, b] => Some(RegistryKey::Peering(name(a)?, name(b)?)),
             _ => None,
         }
     }
@@ -91,6 +95,10 @@ impl RegistryKey {
     /// The prefix holding the links measured by a cluster's gateway.
     pub fn links_prefix(c: &ClusterId) -> String {
         format!("{ROOT}links/{c}/")
+    }
+    /// The prefix holding a cluster's peerings (its `FederatedCluster` objects).
+    pub fn peerings_prefix(c: &ClusterId) -> String {
+        format!("{ROOT}peerings/{c}/")
     }
 }
 
@@ -200,6 +208,14 @@ pub fn encode_policy(p: &FailoverPolicy) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+pub fn encode_peering(p: &Peering) -> Vec<u8> {
+    serde_json::to_vec(&Versioned {
+        v: VERSION,
+        body: p,
+    })
+    .unwrap_or_default()
+}
+
 pub fn encode_link(l: &LinkState) -> Vec<u8> {
     serde_json::to_vec(&Versioned {
         v: VERSION,
@@ -231,6 +247,7 @@ pub enum RegistryValue {
     Endpoints(Arc<ServiceEndpoints>),
     Policy(Arc<FailoverPolicy>),
     Link(Arc<LinkState>),
+    Peering(Arc<Peering>),
 }
 
 /// Decodes values, sharing repeated strings (localities, label sets) between endpoints so that
@@ -380,6 +397,21 @@ impl Decoder {
                 w.body.validate().map_err(model_err)?;
                 Ok(RegistryValue::Link(Arc::new(w.body)))
             }
+            RegistryKey::Peering(cluster, peer) => {
+                let w: Versioned<Peering> = serde_json::from_slice(value).map_err(err)?;
+                check_version(raw_key, w.v)?;
+                if &w.body.cluster != cluster || &w.body.peer != peer {
+                    return Err(RegistryError::Decode {
+                        key: raw_key.to_string(),
+                        message: format!(
+                            "value is {}'s peering with {}, key {cluster}'s with {peer}",
+                            w.body.cluster, w.body.peer
+                        ),
+                    });
+                }
+                w.body.validate().map_err(model_err)?;
+                Ok(RegistryValue::Peering(Arc::new(w.body)))
+            }
         }
     }
 }
@@ -408,6 +440,7 @@ mod tests {
             RegistryKey::Policy(PolicyScope::Default),
             RegistryKey::Policy(PolicyScope::Service(s)),
             RegistryKey::Link(c.clone(), Name::parse("c", "west").unwrap()),
+            RegistryKey::Peering(c.clone(), Name::parse("c", "west").unwrap()),
         ] {
             assert_eq!(
                 RegistryKey::parse(&k.encode()),
@@ -475,5 +508,83 @@ mod tests {
             )
             .unwrap_err();
         assert!(e.to_string().contains("names cluster `west`"), "{e}");
+    }
+
+    fn peering(ca_bundle: Option<String>) -> Peering {
+        Peering {
+            cluster: Name::parse("c", "east").unwrap(),
+            peer: Name::parse("c", "west").unwrap(),
+            region: Name::parse("r", "us-west").unwrap(),
+            gateways: vec![
+                crate::model::GatewayAddress::parse("g", "gw.west.example:15443").unwrap(),
+            ],
+            trust_domain: "west.example".into(),
+            ca_bundle,
+        }
+    }
+
+    #[test]
+    fn peerings_round_trip_and_bad_ones_are_refused_by_field() {
+        let ca = crate::identity::CertificateAuthority::init(
+            "west.example",
+            std::time::Duration::from_secs(3600),
+        )
+        .unwrap();
+        let mut d = Decoder::new();
+        let k = "/strait/v1/peerings/east/west";
+        let key = RegistryKey::parse(k).unwrap();
+        for p in [peering(None), peering(Some(ca.ca_cert_pem().to_string()))] {
+            let v = encode_peering(&p);
+            assert_eq!(
+                d.decode(&key, k, &v).unwrap(),
+                RegistryValue::Peering(Arc::new(p))
+            );
+        }
+        // The key and the value must agree.
+        let other = RegistryKey::parse("/strait/v1/peerings/east/north").unwrap();
+        let e = d
+            .decode(
+                &other,
+                "/strait/v1/peerings/east/north",
+                &encode_peering(&peering(None)),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("key east's with north"), "{e}");
+        // A bundle that is no certificate, a bad trust domain, no gateways, a self-peering.
+        let cases: [(Peering, &str); 4] = [
+            (
+                peering(Some(
+                    "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
+                )),
+                "ca_bundle",
+            ),
+            (
+                Peering {
+                    trust_domain: "Not A Domain".into(),
+                    ..peering(None)
+                },
+                "trust_domain",
+            ),
+            (
+                Peering {
+                    gateways: vec![],
+                    ..peering(None)
+                },
+                "gateways",
+            ),
+            (
+                Peering {
+                    peer: Name::parse("c", "east").unwrap(),
+                    ..peering(None)
+                },
+                "cannot peer with itself",
+            ),
+        ];
+        for (p, expect) in cases {
+            let k = RegistryKey::Peering(p.cluster.clone(), p.peer.clone()).encode();
+            let key = RegistryKey::parse(&k).unwrap();
+            let e = d.decode(&key, &k, &encode_peering(&p)).unwrap_err();
+            assert!(e.to_string().contains(expect), "{expect}: {e}");
+        }
     }
 }
