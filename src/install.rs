@@ -337,6 +337,8 @@ pub fn controlplane_config(cluster: &str, region: &str, values: &Values) -> Stri
          region: {region}\n\
          registry: {{etcd: {etcd}}}\n\
          discovery:\n  kubernetes:   # in-cluster: the pod's service account{gateways}\n\
+         \x20   # the identity Secrets of injected workloads, issued with the CA of the Secret strait-ca\n\
+         \x20   identities: {{ca: /etc/strait/ca, validity: 24h}}\n\
          xds:\n  listen: \"0.0.0.0:15010\"\n  tls: {{cert: /etc/strait/tls/cert.pem, key: /etc/strait/tls/key.pem, ca: /etc/strait/tls/ca.pem}}\n\
          # a local gateway exists: sidecars reach other clusters through its ingress\n\
          gateway: {{ingress: \"0.0.0.0:15008\"}}\n\
@@ -419,7 +421,21 @@ pub fn manifests(
                 &["failoverpolicies", "federatedclusters"],
                 &["get", "list", "watch"],
             ),
-            // Its only writes: the clusterset's services as ServiceImports.
+            // Whose identities to issue: accounts of namespaces with injection enabled.
+            rule(
+                &[""],
+                &["namespaces", "serviceaccounts"],
+                &["list", "watch"],
+            ),
+            // The identity Secrets it issues (`strait-identity-SA`, labelled managed-by strait;
+            // RBAC cannot narrow a list to a label, so this reaches every Secret: see
+            // docs/kubernetes.md).
+            rule(
+                &[""],
+                &["secrets"],
+                &["get", "list", "create", "patch", "update", "delete"],
+            ),
+            // Its other writes: the clusterset's services as ServiceImports.
             rule(
                 &["multicluster.x-k8s.io"],
                 &["serviceimports"],
@@ -512,6 +528,10 @@ pub fn manifests(
             (
                 secret_volume("webhook-tls", "strait-webhook-tls"),
                 mount("webhook-tls", "/etc/strait/webhook"),
+            ),
+            (
+                secret_volume("ca", "strait-ca"),
+                mount("ca", "/etc/strait/ca"),
             ),
         ],
     ))));
@@ -626,7 +646,8 @@ pub fn output(args: &KubernetesArgs) -> anyhow::Result<String> {
          # Before applying, create in {NAMESPACE} the Secrets (see docs/kubernetes.md):\n\
          #   strait-controlplane-tls  cert.pem, key.pem, ca.pem  spiffe://{td}/cluster/{c}/ns/{NAMESPACE}/sa/{CONTROLPLANE}\n\
          #   strait-gateway-tls       cert.pem, key.pem, ca.pem  spiffe://{td}/cluster/{c}/gateway\n\
-         #   strait-webhook-tls       tls.crt, tls.key           DNS {CONTROLPLANE}.{NAMESPACE}.svc\n"
+         #   strait-webhook-tls       tls.crt, tls.key           DNS {CONTROLPLANE}.{NAMESPACE}.svc\n\
+         #   strait-ca                ca.pem, ca.key             the CA that issues the workload identities of injected pods\n"
     );
     render(
         &manifests(&args.cluster, &args.region, &values, ca),
@@ -757,18 +778,24 @@ mod tests {
                 }
                 if d["kind"] == "ClusterRole" {
                     for r in d["rules"].as_array().unwrap() {
-                        let imports = r["resources"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .all(|x| x.as_str().unwrap_or("").starts_with("serviceimports"));
+                        let resources = r["resources"].as_array().unwrap();
+                        let writable = resources.iter().all(|x| {
+                            let x = x.as_str().unwrap_or("");
+                            x.starts_with("serviceimports") || x == "secrets"
+                        });
                         for v in r["verbs"].as_array().unwrap() {
                             assert!(
-                                imports || ["get", "list", "watch"].contains(&v.as_str().unwrap()),
-                                "the control plane's role writes more than ServiceImports: {r}"
+                                writable || ["get", "list", "watch"].contains(&v.as_str().unwrap()),
+                                "the control plane's role writes more than ServiceImports and identity Secrets: {r}"
                             );
                         }
-                        assert!(!r["resources"].to_string().contains("secrets"), "{r}");
+                        if resources.iter().any(|x| x == "secrets") {
+                            assert_eq!(resources.len(), 1, "{r}");
+                            assert!(
+                                !r["verbs"].to_string().contains("watch"),
+                                "Secrets are listed, never watched: {r}"
+                            );
+                        }
                     }
                 }
                 if d["kind"] == "Deployment" {

@@ -194,6 +194,18 @@ impl ControlPlaneConfig {
                     if let Some(kc) = &mut k.kubeconfig {
                         *kc = base.join(&*kc);
                     }
+                    if let Some(ids) = &mut k.identities {
+                        ids.ca = base.join(&ids.ca);
+                        if ids.validity < std::time::Duration::from_secs(600) {
+                            return Err(invalid(
+                                "discovery.kubernetes.identities.validity",
+                                format!(
+                                    "{:?} is too short: certificates are renewed with a third left, give at least 10m",
+                                    ids.validity
+                                ),
+                            ));
+                        }
+                    }
                     for (i, g) in k.gateways.iter().enumerate() {
                         federation::model::GatewayAddress::parse("gateways", g).map_err(|e| {
                             invalid(&format!("discovery.kubernetes.gateways[{i}]"), e.reason)

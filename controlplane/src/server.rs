@@ -56,6 +56,8 @@ pub enum StartError {
     },
     #[error("xDS TLS: {0}")]
     Tls(String),
+    #[error("discovery.kubernetes.identities.ca: {0}")]
+    Identities(String),
 }
 
 /// A started control plane. Dropping it does not stop it: call [`ControlPlane::shutdown`].
@@ -126,6 +128,20 @@ impl ControlPlane {
                 .map_err(StartError::KubernetesCluster)?;
         let client = crate::kubernetes::source::client(k).await?;
         let kept = client.clone();
+        if let Some(ids) = &k.identities {
+            let ca = federation::identity::CertificateAuthority::load(&ids.ca)
+                .map_err(|e| StartError::Identities(format!("{}: {e}", ids.ca.display())))?;
+            tasks.push(tokio::spawn(
+                crate::kubernetes::identities::follow_identities(
+                    client.clone(),
+                    cfg.cluster.to_string(),
+                    ids.clone(),
+                    ca,
+                    Duration::from_millis(100),
+                    stop.clone(),
+                ),
+            ));
+        }
         tasks.push(tokio::spawn(crate::kubernetes::source::follow_policies(
             client.clone(),
             backend.clone(),

@@ -28,9 +28,13 @@ const NODES: &str = "/api/v1/nodes";
 const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
 const POLICIES: &str = "/apis/strait.io/v1alpha1/failoverpolicies";
 const CLUSTERS: &str = "/apis/strait.io/v1alpha1/federatedclusters";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const ACCOUNTS: &str = "/api/v1/serviceaccounts";
 
 /// (path, list kind, apiVersion)
-const KINDS: [(&str, &str, &str); 6] = [
+const KINDS: [(&str, &str, &str); 8] = [
+    (NAMESPACES, "NamespaceList", "v1"),
+    (ACCOUNTS, "ServiceAccountList", "v1"),
     (POLICIES, "FailoverPolicyList", "strait.io/v1alpha1"),
     (CLUSTERS, "FederatedClusterList", "strait.io/v1alpha1"),
     (SERVICES, "ServiceList", "v1"),
@@ -52,6 +56,8 @@ struct Store {
     broken: HashSet<&'static str>,
     /// ServiceImports written by the control plane: namespace/name → object.
     imports: BTreeMap<String, Value>,
+    /// Secrets: namespace/name → object.
+    secrets: BTreeMap<String, Value>,
     /// Namespaces that exist (imports elsewhere get 404).
     namespaces: HashSet<String>,
     /// Requests to the ServiceImport API (method and path), in order.
@@ -119,7 +125,9 @@ impl ApiServer {
                     let svc = hyper::service::service_fn(move |req| {
                         let s = s.clone();
                         async move {
-                            if req.uri().path().contains("/serviceimports") {
+                            if req.uri().path().contains("/serviceimports")
+                                || req.uri().path().contains("/secrets")
+                            {
                                 return Ok::<_, Infallible>(imports(&s, req).await);
                             }
                             Ok::<_, Infallible>(handle(&s, req))
@@ -227,9 +235,9 @@ fn full(status: u16, body: Value) -> hyper::Response<BoxBody<Bytes, Infallible>>
 
 const IMPORTS_PREFIX: &str = "/apis/multicluster.x-k8s.io/v1alpha1/";
 
-/// The ServiceImport API as a real API server serves it: a list by label selector, server-side
-/// apply (`application/apply-patch+yaml`) of the object and of its status subresource, delete;
-/// 404 for a namespace that does not exist.
+/// The ServiceImport and Secret APIs as a real API server serves them: a list by label
+/// selector, server-side apply (`application/apply-patch+yaml`) of the object and of its status
+/// subresource, delete; 404 for a namespace that does not exist.
 async fn imports(
     store: &Mutex<Store>,
     req: hyper::Request<hyper::body::Incoming>,
@@ -258,16 +266,30 @@ async fn imports(
             "reason": "NotFound", "code": 404, "message": what}),
         )
     };
-    let rest = path.trim_start_matches(IMPORTS_PREFIX);
-    if rest == "serviceimports" && method == hyper::Method::GET {
+    let secrets = path.starts_with("/api/v1/");
+    let (rest, plural, list_kind, api_version) = if secrets {
+        (
+            path.trim_start_matches("/api/v1/"),
+            "secrets",
+            "SecretList",
+            "v1",
+        )
+    } else {
+        (
+            path.trim_start_matches(IMPORTS_PREFIX),
+            "serviceimports",
+            "ServiceImportList",
+            "multicluster.x-k8s.io/v1alpha1",
+        )
+    };
+    if rest == plural && method == hyper::Method::GET {
         let selector = query
             .split('&')
             .find_map(|q| q.strip_prefix("labelSelector="))
             .unwrap_or("")
             .replace("%3D", "=")
             .replace("%2F", "/");
-        let items: Vec<Value> = st
-            .imports
+        let items: Vec<Value> = if secrets { &st.secrets } else { &st.imports }
             .values()
             .filter(|o| {
                 selector.is_empty()
@@ -280,15 +302,14 @@ async fn imports(
         let v = st.version;
         return full(
             200,
-            json!({"kind": "ServiceImportList",
-            "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            json!({"kind": list_kind, "apiVersion": api_version,
             "metadata": {"resourceVersion": v.to_string()}, "items": items}),
         );
     }
     let parts: Vec<&str> = rest.split('/').collect();
     let (ns, name, status) = match parts.as_slice() {
-        ["namespaces", ns, "serviceimports", name] => (*ns, *name, false),
-        ["namespaces", ns, "serviceimports", name, "status"] => (*ns, *name, true),
+        ["namespaces", ns, p, name] if *p == plural => (*ns, *name, false),
+        ["namespaces", ns, p, name, "status"] if *p == plural && !secrets => (*ns, *name, true),
         _ => return not_found(format!("no {path}")),
     };
     if !st.namespaces.contains(ns) {
@@ -296,12 +317,17 @@ async fn imports(
     }
     let key = format!("{ns}/{name}");
     if method == hyper::Method::DELETE {
-        return match st.imports.remove(&key) {
+        let coll = if secrets {
+            &mut st.secrets
+        } else {
+            &mut st.imports
+        };
+        return match coll.remove(&key) {
             Some(_) => full(
                 200,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
             ),
-            None => not_found(format!("serviceimports \"{name}\" not found")),
+            None => not_found(format!("{plural} \"{name}\" not found")),
         };
     }
     if method != hyper::Method::PATCH
@@ -322,10 +348,15 @@ async fn imports(
     };
     st.version += 1;
     let v = st.version;
-    let entry = st.imports.entry(key).or_insert_with(|| json!({}));
+    let coll = if secrets {
+        &mut st.secrets
+    } else {
+        &mut st.imports
+    };
+    let entry = coll.entry(key).or_insert_with(|| json!({}));
     if status {
         if entry.get("spec").is_none() {
-            return not_found(format!("serviceimports \"{name}\" not found"));
+            return not_found(format!("{plural} \"{name}\" not found"));
         }
         entry["status"] = patch["status"].clone();
     } else {
@@ -698,6 +729,204 @@ async fn published(reg: &common::Registry) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// `DIR/kube.yaml` pointing at the test API server.
+fn write_kubeconfig(dir: &std::path::Path, url: &str) {
+    std::fs::write(
+        dir.join("kube.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters: [{{name: test, cluster: {{server: \"{url}\"}}}}]\n\
+             users: [{{name: test, user: {{}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: test}}}}]\n"
+        ),
+    )
+    .expect("kubeconfig");
+}
+
+fn namespace(name: &str, inject: bool) -> Value {
+    let mut n = json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "uid": format!("uid-ns-{name}")}});
+    if inject {
+        n["metadata"]["labels"] = json!({"strait.io/inject": "enabled"});
+    }
+    n
+}
+
+fn account(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{ns}-{name}")}})
+}
+
+/// A Secret's `data` field, decoded.
+fn secret_file(secret: &Value, file: &str) -> String {
+    use base64::Engine as _;
+    let b = secret["data"][file].as_str().unwrap_or_default();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keeps_them_in_step() {
+    use federation::identity::{CertificateAuthority, PeerVerifier, Role, allow_any, load_certs};
+    common::install_crypto();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = common::Registry::start(dir.path()).await;
+    let api = ApiServer::start().await;
+    let ca = CertificateAuthority::init("test.strait", Duration::from_secs(86400)).expect("CA");
+    ca.write(dir.path().join("ca"), false).expect("CA files");
+    api.put(NAMESPACES, namespace("shop", true));
+    api.put(NAMESPACES, namespace("plain", false));
+    api.put(ACCOUNTS, account("shop", "default"));
+    api.put(ACCOUNTS, account("shop", "web"));
+    api.put(ACCOUNTS, account("shop", "build.bot"));
+    api.put(ACCOUNTS, account("plain", "default"));
+    {
+        let mut st = api.store.lock().expect("store");
+        st.namespaces
+            .extend(["shop".to_string(), "plain".to_string()]);
+        // A managed identity whose account is gone, and somebody else's Secret.
+        st.secrets.insert(
+            "shop/strait-identity-gone".into(),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "strait-identity-gone",
+                "namespace": "shop", "labels": {"app.kubernetes.io/managed-by": "strait"}}}),
+        );
+        st.secrets.insert(
+            "shop/strait-identity-theirs".into(),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "strait-identity-theirs",
+                "namespace": "shop"}, "data": {}}),
+        );
+    }
+    write_kubeconfig(dir.path(), &api.url);
+    let cfg = controlplane::config::ControlPlaneConfig::parse(
+        dir.path().join("cp.yaml"),
+        &format!(
+            "cluster: east\nregion: us-east\nregistry: {{etcd: [\"{}\"], lease_ttl: 5s}}\n\
+             discovery: {{kubernetes: {{kubeconfig: kube.yaml, identities: {{ca: ca, validity: 1h}}}}}}\n\
+             xds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
+            reg.etcd.endpoint()
+        ),
+    )
+    .expect("control plane config");
+    let cp = common::start_cp_with(&reg, cfg).await;
+    let secrets = || api.store.lock().expect("store").secrets.clone();
+    let got = common::wait_for(Duration::from_secs(15), "the identity Secrets", || async {
+        let s = secrets();
+        if s.contains_key("shop/strait-identity-web")
+            && s.contains_key("shop/strait-identity-default")
+            && !s.contains_key("shop/strait-identity-gone")
+        {
+            Ok(s)
+        } else {
+            Err(format!("{:?}", s.keys().collect::<Vec<_>>()))
+        }
+    })
+    .await;
+    assert_eq!(
+        got.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "shop/strait-identity-default",
+            "shop/strait-identity-theirs",
+            "shop/strait-identity-web"
+        ],
+        "none for a namespace without injection nor for an account that is no SPIFFE name; \
+         somebody else's Secret untouched"
+    );
+    let web = &got["shop/strait-identity-web"];
+    assert_eq!(
+        web["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "strait"
+    );
+    assert_eq!(
+        web["metadata"]["ownerReferences"][0]["kind"],
+        "ServiceAccount"
+    );
+    assert_eq!(web["metadata"]["ownerReferences"][0]["uid"], "uid-shop-web");
+    assert_eq!(web["type"], "Opaque");
+    // The files are what the injected proxy needs: a chain the CA vouches for, naming the
+    // account, its key, and the CA.
+    let files = dir.path().join("web");
+    std::fs::create_dir_all(&files).expect("dir");
+    for f in ["cert.pem", "key.pem", "ca.pem"] {
+        std::fs::write(files.join(f), secret_file(web, f)).expect("file");
+    }
+    assert_eq!(secret_file(web, "ca.pem").trim(), ca.ca_cert_pem().trim());
+    let chain = load_certs(files.join("cert.pem")).expect("cert.pem");
+    let id = PeerVerifier::new(
+        &load_certs(dir.path().join("ca/ca.pem")).expect("ca"),
+        Role::Workload,
+        allow_any(),
+    )
+    .expect("verifier")
+    .verify(&chain[0], &chain[1..], rustls_pki_types::UnixTime::now())
+    .expect("the CA vouches for the certificate");
+    assert_eq!(
+        id.to_string(),
+        "spiffe://test.strait/cluster/east/ns/shop/sa/web"
+    );
+    federation::identity::client_config(
+        chain,
+        federation::identity::load_private_key(files.join("key.pem")).expect("key.pem"),
+        std::sync::Arc::new(
+            PeerVerifier::from_ca_file(dir.path().join("ca/ca.pem"), Role::Workload, allow_any())
+                .expect("verifier"),
+        ),
+    )
+    .expect("the key belongs to the certificate");
+
+    // The CA is rotated: the next pass (here brought on by a new account) issues every
+    // identity again under the new CA.
+    let rotated =
+        CertificateAuthority::init("test.strait", Duration::from_secs(86400)).expect("CA");
+    rotated
+        .write(dir.path().join("ca"), true)
+        .expect("CA files");
+    api.put(ACCOUNTS, account("shop", "db"));
+    common::wait_for(
+        Duration::from_secs(15),
+        "identities under the new CA",
+        || async {
+            let s = secrets();
+            let fresh = |k: &str| {
+                s.get(k).is_some_and(|o| {
+                    secret_file(o, "ca.pem").trim() == rotated.ca_cert_pem().trim()
+                })
+            };
+            if fresh("shop/strait-identity-web")
+                && fresh("shop/strait-identity-default")
+                && fresh("shop/strait-identity-db")
+            {
+                Ok(())
+            } else {
+                Err(format!("{:?}", s.keys().collect::<Vec<_>>()))
+            }
+        },
+    )
+    .await;
+
+    // Injection turned off for the namespace: its identities are withdrawn.
+    api.put(NAMESPACES, namespace("shop", false));
+    common::wait_for(
+        Duration::from_secs(15),
+        "the identities withdrawn",
+        || async {
+            let s = secrets();
+            let left: Vec<&String> = s.keys().collect();
+            if left == ["shop/strait-identity-theirs"] {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    )
+    .await;
+    cp.shutdown().await;
+    api.stop.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_into_etcd() {
     common::install_crypto();
@@ -762,18 +991,7 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
         .await
         .expect("registry write");
 
-    let kubeconfig = dir.path().join("kube.yaml");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-             clusters: [{{name: test, cluster: {{server: \"{}\"}}}}]\n\
-             users: [{{name: test, user: {{}}}}]\n\
-             contexts: [{{name: test, context: {{cluster: test, user: test}}}}]\n",
-            api.url
-        ),
-    )
-    .expect("kubeconfig");
+    write_kubeconfig(dir.path(), &api.url);
     let cfg = controlplane::config::ControlPlaneConfig::parse(
         dir.path().join("cp.yaml"),
         &format!(
@@ -1066,14 +1284,19 @@ async fn bad_kubernetes_configuration_is_refused_with_the_reason() {
             "discovery.kubernetes.gateways[0]",
         ),
         ("{kubernetes: {kubeconfig: k.yaml, colour: blue}}", "colour"),
+        (
+            "{kubernetes: {identities: {ca: ca, validity: 1m}}}",
+            "discovery.kubernetes.identities.validity",
+        ),
+        ("{kubernetes: {identities: {ca: ca, ttl: 1h}}}", "ttl"),
     ] {
         let e = cfg(discovery).expect_err(discovery).to_string();
         assert!(e.contains(want), "{discovery}: `{e}` does not say `{want}`");
     }
     // A kubeconfig that is not there: the control plane does not start, and says which file.
-    let cfg = cfg("{kubernetes: {kubeconfig: missing-kube.yaml}}").expect("parses");
+    let missing = cfg("{kubernetes: {kubeconfig: missing-kube.yaml}}").expect("parses");
     let e = controlplane::server::ControlPlane::start_with(
-        cfg,
+        missing,
         federation::registry::Backend::Embedded(
             federation::registry::embedded::EmbeddedRegistry::new(),
         ),
@@ -1084,6 +1307,28 @@ async fn bad_kubernetes_configuration_is_refused_with_the_reason() {
     .to_string();
     assert!(
         e.contains("kubernetes discovery: kubeconfig /etc/strait/missing-kube.yaml"),
+        "{e}"
+    );
+    // A CA directory that is not there: no start either, naming it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_kubeconfig(dir.path(), "http://127.0.0.1:9");
+    let no_ca = cfg(&format!(
+        "{{kubernetes: {{kubeconfig: {}, identities: {{ca: /nonexistent/strait-ca}}}}}}",
+        dir.path().join("kube.yaml").display()
+    ))
+    .expect("parses");
+    let e = controlplane::server::ControlPlane::start_with(
+        no_ca,
+        federation::registry::Backend::Embedded(
+            federation::registry::embedded::EmbeddedRegistry::new(),
+        ),
+    )
+    .await
+    .err()
+    .expect("no CA, no start")
+    .to_string();
+    assert!(
+        e.contains("discovery.kubernetes.identities.ca: /nonexistent/strait-ca"),
         "{e}"
     );
 }

@@ -21,6 +21,7 @@
 //!   is kept once, with its better health.
 
 pub mod crd;
+pub mod identities;
 pub mod imports;
 pub mod inject;
 pub mod source;

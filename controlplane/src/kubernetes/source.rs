@@ -43,6 +43,10 @@ pub struct KubernetesConfig {
     /// address of its LoadBalancer Service), published with the cluster.
     #[serde(default)]
     pub gateways: Vec<String>,
+    /// Issue the identity Secrets of injected workloads with this CA (see
+    /// [`super::identities`]).
+    #[serde(default)]
+    pub identities: Option<super::identities::IdentitiesConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -326,9 +330,9 @@ enum Update {
 }
 
 /// A kind's relist in progress, and whether it was ever listed.
-struct Relist<K, V> {
+pub(super) struct Relist<K, V> {
     buffer: Option<BTreeMap<K, V>>,
-    synced: bool,
+    pub(super) synced: bool,
 }
 
 impl<K: Ord, V> Default for Relist<K, V> {
@@ -342,7 +346,7 @@ impl<K: Ord, V> Default for Relist<K, V> {
 
 impl<K: Ord, V> Relist<K, V> {
     /// Apply one event to `live`; whether `live` changed.
-    fn apply<O>(
+    pub(super) fn apply<O>(
         &mut self,
         live: &mut BTreeMap<K, V>,
         event: watcher::Event<O>,
@@ -484,6 +488,6 @@ pub async fn follow(
     }
 }
 
-fn warn(kind: &str, e: &watcher::Error) {
+pub(super) fn warn(kind: &str, e: &watcher::Error) {
     tracing::warn!(kind, error = %e, "kubernetes watch failed; keeping the last good state, retrying");
 }
