@@ -433,7 +433,7 @@ pub fn manifests(
             rule(
                 &[""],
                 &["secrets"],
-                &["get", "list", "create", "patch", "update", "delete"],
+                &["get", "list", "create", "patch", "delete"],
             ),
             // Its other writes: the clusterset's services as ServiceImports.
             rule(

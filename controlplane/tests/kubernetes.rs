@@ -316,6 +316,13 @@ async fn imports(
         return not_found(format!("namespaces \"{ns}\" not found"));
     }
     let key = format!("{ns}/{name}");
+    if method == hyper::Method::GET {
+        let coll = if secrets { &st.secrets } else { &st.imports };
+        return match coll.get(&key) {
+            Some(o) => full(200, o.clone()),
+            None => not_found(format!("{plural} \"{name}\" not found")),
+        };
+    }
     if method == hyper::Method::DELETE {
         let coll = if secrets {
             &mut st.secrets
@@ -784,6 +791,11 @@ async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keep
     api.put(ACCOUNTS, account("shop", "web"));
     api.put(ACCOUNTS, account("shop", "build.bot"));
     api.put(ACCOUNTS, account("plain", "default"));
+    // An account whose Secret of that name is somebody else's, and a namespace the API server
+    // refuses writes to (it answers 404): neither holds up the others.
+    api.put(ACCOUNTS, account("shop", "theirs"));
+    api.put(NAMESPACES, namespace("ghost", true));
+    api.put(ACCOUNTS, account("ghost", "default"));
     {
         let mut st = api.store.lock().expect("store");
         st.namespaces
@@ -834,6 +846,11 @@ async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keep
         ],
         "none for a namespace without injection nor for an account that is no SPIFFE name; \
          somebody else's Secret untouched"
+    );
+    assert_eq!(
+        got["shop/strait-identity-theirs"]["data"],
+        json!({}),
+        "somebody else's Secret was written"
     );
     let web = &got["shop/strait-identity-web"];
     assert_eq!(

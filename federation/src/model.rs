@@ -1142,8 +1142,15 @@ impl Peering {
             return Err("contains no PEM CERTIFICATE block".into());
         }
         for (i, c) in certs.iter().enumerate() {
-            crate::identity::inspect_der(c, SystemTime::now())
+            let info = crate::identity::inspect_der(c, SystemTime::now())
                 .map_err(|e| format!("certificate #{}: {e}", i + 1))?;
+            if !info.is_ca {
+                return Err(format!(
+                    "certificate #{} ({}) is not a CA certificate",
+                    i + 1,
+                    info.subject
+                ));
+            }
         }
         Ok(certs)
     }

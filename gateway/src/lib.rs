@@ -532,17 +532,33 @@ async fn follow_registry(
     local: Option<watch::Sender<Arc<LocalTable>>>,
 ) {
     let mut reported = BTreeSet::new();
+    // The peerings last sorted out, with the trust domain they were checked against: most
+    // snapshots (endpoints, link states) leave them as they are.
+    let mut sorted: Option<(Arc<federation::registry::Snapshot>, String)> = None;
+    let mut peerings = BTreeMap::new();
     loop {
         let snap = snapshots.borrow_and_update().clone();
         if snap.revision > 0 {
-            // Peerings first: a cluster becoming pinned must not pass as a federation member
-            // in between.
-            let (peerings, pinned, problems) = usable_peerings(&shared, &snap);
-            for p in problems.difference(&reported) {
-                tracing::error!("{p}");
+            let td = shared
+                .trust_domain
+                .read()
+                .map(|t| t.clone())
+                .unwrap_or_default();
+            let same = sorted
+                .as_ref()
+                .is_some_and(|(s, t)| *t == td && s.peerings == snap.peerings);
+            if !same {
+                // Peerings first: a cluster becoming pinned must not pass as a federation
+                // member in between.
+                let (usable, pinned, problems) = usable_peerings(&shared, &snap);
+                for p in problems.difference(&reported) {
+                    tracing::error!("{p}");
+                }
+                reported = problems;
+                shared.pinned.replace(pinned);
+                peerings = usable;
+                sorted = Some((snap.clone(), td));
             }
-            reported = problems;
-            shared.pinned.replace(pinned);
             let is_static = |id: &str| shared.config.peers.iter().any(|p| p.cluster.as_str() == id);
             let mut clusters: BTreeSet<String> = shared
                 .config

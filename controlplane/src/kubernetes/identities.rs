@@ -4,16 +4,19 @@
 //! `spiffe://TD/cluster/C/ns/NS/sa/SA` followed by the CA, `key.pem`, `ca.pem`), issued by the
 //! CA it is given (`discovery.kubernetes.identities.ca`).
 //!
-//! - A Secret is (re)issued when it is missing, names another identity, holds another CA's
-//!   certificate (the CA was rotated) or has less than a third of its validity left; the proxy
+//! - A Secret is (re)issued when it is missing or unreadable, names another identity or owner
+//!   (the account was recreated), holds another CA's certificate (the CA was rotated) or has
+//!   less than a third of its validity left; the proxy
 //!   re-reads the files when the kubelet updates them, so rotation needs no restart.
 //! - Secrets are written with server-side apply (field manager `strait-controlplane`), labelled
 //!   `app.kubernetes.io/managed-by: strait` and owned by their ServiceAccount (deleted with it
 //!   by the garbage collector); a managed identity Secret whose ServiceAccount or namespace left
-//!   the set is deleted. Other Secrets are never read for their content nor touched.
+//!   the set is deleted. A Secret of that name that is not Strait's (no label) is reported and
+//!   left alone; other Secrets are never touched. A Secret that cannot be written does not hold
+//!   up the others (it is reported and tried again with back-off).
 //! - Namespaces and ServiceAccounts are watched (list + watch, relist after 410); nothing is
 //!   written before both are listed. Every minute (and at the next renewal time) the Secrets are
-//!   listed again, so one deleted or edited by hand comes back. Failures are retried with
+//!   listed again, so one deleted by hand (or made unreadable) comes back. Failures are retried with
 //!   back-off; a CA directory that cannot be read keeps the last good CA.
 //! - Private keys are never logged.
 
@@ -68,6 +71,8 @@ pub struct Held {
     pub identity: Option<String>,
     pub not_after_unix: i64,
     pub ca_pem: String,
+    /// The uid of the ServiceAccount the Secret is owned by.
+    pub owner_uid: Option<String>,
 }
 
 impl Held {
@@ -83,6 +88,12 @@ impl Held {
             identity: info.identity,
             not_after_unix: info.not_after_unix,
             ca_pem: text("ca.pem")?,
+            owner_uid: secret
+                .metadata
+                .owner_references
+                .as_ref()
+                .and_then(|o| o.iter().find(|r| r.kind == "ServiceAccount"))
+                .map(|r| r.uid.clone()),
         })
     }
 }
@@ -93,11 +104,12 @@ pub fn renew_at(not_after_unix: i64, validity: Duration) -> i64 {
     not_after_unix.saturating_sub(third)
 }
 
-/// Why a Secret holding `held` must be issued again for `id` under the CA `ca_pem` at
-/// `now_unix`, or `None` when it is fine.
+/// Why a Secret holding `held` must be issued again for `id` (the account's uid `owner_uid`)
+/// under the CA `ca_pem` at `now_unix`, or `None` when it is fine.
 pub fn renewal_due(
     held: Option<&Held>,
     id: &str,
+    owner_uid: &str,
     ca_pem: &str,
     now_unix: i64,
     validity: Duration,
@@ -107,6 +119,9 @@ pub fn renewal_due(
     };
     if h.identity.as_deref() != Some(id) {
         return Some("another identity");
+    }
+    if h.owner_uid.as_deref() != Some(owner_uid) {
+        return Some("the account was recreated");
     }
     if h.ca_pem.trim() != ca_pem.trim() {
         return Some("another CA");
@@ -179,10 +194,13 @@ struct Pass {
     deleted: usize,
     /// The earliest renewal among the Secrets in step (Unix seconds).
     next_renewal: Option<i64>,
+    /// Whether a write, delete or read failed (the pass is tried again with back-off).
+    failed: bool,
 }
 
 /// One pass: make the managed identity Secrets what `want` ((namespace, account) → the
-/// account's uid) calls for.
+/// account's uid) calls for. Only a failed list fails the pass; a Secret that cannot be written
+/// or deleted is a problem of its own (reported, tried again next pass), and the others go on.
 async fn reconcile(
     client: &Client,
     ca: &CertificateAuthority,
@@ -190,10 +208,11 @@ async fn reconcile(
     want: &BTreeMap<ObjectKey, String>,
     validity: Duration,
     problems: &mut BTreeSet<String>,
-) -> Result<Pass, kube::Error> {
+) -> Result<Pass, String> {
     let listed = Api::<Secret>::all(client.clone())
         .list(&ListParams::default().labels(&format!("{MANAGED_BY}=strait")))
-        .await?;
+        .await
+        .map_err(|e| format!("cannot list the identity Secrets ({MANAGED_BY}=strait): {e}"))?;
     let mut have: BTreeMap<ObjectKey, Secret> = BTreeMap::new();
     for s in listed.items {
         if let (Some(ns), Some(name)) = (s.metadata.namespace.clone(), s.metadata.name.clone())
@@ -205,6 +224,7 @@ async fn reconcile(
     let mut pass = Pass::default();
     let mut now_problems = BTreeSet::new();
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    let earliest = |n: &mut Option<i64>, at: i64| *n = Some(n.map_or(at, |n| n.min(at)));
     for ((ns, sa), uid) in want {
         let id = match SpiffeId::workload(ca.trust_domain(), cluster, ns, sa) {
             Ok(id) => id,
@@ -220,14 +240,38 @@ async fn reconcile(
             ));
             continue;
         }
-        let held = have.get(&(ns.clone(), sa.clone())).and_then(Held::of);
+        let api = Api::<Secret>::namespaced(client.clone(), ns);
+        let managed = have.get(&(ns.clone(), sa.clone()));
+        if managed.is_none() {
+            // A Secret of that name that is not Strait's (made by hand, say) is left alone.
+            match api.get_opt(&name).await {
+                Ok(None) => {}
+                Ok(Some(_)) => {
+                    now_problems.insert(format!(
+                        "Secret {ns}/{name} exists and is not Strait's (no label {MANAGED_BY}=strait); left alone — label it or delete it to have the identity issued"
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    now_problems.insert(format!("Secret {ns}/{name}: cannot read: {e}"));
+                    pass.failed = true;
+                    continue;
+                }
+            }
+        }
+        let held = managed.and_then(Held::of);
         let id_text = id.to_string();
         let now = unix(SystemTime::now());
-        let Some(reason) = renewal_due(held.as_ref(), &id_text, ca.ca_cert_pem(), now, validity)
-        else {
+        let Some(reason) = renewal_due(
+            held.as_ref(),
+            &id_text,
+            uid,
+            ca.ca_cert_pem(),
+            now,
+            validity,
+        ) else {
             if let Some(h) = &held {
-                let at = renew_at(h.not_after_unix, validity);
-                pass.next_renewal = Some(pass.next_renewal.map_or(at, |n| n.min(at)));
+                earliest(&mut pass.next_renewal, renew_at(h.not_after_unix, validity));
             }
             continue;
         };
@@ -239,14 +283,18 @@ async fn reconcile(
             }
         };
         let secret = secret_for(ns, sa, uid, &cert);
-        Api::<Secret>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &Patch::Apply(&secret))
-            .await?;
+        if let Err(e) = api.patch(&name, &params, &Patch::Apply(&secret)).await {
+            now_problems.insert(format!("Secret {ns}/{name}: cannot write: {e}"));
+            pass.failed = true;
+            continue;
+        }
         tracing::info!(namespace = %ns, service_account = %sa, identity = %id_text, reason,
             "workload identity issued");
         if let Ok(info) = inspect_pem(cert.cert_pem()) {
-            let at = renew_at(info.not_after_unix, validity);
-            pass.next_renewal = Some(pass.next_renewal.map_or(at, |n| n.min(at)));
+            earliest(
+                &mut pass.next_renewal,
+                renew_at(info.not_after_unix, validity),
+            );
         }
         pass.written += 1;
     }
@@ -262,7 +310,10 @@ async fn reconcile(
                     pass.deleted += 1;
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    now_problems.insert(format!("Secret {ns}/{name}: cannot delete: {e}"));
+                    pass.failed = true;
+                }
             }
         }
     }
@@ -273,13 +324,15 @@ async fn reconcile(
     Ok(pass)
 }
 
-/// Whether a namespace has injection enabled.
+/// Whether a namespace has injection enabled (and is not being deleted).
 fn enabled(ns: &Namespace) -> bool {
-    ns.metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(NAMESPACE_LABEL))
-        .is_some_and(|v| v == "enabled")
+    ns.metadata.deletion_timestamp.is_none()
+        && ns
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(NAMESPACE_LABEL))
+            .is_some_and(|v| v == "enabled")
 }
 
 enum Event {
@@ -326,6 +379,7 @@ pub async fn follow_identities(
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     let mut due = false;
+    let mut retrying = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -346,7 +400,8 @@ pub async fn follow_identities(
                         Err(e) => { super::source::warn("ServiceAccounts", &e); continue }
                     },
                 };
-                if changed && !due {
+                // While retrying, the back-off holds: a change is taken by the next try.
+                if changed && !due && !retrying {
                     due = true;
                     timer.as_mut().reset(tokio::time::Instant::now() + coalesce);
                 }
@@ -383,11 +438,17 @@ pub async fn follow_identities(
                     .map(|(k, uid)| (k.clone(), uid.clone()))
                     .collect();
                 match reconcile(&client, &ca, &cluster, &want, cfg.validity, &mut problems).await {
+                    Ok(pass) if pass.failed => {
+                        retrying = true;
+                        timer.as_mut().reset(tokio::time::Instant::now() + retry);
+                        retry = (retry * 2).min(Duration::from_secs(30));
+                    }
                     Ok(pass) => {
                         if pass.written + pass.deleted > 0 {
                             tracing::info!(written = pass.written, deleted = pass.deleted,
                                 identities = want.len(), "workload identities in step");
                         }
+                        retrying = false;
                         retry = Duration::from_millis(500);
                         let mut next = tokio::time::Instant::now() + RESYNC;
                         if let Some(at) = pass.next_renewal {
@@ -398,7 +459,8 @@ pub async fn follow_identities(
                         timer.as_mut().reset(next);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?retry, "cannot write workload identities; retrying");
+                        tracing::warn!(error = %e, retry_in = ?retry, "workload identities: retrying");
+                        retrying = true;
                         timer.as_mut().reset(tokio::time::Instant::now() + retry);
                         retry = (retry * 2).min(Duration::from_secs(30));
                     }
@@ -427,45 +489,46 @@ mod tests {
         let held = Held::of(&secret).expect("readable");
         let id_text = id.to_string();
         let now = unix(SystemTime::now());
+        let due = |held: Option<&Held>, id: &str, uid: &str, ca_pem: &str, at: i64| {
+            renewal_due(held, id, uid, ca_pem, at, validity)
+        };
         assert_eq!(
-            renewal_due(Some(&held), &id_text, ca.ca_cert_pem(), now, validity),
+            due(Some(&held), &id_text, "uid-1", ca.ca_cert_pem(), now),
             None
         );
         assert_eq!(
-            renewal_due(None, &id_text, ca.ca_cert_pem(), now, validity),
+            due(None, &id_text, "uid-1", ca.ca_cert_pem(), now),
             Some("missing or unreadable")
+        );
+        assert_eq!(
+            due(Some(&held), &id_text, "uid-2", ca.ca_cert_pem(), now),
+            Some("the account was recreated")
         );
         let other = SpiffeId::workload("td.example", "east", "shop", "db")
             .unwrap()
             .to_string();
         assert_eq!(
-            renewal_due(Some(&held), &other, ca.ca_cert_pem(), now, validity),
+            due(Some(&held), &other, "uid-1", ca.ca_cert_pem(), now),
             Some("another identity")
         );
         let rotated = CertificateAuthority::init("td.example", Duration::from_secs(86400)).unwrap();
         assert_eq!(
-            renewal_due(Some(&held), &id_text, rotated.ca_cert_pem(), now, validity),
+            due(Some(&held), &id_text, "uid-1", rotated.ca_cert_pem(), now),
             Some("another CA")
         );
         // Two hours on (of three), a third is left: due.
         assert_eq!(
-            renewal_due(
+            due(
                 Some(&held),
                 &id_text,
+                "uid-1",
                 ca.ca_cert_pem(),
-                now + 2 * 3600 + 60,
-                validity
+                now + 2 * 3600 + 60
             ),
             Some("expiring")
         );
         assert_eq!(
-            renewal_due(
-                Some(&held),
-                &id_text,
-                ca.ca_cert_pem(),
-                now + 3600,
-                validity
-            ),
+            due(Some(&held), &id_text, "uid-1", ca.ca_cert_pem(), now + 3600),
             None
         );
         // A Secret whose certificate is garbage is unreadable.

@@ -344,7 +344,7 @@ impl<K: Ord, V> Default for Relist<K, V> {
     }
 }
 
-impl<K: Ord, V> Relist<K, V> {
+impl<K: Ord, V: PartialEq> Relist<K, V> {
     /// Apply one event to `live`; whether `live` changed.
     pub(super) fn apply<O>(
         &mut self,
@@ -364,15 +364,21 @@ impl<K: Ord, V> Relist<K, V> {
                 false
             }
             watcher::Event::InitDone => {
-                *live = self.buffer.take().unwrap_or_default();
+                let listed = self.buffer.take().unwrap_or_default();
+                let first = !self.synced;
                 self.synced = true;
-                true
+                let changed = first || *live != listed;
+                *live = listed;
+                changed
             }
             watcher::Event::Apply(o) => match split(o) {
-                Some((k, v)) => {
-                    live.insert(k, v);
-                    true
-                }
+                Some((k, v)) => match live.get(&k) {
+                    Some(old) if *old == v => false,
+                    _ => {
+                        live.insert(k, v);
+                        true
+                    }
+                },
                 None => false,
             },
             watcher::Event::Delete(o) => match split(o) {
