@@ -158,15 +158,22 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
     run_async_with(None, fut)
 }
 
-/// [`run_async`] with `workers` runtime threads (default: one per available core).
+/// [`run_async`] with `workers` runtime threads (default: one per available core). One worker
+/// is tokio's current-thread runtime: every task runs on the thread that drives the I/O, with no
+/// hand-off between a worker and the main thread.
 fn run_async_with(
     workers: Option<usize>,
     fut: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(n.max(1));
-    }
+    let mut b = match workers {
+        Some(n) if n <= 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let rt = b
         .enable_all()
         .build()
