@@ -420,7 +420,7 @@ fn main() {
         // The fixed-rate run again, `--repeat` times, the three paths back to back in each
         // round: one run's p99 is the 60th worst of 6,000 requests, and this VM's neighbours
         // move it by hundreds of µs; the median of the rounds' ratios is the figure to quote.
-        let repeat = arg("--repeat", 5) as usize;
+        let repeat = arg("--repeat", 5);
         if repeat > 0 {
             println!(
                 "\nfixed rate {rate}/s, {} s per path, repeated {repeat} times (added over direct in the same round)",
