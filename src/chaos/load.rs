@@ -38,6 +38,11 @@ pub struct LoadSpec {
     /// `http` (GET over HTTP/1.1) or `grpc` (unary calls over h2c).
     #[serde(default)]
     pub protocol: LoadProtocol,
+    /// Send to this address, inside the `from` cluster's namespace, instead of its client
+    /// sidecar: another proxy on the same path, for comparisons (the benchmarks run the same
+    /// scenario through an Envoy mesh this way).
+    #[serde(default)]
+    pub via: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,9 +56,13 @@ pub enum LoadProtocol {
 impl LoadSpec {
     /// `GET http://payments.default/` or `gRPC payments.default/strait.lab.Echo/Who`.
     pub fn describe(&self) -> String {
-        match self.protocol {
+        let what = match self.protocol {
             LoadProtocol::Http => format!("GET http://{}{}", self.service, self.path),
             LoadProtocol::Grpc => format!("gRPC {}{GRPC_METHOD}", self.service),
+        };
+        match self.via {
+            Some(via) => format!("{what} via {via}"),
+            None => what,
         }
     }
 }
@@ -205,9 +214,10 @@ pub async fn generate(
             spec.rate
         );
     }
+    let target = spec.via.unwrap_or(c.client.outbound);
     let caller = match spec.protocol {
         LoadProtocol::Http => Caller::Http(
-            pooled(&c.ns, c.client.outbound),
+            pooled(&c.ns, target),
             format!("http://{}{}", spec.service, spec.path)
                 .parse()
                 .map_err(|e| anyhow::anyhow!("load to `{}{}`: {e}", spec.service, spec.path))?,
@@ -217,7 +227,7 @@ pub async fn generate(
                 .http2_only(true)
                 .build(NsConnector {
                     ns: c.ns.clone(),
-                    addr: c.client.outbound,
+                    addr: target,
                 }),
             format!("http://{}{GRPC_METHOD}", spec.service)
                 .parse()

@@ -772,6 +772,7 @@ mod tests {
                 rate: 100.0,
                 path: "/".into(),
                 protocol: Default::default(),
+                via: None,
             }],
             outcomes,
             steps: vec![StepRecord {

@@ -124,9 +124,18 @@ const CLUSTERS: [(&str, &str); 6] = [
 ];
 const ZONES: [&str; 2] = ["zone-a", "zone-b"];
 /// The echo sidecars' outbound and admin ports (one sidecar per zone: these plus the zone's
-/// index), on the cluster's local address.
+/// index). Admin is on the cluster's local address; outbound on an address of its own
+/// ([`sidecar_ip`]), because a sidecar binds its TCP service listeners on its outbound
+/// address's IP, and the client sidecar of the same namespace binds the same ports.
 const SIDECAR_OUTBOUND: u16 = 15101;
 const SIDECAR_ADMIN: u16 = 15121;
+
+/// The outbound IP of zone `z`'s echo sidecar: the cluster's local address + 10 + z in the
+/// last octet (127.0.0.11 in netns mode, 127.1.K.11 in loopback mode).
+fn sidecar_ip(local: Ipv4Addr, z: usize) -> Ipv4Addr {
+    let [a, b, c, d] = local.octets();
+    Ipv4Addr::new(a, b, c, d.wrapping_add(10 + z as u8))
+}
 /// (service, port, first replica port, protocol): replicas listen on consecutive ports from
 /// there. `ledger` is payments' gRPC twin (same clusters, same failover policy).
 const SERVICES: [(&str, u16, u16, &str); 3] = [
@@ -397,7 +406,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
                 &c,
                 "echo",
                 zone,
-                SocketAddr::new(c.local.into(), SIDECAR_OUTBOUND + z as u16),
+                SocketAddr::new(sidecar_ip(c.local, z).into(), SIDECAR_OUTBOUND + z as u16),
                 SocketAddr::new(c.local.into(), SIDECAR_ADMIN + z as u16),
             );
             for (svc, _, first, protocol) in SERVICES.iter().filter(|s| runs_service(i, s.0)) {
