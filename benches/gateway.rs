@@ -187,39 +187,15 @@ async fn bulk<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 /// A quinn server endpoint and a client endpoint (west's gateway identity on both, same TLS
 /// provider and transport settings as the gateways), for the raw-quinn peers.
 fn quinn_pair(dir: &Path, alpn: &[u8]) -> (quinn::Endpoint, SocketAddr, quinn::Endpoint) {
-    let certs = federation::identity::load_certs(dir.join("west-gw/cert.pem")).expect("certs");
-    let key = federation::identity::load_private_key(dir.join("west-gw/key.pem")).expect("key");
-    let v = Arc::new(
-        PeerVerifier::from_ca_file(
-            dir.join("ca/ca.pem"),
-            Role::Gateway,
-            federation::identity::allow_any(),
-        )
-        .expect("v"),
+    let (server, client) = common::quinn::configs(
+        &dir.join("west-gw/cert.pem"),
+        &dir.join("west-gw/key.pem"),
+        &dir.join("ca/ca.pem"),
+        alpn,
     );
-    let mut sc =
-        federation::identity::server_config(certs.clone(), key.clone_key(), v.clone()).expect("sc");
-    sc.alpn_protocols = vec![alpn.to_vec()];
-    let mut cc = federation::identity::client_config(certs, key, v).expect("cc");
-    cc.alpn_protocols = vec![alpn.to_vec()];
-    let tuning = gateway::config::TransportTuning::default();
-    let link = gateway::config::LinkConfig::default();
-    let transport = Arc::new(
-        gateway::tls::transport(&tuning, link.keep_alive, Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
-        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(sc)).expect("qsc"),
-    ));
-    server.transport_config(transport.clone());
     let ep_s = quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("a")).expect("server");
     let addr = ep_s.local_addr().expect("addr");
-    let mut client = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cc)).expect("qcc"),
-    ));
-    client.transport_config(transport);
-    let mut ep_c = quinn::Endpoint::client("127.0.0.1:0".parse().expect("a")).expect("client");
-    ep_c.set_default_client_config(client);
+    let ep_c = common::quinn::client("127.0.0.1:0".parse().expect("a"), client);
     (ep_s, addr, ep_c)
 }
 

@@ -27,191 +27,17 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use common::http::{BODY, Conn, median, us};
 use common::{Proc, arg, cpu_secs, free_port, peak_rss_kib, percentile, rss_kib};
 use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
 use federation::etcd_server::EtcdServer;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-const BODY: usize = 1024;
 const HOST: &str = "echo.default";
-
-/// The 1 KiB HTTP/1.1 server.
-async fn server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let body = Bytes::from(vec![b'x'; BODY]);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let _ = tcp.set_nodelay(true);
-            let body = body.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let body = body.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            http_body_util::Full::new(body),
-                        ))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-/// One keep-alive HTTP/1.1 client connection, as lean as a load generator's.
-struct Conn {
-    io: BufReader<TcpStream>,
-    line: String,
-}
-
-impl Conn {
-    async fn open(to: SocketAddr) -> std::io::Result<Self> {
-        let s = TcpStream::connect(to).await?;
-        s.set_nodelay(true)?;
-        Ok(Self {
-            io: BufReader::new(s),
-            line: String::new(),
-        })
-    }
-
-    async fn get(&mut self) -> Result<(), String> {
-        let req = format!("GET /1k HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
-        self.io
-            .get_mut()
-            .write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut len = None;
-        let mut status_ok = false;
-        let mut first = true;
-        loop {
-            self.line.clear();
-            let n = self
-                .io
-                .read_line(&mut self.line)
-                .await
-                .map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("connection closed".into());
-            }
-            if first {
-                status_ok = self.line.starts_with("HTTP/1.1 200");
-                first = false;
-                continue;
-            }
-            if self.line == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = self.line.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                len = v.trim().parse::<usize>().ok();
-            }
-        }
-        let len = len.ok_or("no content-length")?;
-        let mut body = vec![0u8; len];
-        self.io
-            .read_exact(&mut body)
-            .await
-            .map_err(|e| e.to_string())?;
-        if status_ok && len == BODY {
-            Ok(())
-        } else {
-            Err(format!("bad answer ({len} bytes)"))
-        }
-    }
-}
-
-/// Requests/s with `conns` connections back to back for `secs`.
-async fn closed_loop(to: SocketAddr, conns: usize, secs: u64) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let (stop, done) = (stop.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut c = Conn::open(to).await.expect("connect");
-            while !stop.load(Relaxed) {
-                c.get().await.expect("request");
-                done.fetch_add(1, Relaxed);
-            }
-        }));
-    }
-    // Warm up, then count.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (n0, t0) = (done.load(Relaxed), Instant::now());
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let rate = (done.load(Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
-    stop.store(true, Relaxed);
-    for t in tasks {
-        t.await.expect("client");
-    }
-    rate
-}
-
-/// Latencies at a fixed rate, each from the moment the request was due.
-async fn fixed_rate(to: SocketAddr, rate: u64, secs: u64) -> Vec<Duration> {
-    let n = rate * secs;
-    let (free_tx, free_rx) = async_channel();
-    for _ in 0..64 {
-        free_tx
-            .send(Conn::open(to).await.expect("connect"))
-            .await
-            .expect("pool");
-    }
-    let free_rx = Arc::new(tokio::sync::Mutex::new(free_rx));
-    let start = tokio::time::Instant::now() + Duration::from_millis(100);
-    let interval = Duration::from_nanos(1_000_000_000 / rate);
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let due = start + interval * i as u32;
-        // tokio's timer has a 1 ms grain: sleep to just before the due time, then yield
-        // until it (this core is the load generator's).
-        loop {
-            let now = tokio::time::Instant::now();
-            if now >= due {
-                break;
-            }
-            if due - now > Duration::from_millis(2) {
-                tokio::time::sleep_until(due - Duration::from_millis(2)).await;
-            } else {
-                tokio::task::yield_now().await;
-            }
-        }
-        let (free_tx, free_rx) = (free_tx.clone(), free_rx.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut c = free_rx.lock().await.recv().await.expect("a connection");
-            c.get().await.expect("request");
-            let took = due.elapsed();
-            let _ = free_tx.send(c).await;
-            took
-        }));
-    }
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        out.push(t.await.expect("request task"));
-    }
-    out.sort();
-    out
-}
-
-fn async_channel() -> (
-    tokio::sync::mpsc::Sender<Conn>,
-    tokio::sync::mpsc::Receiver<Conn>,
-) {
-    tokio::sync::mpsc::channel(256)
-}
 
 fn pin(pid: u32, cpu: &str) {
     let ok = Command::new("taskset")
@@ -223,12 +49,6 @@ fn pin(pid: u32, cpu: &str) {
     if !ok {
         eprintln!("warning: could not pin process {pid} to CPU {cpu}");
     }
-}
-
-fn envoy_binary() -> std::path::PathBuf {
-    std::env::var_os("STRAIT_ENVOY")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
 }
 
 fn envoy_bootstrap(
@@ -279,7 +99,7 @@ fn envoy_bootstrap(
 async fn wait_serving(to: SocketAddr, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(mut c) = Conn::open(to).await
+        if let Ok(mut c) = Conn::open(to, HOST).await
             && c.get().await.is_ok()
         {
             return;
@@ -298,9 +118,9 @@ struct Figures {
 }
 
 async fn measure(to: SocketAddr, pid: Option<u32>, secs: u64, rate: u64) -> Figures {
-    let rps = closed_loop(to, 16, secs).await;
+    let rps = common::http::closed_loop(to, HOST, 16, secs).await;
     let cpu0 = pid.map(|p| cpu_secs(&p.to_string()));
-    let lat = fixed_rate(to, rate, secs * 2).await;
+    let lat = common::http::fixed_rate(to, HOST, rate, secs * 2).await;
     let cpu_us_per_req = pid
         .zip(cpu0)
         .map(|(p, c0)| (cpu_secs(&p.to_string()) - c0) * 1e6 / lat.len() as f64);
@@ -311,10 +131,6 @@ async fn measure(to: SocketAddr, pid: Option<u32>, secs: u64, rate: u64) -> Figu
         peak_rss_mib: pid.map(|p| peak_rss_kib(p) as f64 / 1024.0),
         rss_mib: pid.map(|p| rss_kib(p) as f64 / 1024.0),
     }
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 fn main() {
@@ -329,7 +145,7 @@ fn main() {
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        let backend = server().await;
+        let backend = common::http::server(SocketAddr::from(([127, 0, 0, 1], 0))).await;
 
         // The strait proxy, fed by a real control plane.
         let etcd = EtcdServer::start(&d.join("etcd")).expect("etcd");
@@ -372,7 +188,7 @@ fn main() {
             serde_json::to_vec(&envoy_bootstrap(envoy_out, admin, backend)).expect("json"),
         )
         .expect("write");
-        let envoy = spawn_envoy(&boot);
+        let envoy = common::envoy::spawn(None, &boot, 1, None);
         pin(envoy.0.id(), "0");
         wait_serving(envoy_out, "envoy").await;
 
@@ -431,9 +247,9 @@ fn main() {
             let mut ratios = Vec::new();
             let mut p50s = Vec::new();
             for round in 1..=repeat {
-                let d = fixed_rate(backend, rate, secs * 2).await;
-                let st = fixed_rate(strait_out, rate, secs * 2).await;
-                let en = fixed_rate(envoy_out, rate, secs * 2).await;
+                let d = common::http::fixed_rate(backend, HOST, rate, secs * 2).await;
+                let st = common::http::fixed_rate(strait_out, HOST, rate, secs * 2).await;
+                let en = common::http::fixed_rate(envoy_out, HOST, rate, secs * 2).await;
                 let add = |l: &[Duration], q: f64| {
                     us(percentile(l, q)) - us(percentile(&d, q))
                 };
@@ -450,10 +266,6 @@ fn main() {
                     "| {round} | +{s50:.0} | +{e50:.0} | +{s99:.0} | +{e99:.0} | {ratio:.2}× |"
                 );
             }
-            let median = |v: &mut Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
             let (lo, hi) = (
                 ratios.iter().copied().fold(f64::INFINITY, f64::min),
                 ratios.iter().copied().fold(0.0, f64::max),
@@ -516,21 +328,6 @@ async fn h2load(to: SocketAddr, secs: u64) -> Option<f64> {
         .and_then(|l| l.split(", ").nth(1))
         .and_then(|r| r.strip_suffix(" req/s"))
         .and_then(|r| r.trim().parse().ok())
-}
-
-/// Envoy with the bootstrap at `boot`, one worker.
-fn spawn_envoy(boot: &Path) -> Proc {
-    Proc(
-        Command::new(envoy_binary())
-            .arg("-c")
-            .arg(boot)
-            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("envoy starts (run `cargo xtask setup`)"),
-    )
 }
 
 /// `strait proxy run` of cluster east (us-east/us-east-1a) with one worker.
@@ -654,7 +451,7 @@ async fn scale(d: &Path, etcd: &EtcdServer, xds: SocketAddr) {
     let boot = d.join("envoy-scale.json");
     std::fs::write(&boot, controlplane::bootstrap::envoy(&spec).to_string()).expect("write");
     let started = Instant::now();
-    let envoy = spawn_envoy(&boot);
+    let envoy = common::envoy::spawn(None, &boot, 1, None);
     let envoy_took = loop {
         let stats = admin_get(
             envoy_admin,

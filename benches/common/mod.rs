@@ -1,6 +1,10 @@
 //! Helpers shared by the benchmarks: options, child processes, and what /proc says about them.
 #![allow(dead_code)]
 
+pub mod envoy;
+pub mod http;
+pub mod lab;
+pub mod quinn;
 pub mod registry;
 
 use std::process::Child;

