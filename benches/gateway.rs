@@ -192,6 +192,7 @@ fn quinn_pair(dir: &Path, alpn: &[u8]) -> (quinn::Endpoint, SocketAddr, quinn::E
         &dir.join("west-gw/key.pem"),
         &dir.join("ca/ca.pem"),
         alpn,
+        &gateway::config::TransportTuning::default(),
     );
     let ep_s = quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("a")).expect("server");
     let addr = ep_s.local_addr().expect("addr");

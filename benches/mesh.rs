@@ -359,13 +359,27 @@ struct Raw {
     to: SocketAddr,
 }
 
-fn raw_quic_configs(certs: &Path) -> (quinn::ServerConfig, quinn::ClientConfig) {
+fn raw_quic_configs(
+    certs: &Path,
+    tuning: &gateway::config::TransportTuning,
+) -> (quinn::ServerConfig, quinn::ClientConfig) {
     common::quinn::configs(
         &certs.join("cert.pem"),
         &certs.join("key.pem"),
         &certs.join("ca.pem"),
         b"bench",
+        tuning,
     )
+}
+
+/// `--congestion cubic|new_reno|bbr`: the gateways' (and raw quinn's) congestion controller;
+/// default: the gateways' default.
+fn congestion() -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--congestion")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 /// Runs `strait chaos ARGS…` from this process's own network namespace (a command started
@@ -608,13 +622,28 @@ async fn measure(paths: Vec<Path3>, raw: Raw, chaos: Chaos, local: &str, remote:
 fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lab = Lab::up(&root.join("target/bench-mesh"), LAB, 2);
+    let mut lab = Lab::up(&root.join("target/bench-mesh"), LAB, 2);
     let clusters = lab.clusters();
     let (local, remote) = (clusters[0].clone(), clusters[1].clone());
+    let mut tuning = gateway::config::TransportTuning::default();
+    if let Some(cc) = congestion() {
+        tuning.congestion = serde_json::from_value(json!(cc))
+            .unwrap_or_else(|e| panic!("--congestion {cc}: {e} (cubic, new_reno, bbr)"));
+        for c in [&local, &remote] {
+            let file = lab.dir.join(&c.name).join("gateway.yaml");
+            let mut text = std::fs::read_to_string(&file).expect("the gateway's config");
+            text.push_str(&format!("transport: {{congestion: {cc}}}\n"));
+            std::fs::write(&file, text).expect("write the gateway's config");
+            lab.chaos(&["restart", "gateway", &c.name])
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        lab.reload();
+        println!("the gateways and raw quinn use the {cc} congestion controller");
+    }
 
     // The server, in the remote namespace on the cluster's address, and raw quinn's source.
     let addr = remote.addr;
-    let (quic_server, _) = raw_quic_configs(&lab.certs(&remote.name, "gateway"));
+    let (quic_server, _) = raw_quic_configs(&lab.certs(&remote.name, "gateway"), &tuning);
     let _server = in_ns(remote.ns.clone(), move || async move {
         common::http::server(SocketAddr::from((addr, HTTP))).await;
         tokio::spawn(echo_server(SocketAddr::from((addr, ECHO))));
@@ -623,7 +652,7 @@ fn main() {
         tokio::spawn(common::quinn::serve_bytes(quic));
         bulk_server(SocketAddr::from((addr, BULK))).await;
     });
-    let (_, quic_client) = raw_quic_configs(&lab.certs(&local.name, "gateway"));
+    let (_, quic_client) = raw_quic_configs(&lab.certs(&local.name, "gateway"), &tuning);
 
     // Published by the remote cluster, with no sidecar in front.
     let discovery = lab.dir.join(&remote.name).join("discovery.yaml");

@@ -87,6 +87,14 @@ impl Lab {
         }
     }
 
+    /// Read the state file again (after a restart: new PIDs).
+    pub fn reload(&mut self) {
+        self.state = std::fs::read(self.dir.join("lab.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .expect("the lab's state file");
+    }
+
     pub fn clusters(&self) -> Vec<Place> {
         self.state["clusters"]
             .as_array()

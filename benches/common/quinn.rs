@@ -9,12 +9,13 @@ use std::time::Duration;
 use federation::identity::{PeerVerifier, Role};
 
 /// Server and client configs holding the identity in `cert`/`key`, trusting `ca` for gateway
-/// peers, offering `alpn`, with the gateways' transport settings.
+/// peers, offering `alpn`, with the gateways' transport settings (`tuning`).
 pub fn configs(
     cert: &Path,
     key: &Path,
     ca: &Path,
     alpn: &[u8],
+    tuning: &gateway::config::TransportTuning,
 ) -> (quinn::ServerConfig, quinn::ClientConfig) {
     let certs = federation::identity::load_certs(cert).expect("the gateway certificate");
     let key = federation::identity::load_private_key(key).expect("the gateway key");
@@ -27,10 +28,9 @@ pub fn configs(
     sc.alpn_protocols = vec![alpn.to_vec()];
     let mut cc = federation::identity::client_config(certs, key, v).expect("cc");
     cc.alpn_protocols = vec![alpn.to_vec()];
-    let tuning = gateway::config::TransportTuning::default();
     let link = gateway::config::LinkConfig::default();
     let transport = Arc::new(
-        gateway::tls::transport(&tuning, link.keep_alive, Duration::from_secs(10))
+        gateway::tls::transport(tuning, link.keep_alive, Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("{e}")),
     );
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(

@@ -209,6 +209,25 @@ pub struct TransportTuning {
     pub max_streams: u32,
     /// UDP socket send/receive buffer sizes (bytes).
     pub udp_buffer: usize,
+    /// The congestion controller of the peer connections.
+    pub congestion: Congestion,
+}
+
+/// QUIC congestion control (quinn's controllers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Congestion {
+    /// CUBIC (RFC 8312, the default), as most TCP stacks: backs off on every loss.
+    #[default]
+    Cubic,
+    /// NewReno: the simplest, halves on loss.
+    NewReno,
+    /// BBR (quinn's, marked experimental): paces at the measured bottleneck bandwidth and
+    /// does not read random loss as congestion. Caution: quinn's BBR takes the lowest RTT the
+    /// connection ever saw as its path RTT, so on a peer connection whose RTT rises after it
+    /// was set up (a route change, a degraded link) its window collapses to a few packets
+    /// per round trip; see docs/gateway.md.
+    Bbr,
 }
 
 impl Default for TransportTuning {
@@ -219,6 +238,7 @@ impl Default for TransportTuning {
             send_window: 64 << 20,
             max_streams: 16_384,
             udp_buffer: 8 << 20,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -364,5 +384,39 @@ peers: [{cluster: west, address: "127.0.0.1:25443"}]
         assert!(e.to_string().contains("link.down_after"), "{e}");
         let e = GatewayConfig::parse("gw.yaml", &format!("{GOOD}bogus: 1\n")).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        let e = GatewayConfig::parse(
+            "gw.yaml",
+            &format!("{GOOD}transport: {{congestion: vegas}}\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("transport.congestion") && e.to_string().contains("bbr"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_congestion_controller_is_chosen_by_name() {
+        assert_eq!(
+            GatewayConfig::parse("gw.yaml", GOOD)
+                .unwrap()
+                .transport
+                .congestion,
+            Congestion::Cubic
+        );
+        for (name, want) in [
+            ("cubic", Congestion::Cubic),
+            ("new_reno", Congestion::NewReno),
+            ("bbr", Congestion::Bbr),
+        ] {
+            let c = GatewayConfig::parse(
+                "gw.yaml",
+                &format!("{GOOD}transport: {{congestion: {name}}}\n"),
+            )
+            .unwrap();
+            assert_eq!(c.transport.congestion, want);
+            // And quinn takes it.
+            crate::tls::transport(&c.transport, c.link.keep_alive, c.link.idle_timeout).unwrap();
+        }
     }
 }

@@ -422,5 +422,16 @@ pub fn transport(
             .map_err(|_| format!("link.idle_timeout {idle:?} is too large"))?,
     ));
     t.datagram_receive_buffer_size(Some(64 * 1024));
+    match tuning.congestion {
+        crate::config::Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
+        }
+        crate::config::Congestion::NewReno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()));
+        }
+        crate::config::Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+    }
     Ok(t)
 }
