@@ -349,15 +349,8 @@ fn main() {
 
     let envoy_dir = root.join("target/bench-failover-envoy");
     std::fs::create_dir_all(&envoy_dir).expect("create target/bench-failover-envoy");
-    let start = |name: &str, ns: &str, workers: u32, boot: Value| -> Proc {
-        let file = envoy_dir.join(format!("{name}.json"));
-        std::fs::write(&file, boot.to_string()).expect("write an Envoy bootstrap");
-        common::envoy::spawn(
-            Some(ns),
-            &file,
-            workers,
-            Some(&envoy_dir.join(format!("{name}.log"))),
-        )
+    let start = |name: &str, ns: &str, workers: u32, boot: Value| {
+        common::envoy::start_in(&envoy_dir, name, ns, workers, &boot)
     };
     let mut _remote = Vec::new();
     for c in [&west, &central] {

@@ -326,16 +326,20 @@ struct Round {
     added: Vec<[f64; 3]>,
     absolute: Vec<[f64; 3]>,
     cpu_us: Vec<f64>,
+    /// Every path's latencies, sorted.
+    lat: Vec<Vec<Duration>>,
 }
 
 async fn latency_round(paths: &[Path3], rate: u64, secs: u64) -> Round {
     let mut absolute = Vec::new();
     let mut cpu_us = Vec::new();
+    let mut lats = Vec::new();
     for p in paths {
         let c0 = cpu_of(&p.pids);
         let lat = fixed_rate(p.http, HOST, rate, secs).await;
         cpu_us.push((cpu_of(&p.pids) - c0) * 1e6 / lat.len() as f64);
         absolute.push([0.5, 0.9, 0.99].map(|q| us(percentile(&lat, q))));
+        lats.push(lat);
     }
     let added = absolute
         .iter()
@@ -345,6 +349,7 @@ async fn latency_round(paths: &[Path3], rate: u64, secs: u64) -> Round {
         added,
         absolute,
         cpu_us,
+        lat: lats,
     }
 }
 
@@ -445,6 +450,17 @@ async fn measure(paths: Vec<Path3>, raw: Raw, chaos: Chaos, local: &str, remote:
             );
         }
         rounds.push(round);
+    }
+    if let Some(last) = rounds.last() {
+        common::write_latency(
+            "2-cross-cluster",
+            &format!("Cross-cluster path, HTTP/1.1 at {rate} requests/s (last round)"),
+            &[
+                ("direct", &last.lat[0]),
+                ("strait", &last.lat[1]),
+                ("Envoy mesh", &last.lat[2]),
+            ],
+        );
     }
     let med = |f: &dyn Fn(&Round) -> f64| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
     let spread = |f: &dyn Fn(&Round) -> f64| {
@@ -674,14 +690,7 @@ fn main() {
     let envoy_dir = root.join("target/bench-mesh-envoy");
     std::fs::create_dir_all(&envoy_dir).expect("create target/bench-mesh-envoy");
     let start = |name: &str, ns: &str, workers: u32, boot: Value| {
-        let file = envoy_dir.join(format!("{name}.json"));
-        std::fs::write(&file, boot.to_string()).expect("write an Envoy bootstrap");
-        common::envoy::spawn(
-            Some(ns),
-            &file,
-            workers,
-            Some(&envoy_dir.join(format!("{name}.log"))),
-        )
+        common::envoy::start_in(&envoy_dir, name, ns, workers, &boot)
     };
     let e_client = start(
         "client",

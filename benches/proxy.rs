@@ -197,6 +197,15 @@ fn main() {
         let s = measure(strait_out, Some(strait.0.id()), secs, rate).await;
         let e = measure(envoy_out, Some(envoy.0.id()), secs, rate).await;
 
+        common::write_latency(
+            "1-sidecar",
+            &format!("Sidecar hop, HTTP/1.1 at {rate} requests/s (from the due time)"),
+            &[
+                ("direct", &direct.lat),
+                ("strait proxy", &s.lat),
+                ("Envoy 1.40", &e.lat),
+            ],
+        );
         let p = |f: &Figures, q: f64| percentile(&f.lat, q / 100.0);
         let added = |f: &Figures, q: f64| us(p(f, q)) - us(p(&direct, q));
         println!("\n| | direct | strait proxy | Envoy 1.40 | strait / Envoy |");

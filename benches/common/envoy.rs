@@ -44,6 +44,19 @@ pub fn spawn(ns: Option<&str>, boot: &Path, workers: u32, log: Option<&Path>) ->
     )
 }
 
+/// Write `boot` to `dir/NAME.json` and start Envoy with it inside namespace `ns`, its log in
+/// `dir/NAME.log`.
+pub fn start_in(dir: &Path, name: &str, ns: &str, workers: u32, boot: &Value) -> Proc {
+    let file = dir.join(format!("{name}.json"));
+    std::fs::write(&file, boot.to_string()).expect("write an Envoy bootstrap");
+    spawn(
+        Some(ns),
+        &file,
+        workers,
+        Some(&dir.join(format!("{name}.log"))),
+    )
+}
+
 pub fn sock(ip: impl Into<IpAddr>, port: u16) -> Value {
     json!({"socket_address": {"address": ip.into().to_string(), "port_value": port}})
 }

