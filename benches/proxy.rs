@@ -74,10 +74,7 @@ fn envoy_bootstrap(
                             "domains": [HOST, format!("{HOST}:8080")],
                             "routes": [{"match": {"prefix": "/"}, "route": {
                                 "cluster": "echo",
-                                "retry_policy": {
-                                    "retry_on": "connect-failure,refused-stream,reset,gateway-error",
-                                    "num_retries": 2,
-                                },
+                                "retry_policy": common::envoy::retries()["retry_policy"],
                             }}],
                         }]},
                         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {

@@ -76,23 +76,16 @@ impl Lab {
             let _ = strait(&["lab", "down", "--name", name, "--dir", &d]);
             panic!("the lab did not come up (netns mode needs root): {e}");
         }
-        let state = std::fs::read(dir.join("lab.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .expect("the lab's state file");
         Lab {
             dir: dir.to_path_buf(),
             name: name.to_string(),
-            state,
+            state: read_state(dir),
         }
     }
 
     /// Read the state file again (after a restart: new PIDs).
     pub fn reload(&mut self) {
-        self.state = std::fs::read(self.dir.join("lab.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .expect("the lab's state file");
+        self.state = read_state(&self.dir);
     }
 
     pub fn clusters(&self) -> Vec<Place> {
@@ -158,6 +151,14 @@ impl Lab {
         all.extend_from_slice(args);
         strait(&all)
     }
+}
+
+/// The state file of the lab in `dir`.
+fn read_state(dir: &Path) -> Value {
+    std::fs::read(dir.join("lab.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .expect("the lab's state file")
 }
 
 impl Drop for Lab {
