@@ -116,10 +116,19 @@ fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
         .as_str()
         .expect("east's client outbound address")
         .to_string();
-    let answer = get(&east_outbound, "payments.default");
-    assert!(
-        answer.starts_with("west "),
-        "payments from east goes to west first: `{answer}`"
+    // `lab up` waits for the links and for an answer from somewhere; that the links' states have
+    // reached east's sidecar through the registry and the control plane is awaited here.
+    wait_until(
+        "payments from east to go to west first",
+        Duration::from_secs(30),
+        || {
+            let answer = get(&east_outbound, "payments.default");
+            if answer.starts_with("west ") {
+                Ok(())
+            } else {
+                Err(answer)
+            }
+        },
     );
 
     // A fault the relays cannot model is refused, with the reason, and changes nothing.

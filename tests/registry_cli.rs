@@ -114,14 +114,16 @@ async fn three_publishers_converge_and_die_as_promised() {
     let url = etcd.endpoint();
     let watchers = [cache(&url).await, cache(&url).await, cache(&url).await];
     let mut procs = Vec::new();
-    for (c, r, n) in [
-        ("east", "us-east", 4),
-        ("central", "us-east", 3),
-        ("west", "us-west", 2),
+    // Central's lease is long, so that its vanishing within seconds of SIGTERM proves the lease
+    // was revoked rather than left to expire; west's is short, for SIGKILL.
+    for (c, r, n, ttl) in [
+        ("east", "us-east", 4, "2s"),
+        ("central", "us-east", 3, "60s"),
+        ("west", "us-west", 2, "2s"),
     ] {
         let f = dir.path().join(format!("{c}.yaml"));
         std::fs::write(&f, discovery(c, r, n, 18000)).unwrap();
-        procs.push((c, f.clone(), publish(&url, &f, "2s")));
+        procs.push((c, f.clone(), publish(&url, &f, ttl)));
     }
     let all = |s: &Snapshot| has(s, "east", 4) && has(s, "central", 3) && has(s, "west", 2);
     let mut snaps = Vec::new();
@@ -150,23 +152,26 @@ async fn three_publishers_converge_and_die_as_promised() {
     let t = Instant::now();
     procs[1].2.signal("TERM");
     for w in &watchers {
-        w.wait_for(Duration::from_secs(1), |s| gone(s, "central"))
+        w.wait_for(Duration::from_secs(5), |s| gone(s, "central"))
             .await
-            .unwrap_or_else(|s| panic!("central still there 1 s after SIGTERM: {s:?}"));
+            .unwrap_or_else(|s| {
+                panic!("central (lease 60 s) still there 5 s after SIGTERM: {s:?}")
+            });
     }
     let term = t.elapsed();
     assert!(procs[1].2.wait_exit(WAIT).success());
 
-    // SIGKILL: west's entries expire within TTL (2 s) + 1 s.
+    // SIGKILL: west's entries expire with the lease: within TTL (2 s) + 3 s (etcd checks leases
+    // every 500 ms, and a renewal may have landed just before the kill).
     let t = Instant::now();
     procs[2].2.signal("KILL");
     for w in &watchers {
         w.wait_for(
-            Duration::from_secs(3) - t.elapsed().min(Duration::from_secs(3)),
+            Duration::from_secs(5) - t.elapsed().min(Duration::from_secs(5)),
             |s| gone(s, "west"),
         )
         .await
-        .unwrap_or_else(|s| panic!("west outlived TTL + 1 s after SIGKILL: {s:?}"));
+        .unwrap_or_else(|s| panic!("west outlived TTL + 3 s after SIGKILL: {s:?}"));
     }
     let kill = t.elapsed();
     assert!(

@@ -374,10 +374,11 @@ async fn dead_publishers_entries_expire_and_revoked_vanish_at_once(env: Env) {
         &cluster_state("east", "us-east", 3, 2, 0),
         ttl,
     );
+    // A long lease: vanishing within seconds proves it was revoked, not left to expire.
     let mut stopped = Pub::spawn(
         env.backend().await,
         &cluster_state("west", "us-west", 3, 2, 0),
-        ttl,
+        Duration::from_secs(60),
     );
     killed.wait_in_sync().await;
     stopped.wait_in_sync().await;
@@ -389,7 +390,7 @@ async fn dead_publishers_entries_expire_and_revoked_vanish_at_once(env: Env) {
     let t = Instant::now();
     stopped.shutdown().await;
     cache
-        .wait_for(Duration::from_secs(1), |s| {
+        .wait_for(Duration::from_secs(5), |s| {
             !s.clusters.contains_key(&name("west")) && cluster_endpoints(s, "west") == 0
         })
         .await
@@ -400,11 +401,11 @@ async fn dead_publishers_entries_expire_and_revoked_vanish_at_once(env: Env) {
     let t = Instant::now();
     killed.kill();
     cache
-        .wait_for(ttl + Duration::from_secs(1), |s| {
+        .wait_for(ttl + Duration::from_secs(3), |s| {
             s.clusters.is_empty() && s.endpoints.is_empty()
         })
         .await
-        .unwrap_or_else(|s| panic!("a dead publisher's entries outlived TTL + 1 s: {s:?}"));
+        .unwrap_or_else(|s| panic!("a dead publisher's entries outlived TTL + 3 s: {s:?}"));
     println!(
         "revoked entries gone after {revoked_after:?}; expired entries gone after {:?} (TTL {ttl:?})",
         t.elapsed()
