@@ -434,7 +434,7 @@ async fn measure(paths: Vec<Path3>, raw: Raw, chaos: Chaos, local: &str, remote:
         for (i, p) in paths.iter().enumerate() {
             let (a, d) = (round.absolute[i], round.added[i]);
             println!(
-                "| {r} | {} | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {} |",
+                "| {r} | {} | {:.0} ({:+.0}) | {:.0} ({:+.0}) | {:.0} ({:+.0}) | {} |",
                 p.name,
                 a[0],
                 d[0],
@@ -507,7 +507,7 @@ async fn measure(paths: Vec<Path3>, raw: Raw, chaos: Chaos, local: &str, remote:
         let e = med(&|r| r.added[2][q]);
         let (lo, hi) = spread(&|r| ratio(r.added[1][q], r.added[2][q]));
         println!(
-            "| added {label} at {rate}/s, median of {repeat} rounds | {:.0} µs | +{s:.0} µs | +{e:.0} µs | {:.2}× (rounds {lo:.2}–{hi:.2}×) | {} |",
+            "| added {label} at {rate}/s, median of {repeat} rounds | {:.0} µs | {s:+.0} µs | {e:+.0} µs | {:.2}× (rounds {lo:.2}–{hi:.2}×) | {} |",
             med(&|r| r.absolute[0][q]),
             med(&|r| ratio(r.added[1][q], r.added[2][q])),
             if q == 2 { "≤ 0.7×" } else { "" }
@@ -548,7 +548,7 @@ async fn measure(paths: Vec<Path3>, raw: Raw, chaos: Chaos, local: &str, remote:
         b[1].0 / q.0.max(0.001) * 100.0
     );
     println!(
-        "| new connection, time to first byte, median of {ttfb_n} | {:.0} µs | {:.0} µs | {:.0} µs | {:.2}× (added: +{:.0} / +{:.0} µs = {:.2}×) | ≤ 0.5× |",
+        "| new connection, time to first byte, median of {ttfb_n} | {:.0} µs | {:.0} µs | {:.0} µs | {:.2}× (added: {:+.0} / {:+.0} µs = {:.2}×) | ≤ 0.5× |",
         us(ttfb[0]),
         us(ttfb[1]),
         us(ttfb[2]),

@@ -213,7 +213,7 @@ fn main() {
         );
         for q in [50.0, 90.0, 99.0] {
             println!(
-                "| p{q:.0} at {rate}/s, µs (added over direct) | {:.0} | {:.0} (+{:.0}) | {:.0} (+{:.0}) | {:.2}× added |",
+                "| p{q:.0} at {rate}/s, µs (added over direct) | {:.0} | {:.0} ({:+.0}) | {:.0} ({:+.0}) | {:.2}× added |",
                 us(p(&direct, q)),
                 us(p(&s, q)),
                 added(&s, q),
@@ -269,7 +269,7 @@ fn main() {
                 ratios.push(ratio);
                 p50s.push(s50 / e50.max(1.0));
                 println!(
-                    "| {round} | +{s50:.0} | +{e50:.0} | +{s99:.0} | +{e99:.0} | {ratio:.2}× |"
+                    "| {round} | {s50:+.0} | {e50:+.0} | {s99:+.0} | {e99:+.0} | {ratio:.2}× |"
                 );
             }
             let (lo, hi) = (

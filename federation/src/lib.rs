@@ -14,3 +14,4 @@ pub mod policy_file;
 pub mod registry;
 pub mod relay;
 pub mod route;
+pub mod tunnel;

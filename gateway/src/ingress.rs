@@ -1,6 +1,11 @@
 //! Local ingress: sidecars (or anything holding a workload certificate of this cluster) open
 //! tunnels with HTTP CONNECT over mutual TLS — HTTP/1.1 or HTTP/2 (HBONE-style) — naming
 //! `SERVICE.NAMESPACE:PORT` as the authority and the target cluster in `strait-cluster`.
+//!
+//! With `strait-early-status: 1` (another cluster only), the answer comes as soon as the stream
+//! to the peer gateway is open, and the peer's status frame is the tunnel's first bytes; the
+//! sidecar's first bytes travel right behind the header meanwhile (see
+//! [`federation::tunnel`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,8 +23,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::Shared;
-use crate::peers::{OpenError, connect_local, open_tunnel};
-use crate::protocol::{StatusCode as TunnelCode, TunnelHeader, VERSION};
+use crate::peers::{OpenError, connect_local, open_stream, open_tunnel};
+use crate::protocol::{EARLY_STATUS_HEADER, StatusCode as TunnelCode, TunnelHeader, VERSION};
+use crate::splice::{Abort as _, EarlyStatus, QuicStream};
 
 /// The header naming the target cluster.
 pub const CLUSTER_HEADER: &str = "strait-cluster";
@@ -228,6 +234,54 @@ async fn handle(
         source_identity: identity.to_string(),
         request_id,
     };
+    // An early status: the 200 as soon as the stream to the peer is open, the peer's status as
+    // the tunnel's first bytes, and the sidecar's first bytes on their way meanwhile.
+    let early = req
+        .headers()
+        .get(EARLY_STATUS_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1");
+    if early {
+        return match open_stream(&shared, &target, header).await {
+            Ok((send, recv)) => {
+                shared.metrics.ingress_early_total.fetch_add(1, Relaxed);
+                let shared2 = shared.clone();
+                tokio::spawn(async move {
+                    let mut peer = QuicStream { send, recv };
+                    match on_upgrade.await {
+                        Ok(up) => {
+                            let counted = shared2.clone();
+                            let peer = EarlyStatus::new(
+                                peer,
+                                Box::new(move |code, message| {
+                                    if code != TunnelCode::Ok {
+                                        tracing::debug!(cluster = %target, ?code, %message,
+                                            "the peer refused an early-status tunnel");
+                                        counted.metrics.count(
+                                            "strait_gateway_ingress_refused_total",
+                                            refusal_label(code),
+                                        );
+                                    }
+                                }),
+                            );
+                            crate::splice::splice(peer, TokioIo::new(up), idle, &shared2.metrics)
+                                .await;
+                        }
+                        Err(e) => {
+                            // Reset, not finish: the peer must not take the header for a
+                            // complete connection.
+                            peer.abort();
+                            tracing::debug!(error = %e, "CONNECT upgrade failed");
+                        }
+                    }
+                });
+                let mut r = Response::new(Full::new(Bytes::new()));
+                r.headers_mut()
+                    .insert(EARLY_STATUS_HEADER, http::HeaderValue::from_static("1"));
+                r
+            }
+            Err(e) => open_refused(&shared, e),
+        };
+    }
     match open_tunnel(&shared, &target, header).await {
         Ok((send, recv)) => {
             let shared2 = shared.clone();
@@ -247,19 +301,29 @@ async fn handle(
             });
             Response::new(Full::new(Bytes::new()))
         }
-        Err(e) => {
-            let label = match &e {
-                OpenError::UnknownCluster(_) => "unknown_cluster",
-                OpenError::LinkDown(_) => "link_down",
-                OpenError::Refused(TunnelCode::NoEndpoint, _) => "no_endpoint",
-                OpenError::Refused(_, _) => "refused",
-                OpenError::Failed(_) => "failed",
-            };
-            shared
-                .metrics
-                .count("strait_gateway_ingress_refused_total", label);
-            refuse(e.http_status(), e.reason().to_string())
-        }
+        Err(e) => open_refused(&shared, e),
+    }
+}
+
+/// The answer to a CONNECT whose tunnel could not be opened, counted by reason.
+fn open_refused(shared: &Shared, e: OpenError) -> Response<Full<Bytes>> {
+    let label = match &e {
+        OpenError::UnknownCluster(_) => "unknown_cluster",
+        OpenError::LinkDown(_) => "link_down",
+        OpenError::Refused(code, _) => refusal_label(*code),
+        OpenError::Failed(_) => "failed",
+    };
+    shared
+        .metrics
+        .count("strait_gateway_ingress_refused_total", label);
+    refuse(e.http_status(), e.reason().to_string())
+}
+
+/// The refusal counter's label for a peer's status.
+fn refusal_label(code: TunnelCode) -> &'static str {
+    match code {
+        TunnelCode::NoEndpoint => "no_endpoint",
+        _ => "refused",
     }
 }
 

@@ -11,7 +11,11 @@ pub mod ingress;
 pub mod local;
 pub mod metrics;
 pub mod peers;
-pub mod protocol;
+pub mod protocol {
+    //! The stream protocol between gateways (and, for early statuses, the sidecar): see
+    //! [`federation::tunnel`].
+    pub use federation::tunnel::*;
+}
 pub mod splice;
 pub mod tls;
 

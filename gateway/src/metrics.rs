@@ -14,6 +14,7 @@ pub struct Metrics {
     pub inbound_streams_total: AtomicU64,
     pub ingress_requests_total: AtomicU64,
     pub ingress_connections_total: AtomicU64,
+    pub ingress_early_total: AtomicU64,
     labelled: Mutex<BTreeMap<(&'static str, String), u64>>,
 }
 
@@ -80,6 +81,12 @@ impl Metrics {
             "Mutual-TLS connections accepted from local sidecars.",
             "counter",
             c(&self.ingress_connections_total),
+        );
+        gauge(
+            "strait_gateway_ingress_early_total",
+            "CONNECTs answered with an early status (the peer's status in the tunnel's first bytes).",
+            "counter",
+            c(&self.ingress_early_total),
         );
         let m = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
         let mut last = "";

@@ -688,11 +688,51 @@ impl OpenError {
     }
 }
 
-/// Open a tunnel to `service:port` in cluster `target`.
+/// Open a tunnel to `service:port` in cluster `target`: the stream, the header, and the peer's
+/// status, all within the tunnel's `open_timeout`.
 pub async fn open_tunnel(
     shared: &Arc<Shared>,
     target: &str,
     header: TunnelHeader,
+) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
+    let deadline = tokio::time::Instant::now() + shared.config.tunnel.open_timeout;
+    let (send, mut recv) = open_stream_until(shared, target, header, deadline).await?;
+    let status = async {
+        let status: TunnelStatus = read_frame(&mut recv).await.map_err(|e| {
+            OpenError::Failed(format!("reading the tunnel status from `{target}`: {e}"))
+        })?;
+        let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::BadHeader);
+        if code != StatusCode::Ok {
+            return Err(OpenError::Refused(
+                code,
+                format!("cluster `{target}`: {}", status.message),
+            ));
+        }
+        Ok(())
+    };
+    tokio::time::timeout_at(deadline, status)
+        .await
+        .map_err(|_| OpenError::LinkDown(format!("opening a tunnel to `{target}` timed out")))??;
+    Ok((send, recv))
+}
+
+/// Open a stream to cluster `target` and write the tunnel header, within the tunnel's
+/// `open_timeout`; the peer's status is the first thing the stream will carry (an early-status
+/// tunnel hands it to the sidecar as it is).
+pub async fn open_stream(
+    shared: &Arc<Shared>,
+    target: &str,
+    header: TunnelHeader,
+) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
+    let deadline = tokio::time::Instant::now() + shared.config.tunnel.open_timeout;
+    open_stream_until(shared, target, header, deadline).await
+}
+
+async fn open_stream_until(
+    shared: &Arc<Shared>,
+    target: &str,
+    header: TunnelHeader,
+    deadline: tokio::time::Instant,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
     let Some(peer) = shared.peer(target) else {
         return Err(OpenError::UnknownCluster(format!(
@@ -710,26 +750,16 @@ pub async fn open_tunnel(
         )));
     };
     let open = async {
-        let (mut send, mut recv) = conn
+        let (mut send, recv) = conn
             .open_bi()
             .await
             .map_err(|e| OpenError::LinkDown(format!("link to `{target}`: {e}")))?;
         write_frame(&mut send, &header)
             .await
             .map_err(|e| OpenError::Failed(format!("sending the tunnel header: {e}")))?;
-        let status: TunnelStatus = read_frame(&mut recv).await.map_err(|e| {
-            OpenError::Failed(format!("reading the tunnel status from `{target}`: {e}"))
-        })?;
-        let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::BadHeader);
-        if code != StatusCode::Ok {
-            return Err(OpenError::Refused(
-                code,
-                format!("cluster `{target}`: {}", status.message),
-            ));
-        }
         Ok((send, recv))
     };
-    tokio::time::timeout(shared.config.tunnel.open_timeout, open)
+    tokio::time::timeout_at(deadline, open)
         .await
         .map_err(|_| OpenError::LinkDown(format!("opening a tunnel to `{target}` timed out")))?
 }

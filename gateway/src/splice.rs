@@ -25,6 +25,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::metrics::Metrics;
+use crate::protocol::{StatusCode, TunnelStatus, parse_frame};
 
 /// The most one read takes (the stack buffer's size).
 const READ_CHUNK: usize = 64 * 1024;
@@ -61,6 +62,159 @@ impl AsyncWrite for QuicStream {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         AsyncWrite::poll_shutdown(Pin::new(&mut self.get_mut().send), cx)
+    }
+}
+
+/// Called once with the peer's status of an early-status tunnel.
+pub type OnStatus = Box<dyn FnOnce(StatusCode, &str) + Send + Sync>;
+
+/// The peer's side of an **early-status** tunnel: the stream was opened and the header written,
+/// but the peer gateway has not answered yet. Reads hand over the peer's status frame exactly
+/// as it came, once it is whole and valid, then the stream's bytes — or, after a refusal, the
+/// end of the stream. The sidecar reads the status from its tunnel's first bytes.
+///
+/// Until an OK status, writes the peer no longer takes (a refusing peer stops reading) are
+/// dropped rather than failing the tunnel, so the refusal still reaches the sidecar; nothing of
+/// them reached a server.
+pub struct EarlyStatus {
+    inner: QuicStream,
+    gate: Gate,
+    on_status: Option<OnStatus>,
+}
+
+enum Gate {
+    /// Collecting the status frame (and whatever came with it).
+    Waiting(Vec<u8>),
+    /// Handing the frame (and, after an OK, what followed it) over; then the stream, or its end.
+    Handing {
+        bytes: Bytes,
+        then_end: bool,
+    },
+    Open,
+    /// Refused: the stream has ended for the reader; writes are dropped.
+    Refused,
+}
+
+impl EarlyStatus {
+    pub fn new(inner: QuicStream, on_status: OnStatus) -> Self {
+        Self {
+            inner,
+            gate: Gate::Waiting(Vec::new()),
+            on_status: Some(on_status),
+        }
+    }
+
+    /// Whether the peer has said OK (writes that fail are then errors).
+    fn confirmed(&self) -> bool {
+        match &self.gate {
+            Gate::Open => true,
+            Gate::Handing { then_end, .. } => !then_end,
+            Gate::Waiting(_) | Gate::Refused => false,
+        }
+    }
+}
+
+impl AsyncRead for EarlyStatus {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.gate {
+                Gate::Waiting(head) => {
+                    let mut chunk = [0u8; 4096];
+                    let mut rb = ReadBuf::new(&mut chunk);
+                    match AsyncRead::poll_read(Pin::new(&mut this.inner.recv), cx, &mut rb) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                    if rb.filled().is_empty() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the peer gateway ended the stream before its status",
+                        )));
+                    }
+                    head.extend_from_slice(rb.filled());
+                    let (status, used) = match parse_frame::<TunnelStatus>(head) {
+                        Ok(Some(parsed)) => parsed,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("the peer gateway's status: {e}"),
+                            )));
+                        }
+                    };
+                    let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::BadHeader);
+                    if let Some(f) = this.on_status.take() {
+                        f(code, &status.message);
+                    }
+                    let mut bytes = Bytes::from(std::mem::take(head));
+                    let refused = code != StatusCode::Ok;
+                    if refused {
+                        // Only the frame: a refusing peer sends nothing else that counts.
+                        bytes.truncate(used);
+                    }
+                    this.gate = Gate::Handing {
+                        bytes,
+                        then_end: refused,
+                    };
+                }
+                Gate::Handing { bytes, then_end } => {
+                    let n = bytes.len().min(buf.remaining());
+                    buf.put_slice(&bytes[..n]);
+                    bytes.advance(n);
+                    if bytes.is_empty() {
+                        this.gate = if *then_end { Gate::Refused } else { Gate::Open };
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Gate::Open => {
+                    return AsyncRead::poll_read(Pin::new(&mut this.inner.recv), cx, buf);
+                }
+                Gate::Refused => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for EarlyStatus {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if matches!(this.gate, Gate::Refused) {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        match AsyncWrite::poll_write(Pin::new(&mut this.inner.send), cx, buf) {
+            Poll::Ready(Err(_)) if !this.confirmed() => Poll::Ready(Ok(buf.len())),
+            other => other,
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match AsyncWrite::poll_flush(Pin::new(&mut this.inner.send), cx) {
+            Poll::Ready(Err(_)) if !this.confirmed() => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match AsyncWrite::poll_shutdown(Pin::new(&mut this.inner.send), cx) {
+            Poll::Ready(Err(_)) if !this.confirmed() => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+}
+
+impl Abort for EarlyStatus {
+    fn abort(&mut self) {
+        self.inner.abort();
     }
 }
 

@@ -311,6 +311,21 @@ async fn connect_h1(
     String,
     Option<tokio_rustls::client::TlsStream<TcpStream>>,
 ) {
+    connect_h1_with(ingress, tls, authority, cluster, "").await
+}
+
+/// [`connect_h1`] with more request header lines (each ending in CRLF).
+async fn connect_h1_with(
+    ingress: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    authority: &str,
+    cluster: Option<&str>,
+    more_headers: &str,
+) -> (
+    u16,
+    String,
+    Option<tokio_rustls::client::TlsStream<TcpStream>>,
+) {
     let tcp = TcpStream::connect(ingress).await.unwrap();
     tcp.set_nodelay(true).unwrap();
     let connector = tokio_rustls::TlsConnector::from(tls);
@@ -325,6 +340,7 @@ async fn connect_h1(
     if let Some(c) = cluster {
         req.push_str(&format!("strait-cluster: {c}\r\n"));
     }
+    req.push_str(more_headers);
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
@@ -599,6 +615,118 @@ async fn ingress_errors_map_to_http_statuses() {
     // The gateway still serves good requests.
     let (s, body, _) = connect_h1(ingress, tls, "web.default:8080", Some("west")).await;
     assert_eq!(s, 200, "{body}");
+}
+
+/// With `strait-early-status: 1`, the ingress answers once the stream to the peer is open; the
+/// peer's status frame is the tunnel's first bytes (then the endpoint's bytes, or the end after
+/// a refusal), and bytes sent right behind the CONNECT reach the endpoint. Local refusals keep
+/// their HTTP statuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_status_tunnels_carry_the_peers_status_first() {
+    use gateway::protocol::{StatusCode, TunnelStatus, parse_frame};
+    const EARLY: &str = "strait-early-status: 1\r\n";
+    let echo = echo_server(false).await;
+    let p = pair(
+        &[
+            ("echo", 9000, echo),
+            ("empty", 8081, "127.0.0.1:1".parse().unwrap()),
+        ],
+        false,
+        "",
+    )
+    .await;
+    let tls = client_tls(&p.east_app, &p.pki.ca_file());
+    let ingress = p.east.ingress_addr;
+
+    // OK: the status, then the echo of what was sent before it came.
+    let (s, head, t) = connect_h1_with(
+        ingress,
+        tls.clone(),
+        "echo.default:9000",
+        Some("west"),
+        EARLY,
+    )
+    .await;
+    assert_eq!(s, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("strait-early-status: 1"),
+        "the gateway grants the early status: {head}"
+    );
+    let mut t = t.unwrap();
+    t.write_all(b"ping").await.unwrap();
+    let mut got = Vec::new();
+    let (status, used) = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some((status, used)) = parse_frame::<TunnelStatus>(&got).unwrap()
+                && got.len() >= used + 4
+            {
+                return (status, used);
+            }
+            let mut b = [0u8; 256];
+            let n = t.read(&mut b).await.unwrap();
+            assert!(n > 0, "the tunnel ended early: {got:?}");
+            got.extend_from_slice(&b[..n]);
+        }
+    })
+    .await
+    .expect("the status and the echo in time");
+    assert_eq!(status.code, StatusCode::Ok as i32, "{status:?}");
+    assert_eq!(&got[used..], b"ping");
+    drop(t);
+
+    // The peer's refusals: 200 at once, then the refusal frame and the end of the tunnel; what
+    // was sent meanwhile is dropped.
+    for (authority, code) in [
+        ("nothing.default:9000", StatusCode::UnknownService),
+        ("empty.default:8081", StatusCode::ConnectFailed),
+    ] {
+        let (s, head, t) =
+            connect_h1_with(ingress, tls.clone(), authority, Some("west"), EARLY).await;
+        assert_eq!(s, 200, "{authority}: {head}");
+        let mut t = t.unwrap();
+        let _ = t.write_all(b"dropped").await;
+        let mut all = Vec::new();
+        tokio::time::timeout(WAIT, t.read_to_end(&mut all))
+            .await
+            .expect("the refused tunnel ends")
+            .ok();
+        let (status, used) = parse_frame::<TunnelStatus>(&all)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{authority}: no status frame in {all:?}"));
+        assert_eq!(status.code, code as i32, "{authority}: {status:?}");
+        assert_eq!(used, all.len(), "{authority}: nothing follows a refusal");
+        assert!(!status.message.is_empty(), "{authority}: a reason");
+    }
+
+    // Refusals made here keep their HTTP statuses.
+    let (s, body, _) = connect_h1_with(
+        ingress,
+        tls.clone(),
+        "echo.default:9000",
+        Some("north"),
+        EARLY,
+    )
+    .await;
+    assert_eq!(s, 404, "{body}");
+    let m = &p.east.shared().metrics;
+    assert_eq!(
+        m.ingress_early_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    assert!(m.get("strait_gateway_ingress_refused_total", "refused") >= 2);
+
+    // And the plain behaviour without the header: the status is not in the tunnel.
+    let (s, _, t) = connect_h1(ingress, tls, "echo.default:9000", Some("west")).await;
+    assert_eq!(s, 200);
+    let mut t = t.unwrap();
+    t.write_all(b"pong").await.unwrap();
+    let mut b = [0u8; 4];
+    tokio::time::timeout(WAIT, t.read_exact(&mut b))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&b, b"pong");
 }
 
 /// A raw QUIC client presenting `cert_dir`'s certificate to `addr`.

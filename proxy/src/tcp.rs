@@ -4,10 +4,19 @@
 //!
 //! A connection that cannot be made (refused, timed out, a tunnel the gateway refuses) is tried
 //! again on another host and another priority, up to [`CONNECT_ATTEMPTS`] times, before the
-//! downstream connection is closed — nothing has been sent yet, so moving is always safe. The
-//! cluster's `max_connections` bounds the connections open through it (more are closed at once).
-//! A connection with no bytes either way for the listener's idle timeout (Envoy's default 1 h)
-//! is closed.
+//! downstream connection is closed.
+//!
+//! A tunnel to another cluster asks its gateway for an early status, so that a new connection
+//! costs one trip across clusters, not two: the client's first bytes go out right behind the
+//! tunnel's header (up to [`EARLY_KEEP`]) while the other cluster's gateway connects, and they
+//! are kept until its status comes. A refusal means no server got them: they are replayed on
+//! the next host. A tunnel that fails after they went out and before its status is not tried
+//! elsewhere (a server may have them; the client sees its connection reset, as it would with
+//! a direct connection); one that fails before the client sent anything is.
+//!
+//! The cluster's `max_connections` bounds the connections open through it (more are closed at
+//! once). A connection with no bytes either way for the listener's idle timeout (Envoy's default
+//! 1 h) is closed.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -57,7 +66,7 @@ pub async fn serve(
 pub(crate) async fn proxy_one(
     compiled: &Compiled,
     cluster_name: &str,
-    down: TcpStream,
+    mut down: TcpStream,
     idle: Option<Duration>,
 ) -> Result<(), String> {
     let cluster = compiled
@@ -70,15 +79,28 @@ pub(crate) async fn proxy_one(
     let mut rng = ThreadRandom;
     let mut tried = Tried::default();
     let mut errors = Vec::new();
+    let mut first = FirstBytes::default();
     for _ in 0..CONNECT_ATTEMPTS {
         let Some(host) = tried.next(&cluster.balancer, &mut rng, Instant::now(), true, true) else {
             break;
         };
-        match connect(compiled, &cluster.config, &host).await {
-            Ok(up) => {
+        let timeout = cluster.config.connect_timeout;
+        let attempt = match connect(compiled, &cluster.config, &host).await {
+            Ok(Up::Ready(mut up)) => replay(&mut up, &first).await.map(|()| (up, Vec::new())),
+            Ok(Up::Early(up)) => early_start(&mut down, up, &mut first, timeout).await,
+            Err(e) => Err(Failure::Connect(e)),
+        };
+        match attempt {
+            Ok((up, rest)) => {
                 cluster
                     .balancer
                     .report(&host, Outcome::Success, Instant::now());
+                if !rest.is_empty() {
+                    use tokio::io::AsyncWriteExt as _;
+                    down.write_all(&rest)
+                        .await
+                        .map_err(|e| format!("the client: {e}"))?;
+                }
                 host.state
                     .active
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -88,7 +110,7 @@ pub(crate) async fn proxy_one(
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 return r.map_err(|e| format!("{:?}: {e}", host.upstream));
             }
-            Err(e) => {
+            Err(failure) => {
                 if cluster
                     .balancer
                     .report(&host, Outcome::GatewayError, Instant::now())
@@ -96,7 +118,17 @@ pub(crate) async fn proxy_one(
                     tracing::warn!(cluster = %cluster_name, upstream = ?host.upstream,
                         "outlier detection ejected a host");
                 }
-                errors.push(e);
+                match failure {
+                    Failure::Connect(e) => errors.push(e),
+                    Failure::Lost(e) => {
+                        // Reset, not a clean end: the client must not take it for a reply.
+                        let _ = socket2::SockRef::from(&down).set_linger(Some(Duration::ZERO));
+                        return Err(format!(
+                            "{:?}: {e} (not tried elsewhere: the client's first bytes may have reached a server)",
+                            host.upstream
+                        ));
+                    }
+                }
             }
         }
     }
@@ -110,11 +142,127 @@ pub(crate) async fn proxy_one(
     }
 }
 
-async fn connect(
-    compiled: &Compiled,
-    cluster: &ClusterConfig,
-    host: &Host,
-) -> Result<Box<dyn Stream>, String> {
+/// What one connection attempt gave.
+enum Up {
+    /// Ready for the client's bytes.
+    Ready(Box<dyn Stream>),
+    /// A tunnel with an early status: its first bytes will be the other cluster's gateway's
+    /// status, and the client's first bytes may go out before it.
+    Early(Box<dyn Stream>),
+}
+
+/// Why an attempt failed.
+enum Failure {
+    /// Nothing of the client's reached a server (no connection, or a refusal): another host
+    /// may be tried, with the client's first bytes replayed.
+    Connect(String),
+    /// The client's bytes may have reached a server (a tunnel failed after they went out and
+    /// before its status came), or the client failed: the connection ends here.
+    Lost(String),
+}
+
+/// The most of a client's first bytes sent down an early-status tunnel before its status, and
+/// kept until then for a replay elsewhere.
+pub const EARLY_KEEP: usize = 64 * 1024;
+
+/// The client's bytes sent before an upstream confirmed the connection.
+#[derive(Default)]
+struct FirstBytes {
+    kept: Vec<u8>,
+    /// The client has half-closed (its EOF reaches the upstream through the splice).
+    ended: bool,
+}
+
+/// Replay the client's first bytes (refused by an earlier attempt) on a ready connection.
+async fn replay(up: &mut Box<dyn Stream>, first: &FirstBytes) -> Result<(), Failure> {
+    use tokio::io::AsyncWriteExt as _;
+    if first.kept.is_empty() {
+        return Ok(());
+    }
+    up.write_all(&first.kept)
+        .await
+        .map_err(|e| Failure::Lost(format!("replaying the client's first bytes: {e}")))
+}
+
+/// Start an early-status tunnel: the client's bytes (those of an earlier refused attempt first)
+/// go out at once, up to [`EARLY_KEEP`], while the status is awaited (within `timeout`). An OK
+/// gives the tunnel and whatever of the server's bytes came with the status.
+async fn early_start(
+    down: &mut TcpStream,
+    mut up: Box<dyn Stream>,
+    first: &mut FirstBytes,
+    timeout: Duration,
+) -> Result<(Box<dyn Stream>, Vec<u8>), Failure> {
+    use federation::tunnel::{StatusCode, TunnelStatus, parse_frame};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // Once the client's bytes went out on this tunnel, a failure before the status is not a
+    // refusal: a server may have them.
+    let failed = |sent: bool, why: String| {
+        if sent {
+            Failure::Lost(why)
+        } else {
+            Failure::Connect(why)
+        }
+    };
+    let mut sent = false;
+    if !first.kept.is_empty() {
+        sent = true;
+        up.write_all(&first.kept)
+            .await
+            .map_err(|e| failed(true, format!("tunnel: {e}")))?;
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut head: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match parse_frame::<TunnelStatus>(&head) {
+            Ok(Some((status, used))) => {
+                if status.code == StatusCode::Ok as i32 {
+                    first.kept = Vec::new();
+                    return Ok((up, head.split_off(used)));
+                }
+                let code = StatusCode::try_from(status.code)
+                    .map(|c| format!("{c:?}"))
+                    .unwrap_or_else(|_| format!("status {}", status.code));
+                // A refusal: the other gateway connected to nothing, whatever was sent.
+                return Err(Failure::Connect(format!(
+                    "tunnel refused by the other cluster's gateway: {code}: {}",
+                    status.message
+                )));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(failed(sent, format!("the tunnel's status: {e}"))),
+        }
+        let room = EARLY_KEEP.saturating_sub(first.kept.len()).min(buf.len());
+        let read_client = !first.ended && room > 0;
+        tokio::select! {
+            r = up.read_buf(&mut head) => match r {
+                Ok(0) => return Err(failed(sent, "the tunnel ended before its status".into())),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(failed(sent, format!("the tunnel failed before its status: {e}")));
+                }
+            },
+            r = down.read(&mut buf[..room]), if read_client => match r {
+                Ok(0) => first.ended = true,
+                Ok(n) => {
+                    let bytes = &buf[..n];
+                    first.kept.extend_from_slice(bytes);
+                    sent = true;
+                    up.write_all(bytes)
+                        .await
+                        .map_err(|e| failed(true, format!("tunnel: {e}")))?;
+                }
+                Err(e) => return Err(Failure::Lost(format!("the client: {e}"))),
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(failed(sent, format!("no status from the tunnel within {timeout:?}")));
+            }
+        }
+    }
+}
+
+async fn connect(compiled: &Compiled, cluster: &ClusterConfig, host: &Host) -> Result<Up, String> {
     let timeout = cluster.connect_timeout;
     match &host.upstream {
         Upstream::Direct(addr) => {
@@ -133,21 +281,22 @@ async fn connect(
                 .map_err(|e| format!("{addr}: {e}"))?;
             let _ = s.set_nodelay(true);
             match mutual {
-                None => Ok(Box::new(s)),
-                Some((settings, tls)) => Ok(Box::new(
+                None => Ok(Up::Ready(Box::new(s))),
+                Some((settings, tls)) => Ok(Up::Ready(Box::new(
                     crate::tls::handshake(tls, settings, s, timeout).await?,
-                )),
+                ))),
             }
         }
         Upstream::Tunnel { cluster, authority } => {
             let g = compiled
                 .gateway()
                 .ok_or_else(|| format!("no gateway is configured to reach cluster {cluster}"))?;
-            let up = g
-                .open(cluster, authority)
+            let (up, early) = g
+                .open_early(cluster, authority)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(Box::new(hyper_util::rt::TokioIo::new(up)))
+            let up: Box<dyn Stream> = Box::new(hyper_util::rt::TokioIo::new(up));
+            Ok(if early { Up::Early(up) } else { Up::Ready(up) })
         }
     }
 }
@@ -235,5 +384,187 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Active<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use federation::tunnel::{StatusCode, TunnelStatus, encode_frame};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A client connection (its far end, and the proxy's end) over loopback.
+    async fn client_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (down, _) = l.accept().await.unwrap();
+        (client, down)
+    }
+
+    fn status(code: StatusCode) -> Vec<u8> {
+        encode_frame(&TunnelStatus {
+            code: code as i32,
+            message: format!("{code:?}"),
+            endpoint: String::new(),
+        })
+        .unwrap()
+    }
+
+    /// The tunnel's far end: a duplex pipe standing in for the gateway.
+    fn tunnel() -> (Box<dyn Stream>, DuplexStream) {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        (Box::new(a), b)
+    }
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn an_ok_status_gives_the_tunnel_and_what_came_with_it() {
+        let (mut client, mut down) = client_pair().await;
+        let (up, mut gw) = tunnel();
+        client.write_all(b"hello").await.unwrap();
+        let far = tokio::spawn(async move {
+            let mut got = [0u8; 5];
+            gw.read_exact(&mut got).await.unwrap();
+            let mut answer = status(StatusCode::Ok);
+            answer.extend_from_slice(b"server says hi");
+            gw.write_all(&answer).await.unwrap();
+            (got, gw)
+        });
+        let mut first = FirstBytes::default();
+        let (_up, rest) = early_start(&mut down, up, &mut first, WAIT)
+            .await
+            .unwrap_or_else(|_| panic!("the tunnel opened"));
+        let (got, _gw) = far.await.unwrap();
+        assert_eq!(&got, b"hello", "the first bytes went out before the status");
+        assert!(first.kept.is_empty(), "nothing kept after an OK");
+        // What followed the status in the same read belongs to the client (the status frame
+        // may also come alone; then `rest` is empty and the bytes follow in the splice).
+        assert!(b"server says hi".starts_with(&rest), "{rest:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_keeps_the_first_bytes_for_a_replay() {
+        let (mut client, mut down) = client_pair().await;
+        let (up, mut gw) = tunnel();
+        client.write_all(b"hello").await.unwrap();
+        let far = tokio::spawn(async move {
+            let mut got = [0u8; 5];
+            gw.read_exact(&mut got).await.unwrap();
+            gw.write_all(&status(StatusCode::NoEndpoint)).await.unwrap();
+            gw
+        });
+        let mut first = FirstBytes::default();
+        match early_start(&mut down, up, &mut first, WAIT).await {
+            Err(Failure::Connect(why)) => assert!(why.contains("NoEndpoint"), "{why}"),
+            Err(Failure::Lost(why)) => panic!("a refusal taken for a loss: {why}"),
+            Ok(_) => panic!("a refused tunnel opened"),
+        }
+        let _gw = far.await.unwrap();
+        assert_eq!(first.kept, b"hello");
+
+        // The next attempt (another early tunnel) gets them first.
+        let (up, mut gw) = tunnel();
+        let far = tokio::spawn(async move {
+            let mut got = [0u8; 5];
+            gw.read_exact(&mut got).await.unwrap();
+            gw.write_all(&status(StatusCode::Ok)).await.unwrap();
+            (got, gw)
+        });
+        assert!(early_start(&mut down, up, &mut first, WAIT).await.is_ok());
+        let (got, _gw) = far.await.unwrap();
+        assert_eq!(&got, b"hello", "replayed");
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_lost_after_the_first_bytes_went_out_is_not_moved() {
+        let (mut client, mut down) = client_pair().await;
+        let (up, mut gw) = tunnel();
+        client.write_all(b"hello").await.unwrap();
+        let far = tokio::spawn(async move {
+            let mut got = [0u8; 5];
+            gw.read_exact(&mut got).await.unwrap();
+            // The link dies before any status.
+            drop(gw);
+        });
+        let mut first = FirstBytes::default();
+        match early_start(&mut down, up, &mut first, WAIT).await {
+            Err(Failure::Lost(why)) => assert!(why.contains("before its status"), "{why}"),
+            Err(Failure::Connect(why)) => panic!("moved elsewhere after its bytes went out: {why}"),
+            Ok(_) => panic!("a dead tunnel opened"),
+        }
+        far.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_lost_before_the_client_sent_anything_is_moved() {
+        let (_client, mut down) = client_pair().await;
+        let (up, gw) = tunnel();
+        drop(gw);
+        let mut first = FirstBytes::default();
+        assert!(matches!(
+            early_start(&mut down, up, &mut first, WAIT).await,
+            Err(Failure::Connect(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn garbage_or_silence_instead_of_a_status_fails_the_attempt() {
+        // Garbage, with the client's bytes out: lost.
+        let (mut client, mut down) = client_pair().await;
+        let (up, mut gw) = tunnel();
+        client.write_all(b"hello").await.unwrap();
+        let far = tokio::spawn(async move {
+            let mut got = [0u8; 5];
+            gw.read_exact(&mut got).await.unwrap();
+            gw.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+            gw
+        });
+        let mut first = FirstBytes::default();
+        match early_start(&mut down, up, &mut first, WAIT).await {
+            Err(Failure::Lost(why)) => assert!(why.contains("status"), "{why}"),
+            _ => panic!("garbage taken for a status"),
+        }
+        let _gw = far.await.unwrap();
+
+        // Silence, the client silent too: moved after the timeout.
+        let (_client, mut down) = client_pair().await;
+        let (up, _gw) = tunnel();
+        let mut first = FirstBytes::default();
+        match early_start(&mut down, up, &mut first, Duration::from_millis(100)).await {
+            Err(Failure::Connect(why)) => assert!(why.contains("no status"), "{why}"),
+            _ => panic!("a silent tunnel was not given up"),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_more_than_the_replay_limit_goes_out_before_the_status() {
+        let (mut client, mut down) = client_pair().await;
+        let (up, mut gw) = tunnel();
+        let writer = tokio::spawn(async move {
+            // More than the limit; the rest waits in the socket.
+            let _ = client.write_all(&vec![7u8; EARLY_KEEP * 2]).await;
+            client
+        });
+        let far = tokio::spawn(async move {
+            let mut got = vec![0u8; EARLY_KEEP];
+            gw.read_exact(&mut got).await.unwrap();
+            gw.write_all(&status(StatusCode::Ok)).await.unwrap();
+            gw
+        });
+        let mut first = FirstBytes::default();
+        let Ok((_up, _)) = early_start(&mut down, up, &mut first, WAIT).await else {
+            panic!("the tunnel opened");
+        };
+        let mut gw = far.await.unwrap();
+        // Exactly the limit went out before the status.
+        let mut more = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), gw.read(&mut more))
+                .await
+                .is_err(),
+            "more than {EARLY_KEEP} bytes went out before the status"
+        );
+        drop(writer);
     }
 }

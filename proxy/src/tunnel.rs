@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 
 use crate::config::UpstreamTls;
 use crate::tls::TlsSource;
+use federation::tunnel::EARLY_STATUS_HEADER;
 
 /// The header naming the target cluster (the gateway's ingress protocol).
 pub const CLUSTER_HEADER: &str = "strait-cluster";
@@ -122,14 +123,43 @@ impl Gateway {
 
     /// Open a tunnel to `authority` (`SERVICE.NAMESPACE:PORT`) in `cluster`.
     pub async fn open(&self, cluster: &str, authority: &str) -> Result<Upgraded, TunnelError> {
+        self.open_with(cluster, authority, false)
+            .await
+            .map(|(up, _)| up)
+    }
+
+    /// Open a tunnel asking for an **early status**: the gateway answers as soon as its stream to
+    /// the other cluster is open, and the tunnel's first bytes are then the other gateway's
+    /// status frame ([`federation::tunnel::parse_frame`]), to be read before anything else; the
+    /// client's first bytes can go out meanwhile. `true` when the gateway granted it (a gateway
+    /// that does not know it answers after the status, and the tunnel carries only the
+    /// connection's bytes).
+    pub async fn open_early(
+        &self,
+        cluster: &str,
+        authority: &str,
+    ) -> Result<(Upgraded, bool), TunnelError> {
+        self.open_with(cluster, authority, true).await
+    }
+
+    async fn open_with(
+        &self,
+        cluster: &str,
+        authority: &str,
+        early: bool,
+    ) -> Result<(Upgraded, bool), TunnelError> {
         // A stream refused because the connection just died is tried once more on a new one.
         let mut fresh = false;
         loop {
             let (mut sender, new) = self.sender(fresh).await?;
-            let req = Request::builder()
+            let mut req = Request::builder()
                 .method(Method::CONNECT)
                 .uri(authority)
-                .header(CLUSTER_HEADER, cluster)
+                .header(CLUSTER_HEADER, cluster);
+            if early {
+                req = req.header(EARLY_STATUS_HEADER, "1");
+            }
+            let req = req
                 .body(Empty::new())
                 .map_err(|e| TunnelError::Target(format!("{authority}: {e}")))?;
             let stream_err = |message: String| TunnelError::Stream {
@@ -161,8 +191,14 @@ impl Gateway {
                     reason,
                 });
             }
+            let granted = early
+                && resp
+                    .headers()
+                    .get(EARLY_STATUS_HEADER)
+                    .is_some_and(|v| v.as_bytes() == b"1");
             return hyper::upgrade::on(resp)
                 .await
+                .map(|up| (up, granted))
                 .map_err(|e| stream_err(e.to_string()));
         }
     }

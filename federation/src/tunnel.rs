@@ -6,8 +6,22 @@
 //!
 //! A frame is `b"ST"`, a big-endian `u16` length, then that many bytes of a protobuf message
 //! (prost). Frames longer than [`MAX_FRAME`] are refused.
+//!
+//! The opening side may write the connection's first bytes right behind the header, before the
+//! status: the other side writes them to the endpoint once connected, or drops them with a
+//! refusal. A sidecar that asks the ingress for an *early status* ([`EARLY_STATUS_HEADER`])
+//! gets its `200` as soon as the stream is open, and then this same status frame as the first
+//! bytes of its tunnel ([`parse_frame`] reads it from a buffer).
+//!
+//! (The module lives in `federation` because both ends of a tunnel need it: the gateways and
+//! the sidecar.)
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The ingress request header by which a sidecar asks for an early status (value `1`), and the
+/// response header by which the gateway grants it (a gateway that does not know it answers as
+/// usual, after the status).
+pub const EARLY_STATUS_HEADER: &str = "strait-early-status";
 
 /// The protocol version this gateway speaks.
 pub const VERSION: u32 = 1;
@@ -85,15 +99,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin, M: prost::Message>(
     w: &mut W,
     msg: &M,
 ) -> Result<(), FrameError> {
-    let len = msg.encoded_len();
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
-    let mut buf = Vec::with_capacity(len + 4);
-    buf.extend_from_slice(&MAGIC);
-    buf.extend_from_slice(&(len as u16).to_be_bytes());
-    msg.encode(&mut buf)
-        .map_err(|e| FrameError::Io(std::io::Error::other(e.to_string())))?;
+    let buf = encode_frame(msg)?;
     w.write_all(&buf).await?;
     Ok(())
 }
@@ -122,6 +128,41 @@ pub async fn read_frame<R: AsyncRead + Unpin, M: prost::Message + Default>(
     Ok(M::decode(body.as_slice())?)
 }
 
+/// The frame's bytes: magic, length, message.
+pub fn encode_frame<M: prost::Message>(msg: &M) -> Result<Vec<u8>, FrameError> {
+    let len = msg.encoded_len();
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = Vec::with_capacity(len + 4);
+    buf.extend_from_slice(&MAGIC);
+    buf.extend_from_slice(&(len as u16).to_be_bytes());
+    msg.encode(&mut buf)
+        .map_err(|e| FrameError::Io(std::io::Error::other(e.to_string())))?;
+    Ok(buf)
+}
+
+/// A frame at the start of `buf`: `Ok(None)` while it is incomplete, else the message and the
+/// frame's length in bytes (what follows belongs to the stream).
+pub fn parse_frame<M: prost::Message + Default>(
+    buf: &[u8],
+) -> Result<Option<(M, usize)>, FrameError> {
+    if buf.len() >= 2 && buf[..2] != MAGIC {
+        return Err(FrameError::BadMagic([buf[0], buf[1]]));
+    }
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let Some(body) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    Ok(Some((M::decode(body)?, 4 + len)))
+}
+
 impl TunnelHeader {
     /// Check the fields; the error says which one is wrong.
     pub fn validate(&self) -> Result<(), String> {
@@ -131,9 +172,9 @@ impl TunnelHeader {
                 self.version
             ));
         }
-        federation::model::Name::parse("service", &self.service).map_err(|e| e.to_string())?;
-        federation::model::Name::parse("namespace", &self.namespace).map_err(|e| e.to_string())?;
-        federation::model::Name::parse("source_cluster", &self.source_cluster)
+        crate::model::Name::parse("service", &self.service).map_err(|e| e.to_string())?;
+        crate::model::Name::parse("namespace", &self.namespace).map_err(|e| e.to_string())?;
+        crate::model::Name::parse("source_cluster", &self.source_cluster)
             .map_err(|e| e.to_string())?;
         if self.port == 0 || self.port > u32::from(u16::MAX) {
             return Err(format!("port: {} is not a valid port", self.port));
@@ -165,6 +206,37 @@ mod tests {
         let back: TunnelHeader = read_frame(&mut buf.as_slice()).await.unwrap();
         assert_eq!(back, header());
         back.validate().unwrap();
+    }
+
+    #[test]
+    fn frames_parse_from_a_buffer_piece_by_piece() {
+        let status = TunnelStatus {
+            code: StatusCode::NoEndpoint as i32,
+            message: "no endpoint of echo.default".into(),
+            endpoint: String::new(),
+        };
+        let mut bytes = encode_frame(&status).unwrap();
+        let frame_len = bytes.len();
+        bytes.extend_from_slice(b"server bytes");
+        for cut in 0..frame_len {
+            let r: Option<(TunnelStatus, usize)> = parse_frame(&bytes[..cut]).unwrap();
+            assert!(r.is_none(), "a frame cut at {cut} bytes is incomplete");
+        }
+        let (back, used): (TunnelStatus, usize) = parse_frame(&bytes).unwrap().unwrap();
+        assert_eq!((back, used), (status, frame_len));
+        assert_eq!(&bytes[used..], b"server bytes");
+        assert!(matches!(
+            parse_frame::<TunnelStatus>(b"HT"),
+            Err(FrameError::BadMagic(_))
+        ));
+        assert!(matches!(
+            parse_frame::<TunnelStatus>(b"ST\xff\xff"),
+            Err(FrameError::TooLarge(65535))
+        ));
+        assert!(matches!(
+            parse_frame::<TunnelStatus>(b"ST\x00\x02\xff\xff"),
+            Err(FrameError::Decode(_))
+        ));
     }
 
     #[tokio::test]
