@@ -46,7 +46,7 @@ pub struct KubernetesArgs {
     /// The cluster's region.
     #[arg(long)]
     region: String,
-    /// A YAML file of values (image, etcd, gateway_address, webhook_ca_file, replicas…).
+    /// A YAML file of values (image, etcd, gateway_address, webhook_ca_file, trust_domain).
     #[arg(long)]
     values: Option<PathBuf>,
 }
