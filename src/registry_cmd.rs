@@ -3,13 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::etcd_args::EtcdArgs;
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use federation::discovery::DiscoveryFile;
 use federation::registry::codec::{cluster_state_kvs, pretty};
 use federation::registry::publisher::Owned;
 use federation::registry::{
-    CacheStatus, LeasedPublisher, PublisherConfig, ROOT, RegistryCache, RegistryValue,
+    Backend, CacheStatus, LeasedPublisher, PublisherConfig, ROOT, RegistryCache, RegistryValue,
 };
 use tokio::sync::watch;
 
@@ -18,9 +19,8 @@ pub enum RegistryCommand {
     /// Publish a static discovery file under the cluster's lease; keep the lease alive, republish
     /// when the file changes, revoke the lease on SIGTERM/SIGINT (entries disappear at once).
     Publish {
-        /// etcd endpoints, comma-separated (`http://HOST:PORT`).
-        #[arg(long, value_delimiter = ',', required = true, env = "STRAIT_ETCD")]
-        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
         /// The static discovery file (YAML).
         #[arg(long)]
         file: PathBuf,
@@ -33,19 +33,67 @@ pub enum RegistryCommand {
     },
     /// Print everything in the registry, decoded.
     Dump {
-        #[arg(long, value_delimiter = ',', required = true, env = "STRAIT_ETCD")]
-        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
         /// One JSON document instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// The etcd members behind the registry: each member's state, the leader, the revision.
+    Status {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// etcd's roles and users that keep each cluster to its own keys (see docs/registry.md,
+    /// "Securing the registry").
+    Roles {
+        #[command(subcommand)]
+        cmd: RolesCommand,
+    },
     /// Follow the registry: print every change as it happens (resumes after disconnects).
     Watch {
-        #[arg(long, value_delimiter = ',', required = true, env = "STRAIT_ETCD")]
-        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RolesCommand {
+    /// Create or update the roles and users of these clusters, idempotently, and print what
+    /// changed: `strait-cluster-C` (read-write on C's own keys, read on the registry),
+    /// `strait-policy-admin` (read-write on the policies), `strait-reader` (read only). Each
+    /// user has the name of its role: a client certificate with that common name authenticates
+    /// as it. Run it as etcd's root once authentication is on.
+    Apply {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// A cluster of the federation (repeatable, or comma-separated).
+        #[arg(long = "cluster", value_delimiter = ',', required = true)]
+        clusters: Vec<String>,
+        /// A cluster whose control plane may also write the policies (it follows
+        /// FailoverPolicy objects into the registry). None by default.
+        #[arg(long = "policy-writer", value_delimiter = ',')]
+        policy_writers: Vec<String>,
+        /// Give every user a password, kept in DIR/USER (mode 0600): read when it exists,
+        /// generated when it does not. Without it, new users have no password and authenticate
+        /// with client certificates only.
+        #[arg(long)]
+        password_dir: Option<PathBuf>,
+        /// Turn etcd's authentication on (after creating `root` with --root-password-file).
+        #[arg(long, requires = "root_password_file")]
+        enable_auth: bool,
+        /// File holding the password for etcd's `root` user.
+        #[arg(long)]
+        root_password_file: Option<PathBuf>,
+        /// Print what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -59,18 +107,197 @@ pub async fn run(cmd: RegistryCommand) -> anyhow::Result<()> {
         } => publish(etcd, file, lease_ttl, poll).await,
         RegistryCommand::Dump { etcd, json } => dump(etcd, json).await,
         RegistryCommand::Watch { etcd, json } => watch_cmd(etcd, json).await,
+        RegistryCommand::Status { etcd, json } => status(etcd, json).await,
+        RegistryCommand::Roles {
+            cmd:
+                RolesCommand::Apply {
+                    etcd,
+                    clusters,
+                    policy_writers,
+                    password_dir,
+                    enable_auth,
+                    root_password_file,
+                    dry_run,
+                },
+        } => {
+            let names = |list: Vec<String>, flag: &str| {
+                list.iter()
+                    .map(|c| federation::model::ClusterId::parse(flag, c))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let clusters = names(clusters, "--cluster")?;
+            let writers = names(policy_writers, "--policy-writer")?;
+            if let Some(w) = writers.iter().find(|w| !clusters.contains(w)) {
+                bail!("--policy-writer {w}: not one of the --cluster names");
+            }
+            let root_password = match (enable_auth, root_password_file) {
+                (true, Some(f)) => Some(read_secret(&f)?),
+                _ => None,
+            };
+            roles_apply(
+                etcd,
+                clusters,
+                writers,
+                password_dir,
+                root_password,
+                dry_run,
+            )
+            .await
+        }
     }
 }
 
+/// A secret from a file: its first line.
+fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the password file {}", path.display()))?;
+    let first = text.lines().next().unwrap_or("").to_string();
+    if first.is_empty() {
+        bail!("the password file {} is empty", path.display());
+    }
+    Ok(first)
+}
+
+/// The password of `user` in `dir`: read, or generated and written (mode 0600) when missing.
+fn user_password(
+    dir: &std::path::Path,
+    user: &str,
+    create: bool,
+) -> anyhow::Result<Option<String>> {
+    use rand::Rng;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(user);
+    if path.exists() {
+        return read_secret(&path).map(Some);
+    }
+    if !create {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the password directory {}", dir.display()))?;
+    let pw: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{pw}").with_context(|| format!("cannot write {}", path.display()))?;
+    println!("user {user}: password generated into {}", path.display());
+    Ok(Some(pw))
+}
+
+async fn roles_apply(
+    etcd: EtcdArgs,
+    clusters: Vec<federation::model::ClusterId>,
+    writers: Vec<federation::model::ClusterId>,
+    password_dir: Option<PathBuf>,
+    root_password: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use federation::registry::roles;
+    let backend = etcd.backend()?;
+    backend
+        .check()
+        .await
+        .with_context(|| format!("cannot use etcd at {}", etcd.list()))?;
+    let plan = roles::plan(&clusters, &writers);
+    let mut passwords = std::collections::BTreeMap::new();
+    if let Some(dir) = &password_dir {
+        for u in &plan.users {
+            if let Some(pw) = user_password(dir, &u.name, !dry_run)? {
+                passwords.insert(u.name.clone(), pw);
+            }
+        }
+    }
+    let changes = roles::apply(
+        &backend,
+        &plan,
+        &roles::ApplyOptions {
+            passwords,
+            enable_auth_root_password: root_password,
+            dry_run,
+        },
+    )
+    .await
+    .with_context(|| format!("cannot apply the roles at etcd {}", etcd.list()))?;
+    let prefix = if dry_run { "would change: " } else { "" };
+    if changes.is_empty() {
+        println!("roles and users already as planned: nothing changed");
+    }
+    for c in &changes {
+        println!("{prefix}{c}");
+    }
+    Ok(())
+}
+
+async fn status(etcd: EtcdArgs, json: bool) -> anyhow::Result<()> {
+    let backend = etcd.backend()?;
+    let members = backend
+        .members()
+        .await
+        .with_context(|| format!("cannot ask etcd at {} for its members", etcd.list()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&members)?);
+        return Ok(());
+    }
+    let leader = members.iter().find(|m| m.leader);
+    println!(
+        "{} members, leader: {}, revision {}",
+        members.len(),
+        leader.map(|m| m.name.as_str()).unwrap_or("none"),
+        members.iter().map(|m| m.revision).max().unwrap_or(0)
+    );
+    println!(
+        "{:<12} {:<17} {:<7} {:>9} {:>6} {:>9} {:>9} {:<8} CLIENT URLS / ERROR",
+        "NAME", "ID", "ROLE", "REVISION", "TERM", "INDEX", "DB", "VERSION"
+    );
+    for m in &members {
+        let role = if m.leader {
+            "leader"
+        } else if m.reached_at.is_some() {
+            "follower"
+        } else {
+            "?"
+        };
+        let tail = match &m.error {
+            Some(e) => format!("{}  ({e})", m.client_urls.join(",")),
+            None => m.client_urls.join(","),
+        };
+        println!(
+            "{:<12} {:<17} {:<7} {:>9} {:>6} {:>9} {:>8}K {:<8} {}",
+            m.name,
+            m.id,
+            role,
+            m.revision,
+            m.raft_term,
+            m.raft_index,
+            m.db_size / 1024,
+            m.version,
+            tail
+        );
+    }
+    if leader.is_none() {
+        bail!("no member reports a leader: etcd cannot take writes");
+    }
+    Ok(())
+}
+
 async fn publish(
-    etcd: Vec<String>,
+    etcd: EtcdArgs,
     file: PathBuf,
     lease_ttl: Duration,
     poll: Duration,
 ) -> anyhow::Result<()> {
     let parsed = DiscoveryFile::load(&file)?;
     let cluster = parsed.state.cluster.id.clone();
-    let backend = crate::etcd_args::connect(&etcd).await?;
+    // A publisher waits for etcd (and its credentials) with back-off, like the control plane.
+    let backend = Backend::Etcd(etcd.backend()?);
     let (desired_tx, desired_rx) = watch::channel(cluster_state_kvs(&parsed.state));
     let endpoints: usize = parsed
         .state
@@ -121,12 +348,12 @@ async fn publish(
     Ok(())
 }
 
-async fn dump(etcd: Vec<String>, json: bool) -> anyhow::Result<()> {
-    let backend = crate::etcd_args::connect(&etcd).await?;
+async fn dump(etcd: EtcdArgs, json: bool) -> anyhow::Result<()> {
+    let backend = etcd.connect().await?;
     let (revision, kvs) = backend
         .get_prefix(ROOT)
         .await
-        .with_context(|| format!("cannot read the registry from etcd at {}", etcd.join(",")))?;
+        .with_context(|| format!("cannot read the registry from etcd at {}", etcd.list()))?;
     if json {
         let entries: Vec<serde_json::Value> = kvs
             .iter()
@@ -221,8 +448,9 @@ fn describe(value: &Option<RegistryValue>) -> String {
     }
 }
 
-async fn watch_cmd(etcd: Vec<String>, json: bool) -> anyhow::Result<()> {
-    let backend = crate::etcd_args::connect(&etcd).await?;
+async fn watch_cmd(etcd: EtcdArgs, json: bool) -> anyhow::Result<()> {
+    // Follows etcd through disconnects: no check first.
+    let backend = Backend::Etcd(etcd.backend()?);
     let cache = RegistryCache::spawn(backend);
     let mut changes = cache.subscribe();
     let mut status = cache.status_receiver();

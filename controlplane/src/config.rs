@@ -3,7 +3,8 @@
 //! ```yaml
 //! cluster: east
 //! region: us-east
-//! registry: {etcd: ["http://127.0.0.1:2379"]}   # or {embedded: true}
+//! registry: {etcd: ["http://127.0.0.1:2379"]}   # or {embedded: true}; TLS and credentials:
+//! #   {etcd: ["https://…:2379"], tls: {ca, cert, key}, auth: {user, password_file}}
 //! discovery: {file: east.yaml}                   # optional: this cluster's endpoints, or
 //! # discovery: {kubernetes: {kubeconfig: kube.yaml, gateways: ["203.0.113.7:15443"]}}
 //! xds:
@@ -38,26 +39,7 @@ pub struct ControlPlaneConfig {
     pub webhook: Option<crate::kubernetes::inject::WebhookConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    /// etcd client URLs.
-    #[serde(default)]
-    pub etcd: Vec<String>,
-    /// An in-process registry instead (a single cluster, or tests).
-    #[serde(default)]
-    pub embedded: bool,
-    /// TTL of the lease over this cluster's published entries.
-    #[serde(
-        default = "default_lease_ttl",
-        with = "federation::discovery::duration_field"
-    )]
-    pub lease_ttl: Duration,
-}
-
-fn default_lease_ttl() -> Duration {
-    Duration::from_secs(10)
-}
+pub use federation::registry::RegistryConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,21 +143,10 @@ impl ControlPlaneConfig {
         };
         federation::model::Locality::new(&cfg.region, "", "")
             .map_err(|e| invalid("region", e.reason))?;
-        match (cfg.registry.etcd.is_empty(), cfg.registry.embedded) {
-            (true, false) => {
-                return Err(invalid(
-                    "registry",
-                    "give `etcd: [URL, …]` or `embedded: true`".into(),
-                ));
-            }
-            (false, true) => {
-                return Err(invalid(
-                    "registry",
-                    "`etcd` and `embedded` exclude each other".into(),
-                ));
-            }
-            _ => {}
-        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.registry
+            .check(base, true)
+            .map_err(|(field, reason)| invalid(field, reason))?;
         if cfg.xds.tls.is_none() && !cfg.xds.listen.ip().is_loopback() {
             return Err(invalid(
                 "xds.listen",
@@ -186,7 +157,6 @@ impl ControlPlaneConfig {
             ));
         }
         // Relative paths are relative to the file.
-        let base = path.parent().unwrap_or(Path::new("."));
         if let Some(d) = &mut cfg.discovery {
             match (&mut d.file, &mut d.kubernetes) {
                 (Some(file), None) => *file = base.join(&*file),

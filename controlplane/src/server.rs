@@ -77,7 +77,10 @@ impl ControlPlane {
         let backend = if cfg.registry.embedded {
             Backend::Embedded(EmbeddedRegistry::new())
         } else {
-            Backend::Etcd(EtcdBackend::connect(&cfg.registry.etcd, EtcdOptions::default()).await?)
+            Backend::Etcd(EtcdBackend::open(
+                cfg.registry.connection(),
+                EtcdOptions::default(),
+            )?)
         };
         Self::start_with(cfg, backend).await
     }

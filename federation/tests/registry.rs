@@ -22,9 +22,13 @@ use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// TLS, authentication and roles (a real etcd with TLS and auth on).
+#[path = "registry/secure.rs"]
+mod secure;
+
 enum Env {
     Etcd {
-        server: EtcdServer,
+        server: Box<EtcdServer>,
         _dir: tempfile::TempDir,
     },
     Embedded(EmbeddedRegistry),
@@ -64,7 +68,10 @@ impl Env {
     fn etcd() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let server = EtcdServer::start(&dir.path().join("etcd")).unwrap();
-        Env::Etcd { server, _dir: dir }
+        Env::Etcd {
+            server: Box::new(server),
+            _dir: dir,
+        }
     }
 
     fn embedded() -> Self {

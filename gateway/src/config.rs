@@ -4,7 +4,8 @@
 //! cluster: east
 //! listen: {peers: "0.0.0.0:15443", ingress: "127.0.0.1:15008", admin: "127.0.0.1:15000"}
 //! tls: {cert: certs/east-gw/cert.pem, key: certs/east-gw/key.pem, ca: certs/ca.pem}
-//! registry: {etcd: ["http://127.0.0.1:2379"]}     # optional
+//! registry: {etcd: ["http://127.0.0.1:2379"]}     # optional; TLS and credentials as the
+//! #   control plane's: {etcd: ["https://…"], tls: {ca, cert, key}, auth: {user, password_file}}
 //! discovery: {file: east.yaml}                    # optional: local endpoints without a registry
 //! peers: [{cluster: west, address: "127.0.0.1:25443"}]   # optional static peers
 //! ```
@@ -99,21 +100,7 @@ fn default_reload() -> Duration {
     Duration::from_secs(1)
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    pub etcd: Vec<String>,
-    /// TTL of the gateway's lease over its link states.
-    #[serde(
-        default = "default_lease_ttl",
-        with = "federation::discovery::duration_field"
-    )]
-    pub lease_ttl: Duration,
-}
-
-fn default_lease_ttl() -> Duration {
-    Duration::from_secs(10)
-}
+pub use federation::registry::RegistryConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -324,6 +311,10 @@ impl GatewayConfig {
             && d.file.is_relative()
         {
             d.file = base.join(&d.file);
+        }
+        if let Some(r) = cfg.registry.as_mut() {
+            r.check(base, false)
+                .map_err(|(field, reason)| invalid(field, reason))?;
         }
         Ok(cfg)
     }

@@ -340,8 +340,7 @@ impl Gateway {
         // The registry: membership, peer addresses, local endpoints, link states.
         let mut registry = None;
         if let Some(r) = &config.registry {
-            let backend =
-                Backend::Etcd(EtcdBackend::connect(&r.etcd, EtcdOptions::default()).await?);
+            let backend = Backend::Etcd(EtcdBackend::open(r.connection(), EtcdOptions::default())?);
             let cache = RegistryCache::spawn(backend.clone());
             tasks.push(tokio::spawn(follow_registry(
                 shared.clone(),

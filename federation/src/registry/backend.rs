@@ -120,6 +120,15 @@ impl Backend {
         }
     }
 
+    /// One key, if it exists (a read of exactly that key: what a role that may read only this
+    /// key is allowed).
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, RegistryError> {
+        match self {
+            Backend::Etcd(e) => e.get(key).await,
+            Backend::Embedded(e) => Ok(e.get_prefix(key)?.1.into_iter().find(|kv| kv.key == key)),
+        }
+    }
+
     /// Apply `ops` atomically in one transaction; returns the new revision.
     pub async fn commit(&self, ops: Vec<Op>) -> Result<i64, RegistryError> {
         match self {

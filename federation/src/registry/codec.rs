@@ -100,6 +100,10 @@ impl RegistryKey {
     pub fn peerings_prefix(c: &ClusterId) -> String {
         format!("{ROOT}peerings/{c}/")
     }
+    /// The prefix holding every failover policy.
+    pub fn policies_prefix() -> String {
+        format!("{ROOT}policies/")
+    }
 }
 
 #[derive(Serialize, Deserialize)]

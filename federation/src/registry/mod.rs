@@ -6,15 +6,18 @@
 pub mod backend;
 pub mod cache;
 pub mod codec;
+pub mod connection;
 pub mod embedded;
 pub mod etcd;
 pub mod publisher;
+pub mod roles;
 
 pub use backend::{Backend, KeepAlive, KeyValue, LeaseId, Op, Watch, WatchBatch, WatchEvent};
 pub use cache::{CacheStatus, Change, RegistryCache, Snapshot, Update};
 pub use codec::{Decoder, ROOT, RegistryKey, RegistryValue};
+pub use connection::{EtcdAuth, EtcdConnection, EtcdTls, RegistryConfig};
 pub use embedded::EmbeddedRegistry;
-pub use etcd::{EtcdBackend, EtcdOptions};
+pub use etcd::{EtcdBackend, EtcdOptions, MemberStatus};
 pub use publisher::{LeasedPublisher, PublisherConfig, PublisherStatus};
 
 /// How the cache and the publisher retry a store they cannot reach: from 100 ms, doubling, up
@@ -46,6 +49,24 @@ pub enum RegistryError {
     Decode { key: String, message: String },
     #[error("invalid etcd endpoint `{endpoint}`: {reason}")]
     InvalidEndpoint { endpoint: String, reason: String },
+    /// etcd's roles do not let this identity do this (`strait registry roles apply`).
+    #[error("etcd at {endpoints} refused to let {identity} {what}: permission denied")]
+    PermissionDenied {
+        endpoints: String,
+        identity: String,
+        what: String,
+    },
+    /// etcd did not accept the credentials, or wants some.
+    #[error("etcd at {endpoints} did not accept {identity}: {message}")]
+    Authentication {
+        endpoints: String,
+        identity: String,
+        message: String,
+    },
+    /// The connection's settings cannot be used (a file missing or unreadable, an expired
+    /// client certificate).
+    #[error("{message}")]
+    Config { message: String },
 }
 
 impl RegistryError {
@@ -61,7 +82,31 @@ impl RegistryError {
         match e {
             E::GRpcStatus(s) => {
                 let msg = s.message().to_string();
-                if msg.contains("lease not found") {
+                let msg = msg.strip_prefix("etcdserver: ").unwrap_or(&msg).to_string();
+                if msg.contains("permission denied") || s.code() == tonic::Code::PermissionDenied {
+                    // Callers that know the operation and the identity fill them in.
+                    RegistryError::PermissionDenied {
+                        endpoints: endpoints.to_string(),
+                        identity: String::new(),
+                        what: String::new(),
+                    }
+                } else if msg.contains("authentication failed")
+                    || msg.contains("user name is empty")
+                    || msg.contains("invalid auth token")
+                    || msg.contains("authentication is not enabled")
+                    || s.code() == tonic::Code::Unauthenticated
+                {
+                    let message = if msg.contains("user name is empty") {
+                        "etcd requires authentication: give a user and password file, or a client certificate whose common name is an etcd user".to_string()
+                    } else {
+                        msg
+                    };
+                    RegistryError::Authentication {
+                        endpoints: endpoints.to_string(),
+                        identity: String::new(),
+                        message,
+                    }
+                } else if msg.contains("lease not found") {
                     // The id is not in the message in a parseable way; callers that know the
                     // lease map this to LeaseNotFound themselves.
                     RegistryError::LeaseNotFound(0)
@@ -77,7 +122,17 @@ impl RegistryError {
                         | tonic::Code::Cancelled
                         | tonic::Code::Unknown
                 ) {
-                    RegistryError::unavailable(endpoints, format!("{msg} ({:?})", s.code()))
+                    let mut text = msg.clone();
+                    let mut source = std::error::Error::source(&s);
+                    while let Some(e) = source {
+                        let t = e.to_string();
+                        if !text.contains(&t) {
+                            text.push_str(": ");
+                            text.push_str(&t);
+                        }
+                        source = e.source();
+                    }
+                    RegistryError::unavailable(endpoints, format!("{text} ({:?})", s.code()))
                 } else {
                     RegistryError::Rejected(format!("{msg} ({:?})", s.code()))
                 }

@@ -292,12 +292,9 @@ impl LeasedPublisher {
                     existing.extend(kvs.into_iter().map(|kv| (kv.key, (kv.value, kv.lease))));
                 }
                 for k in &self.owned.keys {
-                    let (_, kvs) = self.backend.get_prefix(k).await?;
-                    existing.extend(
-                        kvs.into_iter()
-                            .filter(|kv| &kv.key == k)
-                            .map(|kv| (kv.key, (kv.value, kv.lease))),
-                    );
+                    if let Some(kv) = self.backend.get(k).await? {
+                        existing.insert(kv.key, (kv.value, kv.lease));
+                    }
                 }
                 let mut state = BTreeMap::new();
                 for (k, (v, l)) in existing {
