@@ -719,3 +719,467 @@ async fn policies_are_applied_listed_used_by_explain_and_deleted() {
         "{text}"
     );
 }
+
+/// How the secure-etcd tests authenticate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Auth {
+    /// etcd with `--client-cert-auth`: each component presents a certificate whose CN is its user.
+    Certificates,
+    /// etcd with TLS (no client certificates) and users with passwords in files.
+    Passwords,
+}
+
+/// A TLS etcd with authentication on and the roles of east and west, set up with `strait
+/// registry roles apply` as an operator would.
+struct SecureEtcd {
+    mode: Auth,
+    pki: federation::etcd_server::EtcdPki,
+    dir: std::path::PathBuf,
+    ca: std::path::PathBuf,
+    url: String,
+    _etcd: EtcdServer,
+}
+
+impl SecureEtcd {
+    fn start(dir: &Path, mode: Auth) -> Self {
+        use federation::etcd_server::EtcdPki;
+        let pki = EtcdPki::new(&dir.join("pki"), "etcd-ca").unwrap();
+        let mut tls = pki.server("server").unwrap();
+        if mode == Auth::Certificates {
+            tls.client_ca = Some(pki.ca_file());
+            for (f, user) in [
+                ("root", "root"),
+                ("east", "strait-cluster-east"),
+                ("west", "strait-cluster-west"),
+                ("reader", "strait-reader"),
+                ("admin", "strait-policy-admin"),
+            ] {
+                pki.client(f, user).unwrap();
+            }
+        }
+        let etcd = EtcdServer::start_with(&dir.join("etcd"), Some(tls), Vec::new()).unwrap();
+        std::fs::write(dir.join("root.pw"), "root-Secret-4821\n").unwrap();
+        let ca = pki.ca_file();
+        let s = Self {
+            mode,
+            pki,
+            dir: dir.to_path_buf(),
+            ca,
+            url: etcd.endpoint(),
+            _etcd: etcd,
+        };
+        // First run: no credentials yet in password mode (authentication is off); root's
+        // certificate in certificate mode.
+        let mut args = vec![
+            "registry".to_string(),
+            "roles".into(),
+            "apply".into(),
+            "--cluster".into(),
+            "east,west".into(),
+            "--password-dir".into(),
+            dir.join("pw").display().to_string(),
+            "--enable-auth".into(),
+            "--root-password-file".into(),
+            dir.join("root.pw").display().to_string(),
+        ];
+        args.extend(s.flags(if mode == Auth::Certificates {
+            "root"
+        } else {
+            ""
+        }));
+        let out = strait(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in [
+            "role strait-cluster-east: created",
+            "role strait-cluster-east: granted readwrite /strait/v1/endpoints/east/* (prefix)",
+            "user strait-cluster-west: created (with a password)",
+            "authentication: enabled",
+        ] {
+            assert!(text.contains(line), "`{line}` missing from:\n{text}");
+        }
+        // Run again as root: nothing changes.
+        let mut again = args[..10].to_vec();
+        again.extend(s.flags("root"));
+        let out = strait(&again.iter().map(String::as_str).collect::<Vec<_>>());
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success() && text.contains("nothing changed"),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s
+    }
+
+    /// The etcd user behind a short name.
+    fn user(who: &str) -> &str {
+        match who {
+            "root" => "root",
+            "east" => "strait-cluster-east",
+            "west" => "strait-cluster-west",
+            "reader" => "strait-reader",
+            "admin" => "strait-policy-admin",
+            other => panic!("no user {other}"),
+        }
+    }
+
+    fn password_file(&self, who: &str) -> std::path::PathBuf {
+        if who == "root" {
+            self.dir.join("root.pw")
+        } else {
+            self.dir.join("pw").join(Self::user(who))
+        }
+    }
+
+    /// The `--etcd*` flags of `who` ("" for none but the CA).
+    fn flags(&self, who: &str) -> Vec<String> {
+        let mut f = vec![
+            "--etcd".to_string(),
+            self.url.clone(),
+            "--etcd-ca".into(),
+            self.ca.display().to_string(),
+        ];
+        if who.is_empty() {
+            return f;
+        }
+        match self.mode {
+            Auth::Certificates => f.extend([
+                "--etcd-cert".into(),
+                self.dir
+                    .join(format!("pki/{who}.pem"))
+                    .display()
+                    .to_string(),
+                "--etcd-key".into(),
+                self.dir
+                    .join(format!("pki/{who}-key.pem"))
+                    .display()
+                    .to_string(),
+            ]),
+            Auth::Passwords => f.extend([
+                "--etcd-user".into(),
+                Self::user(who).to_string(),
+                "--etcd-password-file".into(),
+                self.password_file(who).display().to_string(),
+            ]),
+        }
+        f
+    }
+
+    /// The `registry:` section of a YAML configuration for `who`.
+    fn yaml(&self, who: &str) -> String {
+        let creds = match self.mode {
+            Auth::Certificates => format!(
+                "tls: {{ca: {}, cert: {}, key: {}}}",
+                self.ca.display(),
+                self.dir.join(format!("pki/{who}.pem")).display(),
+                self.dir.join(format!("pki/{who}-key.pem")).display()
+            ),
+            Auth::Passwords => format!(
+                "tls: {{ca: {}}}, auth: {{user: {}, password_file: {}}}",
+                self.ca.display(),
+                Self::user(who),
+                self.password_file(who).display()
+            ),
+        };
+        format!(
+            "registry: {{etcd: [\"{}\"], {creds}, lease_ttl: 5s}}\n",
+            self.url
+        )
+    }
+
+    fn run(&self, who: &str, args: &[&str]) -> Output {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(self.flags(who));
+        strait(&all.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// Poll `strait registry dump --json` (as the reader) until it holds `key`.
+    fn wait_key(&self, key: &str) -> serde_json::Value {
+        self.wait_entry(key, |_| true)
+    }
+
+    /// Poll `strait registry dump --json` (as the reader) until `key`'s entry is `ok`.
+    fn wait_entry(&self, key: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = self.run("reader", &["registry", "dump", "--json"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if let Some(e) = doc["entries"]
+                .as_array()
+                .and_then(|a| a.iter().find(|e| e["key"] == key && ok(e)))
+            {
+                return e.clone();
+            }
+            assert!(Instant::now() < deadline, "{key} never appeared: {doc}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn spawn_logged(args: &[&str], log: &Path) -> Proc {
+    let f = std::fs::File::create(log).unwrap();
+    Proc(
+        Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn every_command_and_daemon_works_over_tls_with_certificates_and_with_passwords() {
+    for mode in [Auth::Certificates, Auth::Passwords] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let etcd = SecureEtcd::start(dir, mode);
+
+        // `strait registry publish` as east; `dump` as the reader.
+        let east = dir.join("east.yaml");
+        std::fs::write(&east, discovery("east", "us-east", 2, 18000)).unwrap();
+        let mut args = vec![
+            "registry",
+            "publish",
+            "--lease-ttl",
+            "10s",
+            "--poll",
+            "100ms",
+            "--file",
+        ];
+        let east_s = east.display().to_string();
+        args.push(&east_s);
+        let flags = etcd.flags("east");
+        args.extend(flags.iter().map(String::as_str));
+        let _publisher = spawn_logged(&args, &dir.join("publish.log"));
+        let entry = etcd.wait_key("/strait/v1/clusters/east");
+        assert_eq!(entry["value"]["region"], "us-east", "{mode:?}");
+
+        // Every wrong setting: a non-zero exit and one line naming the endpoint and the cause.
+        let port = etcd.url.rsplit(':').next().unwrap().to_string();
+        let fails = |args: Vec<String>, want: &[&str]| {
+            let mut all = vec!["registry".to_string(), "dump".into()];
+            all.extend(args);
+            let out = strait(&all.iter().map(String::as_str).collect::<Vec<_>>());
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(!out.status.success(), "{mode:?} {all:?} succeeded");
+            assert_eq!(err.trim().lines().count(), 1, "{mode:?}: {err}");
+            assert!(err.contains(&port), "{mode:?}: {err}");
+            for w in want {
+                assert!(err.contains(w), "{mode:?}: `{w}` missing from {err}");
+            }
+            assert!(!err.contains("panicked"), "{err}");
+        };
+        let plain = etcd.url.replace("https://", "http://");
+        fails(vec!["--etcd".into(), plain], &["use https://"]);
+        let other = federation::etcd_server::EtcdPki::new(&dir.join("other"), "other-ca").unwrap();
+        let mut f = etcd.flags("reader");
+        f[3] = other.ca_file().display().to_string();
+        fails(f, &["not signed by the CA"]);
+        match mode {
+            Auth::Certificates => {
+                let old = etcd.pki.expired_client("old", "strait-reader").unwrap();
+                let mut f = etcd.flags("reader");
+                f[5] = old.cert.display().to_string();
+                f[7] = old.key.display().to_string();
+                fails(f, &["old.pem", "expired"]);
+            }
+            Auth::Passwords => {
+                std::fs::write(dir.join("wrong.pw"), "not-the-password\n").unwrap();
+                let mut f = etcd.flags("reader");
+                f[7] = dir.join("wrong.pw").display().to_string();
+                fails(f.clone(), &["strait-reader", "authentication failed"]);
+                f[7] = dir.join("missing.pw").display().to_string();
+                fails(f, &["missing.pw"]);
+            }
+        }
+
+        // Policies: the admin may apply them, east may not (etcd refuses, the CLI says so).
+        let policy = dir.join("policy.yaml");
+        std::fs::write(
+            &policy,
+            "policies:\n  - service: echo.default\n    targets: [{cluster: east}, {cluster: west}]\n",
+        )
+        .unwrap();
+        let p = policy.display().to_string();
+        let out = etcd.run("admin", &["policy", "apply", "-f", &p]);
+        assert!(
+            out.status.success(),
+            "{mode:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = etcd.run("east", &["policy", "apply", "-f", &p]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{mode:?}: east applied a policy");
+        assert!(
+            err.contains("permission denied")
+                && err.contains("/strait/v1/policies/services/default/echo")
+                && err.contains("strait-cluster-east")
+                && err.lines().count() == 1,
+            "{mode:?}: {err}"
+        );
+
+        // West's control plane and both gateways, configured with the registry's TLS and
+        // credentials; the control plane logs everything, and no password appears anywhere.
+        let west = dir.join("west.yaml");
+        std::fs::write(&west, discovery("west", "us-west", 1, 19000)).unwrap();
+        let cp = dir.join("cp.yaml");
+        std::fs::write(
+            &cp,
+            format!(
+                "cluster: west\nregion: us-west\n{}discovery: {{file: {}, poll: 100ms}}\nxds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
+                etcd.yaml("west"),
+                west.display()
+            ),
+        )
+        .unwrap();
+        let cp_s = cp.display().to_string();
+        // With passwords, the control plane starts with a wrong one: it runs on, says why, and
+        // publishes once the file holds the right one.
+        let right = etcd.password_file("west");
+        let kept = std::fs::read(&right).unwrap();
+        if mode == Auth::Passwords {
+            std::fs::write(&right, "wrong-password\n").unwrap();
+        }
+        let mut controlplane = spawn_logged(
+            &["controlplane", "--config", &cp_s, "--log", "trace"],
+            &dir.join("controlplane.log"),
+        );
+        if mode == Auth::Passwords {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let log = std::fs::read_to_string(dir.join("controlplane.log")).unwrap_or_default();
+                if log.contains("did not accept user `strait-cluster-west`") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no authentication error logged:\n{log}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(
+                controlplane.0.try_wait().unwrap().is_none(),
+                "the control plane exited"
+            );
+            std::fs::write(&right, &kept).unwrap();
+        }
+        etcd.wait_key("/strait/v1/endpoints/west/default/echo");
+
+        let ca_dir = dir.join("ca").display().to_string();
+        let out = strait(&[
+            "pki",
+            "init",
+            "--trust-domain",
+            "secure.test",
+            "--out",
+            &ca_dir,
+        ]);
+        assert!(out.status.success());
+        let ports: Vec<u16> = (0..4)
+            .map(|_| federation::etcd_server::free_port().unwrap())
+            .collect();
+        let mut gateways = Vec::new();
+        for (i, (c, peer)) in [("east", "west"), ("west", "east")].into_iter().enumerate() {
+            let certs = dir.join(format!("{c}-gw"));
+            let out = strait(&[
+                "pki",
+                "issue",
+                "gateway",
+                "--cluster",
+                c,
+                "--ca",
+                &ca_dir,
+                "--out",
+                &certs.display().to_string(),
+            ]);
+            assert!(out.status.success());
+            let peer_port = ports[1 - i];
+            let cfg = dir.join(format!("{c}-gw.yaml"));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "cluster: {c}\nlisten: {{peers: \"127.0.0.1:{}\", ingress: \"127.0.0.1:{}\", admin: \"127.0.0.1:0\"}}\n\
+                     tls: {{cert: {d}/cert.pem, key: {d}/key.pem, ca: {d}/ca.pem}}\n{}\
+                     peers: [{{cluster: {peer}, address: \"127.0.0.1:{peer_port}\"}}]\n",
+                    ports[i],
+                    ports[2 + i],
+                    etcd.yaml(c),
+                    d = certs.display()
+                ),
+            )
+            .unwrap();
+            let cfg_s = cfg.display().to_string();
+            gateways.push(spawn_logged(
+                &["gateway", "--config", &cfg_s],
+                &dir.join(format!("{c}-gw.log")),
+            ));
+        }
+        // Each gateway writes its own link states (under its cluster's role).
+        let up = |e: &serde_json::Value| e["value"]["state"] == "up";
+        let link = etcd.wait_entry("/strait/v1/links/east/west", up);
+        assert_eq!(link["value"]["from"], "east");
+        etcd.wait_entry("/strait/v1/links/west/east", up);
+
+        // `route explain` as the reader: both clusters, in order.
+        let out = etcd.run(
+            "reader",
+            &[
+                "route",
+                "explain",
+                "echo.default",
+                "--from",
+                "east/us-east/us-east-1a",
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{mode:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("0 ") && l.contains("east"))
+                && text
+                    .lines()
+                    .any(|l| l.starts_with("1 ") && l.contains("west")),
+            "{mode:?}: {text}"
+        );
+
+        // A graceful stop, then no secret in any log line.
+        controlplane.signal("TERM");
+        controlplane.wait_exit(Duration::from_secs(15));
+        drop(gateways);
+        let mut logs = String::new();
+        for f in [
+            "publish.log",
+            "controlplane.log",
+            "east-gw.log",
+            "west-gw.log",
+        ] {
+            logs.push_str(&std::fs::read_to_string(dir.join(f)).unwrap_or_default());
+        }
+        assert!(
+            logs.lines().count() > 50,
+            "{mode:?}: the trace log is too short to prove anything"
+        );
+        if mode == Auth::Passwords {
+            for who in ["root", "east", "west", "reader", "admin"] {
+                let pw = std::fs::read_to_string(etcd.password_file(who)).unwrap();
+                let pw = pw.trim();
+                assert!(!logs.contains(pw), "{mode:?}: {who}'s password was logged");
+            }
+        }
+    }
+}

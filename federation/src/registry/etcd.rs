@@ -390,6 +390,7 @@ impl EtcdBackend {
                 || lower.contains("invalid http/2 preface")
                 || lower.contains("protocol error")
                 || lower.contains("connection reset")
+                || lower.contains("connection closed")
                 || lower.contains("broken pipe")
                 || lower.contains("unexpected end of file")
                 || lower.contains("h2 protocol"))
