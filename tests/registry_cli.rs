@@ -1183,3 +1183,189 @@ fn every_command_and_daemon_works_over_tls_with_certificates_and_with_passwords(
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_etcd_loses_its_leader_without_losing_a_change() {
+    use federation::etcd_server::EtcdCluster;
+    use federation::model::{Cluster, ClusterId, GatewayAddress};
+    use federation::registry::codec::encode_cluster;
+    use federation::registry::publisher::Owned;
+    use federation::registry::{LeasedPublisher, PublisherConfig, RegistryKey};
+
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("federation=debug")
+        .try_init(); // DEBUG
+    let dir = tempfile::tempdir().unwrap();
+    // Heartbeat and election timeout for members on one LAN (etcd's tuning guide: heartbeat
+    // about the members' round trip, election about ten heartbeats).
+    let extra = ["--heartbeat-interval", "50", "--election-timeout", "500"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut etcd =
+        tokio::task::block_in_place(|| EtcdCluster::start(dir.path(), 3, None, extra)).unwrap();
+    let endpoints = etcd.endpoints();
+    let joined = endpoints.join(",");
+
+    // `strait registry status`: three members, one leader.
+    let status = |joined: &str| {
+        let out = strait(&["registry", "status", "--etcd", joined, "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+    };
+    let members = tokio::task::block_in_place(|| status(&joined));
+    assert_eq!(members.len(), 3, "{members:?}");
+    let leaders: Vec<&serde_json::Value> = members.iter().filter(|m| m["leader"] == true).collect();
+    assert_eq!(leaders.len(), 1, "{members:?}");
+    assert!(
+        members
+            .iter()
+            .all(|m| m["error"].is_null() && m["revision"].as_i64() > Some(0))
+    );
+    let leader = leaders[0]["name"].as_str().unwrap().to_string();
+    let text = tokio::task::block_in_place(|| strait(&["registry", "status", "--etcd", &joined]));
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.starts_with(&format!("3 members, leader: {leader}")),
+        "{text}"
+    );
+
+    // East publishes a change every 100 ms; a watcher in another cluster lists the members in
+    // another order.
+    let east_backend = Backend::Etcd(
+        EtcdBackend::connect(&endpoints, EtcdOptions::default())
+            .await
+            .unwrap(),
+    );
+    let mut reversed = endpoints.clone();
+    reversed.reverse();
+    let watcher = RegistryCache::spawn(Backend::Etcd(
+        EtcdBackend::connect(&reversed, EtcdOptions::default())
+            .await
+            .unwrap(),
+    ));
+    let mut changes = watcher.subscribe();
+    let east = ClusterId::parse("cluster", "east").unwrap();
+    let record = |n: u16| {
+        let gw = GatewayAddress::parse("gateway", &format!("127.0.0.1:{}", 20000 + n)).unwrap();
+        let c = Cluster::new(east.clone(), "us-east", None, vec![gw]).unwrap();
+        std::collections::BTreeMap::from([(RegistryKey::cluster(&east), encode_cluster(&c))])
+    };
+    let (tx, rx) = tokio::sync::watch::channel(record(0));
+    let (publisher, mut pstatus) = LeasedPublisher::new(
+        east_backend,
+        "cluster east",
+        Owned::cluster(&east),
+        PublisherConfig::default(),
+        rx,
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(publisher.run(async move {
+        let _ = stopped.await;
+    }));
+    // The publisher's writes: (revision, when).
+    let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(i64, Instant)>::new()));
+    let w = writes.clone();
+    let recorder = tokio::spawn(async move {
+        while pstatus.changed().await.is_ok() {
+            let r = pstatus.borrow_and_update().revision;
+            let mut w = w.lock().unwrap();
+            if r > 0 && w.last().is_none_or(|(last, _)| *last < r) {
+                w.push((r, Instant::now()));
+            }
+        }
+    });
+    // The watcher's view of east's record: (revision, n).
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(i64, u16)>::new()));
+    let s2 = seen.clone();
+    let east2 = east.clone();
+    let collector = tokio::spawn(async move {
+        while let Ok(c) = changes.recv().await {
+            for u in &c.updates {
+                if u.key == RegistryKey::Cluster(east2.clone())
+                    && let Some(federation::registry::RegistryValue::Cluster(rec)) = &u.value
+                {
+                    let port = rec.gateways[0].to_string();
+                    let n: u16 = port.rsplit(':').next().unwrap().parse().unwrap();
+                    s2.lock().unwrap().push((c.revision, n - 20000));
+                }
+            }
+        }
+    });
+
+    let mut n = 0u16;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut killed_at = None;
+    let mut restarted = false;
+    while n < 80 {
+        tick.tick().await;
+        n += 1;
+        tx.send_replace(record(n));
+        if n == 20 {
+            // SIGKILL the leader.
+            let i = etcd.index_of(&leader).unwrap();
+            etcd.members[i].kill();
+            killed_at = Some(Instant::now());
+        }
+        if n == 55 && !restarted {
+            let i = etcd.index_of(&leader).unwrap();
+            etcd.members[i].respawn().unwrap();
+            restarted = true;
+        }
+    }
+    // Everything reaches the watcher.
+    let deadline = Instant::now() + WAIT;
+    while seen.lock().unwrap().last().map(|(_, v)| *v) != Some(n) {
+        assert!(
+            Instant::now() < deadline,
+            "the watcher never saw the last change: {:?}",
+            seen.lock().unwrap().last()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let writes = writes.lock().unwrap().clone();
+    let seen = seen.lock().unwrap().clone();
+    // Every write the publisher made is seen, in order, none lost or repeated.
+    let seen_revisions: Vec<i64> = seen.iter().map(|(r, _)| *r).collect();
+    for (r, _) in &writes {
+        assert!(
+            seen_revisions.contains(r),
+            "revision {r} written by east was not seen by the watcher: {seen_revisions:?}"
+        );
+    }
+    assert!(
+        seen.windows(2).all(|p| p[0].0 < p[1].0 && p[0].1 < p[1].1),
+        "changes out of order or repeated: {seen:?}"
+    );
+    // Publishing stalled at most 2 s around the leader's death.
+    let killed_at = killed_at.unwrap();
+    let stall = writes
+        .windows(2)
+        .filter(|p| p[1].1 > killed_at)
+        .map(|p| p[1].1 - p[0].1)
+        .max()
+        .unwrap();
+    println!(
+        "longest stall after the leader was killed: {stall:?}; {} writes",
+        writes.len()
+    );
+    assert!(
+        stall <= Duration::from_secs(2),
+        "publishing stalled {stall:?}"
+    );
+
+    // The old leader is back as a member.
+    let i = etcd.index_of(&leader).unwrap();
+    tokio::task::block_in_place(|| etcd.members[i].wait_ready(Duration::from_secs(20))).unwrap();
+    let members = tokio::task::block_in_place(|| status(&joined));
+    assert!(members.iter().all(|m| m["error"].is_null()), "{members:?}");
+    assert_eq!(members.iter().filter(|m| m["leader"] == true).count(), 1);
+    let _ = stop.send(());
+    task.await.unwrap();
+    recorder.abort();
+    collector.abort();
+}

@@ -156,6 +156,7 @@ async fn main() {
     .unwrap_or_else(|e| panic!("{e}"));
     let opts = EtcdOptions {
         request_timeout: Duration::from_secs(60),
+        write_timeout: Duration::from_secs(1),
         ..EtcdOptions::default()
     };
     let backend = Backend::Etcd(

@@ -38,6 +38,11 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// How long one request (not a watch stream) may take.
     pub request_timeout: Duration,
+    /// How long a write (a transaction, plus 1 ms per KiB it carries; a lease grant, revocation
+    /// or keep-alive) may wait for etcd's answer before it is abandoned and retried elsewhere.
+    /// A proposal caught in a leader change is not answered until its deadline: this bounds how
+    /// long losing the leader stalls a publisher.
+    pub write_timeout: Duration,
     /// HTTP/2 keep-alive: a silently dead connection is noticed within interval + timeout (a
     /// killed etcd is noticed at once: its connections reset). Must not be shorter than the
     /// server's `--grpc-keepalive-min-time`.
@@ -50,6 +55,7 @@ impl Default for EtcdOptions {
         Self {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(1),
             // etcd refuses pings more often than its `--grpc-keepalive-min-time` (default 5 s)
             // with GOAWAY `too_many_pings`; stay above it.
             keep_alive_interval: Duration::from_secs(10),
@@ -73,6 +79,8 @@ struct Inner {
     /// Set when a request found etcd unreachable (or missing our credentials): the next request
     /// makes a new client.
     stale: AtomicBool,
+    /// The endpoint the current client talks to.
+    member: std::sync::atomic::AtomicUsize,
     /// Whether the current client authenticates with the password (false: etcd has
     /// authentication disabled, or there is no password).
     with_password: AtomicBool,
@@ -83,6 +91,9 @@ struct Inner {
 #[derive(Default)]
 struct ClientState {
     client: Option<Client>,
+    /// The endpoint the client talks to (an index into the endpoints). A client talks to one
+    /// member at a time and moves to the next one when that one fails it.
+    member: usize,
     /// The files as they were when the client was made.
     stamp: Vec<Option<FileStamp>>,
     checked: Option<Instant>,
@@ -143,14 +154,20 @@ impl EtcdBackend {
                 reason: format!("{}: {}", e.field.flag(), e.reason),
             })?;
         let identity = describe_identity(&conn);
+        let first = rand::random_range(0..conn.endpoints.len().max(1));
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoints: Arc::from(conn.shown()),
                 conn,
                 scheme,
                 options,
-                state: tokio::sync::Mutex::new(ClientState::default()),
+                // Components start on different members, so that load spreads.
+                state: tokio::sync::Mutex::new(ClientState {
+                    member: first,
+                    ..ClientState::default()
+                }),
                 stale: AtomicBool::new(false),
+                member: std::sync::atomic::AtomicUsize::new(first),
                 with_password: AtomicBool::new(false),
                 identity: std::sync::RwLock::new(identity),
             }),
@@ -209,8 +226,14 @@ impl EtcdBackend {
             tracing::info!(etcd = %self.inner.endpoints,
                 "the etcd client's certificate, key, CA or password file changed; reconnecting with them");
         }
+        if stale {
+            // The member failed us: ask the next one.
+            st.member = (st.member + 1) % self.inner.conn.endpoints.len().max(1);
+            tracing::debug!(etcd = %self.inner.endpoints, member = st.member, "moving to another etcd member");
+        }
         let stamp_before: Vec<_> = self.inner.conn.files().into_iter().map(stamp).collect();
-        let (client, with_password) = self.make_client().await?;
+        self.inner.member.store(st.member, Ordering::Release);
+        let (client, with_password) = self.make_client(st.member).await?;
         st.client = Some(client.clone());
         st.stamp = stamp_before;
         st.checked = Some(Instant::now());
@@ -220,8 +243,9 @@ impl EtcdBackend {
         Ok(client)
     }
 
-    /// Read the files and make a client. With a password, this authenticates at once.
-    async fn make_client(&self) -> Result<(Client, bool), RegistryError> {
+    /// Read the files and make a client of the `member`th endpoint. With a password, this
+    /// authenticates at once.
+    async fn make_client(&self, member: usize) -> Result<(Client, bool), RegistryError> {
         let conn = &self.inner.conn;
         let o = &self.inner.options;
         let mut opts = ConnectOptions::new()
@@ -275,7 +299,7 @@ impl EtcdBackend {
             (None, Some(cn)) => format!("client certificate CN `{cn}`"),
             (None, None) => "no credentials".to_string(),
         });
-        let endpoints = &conn.endpoints;
+        let endpoints = &conn.endpoints[member.min(conn.endpoints.len().saturating_sub(1))..][..1];
         match password {
             None => {
                 let c = Client::connect(endpoints, Some(opts))
@@ -325,7 +349,7 @@ impl EtcdBackend {
                 message,
             },
             RegistryError::Unavailable { endpoints, message } => RegistryError::Unavailable {
-                endpoints,
+                endpoints: self.member_shown().unwrap_or(endpoints),
                 message: self.hint(message),
             },
             other => other,
@@ -341,6 +365,20 @@ impl EtcdBackend {
             _ => {}
         }
         mapped
+    }
+
+    /// With several endpoints, the one that failed (`etcd at URL (member 2 of 3)`).
+    fn member_shown(&self) -> Option<String> {
+        let n = self.inner.conn.endpoints.len();
+        if n < 2 {
+            return None;
+        }
+        let i = self.inner.member.load(Ordering::Acquire).min(n - 1);
+        Some(format!(
+            "etcd at {} (member {} of {n})",
+            self.inner.conn.endpoints[i],
+            i + 1
+        ))
     }
 
     fn uses_password(&self) -> bool {
@@ -371,7 +409,10 @@ impl EtcdBackend {
             ))
         } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
             Some("etcd's certificate does not name the host of the endpoint".to_string())
-        } else if lower.contains("expired") && !lower.contains("alert") {
+        } else if lower.contains("certificate")
+            && lower.contains("expired")
+            && !lower.contains("alert")
+        {
             Some("etcd's certificate has expired".to_string())
         } else if lower.contains("alert")
             && (lower.contains("certificate") || lower.contains("handshake"))
@@ -389,13 +430,16 @@ impl EtcdBackend {
             && (lower.contains("frame with invalid size")
                 || lower.contains("invalid http/2 preface")
                 || lower.contains("protocol error")
-                || lower.contains("connection reset")
-                || lower.contains("connection closed")
-                || lower.contains("broken pipe")
-                || lower.contains("unexpected end of file")
                 || lower.contains("h2 protocol"))
         {
-            Some("if etcd serves TLS, use https:// and give its CA".to_string())
+            Some("etcd does not speak plaintext HTTP/2 here: if it serves TLS, use https:// and give its CA".to_string())
+        } else if self.inner.scheme == Scheme::Http
+            && (lower.contains("connection reset")
+                || lower.contains("connection closed")
+                || lower.contains("broken pipe")
+                || lower.contains("unexpected end of file"))
+        {
+            Some("etcd closed the connection: it stopped, or it serves TLS (then use https:// and give its CA)".to_string())
         } else if self.inner.scheme == Scheme::Https
             && (lower.contains("invalidcontenttype")
                 || lower.contains("corrupt message")
@@ -497,6 +541,9 @@ impl EtcdBackend {
 
     pub async fn commit(&self, ops: Vec<Op>) -> Result<i64, RegistryError> {
         let what = describe_ops(&ops);
+        let bytes: usize = ops.iter().map(Op::wire_size).sum();
+        let deadline =
+            self.inner.options.write_timeout + Duration::from_millis((bytes / 1024) as u64);
         let mut kv = self.client().await?.kv_client();
         let txn_ops: Vec<TxnOp> = ops
             .into_iter()
@@ -510,16 +557,23 @@ impl EtcdBackend {
             .collect();
         // An unconditional transaction: `when` is empty, so `and_then` always runs.
         let txn = Txn::new().when(Vec::<Compare>::new()).and_then(txn_ops);
-        let resp = kv.txn(txn).await.map_err(|e| self.err(e, &what))?;
+        let resp = self
+            .bounded(deadline, &what, kv.txn(txn))
+            .await?
+            .map_err(|e| self.err(e, &what))?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
     pub async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, RegistryError> {
         let mut lease = self.client().await?.lease_client();
         let secs = ttl.as_secs().max(1) as i64;
-        let resp = lease
-            .grant(secs, None)
-            .await
+        let resp = self
+            .bounded(
+                self.inner.options.write_timeout,
+                "grant a lease",
+                lease.grant(secs, None),
+            )
+            .await?
             .map_err(|e| self.err(e, "grant a lease"))?;
         if !resp.error().is_empty() {
             return Err(RegistryError::Rejected(resp.error().to_string()));
@@ -529,12 +583,37 @@ impl EtcdBackend {
 
     pub async fn revoke_lease(&self, id: LeaseId) -> Result<(), RegistryError> {
         let mut lease = self.client().await?.lease_client();
-        match lease.revoke(id).await {
+        let what = format!("revoke lease {id:x}");
+        match self
+            .bounded(self.inner.options.write_timeout, &what, lease.revoke(id))
+            .await?
+        {
             Ok(_) => Ok(()),
             Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
                 Err(RegistryError::LeaseNotFound(id))
             }
-            Err(e) => Err(self.err(e, &format!("revoke lease {id:x}"))),
+            Err(e) => Err(self.err(e, &what)),
+        }
+    }
+
+    /// `fut`, abandoned after `limit` (etcd unreachable: the next request makes a new client).
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        what: &str,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, RegistryError> {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                self.inner.stale.store(true, Ordering::Release);
+                Err(RegistryError::Unavailable {
+                    endpoints: self
+                        .member_shown()
+                        .unwrap_or_else(|| format!("etcd at {}", self.inner.endpoints)),
+                    message: format!("no answer within {limit:?} to `{what}`"),
+                })
+            }
         }
     }
 
@@ -809,13 +888,11 @@ impl EtcdKeepAlive {
             .keep_alive()
             .await
             .map_err(|e| self.backend.err(e, &what))?;
-        let timeout = Duration::from_secs(5);
-        let msg = tokio::time::timeout(timeout, stream.message())
-            .await
-            .map_err(|_| RegistryError::Unavailable {
-                endpoints: self.backend.endpoints().to_string(),
-                message: "no keep-alive answer within 5s".into(),
-            })?
+        let limit = self.backend.inner.options.write_timeout;
+        let msg = self
+            .backend
+            .bounded(limit, &what, stream.message())
+            .await?
             .map_err(|e| self.backend.err(e, &what))?;
         match msg {
             Some(resp) if resp.ttl() > 0 => Ok(Duration::from_secs(resp.ttl() as u64)),

@@ -21,6 +21,7 @@ fn options() -> EtcdOptions {
     EtcdOptions {
         connect_timeout: Duration::from_millis(500),
         request_timeout: Duration::from_secs(2),
+        write_timeout: Duration::from_secs(1),
         keep_alive_interval: Duration::from_millis(500),
         keep_alive_timeout: Duration::from_secs(1),
     }
