@@ -46,7 +46,8 @@ pub struct KubernetesArgs {
     /// The cluster's region.
     #[arg(long)]
     region: String,
-    /// A YAML file of values (image, etcd, gateway_address, webhook_ca_file, trust_domain).
+    /// A YAML file of values (image, etcd, etcd_auth, etcd_secret, gateway_address,
+    /// webhook_ca_file, trust_domain).
     #[arg(long)]
     values: Option<PathBuf>,
 }
@@ -58,9 +59,18 @@ pub struct Values {
     /// The image with the `strait` binary.
     #[serde(default = "default_image")]
     pub image: String,
-    /// The registry's etcd client URLs.
+    /// The registry's etcd client URLs (`https://`: the CA is the Secret's `ca.pem`).
     #[serde(default = "default_etcd")]
     pub etcd: Vec<String>,
+    /// How the control plane and the gateway authenticate to etcd, as user
+    /// `strait-cluster-CLUSTER` (`strait registry roles apply`): `certificate` (the Secret's
+    /// `cert.pem`/`key.pem`, whose common name is the user), `password` (the Secret's
+    /// `password`), or `none` (an etcd without authentication).
+    #[serde(default)]
+    pub etcd_auth: EtcdAuthMode,
+    /// The Secret in strait-system holding the etcd client's files (mounted at /etc/strait/etcd).
+    #[serde(default = "default_etcd_secret")]
+    pub etcd_secret: String,
     /// This cluster's gateway as other clusters reach it (the LoadBalancer's DNS name or
     /// address, `host:port`); published in the registry.
     #[serde(default)]
@@ -78,7 +88,75 @@ fn default_image() -> String {
     format!("ghcr.io/strait/strait:{}", env!("CARGO_PKG_VERSION"))
 }
 fn default_etcd() -> Vec<String> {
-    vec!["http://etcd.strait-system.svc:2379".into()]
+    vec!["https://etcd.strait-system.svc:2379".into()]
+}
+fn default_etcd_secret() -> String {
+    "strait-etcd-client".into()
+}
+
+/// How Strait's components authenticate to etcd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EtcdAuthMode {
+    #[default]
+    Certificate,
+    Password,
+    None,
+}
+
+/// Where the etcd client's Secret is mounted.
+const ETCD_DIR: &str = "/etc/strait/etcd";
+
+impl Values {
+    /// The `registry:` line of the control plane's and the gateway's configuration.
+    fn registry_yaml(&self, cluster: &str) -> String {
+        let etcd = yaml_list(&self.etcd);
+        let tls = self.etcd_tls();
+        let user = format!("strait-cluster-{cluster}");
+        match (tls, self.etcd_auth) {
+            (false, _) => format!("registry: {{etcd: {etcd}}}"),
+            (true, EtcdAuthMode::Certificate) => format!(
+                "registry:
+  etcd: {etcd}
+  # the Secret {s}: client certificate CN {user}
+  tls: {{ca: {ETCD_DIR}/ca.pem, cert: {ETCD_DIR}/cert.pem, key: {ETCD_DIR}/key.pem}}",
+                s = self.etcd_secret
+            ),
+            (true, EtcdAuthMode::Password) => format!(
+                "registry:
+  etcd: {etcd}
+  tls: {{ca: {ETCD_DIR}/ca.pem}}
+  # the Secret {s}: the password of {user}
+  auth: {{user: {user}, password_file: {ETCD_DIR}/password}}",
+                s = self.etcd_secret
+            ),
+            (true, EtcdAuthMode::None) => {
+                format!(
+                    "registry:
+  etcd: {etcd}
+  tls: {{ca: {ETCD_DIR}/ca.pem}}"
+                )
+            }
+        }
+    }
+
+    fn etcd_tls(&self) -> bool {
+        self.etcd.iter().any(|e| e.starts_with("https://"))
+    }
+
+    /// Values that cannot work together.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.etcd.is_empty() {
+            anyhow::bail!("etcd: give the registry's etcd client URLs");
+        }
+        if !self.etcd_tls() && self.etcd_auth != EtcdAuthMode::None {
+            anyhow::bail!(
+                "etcd_auth: {:?} needs https:// etcd URLs (credentials are never sent in the clear);                  use https:// or etcd_auth: none",
+                self.etcd_auth
+            );
+        }
+        Ok(())
+    }
 }
 fn default_trust_domain() -> String {
     "strait.local".into()
@@ -89,6 +167,8 @@ impl Default for Values {
         Self {
             image: default_image(),
             etcd: default_etcd(),
+            etcd_auth: EtcdAuthMode::default(),
+            etcd_secret: default_etcd_secret(),
             gateway_address: None,
             webhook_ca_file: None,
             trust_domain: default_trust_domain(),
@@ -335,7 +415,7 @@ pub fn controlplane_config(cluster: &str, region: &str, values: &Values) -> Stri
         "# strait controlplane --config (see docs/kubernetes.md)\n\
          cluster: {cluster}\n\
          region: {region}\n\
-         registry: {{etcd: {etcd}}}\n\
+         {registry}\n\
          discovery:\n  kubernetes:   # in-cluster: the pod's service account{gateways}\n\
          \x20   # the identity Secrets of injected workloads, issued with the CA of the Secret strait-ca\n\
          \x20   identities: {{ca: /etc/strait/ca, validity: 24h}}\n\
@@ -344,7 +424,7 @@ pub fn controlplane_config(cluster: &str, region: &str, values: &Values) -> Stri
          gateway: {{ingress: \"0.0.0.0:15008\"}}\n\
          admin: {{listen: \"0.0.0.0:15014\"}}\n\
          webhook:\n  listen: \"0.0.0.0:15017\"\n  tls: {{cert: /etc/strait/webhook/tls.crt, key: /etc/strait/webhook/tls.key}}\n  sidecar: {{image: {image:?}}}\n",
-        etcd = yaml_list(&values.etcd),
+        registry = values.registry_yaml(cluster),
         image = values.image,
     )
 }
@@ -356,8 +436,8 @@ pub fn gateway_config(cluster: &str, values: &Values) -> String {
          cluster: {cluster}\n\
          listen: {{peers: \"0.0.0.0:15443\", ingress: \"0.0.0.0:15008\", admin: \"0.0.0.0:15000\"}}\n\
          tls: {{cert: /etc/strait/tls/cert.pem, key: /etc/strait/tls/key.pem, ca: /etc/strait/tls/ca.pem}}\n\
-         registry: {{etcd: {etcd}}}\n",
-        etcd = yaml_list(&values.etcd),
+         {registry}\n",
+        registry = values.registry_yaml(cluster),
     )
 }
 
@@ -505,6 +585,13 @@ pub fn manifests(
         spec.external_traffic_policy = Some("Local".into());
     }
     out.push(M::Service(Box::new(peers)));
+    // The etcd client's CA and credentials, for both components.
+    let etcd_volume = values.etcd_tls().then(|| {
+        (
+            secret_volume("etcd-client", &values.etcd_secret),
+            mount("etcd-client", ETCD_DIR),
+        )
+    });
     let args = |what: &str| -> Vec<String> {
         [what, "--config", "/etc/strait/config/config.yaml"]
             .map(String::from)
@@ -520,7 +607,7 @@ pub fn manifests(
             port("https-webhook", 15017, "TCP"),
         ],
         15014,
-        vec![
+        [
             (
                 secret_volume("tls", "strait-controlplane-tls"),
                 mount("tls", "/etc/strait/tls"),
@@ -533,7 +620,10 @@ pub fn manifests(
                 secret_volume("ca", "strait-ca"),
                 mount("ca", "/etc/strait/ca"),
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(etcd_volume.clone())
+        .collect(),
     ))));
     out.push(M::Deployment(Box::new(deployment(
         GATEWAY,
@@ -545,10 +635,13 @@ pub fn manifests(
             port("http-admin", 15000, "TCP"),
         ],
         15000,
-        vec![(
+        [(
             secret_volume("tls", "strait-gateway-tls"),
             mount("tls", "/etc/strait/tls"),
-        )],
+        )]
+        .into_iter()
+        .chain(etcd_volume)
+        .collect(),
     ))));
     out.push(M::PodDisruptionBudget(Box::new(pdb(CONTROLPLANE))));
     out.push(M::PodDisruptionBudget(Box::new(pdb(GATEWAY))));
@@ -610,6 +703,9 @@ fn load_values(path: &Path) -> anyhow::Result<(Values, Option<Vec<u8>>)> {
     let text = federation::discovery::read_file(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let values: Values = serde_saphyr::from_str(&text)
         .map_err(|e| anyhow::anyhow!("--values {}: {e}", path.display()))?;
+    values
+        .check()
+        .map_err(|e| anyhow::anyhow!("--values {}: {e}", path.display()))?;
     let ca = match &values.webhook_ca_file {
         None => None,
         Some(f) => {
@@ -649,6 +745,20 @@ pub fn output(args: &KubernetesArgs) -> anyhow::Result<String> {
          #   strait-webhook-tls       tls.crt, tls.key           DNS {CONTROLPLANE}.{NAMESPACE}.svc\n\
          #   strait-ca                ca.pem, ca.key             the CA that issues the workload identities of injected pods\n"
     );
+    let header = if values.etcd_tls() {
+        let what = match values.etcd_auth {
+            EtcdAuthMode::Certificate => format!(
+                "ca.pem, cert.pem, key.pem  etcd's CA; a client certificate, CN strait-cluster-{c}"
+            ),
+            EtcdAuthMode::Password => format!(
+                "ca.pem, password          etcd's CA; the password of etcd user strait-cluster-{c}"
+            ),
+            EtcdAuthMode::None => "ca.pem                    etcd's CA".to_string(),
+        };
+        format!("{header}#   {:<24} {what}\n", values.etcd_secret)
+    } else {
+        header
+    };
     render(
         &manifests(&args.cluster, &args.region, &values, ca),
         &header,
@@ -825,6 +935,67 @@ mod tests {
         }
     }
 
+    /// Each way of authenticating to etcd gives configurations the components accept, with the
+    /// Secret mounted where they read it.
+    #[test]
+    fn etcd_credentials_reach_both_components() {
+        for (auth, want) in [
+            (EtcdAuthMode::Certificate, "cert: /etc/strait/etcd/cert.pem"),
+            (
+                EtcdAuthMode::Password,
+                "auth: {user: strait-cluster-east, password_file: /etc/strait/etcd/password}",
+            ),
+            (EtcdAuthMode::None, "tls: {ca: /etc/strait/etcd/ca.pem}"),
+        ] {
+            let values = Values {
+                etcd_auth: auth,
+                ..Values::default()
+            };
+            let cp = controlplane_config("east", "us-east", &values);
+            let gw = gateway_config("east", &values);
+            for text in [&cp, &gw] {
+                assert!(text.contains(want), "{auth:?}: {text}");
+            }
+            let cfg = controlplane::config::ControlPlaneConfig::parse("c.yaml", &cp).unwrap();
+            assert_eq!(cfg.registry.etcd, ["https://etcd.strait-system.svc:2379"]);
+            gateway::config::GatewayConfig::parse("g.yaml", &gw).unwrap();
+            let m = manifests("east", "us-east", &values, None);
+            let mounted = m
+                .iter()
+                .filter_map(|m| match m {
+                    Manifest::Deployment(d) => Some(d),
+                    _ => None,
+                })
+                .filter(|d| {
+                    let spec = d.spec.template.spec.as_ref().unwrap();
+                    spec.volumes.iter().flatten().any(|v| {
+                        v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
+                            == Some("strait-etcd-client")
+                    }) && spec.containers[0]
+                        .volume_mounts
+                        .iter()
+                        .flatten()
+                        .any(|m| m.mount_path == ETCD_DIR)
+                })
+                .count();
+            assert_eq!(
+                mounted, 2,
+                "{auth:?}: both Deployments mount the etcd Secret"
+            );
+        }
+        // Plaintext etcd: no Secret, no TLS.
+        let values = Values {
+            etcd: vec!["http://127.0.0.1:2379".into()],
+            etcd_auth: EtcdAuthMode::None,
+            ..Values::default()
+        };
+        values.check().unwrap();
+        assert!(
+            gateway_config("east", &values)
+                .contains("registry: {etcd: [\"http://127.0.0.1:2379\"]}")
+        );
+    }
+
     #[test]
     fn the_strict_check_catches_unknown_fields_and_bad_values_are_refused() {
         let path = root().join("deploy/kubernetes/east.yaml");
@@ -850,6 +1021,12 @@ mod tests {
             .to_string()
         };
         assert!(run("imagee: x\n", "east").contains("imagee"));
+        let e = run(
+            "etcd: [\"http://etcd:2379\"]\netcd_auth: password\n",
+            "east",
+        );
+        assert!(e.contains("etcd_auth") && e.contains("https://"), "{e}");
+        assert!(run("etcd_auth: token\n", "east").contains("token"));
         assert!(run("webhook_ca_file: nope.pem\n", "east").contains("nope.pem"));
         assert!(run("{}\n", "East!").contains("--cluster"));
     }
