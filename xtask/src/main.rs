@@ -3,7 +3,8 @@
 //! - `cargo xtask demo`  — install what is missing, build, run `strait demo`.
 //! - `cargo xtask test`  — install what is missing, check formatting and lints, run every test.
 //! - `cargo xtask setup` — only install what is missing.
-//! - `cargo xtask bench registry` — the registry scale benchmark (writes its figures to stdout).
+//! - `cargo xtask bench registry [--tls]` — the registry scale benchmark (writes its figures to
+//!   stdout); `--tls` adds the same run over TLS with authentication, side by side.
 //! - `cargo xtask bench gateway` — the gateway benchmark against direct TCP, raw quinn and TLS.
 //! - `cargo xtask bench proxy` — the sidecar hop against Envoy 1.40 and a direct connection.
 //! - `cargo xtask bench mesh` — the cross-cluster path against an Istio-style Envoy mesh (root).
