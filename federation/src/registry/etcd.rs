@@ -423,7 +423,12 @@ impl EtcdBackend {
             })
         } else if self.inner.scheme == Scheme::Https
             && cert.is_none()
-            && (lower.contains("connection closed") || lower.contains("certificaterequired"))
+            && (lower.contains("connection closed")
+                || lower.contains("broken pipe")
+                || lower.contains("connection reset")
+                || lower.contains("unexpected end of file")
+                || lower.contains("certificaterequired")
+                || lower.contains("certificate required"))
         {
             Some("etcd closed the connection during or after the TLS handshake: if it requires client certificates (--client-cert-auth), give one (--etcd-cert/--etcd-key, registry.tls.cert/key)".to_string())
         } else if self.inner.scheme == Scheme::Http
