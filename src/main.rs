@@ -68,6 +68,11 @@ enum Command {
         /// The control plane's YAML configuration (see docs/controlplane.md).
         #[arg(long)]
         config: std::path::PathBuf,
+        /// On SIGTERM/SIGINT, withdraw the cluster from the federation (decommissioning).
+        /// Without it a stop leaves the cluster's entries for a successor: a restart is not a
+        /// withdrawal.
+        #[arg(long)]
+        withdraw_on_exit: bool,
     },
     /// The sidecar: `run` starts Strait's proxy; `bootstrap --envoy|--grpc` prints a bootstrap
     /// for Envoy or proxyless gRPC.
@@ -141,7 +146,10 @@ fn main() -> std::process::ExitCode {
         Command::Lab { cmd } => run_async(lab::run(cmd)),
         Command::Chaos(args) => run_async(chaos::run(args)),
         Command::Gateway { config } => run_async(run_gateway(config)),
-        Command::Controlplane { config } => run_async(run_controlplane(config)),
+        Command::Controlplane {
+            config,
+            withdraw_on_exit,
+        } => run_async(run_controlplane(config, withdraw_on_exit)),
         Command::Proxy { cmd } => proxy_cmd::run(cmd),
         Command::Install { cmd } => install::run(cmd),
     };
@@ -193,7 +201,7 @@ async fn run_gateway(path: std::path::PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_controlplane(path: std::path::PathBuf) -> anyhow::Result<()> {
+async fn run_controlplane(path: std::path::PathBuf, withdraw_on_exit: bool) -> anyhow::Result<()> {
     let config = controlplane::config::ControlPlaneConfig::load(&path)?;
     let cp = controlplane::server::ControlPlane::start(config).await?;
     println!(
@@ -201,7 +209,7 @@ async fn run_controlplane(path: std::path::PathBuf) -> anyhow::Result<()> {
         cp.xds_addr, cp.admin_addr
     );
     shutdown_signal().await;
-    cp.shutdown().await;
+    cp.shutdown_with(withdraw_on_exit).await;
     Ok(())
 }
 

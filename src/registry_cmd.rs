@@ -17,7 +17,9 @@ use tokio::sync::watch;
 #[derive(Subcommand, Debug)]
 pub enum RegistryCommand {
     /// Publish a static discovery file under the cluster's lease; keep the lease alive, republish
-    /// when the file changes, revoke the lease on SIGTERM/SIGINT (entries disappear at once).
+    /// when the file changes. On SIGTERM/SIGINT the entries stay until a successor takes them
+    /// over or the lease expires (a restart is not a withdrawal); `--withdraw-on-exit` withdraws
+    /// the cluster instead.
     Publish {
         #[command(flatten)]
         etcd: EtcdArgs,
@@ -30,6 +32,20 @@ pub enum RegistryCommand {
         /// How often to check the file for changes.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         poll: Duration,
+        /// On SIGTERM/SIGINT, withdraw the cluster (as `strait registry withdraw`) instead of
+        /// leaving its entries to a successor: for decommissioning.
+        #[arg(long)]
+        withdraw_on_exit: bool,
+    },
+    /// Take a cluster out of the federation: write its tombstone (no reader keeps its last
+    /// endpoints), then remove its record, endpoints and link states. Stop its control plane
+    /// first, or it publishes again.
+    Withdraw {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// The cluster to withdraw.
+        #[arg(long)]
+        cluster: String,
     },
     /// Print everything in the registry, decoded.
     Dump {
@@ -104,7 +120,17 @@ pub async fn run(cmd: RegistryCommand) -> anyhow::Result<()> {
             file,
             lease_ttl,
             poll,
-        } => publish(etcd, file, lease_ttl, poll).await,
+            withdraw_on_exit,
+        } => publish(etcd, file, lease_ttl, poll, withdraw_on_exit).await,
+        RegistryCommand::Withdraw { etcd, cluster } => {
+            let id = federation::model::ClusterId::parse("--cluster", &cluster)?;
+            let backend = etcd.connect().await?;
+            let removed = federation::registry::publisher::withdraw_cluster(&backend, &id)
+                .await
+                .with_context(|| format!("cannot withdraw cluster {id} at etcd {}", etcd.list()))?;
+            println!("cluster {id} withdrawn: tombstone written, {removed} keys removed");
+            Ok(())
+        }
         RegistryCommand::Dump { etcd, json } => dump(etcd, json).await,
         RegistryCommand::Watch { etcd, json } => watch_cmd(etcd, json).await,
         RegistryCommand::Status { etcd, json } => status(etcd, json).await,
@@ -293,6 +319,7 @@ async fn publish(
     file: PathBuf,
     lease_ttl: Duration,
     poll: Duration,
+    withdraw_on_exit: bool,
 ) -> anyhow::Result<()> {
     let parsed = DiscoveryFile::load(&file)?;
     let cluster = parsed.state.cluster.id.clone();
@@ -313,7 +340,7 @@ async fn publish(
         "publishing the discovery file"
     );
     let (publisher, mut status) = LeasedPublisher::new(
-        backend,
+        backend.clone(),
         format!("cluster {cluster}"),
         Owned::cluster(&cluster),
         PublisherConfig {
@@ -340,11 +367,23 @@ async fn publish(
     });
 
     // Republish when the file changes.
-    federation::discovery::follow_file(file, cluster, poll, desired_tx, crate::shutdown_signal())
-        .await;
+    federation::discovery::follow_file(
+        file,
+        cluster.clone(),
+        poll,
+        desired_tx,
+        crate::shutdown_signal(),
+    )
+    .await;
     let _ = stop_tx.send(());
     task.await.context("the publisher task failed")?;
     reporter.abort();
+    if withdraw_on_exit {
+        let removed = federation::registry::publisher::withdraw_cluster(&backend, &cluster)
+            .await
+            .with_context(|| format!("cannot withdraw cluster {cluster}"))?;
+        tracing::info!(cluster = %cluster, removed, "cluster withdrawn");
+    }
     Ok(())
 }
 
@@ -427,6 +466,11 @@ fn describe(value: &Option<RegistryValue>) -> String {
             l.state,
             l.rtt_ms,
             l.loss * 100.0
+        ),
+        Some(RegistryValue::Withdrawn(w)) => format!(
+            "cluster {} withdrawn at {}",
+            w.cluster,
+            humantime::format_rfc3339_seconds(w.at)
         ),
         Some(RegistryValue::Peering(p)) => format!(
             "{} peers with {} (region {}) at [{}], trust domain {}{}",

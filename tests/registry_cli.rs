@@ -58,6 +58,10 @@ impl Drop for Proc {
 }
 
 fn publish(etcd: &str, file: &Path, ttl: &str) -> Proc {
+    publish_with(etcd, file, ttl, &[])
+}
+
+fn publish_with(etcd: &str, file: &Path, ttl: &str, extra: &[&str]) -> Proc {
     Proc(
         Command::new(BIN)
             .args([
@@ -72,6 +76,7 @@ fn publish(etcd: &str, file: &Path, ttl: &str) -> Proc {
                 "--file",
             ])
             .arg(file)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -82,6 +87,14 @@ fn publish(etcd: &str, file: &Path, ttl: &str) -> Proc {
 
 fn strait(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
+}
+
+/// The lease a key is under (0 when it has none or is absent).
+async fn backend_lease(etcd: &str, key: &str) -> i64 {
+    let b = EtcdBackend::connect(&[etcd.to_string()], EtcdOptions::default())
+        .await
+        .unwrap();
+    b.get(key).await.unwrap().map(|kv| kv.lease).unwrap_or(0)
 }
 
 async fn cache(etcd: &str) -> RegistryCache {
@@ -114,16 +127,22 @@ async fn three_publishers_converge_and_die_as_promised() {
     let url = etcd.endpoint();
     let watchers = [cache(&url).await, cache(&url).await, cache(&url).await];
     let mut procs = Vec::new();
-    // Central's lease is long, so that its vanishing within seconds of SIGTERM proves the lease
-    // was revoked rather than left to expire; west's is short, for SIGKILL.
+    // Central's and east's leases are long, so that east vanishing within seconds of SIGTERM
+    // (with --withdraw-on-exit) proves a withdrawal rather than an expiry, and central staying
+    // after SIGTERM proves a restart is not one; west's is short, for SIGKILL.
     for (c, r, n, ttl) in [
-        ("east", "us-east", 4, "2s"),
+        ("east", "us-east", 4, "60s"),
         ("central", "us-east", 3, "60s"),
         ("west", "us-west", 2, "2s"),
     ] {
         let f = dir.path().join(format!("{c}.yaml"));
         std::fs::write(&f, discovery(c, r, n, 18000)).unwrap();
-        procs.push((c, f.clone(), publish(&url, &f, ttl)));
+        let extra: &[&str] = if c == "east" {
+            &["--withdraw-on-exit"]
+        } else {
+            &[]
+        };
+        procs.push((c, f.clone(), publish_with(&url, &f, ttl, extra)));
     }
     let all = |s: &Snapshot| has(s, "east", 4) && has(s, "central", 3) && has(s, "west", 2);
     let mut snaps = Vec::new();
@@ -148,18 +167,95 @@ async fn three_publishers_converge_and_die_as_promised() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(has(&watchers[0].snapshot(), "east", 6));
 
-    // SIGTERM: the lease is revoked; central vanishes at once.
-    let t = Instant::now();
+    // SIGTERM is a restart, not a withdrawal: central's entries stay under their lease ...
+    let mut deletes = watchers[0].subscribe();
+    let lease_of = |s: &Snapshot| {
+        s.clusters
+            .keys()
+            .any(|c| c.as_str() == "central")
+            .then_some(())
+    };
     procs[1].2.signal("TERM");
+    let t = Instant::now();
+    assert!(procs[1].2.wait_exit(WAIT).success());
+    let stop = t.elapsed();
+    assert!(
+        stop < Duration::from_secs(2),
+        "a graceful stop with nothing pending took {stop:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        has(&watchers[0].snapshot(), "central", 3) && lease_of(&watchers[0].snapshot()).is_some(),
+        "central's entries were withdrawn by a plain SIGTERM"
+    );
+    // ... and a successor takes them over: the same entries, never absent in between.
+    let lease_before = backend_lease(&url, "/strait/v1/clusters/central").await;
+    let f = procs[1].1.clone();
+    procs[1].2 = publish(&url, &f, "60s");
+    let deadline = Instant::now() + WAIT;
+    while backend_lease(&url, "/strait/v1/clusters/central").await == lease_before {
+        assert!(
+            Instant::now() < deadline,
+            "the successor never took central over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    while let Ok(c) = deletes.try_recv() {
+        for u in &c.updates {
+            assert!(
+                u.value.is_some() || !u.key.encode().contains("/central"),
+                "{} was deleted during the handover",
+                u.key.encode()
+            );
+        }
+    }
+    // `strait registry withdraw` takes central out: gone everywhere within a second, with a
+    // tombstone; central's publisher must stop first, or it publishes again.
+    procs[1].2.signal("TERM");
+    assert!(procs[1].2.wait_exit(WAIT).success());
+    let t = Instant::now();
+    let out = strait(&[
+        "registry",
+        "withdraw",
+        "--cluster",
+        "central",
+        "--etcd",
+        &url,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("cluster central withdrawn") && text.contains("2 keys removed"),
+        "{text}"
+    );
     for w in &watchers {
-        w.wait_for(Duration::from_secs(5), |s| gone(s, "central"))
-            .await
-            .unwrap_or_else(|s| {
-                panic!("central (lease 60 s) still there 5 s after SIGTERM: {s:?}")
-            });
+        w.wait_for(Duration::from_secs(1), |s| {
+            gone(s, "central") && s.withdrawn.keys().any(|c| c.as_str() == "central")
+        })
+        .await
+        .unwrap_or_else(|s| panic!("central still there 1 s after the withdrawal: {s:?}"));
     }
     let term = t.elapsed();
-    assert!(procs[1].2.wait_exit(WAIT).success());
+    // Publishing again rejoins: the tombstone goes.
+    procs[1].2 = publish(&url, &f, "60s");
+    watchers[0]
+        .wait_for(WAIT, |s| has(s, "central", 3) && s.withdrawn.is_empty())
+        .await
+        .unwrap_or_else(|s| panic!("central did not rejoin: {s:?}"));
+    // --withdraw-on-exit: east is withdrawn on SIGTERM.
+    procs[0].2.signal("TERM");
+    for w in &watchers {
+        w.wait_for(WAIT, |s| {
+            gone(s, "east") && s.withdrawn.keys().any(|c| c.as_str() == "east")
+        })
+        .await
+        .unwrap_or_else(|s| panic!("east was not withdrawn on exit: {s:?}"));
+    }
+    assert!(procs[0].2.wait_exit(WAIT).success());
 
     // SIGKILL: west's entries expire with the lease: within TTL (2 s) + 3 s (etcd checks leases
     // every 500 ms, and a renewal may have landed just before the kill).
@@ -175,10 +271,10 @@ async fn three_publishers_converge_and_die_as_promised() {
     }
     let kill = t.elapsed();
     assert!(
-        has(&watchers[2].snapshot(), "east", 6),
-        "east must be untouched"
+        has(&watchers[2].snapshot(), "central", 3),
+        "central must be untouched"
     );
-    println!("SIGTERM → gone in {term:?}; SIGKILL → gone in {kill:?} (TTL 2 s)");
+    println!("withdraw → gone in {term:?}; SIGKILL → gone in {kill:?} (TTL 2 s)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

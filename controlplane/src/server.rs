@@ -70,6 +70,8 @@ pub struct ControlPlane {
     cache: Arc<RegistryCache>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    backend: Backend,
+    cluster: federation::model::ClusterId,
 }
 
 impl ControlPlane {
@@ -201,6 +203,7 @@ impl ControlPlane {
 
     /// Start on an existing registry backend.
     pub async fn start_with(cfg: ControlPlaneConfig, backend: Backend) -> Result<Self, StartError> {
+        let backend_kept = backend.clone();
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
 
@@ -403,6 +406,8 @@ impl ControlPlane {
             cache,
             stop,
             tasks,
+            backend: backend_kept,
+            cluster: cfg.cluster.clone(),
         })
     }
 
@@ -411,11 +416,46 @@ impl ControlPlane {
     }
 
     /// Stop serving, close every stream and revoke the publisher's lease.
+    /// Stop serving. The cluster's entries stay in the registry under their lease, for a
+    /// successor to take over (a restart is not a withdrawal).
     pub async fn shutdown(self) {
+        self.shutdown_with(false).await
+    }
+
+    /// Stop serving; with `withdraw`, then take the cluster out of the federation
+    /// (decommissioning: `strait controlplane --withdraw-on-exit`).
+    pub async fn shutdown_with(self, withdraw: bool) {
         self.xds.shutdown();
         self.stop.cancel();
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        // Every task stops on the token; wait for all of them at once, a few seconds at most.
+        let mut tasks = self.tasks;
+        let all = futures::future::join_all(tasks.iter_mut());
+        if tokio::time::timeout(Duration::from_secs(5), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some tasks did not stop within 5 s; aborting them");
+            for t in &tasks {
+                t.abort();
+            }
+        }
+        if withdraw {
+            match tokio::time::timeout(
+                Duration::from_secs(10),
+                federation::registry::publisher::withdraw_cluster(&self.backend, &self.cluster),
+            )
+            .await
+            {
+                Ok(Ok(n)) => {
+                    tracing::info!(cluster = %self.cluster, removed = n, "cluster withdrawn from the federation")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(cluster = %self.cluster, error = %e, "could not withdraw the cluster")
+                }
+                Err(_) => {
+                    tracing::error!(cluster = %self.cluster, "withdrawing the cluster timed out")
+                }
+            }
         }
     }
 }

@@ -1049,6 +1049,16 @@ impl fmt::Display for LinkHealth {
     }
 }
 
+/// A cluster taken out of the federation on purpose (`strait registry withdraw`, or a control
+/// plane's `--withdraw-on-exit`): its entries are removed, and readers must not keep serving its
+/// last endpoints as they do for a cluster whose control plane only went silent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdrawal {
+    pub cluster: ClusterId,
+    #[serde(with = "rfc3339")]
+    pub at: SystemTime,
+}
+
 /// One directed link between two clusters' gateways.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinkState {

@@ -189,6 +189,15 @@ struct Pub {
 
 impl Pub {
     fn spawn(backend: Backend, state: &ClusterState, ttl: Duration) -> Self {
+        Self::spawn_with(backend, state, ttl, false)
+    }
+
+    fn spawn_with(
+        backend: Backend,
+        state: &ClusterState,
+        ttl: Duration,
+        withdraw_on_exit: bool,
+    ) -> Self {
         let (desired, rx) = watch::channel(cluster_state_kvs(state));
         let (p, status) = LeasedPublisher::new(
             backend,
@@ -196,6 +205,7 @@ impl Pub {
             Owned::cluster(&state.cluster.id),
             PublisherConfig {
                 lease_ttl: ttl,
+                withdraw_on_exit,
                 ..PublisherConfig::default()
             },
             rx,
@@ -382,11 +392,13 @@ async fn dead_publishers_entries_expire_and_revoked_vanish_at_once(env: Env) {
         &cluster_state("east", "us-east", 3, 2, 0),
         ttl,
     );
-    // A long lease: vanishing within seconds proves it was revoked, not left to expire.
-    let mut stopped = Pub::spawn(
+    // A long lease: vanishing within seconds proves it was revoked, not left to expire
+    // (`withdraw_on_exit`; without it a stop leaves the entries to a successor).
+    let mut stopped = Pub::spawn_with(
         env.backend().await,
         &cluster_state("west", "us-west", 3, 2, 0),
         Duration::from_secs(60),
+        true,
     );
     killed.wait_in_sync().await;
     stopped.wait_in_sync().await;

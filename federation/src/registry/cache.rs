@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub links: OrdMap<(ClusterId, ClusterId), Arc<LinkState>>,
     /// Keyed by (declaring cluster, peer).
     pub peerings: OrdMap<(ClusterId, ClusterId), Arc<Peering>>,
+    /// Clusters withdrawn on purpose (tombstones).
+    pub withdrawn: OrdMap<ClusterId, Arc<crate::model::Withdrawal>>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -49,6 +51,7 @@ impl std::fmt::Debug for Snapshot {
             .field("policies", &self.policies.len())
             .field("links", &self.links.len())
             .field("peerings", &self.peerings.len())
+            .field("withdrawn", &self.withdrawn.len())
             .finish()
     }
 }
@@ -216,6 +219,9 @@ impl Snapshot {
                 .get(&(a.clone(), b.clone()))
                 .cloned()
                 .map(RegistryValue::Peering),
+            RegistryKey::Withdrawn(c) => {
+                self.withdrawn.get(c).cloned().map(RegistryValue::Withdrawn)
+            }
         }
     }
 
@@ -255,6 +261,10 @@ impl Snapshot {
             (RegistryKey::Peering(a, b), None) => {
                 self.peerings.remove(&(a.clone(), b.clone())).is_some()
             }
+            (RegistryKey::Withdrawn(c), Some(RegistryValue::Withdrawn(v))) => {
+                self.withdrawn.insert(c.clone(), v.clone()).as_ref() != Some(&v)
+            }
+            (RegistryKey::Withdrawn(c), None) => self.withdrawn.remove(c).is_some(),
             // A value of another kind than its key cannot come out of the decoder.
             _ => false,
         }
@@ -282,6 +292,11 @@ impl Snapshot {
             self.peerings
                 .keys()
                 .map(|(a, b)| RegistryKey::Peering(a.clone(), b.clone())),
+        );
+        out.extend(
+            self.withdrawn
+                .keys()
+                .map(|c| RegistryKey::Withdrawn(c.clone())),
         );
         out
     }

@@ -7,6 +7,7 @@
 //! /strait/v1/policies/services/{namespace}/{service}   FailoverPolicy   (no lease)
 //! /strait/v1/links/{from}/{to}                         LinkState        (gateway's lease)
 //! /strait/v1/peerings/{cluster}/{peer}                 Peering          (no lease)
+//! /strait/v1/withdrawn/{cluster}                       Withdrawal       (no lease)
 //! ```
 //!
 //! Values are JSON objects with a `"v": 1` field. JSON because operators read the registry with
@@ -22,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::RegistryError;
 use crate::model::{
     Cluster, ClusterId, Endpoint, FailoverPolicy, Health, Labels, LinkState, Locality, Name,
-    Peering, PolicyScope, Service, ServiceEndpoints, ServiceKey, ServicePort,
+    Peering, PolicyScope, Service, ServiceEndpoints, ServiceKey, ServicePort, Withdrawal,
 };
 
 /// The root of every key this version writes.
@@ -38,6 +39,8 @@ pub enum RegistryKey {
     Policy(PolicyScope),
     Link(ClusterId, ClusterId),
     Peering(ClusterId, ClusterId),
+    /// The tombstone of a cluster withdrawn on purpose.
+    Withdrawn(ClusterId),
 }
 
 impl RegistryKey {
@@ -53,6 +56,7 @@ impl RegistryKey {
             }
             RegistryKey::Link(a, b) => format!("{ROOT}links/{a}/{b}"),
             RegistryKey::Peering(a, b) => format!("{ROOT}peerings/{a}/{b}"),
+            RegistryKey::Withdrawn(c) => format!("{ROOT}withdrawn/{c}"),
         }
     }
 
@@ -80,6 +84,7 @@ impl RegistryKey {
             }
             ["links", a, b] => Some(RegistryKey::Link(name(a)?, name(b)?)),
             ["peerings", a, b] => Some(RegistryKey::Peering(name(a)?, name(b)?)),
+            ["withdrawn", c] => Some(RegistryKey::Withdrawn(name(c)?)),
             _ => None,
         }
     }
@@ -99,6 +104,10 @@ impl RegistryKey {
     /// The prefix holding a cluster's peerings (its `FederatedCluster` objects).
     pub fn peerings_prefix(c: &ClusterId) -> String {
         format!("{ROOT}peerings/{c}/")
+    }
+    /// The tombstone of a withdrawn cluster.
+    pub fn withdrawn(c: &ClusterId) -> String {
+        RegistryKey::Withdrawn(c.clone()).encode()
     }
     /// The prefix holding every failover policy.
     pub fn policies_prefix() -> String {
@@ -220,6 +229,14 @@ pub fn encode_peering(p: &Peering) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+pub fn encode_withdrawal(w: &Withdrawal) -> Vec<u8> {
+    serde_json::to_vec(&Versioned {
+        v: VERSION,
+        body: w,
+    })
+    .unwrap_or_default()
+}
+
 pub fn encode_link(l: &LinkState) -> Vec<u8> {
     serde_json::to_vec(&Versioned {
         v: VERSION,
@@ -252,6 +269,7 @@ pub enum RegistryValue {
     Policy(Arc<FailoverPolicy>),
     Link(Arc<LinkState>),
     Peering(Arc<Peering>),
+    Withdrawn(Arc<Withdrawal>),
 }
 
 /// Decodes values, sharing repeated strings (localities, label sets) between endpoints so that
@@ -415,6 +433,20 @@ impl Decoder {
                 }
                 w.body.validate().map_err(model_err)?;
                 Ok(RegistryValue::Peering(Arc::new(w.body)))
+            }
+            RegistryKey::Withdrawn(cluster) => {
+                let w: Versioned<Withdrawal> = serde_json::from_slice(value).map_err(err)?;
+                check_version(raw_key, w.v)?;
+                if &w.body.cluster != cluster {
+                    return Err(RegistryError::Decode {
+                        key: raw_key.to_string(),
+                        message: format!(
+                            "value withdraws cluster `{}`, key names `{cluster}`",
+                            w.body.cluster
+                        ),
+                    });
+                }
+                Ok(RegistryValue::Withdrawn(Arc::new(w.body)))
             }
         }
     }

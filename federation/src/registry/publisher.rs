@@ -28,6 +28,10 @@ pub struct PublisherConfig {
     pub max_txn_ops: usize,
     /// Most bytes in one transaction (etcd's default `--max-request-bytes` is 1.5 MiB).
     pub max_txn_bytes: usize,
+    /// Revoke the lease on shutdown, so that every entry disappears at once. Off by default:
+    /// a restart is not a withdrawal — the entries stay until a successor takes them over
+    /// (moves them to its own lease) or the TTL expires.
+    pub withdraw_on_exit: bool,
 }
 
 impl Default for PublisherConfig {
@@ -36,6 +40,7 @@ impl Default for PublisherConfig {
             lease_ttl: Duration::from_secs(10),
             max_txn_ops: 128,
             max_txn_bytes: 1 << 20,
+            withdraw_on_exit: false,
         }
     }
 }
@@ -52,13 +57,67 @@ impl Owned {
         self.keys.iter().any(|k| k == key) || self.prefixes.iter().any(|p| key.starts_with(p))
     }
 
-    /// What a cluster's endpoint publisher owns.
+    /// What a cluster's endpoint publisher owns: its record, its endpoints, and the tombstone
+    /// of a withdrawal (removed when the cluster publishes again).
     pub fn cluster(id: &crate::model::ClusterId) -> Self {
         Self {
-            keys: vec![super::RegistryKey::cluster(id)],
+            keys: vec![
+                super::RegistryKey::cluster(id),
+                super::RegistryKey::withdrawn(id),
+            ],
             prefixes: vec![super::RegistryKey::endpoints_prefix(id)],
         }
     }
+}
+
+/// Take `cluster` out of the federation on purpose: first its tombstone
+/// (`/strait/v1/withdrawn/C`, so that no reader keeps serving the cluster's last endpoints as it
+/// does for a control plane that merely went silent), then its record, its endpoints and its
+/// gateway's link states. Returns the number of keys removed. A control plane of the cluster
+/// that still runs publishes everything again (and removes the tombstone): stop it first.
+pub async fn withdraw_cluster(
+    backend: &Backend,
+    cluster: &crate::model::ClusterId,
+) -> Result<usize, RegistryError> {
+    use super::RegistryKey;
+    let tomb = crate::model::Withdrawal {
+        cluster: cluster.clone(),
+        at: std::time::SystemTime::now(),
+    };
+    backend
+        .commit(vec![Op::Put {
+            key: RegistryKey::withdrawn(cluster),
+            value: super::codec::encode_withdrawal(&tomb),
+            lease: None,
+        }])
+        .await?;
+    let mut keys = Vec::new();
+    for prefix in [
+        RegistryKey::endpoints_prefix(cluster),
+        RegistryKey::links_prefix(cluster),
+    ] {
+        keys.extend(
+            backend
+                .get_prefix(&prefix)
+                .await?
+                .1
+                .into_iter()
+                .map(|kv| kv.key),
+        );
+    }
+    if let Some(kv) = backend.get(&RegistryKey::cluster(cluster)).await? {
+        keys.push(kv.key);
+    }
+    let removed = keys.len();
+    let ops: Vec<Op> = keys.into_iter().map(|key| Op::Delete { key }).collect();
+    for batch in batches(
+        ops,
+        PublisherConfig::default().max_txn_ops,
+        PublisherConfig::default().max_txn_bytes,
+    ) {
+        backend.commit(batch).await?;
+    }
+    Ok(removed)
 }
 
 /// What a publisher is doing.
@@ -117,8 +176,8 @@ impl LeasedPublisher {
         self.status.send_modify(f);
     }
 
-    /// Run until `shutdown` completes; then revoke the lease. Errors talking to the store are
-    /// retried with back-off, never returned.
+    /// Run until `shutdown` completes; then, with `withdraw_on_exit`, revoke the lease. Errors
+    /// talking to the store are retried with back-off, never returned.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = super::store_backoff();
@@ -147,6 +206,15 @@ impl LeasedPublisher {
                 s.sessions += 1;
             });
             match self.session(lease, &mut shutdown, &mut backoff).await {
+                SessionEnd::Shutdown if !self.config.withdraw_on_exit => {
+                    tracing::info!(publisher = %self.name, lease = format!("{lease:x}"), ttl = ?self.config.lease_ttl,
+                        "stopping; the entries stay until a successor takes them over or the lease expires");
+                    self.set_status(|s| {
+                        s.lease = None;
+                        s.in_sync = false;
+                    });
+                    return;
+                }
                 SessionEnd::Shutdown => {
                     let revoke = tokio::time::timeout(
                         Duration::from_secs(3),

@@ -6,7 +6,7 @@
 //!
 //! | role (and user) | read-write | read |
 //! | --- | --- | --- |
-//! | `strait-cluster-C` | the key `/strait/v1/clusters/C`; the prefixes `/strait/v1/endpoints/C/`, `/strait/v1/links/C/`, `/strait/v1/peerings/C/` | `/strait/v1/` |
+//! | `strait-cluster-C` | the keys `/strait/v1/clusters/C` and `/strait/v1/withdrawn/C`; the prefixes `/strait/v1/endpoints/C/`, `/strait/v1/links/C/`, `/strait/v1/peerings/C/` | `/strait/v1/` |
 //! | `strait-policy-admin` | `/strait/v1/policies/` | `/strait/v1/` |
 //! | `strait-reader` | — | `/strait/v1/` |
 //!
@@ -155,6 +155,7 @@ pub fn plan(clusters: &[ClusterId], policy_writers: &[ClusterId]) -> Plan {
             name: name.clone(),
             grants: vec![
                 Grant::key(&super::RegistryKey::cluster(c), Access::ReadWrite),
+                Grant::key(&super::RegistryKey::withdrawn(c), Access::ReadWrite),
                 Grant::prefix(&super::RegistryKey::endpoints_prefix(c), Access::ReadWrite),
                 Grant::prefix(&super::RegistryKey::links_prefix(c), Access::ReadWrite),
                 Grant::prefix(&super::RegistryKey::peerings_prefix(c), Access::ReadWrite),
@@ -543,6 +544,7 @@ mod tests {
                 "readwrite /strait/v1/endpoints/east/* (prefix)",
                 "readwrite /strait/v1/links/east/* (prefix)",
                 "readwrite /strait/v1/peerings/east/* (prefix)",
+                "readwrite /strait/v1/withdrawn/east",
             ]
         );
         // The cluster record is one key: east's role does not reach east2's record.
