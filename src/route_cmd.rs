@@ -114,6 +114,23 @@ async fn explain(
         policy.map_or("none (defaults)".to_string(), |p| p.scope.to_string())
     );
     print!("{route}");
+    // Clusters whose entries left the registry without a withdrawal while this cluster's
+    // gateway still reaches them: its control plane keeps serving their last endpoints.
+    for ((from, to), link) in snap.links.iter() {
+        if *from == cluster
+            && !snap.clusters.contains_key(to)
+            && !snap.withdrawn.contains_key(to)
+            && matches!(
+                link.state,
+                federation::model::LinkHealth::Up | federation::model::LinkHealth::Degraded
+            )
+        {
+            println!(
+                "# stale   {to}: not in the registry (its control plane is away?), but the link {cluster} → {to} is {}: {cluster}'s control plane serves {to}'s last endpoints, marked stale, for up to registry.stale_bound",
+                link.state
+            );
+        }
+    }
     if let Some(p) = policy.filter(|p| !p.http.is_empty()) {
         println!("# HTTP rules, tried in order; a request matching none goes to {key} as above:");
         for (i, r) in p.http.iter().enumerate() {

@@ -1,6 +1,7 @@
 //! A running control plane: the publisher of this cluster's discovery file, the registry cache,
 //! the ADS server and the admin endpoint.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -246,14 +247,27 @@ impl ControlPlane {
             )));
         }
 
-        // Follow the registry.
+        // Follow the registry, keeping clusters whose control plane went silent (their lease
+        // expired while their gateway link is up) for `registry.stale_bound`.
         let cache = Arc::new(RegistryCache::spawn(backend));
+        let (effective_tx, effective) = watch::channel(cache.snapshot());
+        let stale = Arc::new(std::sync::RwLock::new(BTreeMap::new()));
+        tasks.push(tokio::spawn(retain_stale(
+            cache.snapshots(),
+            effective_tx,
+            federation::registry::retention::Retention::new(
+                cfg.cluster.clone(),
+                cfg.registry.stale_bound,
+            ),
+            stale.clone(),
+            stop.clone(),
+        )));
         // The clusterset's services as ServiceImports in this Kubernetes cluster.
         if let Some(client) = kube_client {
             tasks.push(tokio::spawn(crate::kubernetes::imports::follow_imports(
                 client,
                 cfg.cluster.to_string(),
-                cache.snapshots(),
+                effective.clone(),
                 Duration::from_millis(200),
                 stop.clone(),
             )));
@@ -300,11 +314,9 @@ impl ControlPlane {
                 }
             }
         }));
-        tasks.push(tokio::spawn(xds.clone().follow_with_local(
-            cache.snapshots(),
-            synced_rx,
-            local,
-        )));
+        tasks.push(tokio::spawn(
+            xds.clone().follow_with_local(effective, synced_rx, local),
+        ));
 
         // Serve xDS.
         let listener =
@@ -367,6 +379,7 @@ impl ControlPlane {
         tasks.push(tokio::spawn(serve_admin(
             xds.clone(),
             cache.clone(),
+            stale,
             admin,
             stop.clone(),
         )));
@@ -460,9 +473,81 @@ impl ControlPlane {
     }
 }
 
+/// Clusters served from their last entries, with when they left the registry.
+type StaleView = Arc<std::sync::RwLock<BTreeMap<federation::model::ClusterId, std::time::Instant>>>;
+
+/// Map the registry's snapshots to the ones served: with clusters whose control plane went
+/// silent kept (see `federation::registry::retention`).
+async fn retain_stale(
+    mut snapshots: watch::Receiver<Arc<federation::registry::Snapshot>>,
+    effective: watch::Sender<Arc<federation::registry::Snapshot>>,
+    mut retention: federation::registry::retention::Retention,
+    view: StaleView,
+    stop: CancellationToken,
+) {
+    use federation::registry::retention::Release;
+    let report = |changes: Vec<(federation::model::ClusterId, Option<Release>)>,
+                  retention: &federation::registry::retention::Retention| {
+        for (c, why) in changes {
+            match why {
+                None => tracing::warn!(cluster = %c,
+                    "cluster left the registry without a withdrawal while its gateway link is up (its control plane is away?): serving its last endpoints, marked stale"),
+                Some(Release::Back) => {
+                    tracing::info!(cluster = %c, "cluster is back in the registry")
+                }
+                Some(Release::Withdrawn) => {
+                    tracing::info!(cluster = %c, "stale cluster withdrawn: no longer served")
+                }
+                Some(Release::LinkDown) => {
+                    tracing::warn!(cluster = %c, "the link to stale cluster is down: no longer served")
+                }
+                Some(Release::Bound) => {
+                    tracing::warn!(cluster = %c, "stale cluster silent longer than registry.stale_bound: no longer served")
+                }
+            }
+        }
+        if let Ok(mut v) = view.write() {
+            *v = retention
+                .stale()
+                .iter()
+                .map(|(c, s)| (c.clone(), s.since))
+                .collect();
+        }
+    };
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        let (eff, changes) = retention.apply(&snap, std::time::Instant::now());
+        effective.send_replace(eff);
+        report(changes, &retention);
+        loop {
+            let tick = async {
+                if retention.stale().is_empty() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(Duration::from_secs(1)).await
+                }
+            };
+            tokio::select! {
+                r = snapshots.changed() => {
+                    if r.is_err() { return }
+                    break;
+                }
+                () = tick => {
+                    if let Some((eff, changes)) = retention.tick(std::time::Instant::now()) {
+                        effective.send_replace(eff);
+                        report(changes, &retention);
+                    }
+                }
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
 async fn serve_admin(
     xds: Xds,
     cache: Arc<RegistryCache>,
+    stale: StaleView,
     listener: TcpListener,
     stop: CancellationToken,
 ) {
@@ -480,9 +565,10 @@ async fn serve_admin(
         };
         let xds = xds.clone();
         let cache = cache.clone();
+        let stale = stale.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let r = admin(&xds, &cache, &req);
+                let r = admin(&xds, &cache, &stale, &req);
                 async move { Ok::<_, Infallible>(r) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -501,7 +587,12 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
     r
 }
 
-fn admin(xds: &Xds, cache: &RegistryCache, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn admin(
+    xds: &Xds,
+    cache: &RegistryCache,
+    stale: &StaleView,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/ready" => {
             if xds.ready() {
@@ -525,6 +616,18 @@ fn admin(xds: &Xds, cache: &RegistryCache, req: &Request<Incoming>) -> Response<
                 "# HELP strait_registry_endpoints Endpoints in the registry.\n# TYPE strait_registry_endpoints gauge\nstrait_registry_endpoints {}\n",
                 cache.snapshot().endpoint_count()
             ));
+            let stale = stale.read().map(|s| s.clone()).unwrap_or_default();
+            text.push_str(&format!(
+                "# HELP strait_registry_stale_clusters Clusters served from their last entries: they left the registry without a withdrawal while their gateway link is up.\n# TYPE strait_registry_stale_clusters gauge\nstrait_registry_stale_clusters {}\n",
+                stale.len()
+            ));
+            text.push_str("# HELP strait_registry_cluster_stale_seconds How long a stale cluster has been served from its last entries.\n# TYPE strait_registry_cluster_stale_seconds gauge\n");
+            for (c, since) in &stale {
+                text.push_str(&format!(
+                    "strait_registry_cluster_stale_seconds{{cluster=\"{c}\"}} {:.3}\n",
+                    since.elapsed().as_secs_f64()
+                ));
+            }
             respond(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         "/debug/config" => debug_config(xds, req.uri().query().unwrap_or("")),

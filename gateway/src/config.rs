@@ -31,6 +31,11 @@ pub struct GatewayConfig {
     pub registry: Option<RegistryConfig>,
     #[serde(default)]
     pub discovery: Option<DiscoveryConfig>,
+    /// Without a discovery file: where the gateway keeps its cluster's endpoints as it last
+    /// learned them from the registry, so that after a restart it serves them even while its
+    /// control plane is away.
+    #[serde(default)]
+    pub local_snapshot: Option<PathBuf>,
     #[serde(default)]
     pub peers: Vec<StaticPeer>,
     #[serde(default)]
@@ -311,6 +316,17 @@ impl GatewayConfig {
             && d.file.is_relative()
         {
             d.file = base.join(&d.file);
+        }
+        if let Some(p) = cfg.local_snapshot.as_mut()
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
+        }
+        if cfg.local_snapshot.is_some() && cfg.discovery.is_some() {
+            return Err(invalid(
+                "local_snapshot",
+                "the discovery file is the gateway's own source of local endpoints already".into(),
+            ));
         }
         if let Some(r) = cfg.registry.as_mut() {
             r.check(base, false)

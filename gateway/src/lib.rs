@@ -244,6 +244,18 @@ impl Gateway {
             }
             local_tx.send_replace(Arc::new(local_table_from(&f.state)));
             discovery_path = Some(d.file.clone());
+        } else if let Some(path) = &config.local_snapshot {
+            match local::load_snapshot(path, &own) {
+                Ok(Some(table)) => {
+                    tracing::info!(file = %path.display(), services = table.services.len(),
+                        "serving the local endpoints kept from the last run until the registry has them");
+                    local_tx.send_replace(Arc::new(table));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), "{e}; starting without kept local endpoints")
+                }
+            }
         }
 
         let socket =
@@ -346,6 +358,7 @@ impl Gateway {
                 shared.clone(),
                 cache.snapshots(),
                 config.discovery.is_none().then_some(local_tx),
+                r.stale_bound,
             )));
             let (links_tx, links_rx) = watch::channel(BTreeMap::new());
             let (publisher, _status) = LeasedPublisher::new(
@@ -533,8 +546,14 @@ async fn follow_registry(
     shared: Arc<Shared>,
     mut snapshots: watch::Receiver<Arc<federation::registry::Snapshot>>,
     local: Option<watch::Sender<Arc<LocalTable>>>,
+    stale_bound: Duration,
 ) {
     let mut reported = BTreeSet::new();
+    // Clusters that left the registry without being withdrawn, and since when: still members
+    // while connected, or for `stale_bound` (their control plane may only be restarting).
+    let mut departed: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
+    let mut own_missing = false;
+    let mut kept_local: Option<Arc<federation::registry::Snapshot>> = None;
     // The peerings last sorted out, with the trust domain they were checked against: most
     // snapshots (endpoints, link states) leave them as they are.
     let mut sorted: Option<(Arc<federation::registry::Snapshot>, String)> = None;
@@ -571,6 +590,33 @@ async fn follow_registry(
                 .collect();
             clusters.extend(snap.clusters.keys().map(|c| c.to_string()));
             clusters.extend(peerings.keys().cloned());
+            // A member that left the registry stays one while its link is connected, or for
+            // `stale_bound` — unless it was withdrawn on purpose.
+            let now = tokio::time::Instant::now();
+            let withdrawn: BTreeSet<String> =
+                snap.withdrawn.keys().map(|c| c.to_string()).collect();
+            for m in shared.members.list() {
+                if !clusters.contains(&m) && !withdrawn.contains(&m) {
+                    departed.entry(m).or_insert(now);
+                }
+            }
+            departed.retain(|c, since| {
+                if clusters.contains(c) || withdrawn.contains(c) {
+                    return false;
+                }
+                let connected = shared
+                    .peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(c)
+                    .is_some_and(|p| p.connection().is_some());
+                connected || now.duration_since(*since) < stale_bound
+            });
+            if !departed.is_empty() {
+                tracing::debug!(clusters = ?departed.keys().collect::<Vec<_>>(),
+                    "members gone from the registry kept (connected, or within the stale bound)");
+            }
+            clusters.extend(departed.keys().cloned());
             shared.members.replace(clusters.clone());
             for id in &clusters {
                 if *id == shared.own.as_str() || is_static(id) {
@@ -597,13 +643,39 @@ async fn follow_registry(
                 }
             }
             if let Some(tx) = &local {
-                let table = LocalTable {
-                    services: snap
-                        .cluster_services(&shared.own)
-                        .map(|s| (s.service.key.clone(), s.clone()))
-                        .collect(),
-                };
-                tx.send_replace(Arc::new(table));
+                // Only while the registry holds this cluster: a control plane that is away (its
+                // lease expired) must change nothing for traffic — the last table stays.
+                if snap.clusters.contains_key(&shared.own) {
+                    if own_missing {
+                        tracing::info!(
+                            "the registry holds this cluster again; local endpoints follow it"
+                        );
+                        own_missing = false;
+                    }
+                    let table = LocalTable {
+                        services: snap
+                            .cluster_services(&shared.own)
+                            .map(|s| (s.service.key.clone(), s.clone()))
+                            .collect(),
+                    };
+                    let changed = kept_local
+                        .as_ref()
+                        .is_none_or(|k| !k.same_cluster_entries(&snap, &shared.own));
+                    tx.send_replace(Arc::new(table));
+                    if changed {
+                        kept_local = Some(snap.clone());
+                        if let Some(path) = &shared.config.local_snapshot
+                            && let Err(e) = local::save_snapshot(path, &snap, &shared.own)
+                        {
+                            tracing::warn!(file = %path.display(), "cannot keep the local endpoints: {e}");
+                        }
+                    }
+                } else if !own_missing {
+                    own_missing = true;
+                    tracing::warn!(
+                        "the registry does not hold this cluster (its control plane is away?): serving the last known local endpoints"
+                    );
+                }
             }
         }
         tokio::select! {

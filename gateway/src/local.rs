@@ -16,6 +16,86 @@ pub struct LocalTable {
     pub services: HashMap<ServiceKey, Arc<ServiceEndpoints>>,
 }
 
+/// The file a gateway keeps its cluster's entries in (`local_snapshot`): the registry's own
+/// encoding, so that it is read like the registry.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptSnapshot {
+    v: u32,
+    cluster: String,
+    /// Registry key → value (the value's JSON, as the registry holds it).
+    entries: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// Write `cluster`'s entries of `snap` to `path` (atomically: a temporary file renamed).
+pub fn save_snapshot(
+    path: &std::path::Path,
+    snap: &federation::registry::Snapshot,
+    cluster: &federation::model::ClusterId,
+) -> Result<(), String> {
+    use federation::registry::RegistryKey;
+    use federation::registry::codec::{encode_cluster, encode_service_endpoints};
+    let mut entries = std::collections::BTreeMap::new();
+    let value = |bytes: Vec<u8>| serde_json::from_slice(&bytes).map_err(|e| e.to_string());
+    if let Some(c) = snap.clusters.get(cluster) {
+        entries.insert(RegistryKey::cluster(cluster), value(encode_cluster(c))?);
+    }
+    for s in snap.cluster_services(cluster) {
+        entries.insert(
+            RegistryKey::Endpoints(cluster.clone(), s.service.key.clone()).encode(),
+            value(encode_service_endpoints(s))?,
+        );
+    }
+    let doc = KeptSnapshot {
+        v: 1,
+        cluster: cluster.to_string(),
+        entries,
+    };
+    let text = serde_json::to_vec_pretty(&doc).map_err(|e| e.to_string())?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+}
+
+/// Read what [`save_snapshot`] wrote; `Ok(None)` when there is no file yet. A file of another
+/// cluster, or one that does not decode, is an error (and is not used).
+pub fn load_snapshot(
+    path: &std::path::Path,
+    cluster: &federation::model::ClusterId,
+) -> Result<Option<LocalTable>, String> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read the kept local endpoints: {e}")),
+    };
+    let doc: KeptSnapshot = serde_json::from_slice(&text)
+        .map_err(|e| format!("the kept local endpoints do not parse: {e}"))?;
+    if doc.v != 1 {
+        return Err(format!(
+            "the kept local endpoints have version {}, not 1",
+            doc.v
+        ));
+    }
+    if doc.cluster != cluster.as_str() {
+        return Err(format!(
+            "the kept local endpoints are cluster `{}`'s, not `{cluster}`'s",
+            doc.cluster
+        ));
+    }
+    let kvs = doc
+        .entries
+        .into_iter()
+        .map(|(k, v)| serde_json::to_vec(&v).map(|b| (k, b)))
+        .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+        .map_err(|e| e.to_string())?;
+    let state = federation::registry::cache::LocalState::decode(&kvs).map_err(|e| e.to_string())?;
+    Ok(Some(LocalTable {
+        services: state.endpoints.into_iter().collect(),
+    }))
+}
+
 /// An endpoint to connect to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {

@@ -75,8 +75,24 @@ pub enum Action {
         role: Role,
         target: Option<String>,
     },
-    /// Start a component again (killing it first if it runs) and wait until it is ready.
+    /// Restart a component as an upgrade does: SIGTERM, wait for it to exit (SIGKILL after
+    /// 15 s), start it again and wait until it is ready. `--kill`: SIGKILL instead of SIGTERM.
     Restart {
+        #[arg(value_parser = parse_role)]
+        role: Role,
+        target: Option<String>,
+        /// Kill it (SIGKILL) instead of stopping it gracefully.
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Stop a component gracefully (SIGTERM; SIGKILL after 15 s) and leave it stopped.
+    Stop {
+        #[arg(value_parser = parse_role)]
+        role: Role,
+        target: Option<String>,
+    },
+    /// Start a component that is not running and wait until it is ready.
+    Start {
         #[arg(value_parser = parse_role)]
         role: Role,
         target: Option<String>,
@@ -116,8 +132,22 @@ impl Action {
                     .trim_end()
                     .to_string()
             }
-            Action::Restart { role, target } => format!(
-                "restart {} {}",
+            Action::Restart { role, target, kill } => format!(
+                "restart {} {}{}",
+                role.as_str(),
+                target.as_deref().unwrap_or(""),
+                if *kill { " --kill" } else { "" }
+            )
+            .replace("  ", " ")
+            .trim_end()
+            .to_string(),
+            Action::Stop { role, target } => {
+                format!("stop {} {}", role.as_str(), target.as_deref().unwrap_or(""))
+                    .trim_end()
+                    .to_string()
+            }
+            Action::Start { role, target } => format!(
+                "start {} {}",
                 role.as_str(),
                 target.as_deref().unwrap_or("")
             )
@@ -284,32 +314,73 @@ pub async fn apply(lab: &mut Lab, action: &Action) -> anyhow::Result<()> {
             }
             lab.save()
         }
-        Action::Restart { role, target } => {
+        Action::Restart { role, target, kill } => {
             let chosen = select(lab, *role, target.as_deref())?;
             for &i in &chosen {
                 let p = &mut lab.processes[i];
-                if lab::alive(p.pid) {
-                    let _ = lab::signal(p.pid, "KILL");
-                    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-                    while lab::alive(p.pid) && std::time::Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
+                let how = if *kill { "KILL" } else { "TERM" };
+                stop_process(p, how).await;
                 lab::spawn(p).with_context(|| format!("restarting {}", p.label()))?;
             }
             lab.save()?;
-            // One wait per cluster covers every restarted process of the role there.
-            let mut clusters: Vec<Option<String>> = chosen
-                .iter()
-                .map(|&i| lab.processes[i].cluster.clone())
-                .collect();
-            clusters.dedup();
-            for c in clusters {
-                lab::wait_ready(lab, *role, c.as_deref(), Duration::from_secs(30)).await?;
+            wait_started(lab, *role, &chosen).await
+        }
+        Action::Stop { role, target } => {
+            let chosen = select(lab, *role, target.as_deref())?;
+            for i in chosen {
+                let p = &mut lab.processes[i];
+                stop_process(p, "TERM").await;
+                p.pid = 0;
             }
-            Ok(())
+            lab.save()
+        }
+        Action::Start { role, target } => {
+            let chosen = select(lab, *role, target.as_deref())?;
+            let mut started = Vec::new();
+            for i in chosen {
+                let p = &mut lab.processes[i];
+                if !lab::alive(p.pid) {
+                    lab::spawn(p).with_context(|| format!("starting {}", p.label()))?;
+                    started.push(i);
+                }
+            }
+            lab.save()?;
+            wait_started(lab, *role, &started).await
         }
     }
+}
+
+/// Send `signal` to a running process and wait for it to exit (SIGKILL after 15 s).
+async fn stop_process(p: &crate::lab::state::Proc, signal: &str) {
+    if !lab::alive(p.pid) {
+        return;
+    }
+    let _ = lab::signal(p.pid, signal);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while lab::alive(p.pid) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if lab::alive(p.pid) {
+        tracing::warn!(process = %p.label(), "did not exit within 15 s of SIG{signal}; killing it");
+        let _ = lab::signal(p.pid, "KILL");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while lab::alive(p.pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Wait until the processes `chosen` (of `role`) answer: one wait per cluster covers them.
+async fn wait_started(lab: &Lab, role: Role, chosen: &[usize]) -> anyhow::Result<()> {
+    let mut clusters: Vec<Option<String>> = chosen
+        .iter()
+        .map(|&i| lab.processes[i].cluster.clone())
+        .collect();
+    clusters.dedup();
+    for c in clusters {
+        lab::wait_ready(lab, role, c.as_deref(), Duration::from_secs(30)).await?;
+    }
+    Ok(())
 }
 
 /// The processes an action on `role` and `target` (`A` or `A/ZONE`) means.

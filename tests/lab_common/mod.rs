@@ -37,8 +37,9 @@ impl Drop for Lab {
 
 /// The shipped scenarios every lab must pass (netns and loopback mode alike); `degrade-delay`
 /// also, where links can be delayed.
-pub const SCENARIOS: [&str; 7] = [
+pub const SCENARIOS: [&str; 8] = [
     "cut-east-west",
+    "cp-restart",
     "kill-zone",
     "kill-gateway",
     "isolate-west",

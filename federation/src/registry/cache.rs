@@ -163,6 +163,14 @@ impl Snapshot {
     }
 
     /// Every service set published by `cluster`.
+    /// Whether `other` holds the same record and endpoint sets of `cluster` as this snapshot.
+    pub fn same_cluster_entries(&self, other: &Snapshot, cluster: &ClusterId) -> bool {
+        self.clusters.get(cluster) == other.clusters.get(cluster)
+            && self
+                .cluster_services(cluster)
+                .eq(other.cluster_services(cluster))
+    }
+
     pub fn cluster_services<'a>(
         &'a self,
         cluster: &'a ClusterId,

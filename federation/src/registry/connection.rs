@@ -287,10 +287,23 @@ pub struct RegistryConfig {
         with = "crate::discovery::duration_field"
     )]
     pub lease_ttl: Duration,
+    /// A cluster whose entries left the registry without being withdrawn (its control plane
+    /// went silent) is still served — its last endpoints, marked stale — while its gateway link
+    /// is up, and still a member of the federation for the gateways, for at most this long.
+    #[serde(
+        default = "default_stale_bound",
+        with = "crate::discovery::duration_field"
+    )]
+    pub stale_bound: Duration,
 }
 
 fn default_lease_ttl() -> Duration {
     Duration::from_secs(10)
+}
+
+/// Default of [`RegistryConfig::stale_bound`].
+pub fn default_stale_bound() -> Duration {
+    Duration::from_secs(600)
 }
 
 impl RegistryConfig {

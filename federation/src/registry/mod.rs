@@ -10,6 +10,7 @@ pub mod connection;
 pub mod embedded;
 pub mod etcd;
 pub mod publisher;
+pub mod retention;
 pub mod roles;
 
 pub use backend::{Backend, KeepAlive, KeyValue, LeaseId, Op, Watch, WatchBatch, WatchEvent};
