@@ -34,6 +34,9 @@ pub struct Retention {
     last: Option<Arc<Snapshot>>,
 }
 
+/// What changed in the stale set: a cluster kept (`None`) or let go (`Some(why)`).
+pub type Changes = Vec<(ClusterId, Option<Release>)>;
+
 /// Why a stale cluster was let go (for logs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Release {
@@ -66,11 +69,7 @@ impl Retention {
 
     /// Take the registry's new snapshot; returns the snapshot to serve (the registry's, with the
     /// stale clusters' last entries put back) and what changed in the stale set.
-    pub fn apply(
-        &mut self,
-        snap: &Arc<Snapshot>,
-        now: Instant,
-    ) -> (Arc<Snapshot>, Vec<(ClusterId, Option<Release>)>) {
+    pub fn apply(&mut self, snap: &Arc<Snapshot>, now: Instant) -> (Arc<Snapshot>, Changes) {
         let mut changes = Vec::new();
         // Newly gone clusters.
         if let Some(prev) = self.last.take() {
@@ -114,12 +113,7 @@ impl Retention {
         (!changes.is_empty()).then(|| (self.effective(&snap), changes))
     }
 
-    fn release(
-        &mut self,
-        snap: &Snapshot,
-        now: Instant,
-        changes: &mut Vec<(ClusterId, Option<Release>)>,
-    ) {
+    fn release(&mut self, snap: &Snapshot, now: Instant, changes: &mut Changes) {
         let mut gone = Vec::new();
         for (id, s) in &self.stale {
             let why = if snap.clusters.contains_key(id) {
