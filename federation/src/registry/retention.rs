@@ -103,10 +103,7 @@ impl Retention {
     }
 
     /// Re-check the bound and the links without a new snapshot (the caller's timer).
-    pub fn tick(
-        &mut self,
-        now: Instant,
-    ) -> Option<(Arc<Snapshot>, Vec<(ClusterId, Option<Release>)>)> {
+    pub fn tick(&mut self, now: Instant) -> Option<(Arc<Snapshot>, Changes)> {
         let snap = self.last.clone()?;
         let mut changes = Vec::new();
         self.release(&snap, now, &mut changes);
