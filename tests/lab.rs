@@ -13,11 +13,11 @@ mod lab_common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lab_common::{
-    Lab, SCENARIOS, an_isolated_cluster_leaves_the_registry_within_its_lease, print_measured, run,
-    scenario, strait, text, wait_until,
+    BIN, Lab, SCENARIOS, an_isolated_cluster_leaves_the_registry_within_its_lease, print_measured,
+    run, scenario, strait, text, wait_until,
 };
 
 /// Without tc netem, degrade-delay's packets went through the NFQUEUE shaper: it held packets
@@ -179,6 +179,141 @@ fn an_endpoint_added_while_etcd_is_away_appears_everywhere_after(dir: &str, name
     );
 }
 
+/// West's control plane stopped (SIGTERM) for longer than its lease: east keeps west's last
+/// endpoints (stale); an endpoint added to west's discovery file meanwhile reaches east within
+/// 2 s of the control plane's return. Then `strait registry withdraw --cluster west` (its
+/// control plane stopped first) takes west out of east's and central's routes within 1 s, and
+/// starting west's control plane again brings it back.
+fn control_plane_outages_and_withdrawals(dir: &str, name: &str) {
+    let ns = |c: &str| format!("strait-{name}-{c}");
+    let file = Path::new(dir).join("west/discovery.yaml");
+    let original = std::fs::read_to_string(&file).expect("west's discovery file");
+    assert_eq!(payments_endpoints(&ns("east"), "west", false), 4);
+    let chaos = |args: &[&str]| {
+        let mut all = vec!["chaos", "--dir", dir];
+        all.extend(args);
+        let out = strait(&all);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    };
+    chaos(&["stop", "controlplane", "west"]);
+    let added = original.replacen(
+        "    endpoints:\n      - {address: 10.240.0.3, port: 19081",
+        "    endpoints:\n      - {address: 10.240.0.3, port: 19099, zone: zone-b}\n      - {address: 10.240.0.3, port: 19081",
+        1,
+    );
+    assert_ne!(added, original);
+    std::fs::write(&file, &added).expect("edit west's discovery file");
+    // Longer than west's lease (5 s): its entries leave the registry, east keeps them.
+    wait_until(
+        "west's entries to leave the registry while its control plane is stopped",
+        Duration::from_secs(20),
+        || match west_keys_in(&ns("etcd")) {
+            0 => Ok(()),
+            n => Err(format!("{n} keys of west")),
+        },
+    );
+    assert_eq!(
+        payments_endpoints(&ns("east"), "west", false),
+        4,
+        "east serves west's last endpoints while west's control plane is away"
+    );
+    chaos(&["start", "controlplane", "west"]);
+    let took = wait_until(
+        "east to see west's new endpoint after its control plane's return",
+        Duration::from_secs(2),
+        || match payments_endpoints(&ns("east"), "west", false) {
+            5 => Ok(()),
+            n => Err(format!("{n} endpoints")),
+        },
+    );
+    println!(
+        "an endpoint added while west's control plane was away reached east {took:?} after its return"
+    );
+    std::fs::write(&file, &original).expect("restore west's discovery file");
+    wait_until(
+        "the endpoint to be removed",
+        Duration::from_secs(30),
+        || match payments_endpoints(&ns("east"), "west", false) {
+            4 => Ok(()),
+            n => Err(format!("{n} endpoints")),
+        },
+    );
+
+    // Withdrawal: west's control plane stopped first, then the command.
+    chaos(&["stop", "controlplane", "west"]);
+    let t = Instant::now();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns("etcd")])
+        .args([
+            BIN,
+            "registry",
+            "withdraw",
+            "--cluster",
+            "west",
+            "--etcd",
+            "http://127.0.0.1:2379",
+        ])
+        .output()
+        .expect("strait registry withdraw");
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until(
+        "west to leave east's and central's routes after its withdrawal",
+        Duration::from_secs(1).saturating_sub(t.elapsed()),
+        || {
+            let (e, c) = (
+                payments_endpoints(&ns("east"), "west", false),
+                payments_endpoints(&ns("central"), "west", false),
+            );
+            if e == 0 && c == 0 {
+                Ok(())
+            } else {
+                Err(format!("east {e}, central {c}"))
+            }
+        },
+    );
+    println!(
+        "west left east's and central's routes {:?} after `strait registry withdraw`",
+        t.elapsed()
+    );
+    chaos(&["start", "controlplane", "west"]);
+    wait_until(
+        "west to rejoin",
+        Duration::from_secs(30),
+        || match payments_endpoints(&ns("east"), "west", false) {
+            4 => Ok(()),
+            n => Err(format!("{n} endpoints")),
+        },
+    );
+}
+
+/// How many registry keys of west etcd holds, read inside etcd's namespace.
+fn west_keys_in(etcd_ns: &str) -> usize {
+    let out = Command::new("ip")
+        .args(["netns", "exec", etcd_ns])
+        .args([
+            BIN,
+            "registry",
+            "dump",
+            "--json",
+            "--etcd",
+            "http://127.0.0.1:2379",
+        ])
+        .output()
+        .expect("registry dump");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["entries"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| {
+                    let k = e["key"].as_str().unwrap_or_default();
+                    k.contains("/clusters/west") || k.contains("/endpoints/west/")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 #[test]
 fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -271,6 +406,8 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
 
     let mut failures = Vec::new();
     let mut scenarios = SCENARIOS.to_vec();
+    // A minute of control-plane outage: here only (the loopback lab runs the restarts).
+    scenarios.push("cp-outage");
     if state["shaper"] != "iptables" {
         // Delays need tc netem or NFQUEUE (the loopback test runs it in any case).
         scenarios.push("degrade-delay");
@@ -293,6 +430,7 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
     }
 
     an_endpoint_added_while_etcd_is_away_appears_everywhere_after(&dir, &name);
+    control_plane_outages_and_withdrawals(&dir, &name);
     an_isolated_cluster_leaves_the_registry_within_its_lease(
         &dir,
         &format!("strait-{name}-etcd"),

@@ -289,6 +289,7 @@ impl ControlPlane {
         );
         let (synced_tx, synced_rx) = watch::channel(false);
         let mut status = cache.status_receiver();
+        let s_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut last: Option<bool> = None;
             loop {
@@ -309,8 +310,9 @@ impl ControlPlane {
                     }
                     last = Some(ok);
                 }
-                if status.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    r = status.changed() => if r.is_err() { return },
+                    () = s_stop.cancelled() => return,
                 }
             }
         }));
