@@ -100,6 +100,11 @@ impl ControlPlane {
             Owned::cluster(&cfg.cluster),
             PublisherConfig {
                 lease_ttl: cfg.registry.lease_ttl,
+                // Replicas: one publishes, the others stand by (and serve xDS all the same).
+                leader: Some(federation::registry::publisher::Leadership {
+                    key: federation::registry::RegistryKey::leader(&cfg.cluster),
+                    id: replica_name(),
+                }),
                 ..PublisherConfig::default()
             },
             desired,
@@ -473,6 +478,20 @@ impl ControlPlane {
             }
         }
     }
+}
+
+/// This replica's name in the leadership key: the host (a pod's name) and the process.
+fn replica_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "host".to_string());
+    format!("{host}/{}", std::process::id())
 }
 
 /// Clusters served from their last entries, with when they left the registry.

@@ -198,16 +198,24 @@ impl Pub {
         ttl: Duration,
         withdraw_on_exit: bool,
     ) -> Self {
-        let (desired, rx) = watch::channel(cluster_state_kvs(state));
-        let (p, status) = LeasedPublisher::new(
+        Self::spawn_config(
             backend,
-            format!("cluster {}", state.cluster.id),
-            Owned::cluster(&state.cluster.id),
+            state,
             PublisherConfig {
                 lease_ttl: ttl,
                 withdraw_on_exit,
                 ..PublisherConfig::default()
             },
+        )
+    }
+
+    fn spawn_config(backend: Backend, state: &ClusterState, config: PublisherConfig) -> Self {
+        let (desired, rx) = watch::channel(cluster_state_kvs(state));
+        let (p, status) = LeasedPublisher::new(
+            backend,
+            format!("cluster {}", state.cluster.id),
+            Owned::cluster(&state.cluster.id),
+            config,
             rx,
         );
         let (stop, stop_rx) = oneshot::channel::<()>();
@@ -383,6 +391,86 @@ async fn only_differences_are_written(env: Env) {
     p.shutdown().await;
 }
 both!(only_differences_are_written);
+
+/// Two replicas of one cluster's publisher: one leads and publishes, the other stands by; a
+/// graceful stop of the leader hands over at once and the entries are never absent; a leader
+/// that dies is replaced when its lease expires.
+async fn replicas_elect_one_publisher_and_hand_over_without_a_gap(env: Env) {
+    use federation::registry::publisher::Leadership;
+    let cache = RegistryCache::spawn(env.backend().await);
+    let state = cluster_state("east", "us-east", 3, 2, 0);
+    let config = |id: &str| PublisherConfig {
+        lease_ttl: Duration::from_secs(2),
+        leader: Some(Leadership {
+            key: RegistryKey::leader(&name("east")),
+            id: id.to_string(),
+        }),
+        ..PublisherConfig::default()
+    };
+    let mut a = Pub::spawn_config(env.backend().await, &state, config("a"));
+    a.wait_in_sync().await;
+    let mut b = Pub::spawn_config(env.backend().await, &state, config("b"));
+    // b stands by: it never gets in sync while a leads.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(a.status.borrow().leader && !b.status.borrow().leader);
+    let (_, kvs) = env
+        .backend()
+        .await
+        .get_prefix("/strait/v1/leaders/")
+        .await
+        .unwrap();
+    assert_eq!(kvs.len(), 1);
+    assert_eq!(kvs[0].value, b"a");
+    cache
+        .wait_for(WAIT, |s| cluster_endpoints(s, "east") == 6)
+        .await
+        .unwrap();
+    let mut changes = cache.subscribe();
+    // Graceful stop: b takes over within a second, the entries move to b's lease, never absent.
+    let t = Instant::now();
+    a.shutdown().await;
+    let st = b.wait_in_sync().await;
+    assert!(st.leader);
+    let handover = t.elapsed();
+    assert!(
+        handover < Duration::from_secs(2),
+        "handover took {handover:?}"
+    );
+    let backend = env.backend().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, kvs) = backend
+            .get_prefix("/strait/v1/endpoints/east/")
+            .await
+            .unwrap();
+        if kvs.len() == 3 && kvs.iter().all(|kv| Some(kv.lease) == st.lease) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never took the entries over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while let Ok(c) = changes.try_recv() {
+        assert!(
+            c.updates.iter().all(|u| u.value.is_some()),
+            "an entry was removed during the handover: {:?}",
+            c.updates.iter().map(|u| u.key.encode()).collect::<Vec<_>>()
+        );
+    }
+    // A replica that comes back stands by; the leader dying lets it lead after the TTL.
+    let mut c = Pub::spawn_config(env.backend().await, &state, config("c"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!c.status.borrow().leader);
+    let t = Instant::now();
+    b.kill();
+    let st = c.wait_in_sync().await;
+    assert!(st.leader);
+    println!(
+        "graceful handover after {handover:?}; after a leader died: {:?} (TTL 2 s)",
+        t.elapsed()
+    );
+    c.shutdown().await;
+}
+both!(replicas_elect_one_publisher_and_hand_over_without_a_gap);
 
 async fn dead_publishers_entries_expire_and_revoked_vanish_at_once(env: Env) {
     let cache = RegistryCache::spawn(env.backend().await);

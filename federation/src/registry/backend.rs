@@ -47,6 +47,15 @@ impl Op {
     }
 }
 
+/// What a conditional transaction requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// The key does not exist.
+    Absent(String),
+    /// The key exists under this lease.
+    LeaseIs(String, LeaseId),
+}
+
 /// One change seen by a watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -126,6 +135,19 @@ impl Backend {
         match self {
             Backend::Etcd(e) => e.get(key).await,
             Backend::Embedded(e) => Ok(e.get_prefix(key)?.1.into_iter().find(|kv| kv.key == key)),
+        }
+    }
+
+    /// Apply `ops` atomically in one transaction if `condition` holds; `Ok(None)` when it does
+    /// not (nothing written).
+    pub async fn commit_if(
+        &self,
+        condition: Condition,
+        ops: Vec<Op>,
+    ) -> Result<Option<i64>, RegistryError> {
+        match self {
+            Backend::Etcd(e) => e.commit_if(Some(condition), ops).await,
+            Backend::Embedded(e) => e.commit_if(Some(&condition), ops),
         }
     }
 

@@ -8,6 +8,7 @@
 //! /strait/v1/links/{from}/{to}                         LinkState        (gateway's lease)
 //! /strait/v1/peerings/{cluster}/{peer}                 Peering          (no lease)
 //! /strait/v1/withdrawn/{cluster}                       Withdrawal       (no lease)
+//! /strait/v1/leaders/{cluster}                         replica name     (the leader's lease)
 //! ```
 //!
 //! Values are JSON objects with a `"v": 1` field. JSON because operators read the registry with
@@ -104,6 +105,10 @@ impl RegistryKey {
     /// The prefix holding a cluster's peerings (its `FederatedCluster` objects).
     pub fn peerings_prefix(c: &ClusterId) -> String {
         format!("{ROOT}peerings/{c}/")
+    }
+    /// The key a cluster's control-plane replicas compete for: its holder publishes.
+    pub fn leader(c: &ClusterId) -> String {
+        format!("{ROOT}leaders/{c}")
     }
     /// The tombstone of a withdrawn cluster.
     pub fn withdrawn(c: &ClusterId) -> String {

@@ -188,7 +188,25 @@ impl EmbeddedRegistry {
     }
 
     pub fn commit(&self, ops: Vec<Op>) -> Result<i64, RegistryError> {
+        self.commit_if(None, ops).map(|r| r.unwrap_or_default())
+    }
+
+    /// [`EmbeddedRegistry::commit`] only if `condition` holds (`Ok(None)` when it does not).
+    pub fn commit_if(
+        &self,
+        condition: Option<&super::backend::Condition>,
+        ops: Vec<Op>,
+    ) -> Result<Option<i64>, RegistryError> {
         let mut s = self.state()?;
+        match condition {
+            Some(super::backend::Condition::Absent(k)) if s.kvs.contains_key(k) => return Ok(None),
+            Some(super::backend::Condition::LeaseIs(k, l))
+                if s.kvs.get(k).map(|v| v.lease) != Some(*l) =>
+            {
+                return Ok(None);
+            }
+            _ => {}
+        }
         let mut seen = BTreeSet::new();
         for op in &ops {
             if !seen.insert(op.key()) {
@@ -252,11 +270,11 @@ impl EmbeddedRegistry {
             }
         }
         if events.is_empty() {
-            return Ok(s.revision);
+            return Ok(Some(s.revision));
         }
         s.revision = next;
         publish(&mut s, events);
-        Ok(next)
+        Ok(Some(next))
     }
 
     pub fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, RegistryError> {

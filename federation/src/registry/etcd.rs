@@ -545,6 +545,19 @@ impl EtcdBackend {
     }
 
     pub async fn commit(&self, ops: Vec<Op>) -> Result<i64, RegistryError> {
+        self.commit_if(None, ops)
+            .await
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// [`EtcdBackend::commit`] only if `condition` holds (`Ok(None)` when it does not).
+    pub async fn commit_if(
+        &self,
+        condition: Option<super::backend::Condition>,
+        ops: Vec<Op>,
+    ) -> Result<Option<i64>, RegistryError> {
+        use super::backend::Condition;
+        use etcd_client::CompareOp;
         let what = describe_ops(&ops);
         let bytes: usize = ops.iter().map(Op::wire_size).sum();
         let deadline =
@@ -560,13 +573,21 @@ impl EtcdBackend {
                 Op::Delete { key } => TxnOp::delete(key, None),
             })
             .collect();
-        // An unconditional transaction: `when` is empty, so `and_then` always runs.
-        let txn = Txn::new().when(Vec::<Compare>::new()).and_then(txn_ops);
+        // Without a condition `when` is empty, so `and_then` always runs.
+        let when: Vec<Compare> = match condition {
+            None => Vec::new(),
+            Some(Condition::Absent(k)) => vec![Compare::create_revision(k, CompareOp::Equal, 0)],
+            Some(Condition::LeaseIs(k, l)) => vec![Compare::lease(k, CompareOp::Equal, l)],
+        };
+        let txn = Txn::new().when(when).and_then(txn_ops);
         let resp = self
             .bounded(deadline, &what, kv.txn(txn))
             .await?
             .map_err(|e| self.err(e, &what))?;
-        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        Ok(Some(resp.header().map(|h| h.revision()).unwrap_or(0)))
     }
 
     pub async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, RegistryError> {

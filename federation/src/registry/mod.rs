@@ -13,7 +13,9 @@ pub mod publisher;
 pub mod retention;
 pub mod roles;
 
-pub use backend::{Backend, KeepAlive, KeyValue, LeaseId, Op, Watch, WatchBatch, WatchEvent};
+pub use backend::{
+    Backend, Condition, KeepAlive, KeyValue, LeaseId, Op, Watch, WatchBatch, WatchEvent,
+};
 pub use cache::{CacheStatus, Change, RegistryCache, Snapshot, Update};
 pub use codec::{Decoder, ROOT, RegistryKey, RegistryValue};
 pub use connection::{EtcdAuth, EtcdConnection, EtcdTls, RegistryConfig};

@@ -32,6 +32,19 @@ pub struct PublisherConfig {
     /// a restart is not a withdrawal — the entries stay until a successor takes them over
     /// (moves them to its own lease) or the TTL expires.
     pub withdraw_on_exit: bool,
+    /// Several replicas, one publisher: publish only while holding this leadership key (created
+    /// under the publisher's lease when absent; handed over on shutdown).
+    pub leader: Option<Leadership>,
+    /// How often the publisher reads back what it owns and rewrites what differs (keys changed
+    /// or removed behind its back: by hand, by an older release's publisher).
+    pub verify_interval: Duration,
+}
+
+/// The key replicas of one publisher compete for, and this replica's name in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    pub key: String,
+    pub id: String,
 }
 
 impl Default for PublisherConfig {
@@ -41,6 +54,8 @@ impl Default for PublisherConfig {
             max_txn_ops: 128,
             max_txn_bytes: 1 << 20,
             withdraw_on_exit: false,
+            leader: None,
+            verify_interval: Duration::from_secs(60),
         }
     }
 }
@@ -132,6 +147,8 @@ pub struct PublisherStatus {
     /// How many times a lease had to be granted.
     pub sessions: u64,
     pub last_error: Option<String>,
+    /// Whether this replica publishes (always, without leadership).
+    pub leader: bool,
 }
 
 /// Publishes the latest desired key/value set under a lease until shut down.
@@ -207,11 +224,32 @@ impl LeasedPublisher {
             });
             match self.session(lease, &mut shutdown, &mut backoff).await {
                 SessionEnd::Shutdown if !self.config.withdraw_on_exit => {
+                    if let Some(l) = &self.config.leader
+                        && self.status.borrow().leader
+                    {
+                        // Hand over: another replica takes the key (and the entries) at once.
+                        let resign = self.backend.commit_if(
+                            super::backend::Condition::LeaseIs(l.key.clone(), lease),
+                            vec![Op::Delete { key: l.key.clone() }],
+                        );
+                        match tokio::time::timeout(Duration::from_secs(2), resign).await {
+                            Ok(Ok(_)) => {
+                                tracing::info!(publisher = %self.name, "leadership handed over")
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(publisher = %self.name, error = %e, "could not hand leadership over; another replica takes it when the lease expires")
+                            }
+                            Err(_) => {
+                                tracing::warn!(publisher = %self.name, "handing leadership over timed out; another replica takes it when the lease expires")
+                            }
+                        }
+                    }
                     tracing::info!(publisher = %self.name, lease = format!("{lease:x}"), ttl = ?self.config.lease_ttl,
                         "stopping; the entries stay until a successor takes them over or the lease expires");
                     self.set_status(|s| {
                         s.lease = None;
                         s.in_sync = false;
+                        s.leader = false;
                     });
                     return;
                 }
@@ -243,6 +281,7 @@ impl LeasedPublisher {
                     self.set_status(|s| {
                         s.lease = None;
                         s.in_sync = false;
+                        s.leader = false;
                     });
                 }
             }
@@ -267,8 +306,56 @@ impl LeasedPublisher {
             interval,
             lost_tx,
         )));
+        // With several replicas: publish only as the leader.
+        if let Some(l) = self.config.leader.clone() {
+            let mut waiting_logged = false;
+            loop {
+                let attempt = self.backend.commit_if(
+                    super::backend::Condition::Absent(l.key.clone()),
+                    vec![Op::Put {
+                        key: l.key.clone(),
+                        value: l.id.clone().into_bytes(),
+                        lease: Some(lease),
+                    }],
+                );
+                let won = tokio::select! {
+                    _ = shutdown.as_mut() => return SessionEnd::Shutdown,
+                    _ = &mut lost => return SessionEnd::LeaseLost,
+                    r = attempt => r,
+                };
+                match won {
+                    Ok(Some(_)) => {
+                        tracing::info!(publisher = %self.name, replica = %l.id, "this replica leads: publishing");
+                        self.set_status(|s| s.leader = true);
+                        break;
+                    }
+                    Ok(None) => {
+                        if !waiting_logged {
+                            tracing::info!(publisher = %self.name, replica = %l.id, "another replica publishes; standing by");
+                            waiting_logged = true;
+                        }
+                        self.set_status(|s| {
+                            s.leader = false;
+                            s.in_sync = false;
+                        });
+                    }
+                    Err(RegistryError::LeaseNotFound(_)) => return SessionEnd::LeaseLost,
+                    Err(e) => {
+                        self.set_status(|s| s.last_error = Some(e.to_string()));
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.as_mut() => return SessionEnd::Shutdown,
+                    _ = &mut lost => return SessionEnd::LeaseLost,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        } else {
+            self.set_status(|s| s.leader = true);
+        }
         // What the store holds under our lease, as far as we know. `None` until reconciled.
         let mut written: Option<BTreeMap<String, Vec<u8>>> = None;
+        let mut verify_at = Instant::now() + self.config.verify_interval;
         let mut dirty = true;
         let mut retry_at: Option<Instant> = None;
         let mut desired_closed = false;
@@ -319,6 +406,12 @@ impl LeasedPublisher {
                 _ = shutdown.as_mut() => break SessionEnd::Shutdown,
                 _ = &mut lost => break SessionEnd::LeaseLost,
                 _ = retry => {}
+                _ = tokio::time::sleep_until(verify_at) => {
+                    // Read back what we own and rewrite what differs.
+                    verify_at = Instant::now() + self.config.verify_interval;
+                    written = None;
+                    dirty = true;
+                }
                 r = self.desired.changed(), if !desired_closed => {
                     if r.is_err() {
                         // The sender is gone: nothing will change any more; keep the lease.

@@ -6,7 +6,7 @@
 //!
 //! | role (and user) | read-write | read |
 //! | --- | --- | --- |
-//! | `strait-cluster-C` | the keys `/strait/v1/clusters/C` and `/strait/v1/withdrawn/C`; the prefixes `/strait/v1/endpoints/C/`, `/strait/v1/links/C/`, `/strait/v1/peerings/C/` | `/strait/v1/` |
+//! | `strait-cluster-C` | the keys `/strait/v1/clusters/C`, `/strait/v1/withdrawn/C` and `/strait/v1/leaders/C`; the prefixes `/strait/v1/endpoints/C/`, `/strait/v1/links/C/`, `/strait/v1/peerings/C/` | `/strait/v1/` |
 //! | `strait-policy-admin` | `/strait/v1/policies/` | `/strait/v1/` |
 //! | `strait-reader` | — | `/strait/v1/` |
 //!
@@ -156,6 +156,7 @@ pub fn plan(clusters: &[ClusterId], policy_writers: &[ClusterId]) -> Plan {
             grants: vec![
                 Grant::key(&super::RegistryKey::cluster(c), Access::ReadWrite),
                 Grant::key(&super::RegistryKey::withdrawn(c), Access::ReadWrite),
+                Grant::key(&super::RegistryKey::leader(c), Access::ReadWrite),
                 Grant::prefix(&super::RegistryKey::endpoints_prefix(c), Access::ReadWrite),
                 Grant::prefix(&super::RegistryKey::links_prefix(c), Access::ReadWrite),
                 Grant::prefix(&super::RegistryKey::peerings_prefix(c), Access::ReadWrite),
@@ -542,6 +543,7 @@ mod tests {
                 "read /strait/v1/* (prefix)",
                 "readwrite /strait/v1/clusters/east",
                 "readwrite /strait/v1/endpoints/east/* (prefix)",
+                "readwrite /strait/v1/leaders/east",
                 "readwrite /strait/v1/links/east/* (prefix)",
                 "readwrite /strait/v1/peerings/east/* (prefix)",
                 "readwrite /strait/v1/withdrawn/east",
