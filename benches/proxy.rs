@@ -447,6 +447,7 @@ async fn scale(d: &Path, etcd: &EtcdServer, xds: SocketAddr) {
         locality: federation::model::Locality::parse("l", "us-east/us-east-1a").expect("valid"),
         labels: federation::model::Labels::default(),
         xds,
+        xds_replicas: Vec::new(),
         tls: None,
         delta: true,
         admin: envoy_admin,

@@ -200,9 +200,11 @@ impl NodeArgs {
 pub struct RunArgs {
     #[command(flatten)]
     node: NodeArgs,
-    /// The control plane's xDS address, HOST:PORT (mutual TLS with --cert, else plaintext).
-    #[arg(long, default_value = "127.0.0.1:15010", value_parser = host_port)]
-    xds: GatewayAddress,
+    /// The control plane's xDS address, HOST:PORT (mutual TLS with --cert, else plaintext);
+    /// several, comma-separated, for replicas: tried in turn, the config kept in between (a DNS
+    /// name with several addresses works too).
+    #[arg(long, default_value = "127.0.0.1:15010", value_parser = host_port, value_delimiter = ',')]
+    xds: Vec<GatewayAddress>,
     /// Use state-of-the-world xDS instead of delta.
     #[arg(long)]
     sotw: bool,
@@ -319,7 +321,12 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(a.admin)
         .await
         .map_err(|e| anyhow::anyhow!("admin address {}: {e}", a.admin))?;
-    let mut opts = proxy::xds::XdsOptions::new(format!("http://{}", a.xds), node);
+    let first = a
+        .xds
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("--xds: give the control plane's address"))?;
+    let mut opts = proxy::xds::XdsOptions::new(format!("http://{first}"), node);
+    opts.fallbacks = a.xds[1..].iter().map(|x| format!("http://{x}")).collect();
     opts.delta = !a.sotw;
     if let Some(files) = &files {
         opts.tls = Some(std::sync::Arc::new(proxy::tls::TlsSource::new(
@@ -364,7 +371,7 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
     for (l, app, tls) in inbound {
         dataplane.serve_inbound(l, app, tls);
     }
-    tracing::info!(node = %a.node.node_id, xds = %a.xds, outbound = %a.outbound, admin = %a.admin,
+    tracing::info!(node = %a.node.node_id, xds = ?a.xds.iter().map(ToString::to_string).collect::<Vec<_>>(), outbound = %a.outbound, admin = %a.admin,
         "strait proxy started");
     let admin_task = tokio::spawn(proxy::admin::serve(
         admin,
@@ -391,9 +398,9 @@ pub struct BootstrapArgs {
     grpc: bool,
     #[command(flatten)]
     node: NodeArgs,
-    /// The control plane's xDS address.
-    #[arg(long, default_value = "127.0.0.1:15010")]
-    xds: SocketAddr,
+    /// The control plane's xDS address; several, comma-separated, for its replicas.
+    #[arg(long, default_value = "127.0.0.1:15010", value_delimiter = ',')]
+    xds: Vec<SocketAddr>,
     /// Use delta xDS (Envoy).
     #[arg(long)]
     delta: bool,
@@ -446,7 +453,11 @@ pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
                 cluster,
                 locality,
                 labels,
-                xds: a.xds,
+                xds: *a
+                    .xds
+                    .first()
+                    .ok_or_else(|| anyhow::anyhow!("--xds: give the control plane's address"))?,
+                xds_replicas: a.xds.get(1..).unwrap_or_default().to_vec(),
                 tls,
                 delta: a.delta,
                 admin: a.admin,

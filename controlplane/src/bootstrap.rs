@@ -39,6 +39,9 @@ pub struct BootstrapSpec {
     pub labels: Labels,
     /// The control plane's xDS address.
     pub xds: SocketAddr,
+    /// Other replicas of the control plane (Envoy balances its ADS stream over all of them and
+    /// moves to another when one goes; gRPC lists them as further `xds_servers`).
+    pub xds_replicas: Vec<SocketAddr>,
     /// mTLS to the control plane (and to the gateway) with these workload certificate files.
     pub tls: Option<CertFiles>,
     /// Delta xDS instead of state of the world.
@@ -137,7 +140,10 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
         "typed_extension_protocol_options": h2_options(),
         "load_assignment": {
             "cluster_name": "strait_xds",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(spec.xds)}}]}],
+            "endpoints": [{"lb_endpoints": std::iter::once(spec.xds)
+                .chain(spec.xds_replicas.iter().copied())
+                .map(|a| json!({"endpoint": {"address": socket(a)}}))
+                .collect::<Vec<_>>()}],
         },
     });
     if let Some(files) = &spec.tls {
@@ -229,12 +235,18 @@ pub fn grpc(spec: &BootstrapSpec) -> Value {
         }}]),
         None => json!([{"type": "insecure"}]),
     };
+    let servers: Vec<Value> = std::iter::once(spec.xds)
+        .chain(spec.xds_replicas.iter().copied())
+        .map(|a| {
+            json!({
+                "server_uri": a.to_string(),
+                "channel_creds": creds,
+                "server_features": ["xds_v3"],
+            })
+        })
+        .collect();
     json!({
-        "xds_servers": [{
-            "server_uri": spec.xds.to_string(),
-            "channel_creds": creds,
-            "server_features": ["xds_v3"],
-        }],
+        "xds_servers": servers,
         "node": node(spec, "grpc"),
     })
 }

@@ -245,6 +245,8 @@ fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
         locality: Locality::parse("l", "us-east/a").unwrap(),
         labels: Labels::default(),
         xds: "127.0.0.1:15010".parse().unwrap(),
+        // A second control-plane replica: the xDS cluster balances over both.
+        xds_replicas: vec!["127.0.0.2:15010".parse().unwrap()],
         tls: Some(CertFiles {
             cert: paths.cert.clone(),
             key: paths.key.clone(),
@@ -266,6 +268,13 @@ fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
         "{text}"
     );
     assert!(text.contains("strait_tunnel"), "{text}");
+    assert_eq!(
+        json["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "both control-plane replicas"
+    );
 
     assert!(text.contains("strait_workload"), "{text}");
 
@@ -393,6 +402,7 @@ fn envoy_accepts_the_transparent_listener_and_the_passthrough_cluster() {
         locality: Locality::parse("l", "us-east/a").unwrap(),
         labels: Labels::default(),
         xds: "127.0.0.1:15010".parse().unwrap(),
+        xds_replicas: Vec::new(),
         tls: None,
         delta: true,
         admin: "127.0.0.1:15000".parse().unwrap(),

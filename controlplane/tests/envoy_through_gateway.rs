@@ -65,6 +65,7 @@ async fn envoy_fails_over_to_another_cluster_through_the_gateways() {
         locality: Locality::parse("l", "us-west/us-west-1a").unwrap(),
         labels: Labels::default(),
         xds: cp.xds_addr,
+        xds_replicas: Vec::new(),
         tls: Some(CertFiles {
             cert: app_certs.cert.clone(),
             key: app_certs.key.clone(),

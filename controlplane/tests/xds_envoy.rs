@@ -68,6 +68,7 @@ async fn fails_over(delta: bool) {
         locality: Locality::parse("l", "us-east/us-east-1a").unwrap(),
         labels: Labels::default(),
         xds: cp.xds_addr,
+        xds_replicas: Vec::new(),
         tls: None,
         delta,
         admin,

@@ -111,6 +111,7 @@ fn grpc_client(
         locality: Locality::parse("l", "us-east/us-east-1a").unwrap(),
         labels: Labels::default(),
         xds,
+        xds_replicas: Vec::new(),
         tls: None,
         delta: false,
         admin: free_addr(),

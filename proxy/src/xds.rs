@@ -88,12 +88,17 @@ pub struct XdsStatus {
     pub last_nack: Option<String>,
     pub last_error: Option<String>,
     pub connects: u64,
+    /// The control plane (replica) the current or last stream went to.
+    pub server: String,
 }
 
 #[derive(Debug, Clone)]
 pub struct XdsOptions {
     /// The control plane, e.g. `http://127.0.0.1:15010`.
     pub server: String,
+    /// Other replicas of the control plane, tried in turn when a stream to one ends or cannot
+    /// be opened (the config is kept meanwhile, and the next stream resumes from it).
+    pub fallbacks: Vec<String>,
     /// Mutual TLS to the control plane with the workload certificate (the control plane must
     /// present a workload identity of the proxy's own cluster).
     pub tls: Option<Arc<TlsSource>>,
@@ -111,6 +116,7 @@ impl XdsOptions {
     pub fn new(server: impl Into<String>, node: Node) -> Self {
         Self {
             server: server.into(),
+            fallbacks: Vec::new(),
             tls: None,
             node,
             warm_timeout: Duration::from_secs(15),
@@ -169,15 +175,22 @@ async fn run(
         pending_since: Some(Instant::now()),
     };
     let mut delta = options.delta;
+    // Every replica of the control plane, tried in turn.
+    let servers: Vec<String> = std::iter::once(options.server.clone())
+        .chain(options.fallbacks.iter().cloned())
+        .collect();
+    let mut current = 0usize;
     loop {
         status_tx.send_modify(|s| s.connects += 1);
+        let mut this = options.clone();
+        this.server = servers[current % servers.len()].clone();
         let result = if delta {
-            stream_once(&options, &mut state, &config_tx, &status_tx, &mut backoff).await
+            stream_once(&this, &mut state, &config_tx, &status_tx, &mut backoff).await
         } else {
-            stream_sotw(&options, &mut state, &config_tx, &status_tx, &mut backoff).await
+            stream_sotw(&this, &mut state, &config_tx, &status_tx, &mut backoff).await
         };
         if delta && result == DELTA_UNIMPLEMENTED {
-            tracing::warn!(server = %options.server,
+            tracing::warn!(server = %this.server,
                 "the control plane does not serve delta xDS; falling back to state of the world");
             delta = false;
             continue;
@@ -186,9 +199,14 @@ async fn run(
             s.connected = false;
             s.last_error = Some(result.clone());
         });
-        tracing::warn!(server = %options.server, error = %result,
+        current = (current + 1) % servers.len();
+        tracing::warn!(server = %this.server, error = %result, next = %servers[current],
             "xDS stream to the control plane ended; keeping the last good config and reconnecting");
-        tokio::time::sleep(backoff.next_delay()).await;
+        // With several replicas, the next one is tried at once after a stream that was up;
+        // back-off applies when every replica failed in turn.
+        if servers.len() == 1 || current == 0 {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
     }
 }
 
@@ -361,6 +379,7 @@ fn opened(options: &XdsOptions, status_tx: &watch::Sender<XdsStatus>, kind: &str
     status_tx.send_modify(|s| {
         s.connected = true;
         s.last_error = None;
+        s.server = options.server.clone();
     });
     tracing::info!(server = %options.server, "xDS stream open ({kind})");
 }

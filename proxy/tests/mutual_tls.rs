@@ -345,6 +345,7 @@ async fn envoy_reaches_strait_sidecars_with_mutual_tls() {
         locality: Locality::parse("l", "us-west/us-west-1a").unwrap(),
         labels: Labels::default(),
         xds: cp.xds_addr,
+        xds_replicas: Vec::new(),
         tls: Some(CertFiles {
             cert: app_certs.cert.clone(),
             key: app_certs.key.clone(),

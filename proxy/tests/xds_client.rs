@@ -456,3 +456,83 @@ async fn falls_back_to_state_of_the_world_when_delta_is_not_served() {
     server.abort();
     cp.shutdown().await;
 }
+
+/// Two replicas of the control plane: the proxy is given both; when the one it talks to stops
+/// (SIGTERM's path: a graceful shutdown) it moves to the other within a second, keeps its
+/// config meanwhile (never emptied), and follows the other replica — which took the leadership
+/// over and publishes the cluster's changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_to_another_replica_and_keeps_its_config() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let etcd = EtcdServer::start(&d.join("etcd")).expect("etcd");
+    write(&d.join("east.yaml"), &discovery(false, false));
+    let addr = || -> SocketAddr {
+        format!("127.0.0.1:{}", free_port().unwrap())
+            .parse()
+            .unwrap()
+    };
+    let (x1, x2) = (addr(), addr());
+    let cp1 = ControlPlane::start(cp_config(d, &etcd.endpoint(), x1))
+        .await
+        .expect("control plane 1");
+    let cp2 = ControlPlane::start(cp_config(d, &etcd.endpoint(), x2))
+        .await
+        .expect("control plane 2");
+    let mut opts = XdsOptions::new(format!("http://{x1}"), node());
+    opts.fallbacks = vec![format!("http://{x2}")];
+    let client = XdsClient::start(opts);
+    wait_config(&client, "the first complete config", |c| {
+        c.clusters.contains_key("echo.default:8080") && p0(c).len() == 1
+    })
+    .await;
+    assert_eq!(client.status.borrow().server, format!("http://{x1}"));
+
+    // The config the proxy holds may never be emptied from here on.
+    let mut watch = client.config.clone();
+    let emptied = tokio::spawn(async move {
+        while watch.changed().await.is_ok() {
+            if !watch.borrow().clusters.contains_key("echo.default:8080") {
+                return true;
+            }
+        }
+        false
+    });
+    let t = std::time::Instant::now();
+    cp1.shutdown().await;
+    let mut status = client.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        status.wait_for(|s| s.connected && s.server == format!("http://{x2}")),
+    )
+    .await
+    .expect("the proxy did not move to the other replica")
+    .unwrap();
+    let moved = t.elapsed();
+    assert!(moved < Duration::from_secs(1), "moving took {moved:?}");
+    // The other replica publishes the cluster now: a change reaches the proxy through it.
+    write(&d.join("east.yaml"), &discovery(true, false));
+    wait_config(&client, "the change, published by the other replica", |c| {
+        // The new endpoint is in the proxy's own zone: priority 0.
+        p0(c) == [Upstream::Direct("10.0.0.1:8080".parse().unwrap())]
+    })
+    .await;
+    assert!(
+        !emptied.is_finished() || !emptied.await.unwrap(),
+        "the config was emptied"
+    );
+    // ... and into the registry (a replica's own proxies get its discovery file anyway): the
+    // other replica leads now.
+    let cache = federation::registry::RegistryCache::spawn(federation::registry::Backend::Etcd(
+        federation::registry::EtcdBackend::connect(&[etcd.endpoint()], Default::default())
+            .await
+            .unwrap(),
+    ));
+    cache
+        .wait_for(Duration::from_secs(10), |s| s.endpoint_count() == 2)
+        .await
+        .expect("the other replica did not publish the change");
+    println!("moved to the other replica {moved:?} after the first stopped");
+    cp2.shutdown().await;
+}

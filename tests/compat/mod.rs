@@ -327,6 +327,7 @@ fn xds_nodes_of_the_previous_release_still_get_their_view() {
         )]))
         .unwrap(),
         xds: "127.0.0.1:15010".parse().unwrap(),
+        xds_replicas: Vec::new(),
         tls: None,
         delta: false,
         admin: "127.0.0.1:15000".parse().unwrap(),
