@@ -15,12 +15,14 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
     WebhookClientConfig,
 };
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-    Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    HTTPGetAction, Namespace, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
@@ -29,6 +31,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 
 pub const NAMESPACE: &str = "strait-system";
+/// Control planes run as replicas: one publishes the cluster (a leadership key in the
+/// registry), all serve xDS; proxies move between them.
+const CONTROLPLANE_ROLLOUT: Rollout = Rollout::Replicated(2);
+/// One gateway per cluster until gateways run as replicas (peers keep one connection per
+/// cluster today): restarted in place.
+const GATEWAY_ROLLOUT: Rollout = Rollout::Single;
 const CONTROLPLANE: &str = "strait-controlplane";
 const GATEWAY: &str = "strait-gateway";
 
@@ -265,6 +273,16 @@ fn port(name: &str, port: i32, protocol: &str) -> ContainerPort {
 }
 
 /// A Deployment of one `strait` process with its config from a ConfigMap.
+/// How a component is rolled out.
+#[derive(Clone, Copy)]
+enum Rollout {
+    /// Several replicas (one publishes, all serve), replaced one at a time, a new one ready
+    /// before an old one goes; spread over nodes.
+    Replicated(i32),
+    /// One replica, stopped before its successor starts.
+    Single,
+}
+
 fn deployment(
     name: &str,
     values: &Values,
@@ -272,6 +290,7 @@ fn deployment(
     ports: Vec<ContainerPort>,
     admin: i32,
     extra_volumes: Vec<(Volume, VolumeMount)>,
+    rollout: Rollout,
 ) -> Deployment {
     let mut volumes = vec![Volume {
         name: "config".into(),
@@ -289,12 +308,23 @@ fn deployment(
     Deployment {
         metadata: meta(name, name),
         spec: DeploymentSpec {
-            // One publisher per cluster: the registry's entries live under its lease.
-            replicas: Some(1),
+            replicas: Some(match rollout {
+                Rollout::Replicated(n) => n,
+                Rollout::Single => 1,
+            }),
             selector: selector(name),
-            strategy: Some(DeploymentStrategy {
-                type_: Some("Recreate".into()),
-                ..Default::default()
+            strategy: Some(match rollout {
+                Rollout::Replicated(_) => DeploymentStrategy {
+                    type_: Some("RollingUpdate".into()),
+                    rolling_update: Some(RollingUpdateDeployment {
+                        max_surge: Some(IntOrString::Int(1)),
+                        max_unavailable: Some(IntOrString::Int(0)),
+                    }),
+                },
+                Rollout::Single => DeploymentStrategy {
+                    type_: Some("Recreate".into()),
+                    ..Default::default()
+                },
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -302,6 +332,23 @@ fn deployment(
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
+                    affinity: matches!(rollout, Rollout::Replicated(_)).then(|| Affinity {
+                        // Replicas on different nodes when the cluster has them.
+                        pod_anti_affinity: Some(PodAntiAffinity {
+                            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                                WeightedPodAffinityTerm {
+                                    weight: 100,
+                                    pod_affinity_term: PodAffinityTerm {
+                                        label_selector: Some(selector(name)),
+                                        topology_key: "kubernetes.io/hostname".into(),
+                                        ..Default::default()
+                                    },
+                                },
+                            ]),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
                     service_account_name: Some(name.into()),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -349,15 +396,23 @@ fn deployment(
     }
 }
 
-fn pdb(name: &str) -> PodDisruptionBudget {
+fn pdb(name: &str, rollout: Rollout) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: meta(name, name),
-        spec: Some(PodDisruptionBudgetSpec {
+        spec: Some(match rollout {
+            // Replicas: a voluntary disruption never takes the last one.
+            Rollout::Replicated(_) => PodDisruptionBudgetSpec {
+                min_available: Some(IntOrString::Int(1)),
+                selector: Some(selector(name)),
+                ..Default::default()
+            },
             // One replica: a voluntary disruption may take it (a node drain must not hang),
             // never more than one at a time.
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(selector(name)),
-            ..Default::default()
+            Rollout::Single => PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(selector(name)),
+                ..Default::default()
+            },
         }),
         ..Default::default()
     }
@@ -436,7 +491,9 @@ pub fn gateway_config(cluster: &str, values: &Values) -> String {
          cluster: {cluster}\n\
          listen: {{peers: \"0.0.0.0:15443\", ingress: \"0.0.0.0:15008\", admin: \"0.0.0.0:15000\"}}\n\
          tls: {{cert: /etc/strait/tls/cert.pem, key: /etc/strait/tls/key.pem, ca: /etc/strait/tls/ca.pem}}\n\
-         {registry}\n",
+         {registry}\n\
+         # this cluster's endpoints as last learned from the registry, kept across container restarts\n\
+         local_snapshot: /var/lib/strait/local.json\n",
         registry = values.registry_yaml(cluster),
     )
 }
@@ -624,6 +681,7 @@ pub fn manifests(
         .into_iter()
         .chain(etcd_volume.clone())
         .collect(),
+        CONTROLPLANE_ROLLOUT,
     ))));
     out.push(M::Deployment(Box::new(deployment(
         GATEWAY,
@@ -635,16 +693,37 @@ pub fn manifests(
             port("http-admin", 15000, "TCP"),
         ],
         15000,
-        [(
-            secret_volume("tls", "strait-gateway-tls"),
-            mount("tls", "/etc/strait/tls"),
-        )]
+        [
+            (
+                secret_volume("tls", "strait-gateway-tls"),
+                mount("tls", "/etc/strait/tls"),
+            ),
+            (
+                Volume {
+                    name: "state".into(),
+                    empty_dir: Some(Default::default()),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "state".into(),
+                    mount_path: "/var/lib/strait".into(),
+                    ..Default::default()
+                },
+            ),
+        ]
         .into_iter()
         .chain(etcd_volume)
         .collect(),
+        GATEWAY_ROLLOUT,
     ))));
-    out.push(M::PodDisruptionBudget(Box::new(pdb(CONTROLPLANE))));
-    out.push(M::PodDisruptionBudget(Box::new(pdb(GATEWAY))));
+    out.push(M::PodDisruptionBudget(Box::new(pdb(
+        CONTROLPLANE,
+        CONTROLPLANE_ROLLOUT,
+    ))));
+    out.push(M::PodDisruptionBudget(Box::new(pdb(
+        GATEWAY,
+        GATEWAY_ROLLOUT,
+    ))));
     out.push(M::Webhook(Box::new(MutatingWebhookConfiguration {
         metadata: ObjectMeta {
             name: Some("strait-sidecar-injector".into()),
@@ -916,6 +995,19 @@ mod tests {
                         "{name}"
                     );
                     assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
+                    if name == "strait-controlplane" {
+                        // Replicas, replaced one at a time with a new one ready first, spread.
+                        assert_eq!(d["spec"]["replicas"], 2);
+                        assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
+                        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+                        assert!(
+                            pod["affinity"]["podAntiAffinity"].is_object(),
+                            "{name}: no anti-affinity"
+                        );
+                    }
+                }
+                if d["kind"] == "PodDisruptionBudget" && name == "strait-controlplane" {
+                    assert_eq!(d["spec"]["minAvailable"], 1, "the last replica stays");
                 }
                 if d["kind"] == "Service" && name == "strait-gateway-peers" {
                     assert_eq!(d["spec"]["type"], "LoadBalancer");
