@@ -11,5 +11,6 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod resources;
 pub mod server;
+pub mod serving;
 pub mod view;
 pub mod xds;

@@ -295,12 +295,17 @@ impl ControlPlane {
         let (synced_tx, synced_rx) = watch::channel(false);
         let mut status = cache.status_receiver();
         let s_stop = stop.clone();
+        // Synced once the cache is and the snapshots served (`effective`) have caught up with
+        // it: the first generation must not be built from the empty snapshot of before the load.
+        let mut served = effective.clone();
         tasks.push(tokio::spawn(async move {
             let mut last: Option<bool> = None;
             loop {
                 let s = status.borrow_and_update().clone();
                 let ok = matches!(s, CacheStatus::Synced { .. });
-                if ok {
+                if let CacheStatus::Synced { revision } = s
+                    && served.borrow_and_update().revision >= revision
+                {
                     synced_tx.send_replace(true);
                 }
                 if last != Some(ok) {
@@ -317,6 +322,7 @@ impl ControlPlane {
                 }
                 tokio::select! {
                     r = status.changed() => if r.is_err() { return },
+                    r = served.changed() => if r.is_err() { return },
                     () = s_stop.cancelled() => return,
                 }
             }
@@ -339,36 +345,45 @@ impl ControlPlane {
             addr: cfg.xds.listen,
             source,
         })?;
-        let mut builder = tonic::transport::Server::builder()
+        let builder = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-        if let Some(t) = &cfg.xds.tls {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
-            };
-            let identity = tonic::transport::Identity::from_pem(read(&t.cert)?, read(&t.key)?);
-            let tls = tonic::transport::ServerTlsConfig::new()
-                .identity(identity)
-                .client_ca_root(tonic::transport::Certificate::from_pem(read(&t.ca)?));
-            xds.require_workload_of(cfg.cluster.clone());
-            builder = builder
-                .tls_config(tls)
-                .map_err(|e| StartError::Tls(e.to_string()))?;
-        }
         let service =
             AggregatedDiscoveryServiceServer::new(xds.clone()).max_decoding_message_size(4 << 20);
         let s = stop.clone();
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = builder
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, s.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "xDS server failed");
+        match &cfg.xds.tls {
+            Some(t) => {
+                // Our own TLS acceptor: handshakes bounded in time, the certificate reloaded
+                // when its files change (tonic's own TLS never reloads).
+                let tls = crate::serving::ServingTls::load(t.clone()).map_err(StartError::Tls)?;
+                xds.require_workload_of(cfg.cluster.clone());
+                let incoming = crate::serving::incoming(listener, tls, stop.clone(), |_| {});
+                let mut builder = builder;
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = builder
+                        .add_service(service)
+                        .serve_with_incoming_shutdown(incoming, s.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(error = %e, "xDS server failed");
+                    }
+                }));
             }
-        }));
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                let mut builder = builder;
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = builder
+                        .add_service(service)
+                        .serve_with_incoming_shutdown(incoming, s.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(error = %e, "xDS server failed");
+                    }
+                }));
+            }
+        }
 
         // Admin.
         let admin = TcpListener::bind(cfg.admin.listen)

@@ -655,3 +655,117 @@ async fn a_reconnected_delta_proxy_is_told_of_removals_of_what_it_held() {
         r.removed_resources
     );
 }
+
+/// The xDS server's certificate is renewed in place (its files rewritten, as a mounted Secret
+/// or `strait pki issue` does): new connections get the new certificate within a couple of
+/// seconds, an open connection stays up and answers, and a client that takes longer than the
+/// handshake bound to say hello is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_xds_server_picks_up_a_renewed_certificate_without_dropping_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = federation::identity::CertificateAuthority::init(TD, Duration::from_secs(86400))
+        .expect("CA");
+    let cp_id = format!("spiffe://{TD}/cluster/west/ns/strait-system/sa/controlplane");
+    let cp_certs = issue(&ca, d, &cp_id, "cp");
+    let app = issue(
+        &ca,
+        d,
+        &format!("spiffe://{TD}/cluster/west/ns/default/sa/app"),
+        "app",
+    );
+    let cfg = controlplane::config::ControlPlaneConfig::parse(
+        d.join("cp.yaml"),
+        &format!(
+            "cluster: west\nregion: us-west\nregistry: {{embedded: true}}\n\
+             xds: {{listen: \"127.0.0.1:0\", tls: {{cert: {}, key: {}, ca: {}}}}}\n\
+             admin: {{listen: \"127.0.0.1:0\"}}\n",
+            cp_certs.cert.display(),
+            cp_certs.key.display(),
+            cp_certs.ca.display()
+        ),
+    )
+    .unwrap();
+    let cp = controlplane::server::ControlPlane::start(cfg)
+        .await
+        .unwrap();
+    let xds = cp.xds_addr;
+
+    let roots = federation::identity::load_roots(&app.ca).unwrap();
+    let mut client =
+        rustls::ClientConfig::builder_with_provider(federation::identity::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                federation::identity::load_certs(&app.cert).unwrap(),
+                federation::identity::load_private_key(&app.key).unwrap(),
+            )
+            .unwrap();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let connect = || {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(xds).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            connector
+                .connect(name, tcp)
+                .await
+                .expect("TLS to the xDS server")
+        }
+    };
+    let served = |s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+        s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    };
+    let mut held = connect().await;
+    let first = served(&held);
+
+    // Renewed in place.
+    issue(&ca, d, &cp_id, "cp");
+    let t = Instant::now();
+    loop {
+        let fresh = connect().await;
+        if served(&fresh) != first {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "new connections still get the old certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "renewed certificate served {:?} after the files changed",
+        t.elapsed()
+    );
+
+    // The connection opened before still works: HTTP/2's preface gets the server's SETTINGS.
+    held.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), held.read_exact(&mut frame))
+        .await
+        .expect("the old connection answers")
+        .expect("the old connection is open");
+    assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
+
+    // Silence instead of a ClientHello: dropped after the handshake bound.
+    let mut mute = tokio::net::TcpStream::connect(xds).await.unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(20), mute.read(&mut buf))
+        .await
+        .expect("a silent client is never dropped")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        t.elapsed() >= controlplane::serving::HANDSHAKE_TIMEOUT - Duration::from_millis(500),
+        "dropped too early: {:?}",
+        t.elapsed()
+    );
+    cp.shutdown().await;
+}
