@@ -32,6 +32,20 @@ pub enum PkiCommand {
         #[command(subcommand)]
         kind: IssueKind,
     },
+    /// Every certificate in reach, with its identity and expiry: the PEM files under each
+    /// directory (recursively) or named directly. Fails when one has expired or expires within
+    /// `--warn` (default 7 days), so that it can run as a check.
+    Status {
+        /// Directories to search and files to read (e.g. the lab's certs/, /etc/strait).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Flag certificates that expire within this long.
+        #[arg(long, default_value = "7d", value_parser = parse_validity)]
+        warn: Duration,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the identity, role and validity of a certificate (the first one of a PEM file).
     Inspect {
         /// PEM file, e.g. cert.pem or ca.pem.
@@ -122,7 +136,143 @@ pub fn run(cmd: PkiCommand) -> anyhow::Result<()> {
             SpiffeId::workload(td, &cluster, &namespace, &service_account)
         }),
         PkiCommand::Inspect { file, json } => inspect(&file, json),
+        PkiCommand::Status { paths, warn, json } => status(&paths, warn, json),
     }
+}
+
+/// Every `.pem` file under `path` (or `path` itself).
+fn pem_files(path: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if meta.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("{}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for e in entries {
+        if e.is_dir() {
+            pem_files(&e, out)?;
+        } else if e.extension().is_some_and(|x| x == "pem" || x == "crt") {
+            out.push(e);
+        }
+    }
+    Ok(())
+}
+
+/// Writes a command's report; a reader that went away (`| head`) is not an error.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn status(paths: &[PathBuf], warn: Duration, json: bool) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    for p in paths {
+        pem_files(p, &mut files)?;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut rows = Vec::new();
+    let mut trouble = 0usize;
+    for f in &files {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        // Key files and other PEM blocks are not certificates.
+        if !text.contains("-----BEGIN CERTIFICATE-----") {
+            continue;
+        }
+        let info = match identity::inspect_pem(&text) {
+            Ok(i) => i,
+            Err(e) => {
+                rows.push(serde_json::json!({"file": f, "error": e.to_string()}));
+                trouble += 1;
+                continue;
+            }
+        };
+        let left = info.not_after_unix - now;
+        let state = if info.expired {
+            "EXPIRED"
+        } else if left < warn.as_secs() as i64 {
+            "EXPIRES SOON"
+        } else {
+            "ok"
+        };
+        if state != "ok" {
+            trouble += 1;
+        }
+        rows.push(serde_json::json!({
+            "file": f,
+            "role": info.role.as_str(),
+            "identity": info.identity.clone().unwrap_or_else(|| info.subject.clone()),
+            "not_after": info.not_after,
+            "seconds_left": left.max(0),
+            "state": state,
+        }));
+    }
+    let mut out = String::new();
+    if json {
+        out.push_str(&serde_json::to_string_pretty(&rows)?);
+        out.push('\n');
+    } else {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "{:<14} {:<22} {:>9} {:<6} IDENTITY — FILE",
+            "STATE", "NOT AFTER", "DAYS LEFT", "ROLE"
+        );
+        for r in &rows {
+            if let Some(e) = r["error"].as_str() {
+                let _ = writeln!(
+                    out,
+                    "{:<14} {e} — {}",
+                    "UNREADABLE",
+                    r["file"].as_str().unwrap_or("")
+                );
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "{:<14} {:<22} {:>9.1} {:<6} {} — {}",
+                r["state"].as_str().unwrap_or(""),
+                r["not_after"].as_str().unwrap_or(""),
+                r["seconds_left"].as_i64().unwrap_or(0) as f64 / 86400.0,
+                r["role"].as_str().unwrap_or(""),
+                r["identity"].as_str().unwrap_or(""),
+                r["file"].as_str().unwrap_or("")
+            );
+        }
+    }
+    write_stdout(&out)?;
+    if rows.is_empty() {
+        anyhow::bail!(
+            "no certificate found under {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if trouble > 0 {
+        anyhow::bail!(
+            "{trouble} certificate(s) expired, expiring within {} or unreadable",
+            humantime::format_duration(warn)
+        );
+    }
+    Ok(())
 }
 
 fn init(trust_domain: &str, out: &Path, validity: Duration, force: bool) -> anyhow::Result<()> {

@@ -534,6 +534,35 @@ fn pki_commands_issue_and_inspect_identities() {
         String::from_utf8_lossy(&out.stderr).contains("cluster"),
         "bad name error must name the field"
     );
+
+    // `pki status`: every certificate in reach with its expiry; the 1 h workload certificate
+    // fails a 2 h warning, everything passes a 30 min one.
+    let d = dir.path().to_str().unwrap();
+    let out = strait(&["pki", "status", d, "--warn", "30m", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = rows.iter().filter_map(|r| r["identity"].as_str()).collect();
+    for want in [
+        "spiffe://example.org",
+        "spiffe://example.org/cluster/east/gateway",
+        "spiffe://example.org/cluster/east/ns/default/sa/app",
+    ] {
+        assert!(ids.contains(&want), "{want} missing from {ids:?}");
+    }
+    assert!(rows.iter().all(|r| r["state"] == "ok"), "{rows:?}");
+    let out = strait(&["pki", "status", d, "--warn", "2h"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let soon: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("EXPIRES SOON"))
+        .collect();
+    assert!(soon.len() == 1 && soon[0].contains("sa/app"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 certificate(s)"));
 }
 
 #[test]
