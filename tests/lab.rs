@@ -408,6 +408,8 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
     let mut scenarios = SCENARIOS.to_vec();
     // A minute of control-plane outage: here only (the loopback lab runs the restarts).
     scenarios.push("cp-outage");
+    // Every certificate renewed in place under load: here only (one lab suffices).
+    scenarios.push("cert-rotation");
     if state["shaper"] != "iptables" {
         // Delays need tc netem or NFQUEUE (the loopback test runs it in any case).
         scenarios.push("degrade-delay");

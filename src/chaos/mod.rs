@@ -91,6 +91,9 @@ pub enum Action {
         role: Role,
         target: Option<String>,
     },
+    /// Issue every certificate of cluster A anew (gateway, control plane, sidecars), in place:
+    /// each component picks the new ones up from its files.
+    RotateCerts { a: String },
     /// Start a component that is not running and wait until it is ready.
     Start {
         #[arg(value_parser = parse_role)]
@@ -141,6 +144,7 @@ impl Action {
             .replace("  ", " ")
             .trim_end()
             .to_string(),
+            Action::RotateCerts { a } => format!("rotate-certs {a}"),
             Action::Stop { role, target } => {
                 format!("stop {} {}", role.as_str(), target.as_deref().unwrap_or(""))
                     .trim_end()
@@ -325,6 +329,7 @@ pub async fn apply(lab: &mut Lab, action: &Action) -> anyhow::Result<()> {
             lab.save()?;
             wait_started(lab, *role, &chosen).await
         }
+        Action::RotateCerts { a } => lab::rotate_certificates(lab, a),
         Action::Stop { role, target } => {
             let chosen = select(lab, *role, target.as_deref())?;
             for i in chosen {

@@ -1072,8 +1072,36 @@ fn issue_certificates(lab: &Lab) -> anyhow::Result<()> {
     // second can tick between the two.
     let ca = CertificateAuthority::init(TRUST_DOMAIN, Duration::from_secs(31 * 86400))?;
     ca.write(certs.join("ca"), true)?;
-    let validity = Duration::from_secs(30 * 86400);
-    for c in &lab.clusters {
+    issue_cluster_certificates(lab, &ca, None)
+}
+
+/// Issue the certificates of one cluster anew (`strait chaos rotate-certs C`), in place: every
+/// component picks them up from its files, no restart.
+pub fn rotate_certificates(lab: &Lab, cluster: &str) -> anyhow::Result<()> {
+    lab.cluster(cluster)?;
+    let ca = CertificateAuthority::load(lab.dir.join("certs/ca"))
+        .map_err(|e| anyhow::anyhow!("the lab's CA: {e}"))?;
+    issue_cluster_certificates(lab, &ca, Some(cluster))
+}
+
+fn issue_cluster_certificates(
+    lab: &Lab,
+    ca: &CertificateAuthority,
+    only: Option<&str>,
+) -> anyhow::Result<()> {
+    let certs = lab.dir.join("certs");
+    // Within the CA's life (it lives 31 days from `lab up`).
+    let left = ca
+        .not_after()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    let validity =
+        Duration::from_secs(30 * 86400).min(left.saturating_sub(Duration::from_secs(60)));
+    for c in lab
+        .clusters
+        .iter()
+        .filter(|c| only.is_none_or(|o| o == c.name))
+    {
         let names = ExtraNames {
             dns: vec!["localhost".into()],
             ips: vec!["127.0.0.1".parse()?, c.local.into(), c.addr.into()],
