@@ -446,7 +446,7 @@ async fn scale(d: &Path, etcd: &EtcdServer, xds: SocketAddr) {
         cluster: id("east"),
         locality: federation::model::Locality::parse("l", "us-east/us-east-1a").expect("valid"),
         labels: federation::model::Labels::default(),
-        xds,
+        xds: xds.into(),
         xds_replicas: Vec::new(),
         tls: None,
         delta: true,

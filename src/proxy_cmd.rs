@@ -398,9 +398,10 @@ pub struct BootstrapArgs {
     grpc: bool,
     #[command(flatten)]
     node: NodeArgs,
-    /// The control plane's xDS address; several, comma-separated, for its replicas.
+    /// The control plane's xDS address, `IP:PORT` or `NAME:PORT` (a DNS name is checked
+    /// against the control plane's certificate); several, comma-separated, for its replicas.
     #[arg(long, default_value = "127.0.0.1:15010", value_delimiter = ',')]
-    xds: Vec<SocketAddr>,
+    xds: Vec<GatewayAddress>,
     /// Use delta xDS (Envoy).
     #[arg(long)]
     delta: bool,
@@ -448,23 +449,23 @@ pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
                 key: f.key,
                 ca: f.ca,
             });
-            let spec = BootstrapSpec {
-                node_id: a.node.node_id,
-                cluster,
-                locality,
-                labels,
-                xds: *a
-                    .xds
-                    .first()
-                    .ok_or_else(|| anyhow::anyhow!("--xds: give the control plane's address"))?,
-                xds_replicas: a.xds.get(1..).unwrap_or_default().to_vec(),
-                tls,
-                delta: a.delta,
-                admin: a.admin,
-                outbound: a.outbound,
-                transparent: a.transparent,
-                gateway,
-            };
+            let spec =
+                BootstrapSpec {
+                    node_id: a.node.node_id,
+                    cluster,
+                    locality,
+                    labels,
+                    xds: a.xds.first().cloned().ok_or_else(|| {
+                        anyhow::anyhow!("--xds: give the control plane's address")
+                    })?,
+                    xds_replicas: a.xds.get(1..).unwrap_or_default().to_vec(),
+                    tls,
+                    delta: a.delta,
+                    admin: a.admin,
+                    outbound: a.outbound,
+                    transparent: a.transparent,
+                    gateway,
+                };
             let json = if a.envoy {
                 controlplane::bootstrap::envoy(&spec)
             } else {

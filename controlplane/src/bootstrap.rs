@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use federation::model::{ClusterId, Labels, Locality};
+use federation::model::{ClusterId, GatewayAddress, Labels, Locality};
 use serde_json::{Value, json};
 
 use crate::resources::{CA_SECRET, METADATA_NAMESPACE, TUNNEL_LISTENER, WORKLOAD_SECRET};
@@ -37,11 +37,12 @@ pub struct BootstrapSpec {
     pub cluster: ClusterId,
     pub locality: Locality,
     pub labels: Labels,
-    /// The control plane's xDS address.
-    pub xds: SocketAddr,
+    /// The control plane's xDS address: `IP:PORT`, or `NAME:PORT` (a DNS name, checked
+    /// against the control plane's certificate; every address it resolves to is used).
+    pub xds: GatewayAddress,
     /// Other replicas of the control plane (Envoy balances its ADS stream over all of them and
     /// moves to another when one goes; gRPC lists them as further `xds_servers`).
-    pub xds_replicas: Vec<SocketAddr>,
+    pub xds_replicas: Vec<GatewayAddress>,
     /// mTLS to the control plane (and to the gateway) with these workload certificate files.
     pub tls: Option<CertFiles>,
     /// Delta xDS instead of state of the world.
@@ -61,13 +62,22 @@ fn socket(a: SocketAddr) -> Value {
     json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}})
 }
 
-fn tls_context(files: &CertFiles, alpn: &[&str], san: Option<&str>) -> Value {
+fn host_socket(a: &GatewayAddress) -> Value {
+    json!({"socket_address": {"address": a.host(), "port_value": a.port()}})
+}
+
+/// Upstream TLS with the workload certificate; the server must present the SPIFFE ID `san`
+/// (a URI SAN) or the DNS name `dns` (also sent as SNI), when given.
+fn tls_context(files: &CertFiles, alpn: &[&str], san: Option<&str>, dns: Option<&str>) -> Value {
     let mut validation = json!({"trusted_ca": {"filename": files.ca}});
     if let Some(san) = san {
         validation["match_typed_subject_alt_names"] =
             json!([{"san_type": "URI", "matcher": {"exact": san}}]);
+    } else if let Some(dns) = dns {
+        validation["match_typed_subject_alt_names"] =
+            json!([{"san_type": "DNS", "matcher": {"exact": dns}}]);
     }
-    json!({
+    let mut context = json!({
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
@@ -86,7 +96,11 @@ fn tls_context(files: &CertFiles, alpn: &[&str], san: Option<&str>) -> Value {
                 "alpn_protocols": alpn,
             }
         }
-    })
+    });
+    if let Some(dns) = dns {
+        context["typed_config"]["sni"] = json!(dns);
+    }
+    context
 }
 
 fn h2_options() -> Value {
@@ -133,21 +147,27 @@ fn node(spec: &BootstrapSpec, kind: &str) -> Value {
 
 /// The Envoy bootstrap (JSON; Envoy reads it with `-c FILE`).
 pub fn envoy(spec: &BootstrapSpec) -> Value {
+    let servers: Vec<&GatewayAddress> = std::iter::once(&spec.xds)
+        .chain(&spec.xds_replicas)
+        .collect();
+    // A DNS name: every address it resolves to, re-resolved (a Service with several replicas).
+    let named = servers.iter().find(|a| a.socket_addr().is_none());
     let mut xds_cluster = json!({
         "name": "strait_xds",
-        "type": "STATIC",
+        "type": if named.is_some() { "STRICT_DNS" } else { "STATIC" },
         "connect_timeout": "1s",
         "typed_extension_protocol_options": h2_options(),
         "load_assignment": {
             "cluster_name": "strait_xds",
-            "endpoints": [{"lb_endpoints": std::iter::once(spec.xds)
-                .chain(spec.xds_replicas.iter().copied())
-                .map(|a| json!({"endpoint": {"address": socket(a)}}))
+            "endpoints": [{"lb_endpoints": servers
+                .iter()
+                .map(|a| json!({"endpoint": {"address": host_socket(a)}}))
                 .collect::<Vec<_>>()}],
         },
     });
     if let Some(files) = &spec.tls {
-        xds_cluster["transport_socket"] = tls_context(files, &["h2"], None);
+        xds_cluster["transport_socket"] =
+            tls_context(files, &["h2"], None, named.map(|a| a.host()));
     }
     let mut clusters = vec![xds_cluster];
     let mut listeners = Vec::new();
@@ -164,7 +184,7 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
             },
         });
         if let Some(files) = &spec.tls {
-            gw["transport_socket"] = tls_context(files, &["h2"], Some(san));
+            gw["transport_socket"] = tls_context(files, &["h2"], Some(san), None);
         }
         clusters.push(gw);
         listeners.push(json!({
@@ -235,8 +255,9 @@ pub fn grpc(spec: &BootstrapSpec) -> Value {
         }}]),
         None => json!([{"type": "insecure"}]),
     };
-    let servers: Vec<Value> = std::iter::once(spec.xds)
-        .chain(spec.xds_replicas.iter().copied())
+    // gRPC checks the host of `server_uri` (a DNS name or an IP) against the certificate.
+    let servers: Vec<Value> = std::iter::once(&spec.xds)
+        .chain(&spec.xds_replicas)
         .map(|a| {
             json!({
                 "server_uri": a.to_string(),

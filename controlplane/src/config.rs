@@ -37,6 +37,10 @@ pub struct ControlPlaneConfig {
     /// The sidecar-injection webhook (Kubernetes; see docs/kubernetes.md).
     #[serde(default)]
     pub webhook: Option<crate::kubernetes::inject::WebhookConfig>,
+    /// Certificates it issues and renews: its own xDS serving certificate, the gateway's
+    /// (see `crate::certificates`).
+    #[serde(default)]
+    pub certificates: Option<crate::certificates::CertificatesConfig>,
 }
 
 pub use federation::registry::RegistryConfig;
@@ -147,6 +151,24 @@ impl ControlPlaneConfig {
         cfg.registry
             .check(base, true)
             .map_err(|(field, reason)| invalid(field, reason))?;
+        if let Some(c) = &mut cfg.certificates {
+            let kubernetes = cfg
+                .discovery
+                .as_ref()
+                .is_some_and(|d| d.kubernetes.is_some());
+            c.check(base, kubernetes)
+                .map_err(|(field, reason)| invalid(&field, reason))?;
+            // Serving with the certificate it keeps, unless told otherwise.
+            if cfg.xds.tls.is_none()
+                && let Some(dir) = c.controlplane.as_ref().and_then(|k| k.files.as_ref())
+            {
+                cfg.xds.tls = Some(TlsFiles {
+                    cert: dir.join("cert.pem"),
+                    key: dir.join("key.pem"),
+                    ca: dir.join("ca.pem"),
+                });
+            }
+        }
         if cfg.xds.tls.is_none() && !cfg.xds.listen.ip().is_loopback() {
             return Err(invalid(
                 "xds.listen",

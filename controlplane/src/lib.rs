@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bootstrap;
+pub mod certificates;
 pub mod client;
 pub mod config;
 pub mod debug;

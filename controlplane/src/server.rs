@@ -59,6 +59,8 @@ pub enum StartError {
     Tls(String),
     #[error("discovery.kubernetes.identities.ca: {0}")]
     Identities(String),
+    #[error("certificates: {0}")]
+    Certificates(String),
 }
 
 /// A started control plane. Dropping it does not stop it: call [`ControlPlane::shutdown`].
@@ -223,6 +225,25 @@ impl ControlPlane {
                 Self::start_kubernetes(&cfg, k, &backend, &stop, &mut tasks).await?;
             local = Some(desired);
             kube_client = Some(client);
+        }
+        // The certificates it keeps (its own before it serves with it).
+        if let Some(c) = &cfg.certificates {
+            let mut keeper = crate::certificates::Keeper::new(
+                c.clone(),
+                cfg.cluster.to_string(),
+                c.namespace.clone(),
+                kube_client.clone(),
+            )
+            .map_err(StartError::Certificates)?;
+            if let Err(e) = keeper.pass().await
+                && cfg.xds.tls.as_ref().is_some_and(|t| {
+                    federation::identity::load_certs(&t.cert).is_err()
+                        || federation::identity::load_private_key(&t.key).is_err()
+                })
+            {
+                return Err(StartError::Certificates(e));
+            }
+            tasks.push(tokio::spawn(keeper.run(stop.clone())));
         }
         if let Some(d) = &cfg.discovery
             && let Some(file) = &d.file

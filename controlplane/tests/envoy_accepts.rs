@@ -358,6 +358,29 @@ fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
     };
     let (ok, log) = validate_bootstrap(&dir.path().join("clusters.pb"), &pb, Some(&text));
     assert!(ok, "Envoy refused the bootstrap:\n{log}");
+
+    // The control plane by DNS name: resolved (every address), its name checked and sent as SNI.
+    let mut named = spec;
+    named.xds = "strait-controlplane.strait-system.svc:15010"
+        .parse()
+        .unwrap();
+    named.xds_replicas = Vec::new();
+    let json = controlplane::bootstrap::envoy(&named);
+    let xds = &json["static_resources"]["clusters"][0];
+    assert_eq!(xds["type"], "STRICT_DNS", "{xds}");
+    let tls = &xds["transport_socket"]["typed_config"];
+    assert_eq!(tls["sni"], "strait-controlplane.strait-system.svc", "{tls}");
+    assert_eq!(
+        tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"][0],
+        serde_json::json!({"san_type": "DNS", "matcher": {"exact": "strait-controlplane.strait-system.svc"}}),
+        "{tls}"
+    );
+    let (ok, log) = validate_bootstrap(
+        &dir.path().join("empty.pb"),
+        &Bootstrap::default(),
+        Some(&json.to_string()),
+    );
+    assert!(ok, "Envoy refused the bootstrap by name:\n{log}");
 }
 
 fn id_of(c: &str) -> ClusterId {

@@ -64,7 +64,7 @@ async fn envoy_fails_over_to_another_cluster_through_the_gateways() {
         cluster: Name::parse("c", "west").unwrap(),
         locality: Locality::parse("l", "us-west/us-west-1a").unwrap(),
         labels: Labels::default(),
-        xds: cp.xds_addr,
+        xds: cp.xds_addr.into(),
         xds_replicas: Vec::new(),
         tls: Some(CertFiles {
             cert: app_certs.cert.clone(),

@@ -798,8 +798,11 @@ async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keep
     api.put(ACCOUNTS, account("ghost", "default"));
     {
         let mut st = api.store.lock().expect("store");
-        st.namespaces
-            .extend(["shop".to_string(), "plain".to_string()]);
+        st.namespaces.extend([
+            "shop".to_string(),
+            "plain".to_string(),
+            "strait-system".to_string(),
+        ]);
         // A managed identity whose account is gone, and somebody else's Secret.
         st.secrets.insert(
             "shop/strait-identity-gone".into(),
@@ -818,13 +821,35 @@ async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keep
         &format!(
             "cluster: east\nregion: us-east\nregistry: {{etcd: [\"{}\"], lease_ttl: 5s}}\n\
              discovery: {{kubernetes: {{kubeconfig: kube.yaml, identities: {{ca: ca, validity: 1h}}}}}}\n\
+             certificates: {{ca: ca, validity: 1h, gateway: {{secret: strait-gateway-tls, dns_names: [gw.east.example]}}}}\n\
              xds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n",
             reg.etcd.endpoint()
         ),
     )
     .expect("control plane config");
     let cp = common::start_cp_with(&reg, cfg).await;
-    let secrets = || api.store.lock().expect("store").secrets.clone();
+    let all_secrets = || api.store.lock().expect("store").secrets.clone();
+    // The gateway's certificate, issued before the control plane was up: its identity, its
+    // name, labelled as Strait's.
+    let gw = all_secrets()
+        .get("strait-system/strait-gateway-tls")
+        .cloned()
+        .expect("the gateway's Secret is written at start");
+    assert_eq!(
+        gw["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "strait"
+    );
+    let info = federation::identity::inspect_pem(&secret_file(&gw, "cert.pem")).expect("cert");
+    assert_eq!(
+        info.identity.as_deref(),
+        Some("spiffe://test.strait/cluster/east/gateway")
+    );
+    assert_eq!(info.dns_names, ["gw.east.example"]);
+    let secrets = || {
+        let mut s = all_secrets();
+        s.retain(|k, _| k.starts_with("shop/"));
+        s
+    };
     let got = common::wait_for(Duration::from_secs(15), "the identity Secrets", || async {
         let s = secrets();
         if s.contains_key("shop/strait-identity-web")
@@ -912,9 +937,13 @@ async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keep
                     secret_file(o, "ca.pem").trim() == rotated.ca_cert_pem().trim()
                 })
             };
+            let gw_fresh = all_secrets()
+                .get("strait-system/strait-gateway-tls")
+                .is_some_and(|o| secret_file(o, "ca.pem").trim() == rotated.ca_cert_pem().trim());
             if fresh("shop/strait-identity-web")
                 && fresh("shop/strait-identity-default")
                 && fresh("shop/strait-identity-db")
+                && gw_fresh
             {
                 Ok(())
             } else {

@@ -67,7 +67,7 @@ async fn fails_over(delta: bool) {
         cluster: Name::parse("c", "east").unwrap(),
         locality: Locality::parse("l", "us-east/us-east-1a").unwrap(),
         labels: Labels::default(),
-        xds: cp.xds_addr,
+        xds: cp.xds_addr.into(),
         xds_replicas: Vec::new(),
         tls: None,
         delta,

@@ -110,7 +110,7 @@ fn grpc_client(
         cluster: Name::parse("c", "east").unwrap(),
         locality: Locality::parse("l", "us-east/us-east-1a").unwrap(),
         labels: Labels::default(),
-        xds,
+        xds: xds.into(),
         xds_replicas: Vec::new(),
         tls: None,
         delta: false,
@@ -190,5 +190,146 @@ async fn proxyless_grpc_follows_http_rules_by_metadata() {
             "{t} NACKs\n{metrics}"
         );
     }
+    cp.shutdown().await;
+}
+
+/// Certificates without hands: the control plane issues its own xDS serving certificate (with
+/// the DNS name its clients use) and the gateway's from the CA it is given, before it serves;
+/// a proxyless gRPC client bootstrapped by `strait proxy bootstrap --grpc` with mTLS reaches it
+/// by that DNS name (grpcio checks the name against the certificate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxyless_grpc_reaches_the_control_plane_by_name_over_mtls() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path()).await;
+    let (a, _sa) = grpc_server("A").await;
+    let (b, _sb) = grpc_server("B").await;
+    reg.publish(&discovery(a, "healthy", b)).await;
+    let ca =
+        federation::identity::CertificateAuthority::init("lab.strait", Duration::from_secs(86400))
+            .unwrap();
+    ca.write(dir.path().join("ca"), false).unwrap();
+    let client_files = issue(
+        &ca,
+        dir.path(),
+        "spiffe://lab.strait/cluster/east/ns/default/sa/client",
+        "client",
+    );
+    let cfg = controlplane::config::ControlPlaneConfig::parse(
+        dir.path().join("cp.yaml"),
+        &format!(
+            "cluster: east\nregion: us-east\nregistry: {{etcd: [\"{}\"]}}\n\
+             xds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n\
+             certificates:\n  ca: ca\n  validity: 1h\n\
+             \x20 controlplane: {{files: cp-tls, dns_names: [localhost]}}\n\
+             \x20 gateway: {{files: gw-tls, dns_names: [gateway.east.example], ips: [203.0.113.7]}}\n",
+            reg.etcd.endpoint()
+        ),
+    )
+    .expect("control plane config");
+    assert!(
+        !dir.path().join("cp-tls").exists(),
+        "nothing issued by hand"
+    );
+    let cp = start_cp_with(&reg, cfg).await;
+
+    // What it issued: its own identity with the name, the gateway's with its names.
+    let cp_cert = federation::identity::inspect_pem(
+        &std::fs::read_to_string(dir.path().join("cp-tls/cert.pem")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cp_cert.identity.as_deref(),
+        Some("spiffe://lab.strait/cluster/east/ns/strait-system/sa/strait-controlplane")
+    );
+    assert_eq!(cp_cert.dns_names, ["localhost"]);
+    let gw_cert = federation::identity::inspect_pem(
+        &std::fs::read_to_string(dir.path().join("gw-tls/cert.pem")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        gw_cert.identity.as_deref(),
+        Some("spiffe://lab.strait/cluster/east/gateway")
+    );
+    assert_eq!(gw_cert.dns_names, ["gateway.east.example"]);
+    assert_eq!(
+        gw_cert.ip_addresses,
+        ["203.0.113.7".parse::<std::net::IpAddr>().unwrap()]
+    );
+
+    let xds = format!("localhost:{}", cp.xds_addr.port());
+    let mut spec = BootstrapSpec {
+        node_id: "grpc-by-name".into(),
+        cluster: Name::parse("c", "east").unwrap(),
+        locality: Locality::parse("l", "us-east/us-east-1a").unwrap(),
+        labels: Labels::default(),
+        xds: xds.parse().unwrap(),
+        xds_replicas: Vec::new(),
+        tls: Some(controlplane::bootstrap::CertFiles {
+            cert: client_files.cert.clone(),
+            key: client_files.key.clone(),
+            ca: client_files.ca.clone(),
+        }),
+        delta: false,
+        admin: free_addr(),
+        outbound: free_addr(),
+        transparent: None,
+        gateway: None,
+    };
+    let bootstrap = grpc(&spec);
+    assert_eq!(bootstrap["xds_servers"][0]["server_uri"], xds.as_str());
+    assert_eq!(
+        bootstrap["xds_servers"][0]["channel_creds"][0]["type"],
+        "tls"
+    );
+    // By an address the certificate does not name (127.0.0.1): refused, no answer.
+    spec.xds = cp.xds_addr.into();
+    let file = dir.path().join("grpc-by-ip.json");
+    std::fs::write(&file, serde_json::to_vec(&grpc(&spec)).unwrap()).unwrap();
+    let mut child = Command::new(python())
+        .arg(grpc_script())
+        .args(["client", "xds:///echo.default"])
+        .env("GRPC_XDS_BOOTSTRAP", &file)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..2 {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the client answers within 20 s")
+            .unwrap()
+            .unwrap();
+        assert!(
+            line.starts_with("ERR"),
+            "a control plane whose certificate does not name 127.0.0.1 was trusted: {line}"
+        );
+    }
+    drop(Py(child));
+
+    let file = dir.path().join("grpc-by-name.json");
+    std::fs::write(&file, serde_json::to_vec(&bootstrap).unwrap()).unwrap();
+    let mut child = Command::new(python())
+        .arg(grpc_script())
+        .args(["client", "xds:///echo.default"])
+        .env("GRPC_XDS_BOOTSTRAP", &file)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _py = Py(child);
+    expect_all(
+        &mut lines,
+        "A",
+        5,
+        "answers from A, configured over mTLS by name",
+    )
+    .await;
+    let debug = admin_get(cp.admin_addr, "/debug/config?node=grpc-by-name")
+        .await
+        .unwrap();
+    assert!(debug.contains("\"Grpc\""), "{debug}");
     cp.shutdown().await;
 }

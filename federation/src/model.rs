@@ -753,6 +753,22 @@ impl fmt::Debug for GatewayAddress {
     }
 }
 
+impl From<std::net::SocketAddr> for GatewayAddress {
+    fn from(a: std::net::SocketAddr) -> Self {
+        Self {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl std::str::FromStr for GatewayAddress {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        GatewayAddress::parse("address", s)
+    }
+}
+
 impl TryFrom<String> for GatewayAddress {
     type Error = String;
     fn try_from(value: String) -> Result<Self, Self::Error> {

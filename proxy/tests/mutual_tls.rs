@@ -344,7 +344,7 @@ async fn envoy_reaches_strait_sidecars_with_mutual_tls() {
         cluster: Name::parse("c", "west").unwrap(),
         locality: Locality::parse("l", "us-west/us-west-1a").unwrap(),
         labels: Labels::default(),
-        xds: cp.xds_addr,
+        xds: cp.xds_addr.into(),
         xds_replicas: Vec::new(),
         tls: Some(CertFiles {
             cert: app_certs.cert.clone(),

@@ -208,7 +208,7 @@ async fn rules_route_by_host_path_and_header_and_split_by_weight_in_strait_and_e
         cluster: Name::parse("c", "east").unwrap(),
         locality: Locality::parse("l", "us-east/us-east-1a").unwrap(),
         labels: Labels::default(),
-        xds: cp.xds_addr,
+        xds: cp.xds_addr.into(),
         xds_replicas: Vec::new(),
         tls: None,
         delta: true,

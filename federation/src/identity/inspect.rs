@@ -93,6 +93,10 @@ pub struct CertInfo {
     pub is_ca: bool,
     /// How many certificates the PEM holds (2 for a Strait `cert.pem`: leaf and CA).
     pub chain_length: usize,
+    /// DNS name SANs (what clients checking a host name match).
+    pub dns_names: Vec<String>,
+    /// IP address SANs.
+    pub ip_addresses: Vec<std::net::IpAddr>,
 }
 
 impl fmt::Display for CertInfo {
@@ -126,6 +130,13 @@ impl fmt::Display for CertInfo {
         writeln!(f, "expired: {}", self.expired)?;
         if self.not_yet_valid {
             writeln!(f, "not_yet_valid: true")?;
+        }
+        if !self.dns_names.is_empty() {
+            writeln!(f, "dns_names: {}", self.dns_names.join(", "))?;
+        }
+        if !self.ip_addresses.is_empty() {
+            let ips: Vec<String> = self.ip_addresses.iter().map(ToString::to_string).collect();
+            writeln!(f, "ip_addresses: {}", ips.join(", "))?;
         }
         write!(f, "chain_length: {}", self.chain_length)
     }
@@ -180,7 +191,24 @@ pub fn inspect_der(der: &[u8], now: SystemTime) -> Result<CertInfo, IdentityErro
         not_yet_valid: now_unix < not_before_unix,
         is_ca,
         chain_length: 1,
+        dns_names: Vec::new(),
+        ip_addresses: Vec::new(),
     };
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) => info.dns_names.push((*n).to_owned()),
+                GeneralName::IPAddress(b) => {
+                    if let Ok(a) = <[u8; 4]>::try_from(*b) {
+                        info.ip_addresses.push(std::net::IpAddr::from(a));
+                    } else if let Ok(a) = <[u8; 16]>::try_from(*b) {
+                        info.ip_addresses.push(std::net::IpAddr::from(a));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
 
     match single_uri_san(&x509) {
         Ok(uri) if is_ca => {
