@@ -69,6 +69,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             clusters: 3,
             mode: args.mode.clone(),
             name: NAME.into(),
+            replicas: 1,
         };
         let lab = lab::up(&up).await?;
         println!(

@@ -366,7 +366,9 @@ pub fn single_member_args(
     )
 }
 
-fn member_args(
+/// The command line of member `name` of a cluster whose members' peer URLs are
+/// `initial_cluster` (`m0=http://…,m1=http://…`); the lab starts its three members with it.
+pub fn member_args(
     name: &str,
     data_dir: &Path,
     listen_clients: &str,

@@ -307,7 +307,7 @@ pub async fn apply(lab: &mut Lab, action: &Action) -> anyhow::Result<()> {
             Ok(())
         }
         Action::Kill { role, target } => {
-            let chosen = select(lab, *role, target.as_deref())?;
+            let chosen = select(lab, *role, target.as_deref()).await?;
             for i in chosen {
                 let p = &mut lab.processes[i];
                 if lab::alive(p.pid) {
@@ -319,7 +319,7 @@ pub async fn apply(lab: &mut Lab, action: &Action) -> anyhow::Result<()> {
             lab.save()
         }
         Action::Restart { role, target, kill } => {
-            let chosen = select(lab, *role, target.as_deref())?;
+            let chosen = select(lab, *role, target.as_deref()).await?;
             for &i in &chosen {
                 let p = &mut lab.processes[i];
                 let how = if *kill { "KILL" } else { "TERM" };
@@ -331,7 +331,7 @@ pub async fn apply(lab: &mut Lab, action: &Action) -> anyhow::Result<()> {
         }
         Action::RotateCerts { a } => lab::rotate_certificates(lab, a),
         Action::Stop { role, target } => {
-            let chosen = select(lab, *role, target.as_deref())?;
+            let chosen = select(lab, *role, target.as_deref()).await?;
             for i in chosen {
                 let p = &mut lab.processes[i];
                 stop_process(p, "TERM").await;
@@ -340,7 +340,7 @@ pub async fn apply(lab: &mut Lab, action: &Action) -> anyhow::Result<()> {
             lab.save()
         }
         Action::Start { role, target } => {
-            let chosen = select(lab, *role, target.as_deref())?;
+            let chosen = select(lab, *role, target.as_deref()).await?;
             let mut started = Vec::new();
             for i in chosen {
                 let p = &mut lab.processes[i];
@@ -388,15 +388,43 @@ async fn wait_started(lab: &Lab, role: Role, chosen: &[usize]) -> anyhow::Result
     Ok(())
 }
 
-/// The processes an action on `role` and `target` (`A` or `A/ZONE`) means.
-fn select(lab: &Lab, role: Role, target: Option<&str>) -> anyhow::Result<Vec<usize>> {
+/// The processes an action on `role` and `target` means: `A`, `A/ZONE` (echo), `A/I` (control
+/// plane replica I, 0 the first), for etcd nothing (every member), a member's index or `leader`.
+async fn select(lab: &Lab, role: Role, target: Option<&str>) -> anyhow::Result<Vec<usize>> {
+    if role == Role::Etcd {
+        return select_etcd(lab, target).await;
+    }
     let (cluster, zone) = match target {
-        None if role == Role::Etcd => (None, None),
         None => bail!("{}: name the cluster (e.g. `east`)", role.as_str()),
-        Some(_) if role == Role::Etcd => bail!("etcd is global: no cluster to name"),
         Some(t) => match t.split_once('/') {
             Some((c, z)) if role == Role::Echo => (Some(c), Some(z)),
-            Some(_) => bail!("{}: a zone can be named only for echo", role.as_str()),
+            Some((c, r)) if role == Role::Controlplane => {
+                let info = lab.cluster(c)?;
+                let i: usize = r.parse().map_err(|_| {
+                    anyhow::anyhow!("controlplane {t}: `{r}` is not a replica number")
+                })?;
+                if info.controlplane_replica(i).is_none() {
+                    bail!(
+                        "cluster {c} has no control-plane replica {i} (replicas 0 to {})",
+                        info.controlplane_replicas.len()
+                    );
+                }
+                // Replica 0 is the process without a replica number.
+                let want = (i > 0).then(|| i.to_string());
+                return Ok(lab
+                    .processes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| {
+                        p.role == role && p.cluster.as_deref() == Some(c) && p.zone == want
+                    })
+                    .map(|(i, _)| i)
+                    .collect());
+            }
+            Some(_) => bail!(
+                "{}: a zone can be named only for echo, a replica only for controlplane",
+                role.as_str()
+            ),
             None => (Some(t), None),
         },
     };
@@ -426,4 +454,76 @@ fn select(lab: &Lab, role: Role, target: Option<&str>) -> anyhow::Result<Vec<usi
         bail!("no {} {} in this lab", role.as_str(), target.unwrap_or(""));
     }
     Ok(chosen)
+}
+
+/// etcd's processes: every member, member `I`, or the current `leader` (asked of the members).
+async fn select_etcd(lab: &Lab, target: Option<&str>) -> anyhow::Result<Vec<usize>> {
+    let members: Vec<usize> = lab
+        .processes
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.role == Role::Etcd)
+        .map(|(i, _)| i)
+        .collect();
+    let Some(t) = target else {
+        return Ok(members);
+    };
+    let index = if t == "leader" {
+        etcd_leader(lab).await?
+    } else {
+        t.parse::<usize>().map_err(|_| {
+            anyhow::anyhow!("etcd {t}: name a member by its number (0, 1, 2) or `leader`")
+        })?
+    };
+    let found: Vec<usize> = members
+        .into_iter()
+        .filter(|&i| {
+            lab.processes[i].zone.as_deref() == Some(&index.to_string())
+                || (lab.processes[i].zone.is_none() && index == 0)
+        })
+        .collect();
+    if found.is_empty() {
+        bail!(
+            "etcd has no member {index} (members: 0 to {})",
+            lab.etcd.member_addrs().len().saturating_sub(1)
+        );
+    }
+    Ok(found)
+}
+
+/// The index of etcd's leader, from its members' status (the first that answers).
+async fn etcd_leader(lab: &Lab) -> anyhow::Result<usize> {
+    let addrs = lab.etcd.member_addrs();
+    let mut ids = vec![None; addrs.len()];
+    let mut leader = None;
+    let mut errors = Vec::new();
+    for (m, a) in addrs.iter().enumerate() {
+        // Asked in etcd's own namespace (none in loopback mode).
+        match lab::http::post(
+            &lab.etcd.ns,
+            *a,
+            "etcd",
+            "/v3/maintenance/status",
+            "{}",
+            Duration::from_secs(2),
+        )
+        .await
+        {
+            Ok((200, body)) => {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                ids[m] = v["header"]["member_id"].as_str().map(str::to_string);
+                if let Some(l) = v["leader"].as_str() {
+                    leader = Some(l.to_string());
+                }
+            }
+            Ok((status, body)) => errors.push(format!("member {m}: {status} {}", body.trim())),
+            Err(e) => errors.push(format!("member {m}: {e}")),
+        }
+    }
+    let Some(leader) = leader else {
+        bail!("no etcd member named its leader ({})", errors.join("; "));
+    };
+    ids.iter()
+        .position(|id| id.as_deref() == Some(leader.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("etcd's leader {leader} is not a member this lab can reach"))
 }

@@ -20,6 +20,39 @@ pub async fn get(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
+    request(ns, addr, host, http::Method::GET, path, None, timeout).await
+}
+
+/// `POST http://HOST/PATH` with a JSON `body`, like [`get`].
+pub async fn post(
+    ns: &str,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    request(
+        ns,
+        addr,
+        host,
+        http::Method::POST,
+        path,
+        Some(body),
+        timeout,
+    )
+    .await
+}
+
+async fn request(
+    ns: &str,
+    addr: SocketAddr,
+    host: &str,
+    method: http::Method,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
     let fut = async {
         let stream = super::netns::connect(ns, addr)
             .await
@@ -28,14 +61,22 @@ pub async fn get(
             .await
             .map_err(|e| format!("handshake with {addr}: {e}"))?;
         let driver = tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header(http::header::HOST, host)
-            .body(Empty::<Bytes>::new())
+        let mut req = http::Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(http::header::HOST, host);
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(http_body_util::Full::new(Bytes::from(
+                body.unwrap_or_default().to_string(),
+            )))
             .map_err(|e| format!("request: {e}"))?;
         let resp = send
             .send_request(req)
             .await
-            .map_err(|e| format!("GET {path} from {addr}: {e}"))?;
+            .map_err(|e| format!("{method} {path} from {addr}: {e}"))?;
         let status = resp.status().as_u16();
         let body = resp
             .into_body()

@@ -93,6 +93,11 @@ pub struct UpArgs {
     /// The lab's name: its namespaces are `strait-NAME-…`.
     #[arg(long, default_value = "lab")]
     pub name: String,
+    /// Control-plane replicas per cluster (all serve xDS, every sidecar is given all of them,
+    /// one publishes); with 2 or more, etcd runs as a three-member cluster. The gateway stays
+    /// one per cluster.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub replicas: u8,
 }
 
 pub async fn run(cmd: LabCommand) -> anyhow::Result<()> {
@@ -147,6 +152,11 @@ const TRUST_DOMAIN: &str = "lab.strait";
 /// The ports of the gateways' QUIC listeners and of etcd's clients.
 const PEERS_PORT: u16 = 15443;
 const ETCD_PORT: u16 = 2379;
+/// With several etcd members, member `i` listens on `ETCD_PORT + i * ETCD_MEMBER_STRIDE` (and
+/// its peer port one above).
+const ETCD_MEMBER_STRIDE: u16 = 10;
+/// Control-plane replica `i` listens on the first replica's ports plus `i * CP_REPLICA_STRIDE`.
+const CP_REPLICA_STRIDE: u16 = 100;
 /// Loopback mode: the relay process's control port (on etcd's place, 127.1.0.1).
 const RELAY_CONTROL_PORT: u16 = 15900;
 /// One-way delay of a link within a region, and between regions.
@@ -222,6 +232,13 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         etcd: EtcdInfo {
             ns: etcd_ns.clone(),
             addr: SocketAddr::new(etcd_ip.into(), ETCD_PORT),
+            members: if args.replicas > 1 {
+                (0..3u16)
+                    .map(|m| SocketAddr::new(etcd_ip.into(), ETCD_PORT + m * ETCD_MEMBER_STRIDE))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         },
         clusters: Vec::new(),
         links: Vec::new(),
@@ -248,6 +265,18 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
             .filter(|s| runs_service(i, s.0))
             .map(|(s, port, _, _)| format!("{s}.default:{port}"))
             .collect();
+        let etcd_via_more = match etcd_via {
+            Some(v) if args.replicas > 1 => (1..3u16)
+                .map(|m| SocketAddr::new(v.ip(), ETCD_PORT + m * ETCD_MEMBER_STRIDE))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let controlplane_replicas = (1..u16::from(args.replicas))
+            .map(|r| ControlPlaneInfo {
+                xds: SocketAddr::new(lo.into(), 15010 + r * CP_REPLICA_STRIDE),
+                admin: SocketAddr::new(lo.into(), 15014 + r * CP_REPLICA_STRIDE),
+            })
+            .collect();
         lab.clusters.push(ClusterInfo {
             name: name.to_string(),
             region: region.to_string(),
@@ -255,6 +284,8 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
             addr,
             local: lo,
             etcd_via,
+            etcd_via_more,
+            controlplane_replicas,
             zones: ZONES.iter().map(|z| z.to_string()).collect(),
             services,
             gateway: GatewayInfo {
@@ -278,10 +309,10 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
 
     if loopback {
         // The addresses are fixed: a second loopback lab would collide with a running one.
-        for addr in [
-            lab.etcd.addr,
-            SocketAddr::new(loopback_ip(0, 1).into(), RELAY_CONTROL_PORT),
-        ] {
+        for addr in lab.etcd.member_addrs().into_iter().chain([SocketAddr::new(
+            loopback_ip(0, 1).into(),
+            RELAY_CONTROL_PORT,
+        )]) {
             if let Err(e) = std::net::TcpListener::bind(addr) {
                 bail!(
                     "loopback mode: {addr} is taken ({e}): another loopback lab runs on this machine; \
@@ -305,35 +336,72 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     say("issuing the federation's certificates");
     issue_certificates(&lab)?;
 
-    say("starting etcd");
-    let etcd_data = dir.join("etcd");
     let etcd_url = format!("http://{}", lab.etcd.addr);
-    let (client_urls, peer_url) = if loopback {
-        (
-            etcd_url.clone(),
-            format!("http://{}:{}", lab.etcd.addr.ip(), ETCD_PORT + 1),
-        )
+    let members = lab.etcd.member_addrs();
+    say(&if members.len() > 1 {
+        format!("starting etcd: {} members", members.len())
     } else {
-        (
-            format!("{etcd_url},http://127.0.0.1:{ETCD_PORT}"),
-            format!("http://127.0.0.1:{}", ETCD_PORT + 1),
-        )
+        "starting etcd".to_string()
+    });
+    // Member i: clients on its address (and, in netns mode, on 127.0.0.1 in etcd's namespace),
+    // peers one port above.
+    let peer_host = if loopback {
+        lab.etcd.addr.ip().to_string()
+    } else {
+        "127.0.0.1".to_string()
     };
-    let etcd_args =
-        federation::etcd_server::single_member_args(&etcd_data, &client_urls, &etcd_url, &peer_url);
+    let peer_url = |a: &SocketAddr| format!("http://{peer_host}:{}", a.port() + 1);
+    let initial: Vec<String> = members
+        .iter()
+        .enumerate()
+        .map(|(m, a)| format!("m{m}={}", peer_url(a)))
+        .collect();
     let etcd_bin = std::env::var("STRAIT_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-    let mut etcd = Proc {
-        role: Role::Etcd,
-        cluster: None,
-        zone: None,
-        ns: etcd_ns.clone(),
-        pid: 0,
-        program: etcd_bin,
-        args: etcd_args,
-        log: dir.join("logs/etcd.log"),
-    };
-    spawn(&mut etcd)?;
-    lab.processes.push(etcd);
+    for (m, a) in members.iter().enumerate() {
+        let url = format!("http://{a}");
+        let client_urls = if loopback {
+            url.clone()
+        } else {
+            format!("{url},http://127.0.0.1:{}", a.port())
+        };
+        let (etcd_args, zone, log) = if members.len() == 1 {
+            (
+                federation::etcd_server::single_member_args(
+                    &dir.join("etcd"),
+                    &client_urls,
+                    &url,
+                    &peer_url(a),
+                ),
+                None,
+                dir.join("logs/etcd.log"),
+            )
+        } else {
+            (
+                federation::etcd_server::member_args(
+                    &format!("m{m}"),
+                    &dir.join(format!("etcd/m{m}")),
+                    &client_urls,
+                    &url,
+                    &peer_url(a),
+                    &initial.join(","),
+                ),
+                Some(m.to_string()),
+                dir.join(format!("logs/etcd-{m}.log")),
+            )
+        };
+        let mut etcd = Proc {
+            role: Role::Etcd,
+            cluster: None,
+            zone,
+            ns: etcd_ns.clone(),
+            pid: 0,
+            program: etcd_bin.clone(),
+            args: etcd_args,
+            log,
+        };
+        spawn(&mut etcd)?;
+        lab.processes.push(etcd);
+    }
     lab.save()?;
     wait_ready(&lab, Role::Etcd, None, Duration::from_secs(30)).await?;
 
@@ -381,10 +449,17 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         let cdir = dir.join(&c.name);
         std::fs::create_dir_all(&cdir)?;
         std::fs::write(cdir.join("discovery.yaml"), discovery_yaml(i, &c))?;
-        let etcd = c
-            .etcd_via
-            .map_or_else(|| etcd_url.clone(), |a| format!("http://{a}"));
-        std::fs::write(cdir.join("controlplane.yaml"), controlplane_yaml(&c, &etcd))?;
+        let etcd = etcd_endpoints(&lab, &c);
+        std::fs::write(
+            cdir.join("controlplane.yaml"),
+            controlplane_yaml(&c, &etcd, &c.controlplane),
+        )?;
+        for (r, replica) in c.controlplane_replicas.iter().enumerate() {
+            std::fs::write(
+                cdir.join(format!("controlplane-{}.yaml", r + 1)),
+                controlplane_yaml(&c, &etcd, replica),
+            )?;
+        }
         std::fs::write(
             cdir.join("gateway.yaml"),
             gateway_yaml(&c, &etcd, &static_peers(&lab, &c)),
@@ -458,6 +533,22 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
             ],
             &format!("controlplane-{}", c.name),
         ));
+        for r in 1..=c.controlplane_replicas.len() {
+            let replica = r.to_string();
+            procs.push(proc_of(
+                &lab,
+                &exe,
+                Role::Controlplane,
+                &c,
+                Some(&replica),
+                vec![
+                    "controlplane".into(),
+                    "--config".into(),
+                    cfg(&format!("controlplane-{r}.yaml")),
+                ],
+                &format!("controlplane-{}-{r}", c.name),
+            ));
+        }
         procs.push(proc_of(
             &lab,
             &exe,
@@ -559,7 +650,11 @@ fn proxy_args(
         "--locality".into(),
         format!("{}/{zone}", c.region),
         "--xds".into(),
-        c.controlplane.xds.to_string(),
+        c.xds_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         "--outbound".into(),
         outbound.to_string(),
         "--admin".into(),
@@ -896,14 +991,20 @@ fn build_relays(lab: &mut Lab) -> anyhow::Result<()> {
             state: LinkState::Up,
             queues: None,
         };
-        paths.push(relay::PathPlan {
-            a: c.name.clone(),
-            b: "etcd".into(),
-            kind: relay::PathKind::Tcp,
-            listen,
-            target: lab.etcd.addr,
-            shape: relay_shape(&link),
-        });
+        // One relay per etcd member, all on the cluster's one link to etcd.
+        for (listen, target) in std::iter::once(listen)
+            .chain(c.etcd_via_more.iter().copied())
+            .zip(lab.etcd.member_addrs())
+        {
+            paths.push(relay::PathPlan {
+                a: c.name.clone(),
+                b: "etcd".into(),
+                kind: relay::PathKind::Tcp,
+                listen,
+                target,
+                shape: relay_shape(&link),
+            });
+        }
         lab.links.push(link);
     }
     let control = SocketAddr::new(loopback_ip(0, 1).into(), RELAY_CONTROL_PORT);
@@ -1159,14 +1260,30 @@ fn discovery_yaml(index: usize, c: &ClusterInfo) -> String {
     s
 }
 
-fn controlplane_yaml(c: &ClusterInfo, etcd: &str) -> String {
+/// The etcd endpoints cluster `c` uses, YAML-quoted and comma-separated: every member, through
+/// the cluster's relays in loopback mode.
+fn etcd_endpoints(lab: &Lab, c: &ClusterInfo) -> String {
+    let addrs: Vec<SocketAddr> = match c.etcd_via {
+        Some(v) => std::iter::once(v)
+            .chain(c.etcd_via_more.iter().copied())
+            .collect(),
+        None => lab.etcd.member_addrs(),
+    };
+    addrs
+        .iter()
+        .map(|a| format!("\"http://{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn controlplane_yaml(c: &ClusterInfo, etcd: &str, me: &ControlPlaneInfo) -> String {
     let certs = format!("../certs/{}-controlplane", c.name);
     format!(
-        "cluster: {}\nregion: {}\nregistry: {{etcd: [\"{etcd}\"], lease_ttl: 5s}}\n\
+        "cluster: {}\nregion: {}\nregistry: {{etcd: [{etcd}], lease_ttl: 5s}}\n\
          discovery: {{file: discovery.yaml, poll: 1s}}\n\
          xds: {{listen: \"{}\", tls: {{cert: {certs}/cert.pem, key: {certs}/key.pem, ca: {certs}/ca.pem}}}}\n\
          gateway: {{ingress: \"{}\"}}\nadmin: {{listen: \"{}\"}}\n",
-        c.name, c.region, c.controlplane.xds, c.gateway.ingress, c.controlplane.admin
+        c.name, c.region, me.xds, c.gateway.ingress, me.admin
     )
 }
 
@@ -1175,7 +1292,7 @@ fn gateway_yaml(c: &ClusterInfo, etcd: &str, peers: &[(String, SocketAddr)]) -> 
     let mut s = format!(
         "cluster: {}\nlisten: {{peers: \"{}\", ingress: \"{}\", admin: \"{}\"}}\n\
          tls: {{cert: {certs}/cert.pem, key: {certs}/key.pem, ca: {certs}/ca.pem}}\n\
-         registry: {{etcd: [\"{etcd}\"], lease_ttl: 5s}}\ndiscovery: {{file: discovery.yaml}}\n",
+         registry: {{etcd: [{etcd}], lease_ttl: 5s}}\ndiscovery: {{file: discovery.yaml}}\n",
         c.name, c.gateway.peers, c.gateway.ingress, c.gateway.admin
     );
     if !peers.is_empty() {
@@ -1267,7 +1384,8 @@ async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
                 .map_err(|e| format!("shaper probe: {e}"))?
         }
         Role::Etcd => {
-            let (_, body) = http::get(&p.ns, lab.etcd.addr, "etcd", "/health", t).await?;
+            let addr = etcd_member_addr(lab, p);
+            let (_, body) = http::get(&p.ns, addr, "etcd", "/health", t).await?;
             if body.contains("true") {
                 Ok(())
             } else {
@@ -1279,7 +1397,16 @@ async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
             let c = lab.cluster(name).map_err(|e| e.to_string())?;
             match p.role {
                 Role::Controlplane => {
-                    ok(http::get(&c.ns, c.controlplane.admin, "cp", "/ready", t).await?)
+                    let replica = p
+                        .zone
+                        .as_deref()
+                        .and_then(|r| r.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    let admin = c
+                        .controlplane_replica(replica)
+                        .ok_or_else(|| format!("no control-plane replica {replica}"))?
+                        .admin;
+                    ok(http::get(&c.ns, admin, "cp", "/ready", t).await?)
                 }
                 Role::Gateway => ok(http::get(&c.ns, c.gateway.admin, "gw", "/ready", t).await?),
                 Role::Client => ok(http::get(&c.ns, c.client.admin, "proxy", "/ready", t).await?),
@@ -1305,6 +1432,15 @@ async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
             }
         }
     }
+}
+
+/// The client address of the etcd member `p` (its `zone` is the member's index).
+pub fn etcd_member_addr(lab: &Lab, p: &Proc) -> SocketAddr {
+    p.zone
+        .as_deref()
+        .and_then(|m| m.parse::<usize>().ok())
+        .and_then(|m| lab.etcd.member_addrs().get(m).copied())
+        .unwrap_or(lab.etcd.addr)
 }
 
 /// Link states as `c`'s gateway reports them: (peer, state).
@@ -1440,7 +1576,12 @@ async fn print_status(lab: &Lab, json: bool) {
         lab.name,
         lab.mode,
         lab.dir.display(),
-        lab.etcd.addr,
+        lab.etcd
+            .member_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         place(&lab.etcd.ns)
     );
     for c in &lab.clusters {
@@ -1460,6 +1601,14 @@ async fn print_status(lab: &Lab, json: bool) {
             "    controlplane  xDS {}  admin {}",
             c.controlplane.xds, c.controlplane.admin
         );
+        for (r, replica) in c.controlplane_replicas.iter().enumerate() {
+            println!(
+                "    controlplane  xDS {}  admin {}  (replica {})",
+                replica.xds,
+                replica.admin,
+                r + 1
+            );
+        }
         println!(
             "    client        outbound {}  admin {}  ({})",
             c.client.outbound, c.client.admin, c.client.zone

@@ -37,8 +37,22 @@ pub struct Lab {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct EtcdInfo {
     pub ns: String,
-    /// The address clusters reach it on.
+    /// The address clusters reach it on (the first member's).
     pub addr: SocketAddr,
+    /// Every member's client address, when etcd has several (`lab up --replicas 2`: three).
+    #[serde(default)]
+    pub members: Vec<SocketAddr>,
+}
+
+impl EtcdInfo {
+    /// Every member's client address (one for a single-member etcd).
+    pub fn member_addrs(&self) -> Vec<SocketAddr> {
+        if self.members.is_empty() {
+            vec![self.addr]
+        } else {
+            self.members.clone()
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -58,12 +72,36 @@ pub struct ClusterInfo {
     /// its relay to etcd).
     #[serde(default)]
     pub etcd_via: Option<SocketAddr>,
+    /// Loopback mode with several etcd members: its relay to each further member.
+    #[serde(default)]
+    pub etcd_via_more: Vec<SocketAddr>,
     pub zones: Vec<String>,
     /// `name.namespace:port` of every service running here.
     pub services: Vec<String>,
     pub gateway: GatewayInfo,
     pub controlplane: ControlPlaneInfo,
+    /// Further control-plane replicas (`lab up --replicas N`): replica 1, 2, …
+    #[serde(default)]
+    pub controlplane_replicas: Vec<ControlPlaneInfo>,
     pub client: ClientInfo,
+}
+
+impl ClusterInfo {
+    /// Control-plane replica `i` (0 is `controlplane`).
+    pub fn controlplane_replica(&self, i: usize) -> Option<&ControlPlaneInfo> {
+        match i {
+            0 => Some(&self.controlplane),
+            _ => self.controlplane_replicas.get(i - 1),
+        }
+    }
+
+    /// Every control plane's xDS address, replica 0 first.
+    pub fn xds_addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(&self.controlplane)
+            .chain(&self.controlplane_replicas)
+            .map(|c| c.xds)
+            .collect()
+    }
 }
 
 fn localhost() -> Ipv4Addr {
@@ -165,11 +203,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// `gateway east`, `echo east/zone-a`, `etcd`.
+    /// `gateway east`, `echo east/zone-a`, `controlplane east/1` (a replica), `etcd`, `etcd 2`
+    /// (a member).
     pub fn label(&self) -> String {
         match (&self.cluster, &self.zone) {
             (Some(c), Some(z)) => format!("{} {c}/{z}", self.role.as_str()),
             (Some(c), None) => format!("{} {c}", self.role.as_str()),
+            (None, Some(m)) => format!("{} {m}", self.role.as_str()),
             _ => self.role.as_str().to_string(),
         }
     }

@@ -197,3 +197,73 @@ pub fn an_isolated_cluster_leaves_the_registry_within_its_lease(
         },
     );
 }
+
+/// etcd's current revision (asked of the member at `etcd`, from namespace `ns`, "" for none).
+pub fn etcd_revision(ns: &str, etcd: &str) -> i64 {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD.encode("/");
+    let out = curl_in(
+        ns,
+        &["-s", "-m", "5", &format!("{etcd}/v3/kv/range")],
+        &format!("{{\"key\": \"{key}\", \"count_only\": true}}"),
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("etcd's range answer `{out}`: {e}"));
+    v["header"]["revision"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {out}"))
+}
+
+/// What etcd itself records for keys under `prefix` after revision `from` (a watch from that
+/// revision, which etcd replays from its history): (`PUT` or `DELETE`, key) per event.
+pub fn etcd_history(ns: &str, etcd: &str, prefix: &str, from: i64) -> Vec<(String, String)> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    let request = format!(
+        "{{\"create_request\": {{\"key\": \"{}\", \"range_end\": \"{}\", \"start_revision\": {}}}}}",
+        b64.encode(prefix),
+        b64.encode(&end),
+        from + 1
+    );
+    // The stream stays open: what etcd replays arrives at once, the time limit ends it.
+    let out = curl_in(
+        ns,
+        &["-s", "-N", "-m", "3", &format!("{etcd}/v3/watch")],
+        &request,
+    );
+    let mut events = Vec::new();
+    let mut de = serde_json::Deserializer::from_str(&out).into_iter::<serde_json::Value>();
+    while let Some(Ok(v)) = de.next() {
+        for e in v["result"]["events"].as_array().into_iter().flatten() {
+            let kind = e["type"].as_str().unwrap_or("PUT").to_string();
+            let key = e["kv"]["key"]
+                .as_str()
+                .and_then(|k| b64.decode(k).ok())
+                .map(|k| String::from_utf8_lossy(&k).into_owned())
+                .unwrap_or_default();
+            events.push((kind, key));
+        }
+    }
+    events
+}
+
+fn curl_in(ns: &str, args: &[&str], body: &str) -> String {
+    let mut c = if ns.is_empty() {
+        Command::new("curl")
+    } else {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "curl"]);
+        c
+    };
+    let out = c
+        .args(args)
+        .args(["-H", "Content-Type: application/json", "-d", body])
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
