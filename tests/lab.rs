@@ -373,8 +373,8 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
     let shaper = usize::from(state["shaper"] == "nfqueue");
     assert_eq!(
         state["processes"].as_array().map(Vec::len),
-        Some(22 + shaper),
-        "etcd; per cluster a control plane, a gateway, a client, and per zone echo replicas and their sidecar; the NFQUEUE shaper without netem"
+        Some(27 + shaper),
+        "three etcd members; per cluster two control planes, a gateway, a client, and per zone echo replicas and their sidecar; the NFQUEUE shaper without netem"
     );
     let east = &state["clusters"][0];
     assert_eq!(east["name"], "east");
