@@ -77,8 +77,19 @@ fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
         name: name.clone(),
     };
 
+    // As in netns mode: two control planes per cluster and a three-member etcd (reached
+    // through a relay per member).
     let up = strait(&[
-        "lab", "up", "--mode", "loopback", "--dir", &dir, "--name", &name,
+        "lab",
+        "up",
+        "--mode",
+        "loopback",
+        "--dir",
+        &dir,
+        "--name",
+        &name,
+        "--replicas",
+        "2",
     ]);
     assert!(up.status.success(), "lab up failed:\n{}", text(&up));
     let state = lab_state(&dir);
@@ -102,8 +113,8 @@ fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
     );
     assert_eq!(
         state["processes"].as_array().map(Vec::len),
-        Some(23),
-        "the netns lab's 22 processes and the relay process"
+        Some(28),
+        "the netns lab's 27 processes (with --replicas 2) and the relay process"
     );
     assert_eq!(state["links"].as_array().map(Vec::len), Some(6));
     let control = state["relay"]
@@ -154,7 +165,10 @@ fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
     let dropped_before = dropped(&control, "east", "west") + dropped(&control, "west", "east");
     let mut failures = Vec::new();
     let etcd = format!("http://{}", state["etcd"]["addr"].as_str().expect("etcd"));
-    for name in SCENARIOS.iter().chain(&["degrade-delay"]) {
+    for name in SCENARIOS
+        .iter()
+        .chain(&["degrade-delay", "rolling-restart", "etcd-leader-loss"])
+    {
         // Restarts are not withdrawals: etcd's own history shows west's record taken over by
         // each successor (a put under its lease), never deleted.
         let before = lab_common::etcd_revision("", &etcd);
