@@ -175,19 +175,13 @@ fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
         let (ok, v, out) = run(&dir, &reports, &scenario(name));
         print_measured(name, &v);
         if *name == "cp-restart" {
-            let events = lab_common::etcd_history("", &etcd, "/strait/v1/clusters/", before);
-            let deletes: Vec<_> = events.iter().filter(|(k, _)| k == "DELETE").collect();
-            assert!(
-                deletes.is_empty(),
-                "cluster records deleted during graceful restarts: {deletes:?}"
-            );
-            let takeovers = events
-                .iter()
-                .filter(|(k, key)| k == "PUT" && key == "/strait/v1/clusters/west")
-                .count();
-            assert!(
-                takeovers >= 5,
-                "five restarts, {takeovers} takeovers of west's record: {events:?}"
+            lab_common::assert_records_taken_over_never_deleted(
+                "",
+                &etcd,
+                before,
+                &["west"],
+                5,
+                "five graceful restarts",
             );
         }
         if !ok {

@@ -32,15 +32,13 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use federation::identity::{CertificateAuthority, ExtraNames, SpiffeId, inspect_pem};
-use k8s_openapi::ByteString;
+use federation::identity::{CertificateAuthority, ExtraNames, IssuedCert, SpiffeId, inspect_pem};
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::kubernetes::identities::IDENTITY_ANNOTATION;
+use crate::kubernetes::identities;
 use crate::kubernetes::imports::{FIELD_MANAGER, MANAGED_BY};
 
 /// How often the certificates are checked (cheap: a file or a Secret read and parsed).
@@ -317,17 +315,14 @@ pub fn renewal_due(
     if h.ca_pem.trim() != ca_pem.trim() {
         return Some("another CA");
     }
-    if now_unix >= crate::kubernetes::identities::renew_at(h.not_after_unix, validity) {
+    if now_unix >= identities::renew_at(h.not_after_unix, validity) {
         return Some("expiring");
     }
     None
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    identities::unix(SystemTime::now())
 }
 
 fn read_files(dir: &Path) -> Option<Held> {
@@ -336,35 +331,8 @@ fn read_files(dir: &Path) -> Option<Held> {
 }
 
 fn read_secret(secret: &Secret) -> Option<Held> {
-    let data = secret.data.as_ref()?;
-    let text = |k: &str| {
-        data.get(k)
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-    };
+    let text = |k: &str| identities::secret_text(secret, k);
     Held::parse(&text("cert.pem")?, &text("key.pem")?, &text("ca.pem")?)
-}
-
-fn secret_of(namespace: &str, name: &str, cert: &federation::identity::IssuedCert) -> Secret {
-    let data: BTreeMap<String, ByteString> = [
-        ("cert.pem", cert.chain_pem().into_bytes()),
-        ("key.pem", cert.key_pem().as_bytes().to_vec()),
-        ("ca.pem", cert.ca_pem().as_bytes().to_vec()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), ByteString(v)))
-    .collect();
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            namespace: Some(namespace.to_string()),
-            labels: Some([(MANAGED_BY.to_string(), "strait".to_string())].into()),
-            annotations: Some([(IDENTITY_ANNOTATION.to_string(), cert.id().to_string())].into()),
-            ..Default::default()
-        },
-        type_: Some("Opaque".into()),
-        data: Some(data),
-        ..Default::default()
-    }
 }
 
 /// Keeps the wanted certificates current.
@@ -377,17 +345,6 @@ pub struct Keeper {
     ca_stamp: Vec<Option<(SystemTime, u64)>>,
     /// The last problem reported per certificate (reported once, not every pass).
     problems: BTreeMap<&'static str, String>,
-}
-
-fn ca_stamp(dir: &Path) -> Vec<Option<(SystemTime, u64)>> {
-    ["ca.pem", "ca.key"]
-        .iter()
-        .map(|f| {
-            std::fs::metadata(dir.join(f))
-                .ok()
-                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
-        })
-        .collect()
 }
 
 impl Keeper {
@@ -403,7 +360,7 @@ impl Keeper {
         // Fail now on an identity that cannot be.
         wanted(&cfg, &ca, &cluster, &namespace)?;
         Ok(Self {
-            ca_stamp: ca_stamp(&cfg.ca),
+            ca_stamp: identities::ca_stamp(&cfg.ca),
             cfg,
             cluster,
             namespace,
@@ -416,7 +373,7 @@ impl Keeper {
     /// One pass over every certificate; returns how many were (re)issued, or the first
     /// failure (the others were still tried).
     pub async fn pass(&mut self) -> Result<usize, String> {
-        let stamp = ca_stamp(&self.cfg.ca);
+        let stamp = identities::ca_stamp(&self.cfg.ca);
         if stamp != self.ca_stamp {
             match CertificateAuthority::load(&self.cfg.ca) {
                 Ok(ca) => {
@@ -458,6 +415,12 @@ impl Keeper {
         }
     }
 
+    fn issue(&self, w: &Wanted) -> Result<IssuedCert, String> {
+        self.ca
+            .issue_with_names(&w.id, self.cfg.validity, &w.names)
+            .map_err(|e| format!("cannot issue: {e}"))
+    }
+
     async fn keep(&self, w: &Wanted) -> Result<usize, String> {
         let ca_pem = self.ca.ca_cert_pem();
         let now = unix_now();
@@ -468,10 +431,7 @@ impl Keeper {
                 else {
                     return Ok(0);
                 };
-                let cert = self
-                    .ca
-                    .issue_with_names(&w.id, self.cfg.validity, &w.names)
-                    .map_err(|e| format!("cannot issue: {e}"))?;
+                let cert = self.issue(w)?;
                 cert.write(dir).map_err(|e| format!("cannot write: {e}"))?;
                 tracing::info!(certificate = w.what, identity = %w.id, dir = %dir.display(), reason,
                     "certificate issued");
@@ -505,15 +465,12 @@ impl Keeper {
                 else {
                     return Ok(0);
                 };
-                let cert = self
-                    .ca
-                    .issue_with_names(&w.id, self.cfg.validity, &w.names)
-                    .map_err(|e| format!("cannot issue: {e}"))?;
+                let cert = self.issue(w)?;
                 let params = PatchParams::apply(FIELD_MANAGER).force();
                 api.patch(
                     name,
                     &params,
-                    &Patch::Apply(&secret_of(namespace, name, &cert)),
+                    &Patch::Apply(&identities::managed_secret(namespace, name, &cert)),
                 )
                 .await
                 .map_err(|e| format!("cannot write: {e}"))?;

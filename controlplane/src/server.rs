@@ -379,30 +379,12 @@ impl ControlPlane {
                 let tls = crate::serving::ServingTls::load(t.clone()).map_err(StartError::Tls)?;
                 xds.require_workload_of(cfg.cluster.clone());
                 let incoming = crate::serving::incoming(listener, tls, stop.clone(), |_| {});
-                let mut builder = builder;
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = builder
-                        .add_service(service)
-                        .serve_with_incoming_shutdown(incoming, s.cancelled_owned())
-                        .await
-                    {
-                        tracing::error!(error = %e, "xDS server failed");
-                    }
-                }));
+                tasks.push(tokio::spawn(serve_xds(builder, service, incoming, s)));
             }
             None => {
                 let incoming =
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                let mut builder = builder;
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = builder
-                        .add_service(service)
-                        .serve_with_incoming_shutdown(incoming, s.cancelled_owned())
-                        .await
-                    {
-                        tracing::error!(error = %e, "xDS server failed");
-                    }
-                }));
+                tasks.push(tokio::spawn(serve_xds(builder, service, incoming, s)));
             }
         }
 
@@ -761,4 +743,30 @@ fn debug_config(xds: &Xds, query: &str) -> Response<Full<Bytes>> {
         "application/json",
         serde_json::to_string_pretty(&body).unwrap_or_default(),
     )
+}
+
+/// Serve ADS on the connections `incoming` hands over until `stop`.
+async fn serve_xds<I, IO, E>(
+    mut builder: tonic::transport::Server,
+    service: AggregatedDiscoveryServiceServer<Xds>,
+    incoming: I,
+    stop: CancellationToken,
+) where
+    I: futures::Stream<Item = Result<IO, E>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Err(e) = builder
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "xDS server failed");
+    }
 }

@@ -121,11 +121,20 @@ fn grpc_client(
     };
     let bootstrap = dir.join(format!("{node_id}.json"));
     std::fs::write(&bootstrap, serde_json::to_vec(&grpc(&spec)).unwrap()).unwrap();
+    spawn_client(&bootstrap, target, metadata)
+}
+
+/// The grpcio client of `target` bootstrapped from the file `bootstrap`; its answers.
+fn spawn_client(
+    bootstrap: &std::path::Path,
+    target: &str,
+    metadata: &[&str],
+) -> (Lines<BufReader<ChildStdout>>, Py) {
     let mut child = Command::new(python())
         .arg(grpc_script())
         .args(["client", target])
         .args(metadata)
-        .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+        .env("GRPC_XDS_BOOTSTRAP", bootstrap)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -234,19 +243,17 @@ async fn proxyless_grpc_reaches_the_control_plane_by_name_over_mtls() {
     let cp = start_cp_with(&reg, cfg).await;
 
     // What it issued: its own identity with the name, the gateway's with its names.
-    let cp_cert = federation::identity::inspect_pem(
-        &std::fs::read_to_string(dir.path().join("cp-tls/cert.pem")).unwrap(),
-    )
-    .unwrap();
+    let inspected = |f: &str| {
+        federation::identity::inspect_pem(&std::fs::read_to_string(dir.path().join(f)).unwrap())
+            .unwrap()
+    };
+    let cp_cert = inspected("cp-tls/cert.pem");
     assert_eq!(
         cp_cert.identity.as_deref(),
         Some("spiffe://lab.strait/cluster/east/ns/strait-system/sa/strait-controlplane")
     );
     assert_eq!(cp_cert.dns_names, ["localhost"]);
-    let gw_cert = federation::identity::inspect_pem(
-        &std::fs::read_to_string(dir.path().join("gw-tls/cert.pem")).unwrap(),
-    )
-    .unwrap();
+    let gw_cert = inspected("gw-tls/cert.pem");
     assert_eq!(
         gw_cert.identity.as_deref(),
         Some("spiffe://lab.strait/cluster/east/gateway")
@@ -286,15 +293,7 @@ async fn proxyless_grpc_reaches_the_control_plane_by_name_over_mtls() {
     spec.xds = cp.xds_addr.into();
     let file = dir.path().join("grpc-by-ip.json");
     std::fs::write(&file, serde_json::to_vec(&grpc(&spec)).unwrap()).unwrap();
-    let mut child = Command::new(python())
-        .arg(grpc_script())
-        .args(["client", "xds:///echo.default"])
-        .env("GRPC_XDS_BOOTSTRAP", &file)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut lines, by_ip) = spawn_client(&file, "xds:///echo.default", &[]);
     for _ in 0..2 {
         let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
             .await
@@ -306,20 +305,11 @@ async fn proxyless_grpc_reaches_the_control_plane_by_name_over_mtls() {
             "a control plane whose certificate does not name 127.0.0.1 was trusted: {line}"
         );
     }
-    drop(Py(child));
+    drop(by_ip);
 
     let file = dir.path().join("grpc-by-name.json");
     std::fs::write(&file, serde_json::to_vec(&bootstrap).unwrap()).unwrap();
-    let mut child = Command::new(python())
-        .arg(grpc_script())
-        .args(["client", "xds:///echo.default"])
-        .env("GRPC_XDS_BOOTSTRAP", &file)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let _py = Py(child);
+    let (mut lines, _py) = spawn_client(&file, "xds:///echo.default", &[]);
     expect_all(
         &mut lines,
         "A",

@@ -267,3 +267,32 @@ fn curl_in(ns: &str, args: &[&str], body: &str) -> String {
         .expect("curl runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// etcd's history of the cluster records since revision `from` holds no delete, and at least
+/// `min` takeovers (puts under a successor's lease) of each of `clusters`' records.
+pub fn assert_records_taken_over_never_deleted(
+    ns: &str,
+    etcd: &str,
+    from: i64,
+    clusters: &[&str],
+    min: usize,
+    during: &str,
+) {
+    let events = etcd_history(ns, etcd, "/strait/v1/clusters/", from);
+    let deletes: Vec<_> = events.iter().filter(|(k, _)| k == "DELETE").collect();
+    assert!(
+        deletes.is_empty(),
+        "cluster records deleted during {during}: {deletes:?}"
+    );
+    for c in clusters {
+        let key = format!("/strait/v1/clusters/{c}");
+        let takeovers = events
+            .iter()
+            .filter(|(k, at)| k == "PUT" && *at == key)
+            .count();
+        assert!(
+            takeovers >= min,
+            "{during}: {takeovers} takeovers of {c}'s record (at least {min} expected): {events:?}"
+        );
+    }
+}

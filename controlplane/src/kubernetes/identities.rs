@@ -78,11 +78,7 @@ pub struct Held {
 impl Held {
     /// Reads a Secret's `cert.pem` and `ca.pem`; `None` when they are missing or unreadable.
     pub fn of(secret: &Secret) -> Option<Held> {
-        let data = secret.data.as_ref()?;
-        let text = |k: &str| {
-            data.get(k)
-                .and_then(|b| String::from_utf8(b.0.clone()).ok())
-        };
+        let text = |k: &str| secret_text(secret, k);
         let info = inspect_pem(&text("cert.pem")?).ok()?;
         Some(Held {
             identity: info.identity,
@@ -139,6 +135,24 @@ pub fn secret_for(
     sa_uid: &str,
     cert: &federation::identity::IssuedCert,
 ) -> Secret {
+    let mut secret = managed_secret(namespace, &format!("{SECRET_PREFIX}{sa}"), cert);
+    secret.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "v1".into(),
+        kind: "ServiceAccount".into(),
+        name: sa.to_string(),
+        uid: sa_uid.to_string(),
+        ..Default::default()
+    }]);
+    secret
+}
+
+/// A Secret `namespace/name` holding `cert` as `cert.pem` (chain), `key.pem` and `ca.pem`,
+/// labelled managed-by strait and annotated with the identity.
+pub(crate) fn managed_secret(
+    namespace: &str,
+    name: &str,
+    cert: &federation::identity::IssuedCert,
+) -> Secret {
     let data: BTreeMap<String, ByteString> = [
         ("cert.pem", cert.chain_pem().into_bytes()),
         ("key.pem", cert.key_pem().as_bytes().to_vec()),
@@ -149,17 +163,10 @@ pub fn secret_for(
     .collect();
     Secret {
         metadata: ObjectMeta {
-            name: Some(format!("{SECRET_PREFIX}{sa}")),
+            name: Some(name.to_string()),
             namespace: Some(namespace.to_string()),
             labels: Some([(MANAGED_BY.to_string(), "strait".to_string())].into()),
             annotations: Some([(IDENTITY_ANNOTATION.to_string(), cert.id().to_string())].into()),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "v1".into(),
-                kind: "ServiceAccount".into(),
-                name: sa.to_string(),
-                uid: sa_uid.to_string(),
-                ..Default::default()
-            }]),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
@@ -168,9 +175,18 @@ pub fn secret_for(
     }
 }
 
+/// The text of a Secret's key `k`, when present and UTF-8.
+pub(crate) fn secret_text(secret: &Secret, k: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()?
+        .get(k)
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+}
+
 /// When and how large the CA files are: they are read again only when this changes (a
 /// Kubernetes Secret volume swaps them on update).
-fn ca_stamp(dir: &std::path::Path) -> Vec<Option<(SystemTime, u64)>> {
+pub(crate) fn ca_stamp(dir: &std::path::Path) -> Vec<Option<(SystemTime, u64)>> {
     ["ca.pem", "ca.key"]
         .iter()
         .map(|f| {
@@ -181,7 +197,7 @@ fn ca_stamp(dir: &std::path::Path) -> Vec<Option<(SystemTime, u64)>> {
         .collect()
 }
 
-fn unix(t: SystemTime) -> i64 {
+pub(crate) fn unix(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
