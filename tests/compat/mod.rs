@@ -8,7 +8,7 @@
 //!   readers): a change of encoding fails here, and must come with new golden files of a new
 //!   version, kept beside these, and readers that understand both.
 //!
-//! The files are written once, by `STRAIT_COMPAT_BLESS=1 cargo test --test registry_cli compat`
+//! The files are written once, by `STRAIT_COMPAT_BLESS=1 cargo test --test cli compat`
 //! when they do not exist yet; that never overwrites one.
 
 use std::collections::BTreeMap;

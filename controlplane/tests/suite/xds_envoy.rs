@@ -2,12 +2,10 @@
 //! real etcd as the registry: it accepts every resource, routes by Host to the priority-0
 //! endpoints, fails over to priority 1 when they are removed or turn unhealthy, and comes back.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use controlplane::bootstrap::{BootstrapSpec, envoy};
 use federation::model::{Labels, Locality, Name};
 

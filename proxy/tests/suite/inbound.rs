@@ -4,16 +4,13 @@
 //! an h2c application); another cluster's gateway, a certificate of another CA, no certificate
 //! and plaintext are refused, and the listener keeps serving.
 
-#[path = "../../controlplane/tests/common/mod.rs"]
-mod common;
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::support::files;
 use federation::identity::{
     CertificateAuthority, IssuedPaths, PeerVerifier, Role, allow_any, client_config, load_certs,
     load_private_key,
@@ -21,7 +18,6 @@ use federation::identity::{
 use http_body_util::{BodyExt, Empty};
 use proxy::inbound::InboundSpec;
 use proxy::tls::{Peer, TlsSource};
-use support::files;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;

@@ -6,8 +6,6 @@
 //! after 410 Gone picking up what the expired watch missed, nothing handed on before every kind
 //! is listed, and the last good state kept while the API server is away.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -718,7 +716,7 @@ async fn kubernetes_objects_become_the_clusters_state_and_follow_every_change() 
 }
 
 /// The endpoint values of cluster east in the registry: `namespace/service` → JSON value.
-async fn published(reg: &common::Registry) -> BTreeMap<String, String> {
+async fn published(reg: &crate::common::Registry) -> BTreeMap<String, String> {
     let (_, kvs) = reg
         .backend
         .get_prefix("/strait/v1/endpoints/east/")
@@ -779,9 +777,9 @@ fn secret_file(secret: &Value, file: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keeps_them_in_step() {
     use federation::identity::{CertificateAuthority, PeerVerifier, Role, allow_any, load_certs};
-    common::install_crypto();
+    crate::common::install_crypto();
     let dir = tempfile::tempdir().expect("tempdir");
-    let reg = common::Registry::start(dir.path()).await;
+    let reg = crate::common::Registry::start(dir.path()).await;
     let api = ApiServer::start().await;
     let ca = CertificateAuthority::init("test.strait", Duration::from_secs(86400)).expect("CA");
     ca.write(dir.path().join("ca"), false).expect("CA files");
@@ -827,7 +825,7 @@ async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keep
         ),
     )
     .expect("control plane config");
-    let cp = common::start_cp_with(&reg, cfg).await;
+    let cp = crate::common::start_cp_with(&reg, cfg).await;
     let all_secrets = || api.store.lock().expect("store").secrets.clone();
     // The gateway's certificate, issued before the control plane was up: its identity, its
     // name, labelled as Strait's.
@@ -850,7 +848,7 @@ async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keep
         s.retain(|k, _| k.starts_with("shop/"));
         s
     };
-    let got = common::wait_for(Duration::from_secs(15), "the identity Secrets", || async {
+    let got = crate::common::wait_for(Duration::from_secs(15), "the identity Secrets", || async {
         let s = secrets();
         if s.contains_key("shop/strait-identity-web")
             && s.contains_key("shop/strait-identity-default")
@@ -927,7 +925,7 @@ async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keep
         .write(dir.path().join("ca"), true)
         .expect("CA files");
     api.put(ACCOUNTS, account("shop", "db"));
-    common::wait_for(
+    crate::common::wait_for(
         Duration::from_secs(15),
         "identities under the new CA",
         || async {
@@ -955,7 +953,7 @@ async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keep
 
     // Injection turned off for the namespace: its identities are withdrawn.
     api.put(NAMESPACES, namespace("shop", false));
-    common::wait_for(
+    crate::common::wait_for(
         Duration::from_secs(15),
         "the identities withdrawn",
         || async {
@@ -975,9 +973,9 @@ async fn the_control_plane_issues_the_identities_of_injected_namespaces_and_keep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_into_etcd() {
-    common::install_crypto();
+    crate::common::install_crypto();
     let dir = tempfile::tempdir().expect("tempdir");
-    let reg = common::Registry::start(dir.path()).await;
+    let reg = crate::common::Registry::start(dir.path()).await;
     let api = ApiServer::start().await;
     api.put(SERVICES, service("shop", "payments"));
     api.put(SERVICES, service("shop", "internal"));
@@ -1048,9 +1046,9 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
         ),
     )
     .expect("control plane config");
-    let cp = common::start_cp_with(&reg, cfg).await;
+    let cp = crate::common::start_cp_with(&reg, cfg).await;
 
-    let got = common::wait_for(Duration::from_secs(15), "payments published", || async {
+    let got = crate::common::wait_for(Duration::from_secs(15), "payments published", || async {
         let p = published(&reg).await;
         match p.get("shop/payments") {
             Some(v) if v.contains("10.1.0.1") => Ok(p),
@@ -1074,7 +1072,7 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
             &[("10.1.0.1", "node-a", false, true)],
         ),
     );
-    common::wait_for(Duration::from_secs(15), "the endpoint draining", || async {
+    crate::common::wait_for(Duration::from_secs(15), "the endpoint draining", || async {
         let p = published(&reg).await;
         match p.get("shop/payments") {
             Some(v) if v.contains("draining") => Ok(()),
@@ -1083,7 +1081,7 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
     })
     .await;
     api.delete(EXPORTS, &export("shop", "payments"));
-    common::wait_for(Duration::from_secs(15), "payments withdrawn", || async {
+    crate::common::wait_for(Duration::from_secs(15), "payments withdrawn", || async {
         let p = published(&reg).await;
         if p.contains_key("shop/payments") {
             Err(format!("{p:?}"))
@@ -1125,20 +1123,21 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
          \x20    endpoints: [{address: 10.9.0.2, port: 23, zone: us-west-1a}]}\n",
     )
     .await;
-    let imports = common::wait_for(Duration::from_secs(15), "the ServiceImports", || async {
-        let st = api.store.lock().expect("store");
-        let orders = st.imports.get("shop/orders");
-        match orders {
-            Some(o)
-                if o["status"]["clusters"] == json!([{"cluster": "west"}])
-                    && !st.imports.contains_key("shop/gone") =>
-            {
-                Ok(st.imports.clone())
+    let imports =
+        crate::common::wait_for(Duration::from_secs(15), "the ServiceImports", || async {
+            let st = api.store.lock().expect("store");
+            let orders = st.imports.get("shop/orders");
+            match orders {
+                Some(o)
+                    if o["status"]["clusters"] == json!([{"cluster": "west"}])
+                        && !st.imports.contains_key("shop/gone") =>
+                {
+                    Ok(st.imports.clone())
+                }
+                _ => Err(format!("{:?}", st.imports)),
             }
-            _ => Err(format!("{:?}", st.imports)),
-        }
-    })
-    .await;
+        })
+        .await;
     let orders = &imports["shop/orders"];
     assert_eq!(orders["spec"]["type"], "ClusterSetIP");
     assert_eq!(
@@ -1179,7 +1178,7 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
             .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
             .collect::<BTreeMap<String, String>>()
     };
-    let got = common::wait_for(
+    let got = crate::common::wait_for(
         Duration::from_secs(15),
         "the policy in the registry",
         || async {
@@ -1206,7 +1205,7 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
         "the same policy as `strait policy apply` writes"
     );
     api.delete(POLICIES, &good);
-    common::wait_for(Duration::from_secs(15), "the policy removed", || async {
+    crate::common::wait_for(Duration::from_secs(15), "the policy removed", || async {
         let p = policies().await;
         if p.contains_key("/strait/v1/policies/services/shop/payments") {
             Err(format!("{p:?}"))
@@ -1256,7 +1255,7 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
             .map(|kv| (kv.key, kv.value))
             .collect::<BTreeMap<String, Vec<u8>>>()
     };
-    let got = common::wait_for(Duration::from_secs(15), "east's peerings", || async {
+    let got = crate::common::wait_for(Duration::from_secs(15), "east's peerings", || async {
         let p = peerings().await;
         if p.contains_key("/strait/v1/peerings/east/west")
             && !p.contains_key("/strait/v1/peerings/east/gone")
@@ -1294,7 +1293,7 @@ async fn a_control_plane_with_kubernetes_discovery_publishes_exported_services_i
     assert_eq!(p.trust_domain, "west.example");
     assert_eq!(p.ca_bundle.as_deref(), Some(west_ca.ca_cert_pem()));
     api.delete(CLUSTERS, &west);
-    common::wait_for(Duration::from_secs(15), "the peering removed", || async {
+    crate::common::wait_for(Duration::from_secs(15), "the peering removed", || async {
         let p = peerings().await;
         if p.contains_key("/strait/v1/peerings/east/west") {
             Err(format!("{:?}", p.keys().collect::<Vec<_>>()))
@@ -1433,7 +1432,7 @@ async fn webhook_call(
 async fn the_injection_webhook_answers_admission_reviews_over_https() {
     use controlplane::config::ControlPlaneConfig;
     use federation::identity::{CertificateAuthority, ExtraNames, SpiffeId};
-    common::install_crypto();
+    crate::common::install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::init("test.strait", Duration::from_secs(86400)).unwrap();
     let id: SpiffeId = "spiffe://test.strait/cluster/east/ns/strait-system/sa/controlplane"

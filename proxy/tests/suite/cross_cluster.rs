@@ -5,19 +5,15 @@
 //! east's endpoint. Tunnels share one connection to the gateway. The gateway's refusals
 //! (unknown cluster) come back with their status and reason.
 
-#[path = "../../controlplane/tests/common/mod.rs"]
-mod common;
-mod support;
-
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::support::{WestProxy, files};
 use federation::identity::CertificateAuthority;
 use gateway::Gateway;
 use proxy::tls::{Peer, TlsFiles, TlsSource};
 use proxy::tunnel::{Gateway as GatewayClient, GatewayOptions, TunnelError};
-use support::{WestProxy, files};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {

@@ -8,9 +8,6 @@ use std::time::{Duration, Instant};
 use federation::etcd_server::EtcdServer;
 use federation::registry::{Backend, EtcdBackend, EtcdOptions, RegistryCache, Snapshot};
 
-/// Golden files of this release's encodings (rolling upgrades).
-mod compat;
-
 const BIN: &str = env!("CARGO_BIN_EXE_strait");
 const WAIT: Duration = Duration::from_secs(20);
 

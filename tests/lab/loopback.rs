@@ -6,13 +6,11 @@
 //! (cut from etcd by its TCP relay) leaves the registry when its lease expires; a fault the
 //! relays cannot model is refused and changes nothing; `lab down` stops every process.
 
-mod lab_common;
-
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use lab_common::{
+use crate::common::{
     Lab, SCENARIOS, an_isolated_cluster_leaves_the_registry_within_its_lease, print_measured, run,
     scenario, strait, text, wait_until,
 };
@@ -67,6 +65,7 @@ fn alive(pid: u64) -> bool {
 
 #[test]
 fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
+    let _one = crate::common::one_lab_at_a_time();
     let tmp = tempfile::tempdir().expect("tempdir");
     let name = format!("l{}", std::process::id() % 100_000);
     let dir_path = tmp.path().join("lab");
@@ -171,11 +170,11 @@ fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
     {
         // Restarts are not withdrawals: etcd's own history shows west's record taken over by
         // each successor (a put under its lease), never deleted.
-        let before = lab_common::etcd_revision("", &etcd);
+        let before = crate::common::etcd_revision("", &etcd);
         let (ok, v, out) = run(&dir, &reports, &scenario(name));
         print_measured(name, &v);
         if *name == "cp-restart" {
-            lab_common::assert_records_taken_over_never_deleted(
+            crate::common::assert_records_taken_over_never_deleted(
                 "",
                 &etcd,
                 before,

@@ -3,16 +3,12 @@
 //! then leaves, again and again). Every push is applied (the test waits for each) and not one
 //! request fails.
 
-#[path = "../../controlplane/tests/common/mod.rs"]
-mod common;
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use http_body_util::{BodyExt, Empty};
 use proxy::dataplane::Dataplane;
 
@@ -39,7 +35,7 @@ async fn a_hundred_config_pushes_under_load_fail_no_request() {
     let file = d.join("east.yaml");
     std::fs::write(&file, discovery(&[a, b])).unwrap();
     let cp = start_cp_discovery(&reg, &file, "20ms").await;
-    let (client, outbound) = support::east_client(cp.xds_addr);
+    let (client, outbound) = crate::support::east_client(cp.xds_addr);
     let dp = Arc::new(Dataplane::start(client.config.clone()));
     wait_for(Duration::from_secs(20), "the proxy to serve", || async {
         match get(outbound, "echo.default").await {

@@ -3,13 +3,11 @@
 //! change re-orders priorities for every proxy; bad nodes are refused with the reason; unknown
 //! types, wrong nonces, NACK storms and a client that never reads are contained.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use controlplane::client::{LightClient, localities, node};
 use controlplane::view::TypeKind;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;

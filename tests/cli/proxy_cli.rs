@@ -2,8 +2,6 @@
 //! a real etcd) serves HTTP on its outbound listener, reports ready on its admin port only once
 //! configured, shows its clusters and config, and exits cleanly on SIGTERM.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -61,7 +59,7 @@ async fn strait_proxy_run_serves_what_the_control_plane_says() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // The service: a backend answering "hello".
-    let be = support::server("127.0.0.1:0", "hello", true).await;
+    let be = crate::support::server("127.0.0.1:0", "hello", true).await;
     std::fs::write(
         d.join("east.yaml"),
         format!(

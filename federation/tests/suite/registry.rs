@@ -23,7 +23,6 @@ use tokio::task::JoinHandle;
 const WAIT: Duration = Duration::from_secs(20);
 
 /// TLS, authentication and roles (a real etcd with TLS and auth on).
-#[path = "registry/secure.rs"]
 mod secure;
 
 enum Env {

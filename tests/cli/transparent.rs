@@ -9,8 +9,6 @@
 //! - HTTP for a host the mesh does not know, and a server-first protocol, pass through to the
 //!   original destination unchanged.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -185,10 +183,10 @@ async fn intercepted_connections_are_routed_by_their_original_destination() {
     let host = ns.host_ip.clone();
 
     // Servers on this side of the veth pair: two mesh services and two outside the mesh.
-    let echo = support::server(&format!("{host}:0"), "mesh-http", true).await;
-    let db = support::server(&format!("{host}:0"), "mesh-db", false).await;
-    let outside_http = support::server(&format!("{host}:0"), "outside-http", true).await;
-    let outside_tcp = support::server(&format!("{host}:0"), "outside-tcp", false).await;
+    let echo = crate::support::server(&format!("{host}:0"), "mesh-http", true).await;
+    let db = crate::support::server(&format!("{host}:0"), "mesh-db", false).await;
+    let outside_http = crate::support::server(&format!("{host}:0"), "outside-http", true).await;
+    let outside_tcp = crate::support::server(&format!("{host}:0"), "outside-tcp", false).await;
     std::fs::write(
         d.join("east.yaml"),
         format!(

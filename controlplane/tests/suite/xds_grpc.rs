@@ -3,13 +3,11 @@
 //! is taken away, then from priority 0 again; the client never NACKs. A service policy's HTTP
 //! rules route by gRPC metadata too.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use controlplane::bootstrap::{BootstrapSpec, grpc};
 use federation::model::{Labels, Locality, Name};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};

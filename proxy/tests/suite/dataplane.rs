@@ -4,8 +4,6 @@
 //! outlier detection ejects the dead endpoint, and traffic returns when it comes back; unknown
 //! hosts get 404 with a reason.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -342,7 +340,7 @@ async fn tcp_connections_reach_the_service_and_move_when_an_endpoint_dies() {
     let cp = ControlPlane::start(cp_config(d, &etcd.endpoint(), xds))
         .await
         .expect("control plane");
-    let (client, _outbound) = support::east_client(xds);
+    let (client, _outbound) = crate::support::east_client(xds);
     // The configs as the control plane sends them, with TCP listeners' idle timeout at 1 s.
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(ProxyConfig::default()));
     let mut from_cp = client.config.clone();

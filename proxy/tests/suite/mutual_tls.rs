@@ -6,19 +6,15 @@
 //! east's gateway originates the mutual TLS to east's sidecars with its own certificate, and
 //! refuses a sidecar that is not a workload of east.
 
-#[path = "../../controlplane/tests/common/mod.rs"]
-mod common;
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::support::{WestProxy, files};
 use federation::identity::{CertificateAuthority, IssuedPaths};
 use proxy::inbound::InboundSpec;
 use proxy::tls::{Peer, TlsSource};
-use support::{WestProxy, files};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

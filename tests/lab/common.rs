@@ -7,6 +7,15 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_strait");
 
+/// Held by each lab test while it runs: two labs at once would share the machine's two cores
+/// (and loopback ports), and every figure they measure would be the other's noise.
+static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Wait for the other lab test to finish (a failed one poisons nothing worth keeping).
+pub fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    LAB.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub fn strait(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)

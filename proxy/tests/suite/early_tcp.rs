@@ -6,17 +6,13 @@
 //! client's first bytes are replayed to the next priority, west's own endpoint, and nothing of
 //! the connection is lost.
 
-#[path = "../../controlplane/tests/common/mod.rs"]
-mod common;
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::support::WestProxy;
 use federation::identity::CertificateAuthority;
-use support::WestProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

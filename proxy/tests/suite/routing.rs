@@ -4,14 +4,10 @@
 //! retry a per-try timeout on another host, answer 504 at a route's deadline, and follow a rule
 //! change (a rollout to 100 %) without a restart.
 
-#[path = "../../controlplane/tests/common/mod.rs"]
-mod common;
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use controlplane::bootstrap::{BootstrapSpec, envoy};
 use federation::model::{Labels, Locality, Name};
 use federation::registry::RegistryKey;
@@ -198,7 +194,7 @@ async fn rules_route_by_host_path_and_header_and_split_by_weight_in_strait_and_e
     let cp = start_cp(&reg, "east", "us-east").await;
 
     // The strait proxy.
-    let (client, outbound) = support::east_client(cp.xds_addr);
+    let (client, outbound) = crate::support::east_client(cp.xds_addr);
     let _dp = Dataplane::start(client.config.clone());
 
     // Envoy, from the same control plane.

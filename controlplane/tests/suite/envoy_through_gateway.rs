@@ -4,13 +4,11 @@
 //! listener of its bootstrap, an HTTP/2 CONNECT over mTLS to west's gateway, the QUIC link to
 //! east's gateway, and east's local endpoint — and comes back when west's endpoint returns.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use controlplane::bootstrap::{BootstrapSpec, CertFiles, envoy};
 use federation::model::{Labels, Locality, Name};
 

@@ -4,15 +4,11 @@
 //! error status; HTTP/2 (h2c) downstream to an HTTP/1.1 service. Bad input — malformed HTTP,
 //! oversized headers, a slowloris client — gets its error while other clients are served.
 
-#[path = "../../controlplane/tests/common/mod.rs"]
-mod common;
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use http_body_util::{BodyExt, Empty};
 use proxy::dataplane::{Dataplane, DataplaneOptions};
 use proxy::xds::XdsClient;
@@ -33,7 +29,7 @@ async fn proxy_with(
 ) {
     std::fs::write(d.join("east.yaml"), yaml).unwrap();
     let cp = start_cp_discovery(reg, &d.join("east.yaml"), "50ms").await;
-    let (client, outbound) = support::east_client(cp.xds_addr);
+    let (client, outbound) = crate::support::east_client(cp.xds_addr);
     let dp = Dataplane::start_with(client.config.clone(), options);
     wait_for(Duration::from_secs(20), "the proxy to warm", || async {
         let s = client.status.borrow().clone();
@@ -54,7 +50,7 @@ async fn grpc_unary_bidirectional_streaming_trailers_and_errors_pass_through() {
     let d = dir.path();
     let reg = Registry::start(d).await;
     let (server, _server) = grpc_server("east-1").await;
-    let yaml = support::one_service("echo", "grpc", 9090, server);
+    let yaml = crate::support::one_service("echo", "grpc", 9090, server);
     let (cp, _client, dp, outbound) = proxy_with(d, &reg, &yaml, DataplaneOptions::default()).await;
     assert!(
         dp.current()
@@ -98,7 +94,7 @@ async fn http2_clients_reach_http1_services() {
     let d = dir.path();
     let reg = Registry::start(d).await;
     let (backend, _b) = http_backend("east-http").await;
-    let yaml = support::one_service("web", "http", 8080, backend);
+    let yaml = crate::support::one_service("web", "http", 8080, backend);
     let (cp, _client, dp, outbound) = proxy_with(d, &reg, &yaml, DataplaneOptions::default()).await;
     wait_for(Duration::from_secs(20), "HTTP/1.1 to be served", || async {
         match get(outbound, "web.default").await {
@@ -163,7 +159,7 @@ async fn bad_clients_get_their_error_and_others_are_served() {
     let d = dir.path();
     let reg = Registry::start(d).await;
     let (backend, _b) = http_backend("east-http").await;
-    let yaml = support::one_service("web", "http", 8080, backend);
+    let yaml = crate::support::one_service("web", "http", 8080, backend);
     let options = DataplaneOptions {
         header_read_timeout: Duration::from_secs(1),
         max_request_headers: 16 * 1024,
@@ -310,7 +306,7 @@ async fn websocket_upgrades_pass_through_both_ways_with_half_close() {
     let d = dir.path();
     let reg = Registry::start(d).await;
     let (backend, _b) = upgrade_backend().await;
-    let yaml = support::one_service("ws", "http", 8080, backend);
+    let yaml = crate::support::one_service("ws", "http", 8080, backend);
     let (cp, _client, dp, outbound) = proxy_with(d, &reg, &yaml, DataplaneOptions::default()).await;
     wait_for(
         Duration::from_secs(20),

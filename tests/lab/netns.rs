@@ -1,4 +1,4 @@
-//! The lab end to end, in netns mode (loopback mode: tests/lab_loopback.rs), with every real
+//! The lab end to end, in netns mode (loopback mode: tests/lab/loopback.rs), with every real
 //! part: `strait lab up` builds three clusters (real etcd, control planes, gateways over QUIC + mTLS, echo replicas, client
 //! sidecars) in network namespaces; the shipped chaos scenarios run against it under load
 //! (`strait chaos run`) and must meet their expectations — failover within 1 s and not one
@@ -9,13 +9,11 @@
 //! cluster leaves the registry when its lease expires; `lab down` removes everything and is
 //! safe to run twice.
 
-mod lab_common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lab_common::{
+use crate::common::{
     BIN, Lab, SCENARIOS, an_isolated_cluster_leaves_the_registry_within_its_lease, print_measured,
     run, scenario, strait, text, wait_until,
 };
@@ -316,6 +314,7 @@ fn west_keys_in(etcd_ns: &str) -> usize {
 
 #[test]
 fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
+    let _one = crate::common::one_lab_at_a_time();
     let tmp = tempfile::tempdir().expect("tempdir");
     let name = format!("t{}", std::process::id() % 100_000);
     let dir_path = tmp.path().join("lab");
@@ -443,11 +442,11 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
         // A rolling restart is not a withdrawal: etcd's own history of the cluster records
         // holds takeovers (puts under the successors' leases), never a delete.
         let etcd_ns = format!("strait-{lab_name}-etcd");
-        let before = lab_common::etcd_revision(&etcd_ns, "http://127.0.0.1:2379");
+        let before = crate::common::etcd_revision(&etcd_ns, "http://127.0.0.1:2379");
         let (ok, v, out) = run(&dir, &reports, &scenario(name));
         print_measured(name, &v);
         if name == "rolling-restart" {
-            lab_common::assert_records_taken_over_never_deleted(
+            crate::common::assert_records_taken_over_never_deleted(
                 &etcd_ns,
                 "http://127.0.0.1:2379",
                 before,

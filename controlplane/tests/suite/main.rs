@@ -1,0 +1,11 @@
+//! The control plane's integration tests, in one binary (one link instead of six).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod envoy_accepts;
+mod envoy_through_gateway;
+mod kubernetes;
+mod xds_behaviour;
+mod xds_envoy;
+mod xds_grpc;

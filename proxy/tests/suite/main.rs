@@ -1,0 +1,18 @@
+//! The proxy's integration tests, in one binary (one link instead of eleven).
+
+#[path = "../../../controlplane/tests/common/mod.rs"]
+mod common;
+#[path = "../support/mod.rs"]
+mod support;
+
+mod config;
+mod cross_cluster;
+mod dataplane;
+mod early_tcp;
+mod hot_updates;
+mod inbound;
+mod lb;
+mod mutual_tls;
+mod protocols;
+mod routing;
+mod xds_client;
