@@ -62,6 +62,10 @@ enum Command {
         /// The gateway's YAML configuration (see docs/gateway.md).
         #[arg(long)]
         config: std::path::PathBuf,
+        /// This replica's name among the cluster's gateways (e.g. the pod name), when the
+        /// cluster runs several: overrides `replica:` in the configuration.
+        #[arg(long, env = "STRAIT_GATEWAY_REPLICA")]
+        replica: Option<String>,
     },
     /// Run a cluster's control plane (registry publisher, route resolution, xDS server).
     Controlplane {
@@ -145,7 +149,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => run_async(demo::run(args)),
         Command::Lab { cmd } => run_async(lab::run(cmd)),
         Command::Chaos(args) => run_async(chaos::run(args)),
-        Command::Gateway { config } => run_async(run_gateway(config)),
+        Command::Gateway { config, replica } => run_async(run_gateway(config, replica)),
         Command::Controlplane {
             config,
             withdraw_on_exit,
@@ -189,8 +193,14 @@ fn run_async_with(
     rt.block_on(fut)
 }
 
-async fn run_gateway(path: std::path::PathBuf) -> anyhow::Result<()> {
-    let config = gateway::config::GatewayConfig::load(&path)?;
+async fn run_gateway(path: std::path::PathBuf, replica: Option<String>) -> anyhow::Result<()> {
+    let mut config = gateway::config::GatewayConfig::load(&path)?;
+    if let Some(r) = replica {
+        config.replica = Some(
+            federation::model::Name::parse("--replica", &r)
+                .map_err(|e| anyhow::anyhow!("--replica {r:?}: {e}"))?,
+        );
+    }
     let gw = gateway::Gateway::start(config).await?;
     println!(
         "gateway ready: peers {} (UDP), ingress {}, admin {}",

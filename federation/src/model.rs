@@ -1091,6 +1091,25 @@ pub struct LinkState {
 }
 
 impl LinkState {
+    /// One link measured by several gateway replicas of its `from` cluster: the best of them
+    /// (up before degraded before down, then the lowest RTT) — the link carries traffic while
+    /// any replica's does. `None` when there is none.
+    pub fn merge<'a>(replicas: impl IntoIterator<Item = &'a LinkState>) -> Option<LinkState> {
+        let rank = |h: LinkHealth| match h {
+            LinkHealth::Up => 0,
+            LinkHealth::Degraded => 1,
+            LinkHealth::Down => 2,
+        };
+        replicas
+            .into_iter()
+            .min_by(|a, b| {
+                rank(a.state)
+                    .cmp(&rank(b.state))
+                    .then(a.rtt_ms.total_cmp(&b.rtt_ms))
+            })
+            .cloned()
+    }
+
     pub fn validate(&self) -> Result<(), ModelError> {
         if self.from == self.to {
             return Err(ModelError::new(

@@ -25,6 +25,12 @@ use crate::health::HealthConfig;
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     pub cluster: Name,
+    /// This gateway's name among its cluster's replicas (a pod name): its link states are
+    /// written under `/strait/v1/links/{cluster}/{peer}/{replica}`, so that replicas never
+    /// write one key and readers merge them. Without it the gateway is its cluster's only one
+    /// and writes `/strait/v1/links/{cluster}/{peer}`. `strait gateway --replica` sets it too.
+    #[serde(default)]
+    pub replica: Option<Name>,
     pub listen: Listen,
     pub tls: TlsFiles,
     #[serde(default)]
@@ -118,6 +124,10 @@ pub struct DiscoveryConfig {
 pub struct StaticPeer {
     pub cluster: Name,
     pub address: GatewayAddress,
+    /// The addresses of the peer's other gateway replicas: this gateway keeps a connection to
+    /// each, and the link is up while any replica's is.
+    #[serde(default)]
+    pub replicas: Vec<GatewayAddress>,
     /// Per-link overrides (e.g. a longer `down_after` across a WAN).
     #[serde(default)]
     pub link: Option<LinkConfig>,

@@ -670,6 +670,12 @@ impl LinkTracker {
     pub fn is_connected(&self) -> bool {
         self.connected
     }
+
+    /// How long probes have gone unanswered (zero while replies come).
+    pub fn silent_for(&self, now: Instant) -> Duration {
+        self.silent_since
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
 }
 
 fn duration_ms(d: Duration) -> f64 {

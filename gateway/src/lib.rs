@@ -138,6 +138,7 @@ impl Shared {
                     loss: (v.loss * 10000.0).round() / 10000.0,
                     since: humantime::format_rfc3339_millis(v.since).to_string(),
                     connected: v.connected,
+                    replicas: v.replicas,
                 }
             })
             .collect();
@@ -155,6 +156,9 @@ pub struct LinkReport {
     pub loss: f64,
     pub since: String,
     pub connected: bool,
+    /// The peer's gateway replicas, each with its own link (the link above is the best).
+    #[serde(default)]
+    pub replicas: Vec<peers::ReplicaView>,
 }
 
 /// A running gateway.
@@ -333,7 +337,9 @@ impl Gateway {
         // Static peers.
         for p in &config.peers {
             if let Some(peer) = shared.peer(p.cluster.as_str()) {
-                peer.targets.send_replace(vec![p.address.clone()]);
+                let mut targets = vec![p.address.clone()];
+                targets.extend(p.replicas.iter().cloned());
+                peer.targets.send_replace(targets);
             }
         }
 
@@ -367,6 +373,8 @@ impl Gateway {
                 Owned {
                     keys: vec![],
                     prefixes: vec![RegistryKey::links_prefix(&own)],
+                    // A replica owns its own link keys only, never its siblings'.
+                    suffix: config.replica.as_ref().map(|r| format!("/{r}")),
                 },
                 PublisherConfig {
                     lease_ttl: r.lease_ttl,
@@ -709,10 +717,13 @@ async fn publish_links(shared: Arc<Shared>, tx: watch::Sender<BTreeMap<String, V
                 loss: v.loss.clamp(0.0, 1.0),
                 since: v.since,
             };
-            desired.insert(
-                RegistryKey::Link(shared.own.clone(), p.cluster.clone()).encode(),
-                encode_link(&state),
-            );
+            let key = match &shared.config.replica {
+                Some(r) => {
+                    RegistryKey::ReplicaLink(shared.own.clone(), p.cluster.clone(), r.clone())
+                }
+                None => RegistryKey::Link(shared.own.clone(), p.cluster.clone()),
+            };
+            desired.insert(key.encode(), encode_link(&state));
         }
         tx.send_if_modified(|cur| {
             if *cur != desired {

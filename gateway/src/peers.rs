@@ -1,8 +1,11 @@
-//! Peer links: one QUIC connection per peer cluster (no duplicates when both sides dial), probes
-//! and link health, inbound tunnels, and opening outbound tunnels.
+//! Peer links: a QUIC connection to each gateway replica of every peer cluster (one per replica:
+//! no duplicates when both sides dial), probes and link health per replica, the link to a
+//! cluster up while any replica's is, inbound tunnels, and opening outbound tunnels on the
+//! replicas that are up.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -38,30 +41,57 @@ pub struct LinkView {
     pub loss: f64,
     pub since: SystemTime,
     pub connected: bool,
+    /// Every remote gateway replica this gateway is connected to or dials.
+    pub replicas: Vec<ReplicaView>,
 }
 
-/// One peer cluster.
+/// One remote gateway replica as `/links` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaView {
+    /// The address dialed, or the one the replica's connection came from (`single` when the
+    /// peer has one gateway address: every connection is to that gateway).
+    pub address: String,
+    pub state: String,
+    pub rtt_ms: f64,
+    pub connected: bool,
+}
+
+/// The slot of a peer with one gateway address (or none known): any connection is to it.
+const SINGLE: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// One remote gateway replica: its connection and the health of the link to it.
+struct Replica {
+    current: Option<PeerConn>,
+    tracker: LinkTracker,
+}
+
+/// One peer cluster: a connection to each of its gateway replicas this gateway can reach. The
+/// link to the cluster is up while the link to any replica is; tunnels go to the replicas whose
+/// links are up.
 pub struct Peer {
     pub cluster: Name,
     pub link: LinkConfig,
-    pub current: Mutex<Option<PeerConn>>,
-    pub tracker: Mutex<LinkTracker>,
+    /// By remote replica: the address dialed (or accepted from); [`SINGLE`] for a peer with one
+    /// gateway address.
+    replicas: Mutex<BTreeMap<SocketAddr, Replica>>,
+    /// Spreads new tunnels over the replicas that are up.
+    next: AtomicUsize,
     pub addresses: watch::Sender<Vec<SocketAddr>>,
     /// What `addresses` is resolved from (static peer list or the cluster's registry record).
     pub targets: watch::Sender<Vec<federation::model::GatewayAddress>>,
     pub view: watch::Sender<LinkView>,
-    /// Wakes the dialer (connection lost, addresses changed).
+    /// Wakes the dialers (connection lost, addresses changed).
     pub wake: tokio::sync::Notify,
 }
 
 impl Peer {
     pub fn new(cluster: Name, link: LinkConfig) -> Self {
-        let now = Instant::now();
         Self {
-            tracker: Mutex::new(LinkTracker::new(link.health(), now)),
             cluster,
             link,
-            current: Mutex::new(None),
+            replicas: Mutex::new(BTreeMap::new()),
+            next: AtomicUsize::new(0),
             addresses: watch::channel(Vec::new()).0,
             targets: watch::channel(Vec::new()).0,
             view: watch::channel(LinkView {
@@ -70,40 +100,134 @@ impl Peer {
                 loss: 0.0,
                 since: SystemTime::now(),
                 connected: false,
+                replicas: Vec::new(),
             })
             .0,
             wake: tokio::sync::Notify::new(),
         }
     }
 
-    pub fn connection(&self) -> Option<quinn::Connection> {
-        let c = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        c.as_ref()
+    fn replicas(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, Replica>> {
+        self.replicas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The slot of a connection to (or from) `addr`: the address itself when the peer has
+    /// several gateway addresses, [`SINGLE`] when it has one (or none known).
+    fn slot_of(&self, addr: SocketAddr) -> SocketAddr {
+        let addrs = self.addresses.borrow();
+        if addrs.len() > 1 { addr } else { SINGLE }
+    }
+
+    /// The live connection of one slot.
+    fn slot_connection(&self, slot: SocketAddr) -> Option<quinn::Connection> {
+        self.replicas()
+            .get(&slot)
+            .and_then(|r| r.current.as_ref())
             .filter(|c| c.conn.close_reason().is_none())
             .map(|c| c.conn.clone())
     }
 
-    fn tracker(&self) -> std::sync::MutexGuard<'_, LinkTracker> {
-        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    /// Any live connection to the peer (the link is connected).
+    pub fn connection(&self) -> Option<quinn::Connection> {
+        self.replicas()
+            .values()
+            .filter_map(|r| r.current.as_ref())
+            .find(|c| c.conn.close_reason().is_none())
+            .map(|c| c.conn.clone())
+    }
+
+    /// The connection a new tunnel takes: one to a replica whose link is up (degraded only if
+    /// none is), preferring replicas that answered the last probes; turn by turn among equals.
+    /// `Err(true)` when the link is down, `Err(false)` when there is no connection at all.
+    fn pick(&self) -> Result<quinn::Connection, bool> {
+        let now = Instant::now();
+        let reps = self.replicas();
+        let rank = |r: &Replica| {
+            let state = match r.tracker.state() {
+                LinkHealth::Up => 0u8,
+                LinkHealth::Degraded => 1,
+                LinkHealth::Down => 2,
+            };
+            // A replica silent for two probe intervals is probably going away: others first.
+            let silent = r.tracker.silent_for(now) > self.link.probe_interval * 2;
+            (u8::from(silent), state)
+        };
+        let live: Vec<(&Replica, (u8, u8))> = reps
+            .values()
+            .filter(|r| {
+                r.current
+                    .as_ref()
+                    .is_some_and(|c| c.conn.close_reason().is_none())
+            })
+            .map(|r| (r, rank(r)))
+            .collect();
+        if live.is_empty() {
+            let down = reps.values().all(|r| r.tracker.state() == LinkHealth::Down);
+            return Err(down);
+        }
+        let Some(best) = live.iter().map(|(_, k)| *k).filter(|k| k.1 < 2).min() else {
+            return Err(true);
+        };
+        let equals: Vec<&Replica> = live
+            .iter()
+            .filter(|(_, k)| *k == best)
+            .map(|(r, _)| *r)
+            .collect();
+        let i = self.next.fetch_add(1, Relaxed) % equals.len().max(1);
+        equals
+            .get(i)
+            .and_then(|r| r.current.as_ref())
+            .map(|c| c.conn.clone())
+            .ok_or(true)
+    }
+
+    /// The link to the cluster: the best of its replicas'.
+    pub fn state(&self) -> LinkHealth {
+        let reps = self.replicas();
+        let states = reps.values().map(|r| r.tracker.state());
+        best_state(states)
     }
 
     fn refresh_view(&self, shared: &Shared) {
-        let (state, rtt_ms, loss, since, connected) = {
-            let t = self.tracker();
-            (t.state(), t.rtt_ms(), t.loss(), t.since(), t.is_connected())
+        let (state, rtt_ms, loss, connected, replicas) = {
+            let reps = self.replicas();
+            let state = best_state(reps.values().map(|r| r.tracker.state()));
+            // RTT and loss of the best replica with that state.
+            let best = reps
+                .values()
+                .filter(|r| r.tracker.state() == state)
+                .min_by(|a, b| a.tracker.rtt_ms().total_cmp(&b.tracker.rtt_ms()));
+            let (rtt, loss) = best.map_or((0.0, 0.0), |r| (r.tracker.rtt_ms(), r.tracker.loss()));
+            let connected = reps.values().any(|r| r.tracker.is_connected());
+            let replicas = reps
+                .iter()
+                .map(|(addr, r)| ReplicaView {
+                    address: if *addr == SINGLE {
+                        "single".to_string()
+                    } else {
+                        addr.to_string()
+                    },
+                    state: r.tracker.state().as_str().to_string(),
+                    rtt_ms: (r.tracker.rtt_ms() * 1000.0).round() / 1000.0,
+                    connected: r.tracker.is_connected(),
+                })
+                .collect();
+            (state, rtt, loss, connected, replicas)
         };
-        let since = SystemTime::now()
-            .checked_sub(since.elapsed())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
         let changed_state = self.view.borrow().state != state;
         self.view.send_if_modified(|v| {
-            let keep_since = if v.state == state { v.since } else { since };
+            let since = if v.state == state {
+                v.since
+            } else {
+                SystemTime::now()
+            };
             let new = LinkView {
                 state,
                 rtt_ms,
                 loss,
-                since: keep_since,
+                since,
                 connected,
+                replicas,
             };
             if *v != new {
                 *v = new;
@@ -118,17 +242,40 @@ impl Peer {
     }
 }
 
-/// Install a new connection to `peer`, keeping exactly one: when both sides dialed, the
-/// connection dialed by the smaller cluster id wins on both ends.
-pub fn install(shared: &Arc<Shared>, peer: &Arc<Peer>, conn: quinn::Connection, dialer: Name) {
+fn best_state(states: impl Iterator<Item = LinkHealth>) -> LinkHealth {
+    let mut best = LinkHealth::Down;
+    for s in states {
+        match (s, best) {
+            (LinkHealth::Up, _) => return LinkHealth::Up,
+            (LinkHealth::Degraded, LinkHealth::Down) => best = LinkHealth::Degraded,
+            _ => {}
+        }
+    }
+    best
+}
+
+/// Install a new connection to one of `peer`'s replicas (`slot`), keeping exactly one per
+/// replica: when both sides dialed, the connection dialed by the smaller cluster id wins on
+/// both ends.
+pub fn install(
+    shared: &Arc<Shared>,
+    peer: &Arc<Peer>,
+    conn: quinn::Connection,
+    dialer: Name,
+    slot: SocketAddr,
+) {
     let preferred = if shared.own < peer.cluster {
         shared.own.clone()
     } else {
         peer.cluster.clone()
     };
     {
-        let mut cur = peer.current.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(existing) = cur.as_ref()
+        let mut reps = peer.replicas();
+        let rep = reps.entry(slot).or_insert_with(|| Replica {
+            current: None,
+            tracker: LinkTracker::new(peer.link.health(), Instant::now()),
+        });
+        if let Some(existing) = rep.current.as_ref()
             && existing.conn.close_reason().is_none()
         {
             if existing.dialer == preferred && dialer != preferred {
@@ -140,20 +287,40 @@ pub fn install(shared: &Arc<Shared>, peer: &Arc<Peer>, conn: quinn::Connection, 
                 .conn
                 .close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
         }
-        *cur = Some(PeerConn {
+        rep.current = Some(PeerConn {
             conn: conn.clone(),
             dialer,
         });
+        rep.tracker.on_connected(Instant::now());
     }
-    peer.tracker().on_connected(Instant::now());
     peer.refresh_view(shared);
     tracing::info!(peer = %peer.cluster, remote = %conn.remote_address(), "peer connected");
     let (shared, peer) = (shared.clone(), peer.clone());
-    tokio::spawn(async move { run_connection(shared, peer, conn).await });
+    tokio::spawn(async move { run_connection(shared, peer, conn, slot).await });
 }
 
 /// Probes, inbound streams and health for one connection, until it closes.
-async fn run_connection(shared: Arc<Shared>, peer: Arc<Peer>, conn: quinn::Connection) {
+async fn run_connection(
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+    conn: quinn::Connection,
+    slot: SocketAddr,
+) {
+    // The tracker of this connection's replica, while this connection is its current one.
+    let with_tracker =
+        |peer: &Peer, conn: &quinn::Connection, f: &mut dyn FnMut(&mut LinkTracker)| {
+            let mut reps = peer.replicas();
+            if let Some(r) = reps.get_mut(&slot)
+                && r.current
+                    .as_ref()
+                    .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
+            {
+                f(&mut r.tracker);
+                true
+            } else {
+                false
+            }
+        };
     let probes = {
         let (conn, peer) = (conn.clone(), peer.clone());
         async move {
@@ -166,7 +333,9 @@ async fn run_connection(shared: Arc<Shared>, peer: Arc<Peer>, conn: quinn::Conne
                                 seq,
                             )));
                         }
-                        Ok((ProbeKind::Pong, seq)) => peer.tracker().on_reply(seq, Instant::now()),
+                        Ok((ProbeKind::Pong, seq)) => {
+                            with_tracker(&peer, &conn, &mut |t| t.on_reply(seq, Instant::now()));
+                        }
                         Err(e) => {
                             tracing::debug!(peer = %peer.cluster, error = %e, "ignoring a bad datagram")
                         }
@@ -184,15 +353,22 @@ async fn run_connection(shared: Arc<Shared>, peer: Arc<Peer>, conn: quinn::Conne
             loop {
                 tick.tick().await;
                 let now = Instant::now();
-                let (seq, transition) = {
-                    let mut t = peer.tracker();
-                    let tr = t.evaluate(now);
-                    (t.next_probe(now), tr)
-                };
-                let _ =
-                    conn.send_datagram(Bytes::copy_from_slice(&encode_probe(ProbeKind::Ping, seq)));
+                let mut seq = None;
+                let mut transition = None;
+                let current = with_tracker(&peer, &conn, &mut |t| {
+                    transition = t.evaluate(now);
+                    seq = Some(t.next_probe(now));
+                });
+                if !current {
+                    // Replaced by another connection to the same replica.
+                    return;
+                }
+                if let Some(seq) = seq {
+                    let _ = conn
+                        .send_datagram(Bytes::copy_from_slice(&encode_probe(ProbeKind::Ping, seq)));
+                }
                 if let Some(tr) = transition {
-                    tracing::info!(peer = %peer.cluster, from = %tr.from, to = %tr.to, reason = %tr.reason, "link state changed");
+                    tracing::info!(peer = %peer.cluster, remote = %conn.remote_address(), from = %tr.from, to = %tr.to, reason = %tr.reason, "link state changed");
                     peer.refresh_view(&shared);
                     if tr.to == LinkHealth::Down {
                         // Fail every tunnel on this link now rather than letting them hang.
@@ -227,70 +403,97 @@ async fn run_connection(shared: Arc<Shared>, peer: Arc<Peer>, conn: quinn::Conne
         _ = conn.closed() => {}
     }
     let reason = conn.closed().await;
-    let was_current = {
-        let mut cur = peer.current.lock().unwrap_or_else(|p| p.into_inner());
-        if cur
-            .as_ref()
-            .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
+    let lost = {
+        let mut reps = peer.replicas();
+        let mut lost = None;
+        if let Some(r) = reps.get_mut(&slot)
+            && r.current
+                .as_ref()
+                .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
         {
-            *cur = None;
-            true
-        } else {
-            false
+            r.current = None;
+            lost = Some(r.tracker.on_disconnected(Instant::now()));
+            // A replica this gateway does not dial (it came from an address not in the peer's
+            // list) is forgotten with its connection.
+            if slot != SINGLE && !peer.addresses.borrow().contains(&slot) {
+                reps.remove(&slot);
+            }
         }
+        lost
     };
-    if was_current {
-        if let Some(tr) = peer.tracker().on_disconnected(Instant::now()) {
-            tracing::warn!(peer = %peer.cluster, from = %tr.from, reason = %reason, "link down: connection lost");
+    if let Some(tr) = lost {
+        if let Some(tr) = tr {
+            tracing::warn!(peer = %peer.cluster, remote = %conn.remote_address(), from = %tr.from, reason = %reason, "link to a gateway replica down: connection lost");
         }
         peer.refresh_view(&shared);
-        peer.wake.notify_one();
+        peer.wake.notify_waiters();
     }
 }
 
-/// Keep dialing `peer` while there is no connection.
+/// Keep a connection to every gateway address of `peer`: one dialer per address, started and
+/// stopped as the addresses change.
 pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<Peer>) {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut addrs_rx = peer.addresses.subscribe();
+    let mut dialers: HashMap<SocketAddr, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
-        if let Some(conn) = peer.connection() {
+        let addrs = addrs_rx.borrow_and_update().clone();
+        dialers.retain(|a, h| {
+            let keep = addrs.contains(a);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        for a in addrs {
+            dialers
+                .entry(a)
+                .or_insert_with(|| tokio::spawn(dial_replica(shared.clone(), peer.clone(), a)));
+        }
+        // Slots of addresses the peer no longer has, and nothing connected: forgotten.
+        {
+            let addrs = peer.addresses.borrow().clone();
+            peer.replicas()
+                .retain(|slot, r| *slot == SINGLE || addrs.contains(slot) || r.current.is_some());
+        }
+        peer.refresh_view(&shared);
+        tokio::select! {
+            r = addrs_rx.changed() => if r.is_err() { break },
+            _ = shared.shutdown.cancelled() => break,
+        }
+    }
+    for h in dialers.values() {
+        h.abort();
+    }
+}
+
+/// Keep dialing one gateway address of `peer` while its replica has no connection.
+async fn dial_replica(shared: Arc<Shared>, peer: Arc<Peer>, addr: SocketAddr) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        let slot = peer.slot_of(addr);
+        if let Some(conn) = peer.slot_connection(slot) {
             tokio::select! {
                 _ = conn.closed() => {}
                 _ = shared.shutdown.cancelled() => return,
             }
             continue;
         }
-        let addrs = addrs_rx.borrow_and_update().clone();
-        if addrs.is_empty() {
-            tokio::select! {
-                _ = addrs_rx.changed() => continue,
-                _ = shared.shutdown.cancelled() => return,
+        match dial(&shared, &peer, addr).await {
+            Ok(conn) => {
+                install(&shared, &peer, conn, shared.own.clone(), slot);
+                backoff.reset();
+                continue;
             }
-        }
-        let mut connected = false;
-        for addr in addrs {
-            match dial(&shared, &peer, addr).await {
-                Ok(conn) => {
-                    install(&shared, &peer, conn, shared.own.clone());
-                    connected = true;
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(peer = %peer.cluster, %addr, error = %e, "dial failed");
-                    shared
-                        .metrics
-                        .count("strait_gateway_dial_failures_total", classify(&e));
-                }
+            Err(e) => {
+                tracing::debug!(peer = %peer.cluster, %addr, error = %e, "dial failed");
+                shared
+                    .metrics
+                    .count("strait_gateway_dial_failures_total", classify(&e));
             }
-        }
-        if connected {
-            backoff.reset();
-            continue;
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}
             _ = peer.wake.notified() => {}
-            _ = addrs_rx.changed() => {}
             _ = shared.shutdown.cancelled() => return,
         }
     }
@@ -416,7 +619,8 @@ pub async fn accept_loop(shared: Arc<Shared>) {
                 conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"unknown cluster");
                 return;
             };
-            install(&shared, &peer, conn, peer.cluster.clone());
+            let slot = peer.slot_of(remote);
+            install(&shared, &peer, conn, peer.cluster.clone(), slot);
         });
     }
 }
@@ -739,15 +943,18 @@ async fn open_stream_until(
             "cluster `{target}` is not a member of the federation"
         )));
     };
-    if peer.tracker().state() == LinkHealth::Down {
-        return Err(OpenError::LinkDown(format!(
-            "the link to cluster `{target}` is down"
-        )));
-    }
-    let Some(conn) = peer.connection() else {
-        return Err(OpenError::LinkDown(format!(
-            "no connection to cluster `{target}`"
-        )));
+    let conn = match peer.pick() {
+        Ok(c) => c,
+        Err(true) => {
+            return Err(OpenError::LinkDown(format!(
+                "the link to cluster `{target}` is down"
+            )));
+        }
+        Err(false) => {
+            return Err(OpenError::LinkDown(format!(
+                "no connection to cluster `{target}`"
+            )));
+        }
     };
     let open = async {
         let (mut send, recv) = conn

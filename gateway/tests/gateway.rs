@@ -177,8 +177,15 @@ fn config_named(
     if peers.is_empty() {
         yaml = yaml.replace("peers:\n", "peers: []\n");
     }
+    // "A,B,C": the peer's gateway replicas, A first.
     for (c, a) in peers {
-        yaml.push_str(&format!("  - {{cluster: {c}, address: \"{a}\"}}\n"));
+        let mut addrs = a.split(',');
+        let first = addrs.next().unwrap_or_default();
+        let more: Vec<String> = addrs.map(|r| format!("\"{r}\"")).collect();
+        yaml.push_str(&format!(
+            "  - {{cluster: {c}, address: \"{first}\", replicas: [{}]}}\n",
+            more.join(", ")
+        ));
     }
     yaml.push_str(extra);
     GatewayConfig::parse(pki.dir.join(format!("{cluster}-gw.yaml")), &yaml)
@@ -1499,4 +1506,246 @@ async fn bytes_sent_right_behind_the_header_are_delivered() {
         .unwrap();
     assert_eq!(&back, b"early bytes");
     conn.close(0u32.into(), b"done");
+}
+
+/// The value of a counter on a gateway's `/metrics`.
+async fn counter(gw: &Gateway, name: &str) -> u64 {
+    let text = http_get(gw.admin_addr, "/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// One tunnel from east's ingress to `echo.default:7000` in west, and a round trip through it.
+async fn echo_through(ingress: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Result<(), String> {
+    let (status, head, stream) = connect_h1(ingress, tls, "echo.default:7000", Some("west")).await;
+    let mut s = stream.ok_or_else(|| format!("status {status}: {head}"))?;
+    s.write_all(b"ping").await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    if &buf != b"ping" {
+        return Err(format!("echo returned {buf:?}"));
+    }
+    Ok(())
+}
+
+fn replica_state(gw: &Gateway, peer: &str, address: SocketAddr) -> Option<String> {
+    link(gw, peer).and_then(|l| {
+        l.replicas
+            .into_iter()
+            .find(|r| r.address == address.to_string())
+            .map(|r| r.state)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_gateway_replicas_share_its_tunnels_and_losing_one_moves_them_within_a_second() {
+    use federation::registry::{Backend, EtcdBackend, EtcdOptions, RegistryCache};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let etcd = federation::etcd_server::EtcdServer::start(&dir.path().join("etcd")).unwrap();
+    let registry = format!(
+        "registry: {{etcd: [\"{}\"], lease_ttl: 3s}}\n",
+        etcd.endpoint()
+    );
+    let echo = echo_server(false).await;
+    let (west_certs, east_certs) = (pki.gateway("west"), pki.gateway("east"));
+    let east_app = pki.workload("east", "app");
+    let west_disc = discovery(dir.path(), "west", &[("echo", 7000, echo)]);
+    let east_disc = discovery(dir.path(), "east", &[]);
+    // West runs two gateway replicas (one configuration but the replica name); east knows both
+    // and reaches the second through a relay, to silence it as a dead node would be.
+    let west = |replica: &str| {
+        config_named(
+            &pki,
+            "west",
+            &west_certs,
+            &west_disc,
+            &[("east", "127.0.0.1:9".to_string())],
+            &format!("replica: {replica}\n{registry}"),
+        )
+    };
+    let w1 = Gateway::start(west("w1")).await.unwrap();
+    let w2 = Gateway::start(west("w2")).await.unwrap();
+    let relay = UdpRelay::start(w2.peer_addr).await.unwrap();
+    let (a1, a2) = (w1.peer_addr, relay.addr());
+    let east = Gateway::start(config_named(
+        &pki,
+        "east",
+        &east_certs,
+        &east_disc,
+        &[("west", format!("{a1},{a2}"))],
+        &registry,
+    ))
+    .await
+    .unwrap();
+    let tls = client_tls(&east_app, &pki.ca_file());
+
+    // A connection to each replica, both up.
+    let t = Instant::now();
+    while !(replica_state(&east, "west", a1).as_deref() == Some("up")
+        && replica_state(&east, "west", a2).as_deref() == Some("up"))
+    {
+        assert!(
+            t.elapsed() < WAIT,
+            "east's links to both west replicas never came up: {:?}",
+            link(&east, "west")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // New tunnels are spread over both replicas.
+    for i in 0..40 {
+        echo_through(east.ingress_addr, tls.clone())
+            .await
+            .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+    }
+    let (n1, n2) = (
+        counter(&w1, "strait_gateway_inbound_streams_total").await,
+        counter(&w2, "strait_gateway_inbound_streams_total").await,
+    );
+    println!("40 tunnels: {n1} through west's replica w1, {n2} through w2");
+    assert!(n1 >= 10 && n2 >= 10, "tunnels not spread: w1 {n1}, w2 {n2}");
+
+    // Each west replica writes its own link key; readers merge them.
+    let cache = RegistryCache::spawn(Backend::Etcd(
+        EtcdBackend::connect(&[etcd.endpoint()], EtcdOptions::default())
+            .await
+            .unwrap(),
+    ));
+    let entry = |s: &federation::registry::Snapshot, from: &str, to: &str, r: Option<&str>| {
+        s.link_entries
+            .iter()
+            .find(|((a, b, x), _)| {
+                a.as_str() == from && b.as_str() == to && x.as_ref().map(|x| x.as_str()) == r
+            })
+            .map(|(_, l)| l.state.as_str().to_string())
+    };
+    cache
+        .wait_for(WAIT, |s| {
+            entry(s, "west", "east", Some("w1")).as_deref() == Some("up")
+                && entry(s, "west", "east", Some("w2")).as_deref() == Some("up")
+                && entry(s, "east", "west", None).as_deref() == Some("up")
+        })
+        .await
+        .unwrap_or_else(|s| {
+            panic!(
+                "per-replica link keys not in the registry: {:?}",
+                s.link_entries
+            )
+        });
+
+    // w2 falls silent (a dead node: no close, no answer). East's link to west never goes down;
+    // the replica's does, and every tunnel opened a second after the cut goes through w1.
+    let watcher = tokio::spawn(east_links_view(&east));
+    relay.set_faults(Faults {
+        blackhole: true,
+        ..Faults::default()
+    });
+    let cut = Instant::now();
+    let load = {
+        let (ingress, tls) = (east.ingress_addr, tls.clone());
+        tokio::spawn(async move {
+            let mut attempts = Vec::new();
+            while cut.elapsed() < Duration::from_millis(2500) {
+                let tls = tls.clone();
+                attempts.push((
+                    cut.elapsed(),
+                    tokio::spawn(async move {
+                        tokio::time::timeout(Duration::from_secs(8), echo_through(ingress, tls))
+                            .await
+                    }),
+                ));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            attempts
+        })
+    };
+    let replica_down = {
+        while replica_state(&east, "west", a2).as_deref() != Some("down") {
+            assert!(
+                cut.elapsed() < WAIT,
+                "the silent replica was never marked down: {:?}",
+                link(&east, "west")
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cut.elapsed()
+    };
+    assert!(
+        replica_down < Duration::from_secs(2),
+        "the silent replica's link went down only after {replica_down:?}"
+    );
+    let attempts = load.await.unwrap();
+    let mut failed_early = 0;
+    let mut last_failure = None;
+    for (at, h) in attempts {
+        let ok = matches!(h.await, Ok(Ok(Ok(()))));
+        if !ok {
+            last_failure = Some(at);
+            if at < Duration::from_secs(1) {
+                failed_early += 1;
+            } else {
+                panic!("a tunnel opened {at:?} after the cut failed");
+            }
+        }
+    }
+    println!(
+        "w2 silenced: its link down after {replica_down:?}; {failed_early} tunnels opened in the first second failed (the last at {last_failure:?}); every later one went through w1"
+    );
+    watcher.abort();
+    assert_eq!(
+        link(&east, "west").map(|l| l.state),
+        Some("up".to_string()),
+        "the link to west must stay up while a replica is"
+    );
+    let states = EAST_WEST_STATES.lock().unwrap().clone();
+    assert!(
+        states.iter().all(|s| s == "up"),
+        "east's link to west left `up` during the replica's loss: {states:?}"
+    );
+
+    // w2 comes back and takes tunnels again; then w1 stops gracefully and no tunnel fails.
+    relay.set_faults(Faults::default());
+    let t = Instant::now();
+    while replica_state(&east, "west", a2).as_deref() != Some("up") {
+        assert!(
+            t.elapsed() < WAIT,
+            "w2 never came back: {:?}",
+            link(&east, "west")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w1.shutdown().await;
+    for i in 0..20 {
+        echo_through(east.ingress_addr, tls.clone())
+            .await
+            .unwrap_or_else(|e| panic!("tunnel {i} after w1 stopped: {e}"));
+    }
+    assert_eq!(link(&east, "west").map(|l| l.state), Some("up".to_string()));
+    drop(w2);
+    drop(east);
+}
+
+static EAST_WEST_STATES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Record every state east's link to west shows, every 5 ms, until aborted.
+fn east_links_view(east: &Gateway) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let admin = east.admin_addr;
+    async move {
+        loop {
+            let body = http_get(admin, "/links").await;
+            if let Ok(links) = serde_json::from_str::<Vec<LinkReport>>(&body)
+                && let Some(l) = links.into_iter().find(|l| l.cluster == "west")
+            {
+                EAST_WEST_STATES
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(l.state);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }

@@ -34,7 +34,11 @@ pub struct Snapshot {
     /// Keyed by service first, so one service's clusters are one range.
     pub endpoints: OrdMap<(ServiceKey, ClusterId), Arc<ServiceEndpoints>>,
     pub policies: OrdMap<PolicyScope, Arc<FailoverPolicy>>,
+    /// Each directed link, merged over the measuring cluster's gateway replicas (see
+    /// [`LinkState::merge`]).
     pub links: OrdMap<(ClusterId, ClusterId), Arc<LinkState>>,
+    /// The link entries as stored: by replica, `None` for the key of a single gateway.
+    pub link_entries: OrdMap<(ClusterId, ClusterId, Option<Name>), Arc<LinkState>>,
     /// Keyed by (declaring cluster, peer).
     pub peerings: OrdMap<(ClusterId, ClusterId), Arc<Peering>>,
     /// Clusters withdrawn on purpose (tombstones).
@@ -194,6 +198,7 @@ impl Snapshot {
             && self.endpoints == other.endpoints
             && self.policies == other.policies
             && self.links == other.links
+            && self.link_entries == other.link_entries
             && self.peerings == other.peerings
     }
 
@@ -218,8 +223,13 @@ impl Snapshot {
                 .map(RegistryValue::Endpoints),
             RegistryKey::Policy(p) => self.policies.get(p).cloned().map(RegistryValue::Policy),
             RegistryKey::Link(a, b) => self
-                .links
-                .get(&(a.clone(), b.clone()))
+                .link_entries
+                .get(&(a.clone(), b.clone(), None))
+                .cloned()
+                .map(RegistryValue::Link),
+            RegistryKey::ReplicaLink(a, b, r) => self
+                .link_entries
+                .get(&(a.clone(), b.clone(), Some(r.clone())))
                 .cloned()
                 .map(RegistryValue::Link),
             RegistryKey::Peering(a, b) => self
@@ -253,13 +263,8 @@ impl Snapshot {
                 self.policies.insert(p.clone(), v.clone()).as_ref() != Some(&v)
             }
             (RegistryKey::Policy(p), None) => self.policies.remove(p).is_some(),
-            (RegistryKey::Link(a, b), Some(RegistryValue::Link(v))) => {
-                self.links
-                    .insert((a.clone(), b.clone()), v.clone())
-                    .as_ref()
-                    != Some(&v)
-            }
-            (RegistryKey::Link(a, b), None) => self.links.remove(&(a.clone(), b.clone())).is_some(),
+            (RegistryKey::Link(a, b), v) => self.set_link(a, b, None, v),
+            (RegistryKey::ReplicaLink(a, b, r), v) => self.set_link(a, b, Some(r.clone()), v),
             (RegistryKey::Peering(a, b), Some(RegistryValue::Peering(v))) => {
                 self.peerings
                     .insert((a.clone(), b.clone()), v.clone())
@@ -278,6 +283,43 @@ impl Snapshot {
         }
     }
 
+    /// Set or remove one replica's (or the single gateway's) entry of link `a`→`b`, and merge
+    /// the link again.
+    fn set_link(
+        &mut self,
+        a: &ClusterId,
+        b: &ClusterId,
+        replica: Option<Name>,
+        value: Option<RegistryValue>,
+    ) -> bool {
+        let key = (a.clone(), b.clone(), replica);
+        let changed = match value {
+            Some(RegistryValue::Link(v)) => {
+                self.link_entries.insert(key, v.clone()).as_ref() != Some(&v)
+            }
+            None => self.link_entries.remove(&key).is_some(),
+            // A value of another kind than its key cannot come out of the decoder.
+            Some(_) => false,
+        };
+        if changed {
+            let merged = LinkState::merge(
+                self.link_entries
+                    .range((a.clone(), b.clone(), None)..)
+                    .take_while(|((x, y, _), _)| x == a && y == b)
+                    .map(|(_, l)| l.as_ref()),
+            );
+            match merged {
+                Some(l) => {
+                    self.links.insert((a.clone(), b.clone()), Arc::new(l));
+                }
+                None => {
+                    self.links.remove(&(a.clone(), b.clone()));
+                }
+            }
+        }
+        changed
+    }
+
     fn keys(&self) -> Vec<RegistryKey> {
         let mut out: Vec<RegistryKey> = Vec::new();
         out.extend(
@@ -291,11 +333,10 @@ impl Snapshot {
                 .map(|(s, c)| RegistryKey::Endpoints(c.clone(), s.clone())),
         );
         out.extend(self.policies.keys().map(|p| RegistryKey::Policy(p.clone())));
-        out.extend(
-            self.links
-                .keys()
-                .map(|(a, b)| RegistryKey::Link(a.clone(), b.clone())),
-        );
+        out.extend(self.link_entries.keys().map(|(a, b, r)| match r {
+            None => RegistryKey::Link(a.clone(), b.clone()),
+            Some(r) => RegistryKey::ReplicaLink(a.clone(), b.clone(), r.clone()),
+        }));
         out.extend(
             self.peerings
                 .keys()
@@ -690,6 +731,57 @@ mod tests {
     }
 
     const WEST: &str = "cluster: west\nregion: us-west\nservices:\n  - name: payments\n    ports: [{name: http, port: 9090, protocol: http}]\n    endpoints: [{address: 10.0.0.1, port: 9090, zone: a}]\n";
+
+    #[test]
+    fn gateway_replicas_links_are_merged_and_a_departed_replica_leaves_the_merge() {
+        use crate::model::LinkHealth;
+        let n = |s: &str| Name::parse("n", s).unwrap();
+        let state = |h: LinkHealth, rtt: f64| {
+            Some(RegistryValue::Link(Arc::new(LinkState {
+                from: n("west"),
+                to: n("east"),
+                state: h,
+                rtt_ms: rtt,
+                loss: 0.0,
+                since: std::time::SystemTime::UNIX_EPOCH,
+            })))
+        };
+        let key = |r: &str| RegistryKey::ReplicaLink(n("west"), n("east"), n(r));
+        let merged = |s: &Snapshot| {
+            s.links
+                .get(&(n("west"), n("east")))
+                .map(|l| (l.state, l.rtt_ms))
+        };
+        let mut s = Snapshot::default();
+        assert!(s.set(&key("w1"), state(LinkHealth::Down, 0.0)));
+        assert_eq!(merged(&s), Some((LinkHealth::Down, 0.0)));
+        // Up while any replica is; the best RTT among the up ones.
+        assert!(s.set(&key("w2"), state(LinkHealth::Up, 9.0)));
+        assert!(s.set(&key("w3"), state(LinkHealth::Up, 4.0)));
+        assert_eq!(merged(&s), Some((LinkHealth::Up, 4.0)));
+        assert!(!s.set(&key("w3"), state(LinkHealth::Up, 4.0)), "no change");
+        // Degraded beats down, up beats degraded.
+        assert!(s.set(&key("w3"), None));
+        assert!(s.set(&key("w2"), state(LinkHealth::Degraded, 30.0)));
+        assert_eq!(merged(&s), Some((LinkHealth::Degraded, 30.0)));
+        // A single gateway's key (the previous release's) merges with the replicas'.
+        assert!(s.set(
+            &RegistryKey::Link(n("west"), n("east")),
+            state(LinkHealth::Up, 2.0)
+        ));
+        assert_eq!(merged(&s), Some((LinkHealth::Up, 2.0)));
+        assert_eq!(s.keys().len(), 3);
+        assert!(s.get(&key("w1")).is_some() && s.get(&key("w3")).is_none());
+        for k in [
+            key("w1"),
+            key("w2"),
+            RegistryKey::Link(n("west"), n("east")),
+        ] {
+            assert!(s.set(&k, None));
+        }
+        assert_eq!(merged(&s), None, "no replica left: no link");
+        assert!(s.link_entries.is_empty());
+    }
 
     #[test]
     fn a_cluster_keeps_its_own_entries_when_the_registry_lost_them() {

@@ -5,7 +5,8 @@
 //! /strait/v1/endpoints/{cluster}/{namespace}/{service} ServiceEndpoints (cluster's lease)
 //! /strait/v1/policies/default                         FailoverPolicy   (no lease)
 //! /strait/v1/policies/services/{namespace}/{service}   FailoverPolicy   (no lease)
-//! /strait/v1/links/{from}/{to}                         LinkState        (gateway's lease)
+//! /strait/v1/links/{from}/{to}                         LinkState        (gateway's lease; one gateway)
+//! /strait/v1/links/{from}/{to}/{replica}               LinkState        (that gateway replica's lease)
 //! /strait/v1/peerings/{cluster}/{peer}                 Peering          (no lease)
 //! /strait/v1/withdrawn/{cluster}                       Withdrawal       (no lease)
 //! /strait/v1/leaders/{cluster}                         replica name     (the leader's lease)
@@ -39,6 +40,9 @@ pub enum RegistryKey {
     Endpoints(ClusterId, ServiceKey),
     Policy(PolicyScope),
     Link(ClusterId, ClusterId),
+    /// The link as one of `from`'s gateway replicas measures it; readers merge the replicas
+    /// (the link is up while any replica's is).
+    ReplicaLink(ClusterId, ClusterId, Name),
     Peering(ClusterId, ClusterId),
     /// The tombstone of a cluster withdrawn on purpose.
     Withdrawn(ClusterId),
@@ -56,6 +60,7 @@ impl RegistryKey {
                 format!("{ROOT}policies/services/{}/{}", s.namespace, s.name)
             }
             RegistryKey::Link(a, b) => format!("{ROOT}links/{a}/{b}"),
+            RegistryKey::ReplicaLink(a, b, r) => format!("{ROOT}links/{a}/{b}/{r}"),
             RegistryKey::Peering(a, b) => format!("{ROOT}peerings/{a}/{b}"),
             RegistryKey::Withdrawn(c) => format!("{ROOT}withdrawn/{c}"),
         }
@@ -84,6 +89,7 @@ impl RegistryKey {
                 })))
             }
             ["links", a, b] => Some(RegistryKey::Link(name(a)?, name(b)?)),
+            ["links", a, b, r] => Some(RegistryKey::ReplicaLink(name(a)?, name(b)?, name(r)?)),
             ["peerings", a, b] => Some(RegistryKey::Peering(name(a)?, name(b)?)),
             ["withdrawn", c] => Some(RegistryKey::Withdrawn(name(c)?)),
             _ => None,
@@ -409,7 +415,7 @@ impl Decoder {
                 w.body.validate().map_err(model_err)?;
                 Ok(RegistryValue::Policy(Arc::new(w.body)))
             }
-            RegistryKey::Link(from, to) => {
+            RegistryKey::Link(from, to) | RegistryKey::ReplicaLink(from, to, _) => {
                 let w: Versioned<LinkState> = serde_json::from_slice(value).map_err(err)?;
                 check_version(raw_key, w.v)?;
                 if &w.body.from != from || &w.body.to != to {
@@ -481,6 +487,11 @@ mod tests {
             RegistryKey::Policy(PolicyScope::Default),
             RegistryKey::Policy(PolicyScope::Service(s)),
             RegistryKey::Link(c.clone(), Name::parse("c", "west").unwrap()),
+            RegistryKey::ReplicaLink(
+                c.clone(),
+                Name::parse("c", "west").unwrap(),
+                Name::parse("r", "gw-7d9f-x2").unwrap(),
+            ),
             RegistryKey::Peering(c.clone(), Name::parse("c", "west").unwrap()),
         ] {
             assert_eq!(

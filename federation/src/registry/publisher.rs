@@ -60,16 +60,23 @@ impl Default for PublisherConfig {
     }
 }
 
-/// The keys a publisher owns: exact keys, and prefixes (ending in `/`).
+/// The keys a publisher owns: exact keys, and prefixes (ending in `/`) — of which, with a
+/// `suffix`, only the keys ending in it (one gateway replica's links among its cluster's).
 #[derive(Debug, Clone, Default)]
 pub struct Owned {
     pub keys: Vec<String>,
     pub prefixes: Vec<String>,
+    pub suffix: Option<String>,
 }
 
 impl Owned {
     pub fn contains(&self, key: &str) -> bool {
-        self.keys.iter().any(|k| k == key) || self.prefixes.iter().any(|p| key.starts_with(p))
+        self.keys.iter().any(|k| k == key)
+            || self.prefixes.iter().any(|p| key.starts_with(p)) && self.suffix_matches(key)
+    }
+
+    fn suffix_matches(&self, key: &str) -> bool {
+        self.suffix.as_deref().is_none_or(|s| key.ends_with(s))
     }
 
     /// What a cluster's endpoint publisher owns: its record, its endpoints, and the tombstone
@@ -81,6 +88,7 @@ impl Owned {
                 super::RegistryKey::withdrawn(id),
             ],
             prefixes: vec![super::RegistryKey::endpoints_prefix(id)],
+            suffix: None,
         }
     }
 }
@@ -450,7 +458,11 @@ impl LeasedPublisher {
                 let mut existing: BTreeMap<String, (Vec<u8>, LeaseId)> = BTreeMap::new();
                 for p in &self.owned.prefixes {
                     let (_, kvs) = self.backend.get_prefix(p).await?;
-                    existing.extend(kvs.into_iter().map(|kv| (kv.key, (kv.value, kv.lease))));
+                    existing.extend(
+                        kvs.into_iter()
+                            .filter(|kv| self.owned.suffix_matches(&kv.key))
+                            .map(|kv| (kv.key, (kv.value, kv.lease))),
+                    );
                 }
                 for k in &self.owned.keys {
                     if let Some(kv) = self.backend.get(k).await? {
@@ -645,6 +657,24 @@ pub fn batches(ops: Vec<Op>, max_ops: usize, max_bytes: usize) -> Vec<Vec<Op>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gateway_replica_owns_its_own_link_keys_only() {
+        let owned = Owned {
+            keys: vec![],
+            prefixes: vec!["/strait/v1/links/west/".into()],
+            suffix: Some("/w1".into()),
+        };
+        assert!(owned.contains("/strait/v1/links/west/east/w1"));
+        assert!(!owned.contains("/strait/v1/links/west/east/w2"));
+        assert!(!owned.contains("/strait/v1/links/west/east"));
+        assert!(!owned.contains("/strait/v1/links/east/west/w1"));
+        let single = Owned {
+            suffix: None,
+            ..owned
+        };
+        assert!(single.contains("/strait/v1/links/west/east"));
+    }
 
     #[test]
     fn batching_respects_both_limits() {
