@@ -19,10 +19,11 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    HTTPGetAction, Namespace, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, WeightedPodAffinityTerm,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    EnvVarSource, HTTPGetAction, Namespace, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
@@ -34,9 +35,9 @@ pub const NAMESPACE: &str = "strait-system";
 /// Control planes run as replicas: one publishes the cluster (a leadership key in the
 /// registry), all serve xDS; proxies move between them.
 const CONTROLPLANE_ROLLOUT: Rollout = Rollout::Replicated(2);
-/// One gateway per cluster until gateways run as replicas (peers keep one connection per
-/// cluster today): restarted in place.
-const GATEWAY_ROLLOUT: Rollout = Rollout::Single;
+/// Gateways run as replicas too: each writes its links under its pod name
+/// (`STRAIT_GATEWAY_REPLICA`), peers reaching several replicas keep a connection to each.
+const GATEWAY_ROLLOUT: Rollout = Rollout::Replicated(2);
 const CONTROLPLANE: &str = "strait-controlplane";
 const GATEWAY: &str = "strait-gateway";
 
@@ -279,8 +280,6 @@ enum Rollout {
     /// Several replicas (one publishes, all serve), replaced one at a time, a new one ready
     /// before an old one goes; spread over nodes.
     Replicated(i32),
-    /// One replica, stopped before its successor starts.
-    Single,
 }
 
 fn deployment(
@@ -310,7 +309,6 @@ fn deployment(
         spec: DeploymentSpec {
             replicas: Some(match rollout {
                 Rollout::Replicated(n) => n,
-                Rollout::Single => 1,
             }),
             selector: selector(name),
             strategy: Some(match rollout {
@@ -320,10 +318,6 @@ fn deployment(
                         max_surge: Some(IntOrString::Int(1)),
                         max_unavailable: Some(IntOrString::Int(0)),
                     }),
-                },
-                Rollout::Single => DeploymentStrategy {
-                    type_: Some("Recreate".into()),
-                    ..Default::default()
                 },
             }),
             template: PodTemplateSpec {
@@ -384,6 +378,20 @@ fn deployment(
                             ..Default::default()
                         }),
                         volume_mounts: Some(mounts),
+                        // The replica's name (the gateway's link keys in the registry).
+                        env: (name == GATEWAY).then(|| {
+                            vec![EnvVar {
+                                name: "STRAIT_GATEWAY_REPLICA".into(),
+                                value_from: Some(EnvVarSource {
+                                    field_ref: Some(ObjectFieldSelector {
+                                        field_path: "metadata.name".into(),
+                                        ..Default::default()
+                                    }),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }]
+                        }),
                         ..Default::default()
                     }],
                     volumes: Some(volumes),
@@ -403,13 +411,6 @@ fn pdb(name: &str, rollout: Rollout) -> PodDisruptionBudget {
             // Replicas: a voluntary disruption never takes the last one.
             Rollout::Replicated(_) => PodDisruptionBudgetSpec {
                 min_available: Some(IntOrString::Int(1)),
-                selector: Some(selector(name)),
-                ..Default::default()
-            },
-            // One replica: a voluntary disruption may take it (a node drain must not hang),
-            // never more than one at a time.
-            Rollout::Single => PodDisruptionBudgetSpec {
-                max_unavailable: Some(IntOrString::Int(1)),
                 selector: Some(selector(name)),
                 ..Default::default()
             },
