@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod etcd_server;
 pub mod http_route;
 pub mod identity;
+pub mod metrics_text;
 pub mod model;
 pub mod policy_file;
 pub mod registry;

@@ -143,8 +143,6 @@ impl Metrics {
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', " ")
+fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    federation::metrics_text::label_value(s)
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use bytes::Bytes;
+use federation::metrics_text::label_value;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -155,7 +156,8 @@ fn metrics(status: &XdsStatus, c: &Compiled) -> String {
             .sum();
         let _ = writeln!(
             out,
-            "strait_proxy_upstream_active{{cluster=\"{n}\"}} {active}"
+            "strait_proxy_upstream_active{{cluster=\"{}\"}} {active}",
+            label_value(n)
         );
     }
     let _ = writeln!(
@@ -171,7 +173,8 @@ fn metrics(status: &XdsStatus, c: &Compiled) -> String {
             .count();
         let _ = writeln!(
             out,
-            "strait_proxy_upstream_ejected{{cluster=\"{n}\"}} {ejected}"
+            "strait_proxy_upstream_ejected{{cluster=\"{}\"}} {ejected}",
+            label_value(n)
         );
     }
     out
