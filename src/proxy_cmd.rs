@@ -214,10 +214,12 @@ pub struct RunArgs {
     /// The admin address (`/ready`, `/metrics`, `/config_dump`, `/clusters`).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
-    /// The local east-west gateway's ingress, HOST:PORT (a DNS name is resolved at start):
-    /// endpoints of other clusters are reached through it (needs the workload certificate).
-    #[arg(long, requires = "cert", value_parser = host_port)]
-    gateway: Option<GatewayAddress>,
+    /// The local east-west gateway's ingress, HOST:PORT (a DNS name is resolved at start, to
+    /// every address it has): endpoints of other clusters are reached through it (needs the
+    /// workload certificate). Several, comma-separated, for the cluster's gateway replicas:
+    /// tunnels go through one, and through the next when it cannot be reached.
+    #[arg(long, requires = "cert", value_parser = host_port, value_delimiter = ',')]
+    gateway: Vec<GatewayAddress>,
     #[command(flatten)]
     tls: CertArgs,
     /// Worker threads (like Envoy's --concurrency); default: one per available core.
@@ -291,7 +293,7 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
         (locality.region(), locality.zone(), locality.subzone()),
         &labels,
         a.outbound,
-        a.gateway.is_some(),
+        !a.gateway.is_empty(),
         a.tls.cert.is_some(),
     );
     let node = match a.transparent {
@@ -299,24 +301,32 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
         None => node,
     };
     let files = a.tls.checked(&cluster)?;
-    let gateway = match (&a.gateway, &files) {
-        (Some(at), Some(files)) => {
-            let addr = match at.socket_addr() {
-                Some(addr) => addr,
-                None => tokio::net::lookup_host((at.host(), at.port()))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("--gateway {at}: {e}"))?
-                    .next()
-                    .ok_or_else(|| anyhow::anyhow!("--gateway {at}: the name has no address"))?,
+    let gateway = match files.as_ref().filter(|_| !a.gateway.is_empty()) {
+        Some(files) => {
+            let mut addrs: Vec<SocketAddr> = Vec::new();
+            for at in &a.gateway {
+                match at.socket_addr() {
+                    Some(addr) => addrs.push(addr),
+                    None => addrs.extend(
+                        tokio::net::lookup_host((at.host(), at.port()))
+                            .await
+                            .map_err(|e| anyhow::anyhow!("--gateway {at}: {e}"))?,
+                    ),
+                }
+            }
+            addrs.dedup();
+            let Some((&first, rest)) = addrs.split_first() else {
+                anyhow::bail!("--gateway: the names have no address");
             };
             let tls =
                 proxy::tls::TlsSource::new(files.clone(), proxy::tls::Peer::Gateway, &[b"h2"])?;
+            let mut options = proxy::tunnel::GatewayOptions::new(first);
+            options.replicas = rest.to_vec();
             Some(std::sync::Arc::new(proxy::tunnel::Gateway::new(
-                proxy::tunnel::GatewayOptions::new(addr),
-                tls,
+                options, tls,
             )))
         }
-        _ => None,
+        None => None,
     };
     let admin = tokio::net::TcpListener::bind(a.admin)
         .await

@@ -96,10 +96,18 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 })
             };
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                .await
-            {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            // On shutdown, tell the sidecar (HTTP/2 GOAWAY; HTTP/1.1: close when idle) so that
+            // its next tunnels go through another gateway replica; tunnels under way finish.
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shared.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%remote, error = %e, "ingress connection ended");
             }
         });

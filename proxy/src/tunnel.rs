@@ -73,6 +73,9 @@ pub enum TunnelError {
 pub struct GatewayOptions {
     /// The local gateway's ingress.
     pub address: SocketAddr,
+    /// The ingresses of the cluster's other gateway replicas: when the connection to one
+    /// cannot be made or ends, tunnels go through the next.
+    pub replicas: Vec<SocketAddr>,
     /// TCP connect and TLS handshake, each.
     pub connect_timeout: Duration,
     /// HTTP/2 pings on the connection; a gateway that does not answer within
@@ -85,6 +88,7 @@ impl GatewayOptions {
     pub fn new(address: SocketAddr) -> Self {
         Self {
             address,
+            replicas: Vec::new(),
             connect_timeout: Duration::from_secs(2),
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(3),
@@ -92,11 +96,15 @@ impl GatewayOptions {
     }
 }
 
-/// The local gateway: tunnels on one multiplexed HTTP/2 connection.
+/// The local gateway: tunnels on one multiplexed HTTP/2 connection, to one of the cluster's
+/// gateway replicas at a time.
 pub struct Gateway {
     options: GatewayOptions,
     tls: TlsSource,
-    conn: tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>,
+    /// The connection and the replica (index in [`Gateway::addresses`]) it goes to.
+    conn: tokio::sync::Mutex<Option<(SendRequest<Empty<Bytes>>, usize)>>,
+    /// The replica the last connection went to.
+    current: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -114,11 +122,19 @@ impl Gateway {
             options,
             tls,
             conn: tokio::sync::Mutex::new(None),
+            current: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
+    /// Every gateway replica's ingress, the first given first.
+    fn addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        std::iter::once(self.options.address).chain(self.options.replicas.iter().copied())
+    }
+
+    /// The ingress of the replica tunnels go through now.
     pub fn address(&self) -> SocketAddr {
-        self.options.address
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.addresses().nth(i).unwrap_or(self.options.address)
     }
 
     /// Open a tunnel to `authority` (`SERVICE.NAMESPACE:PORT`) in `cluster`.
@@ -151,7 +167,7 @@ impl Gateway {
         // A stream refused because the connection just died is tried once more on a new one.
         let mut fresh = false;
         loop {
-            let (mut sender, new) = self.sender(fresh).await?;
+            let (mut sender, new, gateway) = self.sender(fresh).await?;
             let mut req = Request::builder()
                 .method(Method::CONNECT)
                 .uri(authority)
@@ -163,7 +179,7 @@ impl Gateway {
                 .body(Empty::new())
                 .map_err(|e| TunnelError::Target(format!("{authority}: {e}")))?;
             let stream_err = |message: String| TunnelError::Stream {
-                gateway: self.options.address,
+                gateway,
                 cluster: cluster.to_string(),
                 authority: authority.to_string(),
                 message,
@@ -184,7 +200,7 @@ impl Gateway {
                     .unwrap_or_default()
                     .to_string();
                 return Err(TunnelError::Refused {
-                    gateway: self.options.address,
+                    gateway,
                     cluster: cluster.to_string(),
                     authority: authority.to_string(),
                     status: resp.status().as_u16(),
@@ -204,23 +220,53 @@ impl Gateway {
     }
 
     /// The connection's sender, connecting if there is none (or `fresh` is asked); `true`
-    /// when it was made now.
-    async fn sender(&self, fresh: bool) -> Result<(SendRequest<Empty<Bytes>>, bool), TunnelError> {
+    /// when it was made now; the ingress it goes to. A new connection goes to the replica
+    /// after the one the last went to (that one just failed), then to each in turn.
+    async fn sender(
+        &self,
+        fresh: bool,
+    ) -> Result<(SendRequest<Empty<Bytes>>, bool, SocketAddr), TunnelError> {
         let mut conn = self.conn.lock().await;
-        if !fresh
-            && let Some(s) = conn.as_ref()
-            && !s.is_closed()
-        {
-            return Ok((s.clone(), false));
-        }
+        let addrs: Vec<SocketAddr> = self.addresses().collect();
+        let start = match conn.as_ref() {
+            Some((s, i)) if !fresh && !s.is_closed() => {
+                return Ok((
+                    s.clone(),
+                    false,
+                    addrs.get(*i).copied().unwrap_or(self.options.address),
+                ));
+            }
+            Some((_, i)) => i + 1,
+            None => self.current.load(std::sync::atomic::Ordering::Relaxed),
+        };
         *conn = None;
-        let s = self.connect().await?;
-        *conn = Some(s.clone());
-        Ok((s, true))
+        let mut last = None;
+        for k in 0..addrs.len() {
+            let i = (start + k) % addrs.len();
+            let Some(&gateway) = addrs.get(i) else {
+                continue;
+            };
+            match self.connect(gateway).await {
+                Ok(s) => {
+                    *conn = Some((s.clone(), i));
+                    self.current.store(i, std::sync::atomic::Ordering::Relaxed);
+                    return Ok((s, true, gateway));
+                }
+                Err(e) => {
+                    if addrs.len() > 1 {
+                        tracing::warn!(%gateway, error = %e, "gateway replica unreachable; trying the next");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(TunnelError::Connect {
+            gateway: self.options.address,
+            message: "no gateway address".into(),
+        }))
     }
 
-    async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
-        let gateway = self.options.address;
+    async fn connect(&self, gateway: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
         let err = |message: String| TunnelError::Connect { gateway, message };
         let config = self.tls.config().map_err(|e| err(e.to_string()))?;
         let timeout = self.options.connect_timeout;

@@ -220,3 +220,80 @@ async fn a_gateway_of_another_cluster_or_a_foreign_certificate_is_refused() {
     }
     east_gw.shutdown().await;
 }
+
+/// The sidecar's tunnels go through one of its cluster's gateway replicas at a time: an
+/// unreachable one is skipped, and when the one in use stops the next tunnel goes through
+/// another — never a connection error for the caller while one replica is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_move_to_another_local_gateway_replica() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = CertificateAuthority::init(TD, Duration::from_secs(86400)).expect("CA");
+    let gw_certs = issue(
+        &ca,
+        d,
+        &format!("spiffe://{TD}/cluster/east/gateway"),
+        "east-gw",
+    );
+    let app = issue(
+        &ca,
+        d,
+        &format!("spiffe://{TD}/cluster/east/ns/default/sa/app"),
+        "east-app",
+    );
+    let disc = d.join("east-discovery.yaml");
+    std::fs::write(&disc, discovery_yaml("east", "us-east", "us-east-1a", None)).unwrap();
+    let replica = || {
+        Gateway::start(gateway_config(
+            d,
+            "east",
+            &gw_certs,
+            &disc,
+            ("west", "127.0.0.1:9".parse().unwrap()),
+        ))
+    };
+    let g1 = replica().await.expect("replica 1 starts");
+    let g2 = replica().await.expect("replica 2 starts");
+    // An address where no gateway listens any more (a replica that is gone), first.
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut options = GatewayOptions::new(gone);
+    options.replicas = vec![g1.ingress_addr, g2.ingress_addr];
+    let client = GatewayClient::new(
+        options,
+        TlsSource::new(files(&app), Peer::Gateway, &[b"h2"]).expect("TLS"),
+    );
+    let requests = |gw: std::net::SocketAddr| async move {
+        let text = admin_get(gw, "/metrics").await.expect("gateway metrics");
+        metric(
+            &text,
+            "strait_gateway_ingress_requests_total{cluster=\"east\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    // The link to west is down: each gateway answers 503, which shows who answered.
+    let answered = |r: Result<_, TunnelError>| match r {
+        Err(TunnelError::Refused {
+            status, gateway, ..
+        }) => {
+            assert_eq!(status, 503);
+            gateway
+        }
+        other => panic!("expected a gateway's 503, got {:?}", other.err()),
+    };
+    let first = answered(client.open("west", "echo.default:8080").await);
+    assert_eq!(first, g1.ingress_addr, "the unreachable replica is skipped");
+    assert_eq!(requests(g1.admin_addr).await, 1.0);
+    assert_eq!(client.address(), g1.ingress_addr);
+    let (g2_ingress, g2_admin) = (g2.ingress_addr, g2.admin_addr);
+    g1.shutdown().await;
+    for _ in 0..5 {
+        let by = answered(client.open("west", "echo.default:8080").await);
+        assert_eq!(by, g2_ingress, "replica 1 stopped: replica 2 answers");
+    }
+    assert_eq!(requests(g2_admin).await, 5.0);
+    g2.shutdown().await;
+}
