@@ -426,9 +426,9 @@ pub struct BootstrapArgs {
     #[arg(long)]
     transparent: Option<SocketAddr>,
     /// The local east-west gateway's ingress: remote clusters are reached through it (needs
-    /// --cert/--key/--ca).
-    #[arg(long)]
-    gateway: Option<SocketAddr>,
+    /// --cert/--key/--ca); several, comma-separated, for the cluster's gateway replicas.
+    #[arg(long, value_delimiter = ',')]
+    gateway: Vec<SocketAddr>,
     #[command(flatten)]
     tls: CertArgs,
 }
@@ -440,7 +440,7 @@ pub fn run(cmd: ProxyCommand) -> anyhow::Result<()> {
         ProxyCommand::Bootstrap(a) => {
             let (cluster, locality, labels) = a.node.parse()?;
             let files = a.tls.checked(&cluster)?;
-            let gateway = match (a.gateway, &files) {
+            let gateway = match (Some(a.gateway).filter(|g| !g.is_empty()), &files) {
                 (None, _) => None,
                 (Some(_), None) => bail!(
                     "--gateway needs the workload certificate (--cert, --key, --ca): the gateway's ingress takes mTLS only"

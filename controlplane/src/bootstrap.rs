@@ -54,8 +54,9 @@ pub struct BootstrapSpec {
     /// The transparent listener's address (where the pod's iptables redirection sends
     /// intercepted connections), if the pod has one.
     pub transparent: Option<SocketAddr>,
-    /// The local gateway's ingress and the SPIFFE id it must present.
-    pub gateway: Option<(SocketAddr, String)>,
+    /// The local gateway's ingresses (one per gateway replica) and the SPIFFE id they must
+    /// present.
+    pub gateway: Option<(Vec<SocketAddr>, String)>,
 }
 
 fn socket(a: SocketAddr) -> Value {
@@ -172,7 +173,11 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
     let mut clusters = vec![xds_cluster];
     let mut listeners = Vec::new();
     let mut extensions = Vec::new();
-    if let Some((ingress, san)) = &spec.gateway {
+    if let Some((ingresses, san)) = &spec.gateway {
+        let endpoints: Vec<Value> = ingresses
+            .iter()
+            .map(|a| json!({"endpoint": {"address": socket(*a)}}))
+            .collect();
         let mut gw = json!({
             "name": "strait_gateway",
             "type": "STATIC",
@@ -180,9 +185,18 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
             "typed_extension_protocol_options": h2_options(),
             "load_assignment": {
                 "cluster_name": "strait_gateway",
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(*ingress)}}]}],
+                "endpoints": [{"lb_endpoints": endpoints}],
             },
         });
+        if ingresses.len() > 1 {
+            // A replica that refuses connections or resets is left out for a while.
+            gw["outlier_detection"] = json!({
+                "consecutive_local_origin_failure": 2,
+                "split_external_local_origin_errors": true,
+                "base_ejection_time": "5s",
+                "max_ejection_percent": 50,
+            });
+        }
         if let Some(files) = &spec.tls {
             gw["transport_socket"] = tls_context(files, &["h2"], Some(san), None);
         }
@@ -196,6 +210,8 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
                     "stat_prefix": TUNNEL_LISTENER,
                     "cluster": "strait_gateway",
+                    // Another gateway replica when one cannot be connected to.
+                    "max_connect_attempts": ingresses.len().clamp(1, 3),
                     "tunneling_config": {
                         "hostname": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:authority)%"),
                         "headers_to_add": [{"header": {

@@ -256,8 +256,12 @@ fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
         admin: "127.0.0.1:15000".parse().unwrap(),
         outbound: "127.0.0.1:15001".parse().unwrap(),
         transparent: None,
+        // Two gateway replicas.
         gateway: Some((
-            "127.0.0.1:15008".parse().unwrap(),
+            vec![
+                "127.0.0.1:15008".parse().unwrap(),
+                "127.0.0.1:15108".parse().unwrap(),
+            ],
             "spiffe://strait.test/cluster/east/gateway".into(),
         )),
     };
@@ -275,6 +279,22 @@ fn envoy_accepts_the_tunnel_bootstrap_and_tunnelled_clusters() {
         Some(2),
         "both control-plane replicas"
     );
+    let gateway = json["static_resources"]["clusters"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "strait_gateway"))
+        .expect("the gateway cluster");
+    assert_eq!(
+        gateway["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "both gateway replicas"
+    );
+    assert!(
+        gateway["outlier_detection"].is_object(),
+        "a failing replica is left out: {gateway}"
+    );
+    assert!(text.contains("\"max_connect_attempts\":2"), "{text}");
 
     assert!(text.contains("strait_workload"), "{text}");
 

@@ -74,7 +74,7 @@ async fn envoy_fails_over_to_another_cluster_through_the_gateways() {
         outbound,
         transparent: None,
         gateway: Some((
-            west_gw.ingress_addr,
+            vec![west_gw.ingress_addr],
             format!("spiffe://{TD}/cluster/west/gateway"),
         )),
     };
