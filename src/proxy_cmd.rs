@@ -314,7 +314,9 @@ async fn run_proxy(a: RunArgs) -> anyhow::Result<()> {
                     ),
                 }
             }
-            addrs.dedup();
+            // Each address once, in the order given.
+            let mut seen = std::collections::HashSet::new();
+            addrs.retain(|a| seen.insert(*a));
             let Some((&first, rest)) = addrs.split_first() else {
                 anyhow::bail!("--gateway: the names have no address");
             };

@@ -1040,7 +1040,8 @@ impl FailoverPolicy {
     }
 }
 
-/// The health of an inter-cluster link, as a gateway measures it.
+/// The health of an inter-cluster link, as a gateway measures it. Declared best first: the
+/// derived order (`Up < Degraded < Down`) is the order of preference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkHealth {
@@ -1095,18 +1096,9 @@ impl LinkState {
     /// (up before degraded before down, then the lowest RTT) — the link carries traffic while
     /// any replica's does. `None` when there is none.
     pub fn merge<'a>(replicas: impl IntoIterator<Item = &'a LinkState>) -> Option<LinkState> {
-        let rank = |h: LinkHealth| match h {
-            LinkHealth::Up => 0,
-            LinkHealth::Degraded => 1,
-            LinkHealth::Down => 2,
-        };
         replicas
             .into_iter()
-            .min_by(|a, b| {
-                rank(a.state)
-                    .cmp(&rank(b.state))
-                    .then(a.rtt_ms.total_cmp(&b.rtt_ms))
-            })
+            .min_by(|a, b| a.state.cmp(&b.state).then(a.rtt_ms.total_cmp(&b.rtt_ms)))
             .cloned()
     }
 

@@ -143,16 +143,11 @@ impl Peer {
         let now = Instant::now();
         let reps = self.replicas();
         let rank = |r: &Replica| {
-            let state = match r.tracker.state() {
-                LinkHealth::Up => 0u8,
-                LinkHealth::Degraded => 1,
-                LinkHealth::Down => 2,
-            };
             // A replica silent for two probe intervals is probably going away: others first.
             let silent = r.tracker.silent_for(now) > self.link.probe_interval * 2;
-            (u8::from(silent), state)
+            (silent, r.tracker.state())
         };
-        let live: Vec<(&Replica, (u8, u8))> = reps
+        let live: Vec<(&Replica, (bool, LinkHealth))> = reps
             .values()
             .filter(|r| {
                 r.current
@@ -165,7 +160,12 @@ impl Peer {
             let down = reps.values().all(|r| r.tracker.state() == LinkHealth::Down);
             return Err(down);
         }
-        let Some(best) = live.iter().map(|(_, k)| *k).filter(|k| k.1 < 2).min() else {
+        let Some(best) = live
+            .iter()
+            .map(|(_, k)| *k)
+            .filter(|k| k.1 != LinkHealth::Down)
+            .min()
+        else {
             return Err(true);
         };
         let equals: Vec<&Replica> = live
@@ -179,13 +179,6 @@ impl Peer {
             .and_then(|r| r.current.as_ref())
             .map(|c| c.conn.clone())
             .ok_or(true)
-    }
-
-    /// The link to the cluster: the best of its replicas'.
-    pub fn state(&self) -> LinkHealth {
-        let reps = self.replicas();
-        let states = reps.values().map(|r| r.tracker.state());
-        best_state(states)
     }
 
     fn refresh_view(&self, shared: &Shared) {
@@ -242,16 +235,9 @@ impl Peer {
     }
 }
 
+/// The link to a cluster: the best of its replicas' (down with none).
 fn best_state(states: impl Iterator<Item = LinkHealth>) -> LinkHealth {
-    let mut best = LinkHealth::Down;
-    for s in states {
-        match (s, best) {
-            (LinkHealth::Up, _) => return LinkHealth::Up,
-            (LinkHealth::Degraded, LinkHealth::Down) => best = LinkHealth::Degraded,
-            _ => {}
-        }
-    }
-    best
+    states.min().unwrap_or(LinkHealth::Down)
 }
 
 /// Install a new connection to one of `peer`'s replicas (`slot`), keeping exactly one per
@@ -299,6 +285,19 @@ pub fn install(
     tokio::spawn(async move { run_connection(shared, peer, conn, slot).await });
 }
 
+/// The replica in `slot`, if `conn` is its current connection.
+fn current_of<'a>(
+    reps: &'a mut BTreeMap<SocketAddr, Replica>,
+    slot: SocketAddr,
+    conn: &quinn::Connection,
+) -> Option<&'a mut Replica> {
+    reps.get_mut(&slot).filter(|r| {
+        r.current
+            .as_ref()
+            .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
+    })
+}
+
 /// Probes, inbound streams and health for one connection, until it closes.
 async fn run_connection(
     shared: Arc<Shared>,
@@ -310,16 +309,9 @@ async fn run_connection(
     let with_tracker =
         |peer: &Peer, conn: &quinn::Connection, f: &mut dyn FnMut(&mut LinkTracker)| {
             let mut reps = peer.replicas();
-            if let Some(r) = reps.get_mut(&slot)
-                && r.current
-                    .as_ref()
-                    .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
-            {
-                f(&mut r.tracker);
-                true
-            } else {
-                false
-            }
+            current_of(&mut reps, slot, conn)
+                .map(|r| f(&mut r.tracker))
+                .is_some()
         };
     let probes = {
         let (conn, peer) = (conn.clone(), peer.clone());
@@ -406,11 +398,7 @@ async fn run_connection(
     let lost = {
         let mut reps = peer.replicas();
         let mut lost = None;
-        if let Some(r) = reps.get_mut(&slot)
-            && r.current
-                .as_ref()
-                .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
-        {
+        if let Some(r) = current_of(&mut reps, slot, &conn) {
             r.current = None;
             lost = Some(r.tracker.on_disconnected(Instant::now()));
             // A replica this gateway does not dial (it came from an address not in the peer's
@@ -450,11 +438,8 @@ pub async fn dial_loop(shared: Arc<Shared>, peer: Arc<Peer>) {
                 .or_insert_with(|| tokio::spawn(dial_replica(shared.clone(), peer.clone(), a)));
         }
         // Slots of addresses the peer no longer has, and nothing connected: forgotten.
-        {
-            let addrs = peer.addresses.borrow().clone();
-            peer.replicas()
-                .retain(|slot, r| *slot == SINGLE || addrs.contains(slot) || r.current.is_some());
-        }
+        peer.replicas()
+            .retain(|slot, r| *slot == SINGLE || dialers.contains_key(slot) || r.current.is_some());
         peer.refresh_view(&shared);
         tokio::select! {
             r = addrs_rx.changed() => if r.is_err() { break },

@@ -1639,7 +1639,8 @@ async fn a_peers_gateway_replicas_share_its_tunnels_and_losing_one_moves_them_wi
 
     // w2 falls silent (a dead node: no close, no answer). East's link to west never goes down;
     // the replica's does, and every tunnel opened a second after the cut goes through w1.
-    let watcher = tokio::spawn(east_links_view(&east));
+    let states: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let watcher = tokio::spawn(east_links_view(&east, states.clone()));
     relay.set_faults(Faults {
         blackhole: true,
         ..Faults::default()
@@ -1701,7 +1702,7 @@ async fn a_peers_gateway_replicas_share_its_tunnels_and_losing_one_moves_them_wi
         Some("up".to_string()),
         "the link to west must stay up while a replica is"
     );
-    let states = EAST_WEST_STATES.lock().unwrap().clone();
+    let states = states.lock().unwrap().clone();
     assert!(
         states.iter().all(|s| s == "up"),
         "east's link to west left `up` during the replica's loss: {states:?}"
@@ -1729,10 +1730,11 @@ async fn a_peers_gateway_replicas_share_its_tunnels_and_losing_one_moves_them_wi
     drop(east);
 }
 
-static EAST_WEST_STATES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// Record every state east's link to west shows, every 5 ms, until aborted.
-fn east_links_view(east: &Gateway) -> impl std::future::Future<Output = ()> + Send + 'static {
+/// Record in `states` every state east's link to west shows, every 5 ms, until aborted.
+fn east_links_view(
+    east: &Gateway,
+    states: Arc<std::sync::Mutex<Vec<String>>>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let admin = east.admin_addr;
     async move {
         loop {
@@ -1740,7 +1742,7 @@ fn east_links_view(east: &Gateway) -> impl std::future::Future<Output = ()> + Se
             if let Ok(links) = serde_json::from_str::<Vec<LinkReport>>(&body)
                 && let Some(l) = links.into_iter().find(|l| l.cluster == "west")
             {
-                EAST_WEST_STATES
+                states
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(l.state);

@@ -227,19 +227,16 @@ impl Gateway {
         fresh: bool,
     ) -> Result<(SendRequest<Empty<Bytes>>, bool, SocketAddr), TunnelError> {
         let mut conn = self.conn.lock().await;
-        let addrs: Vec<SocketAddr> = self.addresses().collect();
         let start = match conn.as_ref() {
             Some((s, i)) if !fresh && !s.is_closed() => {
-                return Ok((
-                    s.clone(),
-                    false,
-                    addrs.get(*i).copied().unwrap_or(self.options.address),
-                ));
+                let at = self.addresses().nth(*i).unwrap_or(self.options.address);
+                return Ok((s.clone(), false, at));
             }
             Some((_, i)) => i + 1,
             None => self.current.load(std::sync::atomic::Ordering::Relaxed),
         };
         *conn = None;
+        let addrs: Vec<SocketAddr> = self.addresses().collect();
         let mut last = None;
         for k in 0..addrs.len() {
             let i = (start + k) % addrs.len();
