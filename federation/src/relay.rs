@@ -22,6 +22,13 @@
 //! target's point of view the client *is* the target-side socket
 //! ([`UdpRelay::outbound_addr`]).
 //!
+//! [`UdpRelay::between`] makes a relay with two fixed ends instead, as a wire between two hosts
+//! would be: the client-side socket and the target-side socket are both bound to given
+//! addresses, datagrams are taken only from the fixed client (on the first) and the fixed
+//! target (on the second), and either end may speak first. Each end sees the other at a stable
+//! address — the target sees the client at the target-side socket's — so two peers that dial
+//! each other through it recognise each other's connections (the loopback lab's gateways).
+//!
 //! [`Faults`] apply to both directions and can be changed at any time:
 //!
 //! - `blackhole`: every datagram is dropped silently (no ICMP-like signal, nothing), including
@@ -248,6 +255,8 @@ enum Direction {
 struct UdpState {
     faults: Mutex<Faults>,
     client: Mutex<Option<SocketAddr>>,
+    /// The client is fixed ([`UdpRelay::between`]): datagrams from anyone else are ignored.
+    fixed_client: bool,
     forwarded_to_target: AtomicU64,
     dropped_to_target: AtomicU64,
     forwarded_to_client: AtomicU64,
@@ -314,19 +323,41 @@ impl UdpRelay {
 
     /// Listen on `listen` and relay to `target`.
     pub async fn start_on(listen: SocketAddr, target: SocketAddr) -> std::io::Result<Self> {
-        let inbound = Arc::new(UdpSocket::bind(listen).await?);
-        let addr = inbound.local_addr()?;
         let outbound_ip = match target.ip() {
             IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(ip) if ip.is_loopback() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         };
-        let outbound = Arc::new(UdpSocket::bind(SocketAddr::new(outbound_ip, 0)).await?);
+        Self::open(listen, SocketAddr::new(outbound_ip, 0), target, None).await
+    }
+
+    /// A relay with two fixed ends: `client` reaches `target` by sending to `listen`, and
+    /// `target` reaches `client` by sending to `outbound` (where it sees the client's datagrams
+    /// come from). Datagrams from anyone else are ignored.
+    pub async fn between(
+        listen: SocketAddr,
+        client: SocketAddr,
+        outbound: SocketAddr,
+        target: SocketAddr,
+    ) -> std::io::Result<Self> {
+        Self::open(listen, outbound, target, Some(client)).await
+    }
+
+    async fn open(
+        listen: SocketAddr,
+        outbound: SocketAddr,
+        target: SocketAddr,
+        client: Option<SocketAddr>,
+    ) -> std::io::Result<Self> {
+        let inbound = Arc::new(UdpSocket::bind(listen).await?);
+        let addr = inbound.local_addr()?;
+        let outbound = Arc::new(UdpSocket::bind(outbound).await?);
         let outbound_addr = outbound.local_addr()?;
         let state = Arc::new(UdpState {
             faults: Mutex::new(Faults::default()),
-            client: Mutex::new(None),
+            client: Mutex::new(client),
+            fixed_client: client.is_some(),
             forwarded_to_target: AtomicU64::new(0),
             dropped_to_target: AtomicU64::new(0),
             forwarded_to_client: AtomicU64::new(0),
@@ -483,6 +514,10 @@ async fn pump(
                 Ok((n, source)) => {
                     errors = 0;
                     let dest = match dir {
+                        Direction::ToTarget if state.fixed_client && state.client() != Some(source) => {
+                            tracing::debug!(%source, "udp relay: ignoring a datagram from a stranger");
+                            continue;
+                        }
                         Direction::ToTarget => {
                             state.set_client(source);
                             Some(target)

@@ -18,6 +18,12 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// A sidecar's drain watch on its HTTP/2 connection to its gateway's ingress: `GET` this path
+/// and the gateway answers `200` when it starts shutting down; the sidecar then stops reusing
+/// the tunnels of that connection (each finishes its request) and opens new ones through
+/// another replica. A gateway of an earlier release answers `405` at once (no watch).
+pub const DRAIN_PATH: &str = "/strait/v1/drain";
+
 /// The ingress request header by which a sidecar asks for an early status (value `1`), and the
 /// response header by which the gateway grants it (a gateway that does not know it answers as
 /// usual, after the status).

@@ -24,7 +24,6 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                     continue;
                 }
             },
-            _ = shared.shutdown.cancelled() => return,
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -50,17 +49,14 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
 
 fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/ready" => {
-            if *shared.ready.borrow() {
-                respond(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "starting\n".into(),
-                )
-            }
-        }
+        "/ready" => match shared.readiness() {
+            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(why) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
+        },
         "/metrics" => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4",

@@ -258,6 +258,11 @@ pub struct TunnelConfig {
     /// Opening a tunnel (header sent to status received) may take this long.
     #[serde(with = "federation::discovery::duration_field")]
     pub open_timeout: Duration,
+    /// On shutdown (SIGTERM), tunnels under way may take this long to finish before the
+    /// gateway closes its connections; meanwhile its sidecars and peers send new tunnels to
+    /// other replicas.
+    #[serde(with = "federation::discovery::duration_field")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for TunnelConfig {
@@ -266,6 +271,7 @@ impl Default for TunnelConfig {
             idle_timeout: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(2),
             open_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -96,6 +96,9 @@ pub enum ProbeKind {
     Ping,
     /// The echo of a ping, with the ping's sequence number.
     Pong,
+    /// The sender is shutting down: open no new tunnels to it (those under way finish). A
+    /// gateway of an earlier release ignores it (an unknown kind is a bad datagram).
+    Leaving,
 }
 
 impl ProbeKind {
@@ -103,6 +106,7 @@ impl ProbeKind {
         match self {
             ProbeKind::Ping => 1,
             ProbeKind::Pong => 2,
+            ProbeKind::Leaving => 3,
         }
     }
 
@@ -110,6 +114,7 @@ impl ProbeKind {
         match b {
             1 => Some(ProbeKind::Ping),
             2 => Some(ProbeKind::Pong),
+            3 => Some(ProbeKind::Leaving),
             _ => None,
         }
     }
@@ -906,7 +911,7 @@ mod tests {
             (ProbeKind::Ping, 0x0102_0304_0506_0708)
         );
         for seq in [0, 1, u64::MAX] {
-            for kind in [ProbeKind::Ping, ProbeKind::Pong] {
+            for kind in [ProbeKind::Ping, ProbeKind::Pong, ProbeKind::Leaving] {
                 assert_eq!(decode_probe(&encode_probe(kind, seq)).unwrap(), (kind, seq));
             }
         }
@@ -918,7 +923,7 @@ mod tests {
         let mut m = b;
         m[0] = 0xA2;
         assert_eq!(decode_probe(&m), Err(ProbeError::Magic(0xA2)));
-        for k in [0u8, 3, 255] {
+        for k in [0u8, 4, 255] {
             let mut m = b;
             m[1] = k;
             assert_eq!(decode_probe(&m), Err(ProbeError::Kind(k)));

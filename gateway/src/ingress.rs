@@ -6,6 +6,9 @@
 //! to the peer gateway is open, and the peer's status frame is the tunnel's first bytes; the
 //! sidecar's first bytes travel right behind the header meanwhile (see
 //! [`federation::tunnel`]).
+//!
+//! A sidecar may keep a drain watch on its connection (`GET /strait/v1/drain`), answered when
+//! the gateway starts shutting down, so that it stops reusing that connection's tunnels.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -163,7 +166,11 @@ async fn handle(
     identity: SpiffeId,
     mut req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    shared.metrics.ingress_requests_total.fetch_add(1, Relaxed);
+    let drain_watch =
+        req.method() == Method::GET && req.uri().path() == federation::tunnel::DRAIN_PATH;
+    if !drain_watch {
+        shared.metrics.ingress_requests_total.fetch_add(1, Relaxed);
+    }
     if identity.role() != Role::Workload || identity.cluster() != shared.own.as_str() {
         shared
             .metrics
@@ -176,9 +183,16 @@ async fn handle(
             ),
         );
     }
+    if drain_watch {
+        // A sidecar's drain watch: answered when this gateway starts shutting down.
+        shared.shutdown.cancelled().await;
+        return Response::new(Full::new(Bytes::from_static(b"draining\n")));
+    }
     if req.method() != Method::CONNECT {
         return refuse(405, "only CONNECT is supported");
     }
+    // Until its splice ends (a graceful shutdown waits for it).
+    let busy = shared.in_flight.enter();
     let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
         return refuse(400, "CONNECT needs an authority SERVICE.NAMESPACE:PORT");
     };
@@ -223,6 +237,7 @@ async fn handle(
         };
         let shared2 = shared.clone();
         tokio::spawn(async move {
+            let _busy = busy;
             match on_upgrade.await {
                 Ok(up) => {
                     crate::splice::splice(tcp, TokioIo::new(up), idle, &shared2.metrics).await;
@@ -254,6 +269,7 @@ async fn handle(
                 shared.metrics.ingress_early_total.fetch_add(1, Relaxed);
                 let shared2 = shared.clone();
                 tokio::spawn(async move {
+                    let _busy = busy;
                     let mut peer = QuicStream { send, recv };
                     match on_upgrade.await {
                         Ok(up) => {
@@ -294,6 +310,7 @@ async fn handle(
         Ok((send, recv)) => {
             let shared2 = shared.clone();
             tokio::spawn(async move {
+                let _busy = busy;
                 match on_upgrade.await {
                     Ok(up) => {
                         crate::splice::splice(

@@ -21,11 +21,12 @@ pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use federation::discovery::DiscoveryFile;
-use federation::model::{LinkState, Name, Peering};
+use federation::model::{LinkHealth, LinkState, Name, Peering};
 use federation::registry::codec::encode_link;
 use federation::registry::publisher::Owned;
 use federation::registry::{
@@ -61,6 +62,10 @@ pub enum GatewayError {
     Registry(#[from] federation::registry::RegistryError),
 }
 
+/// For this long after it starts, a gateway is ready only once its links to every peer it
+/// knows are up; after it, whatever they are (a peer may be down for good).
+pub const READY_GRACE: Duration = Duration::from_secs(30);
+
 /// A cancellation signal shared by every task.
 #[derive(Clone)]
 pub struct Shutdown(watch::Sender<bool>);
@@ -75,6 +80,53 @@ impl Shutdown {
     pub async fn cancelled(&self) {
         let mut rx = self.0.subscribe();
         let _ = rx.wait_for(|v| *v).await;
+    }
+    /// Whether the shutdown has begun.
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// The tunnels under way, from the request that opens one (a sidecar's CONNECT, a peer's
+/// stream) to the end of its splice: what a graceful shutdown waits for.
+#[derive(Default)]
+pub struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: Notify,
+}
+
+/// One tunnel under way; dropping it ends it.
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Relaxed);
+        InFlightGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Relaxed)
+    }
+
+    /// Wait until no tunnel is under way.
+    pub async fn until_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Relaxed) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -96,6 +148,11 @@ pub struct Shared {
     pub sidecar_tls: RwLock<tls::SidecarTls>,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
+    /// Tunnels under way (a graceful shutdown waits for them).
+    pub in_flight: Arc<InFlight>,
+    pub started: std::time::Instant,
+    /// Its links to every known peer have been up together once (see [`Shared::readiness`]).
+    pub linked: std::sync::atomic::AtomicBool,
     pub links_changed: Notify,
     pub ready: watch::Sender<bool>,
     pub dns: Arc<dns::PeerResolver>,
@@ -125,6 +182,46 @@ impl Shared {
     }
 
     /// Every link as the admin endpoint shows it.
+    /// Whether the gateway can serve tunnels (`/ready`): started, not shutting down, and once
+    /// its links to every peer it knows have been up together (or [`READY_GRACE`] has passed
+    /// since it started), so that a rolling restart moves on to the next replica only once this
+    /// one carries traffic. A link lost later does not make it unready (that is the link's
+    /// fault, not the gateway's).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.shutdown.is_triggered() {
+            return Err("shutting down".into());
+        }
+        if !*self.ready.borrow() {
+            return Err("starting".into());
+        }
+        if !self.linked.load(Relaxed) && self.started.elapsed() < READY_GRACE {
+            let waiting = self.links_not_up();
+            if !waiting.is_empty() {
+                return Err(format!(
+                    "starting: waiting for the links to {} (at most {READY_GRACE:?} after start)",
+                    waiting.join(", ")
+                ));
+            }
+            self.linked.store(true, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// A link just came up: if every known peer's is up now, the gateway is linked for good.
+    pub fn note_linked(&self) {
+        if !self.linked.load(Relaxed) && self.links_not_up().is_empty() {
+            self.linked.store(true, Relaxed);
+        }
+    }
+
+    fn links_not_up(&self) -> Vec<String> {
+        self.links()
+            .into_iter()
+            .filter(|l| l.state != LinkHealth::Up.as_str())
+            .map(|l| l.cluster)
+            .collect()
+    }
+
     pub fn links(&self) -> Vec<LinkReport> {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<LinkReport> = peers
@@ -328,6 +425,9 @@ impl Gateway {
             sidecar_tls: RwLock::new(material.sidecars),
             metrics: Metrics::default(),
             shutdown: Shutdown::new(),
+            in_flight: Arc::new(InFlight::default()),
+            started: std::time::Instant::now(),
+            linked: std::sync::atomic::AtomicBool::new(false),
             links_changed: Notify::new(),
             ready: watch::channel(false).0,
             dns: Arc::new(dns::PeerResolver::new(&config.dns)),
@@ -409,14 +509,37 @@ impl Gateway {
         self.shared.links()
     }
 
-    /// Stop accepting, close every connection, and wait a moment for the close to be sent.
+    /// A graceful shutdown (SIGTERM): stop accepting; tell the sidecars (HTTP/2 GOAWAY) and
+    /// every peer (a `Leaving` datagram on each connection) to send new tunnels to other
+    /// replicas; let the tunnels under way finish, for up to `tunnel.drain_timeout`; then close
+    /// every connection and wait a moment for the close to be sent.
     pub async fn shutdown(self) {
-        self.shared.shutdown.trigger();
-        self.shared
+        let shared = &self.shared;
+        shared.shutdown.trigger();
+        let _ = shared.ready.send_replace(false);
+        peers::announce_leaving(shared);
+        let drain = shared.config.tunnel.drain_timeout;
+        let deadline = tokio::time::Instant::now() + drain;
+        // A peer that has not heard yet may still open a tunnel for about a round trip.
+        let rtt = shared.links().iter().map(|l| l.rtt_ms).fold(0.0, f64::max);
+        let settle = Duration::from_secs_f64((2.0 * rtt / 1000.0).clamp(0.1, 1.0)).min(drain);
+        tokio::time::sleep(settle).await;
+        let under_way = shared.in_flight.count();
+        match tokio::time::timeout_at(deadline, shared.in_flight.until_idle()).await {
+            Ok(()) => tracing::info!(
+                tunnels = under_way,
+                "shutting down: every tunnel under way has finished"
+            ),
+            Err(_) => tracing::warn!(
+                tunnels = shared.in_flight.count(),
+                ?drain,
+                "shutting down: tunnels still under way after tunnel.drain_timeout are closed"
+            ),
+        }
+        shared
             .endpoint
             .close(quinn::VarInt::from_u32(peers::CLOSE_SHUTDOWN), b"shutdown");
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.endpoint.wait_idle()).await;
     }
 }
 

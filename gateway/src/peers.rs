@@ -54,6 +54,9 @@ pub struct ReplicaView {
     pub state: String,
     pub rtt_ms: f64,
     pub connected: bool,
+    /// It said it is shutting down: new tunnels go to the other replicas.
+    #[serde(default)]
+    pub leaving: bool,
 }
 
 /// The slot of a peer with one gateway address (or none known): any connection is to it.
@@ -64,6 +67,8 @@ const SINGLE: SocketAddr =
 struct Replica {
     current: Option<PeerConn>,
     tracker: LinkTracker,
+    /// Its current connection said it is shutting down: no new tunnels while another will do.
+    leaving: bool,
 }
 
 /// One peer cluster: a connection to each of its gateway replicas this gateway can reach. The
@@ -143,9 +148,10 @@ impl Peer {
         let now = Instant::now();
         let reps = self.replicas();
         let rank = |r: &Replica| {
-            // A replica silent for two probe intervals is probably going away: others first.
+            // A replica that said it is leaving, or silent for two probe intervals (probably
+            // going away): others first.
             let silent = r.tracker.silent_for(now) > self.link.probe_interval * 2;
-            (silent, r.tracker.state())
+            (r.leaving || silent, r.tracker.state())
         };
         let live: Vec<(&Replica, (bool, LinkHealth))> = reps
             .values()
@@ -203,6 +209,7 @@ impl Peer {
                     state: r.tracker.state().as_str().to_string(),
                     rtt_ms: (r.tracker.rtt_ms() * 1000.0).round() / 1000.0,
                     connected: r.tracker.is_connected(),
+                    leaving: r.leaving,
                 })
                 .collect();
             (state, rtt, loss, connected, replicas)
@@ -231,6 +238,9 @@ impl Peer {
         });
         if changed_state {
             shared.links_changed.notify_one();
+            if state == LinkHealth::Up {
+                shared.note_linked();
+            }
         }
     }
 }
@@ -260,6 +270,7 @@ pub fn install(
         let rep = reps.entry(slot).or_insert_with(|| Replica {
             current: None,
             tracker: LinkTracker::new(peer.link.health(), Instant::now()),
+            leaving: false,
         });
         if let Some(existing) = rep.current.as_ref()
             && existing.conn.close_reason().is_none()
@@ -277,6 +288,7 @@ pub fn install(
             conn: conn.clone(),
             dialer,
         });
+        rep.leaving = false;
         rep.tracker.on_connected(Instant::now());
     }
     peer.refresh_view(shared);
@@ -314,7 +326,7 @@ async fn run_connection(
                 .is_some()
         };
     let probes = {
-        let (conn, peer) = (conn.clone(), peer.clone());
+        let (conn, peer, shared) = (conn.clone(), peer.clone(), shared.clone());
         async move {
             loop {
                 match conn.read_datagram().await {
@@ -327,6 +339,18 @@ async fn run_connection(
                         }
                         Ok((ProbeKind::Pong, seq)) => {
                             with_tracker(&peer, &conn, &mut |t| t.on_reply(seq, Instant::now()));
+                        }
+                        Ok((ProbeKind::Leaving, _)) => {
+                            let mut reps = peer.replicas();
+                            if let Some(r) = current_of(&mut reps, slot, &conn)
+                                && !r.leaving
+                            {
+                                r.leaving = true;
+                                tracing::info!(peer = %peer.cluster, remote = %conn.remote_address(),
+                                    "a gateway replica of the peer is shutting down: new tunnels go to its others");
+                                drop(reps);
+                                peer.refresh_view(&shared);
+                            }
                         }
                         Err(e) => {
                             tracing::debug!(peer = %peer.cluster, error = %e, "ignoring a bad datagram")
@@ -359,6 +383,13 @@ async fn run_connection(
                     let _ = conn
                         .send_datagram(Bytes::copy_from_slice(&encode_probe(ProbeKind::Ping, seq)));
                 }
+                if shared.shutdown.is_triggered() {
+                    // Said again every probe interval while draining: a datagram may be lost.
+                    let _ = conn.send_datagram(Bytes::copy_from_slice(&encode_probe(
+                        ProbeKind::Leaving,
+                        0,
+                    )));
+                }
                 if let Some(tr) = transition {
                     tracing::info!(peer = %peer.cluster, remote = %conn.remote_address(), from = %tr.from, to = %tr.to, reason = %tr.reason, "link state changed");
                     peer.refresh_view(&shared);
@@ -380,8 +411,12 @@ async fn run_connection(
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
                         shared.metrics.inbound_streams_total.fetch_add(1, Relaxed);
+                        let busy = shared.in_flight.enter();
                         let (shared, peer) = (shared.clone(), peer.clone());
-                        tokio::spawn(async move { handle_inbound(shared, peer, send, recv).await });
+                        tokio::spawn(async move {
+                            handle_inbound(shared, peer, send, recv).await;
+                            drop(busy);
+                        });
                     }
                     Err(_) => return,
                 }
@@ -548,6 +583,26 @@ pub fn peer_cluster(conn: &quinn::Connection) -> Result<String, String> {
     federation::identity::spiffe_id_from_cert(leaf)
         .map(|id| id.cluster().to_string())
         .map_err(|e| e.to_string())
+}
+
+/// Tell every peer connection that this gateway is shutting down (a `Leaving` datagram): the
+/// peers open no new tunnels to it while they have another replica.
+pub fn announce_leaving(shared: &Shared) {
+    let peers: Vec<Arc<Peer>> = shared
+        .peers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let leaving = Bytes::copy_from_slice(&encode_probe(ProbeKind::Leaving, 0));
+    for peer in peers {
+        for r in peer.replicas().values() {
+            if let Some(c) = &r.current {
+                let _ = c.conn.send_datagram(leaving.clone());
+            }
+        }
+    }
 }
 
 /// Accept connections from peer gateways.

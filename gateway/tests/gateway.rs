@@ -1541,7 +1541,7 @@ fn replica_state(gw: &Gateway, peer: &str, address: SocketAddr) -> Option<String
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peers_gateway_replicas_share_its_tunnels_and_losing_one_moves_them_within_a_second() {
+async fn a_peers_gateway_replicas_share_its_tunnels_and_losing_or_stopping_one_fails_none() {
     use federation::registry::{Backend, EtcdBackend, EtcdOptions, RegistryCache};
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
@@ -1719,7 +1719,81 @@ async fn a_peers_gateway_replicas_share_its_tunnels_and_losing_one_moves_them_wi
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    w1.shutdown().await;
+    // Tunnels held open over both replicas (each echoes once), some through w1.
+    let w1_before = counter(&w1, "strait_gateway_inbound_streams_total").await;
+    let mut held = Vec::new();
+    for i in 0..6 {
+        let (status, head, stream) = connect_h1(
+            east.ingress_addr,
+            tls.clone(),
+            "echo.default:7000",
+            Some("west"),
+        )
+        .await;
+        let mut s = stream.unwrap_or_else(|| panic!("held tunnel {i}: {status} {head}"));
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        held.push(s);
+    }
+    let through_w1 = counter(&w1, "strait_gateway_inbound_streams_total").await - w1_before;
+    assert!(through_w1 >= 1, "none of the held tunnels went through w1");
+    // w1 stops gracefully: it tells east it is leaving, and waits for its tunnels under way.
+    let stopping = Instant::now();
+    let stopped = tokio::spawn(async move {
+        w1.shutdown().await;
+        stopping.elapsed()
+    });
+    let t = Instant::now();
+    while !link(&east, "west").is_some_and(|l| {
+        l.replicas
+            .iter()
+            .any(|r| r.address == a1.to_string() && r.leaving)
+    }) {
+        assert!(
+            t.elapsed() < WAIT,
+            "east never heard that w1 is leaving: {:?}",
+            link(&east, "west")
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Every new tunnel goes through w2 while w1 drains; the held ones still carry bytes.
+    let w2_before = counter(&w2, "strait_gateway_inbound_streams_total").await;
+    for i in 0..20 {
+        echo_through(east.ingress_addr, tls.clone())
+            .await
+            .unwrap_or_else(|e| panic!("tunnel {i} while w1 drains: {e}"));
+    }
+    assert_eq!(
+        counter(&w2, "strait_gateway_inbound_streams_total").await - w2_before,
+        20,
+        "a new tunnel went to the leaving replica"
+    );
+    assert!(!stopped.is_finished(), "w1 stopped with tunnels under way");
+    for (i, s) in held.iter_mut().enumerate() {
+        s.write_all(b"pong").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf)
+            .await
+            .unwrap_or_else(|e| panic!("held tunnel {i} cut while w1 drains: {e}"));
+        assert_eq!(&buf, b"pong");
+    }
+    // Once they close, w1's shutdown completes (well before its 10 s drain timeout).
+    let closed = Instant::now();
+    drop(held);
+    let took = tokio::time::timeout(WAIT, stopped)
+        .await
+        .expect("w1's shutdown never completed")
+        .unwrap();
+    println!(
+        "w1 drained {through_w1} held tunnels: stopped {took:?} after SIGTERM, {:?} after they closed",
+        closed.elapsed()
+    );
+    assert!(
+        closed.elapsed() < Duration::from_secs(5),
+        "w1 waited {:?} after its last tunnel closed",
+        closed.elapsed()
+    );
     for i in 0..20 {
         echo_through(east.ingress_addr, tls.clone())
             .await

@@ -597,11 +597,14 @@ pub async fn handle(compiled: &Compiled, listener: &str, req: Request<Incoming>)
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let mut up = up;
+        let captured = capture_tunnel(&host, &mut up);
         let sent = cluster.client(&host).request(up);
         let result = match limit {
             Some(l) => tokio::time::timeout(l, sent).await.ok(),
             None => Some(sent.await),
         };
+        retire_if_draining(captured);
         host.state.active.fetch_sub(1, Relaxed);
         if attempt > 0 {
             cluster.retries_in_flight.fetch_sub(1, Relaxed);
@@ -692,6 +695,35 @@ enum Failed {
 }
 
 /// The request to send to `host`: the downstream method, path and end-to-end headers.
+/// For a request to an endpoint of another cluster: a handle on the pooled connection (a
+/// tunnel) it goes out on.
+fn capture_tunnel(
+    host: &Host,
+    up: &mut Request<Body>,
+) -> Option<hyper_util::client::legacy::connect::CaptureConnection> {
+    matches!(host.upstream, Upstream::Tunnel { .. })
+        .then(|| hyper_util::client::legacy::connect::capture_connection(up))
+}
+
+/// A pooled tunnel whose gateway connection is draining (its gateway replica is shutting
+/// down) is not reused after this request: the next goes through a new tunnel, via another
+/// replica, and the old one ends.
+fn retire_if_draining(captured: Option<hyper_util::client::legacy::connect::CaptureConnection>) {
+    let Some(captured) = captured else {
+        return;
+    };
+    if let Some(conn) = captured.connection_metadata().as_ref() {
+        let mut extras = http::Extensions::new();
+        conn.get_extras(&mut extras);
+        if extras
+            .get::<crate::tunnel::Draining>()
+            .is_some_and(crate::tunnel::Draining::is_set)
+        {
+            conn.poison();
+        }
+    }
+}
+
 fn upstream_request(
     parts: &http::request::Parts,
     host: &Host,

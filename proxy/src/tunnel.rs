@@ -7,6 +7,11 @@
 //! connection to the gateway, opened on first use, kept alive with pings (a dead gateway is
 //! noticed within seconds) and opened again when it fails.
 //!
+//! Each connection keeps a drain watch (`GET /strait/v1/drain`, answered when the gateway
+//! starts shutting down): from then on new tunnels go through the next replica, and pooled
+//! connections riding this connection's tunnels are not reused after their request under way
+//! ([`Draining`]), so the gateway's tunnels end and its drain completes without a request lost.
+//!
 //! The gateway's refusals keep their meaning: unknown cluster 404, link down or no endpoint
 //! 503, not authorized 403 — each a connect failure of the attempt, with the gateway's reason,
 //! so the request is retried elsewhere.
@@ -68,6 +73,25 @@ pub enum TunnelError {
     Target(String),
 }
 
+/// Set when the gateway connection a tunnel rides on is draining: a pooled connection over it
+/// is not reused (the data plane poisons it after its request).
+#[derive(Clone, Debug, Default)]
+pub struct Draining(Arc<std::sync::atomic::AtomicBool>);
+
+impl Draining {
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A connection to the gateway: its sender, the replica it goes to (index in
+/// [`Gateway::addresses`]), and whether the gateway said it is draining.
+type GatewayConn = (SendRequest<Empty<Bytes>>, usize, Draining);
+
 /// Settings of the connection to the gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayOptions {
@@ -101,8 +125,7 @@ impl GatewayOptions {
 pub struct Gateway {
     options: GatewayOptions,
     tls: TlsSource,
-    /// The connection and the replica (index in [`Gateway::addresses`]) it goes to.
-    conn: tokio::sync::Mutex<Option<(SendRequest<Empty<Bytes>>, usize)>>,
+    conn: tokio::sync::Mutex<Option<GatewayConn>>,
     /// The replica the last connection went to.
     current: std::sync::atomic::AtomicUsize,
 }
@@ -141,7 +164,19 @@ impl Gateway {
     pub async fn open(&self, cluster: &str, authority: &str) -> Result<Upgraded, TunnelError> {
         self.open_with(cluster, authority, false)
             .await
-            .map(|(up, _)| up)
+            .map(|(up, _, _)| up)
+    }
+
+    /// [`Gateway::open`] for a pooled connection: with the flag of the gateway connection's
+    /// drain.
+    pub async fn open_pooled(
+        &self,
+        cluster: &str,
+        authority: &str,
+    ) -> Result<(Upgraded, Draining), TunnelError> {
+        self.open_with(cluster, authority, false)
+            .await
+            .map(|(up, _, draining)| (up, draining))
     }
 
     /// Open a tunnel asking for an **early status**: the gateway answers as soon as its stream to
@@ -155,7 +190,9 @@ impl Gateway {
         cluster: &str,
         authority: &str,
     ) -> Result<(Upgraded, bool), TunnelError> {
-        self.open_with(cluster, authority, true).await
+        self.open_with(cluster, authority, true)
+            .await
+            .map(|(up, granted, _)| (up, granted))
     }
 
     async fn open_with(
@@ -163,11 +200,13 @@ impl Gateway {
         cluster: &str,
         authority: &str,
         early: bool,
-    ) -> Result<(Upgraded, bool), TunnelError> {
-        // A stream refused because the connection just died is tried once more on a new one.
+    ) -> Result<(Upgraded, bool, Draining), TunnelError> {
+        // A CONNECT that got no answer on a connection made earlier (it just died, or the
+        // gateway is shutting down: GOAWAY refuses new streams) is tried once more on a new
+        // connection, to the next replica. Safe: no byte of the client went out on it.
         let mut fresh = false;
         loop {
-            let (mut sender, new, gateway) = self.sender(fresh).await?;
+            let (mut sender, new, gateway, draining) = self.sender(fresh).await?;
             let mut req = Request::builder()
                 .method(Method::CONNECT)
                 .uri(authority)
@@ -186,7 +225,8 @@ impl Gateway {
             };
             let resp = match sender.send_request(req).await {
                 Ok(r) => r,
-                Err(e) if !new && !fresh && (e.is_closed() || e.is_canceled()) => {
+                Err(e) if !new && !fresh => {
+                    tracing::debug!(%gateway, error = %e, "the gateway connection refused a tunnel; trying a new connection");
                     fresh = true;
                     continue;
                 }
@@ -214,25 +254,26 @@ impl Gateway {
                     .is_some_and(|v| v.as_bytes() == b"1");
             return hyper::upgrade::on(resp)
                 .await
-                .map(|up| (up, granted))
+                .map(|up| (up, granted, draining))
                 .map_err(|e| stream_err(e.to_string()));
         }
     }
 
-    /// The connection's sender, connecting if there is none (or `fresh` is asked); `true`
-    /// when it was made now; the ingress it goes to. A new connection goes to the replica
-    /// after the one the last went to (that one just failed), then to each in turn.
+    /// The connection's sender, connecting if there is none (or `fresh` is asked, or the
+    /// gateway said it is draining); `true` when it was made now; the ingress it goes to; its
+    /// drain flag. A new connection goes to the replica after the one the last went to (that
+    /// one just failed or is going away), then to each in turn.
     async fn sender(
         &self,
         fresh: bool,
-    ) -> Result<(SendRequest<Empty<Bytes>>, bool, SocketAddr), TunnelError> {
+    ) -> Result<(SendRequest<Empty<Bytes>>, bool, SocketAddr, Draining), TunnelError> {
         let mut conn = self.conn.lock().await;
         let start = match conn.as_ref() {
-            Some((s, i)) if !fresh && !s.is_closed() => {
+            Some((s, i, d)) if !fresh && !s.is_closed() && !d.is_set() => {
                 let at = self.addresses().nth(*i).unwrap_or(self.options.address);
-                return Ok((s.clone(), false, at));
+                return Ok((s.clone(), false, at, d.clone()));
             }
-            Some((_, i)) => i + 1,
+            Some((_, i, _)) => i + 1,
             None => self.current.load(std::sync::atomic::Ordering::Relaxed),
         };
         *conn = None;
@@ -245,9 +286,11 @@ impl Gateway {
             };
             match self.connect(gateway).await {
                 Ok(s) => {
-                    *conn = Some((s.clone(), i));
+                    let draining = Draining::default();
+                    watch_drain(s.clone(), gateway, draining.clone());
+                    *conn = Some((s.clone(), i, draining.clone()));
                     self.current.store(i, std::sync::atomic::Ordering::Relaxed);
-                    return Ok((s, true, gateway));
+                    return Ok((s, true, gateway, draining));
                 }
                 Err(e) => {
                     if addrs.len() > 1 {
@@ -331,7 +374,9 @@ fn tunnel_target(uri: &Uri) -> Option<(String, String)> {
 pub enum Conn {
     Tcp(TokioIo<TcpStream>),
     Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
-    Tunnel(Upgraded),
+    /// A tunnel, with the drain flag of the gateway connection it rides on (in the
+    /// connection's extras, for the data plane to check after each request).
+    Tunnel(Upgraded, Draining),
 }
 
 impl Connection for Conn {
@@ -339,7 +384,7 @@ impl Connection for Conn {
         match self {
             Conn::Tcp(t) => t.connected(),
             Conn::Tls(t) => t.inner().get_ref().0.connected(),
-            Conn::Tunnel(_) => Connected::new(),
+            Conn::Tunnel(_, draining) => Connected::new().extra(draining.clone()),
         }
     }
 }
@@ -353,7 +398,7 @@ impl hyper::rt::Read for Conn {
         match self.get_mut() {
             Conn::Tcp(t) => Pin::new(t).poll_read(cx, buf),
             Conn::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
-            Conn::Tunnel(t) => Pin::new(t).poll_read(cx, buf),
+            Conn::Tunnel(t, _) => Pin::new(t).poll_read(cx, buf),
         }
     }
 }
@@ -367,7 +412,7 @@ impl hyper::rt::Write for Conn {
         match self.get_mut() {
             Conn::Tcp(t) => Pin::new(t).poll_write(cx, buf),
             Conn::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
-            Conn::Tunnel(t) => Pin::new(t).poll_write(cx, buf),
+            Conn::Tunnel(t, _) => Pin::new(t).poll_write(cx, buf),
         }
     }
 
@@ -375,7 +420,7 @@ impl hyper::rt::Write for Conn {
         match self.get_mut() {
             Conn::Tcp(t) => Pin::new(t).poll_flush(cx),
             Conn::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
-            Conn::Tunnel(t) => Pin::new(t).poll_flush(cx),
+            Conn::Tunnel(t, _) => Pin::new(t).poll_flush(cx),
         }
     }
 
@@ -383,7 +428,7 @@ impl hyper::rt::Write for Conn {
         match self.get_mut() {
             Conn::Tcp(t) => Pin::new(t).poll_shutdown(cx),
             Conn::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
-            Conn::Tunnel(t) => Pin::new(t).poll_shutdown(cx),
+            Conn::Tunnel(t, _) => Pin::new(t).poll_shutdown(cx),
         }
     }
 
@@ -391,7 +436,7 @@ impl hyper::rt::Write for Conn {
         match self {
             Conn::Tcp(t) => t.is_write_vectored(),
             Conn::Tls(t) => t.is_write_vectored(),
-            Conn::Tunnel(t) => t.is_write_vectored(),
+            Conn::Tunnel(t, _) => t.is_write_vectored(),
         }
     }
 
@@ -403,12 +448,36 @@ impl hyper::rt::Write for Conn {
         match self.get_mut() {
             Conn::Tcp(t) => Pin::new(t).poll_write_vectored(cx, bufs),
             Conn::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
-            Conn::Tunnel(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Conn::Tunnel(t, _) => Pin::new(t).poll_write_vectored(cx, bufs),
         }
     }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Keep a drain watch on a new gateway connection: when the gateway answers it (it is shutting
+/// down), set `draining`. A gateway that knows no drain watch refuses it at once: no watch.
+fn watch_drain(mut sender: SendRequest<Empty<Bytes>>, gateway: SocketAddr, draining: Draining) {
+    tokio::spawn(async move {
+        let Ok(req) = Request::get(format!(
+            "https://{gateway}{}",
+            federation::tunnel::DRAIN_PATH
+        ))
+        .body(Empty::new()) else {
+            return;
+        };
+        match sender.send_request(req).await {
+            Ok(r) if r.status() == StatusCode::OK => {
+                draining.set();
+                tracing::info!(%gateway, "the gateway is shutting down: new tunnels go through the next replica, pooled ones end after their request");
+            }
+            Ok(r) => {
+                tracing::debug!(%gateway, status = %r.status(), "the gateway keeps no drain watch")
+            }
+            Err(e) => tracing::debug!(%gateway, error = %e, "drain watch ended"),
+        }
+    });
+}
 
 /// The connection pools' connector: TCP to local endpoints (or mutual TLS to their sidecars),
 /// tunnels to remote ones.
@@ -466,7 +535,8 @@ impl tower_service::Service<Uri> for Connector {
                 let gateway = self.gateway.clone();
                 Box::pin(async move {
                     let g = gateway.ok_or_else(|| TunnelError::NoGateway(cluster.clone()))?;
-                    Ok(Conn::Tunnel(g.open(&cluster, &authority).await?))
+                    let (up, draining) = g.open_pooled(&cluster, &authority).await?;
+                    Ok(Conn::Tunnel(up, draining))
                 })
             }
             None if self.no_certificate => {

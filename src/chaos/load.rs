@@ -1,8 +1,11 @@
-//! The built-in load generator: fixed-rate (open-loop) HTTP GETs or gRPC unary calls from a
-//! cluster's client sidecar to a service, each request's outcome, latency and serving cluster
-//! recorded. HTTP goes over HTTP/1.1 with keep-alive; gRPC over one h2c connection (calls
-//! multiplexed as streams), `POST /strait.lab.Echo/Who`, a call succeeding only with HTTP 200,
-//! `grpc-status: 0` and a reply message naming who served it. Latency
+//! The built-in load generator: fixed-rate (open-loop) HTTP GETs, gRPC unary calls or TCP
+//! connections from a cluster's client sidecar to a service, each request's outcome, latency
+//! and serving cluster recorded. HTTP goes over HTTP/1.1 with keep-alive; gRPC over one h2c
+//! connection (calls multiplexed as streams), `POST /strait.lab.Echo/Who`, a call succeeding
+//! only with HTTP 200, `grpc-status: 0` and a reply message naming who served it. TCP opens a
+//! new connection per request to the sidecar's listener of the service's port (opaque TCP to
+//! the sidecar), writes one HTTP/1.1 request with `Connection: close` and reads to the end: it
+//! succeeds only with a whole 200 answer naming who served it. Latency
 //! is measured from the moment a request was due, not when it was sent, so a stalled
 //! generator cannot hide a stall of the system (no coordinated omission).
 
@@ -35,7 +38,8 @@ pub struct LoadSpec {
     /// The request path (HTTP only; gRPC calls `/strait.lab.Echo/Who`).
     #[serde(default = "default_path")]
     pub path: String,
-    /// `http` (GET over HTTP/1.1) or `grpc` (unary calls over h2c).
+    /// `http` (GET over HTTP/1.1), `grpc` (unary calls over h2c) or `tcp` (a connection per
+    /// request to the sidecar's TCP listener of the service's port).
     #[serde(default)]
     pub protocol: LoadProtocol,
     /// Send to this address, inside the `from` cluster's namespace, instead of its client
@@ -51,6 +55,7 @@ pub enum LoadProtocol {
     #[default]
     Http,
     Grpc,
+    Tcp,
 }
 
 impl LoadSpec {
@@ -59,6 +64,7 @@ impl LoadSpec {
         let what = match self.protocol {
             LoadProtocol::Http => format!("GET http://{}{}", self.service, self.path),
             LoadProtocol::Grpc => format!("gRPC {}{GRPC_METHOD}", self.service),
+            LoadProtocol::Tcp => format!("TCP {}", self.service),
         };
         match self.via {
             Some(via) => format!("{what} via {via}"),
@@ -72,6 +78,81 @@ impl LoadSpec {
 enum Caller {
     Http(PooledClient, http::Uri),
     Grpc(Client<NsConnector, Full<Bytes>>, http::Uri),
+    /// A connection per request, in namespace `ns`, to `addr`; `Host: service`.
+    Tcp {
+        ns: String,
+        addr: std::net::SocketAddr,
+        service: String,
+    },
+}
+
+/// The most a TCP answer may be.
+const MAX_TCP_ANSWER: u64 = 64 * 1024;
+
+/// One request over a new TCP connection to `addr` (in namespace `ns`): `GET /` for `service`
+/// with `Connection: close`, read to the end; the body of a whole 200 answer (who served it).
+pub async fn tcp_request(
+    ns: &str,
+    addr: std::net::SocketAddr,
+    service: &str,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = crate::lab::netns::connect(ns, addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {service}\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut data = Vec::new();
+    (&mut conn)
+        .take(MAX_TCP_ANSWER)
+        .read_to_end(&mut data)
+        .await
+        .map_err(|e| format!("read after {} bytes: {e}", data.len()))?;
+    parse_answer(&data)
+}
+
+/// A whole HTTP/1.1 answer read to the end of the connection: its body, if it is a 200 with
+/// exactly its `content-length` of body.
+fn parse_answer(data: &[u8]) -> Result<String, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head = match resp.parse(data) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return Err(format!(
+                "the connection ended after {} bytes, within the answer's head",
+                data.len()
+            ));
+        }
+        Err(e) => return Err(format!("not an HTTP answer: {e}")),
+    };
+    let body = data.get(head..).unwrap_or_default();
+    let length = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+    if length.is_some_and(|l| l != body.len()) {
+        return Err(format!(
+            "the connection ended after {} of {} body bytes",
+            body.len(),
+            length.unwrap_or_default()
+        ));
+    }
+    let text = String::from_utf8_lossy(body).into_owned();
+    match resp.code {
+        Some(200) => Ok(text),
+        Some(code) => Err(format!("{code} {}", text.trim())),
+        None => Err("an answer without a status".into()),
+    }
 }
 
 /// The error and its causes, on one line.
@@ -89,6 +170,7 @@ impl Caller {
     /// One request: who served it (`CLUSTER ZONE INSTANCE`), or what went wrong.
     async fn call(&self) -> Result<String, String> {
         match self {
+            Caller::Tcp { ns, addr, service } => tcp_request(ns, *addr, service).await,
             Caller::Http(client, uri) => {
                 let req = http::Request::get(uri.clone())
                     .body(http_body_util::Empty::new())
@@ -216,6 +298,18 @@ pub async fn generate(
     }
     let target = spec.via.unwrap_or(c.client.outbound);
     let caller = match spec.protocol {
+        LoadProtocol::Tcp => {
+            let port = lab.service_port(&spec.service).ok_or_else(|| {
+                anyhow::anyhow!("TCP load to `{}`: no such service in the lab", spec.service)
+            })?;
+            Caller::Tcp {
+                ns: c.ns.clone(),
+                addr: spec
+                    .via
+                    .unwrap_or_else(|| std::net::SocketAddr::new(c.client.outbound.ip(), port)),
+                service: spec.service.clone(),
+            }
+        }
         LoadProtocol::Http => Caller::Http(
             pooled(&c.ns, target),
             format!("http://{}{}", spec.service, spec.path)
@@ -354,6 +448,32 @@ impl Running {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tcp_answer_counts_only_when_whole_and_a_200() {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\nwest zone-a store-a1";
+        assert_eq!(parse_answer(ok).as_deref(), Ok("west zone-a store-a1"));
+        let short = b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\nwest zone";
+        assert!(
+            parse_answer(short)
+                .unwrap_err()
+                .contains("after 9 of 20 body bytes")
+        );
+        let head = b"HTTP/1.1 200 OK\r\ncontent-le";
+        assert!(
+            parse_answer(head)
+                .unwrap_err()
+                .contains("within the answer's head")
+        );
+        assert!(parse_answer(b"").unwrap_err().contains("after 0 bytes"));
+        let refused = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 7\r\n\r\nno way\n";
+        assert_eq!(parse_answer(refused), Err("503 no way".into()));
+        assert!(
+            parse_answer(b"SSH-2.0-x\r\n\r\n")
+                .unwrap_err()
+                .starts_with("not an HTTP answer")
+        );
+    }
 
     async fn echo(who: &str) -> std::net::SocketAddr {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -69,7 +69,8 @@ pub enum Action {
     },
     /// Cut cluster A from every other cluster and from etcd.
     Isolate { a: String },
-    /// Kill (SIGKILL) a component: gateway|controlplane|client A, echo A[/ZONE], etcd.
+    /// Kill (SIGKILL) a component: gateway|controlplane A[/REPLICA] (every replica without
+    /// one), client A, echo A[/ZONE], etcd [MEMBER|leader].
     Kill {
         #[arg(value_parser = parse_role)]
         role: Role,
@@ -388,8 +389,8 @@ async fn wait_started(lab: &Lab, role: Role, chosen: &[usize]) -> anyhow::Result
     Ok(())
 }
 
-/// The processes an action on `role` and `target` means: `A`, `A/ZONE` (echo), `A/I` (control
-/// plane replica I, 0 the first), for etcd nothing (every member), a member's index or `leader`.
+/// The processes an action on `role` and `target` means: `A` (all of A's), `A/ZONE` (echo),
+/// `A/I` (control-plane or gateway replica I, 0 the first), for etcd nothing (every member), a member's index or `leader`.
 async fn select(lab: &Lab, role: Role, target: Option<&str>) -> anyhow::Result<Vec<usize>> {
     if role == Role::Etcd {
         return select_etcd(lab, target).await;
@@ -398,31 +399,34 @@ async fn select(lab: &Lab, role: Role, target: Option<&str>) -> anyhow::Result<V
         None => bail!("{}: name the cluster (e.g. `east`)", role.as_str()),
         Some(t) => match t.split_once('/') {
             Some((c, z)) if role == Role::Echo => (Some(c), Some(z)),
-            Some((c, r)) if role == Role::Controlplane => {
+            Some((c, r)) if matches!(role, Role::Controlplane | Role::Gateway) => {
                 let info = lab.cluster(c)?;
                 let i: usize = r.parse().map_err(|_| {
-                    anyhow::anyhow!("controlplane {t}: `{r}` is not a replica number")
+                    anyhow::anyhow!("{} {t}: `{r}` is not a replica number", role.as_str())
                 })?;
-                if info.controlplane_replica(i).is_none() {
+                let replicas = match role {
+                    Role::Gateway => info.gateways().len(),
+                    _ => info.controlplane_replicas.len() + 1,
+                };
+                if i >= replicas {
                     bail!(
-                        "cluster {c} has no control-plane replica {i} (replicas 0 to {})",
-                        info.controlplane_replicas.len()
+                        "cluster {c} has no {} replica {i} (replicas 0 to {})",
+                        role.as_str(),
+                        replicas - 1
                     );
                 }
-                // Replica 0 is the process without a replica number.
-                let want = (i > 0).then(|| i.to_string());
                 return Ok(lab
                     .processes
                     .iter()
                     .enumerate()
                     .filter(|(_, p)| {
-                        p.role == role && p.cluster.as_deref() == Some(c) && p.zone == want
+                        p.role == role && p.cluster.as_deref() == Some(c) && p.replica() == i
                     })
                     .map(|(i, _)| i)
                     .collect());
             }
             Some(_) => bail!(
-                "{}: a zone can be named only for echo, a replica only for controlplane",
+                "{}: a zone can be named only for echo, a replica only for controlplane and gateway",
                 role.as_str()
             ),
             None => (Some(t), None),

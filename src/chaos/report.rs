@@ -249,6 +249,32 @@ pub fn check(e: &Expect, obs: &Observed) -> Checked {
             passed: failed.len() as u64 <= max,
         };
     }
+    if let Some(max) = e.max_links_down {
+        let down: Vec<_> = obs
+            .links
+            .iter()
+            .filter(|l| l.state != "up" && l.state != "degraded")
+            .collect();
+        let first = down
+            .first()
+            .map(|l| {
+                format!(
+                    " (first at {:.2} s: {}→{} {})",
+                    l.t_ms / 1000.0,
+                    l.from,
+                    l.to,
+                    l.state
+                )
+            })
+            .unwrap_or_default();
+        return Checked {
+            what: "links seen down (or unknown)".into(),
+            goal: format!("≤ {max}"),
+            measured: format!("{}{first}", down.len()),
+            value: Some(down.len() as f64),
+            passed: down.len() as u64 <= max,
+        };
+    }
     if let Some(link) = &e.route_changes {
         let (from, to) = link.split_once("->").unwrap_or(("", ""));
         let link_changes = obs
@@ -498,7 +524,11 @@ pub fn summarise(scenario: &Scenario, runs: &[(Verdict, Observed)]) -> String {
         let checked: Vec<Checked> = runs.iter().map(|(_, o)| check(e, o)).collect();
         let mut values: Vec<f64> = checked.iter().filter_map(|c| c.value).collect();
         values.sort_by(f64::total_cmp);
-        let unit = if e.max_failed.is_some() { "" } else { " ms" };
+        let unit = if e.max_failed.is_some() || e.max_links_down.is_some() {
+            ""
+        } else {
+            " ms"
+        };
         let fmt = |v: f64| format!("{v:.0}{unit}");
         let first = &checked[0];
         let _ = writeln!(
@@ -822,6 +852,32 @@ mod tests {
         assert!(
             failed.measured.starts_with("1 (first at 8.00 s"),
             "{failed:?}"
+        );
+    }
+
+    #[test]
+    fn links_seen_down_or_unknown_are_counted_degraded_ones_are_not() {
+        let event = |t_ms: f64, state: &str| super::super::scenario::LinkEvent {
+            t_ms,
+            from: "east".into(),
+            to: "west".into(),
+            state: state.into(),
+        };
+        let no_down = Expect {
+            max_links_down: Some(0),
+            ..Default::default()
+        };
+        let mut obs = observed(0.0, None);
+        obs.links = vec![event(0.0, "up"), event(10.0, "degraded"), event(20.0, "up")];
+        let c = check(&no_down, &obs);
+        assert!(c.passed && c.value == Some(0.0), "{c:?}");
+        obs.links.push(event(30.0, "unknown"));
+        obs.links.push(event(40.0, "down"));
+        let c = check(&no_down, &obs);
+        assert!(!c.passed && c.value == Some(2.0), "{c:?}");
+        assert!(
+            c.measured.contains("first at 0.03 s: east→west unknown"),
+            "{c:?}"
         );
     }
 

@@ -57,7 +57,8 @@ pub struct StepSpec {
     pub say: Option<String>,
 }
 
-/// One expectation. Exactly one of `traffic_on`, `max_failed`, `link`, `route_changes` is set.
+/// One expectation. Exactly one of `traffic_on`, `max_failed`, `link`, `route_changes`,
+/// `max_links_down` is set.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
@@ -83,6 +84,10 @@ pub struct Expect {
     /// link change state (no flapping of routes beyond the link's own).
     #[serde(default)]
     pub route_changes: Option<String>,
+    /// At most this many times a cluster saw a link to another go down (or could not say:
+    /// none of its gateways answered) over the whole run.
+    #[serde(default)]
+    pub max_links_down: Option<u64>,
     /// Only this load stream (index in `load`); default: all.
     #[serde(default)]
     pub stream: Option<usize>,
@@ -133,9 +138,12 @@ impl Plan {
                 e.max_failed.is_some(),
                 e.link.is_some(),
                 e.route_changes.is_some(),
+                e.max_links_down.is_some(),
             ];
             if set.iter().filter(|x| **x).count() != 1 {
-                bail!("expect[{i}]: exactly one of traffic_on, max_failed, link, route_changes");
+                bail!(
+                    "expect[{i}]: exactly one of traffic_on, max_failed, link, route_changes, max_links_down"
+                );
             }
             if let Some(l) = &e.route_changes
                 && !l.contains("->")
@@ -306,9 +314,14 @@ pub fn summary_line(tick: &Tick<'_>) -> String {
 async fn warm_up(lab: &Lab, load: &[LoadSpec]) -> anyhow::Result<()> {
     for spec in load {
         let c = lab.cluster(&spec.from)?;
-        lab::wait_served(c, &spec.service, &spec.path, Duration::from_secs(30))
-            .await
-            .context("before the run")?;
+        let within = Duration::from_secs(30);
+        match spec.protocol {
+            super::load::LoadProtocol::Tcp => {
+                lab::wait_served_tcp(lab, c, &spec.service, within).await
+            }
+            _ => lab::wait_served(c, &spec.service, &spec.path, within).await,
+        }
+        .context("before the run")?;
     }
     Ok(())
 }

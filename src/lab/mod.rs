@@ -93,9 +93,10 @@ pub struct UpArgs {
     /// The lab's name: its namespaces are `strait-NAME-…`.
     #[arg(long, default_value = "lab")]
     pub name: String,
-    /// Control-plane replicas per cluster (all serve xDS, every sidecar is given all of them,
-    /// one publishes); with 2 or more, etcd runs as a three-member cluster. The gateway stays
-    /// one per cluster.
+    /// Control-plane and gateway replicas per cluster (every control plane serves xDS and one
+    /// publishes, every sidecar is given all of them; every gateway keeps a connection to each
+    /// replica of every other cluster, and sidecars tunnel through any of their own); with 2 or
+    /// more, etcd runs as a three-member cluster.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
     pub replicas: u8,
 }
@@ -143,10 +144,13 @@ fn sidecar_ip(local: Ipv4Addr, z: usize) -> Ipv4Addr {
 }
 /// (service, port, first replica port, protocol): replicas listen on consecutive ports from
 /// there. `ledger` is payments' gRPC twin (same clusters, same failover policy).
-const SERVICES: [(&str, u16, u16, &str); 3] = [
+/// `store` is its TCP twin (the sidecars see opaque TCP; the replicas answer HTTP, so the load
+/// generator can tell who served a connection).
+const SERVICES: [(&str, u16, u16, &str); 4] = [
     ("echo", 8080, 18081, "http"),
     ("payments", 9090, 19081, "http"),
     ("ledger", 7070, 17081, "grpc"),
+    ("store", 6060, 16081, "tcp"),
 ];
 const TRUST_DOMAIN: &str = "lab.strait";
 /// The ports of the gateways' QUIC listeners and of etcd's clients.
@@ -155,8 +159,9 @@ const ETCD_PORT: u16 = 2379;
 /// With several etcd members, member `i` listens on `ETCD_PORT + i * ETCD_MEMBER_STRIDE` (and
 /// its peer port one above).
 const ETCD_MEMBER_STRIDE: u16 = 10;
-/// Control-plane replica `i` listens on the first replica's ports plus `i * CP_REPLICA_STRIDE`.
-const CP_REPLICA_STRIDE: u16 = 100;
+/// Control-plane and gateway replica `i` listen on the first replica's ports plus
+/// `i * REPLICA_STRIDE`.
+const REPLICA_STRIDE: u16 = 100;
 /// Loopback mode: the relay process's control port (on etcd's place, 127.1.0.1).
 const RELAY_CONTROL_PORT: u16 = 15900;
 /// One-way delay of a link within a region, and between regions.
@@ -273,10 +278,15 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         };
         let controlplane_replicas = (1..u16::from(args.replicas))
             .map(|r| ControlPlaneInfo {
-                xds: SocketAddr::new(lo.into(), 15010 + r * CP_REPLICA_STRIDE),
-                admin: SocketAddr::new(lo.into(), 15014 + r * CP_REPLICA_STRIDE),
+                xds: SocketAddr::new(lo.into(), 15010 + r * REPLICA_STRIDE),
+                admin: SocketAddr::new(lo.into(), 15014 + r * REPLICA_STRIDE),
             })
             .collect();
+        let gateway = |r: u16| GatewayInfo {
+            peers: SocketAddr::new(addr.into(), PEERS_PORT + r * REPLICA_STRIDE),
+            ingress: SocketAddr::new(lo.into(), 15008 + r * REPLICA_STRIDE),
+            admin: SocketAddr::new(lo.into(), 15000 + r * REPLICA_STRIDE),
+        };
         lab.clusters.push(ClusterInfo {
             name: name.to_string(),
             region: region.to_string(),
@@ -288,11 +298,8 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
             controlplane_replicas,
             zones: ZONES.iter().map(|z| z.to_string()).collect(),
             services,
-            gateway: GatewayInfo {
-                peers: SocketAddr::new(addr.into(), PEERS_PORT),
-                ingress: SocketAddr::new(lo.into(), 15008),
-                admin: SocketAddr::new(lo.into(), 15000),
-            },
+            gateway: gateway(0),
+            gateway_replicas: (1..u16::from(args.replicas)).map(gateway).collect(),
             controlplane: ControlPlaneInfo {
                 xds: SocketAddr::new(lo.into(), 15010),
                 admin: SocketAddr::new(lo.into(), 15014),
@@ -416,7 +423,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         start_link_process(&mut lab, &exe, Role::Shaper, SHAPER_FILE).await?;
     }
 
-    say("applying the failover policy of payments.default (west, then central)");
+    say("applying the failover policy of payments, ledger and store (west, then central)");
     let policies = dir.join("policies.yaml");
     std::fs::write(&policies, POLICIES)?;
     let mut apply = if loopback {
@@ -460,10 +467,12 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
                 controlplane_yaml(&c, &etcd, replica),
             )?;
         }
-        std::fs::write(
-            cdir.join("gateway.yaml"),
-            gateway_yaml(&c, &etcd, &static_peers(&lab, &c)),
-        )?;
+        for r in 0..c.gateways().len() {
+            std::fs::write(
+                cdir.join(gateway_file(r)),
+                gateway_yaml(&c, r, &etcd, &static_peers(&lab, &c, r)),
+            )?;
+        }
         let mut procs = Vec::new();
         for (z, zone) in ZONES.iter().enumerate() {
             let mut args = vec![
@@ -485,8 +494,12 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
                 SocketAddr::new(c.local.into(), SIDECAR_ADMIN + z as u16),
             );
             for (svc, _, first, protocol) in SERVICES.iter().filter(|s| runs_service(i, s.0)) {
-                // The sidecar offers the app's protocol in ALPN (h2 for gRPC).
-                let alpn = if *protocol == "grpc" { "@h2" } else { "" };
+                // The sidecar offers the app's protocol in ALPN (h2 for gRPC, none for TCP).
+                let alpn = match *protocol {
+                    "grpc" => "@h2",
+                    "tcp" => "@none",
+                    _ => "",
+                };
                 for r in 0..2u16 {
                     let port = first + (z as u16) * 2 + r;
                     args.push("--serve".into());
@@ -549,15 +562,21 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
                 &format!("controlplane-{}-{r}", c.name),
             ));
         }
-        procs.push(proc_of(
-            &lab,
-            &exe,
-            Role::Gateway,
-            &c,
-            None,
-            vec!["gateway".into(), "--config".into(), cfg("gateway.yaml")],
-            &format!("gateway-{}", c.name),
-        ));
+        for r in 0..c.gateways().len() {
+            let replica = (r > 0).then(|| r.to_string());
+            procs.push(proc_of(
+                &lab,
+                &exe,
+                Role::Gateway,
+                &c,
+                replica.as_deref(),
+                vec!["gateway".into(), "--config".into(), cfg(&gateway_file(r))],
+                &match r {
+                    0 => format!("gateway-{}", c.name),
+                    _ => format!("gateway-{}-{r}", c.name),
+                },
+            ));
+        }
         let mut client = proxy_args(
             &dir,
             &c,
@@ -566,7 +585,14 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
             c.client.outbound,
             c.client.admin,
         );
-        client.extend(["--gateway".into(), c.gateway.ingress.to_string()]);
+        client.extend([
+            "--gateway".into(),
+            c.gateways()
+                .iter()
+                .map(|g| g.ingress.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        ]);
         procs.push(proc_of(
             &lab,
             &exe,
@@ -598,6 +624,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         for svc in ["echo.default", "payments.default", "ledger.default"] {
             wait_served(c, svc, "/", deadline).await?;
         }
+        wait_served_tcp(&lab, c, "store.default", deadline).await?;
     }
     lab.save()?;
     say(&format!(
@@ -609,7 +636,8 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
 }
 
 const POLICIES: &str = "policies:\n  - service: payments.default\n    targets: [{cluster: west}, {cluster: central}]\n  \
-     - service: ledger.default\n    targets: [{cluster: west}, {cluster: central}]\n";
+     - service: ledger.default\n    targets: [{cluster: west}, {cluster: central}]\n  \
+     - service: store.default\n    targets: [{cluster: west}, {cluster: central}]\n";
 
 fn is_root() -> bool {
     // The effective uid, read without unsafe code.
@@ -913,15 +941,28 @@ const NFQUEUE_PROC: &str = "/proc/net/netfilter/nfnetlink_queue";
 /// The relay plan's file in the lab's directory.
 const RELAYS_FILE: &str = "relays.json";
 
-/// Loopback mode: where cluster `from` (index) reaches the gateway of cluster `to` (index): its
-/// own relay of that link.
-fn loopback_path(from: usize, to: usize) -> SocketAddr {
-    SocketAddr::new(loopback_ip(from + 1, 101 + to as u8).into(), PEERS_PORT)
+/// Loopback mode: where gateway replica `from_replica` of cluster `from` (index) reaches
+/// gateway replica `to_replica` of cluster `to`: its end of the relay between the two, on
+/// cluster `from`'s addresses. The same address is where the other replica sees it come from.
+fn loopback_path(from: usize, from_replica: usize, to: usize, to_replica: usize) -> SocketAddr {
+    SocketAddr::new(
+        loopback_ip(from + 1, 101 + to as u8).into(),
+        PEERS_PORT + REPLICA_STRIDE * to_replica as u16 + 10 * from_replica as u16,
+    )
 }
 
-/// The gateway's static peers (loopback mode: each peer through its relay); none in netns
-/// mode, where the registry's addresses are routed over the veth links.
-fn static_peers(lab: &Lab, c: &ClusterInfo) -> Vec<(String, SocketAddr)> {
+/// The file of gateway replica `r`'s configuration.
+fn gateway_file(r: usize) -> String {
+    match r {
+        0 => "gateway.yaml".into(),
+        _ => format!("gateway-{r}.yaml"),
+    }
+}
+
+/// Gateway replica `r`'s static peers: each peer cluster with the address of every replica of
+/// its gateway (loopback mode: through the relays); none in netns mode, where the registry's
+/// addresses are routed over the veth links.
+fn static_peers(lab: &Lab, c: &ClusterInfo, r: usize) -> Vec<(String, Vec<SocketAddr>)> {
     if lab.relay.is_none() {
         return Vec::new();
     }
@@ -932,12 +973,18 @@ fn static_peers(lab: &Lab, c: &ClusterInfo) -> Vec<(String, SocketAddr)> {
         .iter()
         .enumerate()
         .filter(|(j, _)| *j != me)
-        .map(|(j, o)| (o.name.clone(), loopback_path(me, j)))
+        .map(|(j, o)| {
+            let addrs = (0..o.gateways().len())
+                .map(|q| loopback_path(me, r, j, q))
+                .collect();
+            (o.name.clone(), addrs)
+        })
         .collect()
 }
 
-/// Loopback mode: one link per pair of clusters (a UDP relay each way a gateway dials) and one
-/// per cluster to etcd (a TCP relay), planned in DIR/relays.json for `strait lab relay`.
+/// Loopback mode: one link per pair of clusters (a UDP relay between each replica of one's
+/// gateway and each of the other's, which both dial through) and one per cluster to etcd (a
+/// TCP relay per member), planned in DIR/relays.json for `strait lab relay`.
 fn build_relays(lab: &mut Lab) -> anyhow::Result<()> {
     let mut paths = Vec::new();
     let near_or_far = |a: &ClusterInfo, b: &ClusterInfo| {
@@ -956,22 +1003,26 @@ fn build_relays(lab: &mut Lab) -> anyhow::Result<()> {
                 b: b.name.clone(),
                 ns_a: String::new(),
                 ns_b: String::new(),
-                dev_a: format!("udp {}", loopback_path(i, j)),
-                dev_b: format!("udp {}", loopback_path(j, i)),
+                dev_a: format!("udp {}", loopback_path(i, 0, j, 0)),
+                dev_b: format!("udp {}", loopback_path(j, 0, i, 0)),
                 base_delay_ms: near_or_far(a, b),
                 state: LinkState::Up,
                 queues: None,
             };
             let shape = relay_shape(&link);
-            for (from, to, listen) in [(a, b, loopback_path(i, j)), (b, a, loopback_path(j, i))] {
-                paths.push(relay::PathPlan {
-                    a: from.name.clone(),
-                    b: to.name.clone(),
-                    kind: relay::PathKind::Udp,
-                    listen,
-                    target: to.gateway.peers,
-                    shape,
-                });
+            for (s, from) in a.gateways().iter().enumerate() {
+                for (r, to) in b.gateways().iter().enumerate() {
+                    paths.push(relay::PathPlan {
+                        a: a.name.clone(),
+                        b: b.name.clone(),
+                        kind: relay::PathKind::Udp,
+                        listen: loopback_path(i, s, j, r),
+                        target: to.peers,
+                        client: Some(from.peers),
+                        outbound: Some(loopback_path(j, r, i, s)),
+                        shape,
+                    });
+                }
             }
             lab.links.push(link);
         }
@@ -1002,6 +1053,8 @@ fn build_relays(lab: &mut Lab) -> anyhow::Result<()> {
                 kind: relay::PathKind::Tcp,
                 listen,
                 target,
+                client: None,
+                outbound: None,
                 shape: relay_shape(&link),
             });
         }
@@ -1238,9 +1291,16 @@ fn issue_cluster_certificates(
 }
 
 fn discovery_yaml(index: usize, c: &ClusterInfo) -> String {
+    let gateways: Vec<String> = c
+        .gateways()
+        .iter()
+        .map(|g| format!("\"{}\"", g.peers))
+        .collect();
     let mut s = format!(
-        "cluster: {}\nregion: {}\ngateways: [\"{}\"]\nservices:\n",
-        c.name, c.region, c.gateway.peers
+        "cluster: {}\nregion: {}\ngateways: [{}]\nservices:\n",
+        c.name,
+        c.region,
+        gateways.join(", ")
     );
     for (svc, port, first, protocol) in SERVICES.iter().filter(|s| runs_service(index, s.0)) {
         s.push_str(&format!(
@@ -1287,19 +1347,37 @@ fn controlplane_yaml(c: &ClusterInfo, etcd: &str, me: &ControlPlaneInfo) -> Stri
     )
 }
 
-fn gateway_yaml(c: &ClusterInfo, etcd: &str, peers: &[(String, SocketAddr)]) -> String {
+/// Gateway replica `r`'s configuration (with several replicas each is named `gateway-R`, so
+/// that each writes its own link states). Tunnels under way get 3 s to finish when it stops
+/// (10 s by default): the lab restarts gateways one after another in its scenarios.
+fn gateway_yaml(
+    c: &ClusterInfo,
+    r: usize,
+    etcd: &str,
+    peers: &[(String, Vec<SocketAddr>)],
+) -> String {
     let certs = format!("../certs/{}-gateway", c.name);
+    let me = c.gateway_replica(r).unwrap_or(&c.gateway);
     let mut s = format!(
         "cluster: {}\nlisten: {{peers: \"{}\", ingress: \"{}\", admin: \"{}\"}}\n\
          tls: {{cert: {certs}/cert.pem, key: {certs}/key.pem, ca: {certs}/ca.pem}}\n\
-         registry: {{etcd: [{etcd}], lease_ttl: 5s}}\ndiscovery: {{file: discovery.yaml}}\n",
-        c.name, c.gateway.peers, c.gateway.ingress, c.gateway.admin
+         registry: {{etcd: [{etcd}], lease_ttl: 5s}}\ndiscovery: {{file: discovery.yaml}}\n\
+         tunnel: {{drain_timeout: 3s}}\n",
+        c.name, me.peers, me.ingress, me.admin
     );
+    if c.gateways().len() > 1 {
+        s.push_str(&format!("replica: gateway-{r}\n"));
+    }
     if !peers.is_empty() {
         s.push_str("peers:\n");
-        for (cluster, addr) in peers {
+        for (cluster, addrs) in peers {
+            let Some((first, more)) = addrs.split_first() else {
+                continue;
+            };
+            let more: Vec<String> = more.iter().map(|a| format!("\"{a}\"")).collect();
             s.push_str(&format!(
-                "  - {{cluster: {cluster}, address: \"{addr}\"}}\n"
+                "  - {{cluster: {cluster}, address: \"{first}\", replicas: [{}]}}\n",
+                more.join(", ")
             ));
         }
     }
@@ -1397,18 +1475,21 @@ async fn probe(lab: &Lab, p: &Proc) -> Result<(), String> {
             let c = lab.cluster(name).map_err(|e| e.to_string())?;
             match p.role {
                 Role::Controlplane => {
-                    let replica = p
-                        .zone
-                        .as_deref()
-                        .and_then(|r| r.parse::<usize>().ok())
-                        .unwrap_or(0);
+                    let replica = p.replica();
                     let admin = c
                         .controlplane_replica(replica)
                         .ok_or_else(|| format!("no control-plane replica {replica}"))?
                         .admin;
                     ok(http::get(&c.ns, admin, "cp", "/ready", t).await?)
                 }
-                Role::Gateway => ok(http::get(&c.ns, c.gateway.admin, "gw", "/ready", t).await?),
+                Role::Gateway => {
+                    let replica = p.replica();
+                    let admin = c
+                        .gateway_replica(replica)
+                        .ok_or_else(|| format!("no gateway replica {replica}"))?
+                        .admin;
+                    ok(http::get(&c.ns, admin, "gw", "/ready", t).await?)
+                }
                 Role::Client => ok(http::get(&c.ns, c.client.admin, "proxy", "/ready", t).await?),
                 // A sidecar of the echo replicas: its admin endpoint.
                 Role::Echo if p.args.first().map(String::as_str) == Some("proxy") => {
@@ -1443,62 +1524,115 @@ pub fn etcd_member_addr(lab: &Lab, p: &Proc) -> SocketAddr {
         .unwrap_or(lab.etcd.addr)
 }
 
-/// Link states as `c`'s gateway reports them: (peer, state).
-pub async fn gateway_links(c: &ClusterInfo) -> Result<Vec<(String, String)>, String> {
-    let (status, body) = http::get(
-        &c.ns,
-        c.gateway.admin,
-        "gw",
-        "/links",
-        Duration::from_secs(2),
-    )
-    .await?;
+/// One link as one gateway replica reports it.
+#[derive(Debug, Clone)]
+pub struct LinkView {
+    pub peer: String,
+    pub state: String,
+    /// How many of the peer's gateway replicas the link to is up.
+    pub replicas_up: usize,
+}
+
+/// The links gateway `g` of cluster `c` reports (its `/links`).
+pub async fn replica_links(c: &ClusterInfo, g: &GatewayInfo) -> Result<Vec<LinkView>, String> {
+    let (status, body) = http::get(&c.ns, g.admin, "gw", "/links", Duration::from_secs(2)).await?;
     if status != 200 {
-        return Err(format!("/links: {status}"));
+        return Err(format!("/links of {}: {status}", g.admin));
     }
     let v: serde_json::Value =
         serde_json::from_str(&body).map_err(|e| format!("/links is not JSON: {e}"))?;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
     Ok(v.as_array()
         .map(|a| {
             a.iter()
-                .map(|l| {
-                    (
-                        l["cluster"].as_str().unwrap_or_default().to_string(),
-                        l["state"].as_str().unwrap_or_default().to_string(),
-                    )
+                .map(|l| LinkView {
+                    peer: text(&l["cluster"]),
+                    state: text(&l["state"]),
+                    replicas_up: l["replicas"]
+                        .as_array()
+                        .map(|r| r.iter().filter(|r| r["state"] == "up").count())
+                        .unwrap_or(0),
                 })
                 .collect()
         })
         .unwrap_or_default())
 }
 
+/// How good a reported link state is (lower is better).
+fn state_rank(state: &str) -> u8 {
+    match state {
+        "up" => 0,
+        "degraded" => 1,
+        "down" => 2,
+        _ => 3,
+    }
+}
+
+/// Link states of cluster `c` as its gateways report them: (peer, state), the best state any
+/// replica reports (the cluster's link to a peer is up while any of its gateways' is). An
+/// error when no replica answers.
+pub async fn gateway_links(c: &ClusterInfo) -> Result<Vec<(String, String)>, String> {
+    let mut best: Vec<(String, String)> = Vec::new();
+    let mut errors = Vec::new();
+    let mut answered = false;
+    for g in c.gateways() {
+        match replica_links(c, g).await {
+            Ok(links) => {
+                answered = true;
+                for l in links {
+                    match best.iter_mut().find(|(p, _)| *p == l.peer) {
+                        Some((_, s)) if state_rank(&l.state) < state_rank(s) => *s = l.state,
+                        Some(_) => {}
+                        None => best.push((l.peer, l.state)),
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if answered {
+        Ok(best)
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// Wait until every gateway replica of `c` has the link to every replica of every other
+/// cluster's gateway up.
 async fn wait_links_up(lab: &Lab, c: &ClusterInfo, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
-    loop {
-        let links = gateway_links(c).await;
-        let missing: Vec<String> = lab
-            .clusters
-            .iter()
-            .filter(|o| o.name != c.name)
-            .filter(|o| {
-                !links
-                    .as_ref()
-                    .is_ok_and(|l| l.iter().any(|(p, s)| *p == o.name && s == "up"))
-            })
-            .map(|o| o.name.clone())
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
+    for (r, g) in c.gateways().into_iter().enumerate() {
+        loop {
+            let links = replica_links(c, g).await;
+            let missing: Vec<String> = lab
+                .clusters
+                .iter()
+                .filter(|o| o.name != c.name)
+                .filter(|o| {
+                    !links.as_ref().is_ok_and(|l| {
+                        l.iter().any(|v| {
+                            v.peer == o.name
+                                && v.state == "up"
+                                && v.replicas_up >= o.gateways().len()
+                        })
+                    })
+                })
+                .map(|o| o.name.clone())
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "gateway {}/{r}: links to {} (every replica) not up after {within:?} ({links:?})",
+                    c.name,
+                    missing.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if Instant::now() > deadline {
-            bail!(
-                "gateway {}: links to {} not up after {within:?} ({links:?})",
-                c.name,
-                missing.join(", ")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
 }
 
 /// Wait until the client sidecar of `c` answers `GET SERVICE/PATH` with a 200.
@@ -1524,6 +1658,37 @@ pub async fn wait_served(
         if Instant::now() > deadline {
             bail!(
                 "client sidecar of {} does not serve {service} after {within:?}: {r:?}",
+                c.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Wait until a TCP connection to the client sidecar of `c`'s listener of `service` is served.
+pub async fn wait_served_tcp(
+    lab: &Lab,
+    c: &ClusterInfo,
+    service: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let port = lab
+        .service_port(service)
+        .ok_or_else(|| anyhow::anyhow!("no service {service} in the lab"))?;
+    let addr = SocketAddr::new(c.client.outbound.ip(), port);
+    let deadline = Instant::now() + within;
+    loop {
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            crate::chaos::load::tcp_request(&c.ns, addr, service),
+        )
+        .await;
+        if let Ok(Ok(_)) = r {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "client sidecar of {} does not serve TCP {service} on {addr} after {within:?}: {r:?}",
                 c.name
             );
         }
@@ -1593,10 +1758,19 @@ async fn print_status(lab: &Lab, json: bool) {
             c.addr,
             c.local
         );
-        println!(
-            "    gateway       QUIC {}  ingress {}  admin {}",
-            c.gateway.peers, c.gateway.ingress, c.gateway.admin
-        );
+        for (r, g) in c.gateways().into_iter().enumerate() {
+            println!(
+                "    gateway       QUIC {}  ingress {}  admin {}{}",
+                g.peers,
+                g.ingress,
+                g.admin,
+                if r > 0 {
+                    format!("  (replica {r})")
+                } else {
+                    String::new()
+                }
+            );
+        }
         println!(
             "    controlplane  xDS {}  admin {}",
             c.controlplane.xds, c.controlplane.admin

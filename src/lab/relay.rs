@@ -43,6 +43,12 @@ pub struct PathPlan {
     pub kind: PathKind,
     pub listen: SocketAddr,
     pub target: SocketAddr,
+    /// UDP with fixed ends: the only client (`a`'s gateway replica) …
+    #[serde(default)]
+    pub client: Option<SocketAddr>,
+    /// … and where the target sees it come from (and sends to reach it).
+    #[serde(default)]
+    pub outbound: Option<SocketAddr>,
     /// The shape it starts with (the link's base delay).
     pub shape: Shape,
 }
@@ -187,9 +193,13 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     for p in plan.paths {
         let relay = match p.kind {
             PathKind::Udp => Relay::Udp(
-                UdpRelay::start_on(p.listen, p.target)
-                    .await
-                    .with_context(|| format!("UDP relay {} → {} on {}", p.a, p.b, p.listen))?,
+                match (p.client, p.outbound) {
+                    (Some(client), Some(outbound)) => {
+                        UdpRelay::between(p.listen, client, outbound, p.target).await
+                    }
+                    _ => UdpRelay::start_on(p.listen, p.target).await,
+                }
+                .with_context(|| format!("UDP relay {} → {} on {}", p.a, p.b, p.listen))?,
             ),
             PathKind::Tcp => Relay::Tcp(
                 TcpRelay::start_on(p.listen, p.target)

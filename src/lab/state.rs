@@ -79,6 +79,9 @@ pub struct ClusterInfo {
     /// `name.namespace:port` of every service running here.
     pub services: Vec<String>,
     pub gateway: GatewayInfo,
+    /// Further gateway replicas (`lab up --replicas N`): replica 1, 2, …
+    #[serde(default)]
+    pub gateway_replicas: Vec<GatewayInfo>,
     pub controlplane: ControlPlaneInfo,
     /// Further control-plane replicas (`lab up --replicas N`): replica 1, 2, …
     #[serde(default)]
@@ -93,6 +96,21 @@ impl ClusterInfo {
             0 => Some(&self.controlplane),
             _ => self.controlplane_replicas.get(i - 1),
         }
+    }
+
+    /// Gateway replica `i` (0 is `gateway`).
+    pub fn gateway_replica(&self, i: usize) -> Option<&GatewayInfo> {
+        match i {
+            0 => Some(&self.gateway),
+            _ => self.gateway_replicas.get(i - 1),
+        }
+    }
+
+    /// Every gateway replica, replica 0 first.
+    pub fn gateways(&self) -> Vec<&GatewayInfo> {
+        std::iter::once(&self.gateway)
+            .chain(&self.gateway_replicas)
+            .collect()
     }
 
     /// Every control plane's xDS address, replica 0 first.
@@ -203,8 +221,16 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// `gateway east`, `echo east/zone-a`, `controlplane east/1` (a replica), `etcd`, `etcd 2`
-    /// (a member).
+    /// The replica a control plane's or gateway's process is (0: the one without a number).
+    pub fn replica(&self) -> usize {
+        self.zone
+            .as_deref()
+            .and_then(|r| r.parse::<usize>().ok())
+            .unwrap_or(0)
+    }
+
+    /// `gateway east`, `echo east/zone-a`, `controlplane east/1` or `gateway east/1` (a
+    /// replica), `etcd`, `etcd 2` (a member).
     pub fn label(&self) -> String {
         match (&self.cluster, &self.zone) {
             (Some(c), Some(z)) => format!("{} {c}/{z}", self.role.as_str()),
@@ -252,6 +278,16 @@ impl Lab {
                     self.cluster_names().join(", ")
                 )
             })
+    }
+
+    /// The port of service `name.namespace`, from any cluster that runs it.
+    pub fn service_port(&self, service: &str) -> Option<u16> {
+        self.clusters
+            .iter()
+            .flat_map(|c| &c.services)
+            .filter_map(|s| s.rsplit_once(':'))
+            .find(|(name, _)| *name == service)
+            .and_then(|(_, port)| port.parse().ok())
     }
 
     pub fn cluster_names(&self) -> Vec<String> {

@@ -112,8 +112,8 @@ fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
     );
     assert_eq!(
         state["processes"].as_array().map(Vec::len),
-        Some(28),
-        "the netns lab's 27 processes (with --replicas 2) and the relay process"
+        Some(31),
+        "the netns lab's 30 processes (with --replicas 2) and the relay process"
     );
     assert_eq!(state["links"].as_array().map(Vec::len), Some(6));
     let control = state["relay"]

@@ -347,6 +347,7 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
         let count = |role: &str| procs.iter().filter(|p| p["role"] == role).count();
         assert_eq!(count("etcd"), 3, "a three-member etcd");
         assert_eq!(count("controlplane"), 6, "two control planes per cluster");
+        assert_eq!(count("gateway"), 6, "two gateways per cluster");
     }
     let prefix = format!("strait-{name}-");
     let mut ns = namespaces(&prefix);
@@ -372,9 +373,30 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
     let shaper = usize::from(state["shaper"] == "nfqueue");
     assert_eq!(
         state["processes"].as_array().map(Vec::len),
-        Some(27 + shaper),
-        "three etcd members; per cluster two control planes, a gateway, a client, and per zone echo replicas and their sidecar; the NFQUEUE shaper without netem"
+        Some(30 + shaper),
+        "three etcd members; per cluster two control planes, two gateways, a client, and per zone echo replicas and their sidecar; the NFQUEUE shaper without netem"
     );
+    // Every gateway replica holds a connection to every replica of every other cluster's.
+    for c in ["east", "central", "west"] {
+        for admin in ["127.0.0.1:15000", "127.0.0.1:15100"] {
+            let links: serde_json::Value =
+                serde_json::from_str(&get_in(&format!("{prefix}{c}"), admin, "/links"))
+                    .expect("/links is JSON");
+            for l in links.as_array().into_iter().flatten() {
+                let up = l["replicas"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| r["state"] == "up")
+                    .count();
+                assert_eq!(
+                    up, 2,
+                    "{c}'s gateway {admin}: link to {}: {l}",
+                    l["cluster"]
+                );
+            }
+        }
+    }
     let east = &state["clusters"][0];
     assert_eq!(east["name"], "east");
     assert!(
@@ -393,6 +415,13 @@ fn the_lab_survives_every_shipped_chaos_scenario_without_losing_a_request() {
     let bad = strait(&["chaos", "--dir", &dir, "kill", "gateway"]);
     assert!(!bad.status.success());
     assert!(text(&bad).contains("name the cluster"), "{}", text(&bad));
+    let bad = strait(&["chaos", "--dir", &dir, "restart", "gateway", "east/2"]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad).contains("cluster east has no gateway replica 2 (replicas 0 to 1)"),
+        "{}",
+        text(&bad)
+    );
     let bad = strait(&["chaos", "--dir", &dir, "kill", "echo", "east/zone-q"]);
     assert!(
         text(&bad).contains("cluster east has no zone `zone-q`"),

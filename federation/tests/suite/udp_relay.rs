@@ -334,3 +334,42 @@ async fn listens_where_asked() {
             .is_err()
     );
 }
+
+/// A relay with fixed ends is a wire: either end may speak first, each sees the other at one
+/// stable address (the target sees the client at the relay's outbound socket), and nobody else
+/// gets through either side.
+#[tokio::test]
+async fn a_relay_between_fixed_ends_carries_both_ways_and_nothing_else() {
+    let (a, b) = (socket().await, socket().await);
+    let free = || async {
+        let s = socket().await;
+        s.local_addr().unwrap()
+    };
+    let (listen, outbound) = (free().await, free().await);
+    let relay = UdpRelay::between(
+        listen,
+        a.local_addr().unwrap(),
+        outbound,
+        b.local_addr().unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((relay.addr(), relay.outbound_addr()), (listen, outbound));
+    let wait = Duration::from_secs(5);
+    // The target speaks first: it reaches the fixed client, seen as coming from `listen`.
+    b.send_to(b"from b", outbound).await.unwrap();
+    let (data, from) = recv(&a, wait).await.expect("b's datagram reaches a");
+    assert_eq!((data.as_slice(), from), (&b"from b"[..], listen));
+    a.send_to(b"from a", listen).await.unwrap();
+    let (data, from) = recv(&b, wait).await.expect("a's datagram reaches b");
+    assert_eq!((data.as_slice(), from), (&b"from a"[..], outbound));
+    // A stranger on either side is ignored and does not become the client.
+    let stranger = socket().await;
+    stranger.send_to(b"intruder", listen).await.unwrap();
+    stranger.send_to(b"intruder", outbound).await.unwrap();
+    b.send_to(b"again", outbound).await.unwrap();
+    let (data, _) = recv(&a, wait).await.expect("b still reaches a");
+    assert_eq!(data, b"again");
+    assert_eq!(recv(&stranger, Duration::from_millis(200)).await, None);
+    assert_eq!(recv(&b, Duration::from_millis(200)).await, None);
+}
