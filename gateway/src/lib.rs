@@ -207,6 +207,50 @@ impl Shared {
         Ok(())
     }
 
+    /// A graceful shutdown (SIGTERM): stop accepting; tell the sidecars (their drain watches
+    /// answered, HTTP/2 GOAWAY) and every peer (a `Leaving` datagram on each connection) to send
+    /// new tunnels to other replicas; let the tunnels under way finish, for up to
+    /// `tunnel.drain_timeout`; then close every connection and wait a moment for the close to
+    /// be sent.
+    pub async fn shut_down_gracefully(&self) {
+        let shared = self;
+        shared.shutdown.trigger();
+        let _ = shared.ready.send_replace(false);
+        peers::announce_leaving(shared);
+        let drain = shared.config.tunnel.drain_timeout;
+        let deadline = tokio::time::Instant::now() + drain;
+        // A peer that has not heard yet may still open a tunnel for about a round trip.
+        let rtt = shared.links().iter().map(|l| l.rtt_ms).fold(0.0, f64::max);
+        let settle = Duration::from_secs_f64((2.0 * rtt / 1000.0).clamp(0.1, 1.0)).min(drain);
+        tokio::time::sleep(settle).await;
+        let under_way = shared.in_flight.count();
+        match tokio::time::timeout_at(deadline, shared.in_flight.until_idle()).await {
+            Ok(()) => tracing::info!(
+                tunnels = under_way,
+                "shutting down: every tunnel under way has finished"
+            ),
+            Err(_) => tracing::warn!(
+                tunnels = shared.in_flight.count(),
+                ?drain,
+                "shutting down: tunnels still under way after tunnel.drain_timeout are closed"
+            ),
+        }
+        shared
+            .endpoint
+            .close(quinn::VarInt::from_u32(peers::CLOSE_SHUTDOWN), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.endpoint.wait_idle()).await;
+    }
+
+    /// Every peer cluster known now.
+    pub fn peer_list(&self) -> Vec<Arc<Peer>> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// A link just came up: if every known peer's is up now, the gateway is linked for good.
     pub fn note_linked(&self) {
         if !self.linked.load(Relaxed) && self.links_not_up().is_empty() {
@@ -509,37 +553,9 @@ impl Gateway {
         self.shared.links()
     }
 
-    /// A graceful shutdown (SIGTERM): stop accepting; tell the sidecars (HTTP/2 GOAWAY) and
-    /// every peer (a `Leaving` datagram on each connection) to send new tunnels to other
-    /// replicas; let the tunnels under way finish, for up to `tunnel.drain_timeout`; then close
-    /// every connection and wait a moment for the close to be sent.
+    /// A graceful shutdown (SIGTERM): see [`Shared::shut_down_gracefully`].
     pub async fn shutdown(self) {
-        let shared = &self.shared;
-        shared.shutdown.trigger();
-        let _ = shared.ready.send_replace(false);
-        peers::announce_leaving(shared);
-        let drain = shared.config.tunnel.drain_timeout;
-        let deadline = tokio::time::Instant::now() + drain;
-        // A peer that has not heard yet may still open a tunnel for about a round trip.
-        let rtt = shared.links().iter().map(|l| l.rtt_ms).fold(0.0, f64::max);
-        let settle = Duration::from_secs_f64((2.0 * rtt / 1000.0).clamp(0.1, 1.0)).min(drain);
-        tokio::time::sleep(settle).await;
-        let under_way = shared.in_flight.count();
-        match tokio::time::timeout_at(deadline, shared.in_flight.until_idle()).await {
-            Ok(()) => tracing::info!(
-                tunnels = under_way,
-                "shutting down: every tunnel under way has finished"
-            ),
-            Err(_) => tracing::warn!(
-                tunnels = shared.in_flight.count(),
-                ?drain,
-                "shutting down: tunnels still under way after tunnel.drain_timeout are closed"
-            ),
-        }
-        shared
-            .endpoint
-            .close(quinn::VarInt::from_u32(peers::CLOSE_SHUTDOWN), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(1), shared.endpoint.wait_idle()).await;
+        self.shared.shut_down_gracefully().await;
     }
 }
 
@@ -819,14 +835,7 @@ async fn follow_registry(
 async fn publish_links(shared: Arc<Shared>, tx: watch::Sender<BTreeMap<String, Vec<u8>>>) {
     loop {
         let mut desired = BTreeMap::new();
-        let peers: Vec<Arc<Peer>> = shared
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for p in peers {
+        for p in shared.peer_list() {
             let v = p.view.borrow().clone();
             let state = LinkState {
                 from: shared.own.clone(),

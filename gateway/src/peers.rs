@@ -588,15 +588,8 @@ pub fn peer_cluster(conn: &quinn::Connection) -> Result<String, String> {
 /// Tell every peer connection that this gateway is shutting down (a `Leaving` datagram): the
 /// peers open no new tunnels to it while they have another replica.
 pub fn announce_leaving(shared: &Shared) {
-    let peers: Vec<Arc<Peer>> = shared
-        .peers
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .cloned()
-        .collect();
     let leaving = Bytes::copy_from_slice(&encode_probe(ProbeKind::Leaving, 0));
-    for peer in peers {
+    for peer in shared.peer_list() {
         for r in peer.replicas().values() {
             if let Some(c) = &r.current {
                 let _ = c.conn.send_datagram(leaving.clone());

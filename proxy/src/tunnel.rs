@@ -154,6 +154,16 @@ impl Gateway {
         std::iter::once(self.options.address).chain(self.options.replicas.iter().copied())
     }
 
+    /// Whether the gateway of the connection in use said it is shutting down (its drain watch
+    /// was answered).
+    pub async fn draining(&self) -> bool {
+        self.conn
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|(_, _, d)| d.is_set())
+    }
+
     /// The ingress of the replica tunnels go through now.
     pub fn address(&self) -> SocketAddr {
         let i = self.current.load(std::sync::atomic::Ordering::Relaxed);

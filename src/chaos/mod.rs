@@ -180,13 +180,14 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 
 fn parse_role(s: &str) -> Result<Role, String> {
     match s {
-        "etcd" => Ok(Role::Etcd),
+        // `etcd-member I` reads as what it is: one member (`etcd I`).
+        "etcd" | "etcd-member" => Ok(Role::Etcd),
         "controlplane" => Ok(Role::Controlplane),
         "gateway" => Ok(Role::Gateway),
         "echo" => Ok(Role::Echo),
         "client" => Ok(Role::Client),
         _ => Err(format!(
-            "`{s}`: expected gateway, controlplane, client, echo or etcd"
+            "`{s}`: expected gateway, controlplane, client, echo, etcd or etcd-member"
         )),
     }
 }
@@ -530,4 +531,21 @@ async fn etcd_leader(lab: &Lab) -> anyhow::Result<usize> {
     ids.iter()
         .position(|id| id.as_deref() == Some(leader.as_str()))
         .ok_or_else(|| anyhow::anyhow!("etcd's leader {leader} is not a member this lab can reach"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_member_is_another_name_for_one_etcd_member_and_unknown_roles_are_named() {
+        assert_eq!(parse_role("etcd-member"), Ok(Role::Etcd));
+        assert_eq!(parse_role("etcd"), Ok(Role::Etcd));
+        assert_eq!(parse_role("gateway"), Ok(Role::Gateway));
+        let err = parse_role("etcd-members").unwrap_err();
+        assert!(
+            err.contains("`etcd-members`") && err.contains("etcd-member"),
+            "{err}"
+        );
+    }
 }

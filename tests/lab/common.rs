@@ -95,8 +95,15 @@ pub fn run(dir: &str, reports: &Path, file: &str) -> (bool, serde_json::Value, S
 }
 
 pub fn print_measured(name: &str, v: &serde_json::Value) {
+    // The longest stall: the slowest request (from when it was due to its answer).
+    let longest = v["observed"]["outcomes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["latency_ms"].as_f64())
+        .fold(0.0, f64::max);
     println!(
-        "scenario {name}: {} requests, {} failed",
+        "scenario {name}: {} requests, {} failed, longest request {longest:.0} ms",
         v["requests"], v["failed"]
     );
     for e in v["expectations"].as_array().into_iter().flatten() {

@@ -164,10 +164,13 @@ fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
     let dropped_before = dropped(&control, "east", "west") + dropped(&control, "west", "east");
     let mut failures = Vec::new();
     let etcd = format!("http://{}", state["etcd"]["addr"].as_str().expect("etcd"));
-    for name in SCENARIOS
-        .iter()
-        .chain(&["degrade-delay", "rolling-restart", "etcd-leader-loss"])
-    {
+    for name in SCENARIOS.iter().chain(&[
+        "degrade-delay",
+        "cp-outage",
+        "cert-rotation",
+        "rolling-restart",
+        "etcd-leader-loss",
+    ]) {
         // Restarts are not withdrawals: etcd's own history shows west's record taken over by
         // each successor (a put under its lease), never deleted.
         let before = crate::common::etcd_revision("", &etcd);
@@ -181,6 +184,16 @@ fn the_loopback_lab_fails_over_through_its_relays_without_losing_a_request() {
                 &["west"],
                 5,
                 "five graceful restarts",
+            );
+        }
+        if *name == "rolling-restart" {
+            crate::common::assert_records_taken_over_never_deleted(
+                "",
+                &etcd,
+                before,
+                &["east", "central", "west"],
+                1,
+                "the rolling restart",
             );
         }
         if !ok {

@@ -436,16 +436,30 @@ pub fn gateway_config(
     discovery: &Path,
     peer: (&str, SocketAddr),
 ) -> gateway::config::GatewayConfig {
+    gateway_config_with_replicas(dir, cluster, certs, discovery, peer, &[])
+}
+
+/// [`gateway_config`] with the addresses of the peer's other gateway replicas.
+pub fn gateway_config_with_replicas(
+    dir: &Path,
+    cluster: &str,
+    certs: &federation::identity::IssuedPaths,
+    discovery: &Path,
+    peer: (&str, SocketAddr),
+    replicas: &[SocketAddr],
+) -> gateway::config::GatewayConfig {
+    let replicas: Vec<String> = replicas.iter().map(|r| format!("\"{r}\"")).collect();
     let yaml = format!(
         "cluster: {cluster}\nlisten: {{peers: \"127.0.0.1:0\", ingress: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n\
          tls: {{cert: {}, key: {}, ca: {}}}\ndiscovery: {{file: {}}}\n\
-         peers:\n  - {{cluster: {}, address: \"{}\"}}\n",
+         peers:\n  - {{cluster: {}, address: \"{}\", replicas: [{}]}}\n",
         certs.cert.display(),
         certs.key.display(),
         certs.ca.display(),
         discovery.display(),
         peer.0,
-        peer.1
+        peer.1,
+        replicas.join(", ")
     );
     gateway::config::GatewayConfig::parse(dir.join(format!("{cluster}-gw.yaml")), &yaml)
         .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
@@ -459,12 +473,14 @@ pub async fn linked_gateways(
     east: (&federation::identity::IssuedPaths, &Path),
 ) -> (gateway::Gateway, gateway::Gateway) {
     let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let east_gw = gateway::Gateway::start(gateway_config(
+    // West may run several gateway replicas: east tells their connections apart by address.
+    let east_gw = gateway::Gateway::start(gateway_config_with_replicas(
         d,
         "east",
         east.0,
         east.1,
         ("west", placeholder),
+        &["127.0.0.1:10".parse().unwrap()],
     ))
     .await
     .expect("east gateway starts");
@@ -528,6 +544,9 @@ pub struct Linked {
     pub east_gw: gateway::Gateway,
     pub cp: ControlPlane,
     pub app: federation::identity::IssuedPaths,
+    /// West's gateway certificate and discovery file (for another replica of west's gateway).
+    pub west_gw_certs: federation::identity::IssuedPaths,
+    pub west_disc: std::path::PathBuf,
     pub west_ep: SocketAddr,
     /// West's endpoint: abort it to kill it.
     pub west_task: tokio::task::JoinHandle<()>,
@@ -589,6 +608,8 @@ impl Linked {
             east_gw,
             cp,
             app,
+            west_gw_certs,
+            west_disc,
             west_ep,
             west_task,
             _east_task: east_task,

@@ -25,20 +25,47 @@ async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
         ref east_gw,
         ref cp,
         app: ref app_certs,
+        ref west_gw_certs,
+        ref west_disc,
         ref mut west_task,
         ..
     } = fed;
+    // A second replica of west's gateway, linked to east too.
+    let mut second = gateway_config(
+        dir.path(),
+        "west",
+        west_gw_certs,
+        west_disc,
+        ("east", east_gw.peer_addr),
+    );
+    second.replica = Some(federation::model::Name::parse("replica", "gateway-1").unwrap());
+    let west_gw2 = Gateway::start(second)
+        .await
+        .expect("west's second gateway replica starts");
+    wait_for(
+        Duration::from_secs(20),
+        "the link of west's second gateway replica to east",
+        || async {
+            match west_gw2.links().into_iter().find(|l| l.cluster == "east") {
+                Some(l) if l.state == "up" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
 
-    // The proxy: workload certificate for both the control plane and the gateway.
+    // The proxy: workload certificate for both the control plane and the gateway; tunnels go
+    // through west's first gateway replica, the second if it fails.
     let WestProxy {
         xds: client,
         dataplane: dp,
         gateway,
         outbound,
-    } = WestProxy::start(
+    } = WestProxy::start_with_replicas(
         "west-app",
         cp.xds_addr,
         west_gw.ingress_addr,
+        &[west_gw2.ingress_addr],
         app_certs,
         false,
     );
@@ -118,6 +145,63 @@ async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
         Err(e) => panic!("expected a refusal, got {e}"),
         Ok(_) => panic!("a tunnel to an unknown cluster opened"),
     }
+
+    // West's first gateway replica stops gracefully. The sidecar hears it on its drain watch;
+    // its pooled connection through that replica's tunnel may carry one more request and is
+    // then retired; every later request goes through the second replica. The first replica's
+    // tunnels end, so its drain completes at once, not after its 10 s drain timeout (as it
+    // would with the pooled connection left open). No request fails.
+    let draining = west_gw.shared().clone();
+    let stopping = tokio::spawn(async move {
+        let t = std::time::Instant::now();
+        draining.shut_down_gracefully().await;
+        t.elapsed()
+    });
+    wait_for(
+        Duration::from_secs(5),
+        "the sidecar to hear that its gateway is draining",
+        || async {
+            if gateway.draining().await {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+    for i in 0..10 {
+        assert_eq!(
+            get(outbound, "echo.default").await,
+            Ok((200, "east".to_string())),
+            "request {i} while west's first gateway replica drains"
+        );
+    }
+    let took = tokio::time::timeout(Duration::from_secs(8), stopping)
+        .await
+        .expect("the gateway's drain waited for a pooled tunnel the sidecar should have retired")
+        .expect("the drain task");
+    println!("west's first gateway replica drained in {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the gateway drained for {took:?}: the sidecar's pooled tunnel was not retired"
+    );
+    assert!(
+        west_gw2
+            .shared()
+            .metrics
+            .ingress_requests_total
+            .load(Relaxed)
+            >= 1,
+        "the requests after the drain went through the second replica"
+    );
+    for i in 0..5 {
+        assert_eq!(
+            get(outbound, "echo.default").await,
+            Ok((200, "east".to_string())),
+            "request {i} after west's first gateway replica stopped"
+        );
+    }
+    west_gw2.shutdown().await;
 
     drop(dp);
     drop(client);

@@ -67,6 +67,18 @@ impl WestProxy {
         certs: &federation::identity::IssuedPaths,
         sidecars: bool,
     ) -> Self {
+        Self::start_with_replicas(id, xds, gateway, &[], certs, sidecars)
+    }
+
+    /// [`WestProxy::start`] with the ingresses of west's other gateway replicas.
+    pub fn start_with_replicas(
+        id: &str,
+        xds: SocketAddr,
+        gateway: SocketAddr,
+        replicas: &[SocketAddr],
+        certs: &federation::identity::IssuedPaths,
+        sidecars: bool,
+    ) -> Self {
         use proxy::tls::{Peer, TlsSource};
         use std::sync::Arc;
         let port = federation::etcd_server::free_port().expect("a free port");
@@ -85,8 +97,10 @@ impl WestProxy {
             TlsSource::new(files(certs), Peer::Workload, &[b"h2"]).expect("xDS TLS"),
         ));
         let client = XdsClient::start(opts);
+        let mut gateway_options = proxy::tunnel::GatewayOptions::new(gateway);
+        gateway_options.replicas = replicas.to_vec();
         let gateway = Arc::new(proxy::tunnel::Gateway::new(
-            proxy::tunnel::GatewayOptions::new(gateway),
+            gateway_options,
             TlsSource::new(files(certs), Peer::Gateway, &[b"h2"]).expect("gateway TLS"),
         ));
         let workload_tls = sidecars.then(|| {
