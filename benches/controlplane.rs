@@ -14,6 +14,8 @@
 //! `--changes N` (default 100), `--clients N` (per control plane, default 100), `--million 0`
 //! to skip part 2, `--convergence 0` to skip part 1; for part 2 `--scale-clients N` (default 2)
 //! and `--scale-per N` (endpoints per service and cluster, default 333).
+// Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 

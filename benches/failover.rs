@@ -26,6 +26,8 @@
 //!
 //! Run: `cargo xtask bench failover` (= `cargo bench --bench failover`, as root). Options:
 //! `--repeat N` (default 10).
+// Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -10,6 +10,8 @@
 //!
 //! Run: `cargo xtask bench gateway` (= `cargo bench --bench gateway`). Options: `--mib N` (bulk
 //! size, default 1024), `--tunnels N` (default 10000), `--samples N` (default 200).
+// Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -32,6 +32,8 @@
 //!    for 10 s, time to first byte (median of 20).
 //!
 //! Run: `cargo xtask bench mesh` (= `cargo bench --bench mesh`, as root).
+// Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -21,6 +21,8 @@
 //!    strait proxy and a fresh Envoy (delta ADS): RSS of each once it holds every cluster.
 //!
 //! Run: `cargo xtask bench proxy` (= `cargo bench --bench proxy`).
+// Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -84,8 +84,8 @@ pub struct Values {
     /// address, `host:port`); published in the registry.
     #[serde(default)]
     pub gateway_address: Option<String>,
-    /// The CA (PEM) that signed the webhook's serving certificate: the webhook
-    /// configuration's `caBundle`. Relative to the values file.
+    /// The webhook configuration's `caBundle`: the CA (PEM) of `strait-ca`, which issues the
+    /// control plane's own certificate (the webhook serves it). Relative to the values file.
     #[serde(default)]
     pub webhook_ca_file: Option<PathBuf>,
     /// The federation's trust domain (documentation for the certificates to create).
@@ -499,7 +499,7 @@ pub fn controlplane_config(cluster: &str, region: &str, values: &Values) -> Stri
          # a local gateway exists: sidecars reach other clusters through its ingress\n\
          gateway: {{ingress: \"0.0.0.0:15008\"}}\n\
          admin: {{listen: \"0.0.0.0:15014\"}}\n\
-         webhook:\n  listen: \"0.0.0.0:15017\"\n  tls: {{cert: /etc/strait/webhook/tls.crt, key: /etc/strait/webhook/tls.key}}\n  sidecar: {{image: {image:?}}}\n",
+         webhook:\n  listen: \"0.0.0.0:15017\"\n  tls: {{cert: {CP_TLS_DIR}/cert.pem, key: {CP_TLS_DIR}/key.pem}}   # its own certificate (above)\n  sidecar: {{image: {image:?}}}\n",
         registry = values.registry_yaml(cluster),
         image = values.image,
         cp_names = yaml_list(&service_names(CONTROLPLANE)),
@@ -720,10 +720,6 @@ pub fn manifests(
                 },
             ),
             (
-                secret_volume("webhook-tls", "strait-webhook-tls"),
-                mount("webhook-tls", "/etc/strait/webhook"),
-            ),
-            (
                 secret_volume("ca", "strait-ca"),
                 mount("ca", "/etc/strait/ca"),
             ),
@@ -872,9 +868,12 @@ pub fn output(args: &KubernetesArgs) -> anyhow::Result<String> {
          #   strait-ca                ca.pem, ca.key             the CA of trust domain {td}: the control plane issues\n\
          #                                                       and renews from it its own certificate, the gateway's\n\
          #                                                       (Secret strait-gateway-tls, spiffe://{td}/cluster/{c}/gateway)\n\
-         #                                                       and the identities of injected pods\n\
-         #   strait-webhook-tls       tls.crt, tls.key           DNS {CONTROLPLANE}.{NAMESPACE}.svc\n"
+         #                                                       and the identities of injected pods\n"
     );
+    // The webhook serves the control plane's own certificate: nothing to make by hand but the
+    // caBundle, strait-ca's ca.pem.
+    let webhook = "# The sidecar-injection webhook serves the control plane's own certificate; its caBundle is\n\
+                   # strait-ca's ca.pem, given in the values as webhook_ca_file.\n";
     let header = if values.etcd_tls() {
         let what = match values.etcd_auth {
             EtcdAuthMode::Certificate => format!(
@@ -891,7 +890,7 @@ pub fn output(args: &KubernetesArgs) -> anyhow::Result<String> {
     };
     render(
         &manifests(&args.cluster, &args.region, &values, ca),
-        &header,
+        &format!("{header}{webhook}"),
     )
 }
 
@@ -989,6 +988,12 @@ mod tests {
         for cluster in ["east", "west"] {
             let path = root().join(format!("deploy/kubernetes/{cluster}.yaml"));
             let docs = docs(&path);
+            let whole = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                !whole.contains("strait-webhook-tls"),
+                "{}: the webhook's certificate is the control plane's own, no Secret",
+                path.display()
+            );
             assert!(
                 docs.len() >= 15,
                 "{}: {} documents",
@@ -1004,7 +1009,20 @@ mod tests {
                     let ok = match name {
                         "strait-controlplane" => {
                             controlplane::config::ControlPlaneConfig::parse("config.yaml", text)
-                                .map(|c| assert_eq!(c.cluster.as_str(), cluster))
+                                .map(|c| {
+                                    assert_eq!(c.cluster.as_str(), cluster);
+                                    // The webhook serves the certificate the control plane
+                                    // issues and renews itself: none is made by hand.
+                                    let own = c
+                                        .certificates
+                                        .as_ref()
+                                        .and_then(|k| k.controlplane.as_ref())
+                                        .and_then(|k| k.files.clone())
+                                        .expect("the control plane keeps its own certificate");
+                                    let w = c.webhook.as_ref().expect("the webhook");
+                                    assert_eq!(w.tls.cert, own.join("cert.pem"));
+                                    assert_eq!(w.tls.key, own.join("key.pem"));
+                                })
                                 .map_err(|e| e.to_string())
                         }
                         "strait-gateway" => {

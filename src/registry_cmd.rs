@@ -190,7 +190,7 @@ fn user_password(
     user: &str,
     create: bool,
 ) -> anyhow::Result<Option<String>> {
-    use rand::Rng;
+    use rand::RngExt;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(user);

@@ -17,9 +17,13 @@ use std::path::PathBuf;
 use federation::model::{ClusterId, GatewayAddress, Labels, Locality};
 use serde_json::{Value, json};
 
-use crate::resources::{CA_SECRET, METADATA_NAMESPACE, TUNNEL_LISTENER, WORKLOAD_SECRET};
 use crate::view::{
     META_CLUSTER, META_KIND, META_LABELS, META_MTLS, META_OUTBOUND, META_TRANSPARENT, META_TUNNEL,
+};
+use federation::tunnel::CLUSTER_HEADER;
+use federation::xds_contract::{
+    CA_SECRET, GATEWAY_CLUSTER, KIND_ENVOY, KIND_GRPC, TUNNEL_AUTHORITY, TUNNEL_CLUSTER,
+    TUNNEL_LISTENER, TUNNEL_NAMESPACE, WORKLOAD_SECRET, XDS_CLUSTER,
 };
 
 /// Workload certificate files.
@@ -124,7 +128,7 @@ fn node(spec: &BootstrapSpec, kind: &str) -> Value {
         META_KIND: kind,
         META_LABELS: labels,
     });
-    if kind == "envoy" {
+    if kind == KIND_ENVOY {
         metadata[META_OUTBOUND] = json!(spec.outbound.to_string());
         if let Some(t) = spec.transparent {
             metadata[META_TRANSPARENT] = json!(t.to_string());
@@ -154,12 +158,12 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
     // A DNS name: every address it resolves to, re-resolved (a Service with several replicas).
     let named = servers.iter().find(|a| a.socket_addr().is_none());
     let mut xds_cluster = json!({
-        "name": "strait_xds",
+        "name": XDS_CLUSTER,
         "type": if named.is_some() { "STRICT_DNS" } else { "STATIC" },
         "connect_timeout": "1s",
         "typed_extension_protocol_options": h2_options(),
         "load_assignment": {
-            "cluster_name": "strait_xds",
+            "cluster_name": XDS_CLUSTER,
             "endpoints": [{"lb_endpoints": servers
                 .iter()
                 .map(|a| json!({"endpoint": {"address": host_socket(a)}}))
@@ -179,12 +183,12 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
             .map(|a| json!({"endpoint": {"address": socket(*a)}}))
             .collect();
         let mut gw = json!({
-            "name": "strait_gateway",
+            "name": GATEWAY_CLUSTER,
             "type": "STATIC",
             "connect_timeout": "1s",
             "typed_extension_protocol_options": h2_options(),
             "load_assignment": {
-                "cluster_name": "strait_gateway",
+                "cluster_name": GATEWAY_CLUSTER,
                 "endpoints": [{"lb_endpoints": endpoints}],
             },
         });
@@ -209,14 +213,14 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
                     "stat_prefix": TUNNEL_LISTENER,
-                    "cluster": "strait_gateway",
+                    "cluster": GATEWAY_CLUSTER,
                     // Another gateway replica when one cannot be connected to.
                     "max_connect_attempts": ingresses.len().clamp(1, 3),
                     "tunneling_config": {
-                        "hostname": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:authority)%"),
+                        "hostname": format!("%DYNAMIC_METADATA({TUNNEL_NAMESPACE}:{TUNNEL_AUTHORITY})%"),
                         "headers_to_add": [{"header": {
-                            "key": "strait-cluster",
-                            "value": format!("%DYNAMIC_METADATA({METADATA_NAMESPACE}:cluster)%"),
+                            "key": CLUSTER_HEADER,
+                            "value": format!("%DYNAMIC_METADATA({TUNNEL_NAMESPACE}:{TUNNEL_CLUSTER})%"),
                         }}],
                     },
                 },
@@ -243,12 +247,12 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
     };
     let config_source = json!({"ads": {}, "resource_api_version": "V3"});
     json!({
-        "node": node(spec, "envoy"),
+        "node": node(spec, KIND_ENVOY),
         "dynamic_resources": {
             "ads_config": {
                 "api_type": if spec.delta { "DELTA_GRPC" } else { "GRPC" },
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "strait_xds"}}],
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
                 "set_node_on_first_message_only": true,
             },
             "cds_config": config_source,
@@ -284,6 +288,6 @@ pub fn grpc(spec: &BootstrapSpec) -> Value {
         .collect();
     json!({
         "xds_servers": servers,
-        "node": node(spec, "grpc"),
+        "node": node(spec, KIND_GRPC),
     })
 }

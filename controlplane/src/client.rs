@@ -48,7 +48,10 @@ pub fn node(id: &str, cluster: &str, region: &str, zone: &str, tunnel: bool) -> 
     };
     let fields = [
         (META_CLUSTER.to_string(), s(cluster)),
-        (META_KIND.to_string(), s("envoy")),
+        (
+            META_KIND.to_string(),
+            s(federation::xds_contract::KIND_ENVOY),
+        ),
         (
             META_TUNNEL.to_string(),
             Value {

@@ -46,25 +46,14 @@ use federation::model::{
 };
 use federation::route::{LocalityGroup, Route};
 
-/// The internal listener (in the Envoy bootstrap) that tunnels to the local gateway.
-pub const TUNNEL_LISTENER: &str = "strait_tunnel";
-/// The metadata namespace of tunnelled endpoints.
-pub const METADATA_NAMESPACE: &str = "strait";
-/// The endpoint metadata namespace Envoy matches `transport_socket_matches` against.
-pub const SOCKET_MATCH_NAMESPACE: &str = "envoy.transport_socket_match";
-/// Keys of an endpoint's socket-match metadata: its TLS mode
-/// ([`federation::model::TLS_MODE_MUTUAL`]) and its cluster, whose workload identity its sidecar
-/// must present.
-pub const MATCH_TLS_MODE: &str = federation::model::TLS_MODE_LABEL;
-pub const MATCH_CLUSTER: &str = "strait.io/cluster";
-/// The static secrets of the bootstrap (`strait proxy bootstrap --envoy` with certificates):
-/// the workload certificate and the federation CA. Upstream TLS contexts name them.
-pub const WORKLOAD_SECRET: &str = "strait_workload";
-pub const CA_SECRET: &str = "strait_federation_ca";
-/// The name of the transport-socket match for sidecars of `cluster`.
-pub fn mutual_match_name(cluster: &str) -> String {
-    format!("strait_mutual_tls/{cluster}")
-}
+/// The names the control plane and its proxies agree on (the xDS contract): listeners, routes,
+/// metadata namespaces and keys, secrets.
+pub use federation::xds_contract::{
+    CA_SECRET, MATCH_CLUSTER, MATCH_TLS_MODE, OUTBOUND_LISTENER, OUTBOUND_ROUTES,
+    PASSTHROUGH_CLUSTER, SOCKET_MATCH_NAMESPACE, TRANSPARENT_LISTENER, TUNNEL_AUTHORITY,
+    TUNNEL_CLUSTER, TUNNEL_LISTENER, TUNNEL_NAMESPACE as METADATA_NAMESPACE, TUNNEL_VIA_GATEWAY,
+    WORKLOAD_SECRET, mutual_match_name,
+};
 /// The URI SAN a sidecar of `cluster` must present: a workload of that cluster (the trust
 /// domain is pinned by the federation CA, which issues for one trust domain only).
 pub fn workload_san_regex(cluster: &str) -> String {
@@ -84,15 +73,6 @@ fn regex_escape(s: &str) -> String {
     }
     out
 }
-
-/// Envoy's outbound HTTP listener and its route configuration.
-pub const OUTBOUND_LISTENER: &str = "strait_outbound_http";
-pub const OUTBOUND_ROUTES: &str = "strait_outbound";
-/// The transparent listener (Envoy's `virtualOutbound`, Istio's port 15001) and the cluster it
-/// passes unknown traffic to (Istio's `PassthroughCluster`: the connection's original
-/// destination).
-pub const TRANSPARENT_LISTENER: &str = "strait_transparent";
-pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 
 /// The retry budget of every Envoy cluster: retries in flight ≤ this percent of the requests in
 /// flight, but at least [`RETRY_MIN_CONCURRENCY`]. 100 %: when a whole priority fails under load
@@ -180,10 +160,10 @@ fn string_value(s: &str) -> Value {
 
 fn strait_fields(cluster: &str, authority: &str) -> Struct {
     let fields = [
-        ("cluster".to_string(), string_value(cluster)),
-        ("authority".to_string(), string_value(authority)),
+        (TUNNEL_CLUSTER.to_string(), string_value(cluster)),
+        (TUNNEL_AUTHORITY.to_string(), string_value(authority)),
         (
-            "via_gateway".to_string(),
+            TUNNEL_VIA_GATEWAY.to_string(),
             Value {
                 kind: Some(Kind::BoolValue(true)),
             },

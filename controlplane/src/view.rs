@@ -235,14 +235,11 @@ pub struct NodeInfo {
     pub key: ViewKey,
 }
 
-/// Node metadata keys Strait reads.
-pub const META_CLUSTER: &str = "STRAIT_CLUSTER";
-pub const META_LABELS: &str = "STRAIT_LABELS";
-pub const META_OUTBOUND: &str = "STRAIT_OUTBOUND";
-pub const META_TRANSPARENT: &str = "STRAIT_TRANSPARENT";
-pub const META_TUNNEL: &str = "STRAIT_TUNNEL";
-pub const META_KIND: &str = "STRAIT_KIND";
-pub const META_MTLS: &str = "STRAIT_MTLS";
+/// Node metadata keys Strait reads (the xDS contract).
+pub use federation::xds_contract::{
+    KIND_ENVOY, KIND_GRPC, META_CLUSTER, META_KIND, META_LABELS, META_MTLS, META_OUTBOUND,
+    META_TRANSPARENT, META_TUNNEL,
+};
 
 fn meta_string<'a>(meta: Option<&'a Struct>, key: &str) -> Result<Option<&'a str>, String> {
     match meta
@@ -285,11 +282,11 @@ impl NodeInfo {
             ));
         }
         let kind = match meta_string(meta, META_KIND)? {
-            Some("envoy") => ClientKind::Envoy,
-            Some("grpc") => ClientKind::Grpc,
+            Some(KIND_ENVOY) => ClientKind::Envoy,
+            Some(KIND_GRPC) => ClientKind::Grpc,
             Some(other) => {
                 return Err(format!(
-                    "node metadata {META_KIND}: {other:?} is not envoy or grpc"
+                    "node metadata {META_KIND}: {other:?} is not {KIND_ENVOY} or {KIND_GRPC}"
                 ));
             }
             None if node.user_agent_name.to_ascii_lowercase().contains("grpc") => ClientKind::Grpc,

@@ -14,6 +14,10 @@
 //!
 //! Run: `cargo xtask bench registry [--tls]` (or `cargo bench -p federation --bench
 //! registry_scale`). Scale down with `-- --clusters 10 --services 100`.
+// Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// The counting allocator (below) implements `GlobalAlloc`, which is unsafe to implement.
+#![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt;
 
 /// Exponential back-off with full jitter in the upper half: each delay is uniformly drawn from
 /// `[d/2, d]` where `d` doubles from `initial` up to `max`.

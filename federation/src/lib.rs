@@ -16,3 +16,4 @@ pub mod registry;
 pub mod relay;
 pub mod route;
 pub mod tunnel;
+pub mod xds_contract;

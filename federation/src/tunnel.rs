@@ -24,6 +24,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// another replica. A gateway of an earlier release answers `405` at once (no watch).
 pub const DRAIN_PATH: &str = "/strait/v1/drain";
 
+/// The ingress request header naming the cluster a CONNECT tunnel goes to (its authority is
+/// `SERVICE.NAMESPACE:PORT`).
+pub const CLUSTER_HEADER: &str = "strait-cluster";
+/// The ingress response header carrying the reason of a refusal.
+pub const REASON_HEADER: &str = "strait-reason";
+/// Set (value `1`) on an ingress refusal that is this gateway replica's own: it has no link to
+/// the target cluster now. Another replica of the same gateway may have one (the cluster's link
+/// is up while any replica's is, and that is what routes follow), so the sidecar tries the
+/// CONNECT once more through the next replica. A gateway of an earlier release never sets it.
+pub const TRY_ANOTHER_REPLICA_HEADER: &str = "strait-try-another-replica";
+
 /// The ingress request header by which a sidecar asks for an early status (value `1`), and the
 /// response header by which the gateway grants it (a gateway that does not know it answers as
 /// usual, after the status).

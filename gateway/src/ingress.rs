@@ -30,10 +30,8 @@ use crate::peers::{OpenError, connect_local, open_stream, open_tunnel};
 use crate::protocol::{EARLY_STATUS_HEADER, StatusCode as TunnelCode, TunnelHeader, VERSION};
 use crate::splice::{Abort as _, EarlyStatus, QuicStream};
 
-/// The header naming the target cluster.
-pub const CLUSTER_HEADER: &str = "strait-cluster";
-/// The header carrying a refusal's reason.
-pub const REASON_HEADER: &str = "strait-reason";
+/// The ingress protocol's headers (defined with the tunnel protocol).
+pub use federation::tunnel::{CLUSTER_HEADER, REASON_HEADER};
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     loop {
@@ -341,7 +339,16 @@ fn open_refused(shared: &Shared, e: OpenError) -> Response<Full<Bytes>> {
     shared
         .metrics
         .count("strait_gateway_ingress_refused_total", label);
-    refuse(e.http_status(), e.reason().to_string())
+    let link_down = matches!(e, OpenError::LinkDown(_));
+    let mut r = refuse(e.http_status(), e.reason().to_string());
+    if link_down {
+        // This replica's link is down; another replica's may be up.
+        r.headers_mut().insert(
+            federation::tunnel::TRY_ANOTHER_REPLICA_HEADER,
+            http::HeaderValue::from_static("1"),
+        );
+    }
+    r
 }
 
 /// The refusal counter's label for a peer's status.

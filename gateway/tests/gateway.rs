@@ -1,5 +1,7 @@
 //! The east-west gateway end to end on loopback: real QUIC, real mTLS, real TCP servers, a real
 //! curl, and a user-space UDP relay to cut and degrade links.
+// Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

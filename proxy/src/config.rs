@@ -36,10 +36,11 @@ const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolO
 const INTERNAL_UPSTREAM: &str = "envoy.transport_sockets.internal_upstream";
 const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 
-/// The metadata namespace and keys of endpoints reached through the gateway.
-const TUNNEL_NAMESPACE: &str = "strait";
-/// The endpoint metadata namespace that `transport_socket_matches` match against.
-const SOCKET_MATCH_NAMESPACE: &str = "envoy.transport_socket_match";
+// The metadata namespaces and keys of endpoints (the xDS contract): reached through the
+// gateway, and matched by `transport_socket_matches`.
+use federation::xds_contract::{
+    SOCKET_MATCH_NAMESPACE, TUNNEL_AUTHORITY, TUNNEL_CLUSTER, TUNNEL_NAMESPACE,
+};
 const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
 const RAW_BUFFER: &str = "envoy.transport_sockets.raw_buffer";
 /// Envoy's listener filter that restores a redirected connection's original destination.
@@ -49,8 +50,7 @@ const UPSTREAM_TLS_TYPE: &str =
 /// The secrets an upstream TLS context may name: the proxy presents its own workload
 /// certificate and trusts the federation CA (the names of the Envoy bootstrap's static
 /// secrets, so that one CDS resource serves both).
-pub const WORKLOAD_SECRET: &str = "strait_workload";
-pub const CA_SECRET: &str = "strait_federation_ca";
+pub use federation::xds_contract::{CA_SECRET, WORKLOAD_SECRET};
 
 /// A resource the proxy cannot apply: which one, which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -740,11 +740,14 @@ pub fn assignment(any: &Any) -> Result<Assignment, ConfigError> {
                                 _ => None,
                             })
                     };
-                    let (Some(cluster), Some(authority)) = (get("cluster"), get("authority"))
+                    let (Some(cluster), Some(authority)) =
+                        (get(TUNNEL_CLUSTER), get(TUNNEL_AUTHORITY))
                     else {
                         return Err(ctx.err(
-                            field("metadata.filter_metadata.strait"),
-                            "an internal address needs `cluster` and `authority`",
+                            field(&format!("metadata.filter_metadata.{TUNNEL_NAMESPACE}")),
+                            format!(
+                                "an internal address needs `{TUNNEL_CLUSTER}` and `{TUNNEL_AUTHORITY}`"
+                            ),
                         ));
                     };
                     Upstream::Tunnel { cluster, authority }

@@ -170,7 +170,7 @@ pub struct ThreadRandom;
 
 impl Random for ThreadRandom {
     fn below(&mut self, n: u64) -> u64 {
-        use rand::Rng;
+        use rand::RngExt;
         rand::rng().random_range(0..n.max(1))
     }
 }

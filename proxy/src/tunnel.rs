@@ -35,11 +35,8 @@ use tokio::net::TcpStream;
 use crate::config::UpstreamTls;
 use crate::tls::TlsSource;
 use federation::tunnel::EARLY_STATUS_HEADER;
-
-/// The header naming the target cluster (the gateway's ingress protocol).
-pub const CLUSTER_HEADER: &str = "strait-cluster";
-/// The header with the reason of a refusal.
-pub const REASON_HEADER: &str = "strait-reason";
+/// The gateway ingress protocol's headers (defined with the tunnel protocol).
+pub use federation::tunnel::{CLUSTER_HEADER, REASON_HEADER};
 
 /// The host suffix of the synthetic URIs that address a tunnelled endpoint (see
 /// [`tunnel_authority`]).
@@ -213,10 +210,24 @@ impl Gateway {
     ) -> Result<(Upgraded, bool, Draining), TunnelError> {
         // A CONNECT that got no answer on a connection made earlier (it just died, or the
         // gateway is shutting down: GOAWAY refuses new streams) is tried once more on a new
-        // connection, to the next replica. Safe: no byte of the client went out on it.
+        // connection, to the next replica. So is one refused by a replica that has no link to
+        // the cluster now (another replica's may be up: routes follow the cluster's link, up
+        // while any replica's is). Safe: no byte of the client went out on it.
         let mut fresh = false;
+        let several = self.addresses().nth(1).is_some();
+        // The refusal of a replica without the link, while the next one is tried: what the
+        // caller gets if the next one is that same replica or none can be reached.
+        let mut refused_by: Option<(SocketAddr, TunnelError)> = None;
         loop {
-            let (mut sender, new, gateway, draining) = self.sender(fresh).await?;
+            let (mut sender, new, gateway, draining) = match self.sender(fresh).await {
+                Ok(s) => s,
+                Err(e) => return Err(refused_by.map_or(e, |(_, r)| r)),
+            };
+            if let Some((by, refusal)) = refused_by.take()
+                && by == gateway
+            {
+                return Err(refusal);
+            }
             let mut req = Request::builder()
                 .method(Method::CONNECT)
                 .uri(authority)
@@ -249,13 +260,25 @@ impl Gateway {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default()
                     .to_string();
-                return Err(TunnelError::Refused {
+                let refusal = TunnelError::Refused {
                     gateway,
                     cluster: cluster.to_string(),
                     authority: authority.to_string(),
                     status: resp.status().as_u16(),
                     reason,
-                });
+                };
+                if several
+                    && !fresh
+                    && resp
+                        .headers()
+                        .contains_key(federation::tunnel::TRY_ANOTHER_REPLICA_HEADER)
+                {
+                    tracing::debug!(%gateway, %cluster, "the gateway replica has no link to the cluster; trying the next replica");
+                    refused_by = Some((gateway, refusal));
+                    fresh = true;
+                    continue;
+                }
+                return Err(refusal);
             }
             let granted = early
                 && resp

@@ -785,7 +785,7 @@ pub fn with_transparent(mut node: Node, addr: std::net::SocketAddr) -> Node {
         .get_or_insert_with(Default::default)
         .fields
         .insert(
-            "STRAIT_TRANSPARENT".to_string(),
+            federation::xds_contract::META_TRANSPARENT.to_string(),
             Value {
                 kind: Some(Kind::StringValue(addr.to_string())),
             },
@@ -808,6 +808,9 @@ pub fn node(
 ) -> Node {
     use envoy_types::pb::envoy::config::core::v3::Locality;
     use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use federation::xds_contract::{
+        KIND_ENVOY, META_CLUSTER, META_KIND, META_LABELS, META_MTLS, META_OUTBOUND, META_TUNNEL,
+    };
     let s = |v: &str| Value {
         kind: Some(Kind::StringValue(v.to_string())),
     };
@@ -815,26 +818,26 @@ pub fn node(
         fields: labels.iter().map(|(k, v)| (k.clone(), s(v))).collect(),
     };
     let fields = [
-        ("STRAIT_CLUSTER".to_string(), s(cluster)),
+        (META_CLUSTER.to_string(), s(cluster)),
         // It takes the same resources as Envoy.
-        ("STRAIT_KIND".to_string(), s("envoy")),
+        (META_KIND.to_string(), s(KIND_ENVOY)),
         (
-            "STRAIT_LABELS".to_string(),
+            META_LABELS.to_string(),
             Value {
                 kind: Some(Kind::StructValue(labels)),
             },
         ),
-        ("STRAIT_OUTBOUND".to_string(), s(&outbound.to_string())),
+        (META_OUTBOUND.to_string(), s(&outbound.to_string())),
         // Remote endpoints are reached through the gateway, when the proxy has one.
         (
-            "STRAIT_TUNNEL".to_string(),
+            META_TUNNEL.to_string(),
             Value {
                 kind: Some(Kind::BoolValue(tunnel)),
             },
         ),
         // Endpoints behind sidecars are reached with mutual TLS, when it has a certificate.
         (
-            "STRAIT_MTLS".to_string(),
+            META_MTLS.to_string(),
             Value {
                 kind: Some(Kind::BoolValue(mtls)),
             },

@@ -123,7 +123,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// When a packet that arrives `now` is due: `delay ± jitter`, never before now.
-fn due_at(now: Instant, delay: Duration, jitter: Duration, rng: &mut impl rand::Rng) -> Instant {
+fn due_at(now: Instant, delay: Duration, jitter: Duration, rng: &mut impl rand::RngExt) -> Instant {
     if jitter.is_zero() {
         return now + delay;
     }

@@ -1,4 +1,6 @@
 //! The `strait` command's integration tests (CLI, registry, transparent proxy), in one binary.
+// Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 /// Golden files of this release's encodings (rolling upgrades).
 #[path = "../compat/mod.rs"]

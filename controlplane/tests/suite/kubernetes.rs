@@ -1427,35 +1427,31 @@ async fn webhook_call(
 
 /// The sidecar-injection webhook as the API server calls it: HTTPS with a serving certificate
 /// for the Service's DNS name, a real `AdmissionReview` in and a JSON patch out; GET, a body
-/// over the limit and a handshake of garbage get clear refusals, and it keeps serving.
+/// over the limit and a handshake of garbage get clear refusals, and it keeps serving. Its
+/// certificate is made by no hand: it serves the control plane's own, issued from the CA (as
+/// the Kubernetes install configures it), and after the CA is rotated it serves one of the new
+/// CA without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_injection_webhook_answers_admission_reviews_over_https() {
     use controlplane::config::ControlPlaneConfig;
-    use federation::identity::{CertificateAuthority, ExtraNames, SpiffeId};
+    use federation::identity::CertificateAuthority;
     crate::common::install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::init("test.strait", Duration::from_secs(86400)).unwrap();
-    let id: SpiffeId = "spiffe://test.strait/cluster/east/ns/strait-system/sa/controlplane"
-        .parse()
-        .unwrap();
-    let names = ExtraNames {
-        dns: vec!["strait-controlplane.strait-system.svc".into()],
-        ips: vec![],
-    };
-    let files = ca
-        .issue_with_names(&id, Duration::from_secs(3600), &names)
-        .unwrap()
-        .write(dir.path().join("webhook"))
-        .unwrap();
+    ca.write(dir.path().join("ca"), false).unwrap();
+    let tls = dir.path().join("tls");
+    // What the API server is given as the webhook's caBundle: the CA's certificate.
+    let bundle = dir.path().join("ca/ca.pem");
     let cfg = ControlPlaneConfig::parse(
-        "/etc/strait/cp.yaml",
+        dir.path().join("cp.yaml"),
         &format!(
             "cluster: east\nregion: us-east\nregistry: {{embedded: true}}\n\
+             certificates: {{ca: ca, validity: 1h, controlplane: {{files: tls, dns_names: [strait-controlplane.strait-system.svc]}}}}\n\
              xds: {{listen: \"127.0.0.1:0\"}}\nadmin: {{listen: \"127.0.0.1:0\"}}\n\
              webhook:\n  listen: \"127.0.0.1:0\"\n  tls: {{cert: {}, key: {}}}\n\
              \x20 sidecar: {{image: \"ghcr.io/strait/strait:0.1.0\", gateway: null}}\n",
-            files.cert.display(),
-            files.key.display()
+            tls.join("cert.pem").display(),
+            tls.join("key.pem").display()
         ),
     )
     .expect("config");
@@ -1492,13 +1488,8 @@ async fn the_injection_webhook_answers_admission_reviews_over_https() {
             }
         }
     });
-    let (status, body) = webhook_call(
-        addr,
-        &files.ca,
-        "POST",
-        serde_json::to_vec(&review).unwrap(),
-    )
-    .await;
+    let (status, body) =
+        webhook_call(addr, &bundle, "POST", serde_json::to_vec(&review).unwrap()).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let out: Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(out["kind"], "AdmissionReview");
@@ -1525,22 +1516,66 @@ async fn the_injection_webhook_answers_admission_reviews_over_https() {
     );
 
     // Malformed: a denial, not a crash; GET and a body over the limit: HTTP errors.
-    let (status, body) = webhook_call(addr, &files.ca, "POST", b"{not json".to_vec()).await;
+    let (status, body) = webhook_call(addr, &bundle, "POST", b"{not json".to_vec()).await;
     assert_eq!(status, 200);
     let out: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(out["response"]["allowed"], false, "{out}");
-    let (status, _) = webhook_call(addr, &files.ca, "GET", Vec::new()).await;
+    let (status, _) = webhook_call(addr, &bundle, "GET", Vec::new()).await;
     assert_eq!(status, 405);
-    let (status, body) = webhook_call(addr, &files.ca, "POST", vec![b' '; 5 << 20]).await;
+    let (status, body) = webhook_call(addr, &bundle, "POST", vec![b' '; 5 << 20]).await;
     assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
     // Still serving.
+    let (status, _) =
+        webhook_call(addr, &bundle, "POST", serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(status, 200);
+
+    // The CA is rotated (by hand, as a CA is): the control plane issues its certificate anew
+    // from the new one and the webhook serves it, with no restart; an API server given the new
+    // CA bundle is answered.
+    let new_ca = CertificateAuthority::init("test.strait", Duration::from_secs(86400)).unwrap();
+    new_ca.write(dir.path().join("new-ca"), false).unwrap();
+    new_ca.write(dir.path().join("ca"), true).unwrap();
+    let new_bundle = dir.path().join("new-ca/ca.pem");
+    let roots = federation::identity::load_roots(&new_bundle).expect("new CA bundle");
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(federation::identity::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    crate::common::wait_for(
+        Duration::from_secs(30),
+        "the webhook to serve a certificate of the rotated CA",
+        || {
+            let config = config.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let name = rustls::pki_types::ServerName::try_from(
+                    "strait-controlplane.strait-system.svc",
+                )
+                .unwrap();
+                tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
     let (status, _) = webhook_call(
         addr,
-        &files.ca,
+        &new_bundle,
         "POST",
         serde_json::to_vec(&review).unwrap(),
     )
     .await;
-    assert_eq!(status, 200);
+    assert_eq!(
+        status, 200,
+        "the webhook answers with the new CA's certificate"
+    );
     cp.shutdown().await;
 }

@@ -1,4 +1,6 @@
 //! The control plane's integration tests, in one binary (one link instead of six).
+// Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../common/mod.rs"]
 mod common;

@@ -307,7 +307,8 @@ async fn a_gateway_of_another_cluster_or_a_foreign_certificate_is_refused() {
 
 /// The sidecar's tunnels go through one of its cluster's gateway replicas at a time: an
 /// unreachable one is skipped, and when the one in use stops the next tunnel goes through
-/// another — never a connection error for the caller while one replica is up.
+/// another — never a connection error for the caller while one replica is up; a replica with
+/// no link to the target cluster passes the CONNECT on to the next replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnels_move_to_another_local_gateway_replica() {
     install_crypto();
@@ -358,26 +359,40 @@ async fn tunnels_move_to_another_local_gateway_replica() {
         )
         .unwrap_or(0.0)
     };
-    // The link to west is down: each gateway answers 503, which shows who answered.
-    let answered = |r: Result<_, TunnelError>| match r {
+    // Each gateway refuses a cluster it does not know (404), and one it has no link to (503,
+    // west here): the refusal shows who answered.
+    let answered = |r: Result<_, TunnelError>, want: u16| match r {
         Err(TunnelError::Refused {
             status, gateway, ..
         }) => {
-            assert_eq!(status, 503);
+            assert_eq!(status, want);
             gateway
         }
-        other => panic!("expected a gateway's 503, got {:?}", other.err()),
+        other => panic!("expected a gateway's {want}, got {:?}", other.err()),
     };
-    let first = answered(client.open("west", "echo.default:8080").await);
+    let first = answered(client.open("nowhere", "echo.default:8080").await, 404);
     assert_eq!(first, g1.ingress_addr, "the unreachable replica is skipped");
     assert_eq!(requests(g1.admin_addr).await, 1.0);
     assert_eq!(client.address(), g1.ingress_addr);
+    // A replica without a link to the cluster says so: the CONNECT is tried once more through
+    // the next replica (whose link is down too here, so it answers), and tunnels go on there.
+    let by = answered(client.open("west", "echo.default:8080").await, 503);
+    assert_eq!(
+        by, g2.ingress_addr,
+        "replica 1 had no link: replica 2 was asked"
+    );
+    assert_eq!(requests(g1.admin_addr).await, 2.0);
+    assert_eq!(requests(g2.admin_addr).await, 1.0);
+    assert_eq!(client.address(), g2.ingress_addr);
+    let by = answered(client.open("nowhere", "echo.default:8080").await, 404);
+    assert_eq!(by, g2.ingress_addr, "no other replica is asked after a 404");
     let (g2_ingress, g2_admin) = (g2.ingress_addr, g2.admin_addr);
     g1.shutdown().await;
     for _ in 0..5 {
-        let by = answered(client.open("west", "echo.default:8080").await);
+        // Replica 2 has no link either, and no other replica answers: its refusal, once.
+        let by = answered(client.open("west", "echo.default:8080").await, 503);
         assert_eq!(by, g2_ingress, "replica 1 stopped: replica 2 answers");
     }
-    assert_eq!(requests(g2_admin).await, 5.0);
+    assert_eq!(requests(g2_admin).await, 7.0);
     g2.shutdown().await;
 }

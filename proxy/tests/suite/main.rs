@@ -1,4 +1,6 @@
 //! The proxy's integration tests, in one binary (one link instead of eleven).
+// Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../../../controlplane/tests/common/mod.rs"]
 mod common;
