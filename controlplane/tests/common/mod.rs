@@ -493,18 +493,19 @@ pub async fn linked_gateways(
     ))
     .await
     .expect("west gateway starts");
-    wait_for(
-        Duration::from_secs(20),
-        "the west → east link to come up",
-        || async {
-            match west_gw.links().into_iter().find(|l| l.cluster == "east") {
-                Some(l) if l.state == "up" => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    wait_link_up(&west_gw, "east", "the west → east link to come up").await;
     (west_gw, east_gw)
+}
+
+/// Wait (20 s at most) until `gw`'s link to `peer` is up.
+pub async fn wait_link_up(gw: &gateway::Gateway, peer: &str, what: &str) {
+    wait_for(Duration::from_secs(20), what, || async {
+        match gw.links().into_iter().find(|l| l.cluster == peer) {
+            Some(l) if l.state == "up" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 }
 
 /// West's control plane (us-west) on the registry, serving xDS over mTLS with `certs`, reaching

@@ -42,15 +42,10 @@ async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
     let west_gw2 = Gateway::start(second)
         .await
         .expect("west's second gateway replica starts");
-    wait_for(
-        Duration::from_secs(20),
+    wait_link_up(
+        &west_gw2,
+        "east",
         "the link of west's second gateway replica to east",
-        || async {
-            match west_gw2.links().into_iter().find(|l| l.cluster == "east") {
-                Some(l) if l.state == "up" => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
     )
     .await;
 
