@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{EndpointHealth, ListenerKind, RouteSource, Upstream};
-use crate::dataplane::Compiled;
+use crate::runtime::Compiled;
 use crate::xds::XdsStatus;
 
 /// What the admin endpoint reads.

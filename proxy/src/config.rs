@@ -7,6 +7,7 @@
 //! goes; a routing feature the proxy does not implement is refused rather than silently dropped.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3 as cluster;
@@ -952,7 +953,7 @@ impl RouteEntry {
 pub struct VirtualHost {
     pub name: String,
     pub domains: Vec<String>,
-    pub routes: Vec<RouteEntry>,
+    pub routes: Vec<Arc<RouteEntry>>,
 }
 
 /// A route configuration (RDS, or inline in a listener).
@@ -992,7 +993,12 @@ impl RouteTable {
     }
 
     /// The route for a request, if any.
-    pub fn route(&self, host: &str, path: &str, headers: &http::HeaderMap) -> Option<&RouteEntry> {
+    pub fn route(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<&Arc<RouteEntry>> {
         self.virtual_host(host)?
             .routes
             .iter()
@@ -1272,13 +1278,13 @@ fn route_table_from(
                 )?),
                 None => vh_retry.clone(),
             };
-            routes.push(RouteEntry {
+            routes.push(Arc::new(RouteEntry {
                 path,
                 headers,
                 target,
                 timeout,
                 retry,
-            });
+            }));
         }
         vhs.push(VirtualHost {
             name: vh.name.clone(),

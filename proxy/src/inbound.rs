@@ -72,7 +72,7 @@ pub async fn serve(listener: TcpListener, app: SocketAddr, tls: Arc<TlsSource>) 
             .map_or_else(|_| "?".into(), |a| a.to_string())
     );
     loop {
-        let (stream, peer) = crate::dataplane::accept(&listener, &name).await;
+        let (stream, peer) = crate::runtime::accept(&listener, &name).await;
         let tls = tls.clone();
         tokio::spawn(async move {
             if let Err(e) = one(stream, peer, app, &tls).await {

@@ -117,6 +117,23 @@ impl HostState {
             .unwrap_or_else(|p| p.into_inner())
             .is_some_and(|t| now < t)
     }
+
+    /// Count one more request or connection on the host (least request reads it) while the
+    /// guard lives.
+    pub fn active_guard(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Relaxed);
+        ActiveGuard(self.clone())
+    }
+}
+
+/// One request or connection on a host, counted while it lives.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<HostState>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
 }
 
 #[derive(Debug)]

@@ -5,8 +5,12 @@
 //!   (an error names the resource and the field; the xDS client NACKs with it).
 //! - [`xds`] — the delta ADS client: NACKs what it cannot apply, warms before publishing,
 //!   keeps its last good config while the control plane is away, and resyncs.
-//! - [`dataplane`] — outbound HTTP listeners: routing, retries across hosts and priorities,
-//!   outlier reporting, circuit breaking, hot updates.
+//! - [`dataplane`] — the listeners of the published config, bound and unbound as it changes,
+//!   each served by one of the next four; hot updates.
+//! - [`runtime`] — what those share: the compiled config (a balancer, a connection pool and
+//!   counters per cluster), the accept loop, permits.
+//! - [`stack`] — the HTTP request path as tower layers: route, circuit breaker, upgrades,
+//!   retries (with a pure classifier), outlier reports, per-try timeout, header hygiene.
 //! - [`tcp`] — outbound TCP listeners: one endpoint per connection, another host and priority
 //!   when a connection cannot be made.
 //! - [`tunnel`] — endpoints of other clusters, through the local gateway: HTTP/2 CONNECT over
@@ -23,6 +27,8 @@ pub mod config;
 pub mod dataplane;
 pub mod inbound;
 pub mod lb;
+pub mod runtime;
+pub mod stack;
 pub mod tcp;
 pub mod tls;
 pub mod transparent;

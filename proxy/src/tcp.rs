@@ -18,6 +18,7 @@
 //! once). A connection with no bytes either way for the listener's idle timeout (Envoy's default
 //! 1 h) is closed.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -28,14 +29,21 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::config::{ClusterConfig, ListenerKind, TCP_IDLE_TIMEOUT, Upstream};
-use crate::dataplane::Compiled;
-use crate::lb::{Host, Outcome, ThreadRandom, Tried};
+use tower::Layer;
+use tower_service::Service;
+
+use crate::config::{
+    ClusterConfig, ListenerKind, RetryOn, RetryPolicy, TCP_IDLE_TIMEOUT, Upstream,
+};
+use crate::lb::{Host, ThreadRandom, Tried};
+use crate::runtime::{ClusterRuntime, Compiled};
+use crate::stack::attempt::{Observes, OnHost, OutlierLayer};
+use crate::stack::{Fut, Observed, Retry, classify};
 
 /// Connection attempts per downstream connection (on different hosts and priorities).
 pub const CONNECT_ATTEMPTS: usize = 3;
 
-pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 pub async fn serve(
@@ -47,7 +55,7 @@ pub async fn serve(
     let name: Arc<str> = name.into();
     let cluster: Arc<str> = cluster.into();
     loop {
-        let (stream, peer) = crate::dataplane::accept(&listener, &name).await;
+        let (stream, peer) = crate::runtime::accept(&listener, &name).await;
         let compiled = current.borrow().clone();
         let (name, cluster) = (name.clone(), cluster.clone());
         tokio::spawn(async move {
@@ -63,72 +71,100 @@ pub async fn serve(
     }
 }
 
+/// A TCP connection's retry policy: a connection that cannot be made (a refusal included) is
+/// tried on another host and priority, [`CONNECT_ATTEMPTS`] times in all; one that may have
+/// delivered the client's bytes (a reset after they went out) is not.
+pub fn connect_policy() -> RetryPolicy {
+    RetryPolicy {
+        on: RetryOn {
+            connect_failure: true,
+            ..RetryOn::default()
+        },
+        num_retries: u32::try_from(CONNECT_ATTEMPTS.saturating_sub(1)).unwrap_or(0),
+        per_try_timeout: None,
+        retriable_status_codes: Vec::new(),
+        other_host: true,
+        other_priority: true,
+    }
+}
+
+/// Proxy one downstream connection to cluster `cluster_name`: a permit of its
+/// `max_connections`, then attempts (each through outlier reporting, [`OutlierLayer`], to
+/// [`Connect`]) until one connects or [`connect_policy`] says stop; then bytes both ways.
 pub(crate) async fn proxy_one(
-    compiled: &Compiled,
+    compiled: &Arc<Compiled>,
     cluster_name: &str,
-    mut down: TcpStream,
+    down: TcpStream,
     idle: Option<Duration>,
 ) -> Result<(), String> {
     let cluster = compiled
         .clusters
         .get(cluster_name)
         .ok_or_else(|| format!("cluster {cluster_name} has no endpoints"))?;
-    let Some(_slot) = cluster.tcp_slot() else {
+    let limit = u64::from(cluster.config.thresholds.max_connections);
+    let Some(_permit) = cluster.connections.try_acquire(limit) else {
         return Err(format!("cluster {cluster_name} is at max_connections"));
     };
+    let policy = connect_policy();
+    let mut attempt_svc = OutlierLayer.layer(Connect);
+    let name: Arc<str> = cluster_name.into();
     let mut rng = ThreadRandom;
     let mut tried = Tried::default();
     let mut errors = Vec::new();
+    let mut down = down;
     let mut first = FirstBytes::default();
-    for _ in 0..CONNECT_ATTEMPTS {
+    for _ in 0..=policy.num_retries {
         let Some(host) = tried.next(&cluster.balancer, &mut rng, Instant::now(), true, true) else {
             break;
         };
-        let timeout = cluster.config.connect_timeout;
-        let attempt = match connect(compiled, &cluster.config, &host).await {
-            Ok(Up::Ready(mut up)) => replay(&mut up, &first).await.map(|()| (up, Vec::new())),
-            Ok(Up::Early(up)) => early_start(&mut down, up, &mut first, timeout).await,
-            Err(e) => Err(Failure::Connect(e)),
+        let result = match attempt_svc
+            .call(TcpAttempt {
+                down,
+                first,
+                host: host.clone(),
+                cluster: cluster.clone(),
+                cluster_name: name.clone(),
+                compiled: compiled.clone(),
+            })
+            .await
+        {
+            Ok(r) => r,
+            Err(never) => match never {},
         };
-        match attempt {
-            Ok((up, rest)) => {
-                cluster
-                    .balancer
-                    .report(&host, Outcome::Success, Instant::now());
+        let again = result
+            .observed()
+            .map_or(Retry::No, |o| classify(o, Some(&policy)).1);
+        match result {
+            TcpAttempted::Connected { mut down, up, rest } => {
                 if !rest.is_empty() {
                     use tokio::io::AsyncWriteExt as _;
                     down.write_all(&rest)
                         .await
                         .map_err(|e| format!("the client: {e}"))?;
                 }
-                host.state
-                    .active
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let r = splice(down, up, idle).await;
-                host.state
-                    .active
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                return r.map_err(|e| format!("{:?}: {e}", host.upstream));
+                let _active = host.state.active_guard();
+                return splice(down, up, idle)
+                    .await
+                    .map_err(|e| format!("{:?}: {e}", host.upstream));
             }
-            Err(failure) => {
-                if cluster
-                    .balancer
-                    .report(&host, Outcome::GatewayError, Instant::now())
-                {
-                    tracing::warn!(cluster = %cluster_name, upstream = ?host.upstream,
-                        "outlier detection ejected a host");
+            TcpAttempted::Refused {
+                down: d,
+                first: f,
+                reason,
+            } => {
+                errors.push(reason);
+                (down, first) = (d, f);
+                if again == Retry::No {
+                    break;
                 }
-                match failure {
-                    Failure::Connect(e) => errors.push(e),
-                    Failure::Lost(e) => {
-                        // Reset, not a clean end: the client must not take it for a reply.
-                        let _ = socket2::SockRef::from(&down).set_linger(Some(Duration::ZERO));
-                        return Err(format!(
-                            "{:?}: {e} (not tried elsewhere: the client's first bytes may have reached a server)",
-                            host.upstream
-                        ));
-                    }
-                }
+            }
+            TcpAttempted::Lost { down, reason } => {
+                // Reset, not a clean end: the client must not take it for a reply.
+                let _ = socket2::SockRef::from(&down).set_linger(Some(Duration::ZERO));
+                return Err(format!(
+                    "{:?}: {reason} (not tried elsewhere: the client's first bytes may have reached a server)",
+                    host.upstream
+                ));
             }
         }
     }
@@ -142,6 +178,103 @@ pub(crate) async fn proxy_one(
     }
 }
 
+/// One connection attempt on one host: the client's connection (and the first bytes it sent
+/// to an earlier, refused attempt) go along and come back unless the attempt connects.
+pub struct TcpAttempt {
+    down: TcpStream,
+    first: FirstBytes,
+    host: Arc<Host>,
+    cluster: Arc<ClusterRuntime>,
+    cluster_name: Arc<str>,
+    compiled: Arc<Compiled>,
+}
+
+/// What a connection attempt gave.
+pub enum TcpAttempted {
+    /// Connected: bytes may flow (`rest`: the server's bytes that came with a tunnel's status).
+    Connected {
+        down: TcpStream,
+        up: Box<dyn Stream>,
+        rest: Vec<u8>,
+    },
+    /// Nothing of the client's reached a server (no connection, or a refusal): another host
+    /// may be tried, with the client's first bytes replayed.
+    Refused {
+        down: TcpStream,
+        first: FirstBytes,
+        reason: String,
+    },
+    /// The client's bytes may have reached a server (a tunnel failed after they went out and
+    /// before its status came), or the client failed: the connection ends here.
+    Lost { down: TcpStream, reason: String },
+}
+
+impl OnHost for TcpAttempt {
+    fn host(&self) -> &Arc<Host> {
+        &self.host
+    }
+    fn cluster(&self) -> &Arc<ClusterRuntime> {
+        &self.cluster
+    }
+    fn cluster_name(&self) -> &Arc<str> {
+        &self.cluster_name
+    }
+}
+
+impl Observes for TcpAttempted {
+    fn observed(&self) -> Option<Observed> {
+        Some(match self {
+            TcpAttempted::Connected { .. } => Observed::Connected,
+            TcpAttempted::Refused { .. } => Observed::ConnectFailure,
+            TcpAttempted::Lost { .. } => Observed::Reset,
+        })
+    }
+}
+
+/// The leaf of a TCP attempt: connect to the host (directly, with mutual TLS to a sidecar, or
+/// through a tunnel), then replay the client's first bytes, or send them early on a tunnel
+/// that gives an early status.
+#[derive(Debug, Clone, Copy)]
+pub struct Connect;
+
+impl Service<TcpAttempt> for Connect {
+    type Response = TcpAttempted;
+    type Error = Infallible;
+    type Future = Fut<TcpAttempted>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, a: TcpAttempt) -> Self::Future {
+        Box::pin(async move {
+            let TcpAttempt {
+                mut down,
+                mut first,
+                host,
+                cluster,
+                compiled,
+                ..
+            } = a;
+            let timeout = cluster.config.connect_timeout;
+            let attempt = match connect(&compiled, &cluster.config, &host).await {
+                Ok(Up::Ready(mut up)) => replay(&mut up, &first).await.map(|()| (up, Vec::new())),
+                Ok(Up::Early(up)) => early_start(&mut down, up, &mut first, timeout).await,
+                Err(e) => Err(Failure::Connect(e)),
+            };
+            Ok(match attempt {
+                Ok((up, rest)) => TcpAttempted::Connected { down, up, rest },
+                Err(Failure::Connect(reason)) => TcpAttempted::Refused {
+                    down,
+                    first,
+                    reason,
+                },
+                Err(Failure::Lost(reason)) => TcpAttempted::Lost { down, reason },
+            })
+        })
+    }
+}
+
 /// What one connection attempt gave.
 enum Up {
     /// Ready for the client's bytes.
@@ -151,7 +284,7 @@ enum Up {
     Early(Box<dyn Stream>),
 }
 
-/// Why an attempt failed.
+/// Why an attempt failed (see [`TcpAttempted`]).
 enum Failure {
     /// Nothing of the client's reached a server (no connection, or a refusal): another host
     /// may be tried, with the client's first bytes replayed.
@@ -167,7 +300,7 @@ pub const EARLY_KEEP: usize = 64 * 1024;
 
 /// The client's bytes sent before an upstream confirmed the connection.
 #[derive(Default)]
-struct FirstBytes {
+pub struct FirstBytes {
     kept: Vec<u8>,
     /// The client has half-closed (its EOF reaches the upstream through the splice).
     ended: bool,
@@ -417,6 +550,30 @@ mod tests {
     }
 
     const WAIT: Duration = Duration::from_secs(5);
+
+    /// A TCP connection's attempts read the same classifier as HTTP's: a refusal moves on, a
+    /// connection that may have delivered bytes does not, a connection is a success.
+    #[test]
+    fn tcp_attempts_are_classified_like_requests() {
+        use crate::lb::Outcome;
+        let p = connect_policy();
+        assert_eq!(
+            usize::try_from(p.num_retries).unwrap() + 1,
+            CONNECT_ATTEMPTS
+        );
+        assert_eq!(
+            classify(Observed::ConnectFailure, Some(&p)),
+            (Outcome::GatewayError, Retry::Yes)
+        );
+        assert_eq!(
+            classify(Observed::Reset, Some(&p)),
+            (Outcome::GatewayError, Retry::No)
+        );
+        assert_eq!(
+            classify(Observed::Connected, Some(&p)),
+            (Outcome::Success, Retry::No)
+        );
+    }
 
     #[tokio::test]
     async fn an_ok_status_gives_the_tunnel_and_what_came_with_it() {

@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::{ListenerKind, TCP_IDLE_TIMEOUT};
-use crate::dataplane::Compiled;
+use crate::runtime::Compiled;
 
 /// How long to wait for a client's first bytes before treating it as server-first.
 pub const SNIFF_WAIT: Duration = Duration::from_millis(100);
@@ -67,7 +67,7 @@ pub async fn serve(
     }
     let name: Arc<str> = name.into();
     loop {
-        let (stream, peer) = crate::dataplane::accept(&listener, &name).await;
+        let (stream, peer) = crate::runtime::accept(&listener, &name).await;
         let (current, server, name) = (current.clone(), server.clone(), name.clone());
         tokio::spawn(async move {
             if let Err(e) = one(stream, peer, own, &name, current, server).await {
@@ -125,7 +125,8 @@ async fn one(
         None => match http_listener(&compiled) {
             Some(listener) => match sniff_host(&stream).await {
                 Some(host)
-                    if crate::dataplane::table(&compiled, &listener)
+                    if compiled
+                        .table(&listener)
                         .is_some_and(|t| t.virtual_host(&host).is_some()) =>
                 {
                     Verdict::Http { listener }
@@ -141,8 +142,7 @@ async fn one(
             crate::tcp::proxy_one(&compiled, &cluster, stream, idle).await
         }
         Verdict::Http { listener } => {
-            crate::dataplane::serve_connection(stream, peer, listener.into(), current, server)
-                .await;
+            crate::stack::serve_connection(stream, peer, listener.into(), current, server).await;
             Ok(())
         }
         Verdict::Passthrough => {

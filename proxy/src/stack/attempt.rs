@@ -1,0 +1,365 @@
+//! The layers of one attempt on one host: [`Outlier`] reports its outcome, [`PerTryTimeout`]
+//! bounds it, [`Hygiene`] builds the upstream request and cleans the response, [`Upstream`]
+//! sends it through the cluster's connection pool.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::CaptureConnection;
+use tower::Layer;
+use tower_service::Service;
+
+use super::{Attempt, Attempted, Fut, HOP, Observed, Upstreamed, classify};
+use crate::config::Upstream as Endpoint;
+use crate::lb::Host;
+use crate::runtime::{Body, BoxError, ClusterRuntime};
+use crate::tunnel::tunnel_authority;
+
+/// A layer whose service is the inner service wrapped in `S`.
+macro_rules! layer {
+    ($(#[$doc:meta])* $layer:ident, $service:ident) => {
+        #[derive(Debug, Clone, Copy)]
+        pub struct $layer;
+
+        impl<S> Layer<S> for $layer {
+            type Service = $service<S>;
+            fn layer(&self, inner: S) -> $service<S> {
+                $service { inner }
+            }
+        }
+
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $service<S> {
+            inner: S,
+        }
+    };
+}
+
+layer!(
+    /// Reports every attempt's outcome (per [`classify`]) to its cluster's outlier detection,
+    /// which may eject the host. HTTP attempts and TCP connection attempts alike.
+    OutlierLayer,
+    Outlier
+);
+layer!(
+    /// Bounds an attempt by the route's per-try timeout and what is left of its deadline.
+    PerTryTimeoutLayer,
+    PerTryTimeout
+);
+layer!(
+    /// Builds the upstream request (hop-by-hop headers dropped, `Host` and target set for the
+    /// endpoint) and drops hop-by-hop headers from the response.
+    HygieneLayer,
+    Hygiene
+);
+
+/// What outlier detection needs of a request: its host and cluster.
+pub trait OnHost {
+    fn host(&self) -> &Arc<Host>;
+    fn cluster(&self) -> &Arc<ClusterRuntime>;
+    fn cluster_name(&self) -> &Arc<str>;
+}
+
+/// What outlier detection needs of a result: what the upstream did (`None`: no upstream was
+/// involved, nothing to report).
+pub trait Observes {
+    fn observed(&self) -> Option<Observed>;
+}
+
+impl OnHost for Attempt {
+    fn host(&self) -> &Arc<Host> {
+        &self.host
+    }
+    fn cluster(&self) -> &Arc<ClusterRuntime> {
+        &self.cluster
+    }
+    fn cluster_name(&self) -> &Arc<str> {
+        &self.cluster_name
+    }
+}
+
+impl Observes for Attempted {
+    fn observed(&self) -> Option<Observed> {
+        Attempted::observed(self)
+    }
+}
+
+impl<R, S> Service<R> for Outlier<S>
+where
+    R: OnHost + Send + 'static,
+    S: Service<R, Error = Infallible> + Clone + Send + 'static,
+    S::Response: Observes + Send,
+    S::Future: Send,
+{
+    type Response = S::Response;
+    type Error = Infallible;
+    type Future = Fut<S::Response>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, r: R) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let (host, cluster, name) = (
+            r.host().clone(),
+            r.cluster().clone(),
+            r.cluster_name().clone(),
+        );
+        Box::pin(async move {
+            let result = inner.call(r).await?;
+            if let Some(observed) = result.observed() {
+                let (outcome, _) = classify(observed, None);
+                if cluster.balancer.report(&host, outcome, Instant::now()) {
+                    tracing::warn!(cluster = %name, upstream = ?host.upstream,
+                        "outlier detection ejected a host");
+                }
+            }
+            Ok(result)
+        })
+    }
+}
+
+impl<S> Service<Attempt> for PerTryTimeout<S>
+where
+    S: Service<Attempt, Response = Attempted, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Attempted;
+    type Error = Infallible;
+    type Future = Fut<Attempted>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, a: Attempt) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let (per_try, remaining) = (a.per_try, a.remaining);
+        let limit = match (per_try, remaining) {
+            (Some(p), Some(r)) => Some(p.min(r)),
+            (p, r) => p.or(r),
+        };
+        Box::pin(async move {
+            let Some(limit) = limit else {
+                return inner.call(a).await;
+            };
+            match tokio::time::timeout(limit, inner.call(a)).await {
+                Ok(result) => result,
+                // The per-try timeout fired if it was the shorter of the two.
+                Err(_) => Ok(Attempted::TimedOut {
+                    per_try: per_try.is_some_and(|p| remaining.is_none_or(|r| p < r)),
+                }),
+            }
+        })
+    }
+}
+
+impl<S> Service<Attempt> for Hygiene<S>
+where
+    S: Service<Upstreamed, Response = Attempted, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Attempted;
+    type Error = Infallible;
+    type Future = Fut<Attempted>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, a: Attempt) -> Self::Future {
+        let req = match upstream_request(&a.parts, &a.host, a.cluster.config.http2, a.body) {
+            Built::Request(r) => r,
+            Built::Unusable(why) => return Box::pin(async move { Ok(Attempted::Unusable(why)) }),
+            Built::Rejected(why) => {
+                let reply = super::local_reply(http::StatusCode::BAD_REQUEST, &why);
+                return Box::pin(async move { Ok(Attempted::Rejected(reply)) });
+            }
+        };
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let result = inner
+                .call(Upstreamed {
+                    req,
+                    host: a.host,
+                    cluster: a.cluster,
+                })
+                .await?;
+            Ok(match result {
+                Attempted::Response(r) => {
+                    let (mut parts, body) = r.into_parts();
+                    for h in HOP {
+                        parts.headers.remove(h);
+                    }
+                    Attempted::Response(Response::from_parts(parts, body))
+                }
+                other => other,
+            })
+        })
+    }
+}
+
+/// The leaf: the request goes out through the cluster's connection pool for the host
+/// (plaintext, mutual TLS to a sidecar, or a tunnel through the local gateway), counted as
+/// active on the host while it waits for the response's head.
+#[derive(Debug, Clone, Copy)]
+pub struct Upstream;
+
+impl Service<Upstreamed> for Upstream {
+    type Response = Attempted;
+    type Error = Infallible;
+    type Future = Fut<Attempted>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, u: Upstreamed) -> Self::Future {
+        Box::pin(async move {
+            let Upstreamed {
+                mut req,
+                host,
+                cluster,
+            } = u;
+            let _active = host.state.active_guard();
+            let captured = capture_tunnel(&host, &mut req);
+            let result = cluster.client(&host).request(req).await;
+            retire_if_draining(captured);
+            Ok(match result {
+                Ok(resp) => Attempted::Response(
+                    resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()),
+                ),
+                Err(e) => {
+                    let connect = e.is_connect();
+                    Attempted::Failed {
+                        connect,
+                        reason: format!(
+                            "upstream {}: {}",
+                            if connect { "connect failure" } else { "reset" },
+                            crate::error_chain(&e)
+                        ),
+                    }
+                }
+            })
+        })
+    }
+}
+
+/// For a request to an endpoint of another cluster: a handle on the pooled connection (a
+/// tunnel) it goes out on.
+fn capture_tunnel(host: &Host, up: &mut Request<Body>) -> Option<CaptureConnection> {
+    matches!(host.upstream, Endpoint::Tunnel { .. })
+        .then(|| hyper_util::client::legacy::connect::capture_connection(up))
+}
+
+/// A pooled tunnel whose gateway connection is draining (its gateway replica is shutting
+/// down) is not reused after this request: the next goes through a new tunnel, via another
+/// replica, and the old one ends.
+fn retire_if_draining(captured: Option<CaptureConnection>) {
+    let Some(captured) = captured else {
+        return;
+    };
+    if let Some(conn) = captured.connection_metadata().as_ref() {
+        let mut extras = http::Extensions::new();
+        conn.get_extras(&mut extras);
+        if extras
+            .get::<crate::tunnel::Draining>()
+            .is_some_and(crate::tunnel::Draining::is_set)
+        {
+            conn.poison();
+        }
+    }
+}
+
+/// An upstream request, or why there is none.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once per attempt and taken apart at once"
+)]
+pub(crate) enum Built {
+    Request(Request<Body>),
+    /// The endpoint's tunnel name is unusable (503): try another endpoint.
+    Unusable(String),
+    /// The request itself is unusable (400).
+    Rejected(String),
+}
+
+/// The request to send to `host`: the downstream method, path and end-to-end headers, `Host`
+/// kept (HTTP/1.1) or the endpoint's, the target the endpoint (or its tunnel).
+pub(crate) fn upstream_request(
+    parts: &http::request::Parts,
+    host: &Host,
+    http2: bool,
+    body: Body,
+) -> Built {
+    let authority = match &host.upstream {
+        Endpoint::Direct(a) => a.to_string(),
+        Endpoint::Tunnel {
+            cluster: c,
+            authority,
+        } => match tunnel_authority(c, authority) {
+            Ok(a) => a,
+            Err(e) => return Built::Unusable(e.to_string()),
+        },
+    };
+    let mut up = Request::new(body);
+    *up.method_mut() = parts.method.clone();
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    *up.uri_mut() = match Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(pq)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => return Built::Rejected(format!("request target: {e}")),
+    };
+    copy_headers(&parts.headers, up.headers_mut());
+    if !http2 && let Ok(v) = HeaderValue::from_str(&host_header(&host_of(parts), &host.upstream)) {
+        up.headers_mut().insert(http::header::HOST, v);
+    }
+    Built::Request(up)
+}
+
+fn host_of(parts: &http::request::Parts) -> String {
+    parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default()
+}
+
+fn host_header(requested: &str, upstream: &Endpoint) -> String {
+    match upstream {
+        _ if !requested.is_empty() => requested.to_string(),
+        Endpoint::Direct(a) => a.to_string(),
+        Endpoint::Tunnel { authority, .. } => authority.clone(),
+    }
+}
+
+/// End-to-end headers only: hop-by-hop headers, those named by `Connection`, and `Host` are
+/// not copied; `te: trailers` is (gRPC needs it).
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    let named: Vec<String> = from
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for (k, v) in from {
+        let n = k.as_str();
+        let te_trailers = n == "te" && v.as_bytes().eq_ignore_ascii_case(b"trailers");
+        if (HOP.contains(&n) && !te_trailers) || named.iter().any(|x| x == n) || n == "host" {
+            continue;
+        }
+        to.append(k.clone(), v.clone());
+    }
+}

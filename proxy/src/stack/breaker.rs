@@ -1,0 +1,60 @@
+//! Circuit breaking: a request takes one of its cluster's `max_requests` permits, atomically
+//! (never check-then-increment), and gives it back when the response's head is answered. With
+//! none left the request is answered 503 at once, as Envoy's circuit breaker does; it never
+//! waits.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use http::{Response, StatusCode};
+use tower::Layer;
+use tower_service::Service;
+
+use super::{Fut, Routed, local_reply};
+use crate::runtime::Body;
+
+#[derive(Debug, Clone, Copy)]
+pub struct CircuitBreakerLayer;
+
+impl<S> Layer<S> for CircuitBreakerLayer {
+    type Service = CircuitBreaker<S>;
+    fn layer(&self, inner: S) -> CircuitBreaker<S> {
+        CircuitBreaker { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CircuitBreaker<S> {
+    inner: S,
+}
+
+impl<S> Service<Routed> for CircuitBreaker<S>
+where
+    S: Service<Routed, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Fut<Response<Body>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, r: Routed) -> Self::Future {
+        let limit = u64::from(r.cluster.config.thresholds.max_requests);
+        let Some(permit) = r.cluster.requests.try_acquire(limit) else {
+            let reply = local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("cluster {} is at max_requests", r.cluster_name),
+            );
+            return Box::pin(async move { Ok(reply) });
+        };
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let response = inner.call(r).await;
+            drop(permit);
+            response
+        })
+    }
+}

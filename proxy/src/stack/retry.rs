@@ -1,0 +1,226 @@
+//! Retries: [`Replay`] keeps a small complete request body so it can be sent again, [`Retry`]
+//! makes one attempt after another.
+//!
+//! Each attempt goes to a host from the cluster's balancer, one not tried yet where the
+//! policy says `other_host`, in a priority not tried yet where it says `previous_priorities`.
+//! A retry takes a permit of the cluster's retry budget (or `max_retries`), atomically, for
+//! its duration; none left: the last answer stands. [`classify`] decides whether an answer is
+//! retried; the route's deadline ends the request whatever is left.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
+use tower::Layer;
+use tower_service::Service;
+
+use super::{
+    Attempt, Attempted, Fut, Prepared, Replayable, Retry as Again, Routed, classify, local_reply,
+};
+use crate::lb::{ThreadRandom, Tried};
+use crate::runtime::Body;
+
+/// Request bodies up to this size are buffered so a retry can send them again.
+pub const REPLAYABLE: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayLayer;
+
+impl<S> Layer<S> for ReplayLayer {
+    type Service = Replay<S>;
+    fn layer(&self, inner: S) -> Replay<S> {
+        Replay { inner }
+    }
+}
+
+/// Buffers a request body that a retry may need to send again: the route retries, and the
+/// body is complete and at most [`REPLAYABLE`] bytes. Anything else streams through on one
+/// attempt.
+#[derive(Debug, Clone)]
+pub struct Replay<S> {
+    inner: S,
+}
+
+impl<S> Service<Routed> for Replay<S>
+where
+    S: Service<Prepared, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Fut<Response<Body>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, r: Routed) -> Self::Future {
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let Routed {
+                req,
+                route,
+                cluster_name,
+                cluster,
+                deadline,
+            } = r;
+            let (parts, body) = req.into_parts();
+            let replay = route.retry.is_some()
+                && body.size_hint().upper().is_some_and(|u| u <= REPLAYABLE)
+                && parts.headers.get(http::header::UPGRADE).is_none();
+            let body = if replay {
+                match body.collect().await {
+                    Ok(b) => Replayable::Buffered(b.to_bytes()),
+                    Err(e) => {
+                        return Ok(local_reply(
+                            StatusCode::BAD_REQUEST,
+                            &format!("reading the request body: {e}"),
+                        ));
+                    }
+                }
+            } else {
+                Replayable::Once(Some(body))
+            };
+            inner
+                .call(Prepared {
+                    parts: Arc::new(parts),
+                    body,
+                    route,
+                    cluster_name,
+                    cluster,
+                    deadline,
+                })
+                .await
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryLayer;
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry { inner }
+    }
+}
+
+/// Attempts until one is not to be retried, the attempts or the budget are spent, or the
+/// deadline passed.
+#[derive(Debug, Clone)]
+pub struct Retry<S> {
+    inner: S,
+}
+
+impl<S> Service<Prepared> for Retry<S>
+where
+    S: Service<Attempt, Response = Attempted, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Fut<Response<Body>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, p: Prepared) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { Ok(attempts(inner, p).await) })
+    }
+}
+
+async fn attempts<S>(mut inner: S, p: Prepared) -> Response<Body>
+where
+    S: Service<Attempt, Response = Attempted, Error = Infallible>,
+{
+    let Prepared {
+        parts,
+        mut body,
+        route,
+        cluster_name,
+        cluster,
+        deadline,
+    } = p;
+    let policy = route.retry.as_ref();
+    let max_attempts = match &body {
+        Replayable::Buffered(_) => 1 + policy.map_or(0, |r| r.num_retries),
+        Replayable::Once(_) => 1,
+    };
+    let mut rng = ThreadRandom;
+    let mut tried = Tried::default();
+    let mut last: Option<Response<Body>> = None;
+    for attempt in 0..max_attempts {
+        // A retry holds a permit of the cluster's retry budget while it runs.
+        let retry_permit = if attempt > 0 {
+            let thresholds = &cluster.config.thresholds;
+            let requests = cluster.requests.in_use();
+            match cluster
+                .retries
+                .try_acquire_if(|retries| thresholds.retry_allowed(requests, retries))
+            {
+                Some(p) => Some(p),
+                // The budget (or `max_retries`) is spent: answer with what we have.
+                None => break,
+            }
+        } else {
+            None
+        };
+        let Some(host) = tried.next(
+            &cluster.balancer,
+            &mut rng,
+            Instant::now(),
+            policy.is_some_and(|p| p.other_priority),
+            policy.is_some_and(|p| p.other_host),
+        ) else {
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no healthy upstream in cluster {cluster_name}"),
+            );
+        };
+        let attempt_body = match &mut body {
+            Replayable::Buffered(b) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
+            Replayable::Once(b) => match b.take() {
+                Some(b) => b,
+                None => break,
+            },
+        };
+        let result = match inner
+            .call(Attempt {
+                parts: parts.clone(),
+                body: attempt_body,
+                host,
+                cluster_name: cluster_name.clone(),
+                cluster: cluster.clone(),
+                per_try: policy.and_then(|p| p.per_try_timeout),
+                remaining: deadline.map(|d| d.saturating_duration_since(Instant::now())),
+            })
+            .await
+        {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        drop(retry_permit);
+        let again = match &result {
+            // Nothing was sent: another endpoint may do.
+            Attempted::Unusable(_) => Again::Yes,
+            Attempted::Rejected(_) => return result.into_response(),
+            other => match other.observed() {
+                Some(o) => classify(o, policy).1,
+                None => Again::No,
+            },
+        };
+        let reply = result.into_response();
+        let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+        if again == Again::No || out_of_time || attempt + 1 >= max_attempts {
+            return reply;
+        }
+        last = Some(reply);
+    }
+    last.unwrap_or_else(|| local_reply(StatusCode::SERVICE_UNAVAILABLE, "no upstream answered"))
+}

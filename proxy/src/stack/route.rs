@@ -1,0 +1,117 @@
+//! Route selection: the listener's route table (RDS or inline), the virtual host for `Host`
+//! (Envoy's domain precedence), the first route whose path and headers match, then the
+//! cluster (a weighted route picks one by weight) and the route's deadline.
+
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::StatusCode;
+use tower::Layer;
+use tower_service::Service;
+
+use super::{Downstream, Fut, Routed, local_reply};
+use crate::config::{RouteEntry, RouteTarget};
+use crate::lb::{Random, ThreadRandom};
+use crate::runtime::Body;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLayer;
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = Route<S>;
+    fn layer(&self, inner: S) -> Route<S> {
+        Route { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route<S> {
+    inner: S,
+}
+
+impl<S> Service<Downstream> for Route<S>
+where
+    S: Service<Routed, Response = http::Response<Body>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = Fut<http::Response<Body>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, d: Downstream) -> Self::Future {
+        let routed = match routed(d, &mut ThreadRandom) {
+            Ok(r) => r,
+            Err((status, reason)) => {
+                let reply = local_reply(status, &reason);
+                return Box::pin(async move { Ok(reply) });
+            }
+        };
+        let mut inner = self.inner.clone();
+        Box::pin(async move { inner.call(routed).await })
+    }
+}
+
+/// The request with its route and cluster, or the status and reason of the local reply that
+/// ends it.
+fn routed(d: Downstream, rng: &mut dyn Random) -> Result<Routed, (StatusCode, String)> {
+    let Downstream {
+        req,
+        compiled,
+        listener,
+    } = d;
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let Some(table) = compiled.table(&listener) else {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "listener has no routes yet".into(),
+        ));
+    };
+    let Some(route) = table.route(&host, path, req.headers()) else {
+        return Err((StatusCode::NOT_FOUND, format!("no route for {host}{path}")));
+    };
+    let cluster_name = pick_cluster(route, rng);
+    let Some(cluster) = compiled.clusters.get(&cluster_name) else {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cluster {cluster_name} has no endpoints"),
+        ));
+    };
+    Ok(Routed {
+        deadline: route.timeout.map(|t| Instant::now() + t),
+        route: route.clone(),
+        cluster_name: cluster_name.into(),
+        cluster: cluster.clone(),
+        req,
+    })
+}
+
+/// The route's cluster; for a weighted route, one by weight.
+pub(crate) fn pick_cluster(route: &RouteEntry, rng: &mut dyn Random) -> String {
+    match &route.target {
+        RouteTarget::Cluster(c) => c.clone(),
+        RouteTarget::Weighted { clusters, total } => {
+            let mut x = rng.below(u64::from(*total));
+            for (c, w) in clusters {
+                if x < u64::from(*w) {
+                    return c.clone();
+                }
+                x -= u64::from(*w);
+            }
+            clusters.last().map(|(c, _)| c.clone()).unwrap_or_default()
+        }
+    }
+}
