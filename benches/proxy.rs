@@ -20,6 +20,9 @@
 //!    (`--scale-services`, `--scale-endpoints`) pushed by the same control plane to a fresh
 //!    strait proxy and a fresh Envoy (delta ADS): RSS of each once it holds every cluster.
 //!
+//! `--baseline PATH` (a `strait` binary of an earlier commit) adds that build's proxy as a fourth
+//! path, measured in the same run and the same rounds: this commit against the previous one.
+//!
 //! Run: `cargo xtask bench proxy` (= `cargo bench --bench proxy`).
 // Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -170,6 +173,7 @@ fn main() {
         let cp = ControlPlane::start(cfg).await.expect("control plane");
         let strait_out = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let strait = spawn_strait(
+            env!("CARGO_BIN_EXE_strait"),
             "bench",
             xds,
             strait_out,
@@ -177,6 +181,22 @@ fn main() {
         );
         pin(strait.0.id(), "0");
         wait_serving(strait_out, "strait proxy").await;
+        // An earlier build of strait, side by side (`--baseline PATH`).
+        let baseline = baseline_bin().map(|bin| {
+            let out = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let p = spawn_strait(
+                &bin,
+                "baseline",
+                xds,
+                out,
+                SocketAddr::from(([127, 0, 0, 1], free_port())),
+            );
+            pin(p.0.id(), "0");
+            (p, out, bin)
+        });
+        if let Some((_, out, _)) = &baseline {
+            wait_serving(*out, "baseline strait proxy").await;
+        }
 
         // Envoy, static config.
         let envoy_out = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -195,6 +215,10 @@ fn main() {
         let direct = measure(backend, None, secs, rate).await;
         let s = measure(strait_out, Some(strait.0.id()), secs, rate).await;
         let e = measure(envoy_out, Some(envoy.0.id()), secs, rate).await;
+        let b = match &baseline {
+            Some((p, out, _)) => Some(measure(*out, Some(p.0.id()), secs, rate).await),
+            None => None,
+        };
 
         common::write_latency(
             "1-sidecar",
@@ -241,6 +265,35 @@ fn main() {
             peak(&e),
             peak(&s) / peak(&e).max(0.1)
         );
+        if let (Some(b), Some((_, _, bin))) = (&b, &baseline) {
+            println!("\nthis build against the baseline {bin}, same run\n");
+            println!("| | strait proxy (this) | strait proxy (baseline) | this / baseline |");
+            println!("| --- | --- | --- | --- |");
+            println!(
+                "| requests/s (closed loop) | {:.0} | {:.0} | {:.3}× |",
+                s.rps,
+                b.rps,
+                s.rps / b.rps.max(1.0)
+            );
+            for q in [50.0, 99.0] {
+                println!(
+                    "| added p{q:.0} at {rate}/s, µs | {:+.0} | {:+.0} | |",
+                    added(&s, q),
+                    added(b, q)
+                );
+            }
+            println!(
+                "| CPU per request, µs | {:.1} | {:.1} | {:.3}× |",
+                cpu(&s),
+                cpu(b),
+                cpu(&s) / cpu(b).max(0.1)
+            );
+            println!(
+                "| peak RSS, MiB | {:.1} | {:.1} | |",
+                peak(&s),
+                peak(b)
+            );
+        }
         // The fixed-rate run again, `--repeat` times, the three paths back to back in each
         // round: one run's p99 is the 60th worst of 6,000 requests, and this VM's neighbours
         // move it by hundreds of µs; the median of the rounds' ratios is the figure to quote.
@@ -254,10 +307,23 @@ fn main() {
             println!("| --- | --- | --- | --- | --- | --- |");
             let mut ratios = Vec::new();
             let mut p50s = Vec::new();
+            let mut against_baseline = Vec::new();
             for round in 1..=repeat {
                 let d = common::http::fixed_rate(backend, HOST, rate, secs * 2).await;
                 let st = common::http::fixed_rate(strait_out, HOST, rate, secs * 2).await;
                 let en = common::http::fixed_rate(envoy_out, HOST, rate, secs * 2).await;
+                if let Some((_, out, _)) = &baseline {
+                    let ba = common::http::fixed_rate(*out, HOST, rate, secs * 2).await;
+                    let add = |l: &[Duration], q: f64| us(percentile(l, q)) - us(percentile(&d, q));
+                    let (t99, b99) = (add(&st, 0.99), add(&ba, 0.99));
+                    println!(
+                        "| {round} (baseline) | this +p50 {:+.0} | baseline +p50 {:+.0} | this +p99 {t99:+.0} | baseline +p99 {b99:+.0} | {:.2}× |",
+                        add(&st, 0.5),
+                        add(&ba, 0.5),
+                        t99 / b99.max(1.0)
+                    );
+                    against_baseline.push(t99 / b99.max(1.0));
+                }
                 let add = |l: &[Duration], q: f64| {
                     us(percentile(l, q)) - us(percentile(&d, q))
                 };
@@ -283,6 +349,12 @@ fn main() {
                 median(&mut ratios),
                 median(&mut p50s)
             );
+            if !against_baseline.is_empty() {
+                println!(
+                    "added p99 this build / baseline: median {:.2}× over {repeat} rounds",
+                    median(&mut against_baseline)
+                );
+            }
         }
         // HTTP/2 (h2c, prior knowledge) downstream, h2load on the other core.
         match (h2load(strait_out, secs).await, h2load(envoy_out, secs).await) {
@@ -296,6 +368,7 @@ fn main() {
         }
         drop(strait);
         drop(envoy);
+        drop(baseline);
         if arg("--scale", 1) == 1 {
             scale(d, &etcd, xds).await;
         }
@@ -338,10 +411,23 @@ async fn h2load(to: SocketAddr, secs: u64) -> Option<f64> {
         .and_then(|r| r.trim().parse().ok())
 }
 
-/// `strait proxy run` of cluster east (us-east/us-east-1a) with one worker.
-fn spawn_strait(node_id: &str, xds: SocketAddr, outbound: SocketAddr, admin: SocketAddr) -> Proc {
+/// The `strait` binary given with `--baseline PATH`.
+fn baseline_bin() -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == "--baseline")?;
+    args.get(i + 1).cloned()
+}
+
+/// `strait proxy run` (of binary `bin`) of cluster east (us-east/us-east-1a) with one worker.
+fn spawn_strait(
+    bin: &str,
+    node_id: &str,
+    xds: SocketAddr,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+) -> Proc {
     Proc(
-        Command::new(env!("CARGO_BIN_EXE_strait"))
+        Command::new(bin)
             .args([
                 "--log",
                 "warn",
@@ -421,6 +507,7 @@ async fn scale(d: &Path, etcd: &EtcdServer, xds: SocketAddr) {
     let strait_admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let started = Instant::now();
     let strait = spawn_strait(
+        env!("CARGO_BIN_EXE_strait"),
         "scale-strait",
         xds,
         SocketAddr::from(([127, 0, 0, 1], free_port())),

@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod resources;
 pub mod server;
 pub mod serving;
+pub mod session;
 pub mod view;
 pub mod xds;

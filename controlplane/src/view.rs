@@ -180,6 +180,22 @@ impl View {
         &self.types[t as usize]
     }
 
+    /// A view of these resources with a new id; built from `prev` (its diff against it
+    /// recorded, unchanged resources shared), or from nothing. For driving the ADS state
+    /// machine directly.
+    pub fn of(types: [Resources; 4], prev: Option<&View>) -> Self {
+        let mut view = Self {
+            types,
+            id: NEXT_VIEW.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            diff: None,
+            routes_from: 0,
+        };
+        if let Some(prev) = prev {
+            view.settle(prev);
+        }
+        view
+    }
+
     /// Compare with `prev` (the view this one was built from): resources with the same content
     /// become the very same `Arc` as in `prev`, and the names that differ are recorded.
     fn settle(&mut self, prev: &View) {

@@ -22,11 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    Resource as DeltaResource,
 };
 use federation::registry::Snapshot;
 use federation::registry::cache::LocalState;
@@ -36,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
-use crate::view::{self, NodeInfo, ORDER, Resource, TypeKind, View, ViewKey, ViewSettings};
+use crate::session::{AdsSession, Event, Message, Req};
+use crate::view::{self, NodeInfo, Resource, View, ViewKey, ViewSettings};
 
 /// Server tuning.
 #[derive(Debug, Clone)]
@@ -409,86 +408,6 @@ enum Outbound {
     Delta(mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>),
 }
 
-/// A request of either protocol, normalised.
-struct Req {
-    node: Option<Node>,
-    type_url: String,
-    nonce: String,
-    error: Option<String>,
-    /// SotW: the full list of names.
-    names: Option<Vec<String>>,
-    /// Delta: changes.
-    subscribe: Vec<String>,
-    unsubscribe: Vec<String>,
-    initial_versions: HashMap<String, String>,
-}
-
-impl From<DiscoveryRequest> for Req {
-    fn from(r: DiscoveryRequest) -> Self {
-        Self {
-            node: r.node,
-            type_url: r.type_url,
-            nonce: r.response_nonce,
-            error: r
-                .error_detail
-                .map(|e| format!("code {}: {}", e.code, e.message)),
-            names: Some(r.resource_names),
-            subscribe: Vec::new(),
-            unsubscribe: Vec::new(),
-            initial_versions: HashMap::new(),
-        }
-    }
-}
-
-impl From<DeltaDiscoveryRequest> for Req {
-    fn from(r: DeltaDiscoveryRequest) -> Self {
-        Self {
-            node: r.node,
-            type_url: r.type_url,
-            nonce: r.response_nonce,
-            error: r
-                .error_detail
-                .map(|e| format!("code {}: {}", e.code, e.message)),
-            names: None,
-            subscribe: r.resource_names_subscribe,
-            unsubscribe: r.resource_names_unsubscribe,
-            initial_versions: r.initial_resource_versions,
-        }
-    }
-}
-
-/// Per-type stream state.
-#[derive(Default)]
-struct TypeState {
-    /// A request for this type has been seen.
-    subscribed: bool,
-    wildcard: bool,
-    names: BTreeSet<String>,
-    /// SotW: the last response's resources. Delta: what the client holds, by our account.
-    sent: BTreeMap<String, Arc<Resource>>,
-    /// Delta: versions the client said it had on (re)connect, not yet confirmed.
-    client_versions: HashMap<String, String>,
-    /// Delta: named subscriptions already told they do not exist.
-    told_absent: BTreeSet<String>,
-    /// The nonce of the response awaiting its ACK/NACK, and the generation it carried.
-    inflight: Option<(String, u64, Instant, bool)>,
-    /// The latest nonce sent for this type (empty: nothing sent yet).
-    last_nonce: String,
-    /// Clusters referred to by what the client acknowledged (listeners, routes).
-    acked_refs: BTreeSet<String>,
-    /// Re-send these even if unchanged (endpoints of a changed cluster).
-    force: BTreeSet<String>,
-    /// An ACK was seen (later pushes count towards convergence).
-    acked_once: bool,
-    /// The id of the view whose desired state `sent` was last brought to (nothing else
-    /// changed since): from there only the view's diff needs looking at.
-    synced: Option<u64>,
-    /// Delta: the last response was one part of a larger update; more is to come.
-    incomplete: bool,
-    /// Delta: the last name of the last part sent; the next part starts after it.
-    resume_after: Option<String>,
-}
-
 struct Session {
     xds: Xds,
     delta: bool,
@@ -496,11 +415,9 @@ struct Session {
     client_id: u64,
     node: Option<NodeInfo>,
     record: Option<Arc<ClientRecord>>,
-    types: [TypeState; 4],
-    nonce: u64,
+    /// The stream's ADS state machine; this task does its I/O.
+    machine: AdsSession,
     warned_types: BTreeSet<String>,
-    generation: Option<Arc<Generation>>,
-    view: Option<Arc<View>>,
 }
 
 enum Fatal {
@@ -512,17 +429,14 @@ impl Session {
     fn new(xds: Xds, delta: bool, peer: Option<std::net::SocketAddr>) -> Self {
         let client_id = xds.inner.next_client.fetch_add(1, Relaxed);
         Self {
+            machine: AdsSession::new(delta, xds.inner.options.max_response_bytes),
             xds,
             delta,
             peer: peer.map_or_else(|| "unknown".to_string(), |p| p.to_string()),
             client_id,
             node: None,
             record: None,
-            types: Default::default(),
-            nonce: 0,
             warned_types: BTreeSet::new(),
-            generation: None,
-            view: None,
         }
     }
 
@@ -615,8 +529,8 @@ impl Session {
         let (Some(g), Some(node)) = (g, &self.node) else {
             return;
         };
-        self.view = Some(self.xds.view(g, &node.key).await);
-        self.generation = Some(g.clone());
+        let view = self.xds.view(g, &node.key).await;
+        self.machine.set_view(g.id, g.seen, view);
     }
 
     async fn handle(&mut self, req: Req) -> Result<(), Fatal> {
@@ -651,123 +565,41 @@ impl Session {
             let g = self.xds.inner.generations.borrow().clone();
             self.load_generation(&g).await;
         }
-        let Some(t) = TypeKind::from_url(&req.type_url) else {
-            self.xds.inner.metrics.unknown_types.fetch_add(1, Relaxed);
-            if self.warned_types.len() < 16 && self.warned_types.insert(req.type_url.clone()) {
-                tracing::warn!(node = %self.node_id(), type_url = %req.type_url,
-                    "request for a resource type this server does not serve; ignored");
+        let metrics = &self.xds.inner.metrics;
+        match self.machine.handle(req) {
+            None => {}
+            Some(Event::UnknownType(url)) => {
+                metrics.unknown_types.fetch_add(1, Relaxed);
+                if self.warned_types.len() < 16 && self.warned_types.insert(url.clone()) {
+                    tracing::warn!(node = %self.node_id(), type_url = %url,
+                        "request for a resource type this server does not serve; ignored");
+                }
             }
-            return Ok(());
-        };
-        let metrics = self.xds.inner.metrics.clone();
-        let node_id = self.node_id().to_string();
-        let delta = self.delta;
-        let ts = &mut self.types[t as usize];
-        if !req.nonce.is_empty() {
-            if req.nonce != ts.last_nonce {
+            Some(Event::StaleNonce { t, nonce }) => {
                 metrics.stale_nonces.fetch_add(1, Relaxed);
-                tracing::debug!(node = %node_id, type_ = t.short(), nonce = %req.nonce,
+                tracing::debug!(node = %self.node_id(), type_ = t.short(), %nonce,
                     "stale or unknown nonce; request ignored");
-                if !delta {
-                    return Ok(());
-                }
-            } else if let Some((_, _, seen, counts)) = ts.inflight.take() {
-                match &req.error {
-                    Some(err) => {
-                        metrics.nacks[t as usize].fetch_add(1, Relaxed);
-                        tracing::warn!(node = %node_id, type_ = t.short(), nonce = %req.nonce,
-                            error = %err, "proxy rejected a response (NACK); it keeps its last good config");
-                        if let Some(r) = &self.record {
-                            *r.last_nack.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some(format!("{}: {err}", t.short()));
-                        }
-                    }
-                    None => {
-                        metrics.acks[t as usize].fetch_add(1, Relaxed);
-                        if counts && ts.acked_once {
-                            metrics.convergence.observe(seen.elapsed());
-                        }
-                        ts.acked_once = true;
-                        let refs: BTreeSet<String> = ts
-                            .sent
-                            .values()
-                            .flat_map(|r| r.refs.iter().cloned())
-                            .collect();
-                        let refs_changed = refs != ts.acked_refs;
-                        ts.acked_refs = refs;
-                        if refs_changed {
-                            // Clusters kept for the old listeners or routes may go now.
-                            self.types[TypeKind::Cluster as usize].synced = None;
-                        }
-                        if let Some(r) = &self.record {
-                            r.acked.lock().unwrap_or_else(|p| p.into_inner())[t as usize] =
-                                Some(req.nonce.clone());
-                        }
-                    }
+            }
+            Some(Event::Nack { t, nonce, error }) => {
+                metrics.nacks[t as usize].fetch_add(1, Relaxed);
+                tracing::warn!(node = %self.node_id(), type_ = t.short(), %nonce, %error,
+                    "proxy rejected a response (NACK); it keeps its last good config");
+                if let Some(r) = &self.record {
+                    *r.last_nack.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(format!("{}: {error}", t.short()));
                 }
             }
-        }
-        let ts = &mut self.types[t as usize];
-        ts.subscribed = true;
-        match req.names {
-            Some(names) => {
-                // State of the world: the full list each time.
-                let wildcard =
-                    names.iter().any(|n| n == "*") || (names.is_empty() && t.wildcard_by_default());
-                let names: BTreeSet<String> = names.into_iter().filter(|n| n != "*").collect();
-                if wildcard != ts.wildcard || names != ts.names {
-                    ts.synced = None;
+            Some(Event::Ack {
+                t,
+                nonce,
+                converged,
+            }) => {
+                metrics.acks[t as usize].fetch_add(1, Relaxed);
+                if let Some(seen) = converged {
+                    metrics.convergence.observe(seen.elapsed());
                 }
-                ts.wildcard = wildcard;
-                ts.names = names;
-            }
-            None => {
-                if !req.subscribe.is_empty()
-                    || !req.unsubscribe.is_empty()
-                    || !req.initial_versions.is_empty()
-                    || ts.last_nonce.is_empty()
-                {
-                    ts.synced = None;
-                }
-                let first = ts.last_nonce.is_empty() && ts.names.is_empty() && !ts.wildcard;
-                if first && req.subscribe.is_empty() && t.wildcard_by_default() {
-                    ts.wildcard = true;
-                }
-                for n in req.subscribe {
-                    if n == "*" {
-                        ts.wildcard = true;
-                    } else {
-                        ts.names.insert(n);
-                    }
-                }
-                let dropped = !req.unsubscribe.is_empty();
-                for n in req.unsubscribe {
-                    if n == "*" {
-                        ts.wildcard = false;
-                    } else {
-                        ts.names.remove(&n);
-                        ts.sent.remove(&n);
-                        ts.told_absent.remove(&n);
-                    }
-                }
-                ts.client_versions.extend(req.initial_versions);
-                if dropped {
-                    match t {
-                        // Which endpoints are kept depends on the clusters the client holds.
-                        TypeKind::Cluster => self.types[TypeKind::Endpoint as usize].synced = None,
-                        // The client no longer holds what it unsubscribed: its clusters need
-                        // not be kept for it.
-                        TypeKind::Listener | TypeKind::Route => {
-                            let ts = &mut self.types[t as usize];
-                            ts.acked_refs = ts
-                                .sent
-                                .values()
-                                .flat_map(|r| r.refs.iter().cloned())
-                                .collect();
-                            self.types[TypeKind::Cluster as usize].synced = None;
-                        }
-                        TypeKind::Endpoint => {}
-                    }
+                if let Some(r) = &self.record {
+                    r.acked.lock().unwrap_or_else(|p| p.into_inner())[t as usize] = Some(nonce);
                 }
             }
         }
@@ -778,364 +610,39 @@ impl Session {
         self.node.as_ref().map_or("?", |n| n.id.as_str())
     }
 
-    /// What the client should hold of type `t` now.
-    fn desired(&self, t: TypeKind, view: &View) -> BTreeMap<String, Arc<Resource>> {
-        let ts = &self.types[t as usize];
-        let all = view.get(t);
-        let mut out: BTreeMap<String, Arc<Resource>> = if ts.wildcard {
-            all.clone()
-        } else {
-            ts.names
-                .iter()
-                .filter_map(|n| all.get(n).map(|r| (n.clone(), r.clone())))
-                .collect()
-        };
-        match t {
-            TypeKind::Cluster => {
-                // Keep clusters the client's acknowledged listeners and routes still use.
-                let refs: BTreeSet<&String> = self.types[TypeKind::Listener as usize]
-                    .acked_refs
-                    .iter()
-                    .chain(self.types[TypeKind::Route as usize].acked_refs.iter())
-                    .collect();
-                for (n, r) in &ts.sent {
-                    if !out.contains_key(n) && refs.contains(n) {
-                        out.insert(n.clone(), r.clone());
-                    }
-                }
-            }
-            TypeKind::Endpoint => {
-                // ... and their endpoints.
-                let kept = &self.types[TypeKind::Cluster as usize].sent;
-                for (n, r) in &ts.sent {
-                    if !out.contains_key(n)
-                        && kept.contains_key(n)
-                        && !view.get(TypeKind::Cluster).contains_key(n)
-                        && (ts.wildcard || ts.names.contains(n))
-                    {
-                        out.insert(n.clone(), r.clone());
-                    }
-                }
-            }
-            _ => {}
-        }
-        out
-    }
-
-    /// [`Self::desired`] for one name: what the client should hold under `name` now.
-    fn desired_one(&self, t: TypeKind, name: &str, view: &View) -> Option<Arc<Resource>> {
-        let ts = &self.types[t as usize];
-        let subscribed = ts.wildcard || ts.names.contains(name);
-        if subscribed && let Some(r) = view.get(t).get(name) {
-            return Some(r.clone());
-        }
-        let sent = ts.sent.get(name)?;
-        let keep = match t {
-            TypeKind::Cluster => {
-                self.types[TypeKind::Listener as usize]
-                    .acked_refs
-                    .contains(name)
-                    || self.types[TypeKind::Route as usize]
-                        .acked_refs
-                        .contains(name)
-            }
-            TypeKind::Endpoint => {
-                subscribed
-                    && self.types[TypeKind::Cluster as usize]
-                        .sent
-                        .contains_key(name)
-                    && !view.get(TypeKind::Cluster).contains_key(name)
-            }
-            _ => false,
-        };
-        keep.then(|| sent.clone())
-    }
-
-    /// The names that may differ between what the client holds of type `t` and what it should
-    /// hold, when that is known without looking at every resource: the view's diff since the
-    /// view `sent` was last brought to, plus the names to re-send.
-    fn candidates(&self, t: TypeKind, view: &View) -> Option<BTreeSet<String>> {
-        let ts = &self.types[t as usize];
-        if !ts.client_versions.is_empty() {
-            return None;
-        }
-        let mut out = match ts.synced {
-            Some(id) if id == view.id && id != 0 => BTreeSet::new(),
-            Some(id) => match &view.diff {
-                Some(d) if d.base == id && id != 0 => d.changed[t as usize].clone(),
-                _ => return None,
-            },
-            None => return None,
-        };
-        out.extend(ts.force.iter().cloned());
-        Some(out)
-    }
-
+    /// Send every response the state machine has, and keep the debug record of what the
+    /// client holds.
     async fn push(&mut self, outbound: &Outbound) -> Result<(), Fatal> {
-        let (Some(view), Some(g)) = (self.view.clone(), self.generation.clone()) else {
-            return Ok(());
-        };
-        for t in ORDER {
-            let ts = &self.types[t as usize];
-            if ts.incomplete && ts.inflight.is_some() {
-                // Make-before-break: later types wait until this one's update is complete.
-                break;
-            }
-            if !ts.subscribed || ts.inflight.is_some() {
-                continue;
-            }
-            let candidates = self.candidates(t, &view);
-            if candidates.as_ref().is_some_and(|c| c.is_empty()) {
-                // Nothing can have changed for this type.
-                self.types[t as usize].synced = Some(view.id);
-                self.types[t as usize].incomplete = false;
-                continue;
-            }
-            let nonce = format!("{}", self.nonce + 1);
-            // (changed resources, removed names, whether `sent` was updated in place, whether
-            // more remains to be sent)
-            let (sent, removed, in_place, partial) = if self.delta {
-                let mut changed: Vec<Arc<Resource>> = Vec::new();
-                let mut removed: Vec<String> = Vec::new();
-                match &candidates {
-                    Some(names) => {
-                        // Only the names that may differ.
-                        for n in names {
-                            let want = self.desired_one(t, n, &view);
-                            let ts = &self.types[t as usize];
-                            match want {
-                                Some(r) => {
-                                    let have = ts.sent.get(n).map(|s| s.version.as_str());
-                                    if have != Some(r.version.as_str()) || ts.force.contains(n) {
-                                        changed.push(r);
-                                    }
-                                }
-                                None => {
-                                    if ts.sent.contains_key(n)
-                                        || (!ts.wildcard
-                                            && ts.names.contains(n)
-                                            && !ts.told_absent.contains(n))
-                                    {
-                                        removed.push(n.clone());
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    None => {
-                        let want = self.desired(t, &view);
-                        let ts = &self.types[t as usize];
-                        // Resources the client said it holds (delta reconnect) in the version
-                        // it should: not sent again, but recorded as held.
-                        let mut adopt: Vec<Arc<Resource>> = Vec::new();
-                        for (n, r) in &want {
-                            let sent = ts.sent.get(n).map(|s| s.version.as_str());
-                            let held = ts.client_versions.get(n).map(String::as_str);
-                            let have = sent.or(held);
-                            if have != Some(r.version.as_str()) || ts.force.contains(n) {
-                                changed.push(r.clone());
-                            } else if sent.is_none() {
-                                adopt.push(r.clone());
-                            }
-                        }
-                        removed.extend(ts.sent.keys().filter(|n| !want.contains_key(*n)).cloned());
-                        removed.extend(
-                            ts.client_versions
-                                .keys()
-                                .filter(|n| !want.contains_key(*n) && !ts.sent.contains_key(*n))
-                                .cloned(),
-                        );
-                        if !ts.wildcard {
-                            for n in &ts.names {
-                                if !want.contains_key(n)
-                                    && !ts.sent.contains_key(n)
-                                    && !ts.told_absent.contains(n)
-                                {
-                                    removed.push(n.clone());
-                                }
-                            }
-                        }
-                        if !adopt.is_empty() {
-                            let ts = &mut self.types[t as usize];
-                            for r in &adopt {
-                                ts.sent.insert(r.name.clone(), r.clone());
-                            }
-                            if let Some(rec) = &self.record {
-                                rec.sent.lock().unwrap_or_else(|p| p.into_inner())[t as usize] =
-                                    ts.sent.clone();
-                            }
-                        }
-                    }
-                }
-                removed.sort();
-                removed.dedup();
-                // A large update goes out in parts (each after the previous one's ACK), so no
-                // stream holds one huge message; later types wait until this one is complete.
-                let budget = self.xds.inner.options.max_response_bytes;
-                if let Some(after) = &self.types[t as usize].resume_after {
-                    // Continue after the previous part (then wrap): names that change again
-                    // and again cannot starve the rest.
-                    changed.sort_by_key(|r| r.name.as_str() <= after.as_str());
-                }
-                let mut size = 0usize;
-                let fits = changed
-                    .iter()
-                    .position(|r| {
-                        size += r.body.value.len()
-                            + r.body.type_url.len()
-                            + r.name.len()
-                            + r.version.len();
-                        size > budget
-                    })
-                    .map_or(changed.len(), |i| i.max(1));
-                let partial = fits < changed.len();
-                changed.truncate(fits);
-                self.types[t as usize].resume_after = if partial {
-                    changed.last().map(|r| r.name.clone())
-                } else {
-                    None
-                };
-                let ts = &mut self.types[t as usize];
-                if changed.is_empty() && removed.is_empty() && !ts.last_nonce.is_empty() {
-                    ts.client_versions.clear();
-                    ts.force.clear();
-                    ts.synced = Some(view.id);
-                    ts.incomplete = false;
-                    continue;
-                }
-                for n in &removed {
-                    ts.sent.remove(n);
-                    if ts.names.contains(n) {
-                        ts.told_absent.insert(n.clone());
-                    }
-                }
-                for r in &changed {
-                    ts.sent.insert(r.name.clone(), r.clone());
-                    ts.told_absent.remove(&r.name);
-                }
-                if partial {
-                    // What was not sent yet is found by the next full comparison.
-                    for r in &changed {
-                        ts.client_versions.remove(&r.name);
-                        ts.force.remove(&r.name);
-                    }
-                    for n in &removed {
-                        ts.client_versions.remove(n);
-                    }
-                } else {
-                    ts.client_versions.clear();
-                }
-                let resp = DeltaDiscoveryResponse {
-                    system_version_info: format!("{}", g.id),
-                    resources: changed
-                        .iter()
-                        .map(|r| DeltaResource {
-                            name: r.name.clone(),
-                            version: r.version.clone(),
-                            resource: Some(r.body.clone()),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    type_url: t.url().to_string(),
-                    removed_resources: removed.clone(),
-                    nonce: nonce.clone(),
-                    ..Default::default()
-                };
-                let Outbound::Delta(tx) = outbound else {
-                    return Err(Fatal::Gone);
-                };
-                send(&self.xds, tx, resp, self.node.as_ref()).await?;
-                (changed, removed, candidates.is_some(), partial)
-            } else {
-                let ts = &self.types[t as usize];
-                if let Some(names) = &candidates {
-                    // State of the world: skip unless one of the names really changed.
-                    let any = names.iter().any(|n| {
-                        ts.force.contains(n)
-                            || self.desired_one(t, n, &view).map(|r| r.version.clone())
-                                != ts.sent.get(n).map(|r| r.version.clone())
-                    });
-                    if !any && !ts.last_nonce.is_empty() {
-                        let ts = &mut self.types[t as usize];
-                        ts.force.clear();
-                        ts.synced = Some(view.id);
-                        continue;
-                    }
-                }
-                let want = self.desired(t, &view);
-                let ts = &mut self.types[t as usize];
-                let same = !ts.last_nonce.is_empty()
-                    && ts.force.is_empty()
-                    && want.len() == ts.sent.len()
-                    && want
-                        .iter()
-                        .zip(ts.sent.iter())
-                        .all(|((a, ra), (b, rb))| a == b && ra.version == rb.version);
-                if same {
-                    ts.synced = Some(view.id);
-                    continue;
-                }
-                let changed: Vec<Arc<Resource>> = want
-                    .values()
-                    .filter(|r| {
-                        ts.sent.get(&r.name).map(|s| s.version.as_str()) != Some(r.version.as_str())
-                    })
-                    .cloned()
-                    .collect();
-                let resp = DiscoveryResponse {
-                    version_info: format!("{}", g.id),
-                    resources: want.values().map(|r| r.body.clone()).collect(),
-                    type_url: t.url().to_string(),
-                    nonce: nonce.clone(),
-                    ..Default::default()
-                };
-                ts.sent = want;
-                let Outbound::Sotw(tx) = outbound else {
-                    return Err(Fatal::Gone);
-                };
-                send(&self.xds, tx, resp, self.node.as_ref()).await?;
-                (changed, Vec::new(), false, false)
-            };
-            self.nonce += 1;
-            let ts = &mut self.types[t as usize];
-            ts.incomplete = partial;
-            if partial {
-                ts.synced = None;
-            } else {
-                ts.force.clear();
-                ts.synced = Some(view.id);
-            }
-            ts.last_nonce = nonce.clone();
-            ts.inflight = Some((nonce, g.id, g.seen, !sent.is_empty()));
+        while let Some(out) = self.machine.poll_response() {
+            let t = out.t;
             self.xds.inner.metrics.pushes[t as usize].fetch_add(1, Relaxed);
-            if t == TypeKind::Cluster {
-                // A changed cluster re-warms: send its endpoints again. Clusters added or
-                // removed change which endpoints are kept: look at them all next time.
-                let eds = &mut self.types[TypeKind::Endpoint as usize];
-                for r in &sent {
-                    if eds.sent.contains_key(&r.name) {
-                        eds.force.insert(r.name.clone());
-                    }
-                }
-                eds.synced = None;
-            }
             if let Some(rec) = &self.record {
                 let mut held = rec.sent.lock().unwrap_or_else(|p| p.into_inner());
-                let ts = &self.types[t as usize];
-                if in_place {
-                    for n in &removed {
+                if out.in_place {
+                    for n in &out.removed {
                         held[t as usize].remove(n);
                     }
-                    for r in &sent {
+                    for r in &out.changed {
                         held[t as usize].insert(r.name.clone(), r.clone());
                     }
                 } else {
-                    held[t as usize] = ts.sent.clone();
+                    held[t as usize] = self.machine.held(t).clone();
                 }
             }
-            if partial {
-                // Make-before-break: the types after this one wait until it is complete.
-                break;
+            match (out.message, outbound) {
+                (Message::Delta(m), Outbound::Delta(tx)) => {
+                    send(&self.xds, tx, m, self.node.as_ref()).await?;
+                }
+                (Message::Sotw(m), Outbound::Sotw(tx)) => {
+                    send(&self.xds, tx, m, self.node.as_ref()).await?;
+                }
+                _ => return Err(Fatal::Gone),
+            }
+        }
+        for t in self.machine.take_adopted() {
+            if let Some(rec) = &self.record {
+                rec.sent.lock().unwrap_or_else(|p| p.into_inner())[t as usize] =
+                    self.machine.held(t).clone();
             }
         }
         Ok(())
