@@ -308,11 +308,26 @@ fn main() {
             let mut ratios = Vec::new();
             let mut p50s = Vec::new();
             let mut against_baseline = Vec::new();
+            let mut rps_ratios = Vec::new();
             for round in 1..=repeat {
                 let d = common::http::fixed_rate(backend, HOST, rate, secs * 2).await;
                 let st = common::http::fixed_rate(strait_out, HOST, rate, secs * 2).await;
                 let en = common::http::fixed_rate(envoy_out, HOST, rate, secs * 2).await;
                 if let Some((_, out, _)) = &baseline {
+                    // Closed loop too, the two builds back to back, alternating which goes
+                    // first: one closed-loop run on this VM moves by a quarter.
+                    let (t_rps, b_rps) = if round % 2 == 1 {
+                        let t = common::http::closed_loop(strait_out, HOST, 16, secs).await;
+                        (t, common::http::closed_loop(*out, HOST, 16, secs).await)
+                    } else {
+                        let b = common::http::closed_loop(*out, HOST, 16, secs).await;
+                        (common::http::closed_loop(strait_out, HOST, 16, secs).await, b)
+                    };
+                    rps_ratios.push(t_rps / b_rps.max(1.0));
+                    println!(
+                        "| {round} (baseline) | closed loop: this {t_rps:.0}/s | baseline {b_rps:.0}/s | | | {:.3}× |",
+                        t_rps / b_rps.max(1.0)
+                    );
                     let ba = common::http::fixed_rate(*out, HOST, rate, secs * 2).await;
                     let add = |l: &[Duration], q: f64| us(percentile(l, q)) - us(percentile(&d, q));
                     let (t99, b99) = (add(&st, 0.99), add(&ba, 0.99));
@@ -353,6 +368,10 @@ fn main() {
                 println!(
                     "added p99 this build / baseline: median {:.2}× over {repeat} rounds",
                     median(&mut against_baseline)
+                );
+                println!(
+                    "closed-loop requests/s this build / baseline: median {:.3}× over {repeat} rounds",
+                    median(&mut rps_ratios)
                 );
             }
         }

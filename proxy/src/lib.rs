@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ads;
 pub mod config;
 pub mod dataplane;
 pub mod inbound;

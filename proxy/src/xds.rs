@@ -11,24 +11,21 @@
 //!   the client reconnects with jittered backoff and tells the server what it holds
 //!   (`initial_resource_versions`), so a resync sends only what changed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
-};
-use envoy_types::pb::google::rpc::Status as RpcStatus;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use federation::backoff::Backoff;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::ads::{AdsClient, Event, Request};
 use crate::config::{
-    self, ASSIGNMENT_TYPE, Assignment, CLUSTER_TYPE, ClusterConfig, ClusterResource, LISTENER_TYPE,
-    ListenerConfig, ListenerKind, ROUTES_TYPE, RouteSource, RouteTable,
+    Assignment, ClusterConfig, ListenerConfig, ListenerKind, RouteSource, RouteTable,
 };
 use crate::tls::TlsSource;
 
@@ -47,7 +44,7 @@ pub struct ProxyConfig {
 
 impl ProxyConfig {
     /// Route configurations the listeners name.
-    fn route_names(&self) -> BTreeSet<String> {
+    pub(crate) fn route_names(&self) -> BTreeSet<String> {
         self.listeners
             .values()
             .filter_map(|l| match &l.kind {
@@ -156,24 +153,14 @@ impl XdsClient {
 /// How a delta stream ends when the server does not implement delta xDS.
 const DELTA_UNIMPLEMENTED: &str = "the control plane does not implement delta xDS";
 
-/// The client's working state across streams.
-struct State {
-    /// What has been applied (published, or waiting to be while it is incomplete).
-    current: ProxyConfig,
-    /// Since when `current` has been incomplete and unpublished.
-    pending_since: Option<Instant>,
-}
-
 async fn run(
     options: XdsOptions,
     config_tx: watch::Sender<Arc<ProxyConfig>>,
     status_tx: watch::Sender<XdsStatus>,
 ) {
     let mut backoff = Backoff::new(options.backoff_initial, options.backoff_max);
-    let mut state = State {
-        current: ProxyConfig::default(),
-        pending_since: Some(Instant::now()),
-    };
+    // The protocol's state machine: it outlives streams (the last good config).
+    let mut ads = AdsClient::new(options.node.clone(), options.warm_timeout, Instant::now());
     let mut delta = options.delta;
     // Every replica of the control plane, tried in turn.
     let servers: Vec<String> = std::iter::once(options.server.clone())
@@ -185,10 +172,11 @@ async fn run(
         let mut this = options.clone();
         this.server = servers[current % servers.len()].clone();
         let result = if delta {
-            stream_once(&this, &mut state, &config_tx, &status_tx, &mut backoff).await
+            stream_delta(&this, &mut ads, &config_tx, &status_tx, &mut backoff).await
         } else {
-            stream_sotw(&this, &mut state, &config_tx, &status_tx, &mut backoff).await
+            stream_sotw(&this, &mut ads, &config_tx, &status_tx, &mut backoff).await
         };
+        ads.close_stream();
         if delta && result == DELTA_UNIMPLEMENTED {
             tracing::warn!(server = %this.server,
                 "the control plane does not serve delta xDS; falling back to state of the world");
@@ -207,21 +195,6 @@ async fn run(
         if servers.len() == 1 || current == 0 {
             tokio::time::sleep(backoff.next_delay()).await;
         }
-    }
-}
-
-fn subscribe(
-    t: &'static str,
-    names: Vec<String>,
-    initial: HashMap<String, String>,
-    node: Option<Node>,
-) -> DeltaDiscoveryRequest {
-    DeltaDiscoveryRequest {
-        node,
-        type_url: t.to_string(),
-        resource_names_subscribe: names,
-        initial_resource_versions: initial,
-        ..Default::default()
     }
 }
 
@@ -300,10 +273,10 @@ where
     }
 }
 
-/// One ADS stream, until it fails. Returns why it ended.
-async fn stream_once(
+/// One delta ADS stream, until it fails. Returns why it ended.
+async fn stream_delta(
     options: &XdsOptions,
-    state: &mut State,
+    ads: &mut AdsClient,
     config_tx: &watch::Sender<Arc<ProxyConfig>>,
     status_tx: &watch::Sender<XdsStatus>,
     backoff: &mut Backoff,
@@ -313,37 +286,12 @@ async fn stream_once(
         Err(e) => return e,
     };
     let (tx, mut rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
-    let held = |t: &'static str| -> HashMap<String, String> {
-        state
-            .current
-            .versions
-            .get(t)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default()
-    };
-    // Wildcard clusters and listeners; the endpoints and routes already held, by name.
-    let eds: Vec<String> = state.current.clusters.keys().cloned().collect();
-    let rds: Vec<String> = state.current.route_names().into_iter().collect();
-    let mut first = vec![
-        subscribe(
-            CLUSTER_TYPE,
-            Vec::new(),
-            held(CLUSTER_TYPE),
-            Some(options.node.clone()),
-        ),
-        subscribe(LISTENER_TYPE, Vec::new(), held(LISTENER_TYPE), None),
-    ];
-    // (An empty first subscription would ask for everything: only with names.)
-    if !eds.is_empty() {
-        first.push(subscribe(ASSIGNMENT_TYPE, eds, held(ASSIGNMENT_TYPE), None));
-    }
-    if !rds.is_empty() {
-        first.push(subscribe(ROUTES_TYPE, rds, held(ROUTES_TYPE), None));
-    }
-    for r in first {
-        if tx.send(r).await.is_err() {
-            return "request channel closed".into();
-        }
+    ads.open_stream(true);
+    if let Err(e) = flush(ads, |r| match r {
+        Request::Delta(r) => tx.try_send(r).map_err(|e| e.to_string()),
+        Request::Sotw(_) => Err("a state-of-the-world request on a delta stream".into()),
+    }) {
+        return e;
     }
     let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut responses = match client.delta_aggregated_resources(requests).await {
@@ -353,26 +301,33 @@ async fn stream_once(
     };
     opened(options, status_tx, "delta");
     loop {
-        let resp = match next_response(&mut responses, state, options, config_tx, status_tx).await {
+        let resp = match next_response(&mut responses, ads, config_tx, status_tx).await {
             Ok(r) => r,
             Err(why) => return why,
         };
         backoff.reset();
-        let (follow_ups, error) = apply(&mut state.current, &resp);
-        let ack = DeltaDiscoveryRequest {
-            type_url: resp.type_url.clone(),
-            response_nonce: resp.nonce.clone(),
-            error_detail: error.as_deref().map(nack_status),
-            ..Default::default()
-        };
-        // Subscriptions first, then the ACK (the server answers them together).
-        for r in follow_ups.into_iter().chain(std::iter::once(ack)) {
+        ads.handle_delta(&resp, Instant::now());
+        while let Some(r) = ads.poll_request() {
+            let Request::Delta(r) = r else {
+                return "a state-of-the-world request on a delta stream".into();
+            };
             if tx.send(r).await.is_err() {
                 return "request channel closed".into();
             }
         }
-        settle(state, config_tx, status_tx, &resp.type_url, error);
+        events(ads, config_tx, status_tx);
     }
+}
+
+/// Queue the machine's requests with `send` (the stream's first ones: the channel has room).
+fn flush(
+    ads: &mut AdsClient,
+    mut send: impl FnMut(Request) -> Result<(), String>,
+) -> Result<(), String> {
+    while let Some(r) = ads.poll_request() {
+        send(r).map_err(|e| format!("request channel: {e}"))?;
+    }
+    Ok(())
 }
 
 fn opened(options: &XdsOptions, status_tx: &watch::Sender<XdsStatus>, kind: &str) {
@@ -388,85 +343,73 @@ fn opened(options: &XdsOptions, status_tx: &watch::Sender<XdsStatus>, kind: &str
 /// time is over. `Err`: why the stream ended.
 async fn next_response<T>(
     responses: &mut tonic::Streaming<T>,
-    state: &mut State,
-    options: &XdsOptions,
+    ads: &mut AdsClient,
     config_tx: &watch::Sender<Arc<ProxyConfig>>,
     status_tx: &watch::Sender<XdsStatus>,
 ) -> Result<T, String> {
     loop {
+        let warm = ads.poll_timeout();
         tokio::select! {
             r = responses.message() => return match r {
                 Ok(Some(r)) => Ok(r),
                 Ok(None) => Err("the control plane closed the stream".into()),
                 Err(e) => Err(format!("stream failed: {e}")),
             },
-            _ = warm_deadline(state, options) => warm_timeout(state, config_tx, status_tx),
+            () = until(warm) => {
+                ads.handle_timeout(Instant::now());
+                events(ads, config_tx, status_tx);
+            }
         }
     }
 }
 
-fn nack_status(message: &str) -> RpcStatus {
-    RpcStatus {
-        code: 3, // INVALID_ARGUMENT
-        message: message.to_string(),
-        details: Vec::new(),
-    }
-}
-
-/// Warming: an incomplete config waits for what it misses, at most `warm_timeout`.
-async fn warm_deadline(state: &State, options: &XdsOptions) {
-    match state.pending_since {
-        Some(t) => {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(t + options.warm_timeout)).await
-        }
+/// Resolves at `at`; never without one.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
         None => std::future::pending().await,
     }
 }
 
-fn warm_timeout(
-    state: &mut State,
+/// The machine's events: counted, logged, the config published.
+fn events(
+    ads: &mut AdsClient,
     config_tx: &watch::Sender<Arc<ProxyConfig>>,
     status_tx: &watch::Sender<XdsStatus>,
 ) {
-    tracing::warn!(missing = ?state.current.missing(),
-        "config still incomplete after the warm-up timeout; serving what there is");
-    publish(state, config_tx, status_tx, false);
-}
-
-/// After a response: count the ACK or NACK, and publish the config once it is complete.
-fn settle(
-    state: &mut State,
-    config_tx: &watch::Sender<Arc<ProxyConfig>>,
-    status_tx: &watch::Sender<XdsStatus>,
-    type_url: &str,
-    error: Option<String>,
-) {
-    match error {
-        Some(e) => {
-            tracing::warn!(%type_url, error = %e,
-                "rejected an xDS response (NACK); keeping the last good config");
-            status_tx.send_modify(|s| {
-                s.nacks += 1;
-                s.last_nack = Some(e);
-            });
-        }
-        None => {
-            status_tx.send_modify(|s| s.acks += 1);
-            if state.current.missing().is_empty() {
-                publish(state, config_tx, status_tx, true);
-            } else if state.pending_since.is_none() {
-                state.pending_since = Some(Instant::now());
+    while let Some(e) = ads.poll_event() {
+        match e {
+            Event::Ack { .. } => status_tx.send_modify(|s| s.acks += 1),
+            Event::Nack { type_url, error } => {
+                tracing::warn!(%type_url, %error,
+                    "rejected an xDS response (NACK); keeping the last good config");
+                status_tx.send_modify(|s| {
+                    s.nacks += 1;
+                    s.last_nack = Some(error);
+                });
+            }
+            Event::WarmTimeout { missing } => {
+                tracing::warn!(
+                    ?missing,
+                    "config still incomplete after the warm-up timeout; serving what there is"
+                );
+            }
+            Event::Publish { config, complete } => {
+                // Warm first: whoever sees the complete config sees the status that says so.
+                if complete {
+                    status_tx.send_modify(|s| s.warm = true);
+                }
+                config_tx.send_replace(config);
             }
         }
     }
 }
 
 /// One state-of-the-world ADS stream (the fallback for control planes without delta), until
-/// it fails. Each response is turned into the delta form `apply` takes: the resources it
-/// carries, and for clusters and listeners the ones it no longer lists as removed.
+/// it fails.
 async fn stream_sotw(
     options: &XdsOptions,
-    state: &mut State,
+    ads: &mut AdsClient,
     config_tx: &watch::Sender<Arc<ProxyConfig>>,
     status_tx: &watch::Sender<XdsStatus>,
     backoff: &mut Backoff,
@@ -476,41 +419,12 @@ async fn stream_sotw(
         Err(e) => return e,
     };
     let (tx, mut rx) = mpsc::channel::<DiscoveryRequest>(64);
-    // Per type: the last accepted version and the last nonce.
-    let mut versions: HashMap<&'static str, String> = HashMap::new();
-    let mut nonces: HashMap<&'static str, String> = HashMap::new();
-    let names_for = |cfg: &ProxyConfig, t: &str| -> Vec<String> {
-        match t {
-            ASSIGNMENT_TYPE => cfg.clusters.keys().cloned().collect(),
-            ROUTES_TYPE => cfg.route_names().into_iter().collect(),
-            _ => Vec::new(),
-        }
-    };
-    let mut first = vec![
-        DiscoveryRequest {
-            node: Some(options.node.clone()),
-            type_url: CLUSTER_TYPE.into(),
-            ..Default::default()
-        },
-        DiscoveryRequest {
-            type_url: LISTENER_TYPE.into(),
-            ..Default::default()
-        },
-    ];
-    for t in [ASSIGNMENT_TYPE, ROUTES_TYPE] {
-        let names = names_for(&state.current, t);
-        if !names.is_empty() {
-            first.push(DiscoveryRequest {
-                type_url: t.into(),
-                resource_names: names,
-                ..Default::default()
-            });
-        }
-    }
-    for r in first {
-        if tx.send(r).await.is_err() {
-            return "request channel closed".into();
-        }
+    ads.open_stream(false);
+    if let Err(e) = flush(ads, |r| match r {
+        Request::Sotw(r) => tx.try_send(r).map_err(|e| e.to_string()),
+        Request::Delta(_) => Err("a delta request on a state-of-the-world stream".into()),
+    }) {
+        return e;
     }
     let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut responses = match client.stream_aggregated_resources(requests).await {
@@ -519,262 +433,22 @@ async fn stream_sotw(
     };
     opened(options, status_tx, "state of the world");
     loop {
-        let resp = match next_response(&mut responses, state, options, config_tx, status_tx).await {
+        let resp = match next_response(&mut responses, ads, config_tx, status_tx).await {
             Ok(r) => r,
             Err(why) => return why,
         };
         backoff.reset();
-        let Some(t) = [CLUSTER_TYPE, ASSIGNMENT_TYPE, LISTENER_TYPE, ROUTES_TYPE]
-            .into_iter()
-            .find(|t| *t == resp.type_url)
-        else {
-            let nack = DiscoveryRequest {
-                type_url: resp.type_url.clone(),
-                response_nonce: resp.nonce.clone(),
-                error_detail: Some(nack_status("type not supported")),
-                ..Default::default()
+        ads.handle_sotw(&resp, Instant::now());
+        while let Some(r) = ads.poll_request() {
+            let Request::Sotw(r) = r else {
+                return "a delta request on a state-of-the-world stream".into();
             };
-            if tx.send(nack).await.is_err() {
-                return "request channel closed".into();
-            }
-            continue;
-        };
-        nonces.insert(t, resp.nonce.clone());
-        // The delta form of this response.
-        let mut names = Vec::with_capacity(resp.resources.len());
-        let mut bad = None;
-        for any in &resp.resources {
-            match config::resource_name(any) {
-                Some(n) => names.push(n),
-                None => {
-                    bad = Some(format!(
-                        "a resource of type {} cannot be decoded",
-                        any.type_url
-                    ))
-                }
-            }
-        }
-        let removed: Vec<String> = if t == CLUSTER_TYPE || t == LISTENER_TYPE {
-            let present: BTreeSet<&String> = names.iter().collect();
-            state
-                .current
-                .versions
-                .get(t)
-                .map(|held| {
-                    held.keys()
-                        .filter(|k| !present.contains(k))
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let delta = DeltaDiscoveryResponse {
-            type_url: t.to_string(),
-            nonce: resp.nonce.clone(),
-            removed_resources: removed,
-            resources: resp
-                .resources
-                .iter()
-                .zip(&names)
-                .map(
-                    |(any, name)| envoy_types::pb::envoy::service::discovery::v3::Resource {
-                        name: name.clone(),
-                        version: resp.version_info.clone(),
-                        resource: Some(any.clone()),
-                        ..Default::default()
-                    },
-                )
-                .collect(),
-            ..Default::default()
-        };
-        let (follow_ups, error) = match bad {
-            Some(e) => (Vec::new(), Some(e)),
-            None => apply(&mut state.current, &delta),
-        };
-        if error.is_none() {
-            versions.insert(t, resp.version_info.clone());
-        }
-        let ack = DiscoveryRequest {
-            version_info: versions.get(t).cloned().unwrap_or_default(),
-            type_url: t.into(),
-            resource_names: names_for(&state.current, t),
-            response_nonce: resp.nonce.clone(),
-            error_detail: error.as_deref().map(nack_status),
-            ..Default::default()
-        };
-        // The ACK, then new name lists for the types whose subscriptions changed.
-        let mut out = vec![ack];
-        for f in follow_ups {
-            let ft: &'static str = if f.type_url == ASSIGNMENT_TYPE {
-                ASSIGNMENT_TYPE
-            } else {
-                ROUTES_TYPE
-            };
-            out.push(DiscoveryRequest {
-                version_info: versions.get(ft).cloned().unwrap_or_default(),
-                type_url: ft.into(),
-                resource_names: names_for(&state.current, ft),
-                response_nonce: nonces.get(ft).cloned().unwrap_or_default(),
-                ..Default::default()
-            });
-        }
-        for r in out {
             if tx.send(r).await.is_err() {
                 return "request channel closed".into();
             }
         }
-        settle(state, config_tx, status_tx, t, error);
+        events(ads, config_tx, status_tx);
     }
-}
-
-fn publish(
-    state: &mut State,
-    config_tx: &watch::Sender<Arc<ProxyConfig>>,
-    status_tx: &watch::Sender<XdsStatus>,
-    complete: bool,
-) {
-    state.pending_since = None;
-    // Warm first: whoever sees the complete config sees the status that says so.
-    if complete {
-        status_tx.send_modify(|s| s.warm = true);
-    }
-    config_tx.send_replace(Arc::new(state.current.clone()));
-}
-
-/// Apply one response to `cfg` if every resource in it translates. Returns the subscription
-/// changes it calls for, and the NACK message if it was refused.
-fn apply(
-    cfg: &mut ProxyConfig,
-    resp: &DeltaDiscoveryResponse,
-) -> (Vec<DeltaDiscoveryRequest>, Option<String>) {
-    let t: &'static str = match resp.type_url.as_str() {
-        CLUSTER_TYPE => CLUSTER_TYPE,
-        ASSIGNMENT_TYPE => ASSIGNMENT_TYPE,
-        LISTENER_TYPE => LISTENER_TYPE,
-        ROUTES_TYPE => ROUTES_TYPE,
-        other => return (Vec::new(), Some(format!("type {other} is not supported"))),
-    };
-    let mut errors = Vec::new();
-    let mut next = cfg.clone();
-    let versions = next.versions.entry(t).or_default();
-    for name in &resp.removed_resources {
-        versions.remove(name);
-    }
-    for r in &resp.resources {
-        let Some(any) = &r.resource else {
-            errors.push(format!("{}: no resource body", r.name));
-            continue;
-        };
-        versions.insert(r.name.clone(), r.version.clone());
-        let named = |got: &str| {
-            (got != r.name).then(|| format!("{}: the resource inside is named {got:?}", r.name))
-        };
-        match t {
-            CLUSTER_TYPE => match config::cluster_resource(any) {
-                Ok(ClusterResource::Eds(c)) => match named(&c.name) {
-                    Some(e) => errors.push(e),
-                    None => {
-                        next.passthrough.remove(&c.name);
-                        next.clusters.insert(c.name.clone(), Arc::new(c));
-                    }
-                },
-                Ok(ClusterResource::OriginalDst(name)) => match named(&name) {
-                    Some(e) => errors.push(e),
-                    None => {
-                        next.clusters.remove(&name);
-                        next.passthrough.insert(name);
-                    }
-                },
-                Err(e) => errors.push(e.to_string()),
-            },
-            ASSIGNMENT_TYPE => match config::assignment(any) {
-                Ok(a) => match named(&a.cluster) {
-                    Some(e) => errors.push(e),
-                    None => {
-                        next.assignments.insert(a.cluster.clone(), Arc::new(a));
-                    }
-                },
-                Err(e) => errors.push(e.to_string()),
-            },
-            LISTENER_TYPE => match config::listener(any) {
-                Ok(Some(l)) => match named(&l.name) {
-                    Some(e) => errors.push(e),
-                    None => {
-                        next.listeners.insert(l.name.clone(), Arc::new(l));
-                    }
-                },
-                Ok(None) => {}
-                Err(e) => errors.push(e.to_string()),
-            },
-            _ => match config::route_table(any) {
-                Ok(rt) => match named(&rt.name) {
-                    Some(e) => errors.push(e),
-                    None => {
-                        next.routes.insert(rt.name.clone(), Arc::new(rt));
-                    }
-                },
-                Err(e) => errors.push(e.to_string()),
-            },
-        }
-    }
-    if !errors.is_empty() {
-        return (Vec::new(), Some(errors.join("; ")));
-    }
-    for name in &resp.removed_resources {
-        match t {
-            CLUSTER_TYPE => {
-                next.clusters.remove(name);
-                next.passthrough.remove(name);
-            }
-            ASSIGNMENT_TYPE => {
-                next.assignments.remove(name);
-            }
-            LISTENER_TYPE => {
-                next.listeners.remove(name);
-            }
-            _ => {
-                next.routes.remove(name);
-            }
-        }
-    }
-    // Follow the clusters with endpoint subscriptions, the listeners with route ones.
-    let mut follow = Vec::new();
-    let diff = |old: BTreeSet<String>, new: BTreeSet<String>, t: &'static str| {
-        let sub: Vec<String> = new.difference(&old).cloned().collect();
-        let unsub: Vec<String> = old.difference(&new).cloned().collect();
-        (!sub.is_empty() || !unsub.is_empty()).then(|| DeltaDiscoveryRequest {
-            type_url: t.to_string(),
-            resource_names_subscribe: sub,
-            resource_names_unsubscribe: unsub,
-            ..Default::default()
-        })
-    };
-    if t == CLUSTER_TYPE {
-        let old: BTreeSet<String> = cfg.clusters.keys().cloned().collect();
-        let new: BTreeSet<String> = next.clusters.keys().cloned().collect();
-        for gone in old.difference(&new) {
-            next.assignments.remove(gone);
-            if let Some(v) = next.versions.get_mut(ASSIGNMENT_TYPE) {
-                v.remove(gone);
-            }
-        }
-        follow.extend(diff(old, new, ASSIGNMENT_TYPE));
-    }
-    if t == LISTENER_TYPE {
-        let old = cfg.route_names();
-        let new = next.route_names();
-        for gone in old.difference(&new) {
-            next.routes.remove(gone);
-            if let Some(v) = next.versions.get_mut(ROUTES_TYPE) {
-                v.remove(gone);
-            }
-        }
-        follow.extend(diff(old, new, ROUTES_TYPE));
-    }
-    *cfg = next;
-    (follow, None)
 }
 
 /// Ask the control plane for a transparent listener on `addr` (node metadata

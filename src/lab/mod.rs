@@ -186,7 +186,40 @@ fn loopback_ip(place: usize, host: u8) -> Ipv4Addr {
 }
 
 /// Build and start a lab; returns its state (also saved in DIR/lab.json).
+/// Bring a lab up, step by step: check the arguments, plan the clusters and their addresses,
+/// build the links between them, issue certificates, start etcd, the link relays or shaper,
+/// apply the failover policy, start every cluster's processes, and wait until every client
+/// sidecar serves every service.
 pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
+    let loopback = check_up_args(args)?;
+    let exe = std::env::current_exe().context("locating the strait binary")?;
+    let exe = exe.to_string_lossy().into_owned();
+    let started = Instant::now();
+    let mut lab = plan(args, loopback)?;
+    // Save early: whatever fails from here on, `lab down` knows what to remove.
+    lab.save()?;
+    build_links(&mut lab, loopback)?;
+    lab.save()?;
+    say("issuing the federation's certificates");
+    issue_certificates(&lab)?;
+    start_etcd(&mut lab, loopback).await?;
+    start_link_processes(&mut lab, &exe).await?;
+    apply_policies(&lab, &exe, loopback)?;
+    for i in 0..lab.clusters.len() {
+        start_cluster(&mut lab, &exe, i)?;
+    }
+    wait_until_serving(&lab).await?;
+    lab.save()?;
+    say(&format!(
+        "lab up in {:.1} s (state: {})",
+        started.elapsed().as_secs_f64(),
+        Lab::path(&lab.dir).display()
+    ));
+    Ok(lab)
+}
+
+/// The mode (`true`: loopback) once the arguments are known to be usable here.
+fn check_up_args(args: &UpArgs) -> anyhow::Result<bool> {
     let loopback = match args.mode.as_str() {
         "netns" => false,
         "loopback" => true,
@@ -209,6 +242,12 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
             args.name
         );
     }
+    Ok(loopback)
+}
+
+/// The lab's clusters and addresses (nothing started yet); the previous lab in the directory
+/// is taken down first.
+fn plan(args: &UpArgs, loopback: bool) -> anyhow::Result<Lab> {
     let dir = args.at.dir.clone();
     down(&dir, &args.name).context("removing the previous lab")?;
     std::fs::create_dir_all(dir.join("logs"))
@@ -216,9 +255,6 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("{}", dir.display()))?;
-    let exe = std::env::current_exe().context("locating the strait binary")?;
-    let exe = exe.to_string_lossy().into_owned();
-    let started = Instant::now();
 
     let n = usize::from(args.clusters);
     let (etcd_ns, etcd_ip) = if loopback {
@@ -311,9 +347,12 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
             },
         });
     }
-    // Save early: whatever fails from here on, `lab down` knows what to remove.
-    lab.save()?;
+    Ok(lab)
+}
 
+/// The links between clusters: user-space relays (loopback) or namespaces with veth pairs.
+fn build_links(lab: &mut Lab, loopback: bool) -> anyhow::Result<()> {
+    let n = lab.clusters.len();
     if loopback {
         // The addresses are fixed: a second loopback lab would collide with a running one.
         for addr in lab.etcd.member_addrs().into_iter().chain([SocketAddr::new(
@@ -330,20 +369,21 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         say(&format!(
             "building {n} clusters on 127.1.K.* addresses, linked by user-space relays"
         ));
-        build_relays(&mut lab)?;
+        build_relays(lab)?;
     } else {
         say(&format!(
             "building {n} clusters in network namespaces strait-{}-*",
-            args.name
+            lab.name
         ));
-        build_network(&mut lab)?;
+        build_network(lab)?;
     }
     lab.save()?;
 
-    say("issuing the federation's certificates");
-    issue_certificates(&lab)?;
+    Ok(())
+}
 
-    let etcd_url = format!("http://{}", lab.etcd.addr);
+/// etcd: one member, or three with `--replicas` above 1; waits until it serves.
+async fn start_etcd(lab: &mut Lab, loopback: bool) -> anyhow::Result<()> {
     let members = lab.etcd.member_addrs();
     say(&if members.len() > 1 {
         format!("starting etcd: {} members", members.len())
@@ -374,33 +414,33 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         let (etcd_args, zone, log) = if members.len() == 1 {
             (
                 federation::etcd_server::single_member_args(
-                    &dir.join("etcd"),
+                    &lab.dir.join("etcd"),
                     &client_urls,
                     &url,
                     &peer_url(a),
                 ),
                 None,
-                dir.join("logs/etcd.log"),
+                lab.dir.join("logs/etcd.log"),
             )
         } else {
             (
                 federation::etcd_server::member_args(
                     &format!("m{m}"),
-                    &dir.join(format!("etcd/m{m}")),
+                    &lab.dir.join(format!("etcd/m{m}")),
                     &client_urls,
                     &url,
                     &peer_url(a),
                     &initial.join(","),
                 ),
                 Some(m.to_string()),
-                dir.join(format!("logs/etcd-{m}.log")),
+                lab.dir.join(format!("logs/etcd-{m}.log")),
             )
         };
         let mut etcd = Proc {
             role: Role::Etcd,
             cluster: None,
             zone,
-            ns: etcd_ns.clone(),
+            ns: lab.etcd.ns.clone(),
             pid: 0,
             program: etcd_bin.clone(),
             args: etcd_args,
@@ -410,29 +450,40 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         lab.processes.push(etcd);
     }
     lab.save()?;
-    wait_ready(&lab, Role::Etcd, None, Duration::from_secs(30)).await?;
+    wait_ready(lab, Role::Etcd, None, Duration::from_secs(30)).await?;
 
+    Ok(())
+}
+
+/// The process that shapes the links: the relays (loopback) or the NFQUEUE shaper.
+async fn start_link_processes(lab: &mut Lab, exe: &str) -> anyhow::Result<()> {
     if let Some(control) = lab.relay {
         say(&format!("starting the link relays (control {control})"));
-        start_link_process(&mut lab, &exe, Role::Relay, RELAYS_FILE).await?;
+        start_link_process(lab, exe, Role::Relay, RELAYS_FILE).await?;
     }
     if let Some(control) = lab.shaper_control {
         say(&format!(
             "starting the link shaper (NFQUEUE, control {control})"
         ));
-        start_link_process(&mut lab, &exe, Role::Shaper, SHAPER_FILE).await?;
+        start_link_process(lab, exe, Role::Shaper, SHAPER_FILE).await?;
     }
 
+    Ok(())
+}
+
+/// The lab's failover policy, applied to the registry with `strait policy apply`.
+fn apply_policies(lab: &Lab, exe: &str, loopback: bool) -> anyhow::Result<()> {
     say("applying the failover policy of payments, ledger and store (west, then central)");
-    let policies = dir.join("policies.yaml");
+    let policies = lab.dir.join("policies.yaml");
+    let etcd_url = format!("http://{}", lab.etcd.addr);
     std::fs::write(&policies, POLICIES)?;
     let mut apply = if loopback {
-        let mut c = Command::new(&exe);
+        let mut c = Command::new(exe);
         c.args(["policy", "apply", "--etcd", &etcd_url, "-f"]);
         c
     } else {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &etcd_ns, &exe, "policy", "apply"])
+        c.args(["netns", "exec", &lab.etcd.ns, exe, "policy", "apply"])
             .args(["--etcd", &format!("http://127.0.0.1:{ETCD_PORT}"), "-f"]);
         c
     };
@@ -447,192 +498,195 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<Lab> {
         );
     }
 
-    for i in 0..lab.clusters.len() {
-        let c = lab.clusters[i].clone();
-        say(&format!(
-            "starting cluster {} ({}): echo replicas and their sidecars, control plane, gateway, client sidecar",
-            c.name, c.region
-        ));
-        let cdir = dir.join(&c.name);
-        std::fs::create_dir_all(&cdir)?;
-        std::fs::write(cdir.join("discovery.yaml"), discovery_yaml(i, &c))?;
-        let etcd = etcd_endpoints(&lab, &c);
+    Ok(())
+}
+
+/// Cluster `i`'s files and processes: echo replicas with their sidecars, control planes,
+/// gateways, the client sidecar.
+fn start_cluster(lab: &mut Lab, exe: &str, i: usize) -> anyhow::Result<()> {
+    let c = lab.clusters[i].clone();
+    say(&format!(
+        "starting cluster {} ({}): echo replicas and their sidecars, control plane, gateway, client sidecar",
+        c.name, c.region
+    ));
+    let dir = lab.dir.clone();
+    let cdir = dir.join(&c.name);
+    std::fs::create_dir_all(&cdir)?;
+    std::fs::write(cdir.join("discovery.yaml"), discovery_yaml(i, &c))?;
+    let etcd = etcd_endpoints(lab, &c);
+    std::fs::write(
+        cdir.join("controlplane.yaml"),
+        controlplane_yaml(&c, &etcd, &c.controlplane),
+    )?;
+    for (r, replica) in c.controlplane_replicas.iter().enumerate() {
         std::fs::write(
-            cdir.join("controlplane.yaml"),
-            controlplane_yaml(&c, &etcd, &c.controlplane),
+            cdir.join(format!("controlplane-{}.yaml", r + 1)),
+            controlplane_yaml(&c, &etcd, replica),
         )?;
-        for (r, replica) in c.controlplane_replicas.iter().enumerate() {
-            std::fs::write(
-                cdir.join(format!("controlplane-{}.yaml", r + 1)),
-                controlplane_yaml(&c, &etcd, replica),
-            )?;
-        }
-        for r in 0..c.gateways().len() {
-            std::fs::write(
-                cdir.join(gateway_file(r)),
-                gateway_yaml(&c, r, &etcd, &static_peers(&lab, &c, r)),
-            )?;
-        }
-        let mut procs = Vec::new();
-        for (z, zone) in ZONES.iter().enumerate() {
-            let mut args = vec![
-                "lab".to_string(),
-                "echo".into(),
-                "--cluster".into(),
-                c.name.clone(),
-                "--zone".into(),
-                zone.to_string(),
-            ];
-            // The zone's sidecar: one inbound listener (mutual TLS) on the cluster address per
-            // replica, in front of the replica on the cluster's local address.
-            let mut sidecar = proxy_args(
-                &dir,
-                &c,
-                "echo",
-                zone,
-                SocketAddr::new(sidecar_ip(c.local, z).into(), SIDECAR_OUTBOUND + z as u16),
-                SocketAddr::new(c.local.into(), SIDECAR_ADMIN + z as u16),
-            );
-            for (svc, _, first, protocol) in SERVICES.iter().filter(|s| runs_service(i, s.0)) {
-                // The sidecar offers the app's protocol in ALPN (h2 for gRPC, none for TCP).
-                let alpn = match *protocol {
-                    "grpc" => "@h2",
-                    "tcp" => "@none",
-                    _ => "",
-                };
-                for r in 0..2u16 {
-                    let port = first + (z as u16) * 2 + r;
-                    args.push("--serve".into());
-                    args.push(format!(
-                        "{svc}-{}{}={}:{port}",
-                        &zone[zone.len() - 1..],
-                        r + 1,
-                        c.local
-                    ));
-                    sidecar.push("--inbound".into());
-                    sidecar.push(format!("{}:{port}={}:{port}{alpn}", c.addr, c.local));
-                }
+    }
+    for r in 0..c.gateways().len() {
+        std::fs::write(
+            cdir.join(gateway_file(r)),
+            gateway_yaml(&c, r, &etcd, &static_peers(lab, &c, r)),
+        )?;
+    }
+    let mut procs = Vec::new();
+    for (z, zone) in ZONES.iter().enumerate() {
+        let mut args = vec![
+            "lab".to_string(),
+            "echo".into(),
+            "--cluster".into(),
+            c.name.clone(),
+            "--zone".into(),
+            zone.to_string(),
+        ];
+        // The zone's sidecar: one inbound listener (mutual TLS) on the cluster address per
+        // replica, in front of the replica on the cluster's local address.
+        let mut sidecar = proxy_args(
+            &dir,
+            &c,
+            "echo",
+            zone,
+            SocketAddr::new(sidecar_ip(c.local, z).into(), SIDECAR_OUTBOUND + z as u16),
+            SocketAddr::new(c.local.into(), SIDECAR_ADMIN + z as u16),
+        );
+        for (svc, _, first, protocol) in SERVICES.iter().filter(|s| runs_service(i, s.0)) {
+            // The sidecar offers the app's protocol in ALPN (h2 for gRPC, none for TCP).
+            let alpn = match *protocol {
+                "grpc" => "@h2",
+                "tcp" => "@none",
+                _ => "",
+            };
+            for r in 0..2u16 {
+                let port = first + (z as u16) * 2 + r;
+                args.push("--serve".into());
+                args.push(format!(
+                    "{svc}-{}{}={}:{port}",
+                    &zone[zone.len() - 1..],
+                    r + 1,
+                    c.local
+                ));
+                sidecar.push("--inbound".into());
+                sidecar.push(format!("{}:{port}={}:{port}{alpn}", c.addr, c.local));
             }
-            procs.push(proc_of(
-                &lab,
-                &exe,
-                Role::Echo,
-                &c,
-                Some(zone),
-                args,
-                &format!("echo-{}-{zone}", c.name),
-            ));
-            procs.push(proc_of(
-                &lab,
-                &exe,
-                Role::Echo,
-                &c,
-                Some(zone),
-                sidecar,
-                &format!("echo-sidecar-{}-{zone}", c.name),
-            ));
         }
-        let cfg = |f: &str| cdir.join(f).to_string_lossy().into_owned();
         procs.push(proc_of(
-            &lab,
-            &exe,
+            lab,
+            exe,
+            Role::Echo,
+            &c,
+            Some(zone),
+            args,
+            &format!("echo-{}-{zone}", c.name),
+        ));
+        procs.push(proc_of(
+            lab,
+            exe,
+            Role::Echo,
+            &c,
+            Some(zone),
+            sidecar,
+            &format!("echo-sidecar-{}-{zone}", c.name),
+        ));
+    }
+    let cfg = |f: &str| cdir.join(f).to_string_lossy().into_owned();
+    procs.push(proc_of(
+        lab,
+        exe,
+        Role::Controlplane,
+        &c,
+        None,
+        vec![
+            "controlplane".into(),
+            "--config".into(),
+            cfg("controlplane.yaml"),
+        ],
+        &format!("controlplane-{}", c.name),
+    ));
+    for r in 1..=c.controlplane_replicas.len() {
+        let replica = r.to_string();
+        procs.push(proc_of(
+            lab,
+            exe,
             Role::Controlplane,
             &c,
-            None,
+            Some(&replica),
             vec![
                 "controlplane".into(),
                 "--config".into(),
-                cfg("controlplane.yaml"),
+                cfg(&format!("controlplane-{r}.yaml")),
             ],
-            &format!("controlplane-{}", c.name),
+            &format!("controlplane-{}-{r}", c.name),
         ));
-        for r in 1..=c.controlplane_replicas.len() {
-            let replica = r.to_string();
-            procs.push(proc_of(
-                &lab,
-                &exe,
-                Role::Controlplane,
-                &c,
-                Some(&replica),
-                vec![
-                    "controlplane".into(),
-                    "--config".into(),
-                    cfg(&format!("controlplane-{r}.yaml")),
-                ],
-                &format!("controlplane-{}-{r}", c.name),
-            ));
-        }
-        for r in 0..c.gateways().len() {
-            let replica = (r > 0).then(|| r.to_string());
-            procs.push(proc_of(
-                &lab,
-                &exe,
-                Role::Gateway,
-                &c,
-                replica.as_deref(),
-                vec!["gateway".into(), "--config".into(), cfg(&gateway_file(r))],
-                &match r {
-                    0 => format!("gateway-{}", c.name),
-                    _ => format!("gateway-{}-{r}", c.name),
-                },
-            ));
-        }
-        let mut client = proxy_args(
-            &dir,
-            &c,
-            "client",
-            &c.client.zone,
-            c.client.outbound,
-            c.client.admin,
-        );
-        client.extend([
-            "--gateway".into(),
-            c.gateways()
-                .iter()
-                .map(|g| g.ingress.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        ]);
-        procs.push(proc_of(
-            &lab,
-            &exe,
-            Role::Client,
-            &c,
-            None,
-            client,
-            &format!("client-{}", c.name),
-        ));
-        for mut p in procs {
-            spawn(&mut p)?;
-            lab.processes.push(p);
-        }
-        lab.save()?;
     }
+    for r in 0..c.gateways().len() {
+        let replica = (r > 0).then(|| r.to_string());
+        procs.push(proc_of(
+            lab,
+            exe,
+            Role::Gateway,
+            &c,
+            replica.as_deref(),
+            vec!["gateway".into(), "--config".into(), cfg(&gateway_file(r))],
+            &match r {
+                0 => format!("gateway-{}", c.name),
+                _ => format!("gateway-{}-{r}", c.name),
+            },
+        ));
+    }
+    let mut client = proxy_args(
+        &dir,
+        &c,
+        "client",
+        &c.client.zone,
+        c.client.outbound,
+        c.client.admin,
+    );
+    client.extend([
+        "--gateway".into(),
+        c.gateways()
+            .iter()
+            .map(|g| g.ingress.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    ]);
+    procs.push(proc_of(
+        lab,
+        exe,
+        Role::Client,
+        &c,
+        None,
+        client,
+        &format!("client-{}", c.name),
+    ));
+    for mut p in procs {
+        spawn(&mut p)?;
+        lab.processes.push(p);
+    }
+    lab.save()?;
+    Ok(())
+}
 
+/// Every component ready, every link up, every client sidecar serving every service.
+async fn wait_until_serving(lab: &Lab) -> anyhow::Result<()> {
     say("waiting for every component to be ready and every link to be up");
     let deadline = Duration::from_secs(60);
     for c in &lab.clusters {
         for role in [Role::Echo, Role::Controlplane, Role::Gateway, Role::Client] {
-            wait_ready(&lab, role, Some(&c.name), deadline).await?;
+            wait_ready(lab, role, Some(&c.name), deadline).await?;
         }
     }
     for c in &lab.clusters {
-        wait_links_up(&lab, c, deadline).await?;
+        wait_links_up(lab, c, deadline).await?;
     }
     say("checking that every client sidecar serves every service");
     for c in &lab.clusters {
         for svc in ["echo.default", "payments.default", "ledger.default"] {
             wait_served(c, svc, "/", deadline).await?;
         }
-        wait_served_tcp(&lab, c, "store.default", deadline).await?;
+        wait_served_tcp(lab, c, "store.default", deadline).await?;
     }
-    lab.save()?;
-    say(&format!(
-        "lab up in {:.1} s (state: {})",
-        started.elapsed().as_secs_f64(),
-        Lab::path(&dir).display()
-    ));
-    Ok(lab)
+    Ok(())
 }
 
 const POLICIES: &str = "policies:\n  - service: payments.default\n    targets: [{cluster: west}, {cluster: central}]\n  \
