@@ -255,11 +255,7 @@ pub struct CertArgs {
 impl CertArgs {
     fn files(&self) -> Option<proxy::tls::TlsFiles> {
         match (&self.cert, &self.key, &self.ca) {
-            (Some(cert), Some(key), Some(ca)) => Some(proxy::tls::TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca: ca.clone(),
-            }),
+            (Some(cert), Some(key), Some(ca)) => Some(proxy::tls::TlsFiles::new(cert, key, ca)),
             _ => None,
         }
     }

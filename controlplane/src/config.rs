@@ -108,13 +108,8 @@ fn default_send_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-}
+/// The control plane's serving certificate files (one shape for every component).
+pub use federation::identity::TlsFiles;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,11 +157,7 @@ impl ControlPlaneConfig {
             if cfg.xds.tls.is_none()
                 && let Some(dir) = c.controlplane.as_ref().and_then(|k| k.files.as_ref())
             {
-                cfg.xds.tls = Some(TlsFiles {
-                    cert: dir.join("cert.pem"),
-                    key: dir.join("key.pem"),
-                    ca: dir.join("ca.pem"),
-                });
+                cfg.xds.tls = Some(TlsFiles::in_dir(dir));
             }
         }
         if cfg.xds.tls.is_none() && !cfg.xds.listen.ip().is_loopback() {

@@ -109,7 +109,7 @@ impl ServingTls {
 /// Finished TLS connections from `listener`, for `Server::serve_with_incoming_shutdown`: each
 /// handshake runs on its own task, bounded by [`HANDSHAKE_TIMEOUT`]; failures are logged and
 /// counted by the caller's `on_failure`, never ending the stream. The files are checked for
-/// rotation every second.
+/// rotation every `reload_interval` (default 1 s).
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ServingTls>,
@@ -119,7 +119,8 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel::<std::io::Result<TlsStream<TcpStream>>>(64);
     let on_failure = Arc::new(on_failure);
     tokio::spawn(async move {
-        let mut reload = tokio::time::interval(Duration::from_secs(1));
+        let every = tls.files.reload_interval.max(Duration::from_millis(50));
+        let mut reload = tokio::time::interval(every);
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = stop.cancelled() => return,

@@ -93,23 +93,8 @@ pub struct Listen {
     pub admin: SocketAddr,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-    /// How often the files are checked for rotation.
-    #[serde(
-        default = "default_reload",
-        with = "federation::discovery::duration_field"
-    )]
-    pub reload_interval: Duration,
-}
-
-fn default_reload() -> Duration {
-    Duration::from_secs(1)
-}
+/// The gateway's certificate files (one shape for every component).
+pub use federation::identity::TlsFiles;
 
 pub use federation::registry::RegistryConfig;
 

@@ -18,13 +18,9 @@ use rustls::{ClientConfig, ServerConfig};
 
 use crate::config::{SanMatch, UpstreamTls};
 
-/// The workload certificate files (from `strait pki issue workload`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-}
+/// The workload certificate files (from `strait pki issue workload`; one shape for every
+/// component).
+pub use federation::identity::TlsFiles;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

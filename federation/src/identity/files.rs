@@ -10,6 +10,46 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::IdentityError;
 
+/// A certificate, its private key and the CA bundle to trust, as files: the one shape every
+/// component's configuration and command line takes them in. The files are re-read when they
+/// change (rotation), checked every `reload_interval` where a component polls.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// How often the files are checked for rotation (default 1 s).
+    #[serde(default = "default_reload", with = "crate::discovery::duration_field")]
+    pub reload_interval: std::time::Duration,
+}
+
+fn default_reload() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
+}
+
+impl TlsFiles {
+    /// These files, checked every second.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>, ca: impl Into<PathBuf>) -> Self {
+        Self {
+            cert: cert.into(),
+            key: key.into(),
+            ca: ca.into(),
+            reload_interval: default_reload(),
+        }
+    }
+
+    /// The files `cert.pem`, `key.pem` and `ca.pem` of `dir` (the layout `strait pki issue`
+    /// writes).
+    pub fn in_dir(dir: &Path) -> Self {
+        Self::new(
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+            dir.join("ca.pem"),
+        )
+    }
+}
+
 /// File mode of private keys.
 pub(crate) const KEY_MODE: u32 = 0o600;
 /// File mode of certificates.

@@ -29,7 +29,7 @@ pub use ca::{
     DEFAULT_LEAF_VALIDITY, ExtraNames, IssuedCert, IssuedPaths, KEY_FILE, MAX_VALIDITY,
     NOT_BEFORE_BACKDATE,
 };
-pub use files::{load_certs, load_private_key, load_roots};
+pub use files::{TlsFiles, load_certs, load_private_key, load_roots};
 pub use inspect::{CertInfo, CertRole, inspect_der, inspect_pem, inspect_pem_at};
 pub use names::{
     Role, SPIFFE_SCHEME, SpiffeId, trust_domain_id, validate_name, validate_trust_domain,

@@ -266,11 +266,7 @@ async fn a_gateway_of_another_cluster_or_a_foreign_certificate_is_refused() {
     let foreign_client = GatewayClient::new(
         GatewayOptions::new(east_gw.ingress_addr),
         TlsSource::new(
-            TlsFiles {
-                cert: foreign.cert.clone(),
-                key: foreign.key.clone(),
-                ca: east_app.ca.clone(),
-            },
+            TlsFiles::new(&foreign.cert, &foreign.key, &east_app.ca),
             Peer::Gateway,
             &[b"h2"],
         )

@@ -40,11 +40,7 @@ pub fn one_service(name: &str, protocol: &str, port: u16, ep: SocketAddr) -> Str
 /// The workload certificate files of `p`, as the proxy takes them.
 #[allow(dead_code)]
 pub fn files(p: &federation::identity::IssuedPaths) -> proxy::tls::TlsFiles {
-    proxy::tls::TlsFiles {
-        cert: p.cert.clone(),
-        key: p.key.clone(),
-        ca: p.ca.clone(),
-    }
+    proxy::tls::TlsFiles::new(&p.cert, &p.key, &p.ca)
 }
 
 /// West's strait proxy (library) in us-west/us-west-1a: its workload certificate `certs` for
