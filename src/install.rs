@@ -825,7 +825,7 @@ pub fn render(manifests: &[Manifest], header: &str) -> anyhow::Result<String> {
 }
 
 fn load_values(path: &Path) -> anyhow::Result<(Values, Option<Vec<u8>>)> {
-    let text = federation::discovery::read_file(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let text = federation::config::read_file(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let values: Values = serde_saphyr::from_str(&text)
         .map_err(|e| anyhow::anyhow!("--values {}: {e}", path.display()))?;
     values

@@ -56,7 +56,7 @@ pub struct CertificatesConfig {
     /// How long an issued certificate is valid; renewed with a third left.
     #[serde(
         default = "default_validity",
-        with = "federation::discovery::duration_field"
+        with = "federation::config::duration_field"
     )]
     pub validity: Duration,
     /// The control plane's own xDS serving certificate.

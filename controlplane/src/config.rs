@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use federation::discovery::parse_yaml;
+use federation::config::parse_yaml;
 use federation::model::Name;
 use serde::Deserialize;
 
@@ -54,10 +54,7 @@ pub struct DiscoveryConfig {
     /// Kubernetes: exported Services and their EndpointSlices (see docs/kubernetes.md).
     #[serde(default)]
     pub kubernetes: Option<crate::kubernetes::source::KubernetesConfig>,
-    #[serde(
-        default = "default_poll",
-        with = "federation::discovery::duration_field"
-    )]
+    #[serde(default = "default_poll", with = "federation::config::duration_field")]
     pub poll: Duration,
 }
 
@@ -74,17 +71,17 @@ pub struct XdsConfig {
     pub tls: Option<TlsFiles>,
     #[serde(
         default = "default_debounce",
-        with = "federation::discovery::duration_field"
+        with = "federation::config::duration_field"
     )]
     pub debounce: Duration,
     #[serde(
         default = "default_max_delay",
-        with = "federation::discovery::duration_field"
+        with = "federation::config::duration_field"
     )]
     pub max_delay: Duration,
     #[serde(
         default = "default_send_timeout",
-        with = "federation::discovery::duration_field"
+        with = "federation::config::duration_field"
     )]
     pub send_timeout: Duration,
     /// A delta response carries at most about this many bytes of resources; larger updates
@@ -124,12 +121,12 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
-pub use federation::discovery::ConfigError;
+pub use federation::config::ConfigError;
 
 impl ControlPlaneConfig {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        Self::parse(path, &federation::discovery::read_file(path)?)
+        Self::parse(path, &federation::config::read_file(path)?)
     }
 
     pub fn parse(path: impl AsRef<Path>, text: &str) -> Result<Self, ConfigError> {

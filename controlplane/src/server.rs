@@ -36,7 +36,7 @@ pub enum StartError {
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
     #[error(transparent)]
-    Discovery(#[from] federation::discovery::DiscoveryError),
+    Discovery(#[from] federation::config::DiscoveryError),
     #[error(
         "discovery file {path}: it describes cluster `{found}`, but this control plane is `{expected}`"
     )]

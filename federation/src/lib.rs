@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod config;
 pub mod discovery;
 pub mod etcd_server;
 pub mod http_route;

@@ -25,7 +25,8 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::discovery::{DiscoveryError, at, invalid, parse_yaml, read_file};
+use crate::config::{DiscoveryError, invalid, parse_yaml, read_file};
+use crate::discovery::at;
 use crate::model::{
     Destination, Distribute, FailoverPolicy, FailoverTarget, HeaderMatch, HeaderValueMatch,
     HttpRoute, LocalityPattern, ModelError, Name, PathMatch, PolicyScope, RouteRetries, ServiceKey,

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use federation::discovery::parse_yaml;
+use federation::config::parse_yaml;
 use federation::model::{GatewayAddress, Name};
 use serde::Deserialize;
 
@@ -61,13 +61,13 @@ pub struct DnsConfig {
     /// Name servers (`IP:PORT`); empty: the system's (`/etc/resolv.conf`).
     pub nameservers: Vec<SocketAddr>,
     /// Per-query timeout.
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub timeout: Duration,
     /// Names are looked up again no sooner than this (also the retry delay after a failure).
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub min_refresh: Duration,
     /// ... and no later than this, whatever the records' TTL.
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub max_refresh: Duration,
 }
 
@@ -122,12 +122,12 @@ pub struct StaticPeer {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LinkConfig {
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub probe_interval: Duration,
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub probe_timeout: Duration,
     /// No probe reply for this long: the link is down.
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub down_after: Duration,
     /// Consecutive replies needed after a reconnect before the link is up.
     pub up_after_replies: u32,
@@ -135,15 +135,15 @@ pub struct LinkConfig {
     pub window: usize,
     /// Loss ratio (0..1) at which the link is degraded.
     pub degraded_loss: f64,
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub degraded_rtt: Duration,
     pub degrade_after: u32,
     pub recover_after: u32,
     /// QUIC keep-alive interval.
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub keep_alive: Duration,
     /// QUIC idle timeout: a connection with no packets for this long is dead.
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub idle_timeout: Duration,
 }
 
@@ -235,18 +235,18 @@ impl Default for TransportTuning {
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelConfig {
     /// A tunnel with no bytes either way for this long is closed.
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub idle_timeout: Duration,
     /// Connecting to a local endpoint may take this long.
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub connect_timeout: Duration,
     /// Opening a tunnel (header sent to status received) may take this long.
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub open_timeout: Duration,
     /// On shutdown (SIGTERM), tunnels under way may take this long to finish before the
     /// gateway closes its connections; meanwhile its sidecars and peers send new tunnels to
     /// other replicas.
-    #[serde(with = "federation::discovery::duration_field")]
+    #[serde(with = "federation::config::duration_field")]
     pub drain_timeout: Duration,
 }
 
@@ -261,12 +261,12 @@ impl Default for TunnelConfig {
     }
 }
 
-pub use federation::discovery::ConfigError;
+pub use federation::config::ConfigError;
 
 impl GatewayConfig {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        Self::parse(path, &federation::discovery::read_file(path)?)
+        Self::parse(path, &federation::config::read_file(path)?)
     }
 
     pub fn parse(path: impl AsRef<Path>, text: &str) -> Result<Self, ConfigError> {

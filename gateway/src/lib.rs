@@ -57,7 +57,7 @@ pub enum GatewayError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
-    Discovery(#[from] federation::discovery::DiscoveryError),
+    Discovery(#[from] federation::config::DiscoveryError),
     #[error(transparent)]
     Registry(#[from] federation::registry::RegistryError),
 }

@@ -107,7 +107,6 @@ pub(crate) async fn proxy_one(
     };
     let policy = connect_policy();
     let mut attempt_svc = OutlierLayer.layer(Connect);
-    let name: Arc<str> = cluster_name.into();
     let mut rng = ThreadRandom;
     let mut tried = Tried::default();
     let mut errors = Vec::new();
@@ -123,7 +122,6 @@ pub(crate) async fn proxy_one(
                 first,
                 host: host.clone(),
                 cluster: cluster.clone(),
-                cluster_name: name.clone(),
                 compiled: compiled.clone(),
             })
             .await
@@ -185,7 +183,6 @@ pub struct TcpAttempt {
     first: FirstBytes,
     host: Arc<Host>,
     cluster: Arc<ClusterRuntime>,
-    cluster_name: Arc<str>,
     compiled: Arc<Compiled>,
 }
 
@@ -215,9 +212,6 @@ impl OnHost for TcpAttempt {
     }
     fn cluster(&self) -> &Arc<ClusterRuntime> {
         &self.cluster
-    }
-    fn cluster_name(&self) -> &Arc<str> {
-        &self.cluster_name
     }
 }
 

@@ -56,7 +56,7 @@ pub struct IdentitiesConfig {
     /// How long an issued workload certificate is valid; renewed with a third left.
     #[serde(
         default = "default_validity",
-        with = "federation::discovery::duration_field"
+        with = "federation::config::duration_field"
     )]
     pub validity: Duration,
 }

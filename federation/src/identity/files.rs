@@ -20,7 +20,7 @@ pub struct TlsFiles {
     pub key: PathBuf,
     pub ca: PathBuf,
     /// How often the files are checked for rotation (default 1 s).
-    #[serde(default = "default_reload", with = "crate::discovery::duration_field")]
+    #[serde(default = "default_reload", with = "crate::config::duration_field")]
     pub reload_interval: std::time::Duration,
 }
 

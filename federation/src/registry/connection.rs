@@ -282,17 +282,14 @@ pub struct RegistryConfig {
     #[serde(default)]
     pub auth: Option<EtcdAuth>,
     /// TTL of the lease over what this component publishes.
-    #[serde(
-        default = "default_lease_ttl",
-        with = "crate::discovery::duration_field"
-    )]
+    #[serde(default = "default_lease_ttl", with = "crate::config::duration_field")]
     pub lease_ttl: Duration,
     /// A cluster whose entries left the registry without being withdrawn (its control plane
     /// went silent) is still served — its last endpoints, marked stale — while its gateway link
     /// is up, and still a member of the federation for the gateways, for at most this long.
     #[serde(
         default = "default_stale_bound",
-        with = "crate::discovery::duration_field"
+        with = "crate::config::duration_field"
     )]
     pub stale_bound: Duration,
 }

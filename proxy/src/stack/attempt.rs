@@ -62,7 +62,6 @@ layer!(
 pub trait OnHost {
     fn host(&self) -> &Arc<Host>;
     fn cluster(&self) -> &Arc<ClusterRuntime>;
-    fn cluster_name(&self) -> &Arc<str>;
 }
 
 /// What outlier detection needs of a result: what the upstream did (`None`: no upstream was
@@ -77,9 +76,6 @@ impl OnHost for Attempt {
     }
     fn cluster(&self) -> &Arc<ClusterRuntime> {
         &self.cluster
-    }
-    fn cluster_name(&self) -> &Arc<str> {
-        &self.cluster_name
     }
 }
 
@@ -106,17 +102,13 @@ where
 
     fn call(&mut self, r: R) -> Self::Future {
         let mut inner = self.inner.clone();
-        let (host, cluster, name) = (
-            r.host().clone(),
-            r.cluster().clone(),
-            r.cluster_name().clone(),
-        );
+        let (host, cluster) = (r.host().clone(), r.cluster().clone());
         Box::pin(async move {
             let result = inner.call(r).await?;
             if let Some(observed) = result.observed() {
                 let (outcome, _) = classify(observed, None);
                 if cluster.balancer.report(&host, outcome, Instant::now()) {
-                    tracing::warn!(cluster = %name, upstream = ?host.upstream,
+                    tracing::warn!(cluster = %cluster.config.name, upstream = ?host.upstream,
                         "outlier detection ejected a host");
                 }
             }
@@ -127,8 +119,7 @@ where
 
 impl<S> Service<Attempt> for PerTryTimeout<S>
 where
-    S: Service<Attempt, Response = Attempted, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<Attempt, Response = Attempted, Error = Infallible, Future = Fut<Attempted>>,
 {
     type Response = Attempted;
     type Error = Infallible;
@@ -139,17 +130,17 @@ where
     }
 
     fn call(&mut self, a: Attempt) -> Self::Future {
-        let mut inner = self.inner.clone();
         let (per_try, remaining) = (a.per_try, a.remaining);
         let limit = match (per_try, remaining) {
             (Some(p), Some(r)) => Some(p.min(r)),
             (p, r) => p.or(r),
         };
+        let Some(limit) = limit else {
+            return self.inner.call(a);
+        };
+        let attempt = self.inner.call(a);
         Box::pin(async move {
-            let Some(limit) = limit else {
-                return inner.call(a).await;
-            };
-            match tokio::time::timeout(limit, inner.call(a)).await {
+            match tokio::time::timeout(limit, attempt).await {
                 Ok(result) => result,
                 // The per-try timeout fired if it was the shorter of the two.
                 Err(_) => Ok(Attempted::TimedOut {

@@ -30,8 +30,7 @@ pub struct CircuitBreaker<S> {
 
 impl<S> Service<Routed> for CircuitBreaker<S>
 where
-    S: Service<Routed, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<Routed, Response = Response<Body>, Error = Infallible, Future = Fut<Response<Body>>>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -41,20 +40,18 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, r: Routed) -> Self::Future {
+    fn call(&mut self, mut r: Routed) -> Self::Future {
         let limit = u64::from(r.cluster.config.thresholds.max_requests);
         let Some(permit) = r.cluster.requests.try_acquire(limit) else {
             let reply = local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("cluster {} is at max_requests", r.cluster_name),
+                &format!("cluster {} is at max_requests", r.cluster.config.name),
             );
             return Box::pin(async move { Ok(reply) });
         };
-        let mut inner = self.inner.clone();
-        Box::pin(async move {
-            let response = inner.call(r).await;
-            drop(permit);
-            response
-        })
+        // The request carries its permit down the stack; it is given back when the attempts
+        // are over (the response's head).
+        r.permit = Some(permit);
+        self.inner.call(r)
     }
 }

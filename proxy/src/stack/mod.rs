@@ -52,7 +52,7 @@ use tower_service::Service;
 
 use crate::config::RouteEntry;
 use crate::lb::Host;
-use crate::runtime::{Body, BoxError, ClusterRuntime, Compiled};
+use crate::runtime::{Body, BoxError, ClusterRuntime, Compiled, Permit};
 
 pub use classify::{Observed, Retry, classify};
 
@@ -70,10 +70,11 @@ pub struct Downstream {
 pub struct Routed {
     pub req: Request<Body>,
     pub route: Arc<RouteEntry>,
-    pub cluster_name: Arc<str>,
     pub cluster: Arc<ClusterRuntime>,
     /// The route's deadline for the whole request, retries included.
     pub deadline: Option<Instant>,
+    /// The circuit breaker's permit, held until the response's head.
+    pub permit: Option<Permit>,
 }
 
 /// The request's body, as attempts can use it.
@@ -89,9 +90,9 @@ pub struct Prepared {
     pub parts: Arc<http::request::Parts>,
     pub body: Replayable,
     pub route: Arc<RouteEntry>,
-    pub cluster_name: Arc<str>,
     pub cluster: Arc<ClusterRuntime>,
     pub deadline: Option<Instant>,
+    pub permit: Option<Permit>,
 }
 
 /// One attempt on one host.
@@ -99,7 +100,6 @@ pub struct Attempt {
     pub parts: Arc<http::request::Parts>,
     pub body: Body,
     pub host: Arc<Host>,
-    pub cluster_name: Arc<str>,
     pub cluster: Arc<ClusterRuntime>,
     /// The route's per-try timeout.
     pub per_try: Option<Duration>,

@@ -47,8 +47,14 @@ pub struct Replay<S> {
 
 impl<S> Service<Routed> for Replay<S>
 where
-    S: Service<Prepared, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<
+            Prepared,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future = Fut<Response<Body>>,
+        > + Clone
+        + Send
+        + 'static,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -59,42 +65,41 @@ where
     }
 
     fn call(&mut self, r: Routed) -> Self::Future {
+        let Routed {
+            req,
+            route,
+            cluster,
+            deadline,
+            permit,
+        } = r;
+        let (parts, body) = req.into_parts();
+        let replay = route.retry.is_some()
+            && body.size_hint().upper().is_some_and(|u| u <= REPLAYABLE)
+            && parts.headers.get(http::header::UPGRADE).is_none();
+        let prepared = move |body| Prepared {
+            parts: Arc::new(parts),
+            body,
+            route,
+            cluster,
+            deadline,
+            permit,
+        };
+        if !replay {
+            return self.inner.call(prepared(Replayable::Once(Some(body))));
+        }
         let mut inner = self.inner.clone();
         Box::pin(async move {
-            let Routed {
-                req,
-                route,
-                cluster_name,
-                cluster,
-                deadline,
-            } = r;
-            let (parts, body) = req.into_parts();
-            let replay = route.retry.is_some()
-                && body.size_hint().upper().is_some_and(|u| u <= REPLAYABLE)
-                && parts.headers.get(http::header::UPGRADE).is_none();
-            let body = if replay {
-                match body.collect().await {
-                    Ok(b) => Replayable::Buffered(b.to_bytes()),
-                    Err(e) => {
-                        return Ok(local_reply(
-                            StatusCode::BAD_REQUEST,
-                            &format!("reading the request body: {e}"),
-                        ));
-                    }
+            match body.collect().await {
+                Ok(b) => {
+                    inner
+                        .call(prepared(Replayable::Buffered(b.to_bytes())))
+                        .await
                 }
-            } else {
-                Replayable::Once(Some(body))
-            };
-            inner
-                .call(Prepared {
-                    parts: Arc::new(parts),
-                    body,
-                    route,
-                    cluster_name,
-                    cluster,
-                    deadline,
-                })
-                .await
+                Err(e) => Ok(local_reply(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reading the request body: {e}"),
+                )),
+            }
         })
     }
 }
@@ -143,10 +148,11 @@ where
         parts,
         mut body,
         route,
-        cluster_name,
         cluster,
         deadline,
+        permit: _permit,
     } = p;
+    let cluster_name = cluster.config.name.as_str();
     let policy = route.retry.as_ref();
     let max_attempts = match &body {
         Replayable::Buffered(_) => 1 + policy.map_or(0, |r| r.num_retries),
@@ -195,7 +201,6 @@ where
                 parts: parts.clone(),
                 body: attempt_body,
                 host,
-                cluster_name: cluster_name.clone(),
                 cluster: cluster.clone(),
                 per_try: policy.and_then(|p| p.per_try_timeout),
                 remaining: deadline.map(|d| d.saturating_duration_since(Instant::now())),

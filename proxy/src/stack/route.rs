@@ -31,11 +31,12 @@ pub struct Route<S> {
 
 impl<S> Service<Downstream> for Route<S>
 where
-    S: Service<Routed, Response = http::Response<Body>, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
+    S: Service<
+            Routed,
+            Response = http::Response<Body>,
+            Error = std::convert::Infallible,
+            Future = Fut<http::Response<Body>>,
+        >,
 {
     type Response = http::Response<Body>;
     type Error = std::convert::Infallible;
@@ -53,8 +54,7 @@ where
                 return Box::pin(async move { Ok(reply) });
             }
         };
-        let mut inner = self.inner.clone();
-        Box::pin(async move { inner.call(routed).await })
+        self.inner.call(routed)
     }
 }
 
@@ -84,7 +84,7 @@ fn routed(d: Downstream, rng: &mut dyn Random) -> Result<Routed, (StatusCode, St
         return Err((StatusCode::NOT_FOUND, format!("no route for {host}{path}")));
     };
     let cluster_name = pick_cluster(route, rng);
-    let Some(cluster) = compiled.clusters.get(&cluster_name) else {
+    let Some(cluster) = compiled.clusters.get(cluster_name) else {
         return Err((
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cluster {cluster_name} has no endpoints"),
@@ -93,25 +93,25 @@ fn routed(d: Downstream, rng: &mut dyn Random) -> Result<Routed, (StatusCode, St
     Ok(Routed {
         deadline: route.timeout.map(|t| Instant::now() + t),
         route: route.clone(),
-        cluster_name: cluster_name.into(),
         cluster: cluster.clone(),
         req,
+        permit: None,
     })
 }
 
 /// The route's cluster; for a weighted route, one by weight.
-pub(crate) fn pick_cluster(route: &RouteEntry, rng: &mut dyn Random) -> String {
+pub(crate) fn pick_cluster<'r>(route: &'r RouteEntry, rng: &mut dyn Random) -> &'r str {
     match &route.target {
-        RouteTarget::Cluster(c) => c.clone(),
+        RouteTarget::Cluster(c) => c,
         RouteTarget::Weighted { clusters, total } => {
             let mut x = rng.below(u64::from(*total));
             for (c, w) in clusters {
                 if x < u64::from(*w) {
-                    return c.clone();
+                    return c;
                 }
                 x -= u64::from(*w);
             }
-            clusters.last().map(|(c, _)| c.clone()).unwrap_or_default()
+            clusters.last().map_or("", |(c, _)| c.as_str())
         }
     }
 }

@@ -38,8 +38,7 @@ pub struct Upgrade<S> {
 
 impl<S> Service<Routed> for Upgrade<S>
 where
-    S: Service<Routed, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<Routed, Response = Response<Body>, Error = Infallible, Future = Fut<Response<Body>>>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -53,8 +52,7 @@ where
         if is_upgrade(&r.req) {
             return Box::pin(async move { Ok(upgrade(r).await) });
         }
-        let mut inner = self.inner.clone();
-        Box::pin(async move { inner.call(r).await })
+        self.inner.call(r)
     }
 }
 
@@ -78,10 +76,11 @@ async fn upgrade(r: Routed) -> Response<Body> {
     let Routed {
         mut req,
         route,
-        cluster_name,
         cluster,
         deadline,
+        permit: _permit,
     } = r;
+    let cluster_name = cluster.config.name.as_str();
     if cluster.config.http2 {
         return local_reply(
             StatusCode::BAD_GATEWAY,
