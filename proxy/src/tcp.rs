@@ -236,9 +236,7 @@ impl Service<TcpAttempt> for Connect {
     type Error = Infallible;
     type Future = Fut<TcpAttempted>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+    crate::stack::always_ready!();
 
     fn call(&mut self, a: TcpAttempt) -> Self::Future {
         Box::pin(async move {

@@ -4,13 +4,11 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::CaptureConnection;
-use tower::Layer;
 use tower_service::Service;
 
 use super::{Attempt, Attempted, Fut, HOP, Observed, Upstreamed, classify};
@@ -18,27 +16,6 @@ use crate::config::Upstream as Endpoint;
 use crate::lb::Host;
 use crate::runtime::{Body, BoxError, ClusterRuntime};
 use crate::tunnel::tunnel_authority;
-
-/// A layer whose service is the inner service wrapped in `S`.
-macro_rules! layer {
-    ($(#[$doc:meta])* $layer:ident, $service:ident) => {
-        #[derive(Debug, Clone, Copy)]
-        pub struct $layer;
-
-        impl<S> Layer<S> for $layer {
-            type Service = $service<S>;
-            fn layer(&self, inner: S) -> $service<S> {
-                $service { inner }
-            }
-        }
-
-        $(#[$doc])*
-        #[derive(Debug, Clone)]
-        pub struct $service<S> {
-            inner: S,
-        }
-    };
-}
 
 layer!(
     /// Reports every attempt's outcome (per [`classify`]) to its cluster's outlier detection,
@@ -96,9 +73,7 @@ where
     type Error = Infallible;
     type Future = Fut<S::Response>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+    always_ready!();
 
     fn call(&mut self, r: R) -> Self::Future {
         let mut inner = self.inner.clone();
@@ -125,9 +100,7 @@ where
     type Error = Infallible;
     type Future = Fut<Attempted>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+    always_ready!();
 
     fn call(&mut self, a: Attempt) -> Self::Future {
         let (per_try, remaining) = (a.per_try, a.remaining);
@@ -160,9 +133,7 @@ where
     type Error = Infallible;
     type Future = Fut<Attempted>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+    always_ready!();
 
     fn call(&mut self, a: Attempt) -> Self::Future {
         let req = match upstream_request(&a.parts, &a.host, a.cluster.config.http2, a.body) {
@@ -207,9 +178,7 @@ impl Service<Upstreamed> for Upstream {
     type Error = Infallible;
     type Future = Fut<Attempted>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+    always_ready!();
 
     fn call(&mut self, u: Upstreamed) -> Self::Future {
         Box::pin(async move {

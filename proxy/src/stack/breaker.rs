@@ -4,29 +4,14 @@
 //! waits.
 
 use std::convert::Infallible;
-use std::task::{Context, Poll};
 
 use http::{Response, StatusCode};
-use tower::Layer;
 use tower_service::Service;
 
 use super::{Fut, Routed, local_reply};
 use crate::runtime::Body;
 
-#[derive(Debug, Clone, Copy)]
-pub struct CircuitBreakerLayer;
-
-impl<S> Layer<S> for CircuitBreakerLayer {
-    type Service = CircuitBreaker<S>;
-    fn layer(&self, inner: S) -> CircuitBreaker<S> {
-        CircuitBreaker { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct CircuitBreaker<S> {
-    inner: S,
-}
+layer!(CircuitBreakerLayer, CircuitBreaker);
 
 impl<S> Service<Routed> for CircuitBreaker<S>
 where
@@ -36,9 +21,7 @@ where
     type Error = Infallible;
     type Future = Fut<Response<Body>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+    always_ready!();
 
     fn call(&mut self, mut r: Routed) -> Self::Future {
         let limit = u64::from(r.cluster.config.thresholds.max_requests);

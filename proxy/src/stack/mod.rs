@@ -25,6 +25,40 @@
 //! reply, as Envoy's circuit breakers do) and never fails (`Error = Infallible`): errors are
 //! answered with a status and a reason (`x-strait-reason`).
 
+/// A layer (a unit struct) and its service (the inner service wrapped): `layer!(Layer, Service)`.
+macro_rules! layer {
+    ($(#[$doc:meta])* $layer:ident, $service:ident) => {
+        #[derive(Debug, Clone, Copy)]
+        pub struct $layer;
+
+        impl<S> tower::Layer<S> for $layer {
+            type Service = $service<S>;
+            fn layer(&self, inner: S) -> $service<S> {
+                $service { inner }
+            }
+        }
+
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $service<S> {
+            inner: S,
+        }
+    };
+}
+
+/// `poll_ready` of a service that is always ready: limits answer at once, they never wait.
+macro_rules! always_ready {
+    () => {
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), std::convert::Infallible>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    };
+}
+pub(crate) use always_ready;
+
 pub mod attempt;
 pub mod breaker;
 pub mod classify;

@@ -9,13 +9,11 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
-use tower::Layer;
 use tower_service::Service;
 
 use super::{
@@ -27,23 +25,13 @@ use crate::runtime::Body;
 /// Request bodies up to this size are buffered so a retry can send them again.
 pub const REPLAYABLE: u64 = 64 * 1024;
 
-#[derive(Debug, Clone, Copy)]
-pub struct ReplayLayer;
-
-impl<S> Layer<S> for ReplayLayer {
-    type Service = Replay<S>;
-    fn layer(&self, inner: S) -> Replay<S> {
-        Replay { inner }
-    }
-}
-
-/// Buffers a request body that a retry may need to send again: the route retries, and the
-/// body is complete and at most [`REPLAYABLE`] bytes. Anything else streams through on one
-/// attempt.
-#[derive(Debug, Clone)]
-pub struct Replay<S> {
-    inner: S,
-}
+layer!(
+    /// Buffers a request body that a retry may need to send again: the route retries, and the
+    /// body is complete and at most [`REPLAYABLE`] bytes. Anything else streams through on one
+    /// attempt.
+    ReplayLayer,
+    Replay
+);
 
 impl<S> Service<Routed> for Replay<S>
 where
@@ -60,9 +48,7 @@ where
     type Error = Infallible;
     type Future = Fut<Response<Body>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+    always_ready!();
 
     fn call(&mut self, r: Routed) -> Self::Future {
         let Routed {
@@ -104,22 +90,12 @@ where
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct RetryLayer;
-
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-    fn layer(&self, inner: S) -> Retry<S> {
-        Retry { inner }
-    }
-}
-
-/// Attempts until one is not to be retried, the attempts or the budget are spent, or the
-/// deadline passed.
-#[derive(Debug, Clone)]
-pub struct Retry<S> {
-    inner: S,
-}
+layer!(
+    /// Attempts until one is not to be retried, the attempts or the budget are spent, or the
+    /// deadline passed.
+    RetryLayer,
+    Retry
+);
 
 impl<S> Service<Prepared> for Retry<S>
 where
@@ -130,9 +106,7 @@ where
     type Error = Infallible;
     type Future = Fut<Response<Body>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+    always_ready!();
 
     fn call(&mut self, p: Prepared) -> Self::Future {
         let inner = self.inner.clone();

@@ -2,11 +2,9 @@
 //! (Envoy's domain precedence), the first route whose path and headers match, then the
 //! cluster (a weighted route picks one by weight) and the route's deadline.
 
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::StatusCode;
-use tower::Layer;
 use tower_service::Service;
 
 use super::{Downstream, Fut, Routed, local_reply};
@@ -14,20 +12,7 @@ use crate::config::{RouteEntry, RouteTarget};
 use crate::lb::{Random, ThreadRandom};
 use crate::runtime::Body;
 
-#[derive(Debug, Clone, Copy)]
-pub struct RouteLayer;
-
-impl<S> Layer<S> for RouteLayer {
-    type Service = Route<S>;
-    fn layer(&self, inner: S) -> Route<S> {
-        Route { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Route<S> {
-    inner: S,
-}
+layer!(RouteLayer, Route);
 
 impl<S> Service<Downstream> for Route<S>
 where
@@ -42,9 +27,7 @@ where
     type Error = std::convert::Infallible;
     type Future = Fut<http::Response<Body>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
+    always_ready!();
 
     fn call(&mut self, d: Downstream) -> Self::Future {
         let routed = match routed(d, &mut ThreadRandom) {

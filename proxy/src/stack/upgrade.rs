@@ -6,14 +6,12 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use tower::Layer;
 use tower_service::Service;
 
 use super::attempt::{Built, upstream_request};
@@ -21,20 +19,7 @@ use super::{Fut, HOP, Observed, Routed, classify, local_reply};
 use crate::lb::{ThreadRandom, Tried};
 use crate::runtime::{Body, BoxError};
 
-#[derive(Debug, Clone, Copy)]
-pub struct UpgradeLayer;
-
-impl<S> Layer<S> for UpgradeLayer {
-    type Service = Upgrade<S>;
-    fn layer(&self, inner: S) -> Upgrade<S> {
-        Upgrade { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Upgrade<S> {
-    inner: S,
-}
+layer!(UpgradeLayer, Upgrade);
 
 impl<S> Service<Routed> for Upgrade<S>
 where
@@ -44,9 +29,7 @@ where
     type Error = Infallible;
     type Future = Fut<Response<Body>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
+    always_ready!();
 
     fn call(&mut self, r: Routed) -> Self::Future {
         if is_upgrade(&r.req) {
