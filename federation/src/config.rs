@@ -106,7 +106,8 @@ pub(crate) fn invalid(
     }))
 }
 
-/// A duration field written the human way (`500ms`, `2s`, `1m`).
+/// `#[serde(with = "federation::config::duration_field")]`: a duration written like `500ms`
+/// or `2s` in a configuration file.
 pub mod duration_field {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;

@@ -255,6 +255,52 @@ fn build(path: &Path, spec: FileSpec) -> Result<ClusterState, DiscoveryError> {
     Ok(ClusterState { cluster, services })
 }
 
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Check `path` every `poll` and send its cluster state (registry keys and values) to `desired`
+/// whenever it changes, until `shutdown`. An edit that does not parse, or that names another
+/// cluster than `cluster`, is logged with its file:line:field and the last good state stays.
+pub async fn follow_file(
+    path: PathBuf,
+    cluster: crate::model::ClusterId,
+    poll: std::time::Duration,
+    desired: tokio::sync::watch::Sender<std::collections::BTreeMap<String, Vec<u8>>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut stamp = file_stamp(&path);
+    let mut ticker = tokio::time::interval(poll.max(std::time::Duration::from_millis(50)));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = ticker.tick() => {}
+        }
+        let now = file_stamp(&path);
+        if now == stamp {
+            continue;
+        }
+        stamp = now;
+        match DiscoveryFile::load(&path) {
+            Ok(f) if f.state.cluster.id != cluster => {
+                tracing::error!(
+                    file = %path.display(),
+                    "the file now names cluster `{}`, not `{cluster}`; keeping the last good state",
+                    f.state.cluster.id
+                );
+            }
+            Ok(f) => {
+                tracing::info!(file = %path.display(), services = f.state.services.len(),
+                    "discovery file changed; republishing");
+                desired.send_replace(crate::registry::codec::cluster_state_kvs(&f.state));
+            }
+            Err(e) => tracing::error!("{e}; keeping the last good state"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,53 +418,5 @@ services:
                 .starts_with("/nonexistent/east.yaml: cannot read"),
             "{e}"
         );
-    }
-}
-
-/// `#[serde(with = "federation::discovery::duration_field")]`: a duration written like `500ms`
-/// or `2s` in a configuration file.
-fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
-/// Check `path` every `poll` and send its cluster state (registry keys and values) to `desired`
-/// whenever it changes, until `shutdown`. An edit that does not parse, or that names another
-/// cluster than `cluster`, is logged with its file:line:field and the last good state stays.
-pub async fn follow_file(
-    path: PathBuf,
-    cluster: crate::model::ClusterId,
-    poll: std::time::Duration,
-    desired: tokio::sync::watch::Sender<std::collections::BTreeMap<String, Vec<u8>>>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let mut stamp = file_stamp(&path);
-    let mut ticker = tokio::time::interval(poll.max(std::time::Duration::from_millis(50)));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = ticker.tick() => {}
-        }
-        let now = file_stamp(&path);
-        if now == stamp {
-            continue;
-        }
-        stamp = now;
-        match DiscoveryFile::load(&path) {
-            Ok(f) if f.state.cluster.id != cluster => {
-                tracing::error!(
-                    file = %path.display(),
-                    "the file now names cluster `{}`, not `{cluster}`; keeping the last good state",
-                    f.state.cluster.id
-                );
-            }
-            Ok(f) => {
-                tracing::info!(file = %path.display(), services = f.state.services.len(),
-                    "discovery file changed; republishing");
-                desired.send_replace(crate::registry::codec::cluster_state_kvs(&f.state));
-            }
-            Err(e) => tracing::error!("{e}; keeping the last good state"),
-        }
     }
 }
