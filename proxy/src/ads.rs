@@ -372,12 +372,9 @@ pub(crate) fn apply(
     cfg: &mut ProxyConfig,
     resp: &DeltaDiscoveryResponse,
 ) -> (Vec<DeltaDiscoveryRequest>, Option<String>) {
-    let t: &'static str = match resp.type_url.as_str() {
-        CLUSTER_TYPE => CLUSTER_TYPE,
-        ASSIGNMENT_TYPE => ASSIGNMENT_TYPE,
-        LISTENER_TYPE => LISTENER_TYPE,
-        ROUTES_TYPE => ROUTES_TYPE,
-        other => return (Vec::new(), Some(format!("type {other} is not supported"))),
+    let Some(t) = known(&resp.type_url) else {
+        let other = &resp.type_url;
+        return (Vec::new(), Some(format!("type {other} is not supported")));
     };
     let mut errors = Vec::new();
     let mut next = cfg.clone();

@@ -281,20 +281,11 @@ pub(crate) fn upstream_request(
         Err(e) => return Built::Rejected(format!("request target: {e}")),
     };
     copy_headers(&parts.headers, up.headers_mut());
-    if !http2 && let Ok(v) = HeaderValue::from_str(&host_header(&host_of(parts), &host.upstream)) {
+    let requested = super::requested_host(&parts.headers, &parts.uri);
+    if !http2 && let Ok(v) = HeaderValue::from_str(&host_header(requested, &host.upstream)) {
         up.headers_mut().insert(http::header::HOST, v);
     }
     Built::Request(up)
-}
-
-fn host_of(parts: &http::request::Parts) -> String {
-    parts
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .unwrap_or_default()
 }
 
 fn host_header(requested: &str, upstream: &Endpoint) -> String {

@@ -239,27 +239,6 @@ where
 /// The request path the data plane serves with.
 pub type Served = <Layers as tower::Layer<attempt::Upstream>>::Service;
 
-/// Handle one downstream request with the routes of `listener`.
-pub async fn handle(
-    compiled: Arc<Compiled>,
-    listener: Arc<str>,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let mut svc = stack(attempt::Upstream);
-    let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
-    match svc
-        .call(Downstream {
-            req,
-            compiled,
-            listener,
-        })
-        .await
-    {
-        Ok(r) => r,
-        Err(never) => match never {},
-    }
-}
-
 /// Serve one downstream HTTP connection with the routes of listener `name`.
 pub(crate) async fn serve_connection(
     stream: TcpStream,
@@ -285,6 +264,16 @@ pub(crate) async fn serve_connection(
     {
         tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
     }
+}
+
+/// The host a request asked for: its `Host` header, or the authority of its target (HTTP/2),
+/// or empty.
+pub(crate) fn requested_host<'a>(headers: &'a http::HeaderMap, uri: &'a http::Uri) -> &'a str {
+    headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or_default()
 }
 
 /// A response made here, not upstream: `status`, and the reason in the body and in

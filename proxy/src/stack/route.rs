@@ -49,13 +49,7 @@ fn routed(d: Downstream, rng: &mut dyn Random) -> Result<Routed, (StatusCode, St
         compiled,
         listener,
     } = d;
-    let host = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
+    let host = super::requested_host(req.headers(), req.uri());
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let Some(table) = compiled.table(&listener) else {
         return Err((
@@ -63,7 +57,7 @@ fn routed(d: Downstream, rng: &mut dyn Random) -> Result<Routed, (StatusCode, St
             "listener has no routes yet".into(),
         ));
     };
-    let Some(route) = table.route(&host, path, req.headers()) else {
+    let Some(route) = table.route(host, path, req.headers()) else {
         return Err((StatusCode::NOT_FOUND, format!("no route for {host}{path}")));
     };
     let cluster_name = pick_cluster(route, rng);
