@@ -3,6 +3,7 @@
 //! cluster's proxies over ADS (state of the world and delta) — Envoy and proxyless gRPC.
 #![forbid(unsafe_code)]
 
+mod admin;
 pub mod bootstrap;
 pub mod certificates;
 pub mod client;

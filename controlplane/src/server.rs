@@ -2,12 +2,10 @@
 //! the ADS server and the admin endpoint.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use federation::discovery::DiscoveryFile;
 use federation::registry::codec::cluster_state_kvs;
@@ -17,10 +15,6 @@ use federation::registry::{
     Backend, CacheStatus, EmbeddedRegistry, LeasedPublisher, PublisherConfig, RegistryCache,
     RegistryError,
 };
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -28,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ControlPlaneConfig;
 use crate::metrics::Metrics;
-use crate::view::{ORDER, ViewSettings};
+use crate::view::ViewSettings;
 use crate::xds::{Xds, XdsOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -401,10 +395,12 @@ impl ControlPlane {
             addr: cfg.admin.listen,
             source,
         })?;
-        tasks.push(tokio::spawn(serve_admin(
-            xds.clone(),
-            cache.clone(),
-            stale,
+        tasks.push(tokio::spawn(crate::admin::serve(
+            crate::admin::Admin {
+                xds: xds.clone(),
+                cache: cache.clone(),
+                stale,
+            },
             admin,
             stop.clone(),
         )));
@@ -513,7 +509,8 @@ fn replica_name() -> String {
 }
 
 /// Clusters served from their last entries, with when they left the registry.
-type StaleView = Arc<std::sync::RwLock<BTreeMap<federation::model::ClusterId, std::time::Instant>>>;
+pub(crate) type StaleView =
+    Arc<std::sync::RwLock<BTreeMap<federation::model::ClusterId, std::time::Instant>>>;
 
 /// Map the registry's snapshots to the ones served: with clusters whose control plane went
 /// silent kept (see `federation::registry::retention`).
@@ -581,168 +578,6 @@ async fn retain_stale(
             }
         }
     }
-}
-
-async fn serve_admin(
-    xds: Xds,
-    cache: Arc<RegistryCache>,
-    stale: StaleView,
-    listener: TcpListener,
-    stop: CancellationToken,
-) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => return,
-        };
-        let xds = xds.clone();
-        let cache = cache.clone();
-        let stale = stale.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let r = admin(&xds, &cache, &stale, &req);
-                async move { Ok::<_, Infallible>(r) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
-}
-
-fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    if let Ok(v) = http::HeaderValue::from_str(content_type) {
-        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
-    }
-    r
-}
-
-fn admin(
-    xds: &Xds,
-    cache: &RegistryCache,
-    stale: &StaleView,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    match req.uri().path() {
-        "/ready" => {
-            if xds.ready() {
-                respond(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("waiting for the registry: {:?}\n", cache.status()),
-                )
-            }
-        }
-        "/metrics" => {
-            let mut text = xds.metrics().render();
-            let synced = matches!(cache.status(), CacheStatus::Synced { .. });
-            text.push_str(&format!(
-                "# HELP strait_registry_synced 1 when the registry cache is up to date.\n# TYPE strait_registry_synced gauge\nstrait_registry_synced {}\n",
-                u8::from(synced)
-            ));
-            text.push_str(&format!(
-                "# HELP strait_registry_endpoints Endpoints in the registry.\n# TYPE strait_registry_endpoints gauge\nstrait_registry_endpoints {}\n",
-                cache.snapshot().endpoint_count()
-            ));
-            let stale = stale.read().map(|s| s.clone()).unwrap_or_default();
-            text.push_str(&format!(
-                "# HELP strait_registry_stale_clusters Clusters served from their last entries: they left the registry without a withdrawal while their gateway link is up.\n# TYPE strait_registry_stale_clusters gauge\nstrait_registry_stale_clusters {}\n",
-                stale.len()
-            ));
-            text.push_str("# HELP strait_registry_cluster_stale_seconds How long a stale cluster has been served from its last entries.\n# TYPE strait_registry_cluster_stale_seconds gauge\n");
-            for (c, since) in &stale {
-                text.push_str(&format!(
-                    "strait_registry_cluster_stale_seconds{{cluster=\"{c}\"}} {:.3}\n",
-                    since.elapsed().as_secs_f64()
-                ));
-            }
-            respond(StatusCode::OK, "text/plain; version=0.0.4", text)
-        }
-        "/debug/config" => debug_config(xds, req.uri().query().unwrap_or("")),
-        _ => respond(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /ready, /metrics, /debug/config?node=ID\n".into(),
-        ),
-    }
-}
-
-fn debug_config(xds: &Xds, query: &str) -> Response<Full<Bytes>> {
-    let node = query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "node")
-        .map(|(_, v)| v.to_string());
-    let clients = xds.clients();
-    let Some(node) = node else {
-        let ids: Vec<serde_json::Value> = clients
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "node": c.node.id,
-                    "kind": format!("{:?}", c.node.key.kind),
-                    "locality": c.node.key.locality.to_string(),
-                    "delta": c.delta,
-                })
-            })
-            .collect();
-        return respond(
-            StatusCode::OK,
-            "application/json",
-            serde_json::json!({"proxies": ids}).to_string(),
-        );
-    };
-    let Some(c) = clients.iter().find(|c| c.node.id == node) else {
-        return respond(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            format!("no proxy with node id {node:?} is connected\n"),
-        );
-    };
-    let sent = c.sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let acked = c.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut types = serde_json::Map::new();
-    for t in ORDER {
-        let resources: Vec<serde_json::Value> = sent[t as usize]
-            .values()
-            .map(|r| {
-                serde_json::json!({
-                    "name": r.name,
-                    "version": r.version,
-                    "resource": crate::debug::render(&r.body),
-                })
-            })
-            .collect();
-        types.insert(
-            t.short().to_string(),
-            serde_json::json!({"acked_nonce": acked[t as usize], "resources": resources}),
-        );
-    }
-    let body = serde_json::json!({
-        "node": c.node.id,
-        "user_agent": c.node.user_agent,
-        "kind": format!("{:?}", c.node.key.kind),
-        "locality": c.node.key.locality.to_string(),
-        "delta": c.delta,
-        "last_nack": *c.last_nack.lock().unwrap_or_else(|p| p.into_inner()),
-        "sent": types,
-    });
-    respond(
-        StatusCode::OK,
-        "application/json",
-        serde_json::to_string_pretty(&body).unwrap_or_default(),
-    )
 }
 
 /// Serve ADS on the connections `incoming` hands over until `stop`.

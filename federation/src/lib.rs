@@ -4,6 +4,7 @@
 //! the peer verifier).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod discovery;

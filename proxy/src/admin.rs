@@ -3,18 +3,13 @@
 //! every resource held, with its version) and `/clusters` (every endpoint with priority,
 //! locality, health, ejection and active requests).
 
-use std::convert::Infallible;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use bytes::Bytes;
+use federation::admin::{Endpoints, Limits, Reply};
 use federation::metrics_text::label_value;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -29,64 +24,45 @@ pub struct AdminState {
     pub current: watch::Receiver<Arc<Compiled>>,
 }
 
+/// Serve the admin endpoint on `listener` (through [`federation::admin::serve`]).
 pub async fn serve(listener: TcpListener, state: AdminState) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, &req)) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    federation::admin::serve(
+        listener,
+        Arc::new(state),
+        Limits::default(),
+        std::future::pending(),
+    )
+    .await;
 }
 
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    if let Ok(v) = http::HeaderValue::from_str(content_type) {
-        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
-    }
-    r
-}
+impl Endpoints for AdminState {
+    const DUMPS: &'static [&'static str] = &["/config_dump", "/clusters"];
 
-fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let status = state.status.borrow().clone();
-    let compiled = state.current.borrow().clone();
-    match req.uri().path() {
-        "/ready" => {
-            if status.warm {
-                reply(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                let missing = compiled.config.missing();
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!(
-                        "not ready: no complete config yet (connected: {}; missing: {missing:?}; last error: {:?})\n",
-                        status.connected, status.last_error
-                    ),
-                )
-            }
+    fn ready(&self) -> Result<(), String> {
+        let status = self.status.borrow().clone();
+        if status.warm {
+            return Ok(());
         }
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics(&status, &compiled),
-        ),
-        "/config_dump" => reply(StatusCode::OK, "application/json", config_dump(&compiled)),
-        "/clusters" => reply(StatusCode::OK, "text/plain", clusters(&compiled)),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: /ready, /metrics, /config_dump, /clusters\n".into(),
-        ),
+        let missing = self.current.borrow().config.missing();
+        Err(format!(
+            "not ready: no complete config yet (connected: {}; missing: {missing:?}; last error: {:?})",
+            status.connected, status.last_error
+        ))
+    }
+
+    fn metrics(&self) -> String {
+        let status = self.status.borrow().clone();
+        let compiled = self.current.borrow().clone();
+        metrics(&status, &compiled)
+    }
+
+    fn dump(&self, path: &str, _query: &str) -> Option<Reply> {
+        let compiled = self.current.borrow().clone();
+        match path {
+            "/config_dump" => Some(Reply::json(config_dump(&compiled))),
+            "/clusters" => Some(Reply::text(http::StatusCode::OK, clusters(&compiled))),
+            _ => None,
+        }
     }
 }
 
