@@ -65,7 +65,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                     tracing::warn!(%remote, error = %e, "ingress TLS handshake refused");
                     shared.metrics.count(
                         "strait_gateway_ingress_handshake_failures_total",
-                        reason_of(&e.to_string()),
+                        federation::identity::handshake_failure_reason(&e),
                     );
                     return;
                 }
@@ -112,21 +112,6 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 tracing::debug!(%remote, error = %e, "ingress connection ended");
             }
         });
-    }
-}
-
-fn reason_of(e: &str) -> &'static str {
-    let e = e.to_ascii_lowercase();
-    if e.contains("not signed") || e.contains("unknownissuer") {
-        "unknown_ca"
-    } else if e.contains("expired") {
-        "expired"
-    } else if e.contains("gateway identity") || e.contains("workload identity") {
-        "wrong_role"
-    } else if e.contains("peer sent no certificates") || e.contains("certificate required") {
-        "no_certificate"
-    } else {
-        "other"
     }
 }
 

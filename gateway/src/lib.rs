@@ -146,7 +146,7 @@ pub struct Shared {
     pub ingress_tls: RwLock<Arc<rustls::ServerConfig>>,
     /// Mutual TLS to local endpoints behind sidecars.
     pub sidecar_tls: RwLock<tls::SidecarTls>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     /// Tunnels under way (a graceful shutdown waits for them).
     pub in_flight: Arc<InFlight>,
@@ -365,12 +365,24 @@ impl Gateway {
             .map_err(GatewayError::Config)?,
         );
         let pinned = tls::Pinned::default();
+        let metrics = Arc::new(Metrics::default());
+        let on_reject: tls::OnReject = {
+            let metrics = metrics.clone();
+            Arc::new(move |side, why| {
+                let name = match side {
+                    tls::Side::Accepting => "strait_gateway_handshake_failures_total",
+                    tls::Side::Dialling => "strait_gateway_dial_failures_total",
+                };
+                metrics.count(name, why);
+            })
+        };
         let source = Arc::new(TlsSource::new(
             config.tls.clone(),
             own.clone(),
             members.clone(),
             pinned.clone(),
             transport,
+            on_reject,
         ));
         let material = source.build()?;
 
@@ -467,7 +479,7 @@ impl Gateway {
             quic_client: RwLock::new(material.quic_client),
             ingress_tls: RwLock::new(material.ingress),
             sidecar_tls: RwLock::new(material.sidecars),
-            metrics: Metrics::default(),
+            metrics,
             shutdown: Shutdown::new(),
             in_flight: Arc::new(InFlight::default()),
             started: std::time::Instant::now(),

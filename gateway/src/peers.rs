@@ -506,9 +506,11 @@ async fn dial_replica(shared: Arc<Shared>, peer: Arc<Peer>, addr: SocketAddr) {
             }
             Err(e) => {
                 tracing::debug!(peer = %peer.cluster, %addr, error = %e, "dial failed");
-                shared
-                    .metrics
-                    .count("strait_gateway_dial_failures_total", classify(&e));
+                if let Some(reason) = e.reason() {
+                    shared
+                        .metrics
+                        .count("strait_gateway_dial_failures_total", reason);
+                }
             }
         }
         tokio::select! {
@@ -519,51 +521,108 @@ async fn dial_replica(shared: Arc<Shared>, peer: Arc<Peer>, addr: SocketAddr) {
     }
 }
 
-fn classify(e: &str) -> String {
-    let e = e.to_ascii_lowercase();
-    for (needle, reason) in [
-        ("unknownissuer", "unknown_ca"),
-        ("not signed", "unknown_ca"),
-        ("expired", "expired"),
-        ("workload", "wrong_role"),
-        ("not a member", "unknown_cluster"),
-        ("timed out", "timeout"),
-        ("timeout", "timeout"),
-    ] {
-        if e.contains(needle) {
-            return reason.to_string();
+/// The `reason` label of a failed peer handshake, from quinn's typed error; `None` when this
+/// gateway's own verifier refused the peer's certificate (a certificate alert): it counted the
+/// typed reason already through [`crate::tls::OnReject`], since quinn keeps only the TLS alert
+/// of a rustls error (and every identity refusal is `certificate_unknown`).
+pub(crate) fn handshake_reason(e: &quinn::ConnectionError) -> Option<&'static str> {
+    use quinn::ConnectionError as E;
+    use rustls::AlertDescription as A;
+    // TLS alerts travel as QUIC CRYPTO_ERROR codes 0x100..=0x1ff (RFC 9001, section 4.8).
+    let alert = |code: quinn::TransportErrorCode| {
+        u64::from(code)
+            .checked_sub(0x100)
+            .and_then(|a| u8::try_from(a).ok())
+            .map(A::from)
+    };
+    Some(match e {
+        E::TimedOut => "timeout",
+        E::TransportError(t) => match alert(t.code) {
+            Some(
+                A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::DecryptError
+                | A::BadCertificateStatusResponse,
+            ) => return None,
+            Some(A::CertificateRequired) => "no_certificate",
+            Some(A::NoApplicationProtocol) => "alpn",
+            Some(_) => "tls",
+            None => "protocol",
+        },
+        E::ConnectionClosed(c) if alert(c.error_code).is_some() => "rejected_by_peer",
+        E::ConnectionClosed(_) | E::ApplicationClosed(_) => "closed_by_peer",
+        E::Reset => "reset",
+        E::VersionMismatch => "version_mismatch",
+        E::LocallyClosed | E::CidsExhausted => "other",
+    })
+}
+
+/// Why dialling a peer gateway failed.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("TLS state poisoned")]
+    Poisoned,
+    #[error(transparent)]
+    Connect(#[from] quinn::ConnectError),
+    #[error("handshake with {0} timed out")]
+    Timeout(SocketAddr),
+    #[error(transparent)]
+    Handshake(#[from] quinn::ConnectionError),
+    #[error("{0}")]
+    Identity(String),
+    #[error("{addr} is the gateway of `{found}`, not `{expected}`")]
+    WrongPeer {
+        addr: SocketAddr,
+        found: String,
+        expected: Name,
+    },
+}
+
+impl DialError {
+    /// The `reason` label of `strait_gateway_dial_failures_total`; `None` when the verifier
+    /// counted it (see [`handshake_reason`]).
+    fn reason(&self) -> Option<&'static str> {
+        match self {
+            Self::Poisoned | Self::Connect(_) => Some("other"),
+            Self::Timeout(_) => Some("timeout"),
+            Self::Handshake(e) => handshake_reason(e),
+            Self::Identity(_) => Some("bad_identity"),
+            Self::WrongPeer { .. } => Some("wrong_peer"),
         }
     }
-    "other".to_string()
 }
 
 async fn dial(
     shared: &Arc<Shared>,
     peer: &Arc<Peer>,
     addr: SocketAddr,
-) -> Result<quinn::Connection, String> {
+) -> Result<quinn::Connection, DialError> {
     let config = shared
         .quic_client
         .read()
-        .map_err(|_| "tls state poisoned".to_string())?
+        .map_err(|_| DialError::Poisoned)?
         .clone();
     let connecting = shared
         .endpoint
-        .connect_with(config, addr, peer.cluster.as_str())
-        .map_err(|e| e.to_string())?;
+        .connect_with(config, addr, peer.cluster.as_str())?;
     let timeout = peer.link.idle_timeout.max(Duration::from_secs(1));
     let conn = tokio::time::timeout(timeout, connecting)
         .await
-        .map_err(|_| format!("handshake with {addr} timed out"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| DialError::Timeout(addr))??;
     // The verifier accepted a member gateway; it must be the one we meant to reach.
-    let who = peer_cluster(&conn)?;
+    let who = peer_cluster(&conn).map_err(DialError::Identity)?;
     if who != peer.cluster.as_str() {
         conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"unexpected peer");
-        return Err(format!(
-            "{addr} is the gateway of `{who}`, not `{}`",
-            peer.cluster
-        ));
+        return Err(DialError::WrongPeer {
+            addr,
+            found: who,
+            expected: peer.cluster.clone(),
+        });
     }
     Ok(conn)
 }
@@ -621,11 +680,12 @@ pub async fn accept_loop(shared: Arc<Shared>) {
             let conn = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
-                    let reason = e.to_string();
-                    tracing::warn!(%remote, error = %reason, "peer handshake failed");
-                    shared
-                        .metrics
-                        .count("strait_gateway_handshake_failures_total", classify(&reason));
+                    tracing::warn!(%remote, error = %e, "peer handshake failed");
+                    if let Some(reason) = handshake_reason(&e) {
+                        shared
+                            .metrics
+                            .count("strait_gateway_handshake_failures_total", reason);
+                    }
                     return;
                 }
                 Err(_) => {
@@ -640,6 +700,9 @@ pub async fn accept_loop(shared: Arc<Shared>) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "refused a peer");
+                    shared
+                        .metrics
+                        .count("strait_gateway_handshake_failures_total", "bad_identity");
                     conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"no identity");
                     return;
                 }
@@ -648,7 +711,7 @@ pub async fn accept_loop(shared: Arc<Shared>) {
                 tracing::warn!(%remote, %cluster, "refused a peer: not a member of the federation");
                 shared
                     .metrics
-                    .count("strait_gateway_handshake_failures_total", "unknown_cluster");
+                    .count("strait_gateway_handshake_failures_total", "not_authorized");
                 conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), b"unknown cluster");
                 return;
             };

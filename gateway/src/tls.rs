@@ -70,13 +70,38 @@ impl Pinned {
     }
 }
 
+/// Which end of a peer handshake refused the other's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// This gateway accepted the connection (the peer is a TLS client).
+    Accepting,
+    /// This gateway dialled (the peer is a TLS server).
+    Dialling,
+}
+
+/// Told the reason (a metric label, from the typed error: see
+/// [`identity::tls_failure_reason`]) of every peer certificate the verifier refuses. Over QUIC
+/// the rustls error does not reach the connection's owner (quinn keeps only the TLS alert, and
+/// every identity refusal of a [`PeerVerifier`] is `certificate_unknown`), so the verifier
+/// reports it here.
+pub type OnReject = Arc<dyn Fn(Side, &'static str) + Send + Sync>;
+
 /// The verifier of peer gateways, both ways: the certificate of a pinned cluster (by the
 /// identity it claims) is verified against that cluster's own CA bundle and trust domain alone;
 /// every other against the federation CA.
-#[derive(Debug)]
 pub struct PeerGateways {
     federation: Arc<PeerVerifier>,
     pinned: Pinned,
+    on_reject: OnReject,
+}
+
+impl std::fmt::Debug for PeerGateways {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerGateways")
+            .field("federation", &self.federation)
+            .field("pinned", &self.pinned)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Pinned {
@@ -96,6 +121,13 @@ impl PeerGateways {
             .ok()
             .and_then(|id| self.pinned.get(id.cluster()))
             .unwrap_or_else(|| self.federation.clone())
+    }
+
+    fn report<T>(&self, side: Side, result: Result<T, rustls::Error>) -> Result<T, rustls::Error> {
+        if let Err(e) = &result {
+            (self.on_reject)(side, identity::tls_failure_reason(e));
+        }
+        result
     }
 }
 
@@ -117,8 +149,10 @@ impl ClientCertVerifier for PeerGateways {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.pick(end_entity)
-            .verify_client_cert(end_entity, intermediates, now)
+        let verified = self
+            .pick(end_entity)
+            .verify_client_cert(end_entity, intermediates, now);
+        self.report(Side::Accepting, verified)
     }
     fn verify_tls12_signature(
         &self,
@@ -126,7 +160,9 @@ impl ClientCertVerifier for PeerGateways {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        ClientCertVerifier::verify_tls12_signature(self.federation.as_ref(), message, cert, dss)
+        let valid =
+            ClientCertVerifier::verify_tls12_signature(self.federation.as_ref(), message, cert, dss);
+        self.report(Side::Accepting, valid)
     }
     fn verify_tls13_signature(
         &self,
@@ -134,7 +170,9 @@ impl ClientCertVerifier for PeerGateways {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        ClientCertVerifier::verify_tls13_signature(self.federation.as_ref(), message, cert, dss)
+        let valid =
+            ClientCertVerifier::verify_tls13_signature(self.federation.as_ref(), message, cert, dss);
+        self.report(Side::Accepting, valid)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         ClientCertVerifier::supported_verify_schemes(self.federation.as_ref())
@@ -150,13 +188,14 @@ impl ServerCertVerifier for PeerGateways {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.pick(end_entity).verify_server_cert(
+        let verified = self.pick(end_entity).verify_server_cert(
             end_entity,
             intermediates,
             server_name,
             ocsp_response,
             now,
-        )
+        );
+        self.report(Side::Dialling, verified)
     }
     fn verify_tls12_signature(
         &self,
@@ -164,7 +203,9 @@ impl ServerCertVerifier for PeerGateways {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        ServerCertVerifier::verify_tls12_signature(self.federation.as_ref(), message, cert, dss)
+        let valid =
+            ServerCertVerifier::verify_tls12_signature(self.federation.as_ref(), message, cert, dss);
+        self.report(Side::Dialling, valid)
     }
     fn verify_tls13_signature(
         &self,
@@ -172,7 +213,9 @@ impl ServerCertVerifier for PeerGateways {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        ServerCertVerifier::verify_tls13_signature(self.federation.as_ref(), message, cert, dss)
+        let valid =
+            ServerCertVerifier::verify_tls13_signature(self.federation.as_ref(), message, cert, dss);
+        self.report(Side::Dialling, valid)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         ServerCertVerifier::supported_verify_schemes(self.federation.as_ref())
@@ -240,6 +283,7 @@ pub struct TlsSource {
     members: Members,
     pinned: Pinned,
     transport: Arc<quinn::TransportConfig>,
+    on_reject: OnReject,
     stamp: RwLock<Option<Vec<(PathBuf, SystemTime, u64)>>>,
 }
 
@@ -258,6 +302,7 @@ impl TlsSource {
         members: Members,
         pinned: Pinned,
         transport: Arc<quinn::TransportConfig>,
+        on_reject: OnReject,
     ) -> Self {
         Self {
             files,
@@ -265,6 +310,7 @@ impl TlsSource {
             members,
             pinned,
             transport,
+            on_reject,
             stamp: RwLock::new(None),
         }
     }
@@ -341,6 +387,7 @@ impl TlsSource {
         let peer_verifier = Arc::new(PeerGateways {
             federation,
             pinned: self.pinned.clone(),
+            on_reject: self.on_reject.clone(),
         });
 
         let mut server = server_config(chain.clone(), key.clone_key(), peer_verifier.clone())?;

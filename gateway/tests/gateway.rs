@@ -621,9 +621,51 @@ async fn ingress_errors_map_to_http_statuses() {
     .await;
     assert_eq!(s, 403, "{body}");
     assert!(body.contains("cluster `east`"), "{body}");
+    // TLS refusals are counted under their typed reason: a workload of another CA, and a client
+    // without a certificate.
+    let other = Pki::new(&p.pki.dir.join("other"));
+    let foreign = other.workload("east", "app");
+    tls_refused(ingress, client_tls(&foreign, &p.pki.ca_file())).await;
+    wait_counted(&p.east, INGRESS_HANDSHAKE_FAILURES, "unknown_ca", 1).await;
+    let gateways = federation::identity::PeerVerifier::from_ca_file(
+        p.pki.ca_file(),
+        federation::identity::Role::Gateway,
+        federation::identity::allow_any(),
+    )
+    .unwrap();
+    let mut anonymous =
+        rustls::ClientConfig::builder_with_provider(federation::identity::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(gateways))
+            .with_no_client_auth();
+    anonymous.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls_refused(ingress, Arc::new(anonymous)).await;
+    wait_counted(&p.east, INGRESS_HANDSHAKE_FAILURES, "no_certificate", 1).await;
     // The gateway still serves good requests.
     let (s, body, _) = connect_h1(ingress, tls, "web.default:8080", Some("west")).await;
     assert_eq!(s, 200, "{body}");
+}
+
+/// A TLS connection to `ingress` that the gateway refuses: the client's side of the handshake may
+/// complete (TLS 1.3 checks the client's certificate after), but no answer ever comes.
+async fn tls_refused(ingress: SocketAddr, tls: Arc<rustls::ClientConfig>) {
+    let tcp = TcpStream::connect(ingress).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("east").unwrap();
+    let Ok(mut stream) = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await else {
+        return;
+    };
+    let _ = stream
+        .write_all(b"CONNECT web.default:8080 HTTP/1.1\r\nhost: web.default:8080\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Err(_))) || matches!(read, Ok(Ok(_)) if buf.is_empty()),
+        "the ingress answered a client it must refuse: {read:?} {:?}",
+        String::from_utf8_lossy(&buf)
+    );
 }
 
 /// With `strait-early-status: 1`, the ingress answers once the stream to the peer is open; the
@@ -738,7 +780,9 @@ async fn early_status_tunnels_carry_the_peers_status_first() {
     assert_eq!(&b, b"pong");
 }
 
-/// A raw QUIC client presenting `cert_dir`'s certificate to `addr`.
+const HANDSHAKE_FAILURES: &str = "strait_gateway_handshake_failures_total";
+const INGRESS_HANDSHAKE_FAILURES: &str = "strait_gateway_ingress_handshake_failures_total";
+
 /// Handshake failures a gateway has counted, all reasons together.
 fn failures(gw: &Gateway) -> u64 {
     gw.shared()
@@ -748,6 +792,30 @@ fn failures(gw: &Gateway) -> u64 {
         .filter(|l| l.starts_with("strait_gateway_handshake_failures_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum::<u64>()
+}
+
+/// A refusal reaches the client before the gateway counts it: wait (bounded) until counter
+/// `name{reason}` has reached `n`.
+async fn wait_counted(gw: &Gateway, name: &'static str, reason: &str, n: u64) {
+    let t = Instant::now();
+    loop {
+        let now = gw.shared().metrics.get(name, reason);
+        if now >= n {
+            return;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "{name}{{reason=\"{reason}\"}} is {now}, expected at least {n}; the gateway counted:\n{}",
+            gw.shared()
+                .metrics
+                .render(gw.shared().own.as_str(), &[])
+                .lines()
+                .filter(|l| l.contains("failures_total{"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A refusal reaches the client before the gateway's accept task counts it: wait (bounded) until
@@ -764,6 +832,7 @@ async fn wait_handshake_failures(gw: &Gateway, n: u64) {
     }
 }
 
+/// A raw QUIC client presenting `cert_dir`'s certificate to `addr`.
 async fn raw_quic(
     cert_dir: &Path,
     ca: &Path,
@@ -831,8 +900,12 @@ async fn peers_that_are_not_member_gateways_are_refused() {
         raw_quic(&north, &ca, east_peer).await.is_err(),
         "an unknown cluster's gateway was accepted"
     );
-    // Each refusal is counted; the real peer link is untouched.
+    // Each refusal is counted under its typed reason (from the verifier's error, not its
+    // message); the real peer link is untouched.
     wait_handshake_failures(&p.east, before + 4).await;
+    for reason in ["unknown_ca", "expired", "wrong_role", "not_authorized"] {
+        wait_counted(&p.east, HANDSHAKE_FAILURES, reason, 1).await;
+    }
     assert_eq!(link(&p.east, "west").unwrap().state, "up");
 }
 
@@ -1273,6 +1346,7 @@ async fn peerings_link_clusters_of_two_cas_and_pin_each_to_its_own() {
         "a certificate for a pinned cluster from another CA was accepted"
     );
     wait_handshake_failures(&east, before + 1).await;
+    wait_counted(&east, HANDSHAKE_FAILURES, "unknown_ca", 1).await;
     assert_eq!(link(&east, "west").unwrap().state, "up");
 }
 

@@ -37,7 +37,7 @@ pub use names::{
 pub use tls::{client_config, crypto_provider, server_config};
 pub use verifier::{
     Authorizer, PeerRejected, PeerVerifier, allow_any, allow_clusters, handshake_failure,
-    rejection_reason, spiffe_id_from_cert,
+    handshake_failure_reason, rejection_reason, spiffe_id_from_cert, tls_failure_reason,
 };
 
 /// Everything that can go wrong while creating, loading, issuing, inspecting or verifying
@@ -194,6 +194,35 @@ pub enum IdentityError {
     /// Building a rustls configuration failed.
     #[error("TLS configuration: {0}")]
     Tls(rustls::Error),
+}
+
+impl IdentityError {
+    /// The metric label (`reason`) of this error when it refused a peer: a short, stable,
+    /// bounded set (`unknown_ca`, `expired`, `not_yet_valid`, `bad_certificate`, `bad_identity`,
+    /// `wrong_trust_domain`, `wrong_role`, `not_authorized`, `other`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotSignedByCa => "unknown_ca",
+            Self::Expired { .. } => "expired",
+            Self::NotYetValid { .. } => "not_yet_valid",
+            Self::BadCertificate(_) | Self::Chain(_) => "bad_certificate",
+            Self::NoSpiffeId | Self::AmbiguousSpiffeId { .. } | Self::MalformedId { .. } => {
+                "bad_identity"
+            }
+            Self::WrongTrustDomain { .. } => "wrong_trust_domain",
+            Self::WrongRole { .. } => "wrong_role",
+            Self::NotAuthorized { .. } => "not_authorized",
+            Self::InvalidName { .. }
+            | Self::Io { .. }
+            | Self::BadFile { .. }
+            | Self::CaExists { .. }
+            | Self::InvalidCa(_)
+            | Self::InvalidValidity(_)
+            | Self::ForeignTrustDomain { .. }
+            | Self::Generate(_)
+            | Self::Tls(_) => "other",
+        }
+    }
 }
 
 impl From<rustls::Error> for IdentityError {

@@ -84,6 +84,37 @@ pub fn rejection_reason(err: &rustls::Error) -> Option<&IdentityError> {
     }
 }
 
+/// The metric label (`reason`) of a failed TLS handshake, from the typed error: the
+/// [`PeerVerifier`]'s reason when it refused the peer ([`IdentityError::reason`]), else rustls'
+/// own (`no_certificate`, `rejected_by_peer` when the peer sent an alert, `tls` for the rest).
+pub fn tls_failure_reason(err: &rustls::Error) -> &'static str {
+    if let Some(rejected) = rejection_reason(err) {
+        return rejected.reason();
+    }
+    match err {
+        rustls::Error::NoCertificatesPresented => "no_certificate",
+        rustls::Error::InvalidCertificate(e) => match e {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            // A certificate of another CA with the same issuer name fails its signature check.
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
+            _ => "bad_certificate",
+        },
+        rustls::Error::AlertReceived(_) => "rejected_by_peer",
+        _ => "tls",
+    }
+}
+
+/// The metric label (`reason`) of a failed tokio-rustls handshake: [`tls_failure_reason`] of the
+/// rustls error inside, `io` when the connection failed below TLS.
+pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
+    err.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .map_or("io", tls_failure_reason)
+}
+
 /// Why a TLS handshake (a tokio-rustls I/O error) failed: the [`PeerVerifier`]'s reason when it
 /// refused the peer, else the error itself.
 pub fn handshake_failure(err: &std::io::Error) -> String {

@@ -394,6 +394,77 @@ fn rejects_a_gateway_of_an_unknown_cluster() {
     );
 }
 
+/// What rustls hears from the verifier (both ways) maps to one bounded metric reason per kind of
+/// refusal: the typed error decides, never its message.
+#[test]
+fn every_refusal_has_its_metric_reason() {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::server::danger::ClientCertVerifier;
+
+    let ca = ca();
+    let verifier = PeerVerifier::new(
+        &[ca.ca_cert_der().clone()],
+        Role::Gateway,
+        allow_clusters(["east"]),
+    )
+    .unwrap();
+    let now_sys = SystemTime::now();
+    let rogue = CertificateAuthority::init(TD, identity::DEFAULT_CA_VALIDITY).unwrap();
+    let cases = [
+        ("unknown_ca", rogue.issue(&gateway("east"), DAY).unwrap()),
+        (
+            "expired",
+            ca.issue_with_validity(&gateway("east"), now_sys - 3 * DAY, now_sys - DAY)
+                .unwrap(),
+        ),
+        (
+            "not_yet_valid",
+            ca.issue_with_validity(&gateway("east"), now_sys + DAY, now_sys + 2 * DAY)
+                .unwrap(),
+        ),
+        (
+            "wrong_role",
+            ca.issue(&workload("east", "shop", "web"), DAY).unwrap(),
+        ),
+        ("not_authorized", ca.issue(&gateway("north"), DAY).unwrap()),
+    ];
+    let name = ServerName::try_from("east").unwrap();
+    for (reason, issued) in &cases {
+        let leaf = &issued.cert_chain()[0];
+        let as_client = verifier.verify_client_cert(leaf, &[], now()).unwrap_err();
+        assert_eq!(
+            identity::tls_failure_reason(&as_client),
+            *reason,
+            "{as_client}"
+        );
+        let as_server = verifier
+            .verify_server_cert(leaf, &[], &name, &[], now())
+            .unwrap_err();
+        assert_eq!(
+            identity::tls_failure_reason(&as_server),
+            *reason,
+            "{as_server}"
+        );
+    }
+    assert_eq!(
+        identity::tls_failure_reason(&rustls::Error::NoCertificatesPresented),
+        "no_certificate"
+    );
+    assert_eq!(
+        identity::tls_failure_reason(&rustls::Error::AlertReceived(
+            rustls::AlertDescription::UnknownCA
+        )),
+        "rejected_by_peer"
+    );
+    let io = std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        rustls::Error::NoCertificatesPresented,
+    );
+    assert_eq!(identity::handshake_failure_reason(&io), "no_certificate");
+    let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+    assert_eq!(identity::handshake_failure_reason(&reset), "io");
+}
+
 #[test]
 fn rejects_a_wrong_trust_domain() {
     let ca = ca();
