@@ -19,14 +19,14 @@
 
 use std::time::{Duration, Instant};
 
-use controlplane::client::{LightClient, node};
 use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
-use federation::etcd_server::EtcdServer;
 use federation::model::{Cluster, ClusterState, Locality};
 use federation::registry::codec::{cluster_state_kvs, encode_service_endpoints};
 use federation::registry::etcd::{EtcdBackend, EtcdOptions};
 use federation::registry::{Backend, Op, RegistryKey};
+use testkit::ads::{LightClient, node};
+use testkit::etcd::EtcdServer;
 
 mod common;
 
@@ -389,7 +389,7 @@ async fn million(dir: &std::path::Path) {
         ),
     )
     .expect("write config");
-    let xds_port = federation::etcd_server::free_port().expect("port");
+    let xds_port = testkit::etcd::free_port().expect("port");
     let text = std::fs::read_to_string(&cfg).expect("read").replace(
         "127.0.0.1:0\"}\nadmin",
         &format!("127.0.0.1:{xds_port}\"}}\nadmin"),

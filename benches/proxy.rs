@@ -38,7 +38,7 @@ use common::http::{BODY, Conn, median, us};
 use common::{Proc, arg, cpu_secs, free_port, peak_rss_kib, percentile, rss_kib};
 use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
-use federation::etcd_server::EtcdServer;
+use testkit::etcd::EtcdServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

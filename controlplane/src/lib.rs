@@ -6,7 +6,6 @@
 mod admin;
 pub mod bootstrap;
 pub mod certificates;
-pub mod client;
 pub mod config;
 pub mod debug;
 pub mod kubernetes;

@@ -25,7 +25,6 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use federation::etcd_server::{EtcdPki, EtcdServer};
 use federation::model::{
     Cluster, ClusterState, Endpoint, Labels, Locality, Name, Protocol, Service, ServiceEndpoints,
     ServiceKey, ServicePort,
@@ -36,6 +35,7 @@ use federation::registry::{
     Backend, EtcdAuth, EtcdBackend, EtcdConnection, EtcdOptions, EtcdTls, LeasedPublisher, Op,
     PublisherConfig, ROOT, RegistryCache, RegistryKey, roles,
 };
+use testkit::etcd::{EtcdPki, EtcdServer};
 use tokio::sync::watch;
 
 /// Counts live heap bytes so the snapshot's memory can be measured exactly.
@@ -171,7 +171,7 @@ struct Store {
     _etcd: EtcdServer,
     endpoint: String,
     /// The CA and a client certificate every party presents (etcd requires one).
-    tls: Option<(std::path::PathBuf, federation::etcd_server::PkiFiles)>,
+    tls: Option<(std::path::PathBuf, testkit::etcd::PkiFiles)>,
     password_file: std::path::PathBuf,
 }
 

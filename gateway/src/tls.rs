@@ -160,8 +160,12 @@ impl ClientCertVerifier for PeerGateways {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let valid =
-            ClientCertVerifier::verify_tls12_signature(self.federation.as_ref(), message, cert, dss);
+        let valid = ClientCertVerifier::verify_tls12_signature(
+            self.federation.as_ref(),
+            message,
+            cert,
+            dss,
+        );
         self.report(Side::Accepting, valid)
     }
     fn verify_tls13_signature(
@@ -170,8 +174,12 @@ impl ClientCertVerifier for PeerGateways {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let valid =
-            ClientCertVerifier::verify_tls13_signature(self.federation.as_ref(), message, cert, dss);
+        let valid = ClientCertVerifier::verify_tls13_signature(
+            self.federation.as_ref(),
+            message,
+            cert,
+            dss,
+        );
         self.report(Side::Accepting, valid)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -203,8 +211,12 @@ impl ServerCertVerifier for PeerGateways {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let valid =
-            ServerCertVerifier::verify_tls12_signature(self.federation.as_ref(), message, cert, dss);
+        let valid = ServerCertVerifier::verify_tls12_signature(
+            self.federation.as_ref(),
+            message,
+            cert,
+            dss,
+        );
         self.report(Side::Dialling, valid)
     }
     fn verify_tls13_signature(
@@ -213,8 +225,12 @@ impl ServerCertVerifier for PeerGateways {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let valid =
-            ServerCertVerifier::verify_tls13_signature(self.federation.as_ref(), message, cert, dss);
+        let valid = ServerCertVerifier::verify_tls13_signature(
+            self.federation.as_ref(),
+            message,
+            cert,
+            dss,
+        );
         self.report(Side::Dialling, valid)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

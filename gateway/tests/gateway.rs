@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use federation::identity::{CertificateAuthority, ExtraNames, SpiffeId};
-use federation::relay::{Faults, UdpRelay};
 use gateway::config::GatewayConfig;
 use gateway::{Gateway, LinkReport};
+use testkit::relay::{Faults, UdpRelay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -653,7 +653,10 @@ async fn ingress_errors_map_to_http_statuses() {
 async fn tls_refused(ingress: SocketAddr, tls: Arc<rustls::ClientConfig>) {
     let tcp = TcpStream::connect(ingress).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("east").unwrap();
-    let Ok(mut stream) = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await else {
+    let Ok(mut stream) = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+    else {
         return;
     };
     let _ = stream
@@ -1128,7 +1131,7 @@ async fn certificate_rotation_under_traffic_breaks_no_tunnel() {
 async fn link_states_reach_the_registry() {
     use federation::registry::{Backend, EtcdBackend, EtcdOptions, RegistryCache};
     let dir = tempfile::tempdir().unwrap();
-    let etcd = federation::etcd_server::EtcdServer::start(&dir.path().join("etcd")).unwrap();
+    let etcd = testkit::etcd::EtcdServer::start(&dir.path().join("etcd")).unwrap();
     let extra = format!(
         "registry: {{etcd: [\"{}\"], lease_ttl: 3s}}\n",
         etcd.endpoint()
@@ -1234,7 +1237,7 @@ fn peering(
 async fn peerings_link_clusters_of_two_cas_and_pin_each_to_its_own() {
     use federation::registry::{Backend, EtcdBackend, EtcdOptions};
     let dir = tempfile::tempdir().unwrap();
-    let etcd = federation::etcd_server::EtcdServer::start(&dir.path().join("etcd")).unwrap();
+    let etcd = testkit::etcd::EtcdServer::start(&dir.path().join("etcd")).unwrap();
     let backend = Backend::Etcd(
         EtcdBackend::connect(&[etcd.endpoint()], EtcdOptions::default())
             .await
@@ -1621,7 +1624,7 @@ async fn a_peers_gateway_replicas_share_its_tunnels_and_losing_or_stopping_one_f
     use federation::registry::{Backend, EtcdBackend, EtcdOptions, RegistryCache};
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    let etcd = federation::etcd_server::EtcdServer::start(&dir.path().join("etcd")).unwrap();
+    let etcd = testkit::etcd::EtcdServer::start(&dir.path().join("etcd")).unwrap();
     let registry = format!(
         "registry: {{etcd: [\"{}\"], lease_ttl: 3s}}\n",
         etcd.endpoint()

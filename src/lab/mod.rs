@@ -413,7 +413,7 @@ async fn start_etcd(lab: &mut Lab, loopback: bool) -> anyhow::Result<()> {
         };
         let (etcd_args, zone, log) = if members.len() == 1 {
             (
-                federation::etcd_server::single_member_args(
+                testkit::etcd::single_member_args(
                     &lab.dir.join("etcd"),
                     &client_urls,
                     &url,
@@ -424,7 +424,7 @@ async fn start_etcd(lab: &mut Lab, loopback: bool) -> anyhow::Result<()> {
             )
         } else {
             (
-                federation::etcd_server::member_args(
+                testkit::etcd::member_args(
                     &format!("m{m}"),
                     &lab.dir.join(format!("etcd/m{m}")),
                     &client_urls,

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use federation::relay::{Faults, TcpRelay, UdpRelay};
 use serde::{Deserialize, Serialize};
+use testkit::relay::{Faults, TcpRelay, UdpRelay};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 

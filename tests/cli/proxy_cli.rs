@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
-use federation::etcd_server::{EtcdServer, free_port};
+use testkit::etcd::{EtcdServer, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

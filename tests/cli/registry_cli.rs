@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use federation::etcd_server::EtcdServer;
 use federation::registry::{Backend, EtcdBackend, EtcdOptions, RegistryCache, Snapshot};
+use testkit::etcd::EtcdServer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_strait");
 const WAIT: Duration = Duration::from_secs(20);
@@ -408,7 +408,7 @@ fn bad_discovery_files_and_unreachable_etcd_are_clear_errors() {
     );
     assert!(!err.contains("panicked"), "{err}");
 
-    let port = federation::etcd_server::free_port().unwrap();
+    let port = testkit::etcd::free_port().unwrap();
     let t = Instant::now();
     let out = strait(&[
         "registry",
@@ -858,7 +858,7 @@ enum Auth {
 /// registry roles apply` as an operator would.
 struct SecureEtcd {
     mode: Auth,
-    pki: federation::etcd_server::EtcdPki,
+    pki: testkit::etcd::EtcdPki,
     dir: std::path::PathBuf,
     ca: std::path::PathBuf,
     url: String,
@@ -867,7 +867,7 @@ struct SecureEtcd {
 
 impl SecureEtcd {
     fn start(dir: &Path, mode: Auth) -> Self {
-        use federation::etcd_server::EtcdPki;
+        use testkit::etcd::EtcdPki;
         let pki = EtcdPki::new(&dir.join("pki"), "etcd-ca").unwrap();
         let mut tls = pki.server("server").unwrap();
         if mode == Auth::Certificates {
@@ -1107,7 +1107,7 @@ fn every_command_and_daemon_works_over_tls_with_certificates_and_with_passwords(
         };
         let plain = etcd.url.replace("https://", "http://");
         fails(vec!["--etcd".into(), plain], &["use https://"]);
-        let other = federation::etcd_server::EtcdPki::new(&dir.join("other"), "other-ca").unwrap();
+        let other = testkit::etcd::EtcdPki::new(&dir.join("other"), "other-ca").unwrap();
         let mut f = etcd.flags("reader");
         f[3] = other.ca_file().display().to_string();
         fails(f, &["not signed by the CA"]);
@@ -1212,7 +1212,7 @@ fn every_command_and_daemon_works_over_tls_with_certificates_and_with_passwords(
         ]);
         assert!(out.status.success());
         let ports: Vec<u16> = (0..4)
-            .map(|_| federation::etcd_server::free_port().unwrap())
+            .map(|_| testkit::etcd::free_port().unwrap())
             .collect();
         let mut gateways = Vec::new();
         for (i, (c, peer)) in [("east", "west"), ("west", "east")].into_iter().enumerate() {
@@ -1311,11 +1311,11 @@ fn every_command_and_daemon_works_over_tls_with_certificates_and_with_passwords(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_member_etcd_loses_its_leader_without_losing_a_change() {
-    use federation::etcd_server::EtcdCluster;
     use federation::model::{Cluster, ClusterId, GatewayAddress};
     use federation::registry::codec::encode_cluster;
     use federation::registry::publisher::Owned;
     use federation::registry::{LeasedPublisher, PublisherConfig, RegistryKey};
+    use testkit::etcd::EtcdCluster;
 
     let _ = tracing_subscriber::fmt()
         .with_env_filter("federation=debug")

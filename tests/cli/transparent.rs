@@ -17,8 +17,8 @@ use std::os::unix::fs::PermissionsExt;
 
 use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
-use federation::etcd_server::{EtcdServer, free_port};
 use federation::identity::{CertificateAuthority, ExtraNames, SpiffeId};
+use testkit::etcd::{EtcdServer, free_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_strait");
 const PROXY_UID: &str = "1337";

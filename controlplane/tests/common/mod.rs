@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
 use federation::discovery::DiscoveryFile;
-use federation::etcd_server::EtcdServer;
 use federation::registry::codec::cluster_state_kvs;
 use federation::registry::etcd::{EtcdBackend, EtcdOptions};
 use federation::registry::{Backend, Op};
+use testkit::etcd::EtcdServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -46,10 +46,7 @@ pub fn python() -> PathBuf {
 }
 
 pub fn free_addr() -> SocketAddr {
-    SocketAddr::from((
-        [127, 0, 0, 1],
-        federation::etcd_server::free_port().unwrap(),
-    ))
+    SocketAddr::from(([127, 0, 0, 1], testkit::etcd::free_port().unwrap()))
 }
 
 /// A real etcd and a client of it.

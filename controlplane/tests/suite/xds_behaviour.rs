@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use controlplane::client::{LightClient, localities, node};
 use controlplane::view::TypeKind;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
@@ -18,6 +17,7 @@ use federation::model::{
 };
 use federation::registry::RegistryKey;
 use federation::registry::codec::{encode_link, encode_policy};
+use testkit::ads::{LightClient, localities, node};
 use tokio::sync::mpsc;
 use tonic::Streaming;
 

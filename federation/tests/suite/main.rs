@@ -1,9 +1,7 @@
-//! The federation crate's integration tests, in one binary (one link instead of five).
+//! The federation crate's integration tests, in one binary (one link instead of several).
 // Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod identity;
 mod registry;
 mod route;
-mod tcp_relay;
-mod udp_relay;

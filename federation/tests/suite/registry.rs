@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use federation::etcd_server::EtcdServer;
 use federation::model::{
     Cluster, ClusterState, Endpoint, Health, LinkHealth, LinkState, Locality, Name, Protocol,
     Service, ServiceEndpoints, ServiceKey, ServicePort,
@@ -16,7 +15,8 @@ use federation::registry::{
     Backend, CacheStatus, EmbeddedRegistry, EtcdBackend, EtcdOptions, LeasedPublisher, Op,
     PublisherConfig, PublisherStatus, RegistryCache, RegistryKey, RegistryValue, Snapshot,
 };
-use federation::relay::TcpRelay;
+use testkit::etcd::EtcdServer;
+use testkit::relay::TcpRelay;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -822,7 +822,7 @@ async fn main_link(b: &Backend) {
 
 #[tokio::test]
 async fn an_unreachable_etcd_is_a_clear_error() {
-    let port = federation::etcd_server::free_port().unwrap();
+    let port = testkit::etcd::free_port().unwrap();
     let endpoint = format!("http://127.0.0.1:{port}");
     let t = Instant::now();
     let err =

@@ -12,11 +12,11 @@ use std::time::Duration;
 use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
 use envoy_types::pb::google::protobuf::{Value, value::Kind};
-use federation::etcd_server::{EtcdServer, free_port};
 use proxy::config::ListenerKind;
 use proxy::dataplane::Dataplane;
 use proxy::xds::ProxyConfig;
 use proxy::xds::{XdsClient, XdsOptions};
+use testkit::etcd::{EtcdServer, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -145,7 +145,7 @@ async fn requests_fail_over_to_priority_one_without_a_single_error() {
     let outbound: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
         .parse()
         .unwrap();
-    let mut node = controlplane::client::node("proxy-1", "east", "us-east", "us-east-1a", false);
+    let mut node = testkit::ads::node("proxy-1", "east", "us-east", "us-east-1a", false);
     if let Some(m) = node.metadata.as_mut() {
         m.fields.insert(
             "STRAIT_OUTBOUND".into(),

@@ -11,9 +11,9 @@ use std::time::Duration;
 use controlplane::config::ControlPlaneConfig;
 use controlplane::server::ControlPlane;
 use envoy_types::pb::google::protobuf::{Value, value::Kind};
-use federation::etcd_server::{EtcdServer, free_port};
 use proxy::config::{ListenerKind, RouteSource, Upstream};
 use proxy::xds::{ProxyConfig, XdsClient, XdsOptions};
+use testkit::etcd::{EtcdServer, free_port};
 
 fn discovery(zone_a: bool, web: bool) -> String {
     let mut s = String::from(
@@ -49,7 +49,7 @@ fn cp_config(dir: &Path, etcd: &str, xds: SocketAddr) -> ControlPlaneConfig {
 }
 
 fn node() -> envoy_types::pb::envoy::config::core::v3::Node {
-    let mut n = controlplane::client::node("proxy-1", "east", "us-east", "us-east-1a", false);
+    let mut n = testkit::ads::node("proxy-1", "east", "us-east", "us-east-1a", false);
     if let Some(m) = n.metadata.as_mut() {
         m.fields.insert(
             "STRAIT_OUTBOUND".into(),

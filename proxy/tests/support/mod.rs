@@ -9,7 +9,7 @@ use proxy::xds::{XdsClient, XdsOptions};
 /// loopback address (returned).
 #[allow(dead_code)]
 pub fn east_client(xds: SocketAddr) -> (XdsClient, SocketAddr) {
-    let port = federation::etcd_server::free_port().expect("a free port");
+    let port = testkit::etcd::free_port().expect("a free port");
     let outbound = SocketAddr::from(([127, 0, 0, 1], port));
     let node = proxy::xds::node(
         "proxy-1",
@@ -77,7 +77,7 @@ impl WestProxy {
     ) -> Self {
         use proxy::tls::{Peer, TlsSource};
         use std::sync::Arc;
-        let port = federation::etcd_server::free_port().expect("a free port");
+        let port = testkit::etcd::free_port().expect("a free port");
         let outbound = SocketAddr::from(([127, 0, 0, 1], port));
         let node = proxy::xds::node(
             id,

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use federation::etcd_server::{EtcdPki, EtcdServer, PkiFiles};
 use federation::model::ClusterId;
 use federation::registry::publisher::Owned;
 use federation::registry::roles;
@@ -13,6 +12,7 @@ use federation::registry::{
     Backend, CacheStatus, EtcdAuth, EtcdBackend, EtcdConnection, EtcdOptions, EtcdTls,
     LeasedPublisher, Op, PublisherConfig, RegistryCache, RegistryError, RegistryKey,
 };
+use testkit::etcd::{EtcdPki, EtcdServer, PkiFiles};
 use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(20);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use federation::relay::TcpRelay;
+use crate::relay::TcpRelay;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;

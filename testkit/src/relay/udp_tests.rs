@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use federation::relay::{Faults, RelayStats, UdpRelay};
+use crate::relay::{Faults, RelayStats, UdpRelay};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 

@@ -18,7 +18,7 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::view::{META_CLUSTER, META_KIND, META_TUNNEL, TypeKind};
+use controlplane::view::{META_CLUSTER, META_KIND, META_TUNNEL, TypeKind};
 
 /// What a light client holds: load assignments by cluster name, and when they last changed.
 #[derive(Debug, Default, Clone)]

@@ -577,3 +577,10 @@ async fn send(state: &UdpState, dir: Direction, socket: &UdpSocket, dest: Socket
         }
     }
 }
+
+#[cfg(test)]
+#[path = "relay/tcp_tests.rs"]
+mod tcp_tests;
+#[cfg(test)]
+#[path = "relay/udp_tests.rs"]
+mod udp_tests;
