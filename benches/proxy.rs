@@ -23,6 +23,13 @@
 //! `--baseline PATH` (a `strait` binary of an earlier commit) adds that build's proxy as a fourth
 //! path, measured in the same run and the same rounds: this commit against the previous one.
 //!
+//! `--count N` (with `--baseline PATH`) measures instead what the clock cannot tell on a noisy
+//! VM: both builds' proxies run under `valgrind --tool=callgrind`; for each, in alternating
+//! rounds (`--repeat`, default 3), counters are zeroed after a warm-up, N GETs go one after the
+//! other on one keep-alive connection, and the counters are dumped: instructions and `malloc`
+//! calls per request, exact to the request (no start-up, no idle time of note). The last round's
+//! dumps are kept in `target/callgrind/` for `callgrind_annotate`.
+//!
 //! Run: `cargo xtask bench proxy` (= `cargo bench --bench proxy`).
 // Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -99,7 +106,11 @@ fn envoy_bootstrap(
 }
 
 async fn wait_serving(to: SocketAddr, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_serving_within(to, what, Duration::from_secs(30)).await;
+}
+
+async fn wait_serving_within(to: SocketAddr, what: &str, within: Duration) {
+    let deadline = Instant::now() + within;
     loop {
         if let Ok(mut c) = Conn::open(to, HOST).await
             && c.get().await.is_ok()
@@ -171,6 +182,11 @@ fn main() {
         )
         .expect("control plane config");
         let cp = ControlPlane::start(cfg).await.expect("control plane");
+        if let (Some(n), Some(bin)) = (arg_opt("--count"), baseline_bin()) {
+            count(d, xds, &bin, n, arg("--repeat", 3)).await;
+            cp.shutdown().await;
+            return;
+        }
         let strait_out = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let strait = spawn_strait(
             env!("CARGO_BIN_EXE_strait"),
@@ -437,6 +453,162 @@ fn baseline_bin() -> Option<String> {
     args.get(i + 1).cloned()
 }
 
+/// The value of `--NAME N`, if given.
+fn arg_opt(name: &str) -> Option<u64> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1)?.parse().ok()
+}
+
+/// `--count N`: instructions and `malloc` calls per request of this build's proxy and the
+/// baseline's, both under callgrind, N sequential GETs per round on one connection.
+async fn count(d: &Path, xds: SocketAddr, baseline: &str, n: u64, rounds: usize) {
+    let builds = [
+        ("this", env!("CARGO_BIN_EXE_strait")),
+        ("baseline", baseline),
+    ];
+    let mut running = Vec::new();
+    for (name, bin) in builds {
+        let out = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let file = d.join(format!("callgrind-{name}.out"));
+        let valgrind = [
+            "valgrind".to_string(),
+            "--tool=callgrind".to_string(),
+            format!("--callgrind-out-file={}", file.display()),
+        ];
+        let p = spawn_strait_with(
+            &valgrind,
+            bin,
+            name,
+            xds,
+            out,
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
+        );
+        wait_serving_within(
+            out,
+            &format!("{name} proxy under callgrind"),
+            Duration::from_secs(180),
+        )
+        .await;
+        let mut conn = Conn::open(out, HOST).await.expect("connect");
+        for _ in 0..200 {
+            conn.get().await.expect("warm-up GET");
+        }
+        running.push((name, p, conn, file));
+    }
+    println!(
+        "instructions and malloc calls per request under callgrind: {n} sequential GETs per round, one keep-alive connection, counters zeroed after a warm-up of 200\n"
+    );
+    println!("| round | build | instructions / request | malloc calls / request |");
+    println!("| --- | --- | --- | --- |");
+    let mut per: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); running.len()];
+    for round in 1..=rounds {
+        // Alternate which build goes first.
+        let mut order: Vec<usize> = (0..running.len()).collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for i in order {
+            let (name, p, conn, file) = &mut running[i];
+            let pid = p.0.id().to_string();
+            callgrind_control(&["-z", &pid]);
+            for _ in 0..n {
+                conn.get().await.expect("GET under callgrind");
+            }
+            callgrind_control(&["-d", &pid]);
+            let (ir, mallocs) = callgrind_last_dump(file);
+            let (ir, mallocs) = (ir as f64 / n as f64, mallocs as f64 / n as f64);
+            println!("| {round} | {name} | {ir:.0} | {mallocs:.2} |");
+            per[i].0.push(ir);
+            per[i].1.push(mallocs);
+        }
+    }
+    let (mut t, mut b) = (per[0].clone(), per[1].clone());
+    let (ti, bi, tm, bm) = (
+        median(&mut t.0),
+        median(&mut b.0),
+        median(&mut t.1),
+        median(&mut b.1),
+    );
+    println!(
+        "\nmedian over {rounds} rounds: instructions / request this {ti:.0}, baseline {bi:.0} ({:.3}×); malloc calls / request this {tm:.2}, baseline {bm:.2} ({:.3}×)",
+        ti / bi.max(1.0),
+        tm / bm.max(0.01)
+    );
+}
+
+fn callgrind_control(args: &[&str]) {
+    let ok = Command::new("callgrind_control")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "callgrind_control {args:?} failed");
+}
+
+/// Instructions and `malloc` calls in the newest dump next to `file` (`FILE.1`, `FILE.2`, …).
+fn callgrind_last_dump(file: &Path) -> (u64, u64) {
+    let dir = file.parent().expect("dump directory");
+    let stem = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("dump name")
+        .to_string();
+    let newest = std::fs::read_dir(dir)
+        .expect("read the dump directory")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let k: u64 = name.strip_prefix(&format!("{stem}."))?.parse().ok()?;
+            Some((k, e.path()))
+        })
+        .max_by_key(|(k, _)| *k)
+        .expect("callgrind wrote a dump")
+        .1;
+    let text = std::fs::read_to_string(&newest).expect("read the dump");
+    // Kept for `callgrind_annotate` (the last round of each build wins).
+    let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/callgrind");
+    if std::fs::create_dir_all(&keep).is_ok() {
+        let _ = std::fs::write(keep.join(&stem), &text);
+    }
+    let mut names = std::collections::HashMap::new();
+    let (mut ir, mut mallocs) = (0u64, 0u64);
+    let mut callee_is_malloc = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("summary:") {
+            ir = rest.trim().parse().unwrap_or(0);
+        } else if let Some(rest) = line
+            .strip_prefix("fn=")
+            .or_else(|| line.strip_prefix("cfn="))
+        {
+            // `(id) name` defines a compressed name, `(id)` uses one.
+            let name = match rest.split_once(") ") {
+                Some((id, name)) => {
+                    names.insert(id.to_string(), name.to_string());
+                    name.to_string()
+                }
+                None => names
+                    .get(rest.trim_end_matches(')'))
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            if line.starts_with("cfn=") {
+                callee_is_malloc = name == "malloc";
+            }
+        } else if let Some(rest) = line.strip_prefix("calls=")
+            && callee_is_malloc
+        {
+            mallocs += rest
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    (ir, mallocs)
+}
+
 /// `strait proxy run` (of binary `bin`) of cluster east (us-east/us-east-1a) with one worker.
 fn spawn_strait(
     bin: &str,
@@ -445,8 +617,28 @@ fn spawn_strait(
     outbound: SocketAddr,
     admin: SocketAddr,
 ) -> Proc {
+    spawn_strait_with(&[], bin, node_id, xds, outbound, admin)
+}
+
+/// [`spawn_strait`] under a wrapper command (`wrapper[0]` with the rest of it as arguments).
+fn spawn_strait_with(
+    wrapper: &[String],
+    bin: &str,
+    node_id: &str,
+    xds: SocketAddr,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+) -> Proc {
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     Proc(
-        Command::new(bin)
+        command
             .args([
                 "--log",
                 "warn",

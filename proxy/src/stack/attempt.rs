@@ -1,14 +1,22 @@
 //! The layers of one attempt on one host: [`Outlier`] reports its outcome, [`PerTryTimeout`]
 //! bounds it, [`Hygiene`] builds the upstream request and cleans the response, [`Upstream`]
 //! sends it through the cluster's connection pool.
+//!
+//! These three run on every attempt, so their futures are named types wrapping the inner one
+//! ([`Reported`], [`PerTry`], [`Cleaned`]) rather than boxes: one allocation per layer and
+//! attempt saved, the inner future not moved into a box.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use http::{HeaderMap, HeaderValue, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Request, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::CaptureConnection;
+use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{Attempt, Attempted, Fut, HOP, Observed, Upstreamed, classify};
@@ -64,41 +72,64 @@ impl Observes for Attempted {
 
 impl<R, S> Service<R> for Outlier<S>
 where
-    R: OnHost + Send + 'static,
-    S: Service<R, Error = Infallible> + Clone + Send + 'static,
-    S::Response: Observes + Send,
-    S::Future: Send,
+    R: OnHost,
+    S: Service<R, Error = Infallible>,
+    S::Response: Observes,
 {
     type Response = S::Response;
     type Error = Infallible;
-    type Future = Fut<S::Response>;
+    type Future = Reported<S::Future>;
 
     always_ready!();
 
     fn call(&mut self, r: R) -> Self::Future {
-        let mut inner = self.inner.clone();
         let (host, cluster) = (r.host().clone(), r.cluster().clone());
-        Box::pin(async move {
-            let result = inner.call(r).await?;
-            if let Some(observed) = result.observed() {
-                let (outcome, _) = classify(observed, None);
-                if cluster.balancer.report(&host, outcome, Instant::now()) {
-                    tracing::warn!(cluster = %cluster.config.name, upstream = ?host.upstream,
-                        "outlier detection ejected a host");
-                }
+        Reported {
+            attempt: self.inner.call(r),
+            on: Some((host, cluster)),
+        }
+    }
+}
+
+pin_project! {
+    /// [`Outlier`]'s future: the attempt, then its outcome reported to the host's cluster.
+    pub struct Reported<F> {
+        #[pin]
+        attempt: F,
+        on: Option<(Arc<Host>, Arc<ClusterRuntime>)>,
+    }
+}
+
+impl<F, T> Future for Reported<F>
+where
+    F: Future<Output = Result<T, Infallible>>,
+    T: Observes,
+{
+    type Output = Result<T, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.attempt.poll(cx));
+        if let (Ok(result), Some((host, cluster))) = (&result, this.on.take())
+            && let Some(observed) = result.observed()
+        {
+            let (outcome, _) = classify(observed, None);
+            if cluster.balancer.report(&host, outcome, Instant::now()) {
+                tracing::warn!(cluster = %cluster.config.name, upstream = ?host.upstream,
+                    "outlier detection ejected a host");
             }
-            Ok(result)
-        })
+        }
+        Poll::Ready(result)
     }
 }
 
 impl<S> Service<Attempt> for PerTryTimeout<S>
 where
-    S: Service<Attempt, Response = Attempted, Error = Infallible, Future = Fut<Attempted>>,
+    S: Service<Attempt, Response = Attempted, Error = Infallible>,
 {
     type Response = Attempted;
     type Error = Infallible;
-    type Future = Fut<Attempted>;
+    type Future = PerTry<S::Future>;
 
     always_ready!();
 
@@ -108,62 +139,116 @@ where
             (Some(p), Some(r)) => Some(p.min(r)),
             (p, r) => p.or(r),
         };
-        let Some(limit) = limit else {
-            return self.inner.call(a);
-        };
         let attempt = self.inner.call(a);
-        Box::pin(async move {
-            match tokio::time::timeout(limit, attempt).await {
-                Ok(result) => result,
-                // The per-try timeout fired if it was the shorter of the two.
-                Err(_) => Ok(Attempted::TimedOut {
-                    per_try: per_try.is_some_and(|p| remaining.is_none_or(|r| p < r)),
-                }),
+        match limit {
+            None => PerTry::Unbounded { attempt },
+            Some(limit) => PerTry::Bounded {
+                attempt: tokio::time::timeout(limit, attempt),
+                // The per-try timeout fires if it is the shorter of the two.
+                per_try: per_try.is_some_and(|p| remaining.is_none_or(|r| p < r)),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// [`PerTryTimeout`]'s future: the attempt, bounded when a limit applies.
+    #[project = PerTryProjection]
+    pub enum PerTry<F> {
+        Unbounded { #[pin] attempt: F },
+        Bounded { #[pin] attempt: tokio::time::Timeout<F>, per_try: bool },
+    }
+}
+
+impl<F> Future for PerTry<F>
+where
+    F: Future<Output = Result<Attempted, Infallible>>,
+{
+    type Output = Result<Attempted, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            PerTryProjection::Unbounded { attempt } => attempt.poll(cx),
+            PerTryProjection::Bounded { attempt, per_try } => {
+                Poll::Ready(match ready!(attempt.poll(cx)) {
+                    Ok(result) => result,
+                    Err(_) => Ok(Attempted::TimedOut { per_try: *per_try }),
+                })
             }
-        })
+        }
     }
 }
 
 impl<S> Service<Attempt> for Hygiene<S>
 where
-    S: Service<Upstreamed, Response = Attempted, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<Upstreamed, Response = Attempted, Error = Infallible>,
 {
     type Response = Attempted;
     type Error = Infallible;
-    type Future = Fut<Attempted>;
+    type Future = Cleaned<S::Future>;
 
     always_ready!();
 
     fn call(&mut self, a: Attempt) -> Self::Future {
         let req = match upstream_request(&a.parts, &a.host, a.cluster.config.http2, a.body) {
             Built::Request(r) => r,
-            Built::Unusable(why) => return Box::pin(async move { Ok(Attempted::Unusable(why)) }),
+            Built::Unusable(why) => {
+                return Cleaned::Answered {
+                    answer: Some(Attempted::Unusable(why)),
+                };
+            }
             Built::Rejected(why) => {
                 let reply = super::local_reply(http::StatusCode::BAD_REQUEST, &why);
-                return Box::pin(async move { Ok(Attempted::Rejected(reply)) });
+                return Cleaned::Answered {
+                    answer: Some(Attempted::Rejected(reply)),
+                };
             }
         };
-        let mut inner = self.inner.clone();
-        Box::pin(async move {
-            let result = inner
-                .call(Upstreamed {
-                    req,
-                    host: a.host,
-                    cluster: a.cluster,
-                })
-                .await?;
-            Ok(match result {
-                Attempted::Response(r) => {
-                    let (mut parts, body) = r.into_parts();
-                    for h in HOP {
-                        parts.headers.remove(h);
+        Cleaned::Sent {
+            attempt: self.inner.call(Upstreamed {
+                req,
+                host: a.host,
+                cluster: a.cluster,
+            }),
+        }
+    }
+}
+
+pin_project! {
+    /// [`Hygiene`]'s future: the upstream's response without hop-by-hop headers, or the answer
+    /// given when no upstream request could be built.
+    #[project = CleanedProjection]
+    pub enum Cleaned<F> {
+        Answered { answer: Option<Attempted> },
+        Sent { #[pin] attempt: F },
+    }
+}
+
+impl<F> Future for Cleaned<F>
+where
+    F: Future<Output = Result<Attempted, Infallible>>,
+{
+    type Output = Result<Attempted, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            // Polled again after it completed: futures must not be, and this one only ever
+            // answers once; a second poll sees the same kind of answer.
+            CleanedProjection::Answered { answer } => Poll::Ready(Ok(answer
+                .take()
+                .unwrap_or_else(|| Attempted::Unusable("polled after completion".into())))),
+            CleanedProjection::Sent { attempt } => {
+                Poll::Ready(Ok(match ready!(attempt.poll(cx))? {
+                    Attempted::Response(mut r) => {
+                        for h in HOP {
+                            r.headers_mut().remove(h);
+                        }
+                        Attempted::Response(r)
                     }
-                    Attempted::Response(Response::from_parts(parts, body))
-                }
-                other => other,
-            })
-        })
+                    other => other,
+                }))
+            }
+        }
     }
 }
 

@@ -73,6 +73,12 @@ where
         if !replay {
             return self.inner.call(prepared(Replayable::Once(Some(body))));
         }
+        // Nothing to read (a GET, most often): replayable as it is, with no future of our own.
+        if body.is_end_stream() {
+            return self
+                .inner
+                .call(prepared(Replayable::Buffered(bytes::Bytes::new())));
+        }
         let mut inner = self.inner.clone();
         Box::pin(async move {
             match body.collect().await {
