@@ -31,6 +31,9 @@
 //!    (each direction's loss 1 % then 5 %, 50 ms round trip): latency at 200 requests/s, bulk
 //!    for 10 s, time to first byte (median of 20).
 //!
+//! `--strait PATH` runs the lab with another `strait` binary (an earlier commit's build): the
+//! same run against the previous commit.
+//!
 //! Run: `cargo xtask bench mesh` (= `cargo bench --bench mesh`, as root).
 // Tests and benchmarks: an unwrap is an assertion (a failure with the value's message).
 #![allow(clippy::unwrap_used, clippy::expect_used)]

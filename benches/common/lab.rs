@@ -9,9 +9,18 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-/// The `strait` binary built with the benchmarks (release).
+/// The `strait` binary the lab runs: the one built with the benchmarks (release), or the one
+/// given with `--strait PATH` (an earlier build: the same benchmark run against the previous
+/// commit).
 pub fn strait_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_strait")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter()
+            .position(|a| a == "--strait")
+            .and_then(|i| args.get(i + 1).cloned())
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_strait").to_string())
+    })
 }
 
 /// Run `strait ARGS…`; its stdout, or an error with everything it printed.
