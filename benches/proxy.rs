@@ -189,6 +189,7 @@ fn main() {
         }
         let strait_out = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let strait = spawn_strait(
+            &[],
             env!("CARGO_BIN_EXE_strait"),
             "bench",
             xds,
@@ -201,6 +202,7 @@ fn main() {
         let baseline = baseline_bin().map(|bin| {
             let out = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let p = spawn_strait(
+                &[],
                 &bin,
                 "baseline",
                 xds,
@@ -476,7 +478,7 @@ async fn count(d: &Path, xds: SocketAddr, baseline: &str, n: u64, rounds: usize)
             "--tool=callgrind".to_string(),
             format!("--callgrind-out-file={}", file.display()),
         ];
-        let p = spawn_strait_with(
+        let p = spawn_strait(
             &valgrind,
             bin,
             name,
@@ -609,19 +611,9 @@ fn callgrind_last_dump(file: &Path) -> (u64, u64) {
     (ir, mallocs)
 }
 
-/// `strait proxy run` (of binary `bin`) of cluster east (us-east/us-east-1a) with one worker.
+/// `strait proxy run` (of binary `bin`) of cluster east (us-east/us-east-1a) with one worker,
+/// under `wrapper` if not empty (`wrapper[0]` with the rest of it as arguments).
 fn spawn_strait(
-    bin: &str,
-    node_id: &str,
-    xds: SocketAddr,
-    outbound: SocketAddr,
-    admin: SocketAddr,
-) -> Proc {
-    spawn_strait_with(&[], bin, node_id, xds, outbound, admin)
-}
-
-/// [`spawn_strait`] under a wrapper command (`wrapper[0]` with the rest of it as arguments).
-fn spawn_strait_with(
     wrapper: &[String],
     bin: &str,
     node_id: &str,
@@ -718,6 +710,7 @@ async fn scale(d: &Path, etcd: &EtcdServer, xds: SocketAddr) {
     let strait_admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let started = Instant::now();
     let strait = spawn_strait(
+        &[],
         env!("CARGO_BIN_EXE_strait"),
         "scale-strait",
         xds,
