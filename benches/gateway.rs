@@ -357,6 +357,7 @@ async fn tunnel_first_byte(conn: &quinn::Connection, i: usize, pipelined: bool) 
         source_cluster: "bench".into(),
         source_identity: format!("spiffe://{TD}/cluster/bench/ns/default/sa/bench"),
         request_id: format!("bench-{i}"),
+        endpoint: String::new(),
     };
     write_frame(&mut send, &header).await.expect("header");
     if pipelined {

@@ -40,6 +40,11 @@ pub const TRY_ANOTHER_REPLICA_HEADER: &str = "strait-try-another-replica";
 /// usual, after the status).
 pub const EARLY_STATUS_HEADER: &str = "strait-early-status";
 
+/// The ingress request header naming the endpoint (`address:port`) of the target cluster that
+/// the sidecar's load balancer chose; carried to the receiving gateway as
+/// [`TunnelHeader::endpoint`].
+pub const ENDPOINT_HEADER: &str = "strait-endpoint";
+
 /// The protocol version this gateway speaks.
 pub const VERSION: u32 = 1;
 /// The largest frame body accepted.
@@ -64,6 +69,12 @@ pub struct TunnelHeader {
     pub source_identity: String,
     #[prost(string, tag = "7")]
     pub request_id: String,
+    /// The endpoint the sidecar's load balancer chose (`address:port`), which the receiving
+    /// gateway connects to only if it is a current, serving endpoint of the service there
+    /// ([`StatusCode::NotAnEndpoint`] otherwise). Empty: the receiving gateway chooses (a
+    /// gateway or sidecar of an earlier release).
+    #[prost(string, tag = "8")]
+    pub endpoint: String,
 }
 
 /// The answer.
@@ -94,6 +105,9 @@ pub enum StatusCode {
     ConnectFailed = 5,
     /// The header's version is not spoken here.
     UnsupportedVersion = 6,
+    /// The endpoint the header names is not a current, serving endpoint of the service here
+    /// (it left, turned unhealthy, or never was one): try another endpoint.
+    NotAnEndpoint = 7,
 }
 
 /// A frame that could not be read or decoded.
@@ -181,6 +195,17 @@ pub fn parse_frame<M: prost::Message + Default>(
 }
 
 impl TunnelHeader {
+    /// The endpoint the header names, if any (see [`TunnelHeader::endpoint`]).
+    pub fn named_endpoint(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.endpoint.is_empty() {
+            return Ok(None);
+        }
+        self.endpoint
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("endpoint: `{}` is not ADDRESS:PORT", self.endpoint))
+    }
+
     /// Check the fields; the error says which one is wrong.
     pub fn validate(&self) -> Result<(), String> {
         if self.version != VERSION {
@@ -196,6 +221,7 @@ impl TunnelHeader {
         if self.port == 0 || self.port > u32::from(u16::MAX) {
             return Err(format!("port: {} is not a valid port", self.port));
         }
+        self.named_endpoint()?;
         Ok(())
     }
 }
@@ -213,6 +239,7 @@ mod tests {
             source_cluster: "east".into(),
             source_identity: "spiffe://td/cluster/east/ns/default/sa/app".into(),
             request_id: "r1".into(),
+            endpoint: String::new(),
         }
     }
 
@@ -273,6 +300,20 @@ mod tests {
         let mut h = header();
         h.service = "Bad!".into();
         assert!(h.validate().unwrap_err().contains("service"));
+        let mut h = header();
+        h.endpoint = "10.0.0.7".into();
+        assert_eq!(
+            h.validate().unwrap_err(),
+            "endpoint: `10.0.0.7` is not ADDRESS:PORT"
+        );
+        h.endpoint = "10.0.0.7:8080".into();
+        assert_eq!(
+            h.named_endpoint(),
+            Ok(Some("10.0.0.7:8080".parse().unwrap()))
+        );
+        h.endpoint = "[fd00::7]:8080".into();
+        assert!(h.validate().is_ok());
+        assert_eq!(header().named_endpoint(), Ok(None));
         let big = TunnelHeader {
             request_id: "x".repeat(MAX_FRAME + 1),
             ..header()

@@ -31,7 +31,7 @@ use crate::protocol::{EARLY_STATUS_HEADER, StatusCode as TunnelCode, TunnelHeade
 use crate::splice::{Abort as _, EarlyStatus, QuicStream};
 
 /// The ingress protocol's headers (defined with the tunnel protocol).
-pub use federation::tunnel::{CLUSTER_HEADER, REASON_HEADER};
+pub use federation::tunnel::{CLUSTER_HEADER, ENDPOINT_HEADER, REASON_HEADER};
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     loop {
@@ -197,6 +197,27 @@ async fn handle(
             format!("missing `{CLUSTER_HEADER}` header naming the target cluster"),
         );
     };
+    // The endpoint the sidecar's load balancer chose, if it names one.
+    let endpoint = match req.headers().get(ENDPOINT_HEADER) {
+        None => None,
+        Some(v) => match v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<std::net::SocketAddr>().ok())
+        {
+            Some(a) => Some(a),
+            None => {
+                shared.metrics.count(
+                    "strait_gateway_ingress_refused_total",
+                    "bad_endpoint_header",
+                );
+                return refuse(
+                    400,
+                    format!("`{ENDPOINT_HEADER}` must be ADDRESS:PORT, got {v:?}"),
+                );
+            }
+        },
+    };
     let request_id = req
         .headers()
         .get("x-request-id")
@@ -207,12 +228,12 @@ async fn handle(
     let idle = shared.config.tunnel.idle_timeout;
 
     if target == shared.own.as_str() {
-        let tcp = match connect_local(&shared, &service, port).await {
+        let tcp = match connect_local(&shared, &service, port, endpoint).await {
             Ok((t, _)) => t,
             Err((code, why)) => {
                 let status = match code {
                     TunnelCode::UnknownService => 404,
-                    TunnelCode::NoEndpoint => 503,
+                    TunnelCode::NoEndpoint | TunnelCode::NotAnEndpoint => 503,
                     _ => 502,
                 };
                 return refuse(status, why);
@@ -239,6 +260,7 @@ async fn handle(
         source_cluster: shared.own.to_string(),
         source_identity: identity.to_string(),
         request_id,
+        endpoint: endpoint.map(|a| a.to_string()).unwrap_or_default(),
     };
     // An early status: the 200 as soon as the stream to the peer is open, the peer's status as
     // the tunnel's first bytes, and the sidecar's first bytes on their way meanwhile.
@@ -340,6 +362,7 @@ fn open_refused(shared: &Shared, e: OpenError) -> Response<Full<Bytes>> {
 fn refusal_label(code: TunnelCode) -> &'static str {
     match code {
         TunnelCode::NoEndpoint => "no_endpoint",
+        TunnelCode::NotAnEndpoint => "not_an_endpoint",
         _ => "refused",
     }
 }

@@ -118,13 +118,11 @@ impl LocalEndpoints {
         }
     }
 
-    /// Up to `n` candidate endpoints for `service:port`, starting at the round-robin cursor
-    /// (the first is the choice; the rest are fall-backs if connecting fails).
-    pub fn pick(
+    /// The serving endpoints of `service:port`, as candidates.
+    fn serving(
         &self,
         service: &ServiceKey,
         port: u16,
-        n: usize,
     ) -> Result<Vec<Candidate>, (StatusCode, String)> {
         let table = self.table.borrow().clone();
         let Some(set) = table.services.get(service) else {
@@ -168,6 +166,41 @@ impl LocalEndpoints {
                 format!("service {service} has no healthy endpoint in this cluster"),
             ));
         }
+        Ok(serving)
+    }
+
+    /// The endpoint `addr` of `service:port`, if it is one of its serving endpoints now: a
+    /// tunnel that names its endpoint reaches that one or none (a peer cannot steer this
+    /// gateway to an address that is not a current endpoint of the service).
+    pub fn named(
+        &self,
+        service: &ServiceKey,
+        port: u16,
+        addr: SocketAddr,
+    ) -> Result<Candidate, (StatusCode, String)> {
+        let serving = match self.serving(service, port) {
+            Ok(s) => s,
+            // No serving endpoint at all: this one is not one either.
+            Err((StatusCode::NoEndpoint, why)) => return Err((StatusCode::NotAnEndpoint, why)),
+            Err(e) => return Err(e),
+        };
+        serving.into_iter().find(|c| c.addr == addr).ok_or_else(|| {
+            (
+                StatusCode::NotAnEndpoint,
+                format!("{addr} is not a serving endpoint of {service}:{port} in this cluster"),
+            )
+        })
+    }
+
+    /// Up to `n` candidate endpoints for `service:port`, starting at the round-robin cursor
+    /// (the first is the choice; the rest are fall-backs if connecting fails).
+    pub fn pick(
+        &self,
+        service: &ServiceKey,
+        port: u16,
+        n: usize,
+    ) -> Result<Vec<Candidate>, (StatusCode, String)> {
+        let serving = self.serving(service, port)?;
         let start = {
             let mut c = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
             let cur = c.entry(service.clone()).or_insert(0);

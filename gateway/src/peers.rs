@@ -795,10 +795,18 @@ async fn handle_inbound(
         .await;
         return;
     };
-    let (tcp, endpoint) = match connect_local(&shared, &key, header.port as u16).await {
+    // `validate` checked the port's range and the endpoint's syntax.
+    let port = u16::try_from(header.port).unwrap_or_default();
+    let named = header.named_endpoint().ok().flatten();
+    let (tcp, endpoint) = match connect_local(&shared, &key, port, named).await {
         Ok(t) => t,
         Err((code, why)) => {
             tracing::debug!(peer = %peer.cluster, service = %key, reason = %why, "tunnel refused");
+            if code == StatusCode::NotAnEndpoint {
+                shared
+                    .metrics
+                    .count("strait_gateway_stream_errors_total", "not_an_endpoint");
+            }
             reply(&mut send, code, why, "").await;
             return;
         }
@@ -898,15 +906,22 @@ impl tokio::io::AsyncWrite for LocalStream {
     }
 }
 
-/// Connect to a healthy local endpoint of `service:port`, trying a few in round-robin order;
-/// an endpoint behind a sidecar gets mutual TLS with the gateway's certificate (the sidecar
-/// must be a workload of this cluster). Returns the stream and the endpoint's address.
+/// Connect to a healthy local endpoint of `service:port`: the one `named` (by the sidecar's load
+/// balancer) if it is a serving endpoint now, else [`StatusCode::NotAnEndpoint`]; without a name,
+/// a few in round-robin order. An endpoint behind a sidecar gets mutual TLS with the gateway's
+/// certificate (the sidecar must be a workload of this cluster). Returns the stream and the
+/// endpoint's address.
 pub async fn connect_local(
     shared: &Shared,
     service: &ServiceKey,
     port: u16,
+    named: Option<SocketAddr>,
 ) -> Result<(LocalStream, SocketAddr), (StatusCode, String)> {
-    let candidates = shared.local.pick(service, port, 3)?;
+    let candidates = match named {
+        // The sidecar chose the endpoint: that one, if it is a serving endpoint now, or none.
+        Some(addr) => vec![shared.local.named(service, port, addr)?],
+        None => shared.local.pick(service, port, 3)?,
+    };
     let timeout = shared.config.tunnel.connect_timeout;
     let mut last = String::new();
     for c in candidates {
@@ -972,7 +987,8 @@ impl OpenError {
         match self {
             OpenError::UnknownCluster(_) => 404,
             OpenError::LinkDown(_) => 503,
-            OpenError::Refused(StatusCode::NoEndpoint, _) => 503,
+            // 503: the sidecar tries another endpoint (the one it named is gone) or priority.
+            OpenError::Refused(StatusCode::NoEndpoint | StatusCode::NotAnEndpoint, _) => 503,
             OpenError::Refused(StatusCode::UnknownService, _) => 404,
             OpenError::Refused(StatusCode::Unauthorized, _) => 403,
             OpenError::Refused(StatusCode::ConnectFailed, _) => 502,

@@ -132,12 +132,24 @@ async fn http_server(cluster: &'static str) -> SocketAddr {
 
 fn discovery(dir: &Path, cluster: &str, services: &[(&str, u16, SocketAddr)]) -> PathBuf {
     let mut s = format!("cluster: {cluster}\nregion: r-{cluster}\nservices:\n");
-    for (name, port, addr) in services {
+    // Entries of the same service (and port) are its endpoints, in order.
+    let mut names: Vec<(&str, u16)> = Vec::new();
+    for (name, port, _) in services {
+        if !names.contains(&(*name, *port)) {
+            names.push((*name, *port));
+        }
+    }
+    for (name, port) in names {
         s.push_str(&format!(
-            "  - name: {name}\n    ports: [{{name: p, port: {port}, protocol: tcp}}]\n    endpoints:\n      - {{address: {}, port: {}, zone: z1}}\n",
-            addr.ip(),
-            addr.port()
+            "  - name: {name}\n    ports: [{{name: p, port: {port}, protocol: tcp}}]\n    endpoints:\n"
         ));
+        for (_, _, addr) in services.iter().filter(|(n, p, _)| (*n, *p) == (name, port)) {
+            s.push_str(&format!(
+                "      - {{address: {}, port: {}, zone: z1}}\n",
+                addr.ip(),
+                addr.port()
+            ));
+        }
     }
     if services.is_empty() {
         s = s.replace("services:\n", "services: []\n");
@@ -424,6 +436,72 @@ async fn curl_reaches_a_service_in_the_other_cluster() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from west\n");
+}
+
+/// The sidecar's load balancer names the endpoint (`strait-endpoint`, carried in the tunnel
+/// header): the remote gateway connects to that one every time, and refuses an address that is
+/// not a serving endpoint of the service (503, counted) instead of choosing another itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_reaches_the_endpoint_it_names_and_no_other() {
+    let a = http_server("replica-a").await;
+    let b = http_server("replica-b").await;
+    let p = pair(&[("web", 8080, a), ("web", 8080, b)], false, "").await;
+    let tls = client_tls(&p.east_app, &p.pki.ca_file());
+    let ingress = p.east.ingress_addr;
+    let through = |endpoint: String| {
+        let tls = tls.clone();
+        async move {
+            let (status, head, s) = connect_h1_with(
+                ingress,
+                tls,
+                "web.default:8080",
+                Some("west"),
+                &format!("strait-endpoint: {endpoint}\r\n"),
+            )
+            .await;
+            let Some(mut s) = s else {
+                return (status, head);
+            };
+            s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+            (status, String::from_utf8_lossy(&out).to_string())
+        }
+    };
+    // Without a name the gateway alternates; with one, the same replica every time.
+    for (addr, who) in [(a, "replica-a"), (b, "replica-b")] {
+        for _ in 0..3 {
+            let (status, body) = through(addr.to_string()).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(
+                body.ends_with(&format!("hello from {who}\n")),
+                "a tunnel naming {addr} reached another endpoint: {body}"
+            );
+        }
+    }
+    // An address that is not an endpoint of the service (here: the other gateway's ingress).
+    let stranger = p.west.ingress_addr.to_string();
+    let (status, body) = through(stranger.clone()).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!(
+            "{stranger} is not a serving endpoint of web.default:8080"
+        )),
+        "{body}"
+    );
+    wait_counted(
+        &p.west,
+        "strait_gateway_stream_errors_total",
+        "not_an_endpoint",
+        1,
+    )
+    .await;
+    // A name that is not an address is the sidecar's mistake: 400 at its own gateway.
+    let (status, body) = through("web-1".into()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("strait-endpoint"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1568,6 +1646,7 @@ async fn bytes_sent_right_behind_the_header_are_delivered() {
         source_cluster: "north".into(),
         source_identity: format!("spiffe://{TD}/cluster/north/ns/default/sa/app"),
         request_id: "early-1".into(),
+        endpoint: String::new(),
     };
     // Header and data in one flight, before any status: west must hold the data until it has
     // connected to the endpoint, then deliver it.

@@ -199,6 +199,7 @@ fn tunnel_frames_of_the_previous_release_still_parse_and_encode_the_same() {
         source_cluster: "east".into(),
         source_identity: "spiffe://federation.example.com/cluster/east/ns/shop/sa/frontend".into(),
         request_id: "req-42".into(),
+        endpoint: String::new(),
     };
     let statuses = [
         TunnelStatus {
