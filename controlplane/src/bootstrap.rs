@@ -6,7 +6,8 @@
 //! cluster (the local east-west gateway's ingress, HTTP/2 over mTLS with the workload
 //! certificate, the gateway's SPIFFE identity pinned) with the internal listener
 //! `strait_tunnel`: a TCP proxy that tunnels each connection in an HTTP/2 CONNECT whose
-//! authority and `strait-cluster` header come from the endpoint's `strait` metadata. With the
+//! authority and `strait-cluster` and `strait-endpoint` headers come from the endpoint's `strait`
+//! metadata. With the
 //! workload certificate it also holds the static secrets `strait_workload` and
 //! `strait_federation_ca` that the service clusters' mutual-TLS transport sockets (to endpoints
 //! behind sidecars) name, and says so in the node metadata (`STRAIT_MTLS`).
@@ -20,10 +21,10 @@ use serde_json::{Value, json};
 use crate::view::{
     META_CLUSTER, META_KIND, META_LABELS, META_MTLS, META_OUTBOUND, META_TRANSPARENT, META_TUNNEL,
 };
-use federation::tunnel::CLUSTER_HEADER;
+use federation::tunnel::{CLUSTER_HEADER, ENDPOINT_HEADER};
 use federation::xds_contract::{
     CA_SECRET, GATEWAY_CLUSTER, KIND_ENVOY, KIND_GRPC, TUNNEL_AUTHORITY, TUNNEL_CLUSTER,
-    TUNNEL_LISTENER, TUNNEL_NAMESPACE, WORKLOAD_SECRET, XDS_CLUSTER,
+    TUNNEL_ENDPOINT, TUNNEL_LISTENER, TUNNEL_NAMESPACE, WORKLOAD_SECRET, XDS_CLUSTER,
 };
 
 /// Workload certificate files.
@@ -218,10 +219,18 @@ pub fn envoy(spec: &BootstrapSpec) -> Value {
                     "max_connect_attempts": ingresses.len().clamp(1, 3),
                     "tunneling_config": {
                         "hostname": format!("%DYNAMIC_METADATA({TUNNEL_NAMESPACE}:{TUNNEL_AUTHORITY})%"),
-                        "headers_to_add": [{"header": {
-                            "key": CLUSTER_HEADER,
-                            "value": format!("%DYNAMIC_METADATA({TUNNEL_NAMESPACE}:{TUNNEL_CLUSTER})%"),
-                        }}],
+                        "headers_to_add": [
+                            {"header": {
+                                "key": CLUSTER_HEADER,
+                                "value": format!("%DYNAMIC_METADATA({TUNNEL_NAMESPACE}:{TUNNEL_CLUSTER})%"),
+                            }},
+                            // The endpoint Envoy's balancer chose: the remote gateway connects
+                            // to it (if it is an endpoint of the service there).
+                            {"header": {
+                                "key": ENDPOINT_HEADER,
+                                "value": format!("%DYNAMIC_METADATA({TUNNEL_NAMESPACE}:{TUNNEL_ENDPOINT})%"),
+                            }},
+                        ],
                     },
                 },
             }]}],

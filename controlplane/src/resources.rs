@@ -5,11 +5,13 @@
 //! **EDS.** Each locality group becomes one `LocalityLbEndpoints` with its priority (levels are
 //! dense from 0, as Envoy requires), its locality, and its locality weight; each endpoint one
 //! `LbEndpoint` with its health and weight. Endpoints of clusters on another network carry filter
-//! metadata `strait` `{cluster, authority, via_gateway: true}`. For Envoy they are addressed to
-//! the internal listener [`TUNNEL_LISTENER`] of the bootstrap (`strait proxy bootstrap --envoy`),
-//! which tunnels the connection over HTTP/2 CONNECT to the local east-west gateway's ingress with
-//! authority `SERVICE.NAMESPACE:PORT` and header `strait-cluster: C`, both read from that
-//! metadata. Proxyless gRPC cannot tunnel: it gets the directly reachable groups only.
+//! metadata `strait` `{cluster, authority, endpoint, via_gateway: true}`: every endpoint of a
+//! remote cluster is an endpoint of its own, so the client's balancer (weights, health, outlier
+//! state) chooses among them exactly as among local ones, and the tunnel names the one chosen. For
+//! Envoy they are addressed to the internal listener [`TUNNEL_LISTENER`] of the bootstrap
+//! (`strait proxy bootstrap --envoy`), which tunnels the connection over HTTP/2 CONNECT to the
+//! local east-west gateway's ingress with authority `SERVICE.NAMESPACE:PORT` and headers
+//! `strait-cluster: C` and `strait-endpoint: ADDRESS:PORT`, all read from that metadata. Proxyless gRPC cannot tunnel: it gets the directly reachable groups only.
 //!
 //! **Graceful draining for gRPC.** gRPC ignores the overprovisioning factor and moves to the next
 //! priority only when a whole priority fails. [`grpc_fold`] computes Envoy's priority load split
@@ -51,8 +53,8 @@ use federation::route::{LocalityGroup, Route};
 pub use federation::xds_contract::{
     CA_SECRET, MATCH_CLUSTER, MATCH_TLS_MODE, OUTBOUND_LISTENER, OUTBOUND_ROUTES,
     PASSTHROUGH_CLUSTER, SOCKET_MATCH_NAMESPACE, TRANSPARENT_LISTENER, TUNNEL_AUTHORITY,
-    TUNNEL_CLUSTER, TUNNEL_LISTENER, TUNNEL_NAMESPACE as METADATA_NAMESPACE, TUNNEL_VIA_GATEWAY,
-    WORKLOAD_SECRET, mutual_match_name,
+    TUNNEL_CLUSTER, TUNNEL_ENDPOINT, TUNNEL_LISTENER, TUNNEL_NAMESPACE as METADATA_NAMESPACE,
+    TUNNEL_VIA_GATEWAY, WORKLOAD_SECRET, mutual_match_name,
 };
 /// The URI SAN a sidecar of `cluster` must present: a workload of that cluster (the trust
 /// domain is pinned by the federation CA, which issues for one trust domain only).
@@ -158,10 +160,14 @@ fn string_value(s: &str) -> Value {
     }
 }
 
-fn strait_fields(cluster: &str, authority: &str) -> Struct {
+fn strait_fields(cluster: &str, authority: &str, endpoint: SocketAddr) -> Struct {
     let fields = [
         (TUNNEL_CLUSTER.to_string(), string_value(cluster)),
         (TUNNEL_AUTHORITY.to_string(), string_value(authority)),
+        (
+            TUNNEL_ENDPOINT.to_string(),
+            string_value(&endpoint.to_string()),
+        ),
         (
             TUNNEL_VIA_GATEWAY.to_string(),
             Value {
@@ -261,7 +267,7 @@ fn assignment(
                     if g.via_gateway {
                         filter_metadata.insert(
                             METADATA_NAMESPACE.to_string(),
-                            strait_fields(g.cluster.as_str(), authority),
+                            strait_fields(g.cluster.as_str(), authority, addr),
                         );
                     }
                     if e.mutual_tls && !tunnel {

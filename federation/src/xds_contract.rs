@@ -33,8 +33,8 @@ pub const KIND_GRPC: &str = "grpc";
 // ---- Endpoint metadata (`LbEndpoint.metadata.filter_metadata`) ----
 
 /// The namespace of an endpoint reached through the gateway (an internal address): its keys
-/// [`TUNNEL_CLUSTER`] and [`TUNNEL_AUTHORITY`] name the tunnel's target, and Envoy's internal
-/// upstream transport passes the namespace on to the [`TUNNEL_LISTENER`].
+/// [`TUNNEL_CLUSTER`], [`TUNNEL_AUTHORITY`] and [`TUNNEL_ENDPOINT`] name the tunnel's target,
+/// and Envoy's internal upstream transport passes the namespace on to the [`TUNNEL_LISTENER`].
 pub const TUNNEL_NAMESPACE: &str = "strait";
 /// The cluster a tunnelled endpoint is in (the tunnel's `strait-cluster` header).
 pub const TUNNEL_CLUSTER: &str = "cluster";
@@ -42,6 +42,10 @@ pub const TUNNEL_CLUSTER: &str = "cluster";
 pub const TUNNEL_AUTHORITY: &str = "authority";
 /// Set (`true`) on a tunnelled endpoint, for readers of `/config_dump`.
 pub const TUNNEL_VIA_GATEWAY: &str = "via_gateway";
+/// The endpoint's own `ADDRESS:PORT` in its cluster (the tunnel's `strait-endpoint` header): the
+/// remote gateway connects to that endpoint, so the sidecar's balancer chooses it. Absent from
+/// earlier control planes (the remote gateway then chooses).
+pub const TUNNEL_ENDPOINT: &str = "endpoint";
 
 /// The namespace Envoy matches a cluster's `transport_socket_matches` against.
 pub const SOCKET_MATCH_NAMESPACE: &str = "envoy.transport_socket_match";
@@ -101,6 +105,7 @@ mod tests {
             TUNNEL_CLUSTER,
             TUNNEL_AUTHORITY,
             TUNNEL_VIA_GATEWAY,
+            TUNNEL_ENDPOINT,
             SOCKET_MATCH_NAMESPACE,
             MATCH_TLS_MODE,
             MATCH_CLUSTER,
@@ -117,7 +122,7 @@ mod tests {
         assert_eq!(
             names.join(" "),
             "STRAIT_CLUSTER STRAIT_KIND STRAIT_LABELS STRAIT_OUTBOUND STRAIT_TRANSPARENT \
-             STRAIT_TUNNEL STRAIT_MTLS envoy grpc strait cluster authority via_gateway \
+             STRAIT_TUNNEL STRAIT_MTLS envoy grpc strait cluster authority via_gateway endpoint \
              envoy.transport_socket_match strait.io/tls-mode strait.io/cluster \
              strait_workload strait_federation_ca strait_tunnel strait_outbound_http \
              strait_outbound strait_transparent PassthroughCluster strait_xds strait_gateway"

@@ -69,7 +69,14 @@ impl Endpoints for AdminState {
 fn upstream(u: &Upstream) -> String {
     match u {
         Upstream::Direct(a) => a.to_string(),
-        Upstream::Tunnel { cluster, authority } => format!("{authority} via gateway to {cluster}"),
+        Upstream::Tunnel {
+            cluster,
+            authority,
+            endpoint: Some(e),
+        } => format!("{authority} at {e} via gateway to {cluster}"),
+        Upstream::Tunnel {
+            cluster, authority, ..
+        } => format!("{authority} via gateway to {cluster}"),
     }
 }
 

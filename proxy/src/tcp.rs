@@ -412,12 +412,16 @@ async fn connect(compiled: &Compiled, cluster: &ClusterConfig, host: &Host) -> R
                 ))),
             }
         }
-        Upstream::Tunnel { cluster, authority } => {
+        Upstream::Tunnel {
+            cluster,
+            authority,
+            endpoint,
+        } => {
             let g = compiled
                 .gateway()
                 .ok_or_else(|| format!("no gateway is configured to reach cluster {cluster}"))?;
             let (up, early) = g
-                .open_early(cluster, authority)
+                .open_early(cluster, authority, *endpoint)
                 .await
                 .map_err(|e| e.to_string())?;
             let up: Box<dyn Stream> = Box::new(hyper_util::rt::TokioIo::new(up));

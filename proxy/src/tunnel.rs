@@ -36,7 +36,7 @@ use crate::config::UpstreamTls;
 use crate::tls::TlsSource;
 use federation::tunnel::EARLY_STATUS_HEADER;
 /// The gateway ingress protocol's headers (defined with the tunnel protocol).
-pub use federation::tunnel::{CLUSTER_HEADER, REASON_HEADER};
+pub use federation::tunnel::{CLUSTER_HEADER, ENDPOINT_HEADER, REASON_HEADER};
 
 /// The host suffix of the synthetic URIs that address a tunnelled endpoint (see
 /// [`tunnel_authority`]).
@@ -167,21 +167,35 @@ impl Gateway {
         self.addresses().nth(i).unwrap_or(self.options.address)
     }
 
-    /// Open a tunnel to `authority` (`SERVICE.NAMESPACE:PORT`) in `cluster`.
+    /// Open a tunnel to `authority` (`SERVICE.NAMESPACE:PORT`) in `cluster`, to the endpoint the
+    /// remote gateway chooses.
     pub async fn open(&self, cluster: &str, authority: &str) -> Result<Upgraded, TunnelError> {
-        self.open_with(cluster, authority, false)
+        self.open_to(cluster, authority, None).await
+    }
+
+    /// Open a tunnel to `authority` in `cluster`, to its endpoint `endpoint` (its own address
+    /// there) when given: the remote gateway connects to that endpoint if it is a serving
+    /// endpoint of the service, and refuses the tunnel otherwise (503, `not_an_endpoint`).
+    pub async fn open_to(
+        &self,
+        cluster: &str,
+        authority: &str,
+        endpoint: Option<SocketAddr>,
+    ) -> Result<Upgraded, TunnelError> {
+        self.open_with(cluster, authority, endpoint, false)
             .await
             .map(|(up, _, _)| up)
     }
 
-    /// [`Gateway::open`] for a pooled connection: with the flag of the gateway connection's
+    /// [`Gateway::open_to`] for a pooled connection: with the flag of the gateway connection's
     /// drain.
     pub async fn open_pooled(
         &self,
         cluster: &str,
         authority: &str,
+        endpoint: Option<SocketAddr>,
     ) -> Result<(Upgraded, Draining), TunnelError> {
-        self.open_with(cluster, authority, false)
+        self.open_with(cluster, authority, endpoint, false)
             .await
             .map(|(up, _, draining)| (up, draining))
     }
@@ -196,8 +210,9 @@ impl Gateway {
         &self,
         cluster: &str,
         authority: &str,
+        endpoint: Option<SocketAddr>,
     ) -> Result<(Upgraded, bool), TunnelError> {
-        self.open_with(cluster, authority, true)
+        self.open_with(cluster, authority, endpoint, true)
             .await
             .map(|(up, granted, _)| (up, granted))
     }
@@ -206,6 +221,7 @@ impl Gateway {
         &self,
         cluster: &str,
         authority: &str,
+        endpoint: Option<SocketAddr>,
         early: bool,
     ) -> Result<(Upgraded, bool, Draining), TunnelError> {
         // A CONNECT that got no answer on a connection made earlier (it just died, or the
@@ -232,6 +248,9 @@ impl Gateway {
                 .method(Method::CONNECT)
                 .uri(authority)
                 .header(CLUSTER_HEADER, cluster);
+            if let Some(e) = endpoint {
+                req = req.header(ENDPOINT_HEADER, e.to_string());
+            }
             if early {
                 req = req.header(EARLY_STATUS_HEADER, "1");
             }
@@ -376,9 +395,15 @@ impl Gateway {
 }
 
 /// The authority the connection pool uses for a tunnelled endpoint:
-/// `SERVICE.NAMESPACE.CLUSTER.strait-tunnel:PORT` (one pool per remote endpoint; [`Connector`]
-/// turns it back into a tunnel).
-pub fn tunnel_authority(cluster: &str, authority: &str) -> Result<String, TunnelError> {
+/// `SERVICE.NAMESPACE.CLUSTER.ENDPOINT.strait-tunnel:PORT`, where `ENDPOINT` encodes the remote
+/// endpoint's address (`any` when the remote gateway chooses): one pool per remote endpoint, so
+/// requests to different endpoints never share a connection, and [`Connector`] turns it back
+/// into a tunnel to that endpoint.
+pub fn tunnel_authority(
+    cluster: &str,
+    authority: &str,
+    endpoint: Option<SocketAddr>,
+) -> Result<String, TunnelError> {
     let (host, port) = authority
         .rsplit_once(':')
         .ok_or_else(|| TunnelError::Target(format!("{authority} has no port")))?;
@@ -391,15 +416,67 @@ pub fn tunnel_authority(cluster: &str, authority: &str) -> Result<String, Tunnel
             "{authority} in cluster {cluster}"
         )));
     }
-    Ok(format!("{host}.{cluster}{TUNNEL_SUFFIX}:{port}"))
+    let label = endpoint.map_or_else(|| ANY_ENDPOINT.to_string(), endpoint_label);
+    Ok(format!("{host}.{cluster}.{label}{TUNNEL_SUFFIX}:{port}"))
 }
 
-/// The (cluster, authority) a URI with a [`tunnel_authority`] names.
-fn tunnel_target(uri: &Uri) -> Option<(String, String)> {
+/// The label of [`tunnel_authority`] for no endpoint named.
+const ANY_ENDPOINT: &str = "any";
+
+/// A DNS label for an endpoint address: `e` and the address's bytes and port in hex
+/// (`e0a0000011f90` is 10.0.0.1:8080; IPv6 addresses give 37 characters, under the label limit
+/// of 63).
+fn endpoint_label(a: SocketAddr) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(38);
+    out.push('e');
+    let octets = match a.ip() {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    for b in octets {
+        let _ = write!(out, "{b:02x}");
+    }
+    let _ = write!(out, "{:04x}", a.port());
+    out
+}
+
+fn parse_endpoint_label(label: &str) -> Option<Option<SocketAddr>> {
+    if label == ANY_ENDPOINT {
+        return Some(None);
+    }
+    let hex = label.strip_prefix('e')?;
+    if !hex.is_ascii() || hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let (ip, port) = match bytes.len() {
+        6 => {
+            let o: [u8; 4] = bytes.get(..4)?.try_into().ok()?;
+            (std::net::IpAddr::from(o), bytes.get(4..6)?)
+        }
+        18 => {
+            let o: [u8; 16] = bytes.get(..16)?.try_into().ok()?;
+            (std::net::IpAddr::from(o), bytes.get(16..18)?)
+        }
+        _ => return None,
+    };
+    let port = u16::from_be_bytes(port.try_into().ok()?);
+    Some(Some(SocketAddr::new(ip, port)))
+}
+
+/// What a URI with a [`tunnel_authority`] names: cluster, authority and endpoint.
+type TunnelTarget = (String, String, Option<SocketAddr>);
+
+fn tunnel_target(uri: &Uri) -> Option<TunnelTarget> {
     let host = uri.host()?.strip_suffix(TUNNEL_SUFFIX)?;
-    let (service, cluster) = host.rsplit_once('.')?;
+    let (rest, label) = host.rsplit_once('.')?;
+    let endpoint = parse_endpoint_label(label)?;
+    let (service, cluster) = rest.rsplit_once('.')?;
     let port = uri.port_u16()?;
-    Some((cluster.to_string(), format!("{service}:{port}")))
+    Some((cluster.to_string(), format!("{service}:{port}"), endpoint))
 }
 
 /// A connection to an endpoint: TCP, mutual TLS to its sidecar, or a tunnel through the
@@ -564,11 +641,11 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         match tunnel_target(&uri) {
-            Some((cluster, authority)) => {
+            Some((cluster, authority, endpoint)) => {
                 let gateway = self.gateway.clone();
                 Box::pin(async move {
                     let g = gateway.ok_or_else(|| TunnelError::NoGateway(cluster.clone()))?;
-                    let (up, draining) = g.open_pooled(&cluster, &authority).await?;
+                    let (up, draining) = g.open_pooled(&cluster, &authority, endpoint).await?;
                     Ok(Conn::Tunnel(up, draining))
                 })
             }
@@ -599,18 +676,49 @@ mod tests {
 
     #[test]
     fn tunnel_uris_name_their_target() {
-        let a = tunnel_authority("west", "echo.default:8080").expect("authority");
-        assert_eq!(a, "echo.default.west.strait-tunnel:8080");
+        let a = tunnel_authority("west", "echo.default:8080", None).expect("authority");
+        assert_eq!(a, "echo.default.west.any.strait-tunnel:8080");
         let uri: Uri = format!("http://{a}/path").parse().expect("uri");
         assert_eq!(
             tunnel_target(&uri),
-            Some(("west".to_string(), "echo.default:8080".to_string()))
+            Some(("west".to_string(), "echo.default:8080".to_string(), None))
+        );
+        // A named endpoint, v4 and v6: its own pool key, and back to the same address.
+        for ep in ["10.0.0.1:9090", "[fd00::1:2]:443", "127.0.0.1:1"] {
+            let ep: SocketAddr = ep.parse().expect("endpoint");
+            let a = tunnel_authority("west", "echo.default:8080", Some(ep)).expect("authority");
+            let uri: Uri = format!("http://{a}/path").parse().expect("uri");
+            assert_eq!(
+                tunnel_target(&uri),
+                Some((
+                    "west".to_string(),
+                    "echo.default:8080".to_string(),
+                    Some(ep)
+                )),
+                "{a}"
+            );
+        }
+        assert_eq!(
+            tunnel_authority(
+                "west",
+                "echo.default:8080",
+                Some("10.0.0.1:8080".parse().expect("a"))
+            )
+            .expect("authority"),
+            "echo.default.west.e0a0000011f90.strait-tunnel:8080"
         );
         assert_eq!(
             tunnel_target(&"http://127.0.0.1:80/".parse().expect("u")),
             None
         );
-        assert!(tunnel_authority("west", "no-port").is_err());
-        assert!(tunnel_authority("a.b", "echo.default:80").is_err());
+        // Labels that are not an endpoint: not a tunnel URI.
+        for bad in ["e0a00", "ezz00000000000", "x", "e0a0000011f9"] {
+            let uri: Uri = format!("http://echo.default.west.{bad}.strait-tunnel:8080/")
+                .parse()
+                .expect("uri");
+            assert_eq!(tunnel_target(&uri), None, "{bad}");
+        }
+        assert!(tunnel_authority("west", "no-port", None).is_err());
+        assert!(tunnel_authority("a.b", "echo.default:80", None).is_err());
     }
 }

@@ -619,6 +619,38 @@ impl Linked {
         discovery_yaml("west", "us-west", "us-west-1a", ep)
     }
 
+    /// A stock Envoy in west (`name`, us-west/us-west-1a) with the workload certificate, fed by
+    /// west's control plane over mutual-TLS delta ADS, tunnelling to other clusters through
+    /// west's gateway.
+    pub fn west_envoy(&self, d: &Path, name: &str) -> Envoy {
+        use controlplane::bootstrap::{BootstrapSpec, CertFiles, envoy};
+        use federation::model::{Labels, Locality, Name};
+        let admin = free_addr();
+        let outbound = free_addr();
+        let spec = BootstrapSpec {
+            node_id: name.into(),
+            cluster: Name::parse("c", "west").unwrap(),
+            locality: Locality::parse("l", "us-west/us-west-1a").unwrap(),
+            labels: Labels::default(),
+            xds: self.cp.xds_addr.into(),
+            xds_replicas: Vec::new(),
+            tls: Some(CertFiles {
+                cert: self.app.cert.clone(),
+                key: self.app.key.clone(),
+                ca: self.app.ca.clone(),
+            }),
+            delta: true,
+            admin,
+            outbound,
+            transparent: None,
+            gateway: Some((
+                vec![self.west_gw.ingress_addr],
+                format!("spiffe://{TD}/cluster/west/gateway"),
+            )),
+        };
+        Envoy::start(d, name, &envoy(&spec), admin, outbound)
+    }
+
     pub async fn shutdown(self) {
         self.cp.shutdown().await;
         self.west_gw.shutdown().await;

@@ -9,8 +9,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use crate::common::*;
-use controlplane::bootstrap::{BootstrapSpec, CertFiles, envoy};
-use federation::model::{Labels, Locality, Name};
 
 async fn served_by(outbound: SocketAddr) -> Result<String, String> {
     match get(outbound, "echo.default").await? {
@@ -49,36 +47,11 @@ async fn envoy_fails_over_to_another_cluster_through_the_gateways() {
         west_gw,
         east_gw,
         cp,
-        app: app_certs,
         west_ep,
         ..
     } = &fed;
     let west_yaml = Linked::west_yaml;
-
-    let admin = free_addr();
-    let outbound = free_addr();
-    let spec = BootstrapSpec {
-        node_id: "west-app".into(),
-        cluster: Name::parse("c", "west").unwrap(),
-        locality: Locality::parse("l", "us-west/us-west-1a").unwrap(),
-        labels: Labels::default(),
-        xds: cp.xds_addr.into(),
-        xds_replicas: Vec::new(),
-        tls: Some(CertFiles {
-            cert: app_certs.cert.clone(),
-            key: app_certs.key.clone(),
-            ca: app_certs.ca.clone(),
-        }),
-        delta: true,
-        admin,
-        outbound,
-        transparent: None,
-        gateway: Some((
-            vec![west_gw.ingress_addr],
-            format!("spiffe://{TD}/cluster/west/gateway"),
-        )),
-    };
-    let envoy = Envoy::start(d, "west-app", &envoy(&spec), admin, outbound);
+    let envoy = fed.west_envoy(d, "west-app");
 
     // Priority 0: west's own endpoint, directly.
     expect_all(&envoy, "west", "Envoy to route to west's own endpoint").await;

@@ -7,10 +7,13 @@ use super::*;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Upstream {
     Direct(SocketAddr),
-    /// Through the local gateway: HTTP/2 CONNECT with this authority and `strait-cluster`.
+    /// Through the local gateway: HTTP/2 CONNECT with this authority, `strait-cluster` and,
+    /// when the control plane named it, `strait-endpoint` (the endpoint's own address in its
+    /// cluster, where the remote gateway connects; without it the remote gateway chooses).
     Tunnel {
         cluster: String,
         authority: String,
+        endpoint: Option<SocketAddr>,
     },
 }
 
@@ -128,7 +131,22 @@ pub fn assignment(any: &Any) -> Result<Assignment, ConfigError> {
                             ),
                         ));
                     };
-                    Upstream::Tunnel { cluster, authority }
+                    let endpoint = match get(TUNNEL_ENDPOINT) {
+                        None => None,
+                        Some(e) => Some(e.parse::<SocketAddr>().map_err(|_| {
+                            ctx.err(
+                                field(&format!(
+                                    "metadata.filter_metadata.{TUNNEL_NAMESPACE}.{TUNNEL_ENDPOINT}"
+                                )),
+                                format!("{e:?} is not ADDRESS:PORT"),
+                            )
+                        })?),
+                    };
+                    Upstream::Tunnel {
+                        cluster,
+                        authority,
+                        endpoint,
+                    }
                 }
                 core::address::Address::Pipe(_) => {
                     return Err(ctx.err(field("endpoint.address"), "pipes are not supported"));

@@ -40,7 +40,7 @@ const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rou
 // The metadata namespaces and keys of endpoints (the xDS contract): reached through the
 // gateway, and matched by `transport_socket_matches`.
 use federation::xds_contract::{
-    SOCKET_MATCH_NAMESPACE, TUNNEL_AUTHORITY, TUNNEL_CLUSTER, TUNNEL_NAMESPACE,
+    SOCKET_MATCH_NAMESPACE, TUNNEL_AUTHORITY, TUNNEL_CLUSTER, TUNNEL_ENDPOINT, TUNNEL_NAMESPACE,
 };
 const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
 const RAW_BUFFER: &str = "envoy.transport_sockets.raw_buffer";

@@ -348,7 +348,8 @@ pub(crate) fn upstream_request(
         Endpoint::Tunnel {
             cluster: c,
             authority,
-        } => match tunnel_authority(c, authority) {
+            endpoint,
+        } => match tunnel_authority(c, authority, *endpoint) {
             Ok(a) => a,
             Err(e) => return Built::Unusable(e.to_string()),
         },

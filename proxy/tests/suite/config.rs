@@ -123,8 +123,38 @@ fn everything_an_envoy_view_holds_translates() {
         tunnelled[0].upstream,
         Upstream::Tunnel {
             cluster: "west".into(),
-            authority: "echo.default:8080".into()
+            authority: "echo.default:8080".into(),
+            // West's endpoint by its own address: the sidecar chooses it, west's gateway
+            // connects to it.
+            endpoint: Some("10.1.0.1:8080".parse().unwrap()),
         }
+    );
+    // An endpoint name that is not ADDRESS:PORT is refused, naming the field.
+    let mut cla = endpoint::ClusterLoadAssignment::decode(
+        view.get(TypeKind::Endpoint)["echo.default:8080"]
+            .body
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    let tunnelled = cla
+        .endpoints
+        .iter_mut()
+        .flat_map(|l| &mut l.lb_endpoints)
+        .find_map(|e| e.metadata.as_mut()?.filter_metadata.get_mut("strait"))
+        .expect("a tunnelled endpoint's metadata");
+    tunnelled.fields.insert(
+        "endpoint".into(),
+        envoy_types::pb::google::protobuf::Value {
+            kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                "10.1.0.1".into(),
+            )),
+        },
+    );
+    let e = err(config::assignment(&pack_any(cla)));
+    assert!(
+        e.contains("metadata.filter_metadata.strait.endpoint") && e.contains("not ADDRESS:PORT"),
+        "{e}"
     );
     assert!(
         a.priorities

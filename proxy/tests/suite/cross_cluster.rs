@@ -5,6 +5,7 @@
 //! east's endpoint. Tunnels share one connection to the gateway. The gateway's refusals
 //! (unknown cluster) come back with their status and reason.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -95,7 +96,7 @@ async fn the_proxy_fails_over_to_another_cluster_through_the_gateway() {
         assert!(
             c.balancer.hosts().iter().any(|h| matches!(
                 &h.upstream,
-                proxy::config::Upstream::Tunnel { cluster, authority }
+                proxy::config::Upstream::Tunnel { cluster, authority, endpoint: Some(_) }
                     if cluster == "east" && authority == "echo.default:8080"
             )),
             "east's endpoint is configured behind the gateway: {:?}",
@@ -386,4 +387,273 @@ async fn tunnels_move_to_another_local_gateway_replica() {
     }
     assert_eq!(requests(g2_admin).await, 7.0);
     g2.shutdown().await;
+}
+
+/// East's discovery file: service `echo` (HTTP, 8080) with `replicas`, equal weights, in zone
+/// us-east-1a.
+fn east_replicas(replicas: &[SocketAddr]) -> String {
+    let mut yaml = "cluster: east\nregion: us-east\nservices:\n  - name: echo\n    ports: [{name: http, port: 8080, protocol: http}]\n    endpoints:\n".to_string();
+    for r in replicas {
+        yaml.push_str(&format!(
+            "      - {{address: {}, port: {}, zone: us-east-1a}}\n",
+            r.ip(),
+            r.port()
+        ));
+    }
+    yaml
+}
+
+/// One request of a [`drive`]: when it was sent (from the start), and the replica that answered
+/// or what went wrong.
+type Sent = (Duration, Result<String, String>);
+
+/// `count` GETs of `echo.default` through `outbound` at 100 per second from `start`, on kept-alive
+/// connections (as an application's HTTP client sends them), each on its own task so a slow
+/// answer does not slow the rate.
+async fn drive(outbound: SocketAddr, count: usize, start: tokio::time::Instant) -> Vec<Sent> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    let client: Client<_, Empty<bytes::Bytes>> =
+        Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let mut tick = tokio::time::interval_at(start, Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        tick.tick().await;
+        let at = start.elapsed();
+        let client = client.clone();
+        tasks.spawn(async move {
+            let req = http::Request::get(format!("http://{outbound}/"))
+                .header(http::header::HOST, "echo.default")
+                .body(Empty::new())
+                .map_err(|e| e.to_string());
+            let fut = async {
+                let resp = client.request(req?).await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                let body = String::from_utf8_lossy(&body).into_owned();
+                if status == http::StatusCode::OK {
+                    Ok(body)
+                } else {
+                    Err(format!("status {status}: {body}"))
+                }
+            };
+            let r = tokio::time::timeout(Duration::from_secs(10), fut)
+                .await
+                .unwrap_or_else(|_| Err("no answer within 10 s".into()));
+            (i, at, r)
+        });
+    }
+    let mut out = vec![(Duration::ZERO, Err("not sent".to_string())); count];
+    while let Some(r) = tasks.join_next().await {
+        let (i, at, r) = r.expect("a request task");
+        out[i] = (at, r);
+    }
+    out
+}
+
+/// Each replica's share (percent) of `sent`.
+fn shares<'a>(sent: impl Iterator<Item = &'a Sent>, replicas: &[&str]) -> Vec<f64> {
+    let answered: Vec<&str> = sent.filter_map(|(_, r)| r.as_deref().ok()).collect();
+    replicas
+        .iter()
+        .map(|r| 100.0 * answered.iter().filter(|a| *a == r).count() as f64 / answered.len() as f64)
+        .collect()
+}
+
+/// Issue 24's first must-show. East runs two replicas of `echo`, then three; west's sidecars — a
+/// strait proxy and a stock Envoy, side by side, from the same xDS — send 100 requests/s each,
+/// 3,000 in all, through west's gateway, the QUIC link and east's gateway. Each sidecar's
+/// balancer chooses the remote replica per request (every remote endpoint is an endpoint of its
+/// own in EDS, and the tunnel names it), so each replica's share is within 5 percentage points of
+/// its weight's share: 50/50, then 33/33/33 once the third has been in the registry for 2 s; the
+/// third is served within 2 s of its appearance; no request fails. An endpoint the registry names
+/// but east's gateway does not serve is refused there and retried on another by both sidecars.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_replicas_share_the_load_per_request_from_strait_and_envoy_sidecars() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fed = Linked::start(d).await;
+    // West has no endpoint of its own: every request crosses to east.
+    fed.reg.publish(&Linked::west_yaml(None)).await;
+    let (r1, _t1) = http_backend("r1").await;
+    let (r2, _t2) = http_backend("r2").await;
+    let (r3, _t3) = http_backend("r3").await;
+    let east_disc = d.join("east-discovery.yaml");
+    let echo = federation::model::ServiceKey::new("default", "echo").unwrap();
+    // East's gateway learns its endpoints from its discovery file, the other clusters from the
+    // registry (east's control plane publishes what its discovery says): the gateway first.
+    let add = |replicas: Vec<SocketAddr>| {
+        let fed = &fed;
+        let east_disc = &east_disc;
+        let echo = &echo;
+        async move {
+            let yaml = east_replicas(&replicas);
+            std::fs::write(east_disc, &yaml).unwrap();
+            let last = *replicas.last().unwrap();
+            wait_for(
+                Duration::from_secs(10),
+                "east's gateway to load its discovery file",
+                || async {
+                    fed.east_gw
+                        .shared()
+                        .local
+                        .named(echo, 8080, last)
+                        .map(|_| ())
+                        .map_err(|e| e.1)
+                },
+            )
+            .await;
+            fed.reg.publish(&yaml).await;
+        }
+    };
+    add(vec![r1, r2]).await;
+
+    let strait = crate::support::WestProxy::start(
+        "west-app",
+        fed.cp.xds_addr,
+        fed.west_gw.ingress_addr,
+        &fed.app,
+        false,
+    );
+    let envoy = fed.west_envoy(d, "west-envoy");
+    for (name, outbound) in [("strait", strait.outbound), ("Envoy", envoy.outbound)] {
+        wait_for(
+            Duration::from_secs(20),
+            &format!("the {name} sidecar to reach both of east's replicas"),
+            || async {
+                let mut seen = std::collections::BTreeSet::new();
+                for _ in 0..8 {
+                    if let Ok((200, b)) = get(outbound, "echo.default").await {
+                        seen.insert(b);
+                    }
+                }
+                if seen.len() == 2 {
+                    Ok(())
+                } else {
+                    Err(format!("answered by {seen:?}"))
+                }
+            },
+        )
+        .await;
+    }
+
+    // 1,500 requests each with two replicas, then the third appears; 1,500 more.
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let load = |outbound| tokio::spawn(drive(outbound, 3000, start));
+    let strait_load = load(strait.outbound);
+    let envoy_load = load(envoy.outbound);
+    tokio::time::sleep_until(start + Duration::from_secs(15)).await;
+    add(vec![r1, r2, r3]).await;
+    let appeared = start.elapsed();
+    let results = [
+        ("strait", strait_load.await.unwrap()),
+        ("Envoy", envoy_load.await.unwrap()),
+    ];
+
+    for (name, sent) in &results {
+        let failed: Vec<String> = sent
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (at, r))| r.as_ref().err().map(|e| format!("#{i} at {at:?}: {e}")))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{name}: {} of {} requests failed: {:?}\n{}",
+            failed.len(),
+            sent.len(),
+            &failed[..failed.len().min(10)],
+            envoy.log_tail()
+        );
+        let two = shares(
+            sent.iter().filter(|(at, _)| *at < Duration::from_secs(15)),
+            &["r1", "r2", "r3"],
+        );
+        assert!(
+            (two[0] - 50.0).abs() <= 5.0 && (two[1] - 50.0).abs() <= 5.0 && two[2] == 0.0,
+            "{name}: shares with two replicas r1 {:.1} % r2 {:.1} % (r3 {:.1} %)",
+            two[0],
+            two[1],
+            two[2]
+        );
+        let first_r3 = sent
+            .iter()
+            .filter(|(_, r)| r.as_deref() == Ok("r3"))
+            .map(|(at, _)| *at)
+            .min();
+        assert!(
+            first_r3.is_some_and(|t| t <= appeared + Duration::from_secs(2)),
+            "{name}: the third replica appeared at {appeared:?} and was first served at {first_r3:?}"
+        );
+        let settled: Vec<&Sent> = sent
+            .iter()
+            .filter(|(at, _)| *at >= appeared + Duration::from_secs(2))
+            .collect();
+        assert!(
+            settled.len() >= 800,
+            "{name}: only {} requests after the third replica settled",
+            settled.len()
+        );
+        let three = shares(settled.into_iter(), &["r1", "r2", "r3"]);
+        let third = 100.0 / 3.0;
+        assert!(
+            three.iter().all(|s| (s - third).abs() <= 5.0),
+            "{name}: shares with three replicas r1 {:.1} % r2 {:.1} % r3 {:.1} %",
+            three[0],
+            three[1],
+            three[2]
+        );
+        eprintln!(
+            "{name}: two replicas {:.1}/{:.1} %, three {:.1}/{:.1}/{:.1} %; r3 first served {:?} after it appeared",
+            two[0],
+            two[1],
+            three[0],
+            three[1],
+            three[2],
+            first_r3.map(|t| t.saturating_sub(appeared))
+        );
+    }
+
+    // The registry names an endpoint east's gateway does not serve (a stale entry, or one the
+    // gateway has not loaded yet): the gateway refuses the tunnels that name it, counted, and
+    // both sidecars retry those requests on another endpoint: none fails.
+    let stranger = free_addr();
+    fed.reg
+        .publish(&east_replicas(&[r1, r2, r3, stranger]))
+        .await;
+    let refused = || {
+        fed.east_gw
+            .shared()
+            .metrics
+            .get("strait_gateway_stream_errors_total", "not_an_endpoint")
+    };
+    for (name, outbound) in [("strait", strait.outbound), ("Envoy", envoy.outbound)] {
+        let before = refused();
+        wait_for(
+            Duration::from_secs(20),
+            &format!("the {name} sidecar to try the stranger endpoint"),
+            || async {
+                let r = get(outbound, "echo.default").await;
+                assert!(
+                    matches!(&r, Ok((200, b)) if b.starts_with('r')),
+                    "{name}: a request failed while the registry names a stranger: {r:?}"
+                );
+                if refused() > before {
+                    Ok(())
+                } else {
+                    Err("no tunnel named it yet".to_string())
+                }
+            },
+        )
+        .await;
+    }
+    drop(envoy);
+    fed.shutdown().await;
 }
