@@ -1,6 +1,8 @@
 //! The control plane's admin endpoint, served by [`federation::admin`]: `/ready` (200 once the
-//! registry cache has synced), `/metrics` (Prometheus: xDS pushes and the registry's state) and
-//! `/debug/config` (JSON: the connected proxies, or with `?node=ID` every resource sent to one).
+//! registry cache has synced), `/metrics` (Prometheus: xDS pushes, the registry's state, active
+//! health checks), `/debug/config` (JSON: the connected proxies, or with `?node=ID` every
+//! resource sent to one) and `/debug/health` (JSON: every endpoint under an active health check,
+//! its verdict and its last failure).
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -21,6 +23,8 @@ pub(crate) struct Admin {
     pub xds: Xds,
     pub cache: Arc<RegistryCache>,
     pub stale: StaleView,
+    /// The active health checks of this cluster's endpoints.
+    pub health: Arc<crate::health::HealthStatus>,
 }
 
 /// Serve the admin endpoint on `listener` until `stop`.
@@ -35,7 +39,7 @@ pub(crate) async fn serve(admin: Admin, listener: TcpListener, stop: Cancellatio
 }
 
 impl Endpoints for Admin {
-    const DUMPS: &'static [&'static str] = &["/debug/config?node=ID"];
+    const DUMPS: &'static [&'static str] = &["/debug/config?node=ID", "/debug/health"];
 
     fn ready(&self) -> Result<(), String> {
         if self.xds.ready() {
@@ -77,11 +81,16 @@ impl Endpoints for Admin {
                 since.elapsed().as_secs_f64()
             );
         }
+        text.push_str(&self.health.render());
         text
     }
 
     fn dump(&self, path: &str, query: &str) -> Option<Reply> {
-        (path == "/debug/config").then(|| debug_config(&self.xds, query))
+        match path {
+            "/debug/config" => Some(debug_config(&self.xds, query)),
+            "/debug/health" => Some(Reply::json(self.health.dump().to_string())),
+            _ => None,
+        }
     }
 }
 

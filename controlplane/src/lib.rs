@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod certificates;
 pub mod config;
 pub mod debug;
+pub mod health;
 pub mod kubernetes;
 pub mod metrics;
 pub mod resources;

@@ -211,6 +211,7 @@ impl ControlPlane {
 
         // Publish this cluster's discovery file.
         let mut local = None;
+        let health = Arc::new(crate::health::HealthStatus::default());
         let mut kube_client = None;
         if let Some(d) = &cfg.discovery
             && let Some(k) = &d.kubernetes
@@ -257,13 +258,21 @@ impl ControlPlane {
             tasks.push(tokio::spawn(async move {
                 publisher.run(s.cancelled_owned()).await;
             }));
+            // The file, followed; its endpoints' health checks applied to what is published.
+            let (file_tx, file_rx) = watch::channel(Arc::new(parsed));
             let s = stop.clone();
-            tasks.push(tokio::spawn(federation::discovery::follow_file(
+            tasks.push(tokio::spawn(federation::discovery::follow_parsed(
                 file.clone(),
                 cfg.cluster.clone(),
                 d.poll,
-                desired_tx,
+                file_tx,
                 s.cancelled_owned(),
+            )));
+            tasks.push(tokio::spawn(crate::health::run(
+                file_rx,
+                desired_tx,
+                health.clone(),
+                stop.clone(),
             )));
         }
 
@@ -400,6 +409,7 @@ impl ControlPlane {
                 xds: xds.clone(),
                 cache: cache.clone(),
                 stale,
+                health,
             },
             admin,
             stop.clone(),

@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::health_check::{HealthCheck, HealthCheckSpec};
+
 use crate::config::invalid;
 pub use crate::config::{
     ConfigError, DiscoveryError, InvalidFile, duration_field, parse_yaml, read_file,
@@ -42,6 +44,9 @@ struct FileSpec {
     gateways: Vec<Spanned<GatewayAddress>>,
     #[serde(default)]
     services: Vec<Spanned<ServiceSpec>>,
+    /// The active health check of every service that has none of its own.
+    #[serde(default)]
+    health_check: Option<Spanned<HealthCheckSpec>>,
 }
 
 #[derive(Deserialize)]
@@ -53,6 +58,8 @@ struct ServiceSpec {
     ports: Vec<Spanned<PortSpec>>,
     #[serde(default)]
     endpoints: Vec<Spanned<EndpointSpec>>,
+    #[serde(default)]
+    health_check: Option<Spanned<HealthCheckSpec>>,
 }
 
 fn default_namespace() -> Name {
@@ -126,6 +133,9 @@ impl TryFrom<u32> for Weight {
 pub struct DiscoveryFile {
     pub path: PathBuf,
     pub state: ClusterState,
+    /// The active health check of each service that has one (its own `health_check`, or the
+    /// file's), for the control plane's checker (`crate::health_check`).
+    pub health_checks: BTreeMap<ServiceKey, HealthCheck>,
 }
 
 impl DiscoveryFile {
@@ -139,8 +149,13 @@ impl DiscoveryFile {
     pub fn parse(path: impl AsRef<Path>, text: &str) -> Result<Self, DiscoveryError> {
         let path = path.as_ref().to_path_buf();
         let spec = parse_yaml::<FileSpec>(&path, text)?;
+        let health_checks = health_checks(&path, &spec)?;
         let state = build(&path, spec)?;
-        Ok(Self { path, state })
+        Ok(Self {
+            path,
+            state,
+            health_checks,
+        })
     }
 }
 
@@ -162,6 +177,44 @@ pub(crate) fn at<T>(
         };
         invalid(&path, line, column, field, e.reason)
     }
+}
+
+fn health_checks(
+    path: &Path,
+    spec: &FileSpec,
+) -> Result<BTreeMap<ServiceKey, HealthCheck>, DiscoveryError> {
+    let built = |s: &Spanned<HealthCheckSpec>, parent: &str| {
+        s.value.build().map_err(|e| {
+            invalid(
+                path,
+                s.referenced.line(),
+                s.referenced.column(),
+                format!("{parent}.{}", e.field),
+                e.reason,
+            )
+        })
+    };
+    let default = match &spec.health_check {
+        Some(s) => built(s, "health_check")?,
+        None => None,
+    };
+    let mut out = BTreeMap::new();
+    for (si, s) in spec.services.iter().enumerate() {
+        let check = match &s.value.health_check {
+            Some(h) => built(h, &format!("services[{si}].health_check"))?,
+            None => default.clone(),
+        };
+        if let Some(c) = check {
+            out.insert(
+                ServiceKey {
+                    namespace: s.value.namespace.clone(),
+                    name: s.value.name.clone(),
+                },
+                c,
+            );
+        }
+    }
+    Ok(out)
 }
 
 fn build(path: &Path, spec: FileSpec) -> Result<ClusterState, DiscoveryError> {
@@ -270,6 +323,33 @@ pub async fn follow_file(
     desired: tokio::sync::watch::Sender<std::collections::BTreeMap<String, Vec<u8>>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    follow(path, cluster, poll, shutdown, |f| {
+        desired.send_replace(crate::registry::codec::cluster_state_kvs(&f.state));
+    })
+    .await;
+}
+
+/// [`follow_file`] sending the whole parsed file (with its health checks) to `file`.
+pub async fn follow_parsed(
+    path: PathBuf,
+    cluster: crate::model::ClusterId,
+    poll: std::time::Duration,
+    file: tokio::sync::watch::Sender<std::sync::Arc<DiscoveryFile>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    follow(path, cluster, poll, shutdown, |f| {
+        file.send_replace(std::sync::Arc::new(f));
+    })
+    .await;
+}
+
+async fn follow(
+    path: PathBuf,
+    cluster: crate::model::ClusterId,
+    poll: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+    mut changed: impl FnMut(DiscoveryFile),
+) {
     let mut stamp = file_stamp(&path);
     let mut ticker = tokio::time::interval(poll.max(std::time::Duration::from_millis(50)));
     tokio::pin!(shutdown);
@@ -294,7 +374,7 @@ pub async fn follow_file(
             Ok(f) => {
                 tracing::info!(file = %path.display(), services = f.state.services.len(),
                     "discovery file changed; republishing");
-                desired.send_replace(crate::registry::codec::cluster_state_kvs(&f.state));
+                changed(f);
             }
             Err(e) => tracing::error!("{e}; keeping the last good state"),
         }
@@ -357,6 +437,53 @@ services:
         assert!(e.field.starts_with("services[0].endpoints[0]"), "{e}");
         let e = err(&format!("{GOOD}extra: true\n"));
         assert!(e.message.contains("extra"), "{e}");
+    }
+
+    #[test]
+    fn health_checks_per_service_or_for_the_file() {
+        use crate::health_check::Probe;
+        let echo = ServiceKey::new("default", "echo").expect("key");
+        // None by default.
+        let f = DiscoveryFile::parse("east.yaml", GOOD).expect("parses");
+        assert!(f.health_checks.is_empty());
+        // The file's default, and a service's own.
+        let with_default =
+            GOOD.replace("services:\n", "health_check: {protocol: tcp}\nservices:\n");
+        let f = DiscoveryFile::parse("east.yaml", &with_default).expect("parses");
+        assert_eq!(
+            f.health_checks.get(&echo).map(|c| &c.probe),
+            Some(&Probe::Tcp)
+        );
+        let own = with_default.replace(
+            "    endpoints:\n",
+            "    health_check: {protocol: http, path: /healthz}\n    endpoints:\n",
+        );
+        let f = DiscoveryFile::parse("east.yaml", &own).expect("parses");
+        assert!(matches!(
+            f.health_checks.get(&echo).map(|c| &c.probe),
+            Some(Probe::Http { path, .. }) if path == "/healthz"
+        ));
+        // A service opts out of the file's default.
+        let none = with_default.replace(
+            "    endpoints:\n",
+            "    health_check: {protocol: none}\n    endpoints:\n",
+        );
+        let f = DiscoveryFile::parse("east.yaml", &none).expect("parses");
+        assert!(f.health_checks.is_empty());
+        // A bad one names the file, the line and the field.
+        let bad = GOOD.replace(
+            "    endpoints:\n",
+            "    health_check: {protocol: http, interval: 1s, timeout: 5s}\n    endpoints:\n",
+        );
+        let e = err(&bad);
+        assert_eq!(e.field, "services[0].health_check.timeout", "{e}");
+        assert_eq!(e.line, 8, "{e}");
+        assert!(e.message.contains("at most the interval"), "{e}");
+        let e = err(&GOOD.replace(
+            "    endpoints:\n",
+            "    health_check: {protocol: http, pth: /}\n    endpoints:\n",
+        ));
+        assert!(e.message.contains("pth"), "{e}");
     }
 
     #[test]

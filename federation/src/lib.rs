@@ -8,6 +8,7 @@ pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod discovery;
+pub mod health_check;
 pub mod http_route;
 pub mod identity;
 pub mod metrics_text;

@@ -835,6 +835,19 @@ async fn follow_registry(
                         "the registry does not hold this cluster (its control plane is away?): serving the last known local endpoints"
                     );
                 }
+            } else if snap.clusters.contains_key(&shared.own) {
+                // A discovery file: its endpoints, less those the registry holds as not serving
+                // (the control plane's health checks failed them).
+                shared.local.set_not_serving(
+                    snap.cluster_services(&shared.own)
+                        .flat_map(|s| {
+                            s.endpoints
+                                .iter()
+                                .filter(|e| !e.health.is_serving())
+                                .map(|e| (s.service.key.clone(), e.socket_addr()))
+                        })
+                        .collect(),
+                );
             }
         }
         tokio::select! {

@@ -104,10 +104,17 @@ pub struct Candidate {
     pub sidecar: Option<Option<&'static str>>,
 }
 
+/// Endpoints of this cluster that the registry says are not serving (by service and
+/// `ADDRESS:PORT`).
+pub type NotServing = std::collections::BTreeSet<(ServiceKey, SocketAddr)>;
+
 /// Picks endpoints round-robin among the serving ones.
 pub struct LocalEndpoints {
     table: watch::Receiver<Arc<LocalTable>>,
     cursors: Mutex<HashMap<ServiceKey, usize>>,
+    /// With a discovery file: the endpoints of the file that the registry holds as not serving
+    /// (the control plane's active health checks failed them), left out too.
+    not_serving: std::sync::RwLock<Arc<NotServing>>,
 }
 
 impl LocalEndpoints {
@@ -115,6 +122,22 @@ impl LocalEndpoints {
         Self {
             table,
             cursors: Mutex::new(HashMap::new()),
+            not_serving: std::sync::RwLock::new(Arc::default()),
+        }
+    }
+
+    /// What the registry says of this cluster's endpoints' health (used with a discovery file,
+    /// whose own health fields are the operator's word, not the checks').
+    pub fn set_not_serving(&self, set: NotServing) {
+        let mut cur = self.not_serving.write().unwrap_or_else(|p| p.into_inner());
+        if **cur != set {
+            if !set.is_empty() {
+                tracing::info!(
+                    endpoints = set.len(),
+                    "endpoints the registry holds as not serving are left out"
+                );
+            }
+            *cur = Arc::new(set);
         }
     }
 
@@ -147,10 +170,19 @@ impl LocalEndpoints {
             ));
         };
         let alpn = set.service.ports[index].protocol.alpn();
+        let not_serving = self
+            .not_serving
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let serving: Vec<Candidate> = set
             .endpoints
             .iter()
-            .filter(|e| e.health.is_serving())
+            .filter(|e| {
+                e.health.is_serving()
+                    && (not_serving.is_empty()
+                        || !not_serving.contains(&(service.clone(), e.socket_addr())))
+            })
             .map(|e| {
                 // The first port is served on the endpoint's port; other ports on their own number.
                 let p = if index == 0 { e.port } else { port };

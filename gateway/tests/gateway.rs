@@ -504,6 +504,83 @@ async fn a_tunnel_reaches_the_endpoint_it_names_and_no_other() {
     assert!(body.contains("strait-endpoint"), "{body}");
 }
 
+/// A gateway serving a discovery file leaves out the endpoints the registry holds as not
+/// serving (its control plane's active health checks failed them): the round robin skips them
+/// and a tunnel naming one is refused; back when the registry says healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_the_registry_holds_unhealthy_are_left_out() {
+    use federation::registry::backend::Op;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = testkit::etcd::EtcdServer::start(&dir.path().join("etcd")).unwrap();
+    let extra = format!("registry: {{etcd: [\"{}\"]}}\n", etcd.endpoint());
+    let a = http_server("replica-a").await;
+    let b = http_server("replica-b").await;
+    let p = pair(&[("web", 8080, a), ("web", 8080, b)], false, &extra).await;
+    let backend = federation::registry::Backend::Etcd(
+        federation::registry::EtcdBackend::connect(
+            &[etcd.endpoint()],
+            federation::registry::EtcdOptions::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    // West's state as its control plane publishes it, with b's health as `health`.
+    let file =
+        federation::discovery::DiscoveryFile::load(p._dir.path().join("west-discovery.yaml"))
+            .unwrap();
+    let publish = |health: federation::model::Health| {
+        let mut state = file.state.clone();
+        for set in &mut state.services {
+            for e in &mut set.endpoints {
+                if e.socket_addr() == b {
+                    e.health = health;
+                }
+            }
+        }
+        let ops: Vec<Op> = federation::registry::codec::cluster_state_kvs(&state)
+            .into_iter()
+            .map(|(key, value)| Op::Put {
+                key,
+                value,
+                lease: None,
+            })
+            .collect();
+        let backend = backend.clone();
+        async move { backend.commit(ops).await.unwrap() }
+    };
+    let web = federation::model::ServiceKey::new("default", "web").unwrap();
+    let local = &p.west.shared().local;
+    publish(federation::model::Health::Unhealthy).await;
+    let t = Instant::now();
+    while local.named(&web, 8080, b).is_ok() {
+        assert!(t.elapsed() < WAIT, "the gateway still serves b");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let picked: Vec<SocketAddr> = (0..4)
+        .map(|_| local.pick(&web, 8080, 1).unwrap()[0].addr)
+        .collect();
+    assert_eq!(picked, vec![a; 4], "the round robin skips b");
+    let tls = client_tls(&p.east_app, &p.pki.ca_file());
+    let (status, head, _) = connect_h1_with(
+        p.east.ingress_addr,
+        tls,
+        "web.default:8080",
+        Some("west"),
+        &format!("strait-endpoint: {b}\r\n"),
+    )
+    .await;
+    assert_eq!(
+        status, 503,
+        "a tunnel naming the unhealthy endpoint: {head}"
+    );
+    publish(federation::model::Health::Healthy).await;
+    let t = Instant::now();
+    while local.named(&web, 8080, b).is_err() {
+        assert!(t.elapsed() < WAIT, "the gateway never took b back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gibibyte_each_way_arrives_intact() {
     let echo = echo_server(false).await;

@@ -140,7 +140,15 @@ pub async fn start_cp_with(reg: &Registry, cfg: ControlPlaneConfig) -> ControlPl
 /// An HTTP/1.1 server answering every request with `name`. Aborting the task kills it whole:
 /// its kept-alive connections close too (they live in the task's `JoinSet`).
 pub async fn http_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    http_backend_at("127.0.0.1:0".parse().unwrap(), name).await
+}
+
+/// [`http_backend`] on `addr` (to bring one back on the address it had).
+pub async fn http_backend_at(
+    addr: SocketAddr,
+    name: &'static str,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind(addr).await.unwrap();
     let addr = l.local_addr().unwrap();
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();

@@ -1,6 +1,7 @@
 """A gRPC echo server and a proxyless xDS client, for the control plane's grpcio tests.
 
-    grpc_echo.py serve NAME PORT      answer /strait.Echo/Say with NAME
+    grpc_echo.py serve NAME PORT      answer /strait.Echo/Say with NAME, and the gRPC health
+                                      protocol (SERVING, NOT_SERVING for service "sick")
     grpc_echo.py client TARGET        call TARGET (e.g. xds:///echo.default) every 50 ms and print
                                       one line per call: the answering server's NAME, or ERR CODE
     grpc_echo.py check ADDR AUTHORITY through a proxy at ADDR, with :authority AUTHORITY: one
@@ -39,8 +40,21 @@ def serve(name, port):
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
         },
     )
+
+    # grpc.health.v1.Health/Check: SERVING (1) for every service but "sick" (NOT_SERVING, 2).
+    # HealthCheckRequest is field 1 (string); HealthCheckResponse field 1 (enum).
+    def check(request, context):
+        service = b""
+        if len(request) >= 2 and request[0] == 0x0A:
+            service = request[2 : 2 + request[1]]
+        return b"\x08\x02" if service == b"sick" else b"\x08\x01"
+
+    health = grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health",
+        {"Check": grpc.unary_unary_rpc_method_handler(check)},
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((handler, health))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     print("ready", flush=True)

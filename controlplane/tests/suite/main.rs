@@ -7,6 +7,7 @@ mod common;
 
 mod envoy_accepts;
 mod envoy_through_gateway;
+mod health_checks;
 mod kubernetes;
 mod xds_behaviour;
 mod xds_envoy;
