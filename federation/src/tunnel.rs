@@ -35,6 +35,52 @@ pub const REASON_HEADER: &str = "strait-reason";
 /// CONNECT once more through the next replica. A gateway of an earlier release never sets it.
 pub const TRY_ANOTHER_REPLICA_HEADER: &str = "strait-try-another-replica";
 
+/// Set on every ingress refusal: what refused, as one of [`Refusal`]'s names, so that a sidecar
+/// tells a failure of the endpoint it chose (counted by its outlier detection) from a failure of
+/// the path to it (a link down, the remote gateway's own trouble: retried, not counted against
+/// the endpoint). A gateway of an earlier release never sets it.
+pub const REFUSAL_HEADER: &str = "strait-refusal";
+
+/// Why an ingress refused a tunnel (the value of [`REFUSAL_HEADER`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// This gateway knows no such cluster.
+    UnknownCluster,
+    /// This gateway replica has no link to the cluster now.
+    LinkDown,
+    /// The tunnel could not be opened across the link.
+    Failed,
+    /// The remote gateway answered this status.
+    Remote(StatusCode),
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::UnknownCluster => "unknown_cluster",
+            Refusal::LinkDown => "link_down",
+            Refusal::Failed => "failed",
+            Refusal::Remote(c) => match c {
+                StatusCode::Ok => "ok",
+                StatusCode::NoEndpoint => "no_endpoint",
+                StatusCode::UnknownService => "unknown_service",
+                StatusCode::BadHeader => "bad_header",
+                StatusCode::Unauthorized => "unauthorized",
+                StatusCode::ConnectFailed => "connect_failed",
+                StatusCode::UnsupportedVersion => "unsupported_version",
+                StatusCode::NotAnEndpoint => "not_an_endpoint",
+            },
+        }
+    }
+
+    /// Whether a refusal named `name` is the endpoint's failure (it is not a serving endpoint
+    /// there, or it refused the connection) rather than the path's. Unknown names (a later
+    /// release's) are the path's: an endpoint is never ejected for what is not understood.
+    pub fn blames_endpoint(name: &str) -> bool {
+        matches!(name, "no_endpoint" | "not_an_endpoint" | "connect_failed")
+    }
+}
+
 /// The ingress request header by which a sidecar asks for an early status (value `1`), and the
 /// response header by which the gateway grants it (a gateway that does not know it answers as
 /// usual, after the status).

@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use federation::identity::{Role, SpiffeId, spiffe_id_from_cert};
 use federation::model::ServiceKey;
+use federation::tunnel::Refusal;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -236,7 +237,12 @@ async fn handle(
                     TunnelCode::NoEndpoint | TunnelCode::NotAnEndpoint => 503,
                     _ => 502,
                 };
-                return refuse(status, why);
+                let mut r = refuse(status, why);
+                r.headers_mut().insert(
+                    federation::tunnel::REFUSAL_HEADER,
+                    http::HeaderValue::from_static(Refusal::Remote(code).as_str()),
+                );
+                return r;
             }
         };
         let shared2 = shared.clone();
@@ -347,7 +353,17 @@ fn open_refused(shared: &Shared, e: OpenError) -> Response<Full<Bytes>> {
         .metrics
         .count("strait_gateway_ingress_refused_total", label);
     let link_down = matches!(e, OpenError::LinkDown(_));
+    let refusal = match &e {
+        OpenError::UnknownCluster(_) => Refusal::UnknownCluster,
+        OpenError::LinkDown(_) => Refusal::LinkDown,
+        OpenError::Refused(code, _) => Refusal::Remote(*code),
+        OpenError::Failed(_) => Refusal::Failed,
+    };
     let mut r = refuse(e.http_status(), e.reason().to_string());
+    r.headers_mut().insert(
+        federation::tunnel::REFUSAL_HEADER,
+        http::HeaderValue::from_static(refusal.as_str()),
+    );
     if link_down {
         // This replica's link is down; another replica's may be up.
         r.headers_mut().insert(

@@ -486,6 +486,11 @@ async fn a_tunnel_reaches_the_endpoint_it_names_and_no_other() {
     let (status, body) = through(stranger.clone()).await;
     assert_eq!(status, 503, "{body}");
     assert!(
+        body.to_ascii_lowercase()
+            .contains("strait-refusal: not_an_endpoint"),
+        "the refusal says it is the endpoint's: {body}"
+    );
+    assert!(
         body.contains(&format!(
             "{stranger} is not a serving endpoint of web.default:8080"
         )),
@@ -1166,6 +1171,11 @@ async fn a_cut_link_goes_down_fast_and_comes_back() {
     )
     .await;
     assert_eq!(s, 503, "{body}");
+    assert!(
+        body.to_ascii_lowercase()
+            .contains("strait-refusal: link_down"),
+        "the refusal says it is the path's, not the endpoint's: {body}"
+    );
     assert!(
         t.elapsed() < Duration::from_secs(3),
         "a tunnel over a down link took {:?} to be refused",

@@ -149,6 +149,7 @@ pub(crate) async fn proxy_one(
                 down: d,
                 first: f,
                 reason,
+                ..
             } => {
                 errors.push(reason);
                 (down, first) = (d, f);
@@ -200,6 +201,8 @@ pub enum TcpAttempted {
         down: TcpStream,
         first: FirstBytes,
         reason: String,
+        /// The path's failure, not the host's (see [`Failure::Connect`]).
+        path: bool,
     },
     /// The client's bytes may have reached a server (a tunnel failed after they went out and
     /// before its status came), or the client failed: the connection ends here.
@@ -222,6 +225,9 @@ impl Observes for TcpAttempted {
             TcpAttempted::Refused { .. } => Observed::ConnectFailure,
             TcpAttempted::Lost { .. } => Observed::Reset,
         })
+    }
+    fn blames_host(&self) -> bool {
+        !matches!(self, TcpAttempted::Refused { path: true, .. })
     }
 }
 
@@ -252,14 +258,15 @@ impl Service<TcpAttempt> for Connect {
             let attempt = match connect(&compiled, &cluster.config, &host).await {
                 Ok(Up::Ready(mut up)) => replay(&mut up, &first).await.map(|()| (up, Vec::new())),
                 Ok(Up::Early(up)) => early_start(&mut down, up, &mut first, timeout).await,
-                Err(e) => Err(Failure::Connect(e)),
+                Err((reason, path)) => Err(Failure::Connect { reason, path }),
             };
             Ok(match attempt {
                 Ok((up, rest)) => TcpAttempted::Connected { down, up, rest },
-                Err(Failure::Connect(reason)) => TcpAttempted::Refused {
+                Err(Failure::Connect { reason, path }) => TcpAttempted::Refused {
                     down,
                     first,
                     reason,
+                    path,
                 },
                 Err(Failure::Lost(reason)) => TcpAttempted::Lost { down, reason },
             })
@@ -279,8 +286,10 @@ enum Up {
 /// Why an attempt failed (see [`TcpAttempted`]).
 enum Failure {
     /// Nothing of the client's reached a server (no connection, or a refusal): another host
-    /// may be tried, with the client's first bytes replayed.
-    Connect(String),
+    /// may be tried, with the client's first bytes replayed. `path`: the failure is the path's
+    /// to an endpoint of another cluster, not the endpoint's (not counted by outlier
+    /// detection).
+    Connect { reason: String, path: bool },
     /// The client's bytes may have reached a server (a tunnel failed after they went out and
     /// before its status came), or the client failed: the connection ends here.
     Lost(String),
@@ -322,11 +331,15 @@ async fn early_start(
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     // Once the client's bytes went out on this tunnel, a failure before the status is not a
     // refusal: a server may have them.
+    // The tunnel failing before its status is the path's doing (a gateway, the link).
     let failed = |sent: bool, why: String| {
         if sent {
             Failure::Lost(why)
         } else {
-            Failure::Connect(why)
+            Failure::Connect {
+                reason: why,
+                path: true,
+            }
         }
     };
     let mut sent = false;
@@ -346,14 +359,22 @@ async fn early_start(
                     first.kept = Vec::new();
                     return Ok((up, head.split_off(used)));
                 }
-                let code = StatusCode::try_from(status.code)
+                let known = StatusCode::try_from(status.code).ok();
+                let code = known
                     .map(|c| format!("{c:?}"))
-                    .unwrap_or_else(|_| format!("status {}", status.code));
+                    .unwrap_or_else(|| format!("status {}", status.code));
                 // A refusal: the other gateway connected to nothing, whatever was sent.
-                return Err(Failure::Connect(format!(
-                    "tunnel refused by the other cluster's gateway: {code}: {}",
-                    status.message
-                )));
+                return Err(Failure::Connect {
+                    reason: format!(
+                        "tunnel refused by the other cluster's gateway: {code}: {}",
+                        status.message
+                    ),
+                    path: !known.is_some_and(|c| {
+                        federation::tunnel::Refusal::blames_endpoint(
+                            federation::tunnel::Refusal::Remote(c).as_str(),
+                        )
+                    }),
+                });
             }
             Ok(None) => {}
             Err(e) => return Err(failed(sent, format!("the tunnel's status: {e}"))),
@@ -387,46 +408,64 @@ async fn early_start(
     }
 }
 
-async fn connect(compiled: &Compiled, cluster: &ClusterConfig, host: &Host) -> Result<Up, String> {
-    let timeout = cluster.connect_timeout;
+/// Connect to `host`; a failure says why, and whether it is the path's (see
+/// [`Failure::Connect`]).
+async fn connect(
+    compiled: &Compiled,
+    cluster: &ClusterConfig,
+    host: &Host,
+) -> Result<Up, (String, bool)> {
     match &host.upstream {
-        Upstream::Direct(addr) => {
-            // Behind a sidecar: mutual TLS with the match's settings.
-            let mutual = match host.socket.and_then(|i| cluster.tls_matches.get(i)) {
-                Some(m) => match (&m.tls, compiled.workload_tls()) {
-                    (None, _) => None,
-                    (Some(settings), Some(tls)) => Some((settings, tls)),
-                    (Some(_), None) => return Err(crate::tls::no_certificate(addr)),
-                },
-                None => None,
-            };
-            let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| format!("{addr}: no connection within {timeout:?}"))?
-                .map_err(|e| format!("{addr}: {e}"))?;
-            let _ = s.set_nodelay(true);
-            match mutual {
-                None => Ok(Up::Ready(Box::new(s))),
-                Some((settings, tls)) => Ok(Up::Ready(Box::new(
-                    crate::tls::handshake(tls, settings, s, timeout).await?,
-                ))),
-            }
-        }
+        Upstream::Direct(addr) => connect_direct(compiled, cluster, host, *addr)
+            .await
+            .map_err(|e| (e, false)),
         Upstream::Tunnel {
-            cluster,
+            cluster: c,
             authority,
             endpoint,
         } => {
-            let g = compiled
-                .gateway()
-                .ok_or_else(|| format!("no gateway is configured to reach cluster {cluster}"))?;
+            let g = compiled.gateway().ok_or_else(|| {
+                (
+                    format!("no gateway is configured to reach cluster {c}"),
+                    true,
+                )
+            })?;
             let (up, early) = g
-                .open_early(cluster, authority, *endpoint)
+                .open_early(c, authority, *endpoint)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| (e.to_string(), !e.blames_endpoint()))?;
             let up: Box<dyn Stream> = Box::new(hyper_util::rt::TokioIo::new(up));
             Ok(if early { Up::Early(up) } else { Up::Ready(up) })
         }
+    }
+}
+
+async fn connect_direct(
+    compiled: &Compiled,
+    cluster: &ClusterConfig,
+    host: &Host,
+    addr: std::net::SocketAddr,
+) -> Result<Up, String> {
+    let timeout = cluster.connect_timeout;
+    // Behind a sidecar: mutual TLS with the match's settings.
+    let mutual = match host.socket.and_then(|i| cluster.tls_matches.get(i)) {
+        Some(m) => match (&m.tls, compiled.workload_tls()) {
+            (None, _) => None,
+            (Some(settings), Some(tls)) => Some((settings, tls)),
+            (Some(_), None) => return Err(crate::tls::no_certificate(&addr)),
+        },
+        None => None,
+    };
+    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("{addr}: no connection within {timeout:?}"))?
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    match mutual {
+        None => Ok(Up::Ready(Box::new(s))),
+        Some((settings, tls)) => Ok(Up::Ready(Box::new(
+            crate::tls::handshake(tls, settings, s, timeout).await?,
+        ))),
     }
 }
 
@@ -609,7 +648,14 @@ mod tests {
         });
         let mut first = FirstBytes::default();
         match early_start(&mut down, up, &mut first, WAIT).await {
-            Err(Failure::Connect(why)) => assert!(why.contains("NoEndpoint"), "{why}"),
+            // The endpoint's failure (no endpoint there), counted against it.
+            Err(Failure::Connect { reason, path }) => {
+                assert!(reason.contains("NoEndpoint"), "{reason}");
+                assert!(
+                    !path,
+                    "NoEndpoint is the endpoint's failure, not the path's"
+                );
+            }
             Err(Failure::Lost(why)) => panic!("a refusal taken for a loss: {why}"),
             Ok(_) => panic!("a refused tunnel opened"),
         }
@@ -643,7 +689,9 @@ mod tests {
         let mut first = FirstBytes::default();
         match early_start(&mut down, up, &mut first, WAIT).await {
             Err(Failure::Lost(why)) => assert!(why.contains("before its status"), "{why}"),
-            Err(Failure::Connect(why)) => panic!("moved elsewhere after its bytes went out: {why}"),
+            Err(Failure::Connect { reason, .. }) => {
+                panic!("moved elsewhere after its bytes went out: {reason}")
+            }
             Ok(_) => panic!("a dead tunnel opened"),
         }
         far.await.unwrap();
@@ -657,7 +705,7 @@ mod tests {
         let mut first = FirstBytes::default();
         assert!(matches!(
             early_start(&mut down, up, &mut first, WAIT).await,
-            Err(Failure::Connect(_))
+            Err(Failure::Connect { .. })
         ));
     }
 
@@ -685,7 +733,11 @@ mod tests {
         let (up, _gw) = tunnel();
         let mut first = FirstBytes::default();
         match early_start(&mut down, up, &mut first, Duration::from_millis(100)).await {
-            Err(Failure::Connect(why)) => assert!(why.contains("no status"), "{why}"),
+            // A tunnel that gives no status: the path's failure (a gateway, the link).
+            Err(Failure::Connect { reason, path }) => {
+                assert!(reason.contains("no status"), "{reason}");
+                assert!(path, "a silent tunnel is the path's failure");
+            }
             _ => panic!("a silent tunnel was not given up"),
         }
     }

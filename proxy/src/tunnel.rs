@@ -58,6 +58,9 @@ pub enum TunnelError {
         authority: String,
         status: u16,
         reason: String,
+        /// Whether the refusal is the endpoint's failure (`strait-refusal` names one), not the
+        /// path's; a gateway of an earlier release does not say, and counts as the endpoint's.
+        endpoint_fault: bool,
     },
     #[error("gateway {gateway}: the tunnel to {authority} in cluster {cluster} failed: {message}")]
     Stream {
@@ -68,6 +71,35 @@ pub enum TunnelError {
     },
     #[error("bad tunnel target {0}")]
     Target(String),
+}
+
+impl TunnelError {
+    /// Whether this is a failure of the endpoint the tunnel went to (counted by outlier
+    /// detection) rather than of the path to it: the local gateway, a link between clusters,
+    /// the remote gateway's own trouble — retried elsewhere, not counted against the endpoint,
+    /// so a link outage ejects no endpoint. A refusal from a gateway of an earlier release
+    /// (no `strait-refusal`) counts, as it did.
+    pub fn blames_endpoint(&self) -> bool {
+        match self {
+            TunnelError::Refused { endpoint_fault, .. } => *endpoint_fault,
+            TunnelError::NoGateway(_)
+            | TunnelError::Connect { .. }
+            | TunnelError::Stream { .. }
+            | TunnelError::Target(_) => false,
+        }
+    }
+
+    /// The tunnel error somewhere in `e`'s chain of sources.
+    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a TunnelError> {
+        let mut cur = Some(e);
+        while let Some(e) = cur {
+            if let Some(t) = e.downcast_ref::<TunnelError>() {
+                return Some(t);
+            }
+            cur = e.source();
+        }
+        None
+    }
 }
 
 /// Set when the gateway connection a tunnel rides on is draining: a pooled connection over it
@@ -285,6 +317,13 @@ impl Gateway {
                     authority: authority.to_string(),
                     status: resp.status().as_u16(),
                     reason,
+                    endpoint_fault: resp
+                        .headers()
+                        .get(federation::tunnel::REFUSAL_HEADER)
+                        .is_none_or(|v| {
+                            v.to_str()
+                                .is_ok_and(federation::tunnel::Refusal::blames_endpoint)
+                        }),
                 };
                 if several
                     && !fresh

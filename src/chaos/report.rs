@@ -303,12 +303,37 @@ pub fn check(e: &Expect, obs: &Observed) -> Checked {
             passed: false,
         };
     };
-    let t0 = obs.steps[step].t_ms;
+    let t_step = obs.steps[step].t_ms;
     let t_next = obs
         .steps
         .get(step + 1)
         .map(|s| s.t_ms)
         .unwrap_or(obs.duration_ms);
+    // Counted from the step, or from a link state seen after it.
+    let (t0, since) = match e.after_link.as_deref().and_then(|l| l.split_once(' ')) {
+        None => (t_step, format!("`{after}`")),
+        Some((link, state)) => {
+            let (from, to) = link.split_once("->").unwrap_or(("", ""));
+            let seen = obs
+                .links
+                .iter()
+                .find(|l| l.from == from && l.to == to && l.state == state && l.t_ms >= t_step)
+                .map(|l| l.t_ms);
+            let since = format!("link {from}→{to} {state} (after `{after}`)");
+            match seen {
+                Some(t) => (t, since),
+                None => {
+                    return Checked {
+                        what: format!("traffic after {since}"),
+                        goal: within,
+                        measured: "the link never reached that state".into(),
+                        value: None,
+                        passed: false,
+                    };
+                }
+            }
+        }
+    };
     if let Some(target) = &e.traffic_on {
         // Requests due before the next step that ended after this one. One is disturbed when
         // it failed, was answered by another than the target, or was slow: over
@@ -330,7 +355,7 @@ pub fn check(e: &Expect, obs: &Observed) -> Checked {
             .fold(0.0_f64, f64::max);
         let passed = good > 0 && last_bad <= ms(&within);
         return Checked {
-            what: format!("all traffic on {target} after `{after}`{streams}"),
+            what: format!("all traffic on {target} after {since}{streams}"),
             goal: format!("≤ {within}"),
             measured: if good == 0 {
                 "never".into()
@@ -902,6 +927,35 @@ mod tests {
     }
 
     #[test]
+    fn recovery_counts_from_the_link_state_when_asked() {
+        let event = |t_ms: f64, state: &str| super::super::scenario::LinkEvent {
+            t_ms,
+            from: "east".into(),
+            to: "west".into(),
+            state: state.into(),
+        };
+        // Traffic settles on central 700 ms after the cut; the link is seen down at 5,400 ms.
+        let mut obs = observed(700.0, None);
+        let since_down = Expect {
+            after_link: Some("east->west down".into()),
+            ..expect("central", "1s")
+        };
+        obs.links = vec![event(1000.0, "down"), event(5400.0, "down")];
+        let c = check(&since_down, &obs);
+        assert!(c.passed, "{c:?}");
+        let v = c.value.expect("measured");
+        assert!(
+            (v - 300.0).abs() < 15.0,
+            "700 ms after the cut is 300 ms after the link: {v}"
+        );
+        assert!(c.what.contains("link east→west down"), "{c:?}");
+        // A state never seen after the step: not met, and said so.
+        obs.links = vec![event(1000.0, "down")];
+        let c = check(&since_down, &obs);
+        assert!(!c.passed && c.measured.contains("never reached"), "{c:?}");
+    }
+
+    #[test]
     fn traffic_never_on_the_target_is_never() {
         let c = check(&expect("north", "5s"), &observed(0.0, None));
         assert!(!c.passed);
@@ -942,6 +996,10 @@ mod tests {
             (
                 "name: x\nduration: 10s\nload: [{from: east, service: a.b}]\nexpect: [{max_failed: 0, traffic_on: west}]\n",
                 "exactly one of",
+            ),
+            (
+                "name: x\nduration: 10s\nload: [{from: east, service: a.b}]\nsteps: [{at: 5s, do: heal east west}]\nexpect: [{traffic_on: west, after: heal east west, after_link: east->west happy, within: 1s}]\n",
+                "expect[0].after_link",
             ),
             ("name: x\nduration: soon\nload: []\n", "duration"),
             (

@@ -72,6 +72,11 @@ pub struct Expect {
     /// e.g. `1s`.
     #[serde(default)]
     pub within: Option<String>,
+    /// With `traffic_on`: count from when a gateway first saw this link reach this state after
+    /// the step (`east->west up`) instead of from the step itself — recovery measured from the
+    /// link being usable again, not from the fault's end.
+    #[serde(default)]
+    pub after_link: Option<String>,
     /// At most this many failed requests over the whole run.
     #[serde(default)]
     pub max_failed: Option<u64>,
@@ -163,6 +168,18 @@ impl Plan {
                     .as_deref()
                     .ok_or_else(|| anyhow::anyhow!("expect[{i}]: `within` is needed"))?;
                 duration(&format!("expect[{i}].within"), within)?;
+            }
+            if let Some(l) = &e.after_link {
+                if e.traffic_on.is_none() {
+                    bail!("expect[{i}].after_link: only with traffic_on");
+                }
+                match l.split_once(' ') {
+                    Some((link, state))
+                        if link.contains("->") && matches!(state, "up" | "degraded" | "down") => {}
+                    _ => bail!(
+                        "expect[{i}].after_link: `{l}`: expected `FROM->TO STATE` (up, degraded, down)"
+                    ),
+                }
             }
             if let Some(l) = &e.link {
                 if !l.contains("->") {

@@ -477,18 +477,9 @@ pub async fn linked_gateways(
     west: (&federation::identity::IssuedPaths, &Path),
     east: (&federation::identity::IssuedPaths, &Path),
 ) -> (gateway::Gateway, gateway::Gateway) {
-    let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    // West may run several gateway replicas: east tells their connections apart by address.
-    let east_gw = gateway::Gateway::start(gateway_config_with_replicas(
-        d,
-        "east",
-        east.0,
-        east.1,
-        ("west", placeholder),
-        &["127.0.0.1:10".parse().unwrap()],
-    ))
-    .await
-    .expect("east gateway starts");
+    let east_gw = gateway::Gateway::start(east_gateway_config(d, east.0, east.1))
+        .await
+        .expect("east gateway starts");
     let west_gw = gateway::Gateway::start(gateway_config(
         d,
         "west",
@@ -500,6 +491,22 @@ pub async fn linked_gateways(
     .expect("west gateway starts");
     wait_link_up(&west_gw, "east", "the west → east link to come up").await;
     (west_gw, east_gw)
+}
+
+/// East's gateway of [`linked_gateways`]: west dials it (west's replicas told apart by address).
+pub fn east_gateway_config(
+    d: &Path,
+    certs: &federation::identity::IssuedPaths,
+    discovery: &Path,
+) -> gateway::config::GatewayConfig {
+    gateway_config_with_replicas(
+        d,
+        "east",
+        certs,
+        discovery,
+        ("west", "127.0.0.1:9".parse().unwrap()),
+        &["127.0.0.1:10".parse().unwrap()],
+    )
 }
 
 /// Wait (20 s at most) until `gw`'s link to `peer` is up.
@@ -556,7 +563,11 @@ pub struct Linked {
     pub west_ep: SocketAddr,
     /// West's endpoint: abort it to kill it.
     pub west_task: tokio::task::JoinHandle<()>,
-    _east_task: tokio::task::JoinHandle<()>,
+    /// East's endpoint (answering `east`): abort it to kill it.
+    pub east_task: tokio::task::JoinHandle<()>,
+    /// East's gateway certificate and discovery file (to start east's gateway again).
+    pub east_gw_certs: federation::identity::IssuedPaths,
+    pub east_disc: std::path::PathBuf,
 }
 
 impl Linked {
@@ -618,7 +629,9 @@ impl Linked {
             west_disc,
             west_ep,
             west_task,
-            _east_task: east_task,
+            east_task,
+            east_gw_certs,
+            east_disc,
         }
     }
 

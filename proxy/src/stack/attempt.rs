@@ -53,6 +53,11 @@ pub trait OnHost {
 /// involved, nothing to report).
 pub trait Observes {
     fn observed(&self) -> Option<Observed>;
+    /// Whether what was observed is the host's doing (counted by outlier detection), not the
+    /// path's to it (retried all the same).
+    fn blames_host(&self) -> bool {
+        true
+    }
 }
 
 impl OnHost for Attempt {
@@ -67,6 +72,9 @@ impl OnHost for Attempt {
 impl Observes for Attempted {
     fn observed(&self) -> Option<Observed> {
         Attempted::observed(self)
+    }
+    fn blames_host(&self) -> bool {
+        !matches!(self, Attempted::Failed { path: true, .. })
     }
 }
 
@@ -112,6 +120,7 @@ where
         let result = ready!(this.attempt.poll(cx));
         if let (Ok(result), Some((host, cluster))) = (&result, this.on.take())
             && let Some(observed) = result.observed()
+            && result.blames_host()
         {
             let (outcome, _) = classify(observed, None);
             if cluster.balancer.report(&host, outcome, Instant::now()) {
@@ -284,6 +293,7 @@ impl Service<Upstreamed> for Upstream {
                     let connect = e.is_connect();
                     Attempted::Failed {
                         connect,
+                        path: path_failure(&host, connect, &e),
                         reason: format!(
                             "upstream {}: {}",
                             if connect { "connect failure" } else { "reset" },
@@ -294,6 +304,20 @@ impl Service<Upstreamed> for Upstream {
             })
         })
     }
+}
+
+/// Whether a failed request to `host` failed on the path to it rather than at it: for an
+/// endpoint of another cluster, a reset inside its tunnel (the link or a gateway may have
+/// dropped it; the endpoint's own failures come back as refusals or statuses) or a tunnel that
+/// did not open for a reason that is not the endpoint's (the local gateway unreachable, the link
+/// down, the remote gateway's trouble).
+pub(crate) fn path_failure(
+    host: &Host,
+    connect: bool,
+    e: &(dyn std::error::Error + 'static),
+) -> bool {
+    matches!(host.upstream, Endpoint::Tunnel { .. })
+        && (!connect || crate::tunnel::TunnelError::find(e).is_some_and(|t| !t.blames_endpoint()))
 }
 
 /// For a request to an endpoint of another cluster: a handle on the pooled connection (a

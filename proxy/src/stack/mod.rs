@@ -154,8 +154,15 @@ pub enum Attempted {
     Response(Response<Body>),
     /// The per-try timeout (`per_try: true`) or the route's deadline fired.
     TimedOut { per_try: bool },
-    /// No connection (`connect: true`), or the request or its connection was reset.
-    Failed { connect: bool, reason: String },
+    /// No connection (`connect: true`), or the request or its connection was reset. `path`:
+    /// the failure is the path's to an endpoint of another cluster (the local gateway, a link,
+    /// a reset inside a tunnel), not the endpoint's: retried, but not counted by outlier
+    /// detection.
+    Failed {
+        connect: bool,
+        reason: String,
+        path: bool,
+    },
     /// The endpoint cannot be used (its tunnel name is unusable): nothing was sent; another
     /// endpoint may be tried.
     Unusable(String),

@@ -103,6 +103,7 @@ impl Service<Upstreamed> for Scripted {
                 Some(Step::Fail { connect }) => Attempted::Failed {
                     connect,
                     reason: "scripted".into(),
+                    path: false,
                 },
                 Some(Step::Hang) => std::future::pending().await,
                 Some(Step::Gate(rx)) => {

@@ -124,9 +124,11 @@ async fn upgrade(r: Routed) -> Response<Body> {
                 } else {
                     Observed::Reset
                 };
-                cluster
-                    .balancer
-                    .report(&host, classify(observed, None).0, now);
+                if !super::attempt::path_failure(&host, connect, &e) {
+                    cluster
+                        .balancer
+                        .report(&host, classify(observed, None).0, now);
+                }
                 let reply = local_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!(

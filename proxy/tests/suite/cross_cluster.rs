@@ -657,3 +657,110 @@ async fn remote_replicas_share_the_load_per_request_from_strait_and_envoy_sideca
     drop(envoy);
     fed.shutdown().await;
 }
+
+/// Issue 24, "outages of links do not punish endpoints". West's sidecar reaches `echo` only in
+/// east, through the gateways. East's gateway goes away (the link is down at west's gateway):
+/// every request fails — there is nowhere else to go — but east's endpoint is not ejected, since
+/// the refusals are the path's (`strait-refusal: link_down` and the like), not the endpoint's.
+/// When east's gateway is back, the very next requests reach the endpoint. Then the endpoint
+/// itself dies: east's gateway refuses with `connect_failed`, the endpoint's failure, and
+/// outlier detection ejects it — the same count of failures that the outage did not punish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_outage_ejects_no_remote_endpoint_but_a_dead_endpoint_is_ejected() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let Linked {
+        reg,
+        west_gw,
+        east_gw,
+        cp,
+        app,
+        east_task,
+        east_gw_certs,
+        east_disc,
+        ..
+    } = Linked::start(d).await;
+    reg.publish(&Linked::west_yaml(None)).await;
+    let proxy = WestProxy::start("west-app", cp.xds_addr, west_gw.ingress_addr, &app, false);
+    wait_for(
+        Duration::from_secs(20),
+        "the proxy to serve east",
+        || async {
+            match get(proxy.outbound, "echo.default").await {
+                Ok((200, b)) if b == "east" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let host = || {
+        let compiled = proxy.dataplane.current();
+        compiled
+            .clusters
+            .get("echo.default:8080")
+            .expect("the cluster")
+            .balancer
+            .hosts()
+            .iter()
+            .find(|h| matches!(h.upstream, proxy::config::Upstream::Tunnel { .. }))
+            .cloned()
+            .expect("east's endpoint")
+    };
+    let ejected = || host().state.ejected(std::time::Instant::now());
+
+    // The outage: east's gateway stops; west's gateway refuses tunnels to east.
+    let east_peer = east_gw.peer_addr;
+    east_gw.shutdown().await;
+    let mut refused = 0;
+    for _ in 0..10 {
+        match get(proxy.outbound, "echo.default").await {
+            Ok((200, b)) => panic!("answered by {b} while the only cluster with echo is cut off"),
+            _ => refused += 1,
+        }
+    }
+    assert!(
+        !ejected(),
+        "{refused} requests failed on the path to east; its endpoint was ejected all the same"
+    );
+
+    // East's gateway is back on its address: the link comes up and the endpoint serves at once.
+    let mut cfg = east_gateway_config(d, &east_gw_certs, &east_disc);
+    cfg.listen.peers = east_peer;
+    let east_gw = gateway::Gateway::start(cfg)
+        .await
+        .expect("east's gateway starts again");
+    wait_link_up(&west_gw, "east", "the link to east to come back").await;
+    wait_for(
+        Duration::from_secs(5),
+        "east's endpoint to serve again",
+        || async {
+            match get(proxy.outbound, "echo.default").await {
+                Ok((200, b)) if b == "east" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(!ejected(), "no ejection is left over from the outage");
+
+    // The endpoint itself dies: east's gateway cannot connect to it (`connect_failed`), which
+    // is the endpoint's failure: ejected.
+    east_task.abort();
+    let _ = east_task.await;
+    for _ in 0..10 {
+        let r = get(proxy.outbound, "echo.default").await;
+        assert!(
+            !matches!(&r, Ok((200, _))),
+            "a dead endpoint answered: {r:?}"
+        );
+    }
+    assert!(
+        ejected(),
+        "ten refusals naming the endpoint's own failure (connect_failed) did not eject it"
+    );
+    drop(proxy);
+    cp.shutdown().await;
+    west_gw.shutdown().await;
+    east_gw.shutdown().await;
+}
