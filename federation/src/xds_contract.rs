@@ -47,6 +47,16 @@ pub const TUNNEL_VIA_GATEWAY: &str = "via_gateway";
 /// earlier control planes (the remote gateway then chooses).
 pub const TUNNEL_ENDPOINT: &str = "endpoint";
 
+// ---- Route metadata (`Route.metadata.filter_metadata`, namespace [`TUNNEL_NAMESPACE`]) ----
+
+/// The largest response (bytes) strait's proxy holds until complete for an idempotent request,
+/// so a body cut on the way is retried (0: never). Absent: the proxy's default, 64 KiB. Envoy
+/// ignores it.
+pub const ROUTE_RESPONSE_BUFFER: &str = "response_buffer";
+/// `true`: requests on this route are idempotent whatever their method (their responses are
+/// held as a GET's).
+pub const ROUTE_IDEMPOTENT: &str = "idempotent";
+
 /// The namespace Envoy matches a cluster's `transport_socket_matches` against.
 pub const SOCKET_MATCH_NAMESPACE: &str = "envoy.transport_socket_match";
 /// Keys of an endpoint's socket-match metadata: its TLS mode

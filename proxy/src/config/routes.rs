@@ -99,6 +99,12 @@ pub struct RouteEntry {
     /// The whole request's deadline (`None`: none).
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    /// Responses of known length up to this many bytes to idempotent requests are held until
+    /// complete while a retry is possible (0: never; route metadata `strait.response_buffer`,
+    /// default [`crate::stack::retry::RESPONSE_BUFFER`]).
+    pub response_buffer: u64,
+    /// Every request on this route is idempotent, whatever its method (`strait.idempotent`).
+    pub idempotent: bool,
 }
 
 impl RouteEntry {
@@ -182,6 +188,49 @@ impl RouteTable {
                 }
             })
     }
+}
+
+/// The largest `strait.response_buffer` accepted.
+const MAX_RESPONSE_BUFFER: f64 = (16 << 20) as f64;
+
+/// A route's `strait` metadata: its response buffer and whether it is idempotent.
+fn route_metadata(
+    ctx: &Ctx<'_>,
+    rfield: &str,
+    r: &route::Route,
+) -> Result<(u64, bool), ConfigError> {
+    use federation::xds_contract::{ROUTE_IDEMPOTENT, ROUTE_RESPONSE_BUFFER};
+    let mut out = (crate::stack::retry::RESPONSE_BUFFER, false);
+    let Some(meta) = r
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(TUNNEL_NAMESPACE))
+    else {
+        return Ok(out);
+    };
+    let field = |k: &str| format!("{rfield}.metadata.filter_metadata.{TUNNEL_NAMESPACE}.{k}");
+    if let Some(v) = meta.fields.get(ROUTE_RESPONSE_BUFFER) {
+        out.0 = match &v.kind {
+            Some(Kind::NumberValue(n))
+                if n.is_finite() && *n >= 0.0 && *n <= MAX_RESPONSE_BUFFER && n.fract() == 0.0 =>
+            {
+                *n as u64
+            }
+            _ => {
+                return Err(ctx.err(
+                    field(ROUTE_RESPONSE_BUFFER),
+                    "must be a whole number of bytes from 0 to 16 MiB",
+                ));
+            }
+        };
+    }
+    if let Some(v) = meta.fields.get(ROUTE_IDEMPOTENT) {
+        out.1 = match &v.kind {
+            Some(Kind::BoolValue(b)) => *b,
+            _ => return Err(ctx.err(field(ROUTE_IDEMPOTENT), "must be true or false")),
+        };
+    }
+    Ok(out)
 }
 
 fn regex(
@@ -443,12 +492,15 @@ pub(super) fn route_table_from(
                 )?),
                 None => vh_retry.clone(),
             };
+            let (response_buffer, idempotent) = route_metadata(&ctx, &rfield, r)?;
             routes.push(Arc::new(RouteEntry {
                 path,
                 headers,
                 target,
                 timeout,
                 retry,
+                response_buffer,
+                idempotent,
             }));
         }
         vhs.push(VirtualHost {

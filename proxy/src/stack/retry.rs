@@ -19,11 +19,17 @@ use tower_service::Service;
 use super::{
     Attempt, Attempted, Fut, Prepared, Replayable, Retry as Again, Routed, classify, local_reply,
 };
+use crate::config::RouteEntry;
 use crate::lb::{ThreadRandom, Tried};
 use crate::runtime::Body;
 
 /// Request bodies up to this size are buffered so a retry can send them again.
 pub const REPLAYABLE: u64 = 64 * 1024;
+
+/// The default [`RouteEntry::response_buffer`](crate::config::RouteEntry): responses of at most
+/// this many bytes to an idempotent request are held until complete, so that a body cut on the
+/// way (a link failure) is retried instead of reaching the client broken.
+pub const RESPONSE_BUFFER: u64 = 64 * 1024;
 
 layer!(
     /// Buffers a request body that a retry may need to send again: the route retries, and the
@@ -120,6 +126,55 @@ where
     }
 }
 
+/// Whether the response `r` to the request `parts` on `route` is held until complete: the
+/// request is idempotent (GET, HEAD, OPTIONS, or the route says so), not an upgrade, and the
+/// response says how long it is (a `content-length`, or a body known to be empty) and that is
+/// at most the route's buffer. A response of unknown length (chunked: maybe a stream of events)
+/// or a larger one goes through as it comes.
+fn holds(parts: &http::request::Parts, route: &RouteEntry, r: &Response<Body>) -> bool {
+    use http::Method;
+    let idempotent =
+        matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) || route.idempotent;
+    idempotent
+        && route.response_buffer > 0
+        && r.status() != StatusCode::SWITCHING_PROTOCOLS
+        && parts.headers.get(http::header::UPGRADE).is_none()
+        && r.body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= route.response_buffer)
+}
+
+/// Read the whole body of `r` (its length is known and small, [`holds`]): the response with
+/// the body complete, or, when the body fails on the way, a failed attempt (a reset) that the
+/// retry policy may send elsewhere. Bounded by the route's deadline.
+async fn hold(r: Response<Body>, host: &crate::lb::Host, deadline: Option<Instant>) -> Attempted {
+    let (parts, body) = r.into_parts();
+    let read = body.collect();
+    let collected = match deadline {
+        Some(d) => match tokio::time::timeout_at(d.into(), read).await {
+            Ok(r) => r,
+            Err(_) => return Attempted::TimedOut { per_try: false },
+        },
+        None => read.await,
+    };
+    match collected {
+        Ok(c) => Attempted::Response(Response::from_parts(
+            parts,
+            c.map_err(|never| match never {}).boxed(),
+        )),
+        Err(e) => Attempted::Failed {
+            connect: false,
+            // Cut inside a tunnel: the path's failure (see `attempt::path_failure`).
+            path: matches!(host.upstream, crate::config::Upstream::Tunnel { .. }),
+            reason: format!(
+                "upstream reset: the response body was cut ({}); held, not sent",
+                crate::error_chain(e.as_ref())
+            ),
+        },
+    }
+}
+
 async fn attempts<S>(mut inner: S, p: Prepared) -> Response<Body>
 where
     S: Service<Attempt, Response = Attempted, Error = Infallible>,
@@ -176,6 +231,7 @@ where
                 None => break,
             },
         };
+        let this_host = host.clone();
         let result = match inner
             .call(Attempt {
                 parts: parts.clone(),
@@ -191,6 +247,18 @@ where
             Err(never) => match never {},
         };
         drop(retry_permit);
+        // In-flight protection: an idempotent request's small response is held until it is
+        // complete while another attempt is possible, so a body cut on the way is retried.
+        let result = match result {
+            Attempted::Response(r)
+                if attempt + 1 < max_attempts
+                    && policy.is_some_and(|p| p.on.reset || p.on.gateway_error)
+                    && holds(&parts, &route, &r) =>
+            {
+                hold(r, &this_host, deadline).await
+            }
+            other => other,
+        };
         let again = match &result {
             // Nothing was sent: another endpoint may do.
             Attempted::Unusable(_) => Again::Yes,

@@ -28,6 +28,41 @@ enum Step {
     Hang,
     /// Answers 200 when the sender fires (or is dropped).
     Gate(oneshot::Receiver<()>),
+    /// Answers 200 whose body says it is `declared` bytes long (`None`: unknown, chunked) and
+    /// fails after its first 100: a body cut on the way.
+    Cut {
+        declared: Option<u64>,
+    },
+}
+
+/// A response body cut on the way: 100 bytes, then an error; its size hint as declared.
+struct CutBody {
+    sent: bool,
+    declared: Option<u64>,
+}
+
+impl hyper::body::Body for CutBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        if self.sent {
+            return std::task::Poll::Ready(Some(Err("the link went down".into())));
+        }
+        self.sent = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(vec![
+            b'x';
+            100
+        ])))))
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.declared.map_or_else(
+            hyper::body::SizeHint::default,
+            hyper::body::SizeHint::with_exact,
+        )
+    }
 }
 
 /// One request as the upstream saw it.
@@ -110,6 +145,13 @@ impl Service<Upstreamed> for Scripted {
                     let _ = rx.await;
                     respond(200, &[])
                 }
+                Some(Step::Cut { declared }) => Attempted::Response(Response::new(
+                    CutBody {
+                        sent: false,
+                        declared,
+                    }
+                    .boxed(),
+                )),
                 None => panic!("the upstream was called more often than scripted"),
             })
         })
@@ -173,6 +215,8 @@ fn with_deadline(
                 target: RouteTarget::Cluster("c".into()),
                 timeout: Some(deadline),
                 retry,
+                response_buffer: crate::stack::retry::RESPONSE_BUFFER,
+                idempotent: false,
             })],
         }],
     };
@@ -464,4 +508,79 @@ async fn route_selection_replies_locally() {
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reason(&r), "listener has no routes yet");
     assert!(leaf.seen().is_empty());
+}
+
+fn retry_on_reset() -> RetryPolicy {
+    RetryPolicy {
+        on: RetryOn {
+            reset: true,
+            connect_failure: true,
+            gateway_error: true,
+            ..RetryOn::default()
+        },
+        num_retries: 2,
+        per_try_timeout: None,
+        retriable_status_codes: Vec::new(),
+        other_host: true,
+        other_priority: true,
+    }
+}
+
+/// In-flight protection: a GET's response of known, small length whose body is cut on the way
+/// is held, not sent, and retried on another host; the client gets the whole second answer.
+#[tokio::test]
+async fn a_cut_response_body_is_retried_and_the_client_gets_a_whole_one() {
+    let leaf = Scripted::new(vec![
+        Step::Cut {
+            declared: Some(1024),
+        },
+        Step::Status(200, vec![]),
+    ]);
+    let c = compiled(2, Some(retry_on_reset()), Thresholds::default());
+    let r = send(&leaf, &c, get(&[])).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body = r
+        .into_body()
+        .collect()
+        .await
+        .expect("a whole body")
+        .to_bytes();
+    assert_eq!(&body[..], b"upstream", "the second host's answer, whole");
+    let seen = leaf.seen();
+    assert_eq!(seen.len(), 2, "retried once");
+    assert_ne!(seen[0].endpoint, seen[1].endpoint, "on another host");
+}
+
+/// What is not held goes through as it comes, so the cut reaches the client: a response of
+/// unknown length (it may be a stream of events), one larger than the buffer, a POST, and any
+/// response when no retry is left.
+#[tokio::test]
+async fn streams_large_bodies_posts_and_last_attempts_are_not_held() {
+    let cases: Vec<(Option<u64>, http::Method, Option<RetryPolicy>)> = vec![
+        (None, http::Method::GET, Some(retry_on_reset())),
+        (
+            Some(crate::stack::retry::RESPONSE_BUFFER + 1),
+            http::Method::GET,
+            Some(retry_on_reset()),
+        ),
+        (Some(1024), http::Method::POST, Some(retry_on_reset())),
+        (Some(1024), http::Method::GET, None),
+    ];
+    for (declared, method, policy) in cases {
+        let what = format!(
+            "{method} of {declared:?} bytes, retries {}",
+            policy.is_some()
+        );
+        let leaf = Scripted::new(vec![Step::Cut { declared }]);
+        let c = compiled(2, policy, Thresholds::default());
+        let mut req = get(&[]);
+        *req.method_mut() = method;
+        let r = send(&leaf, &c, req).await;
+        assert_eq!(r.status(), StatusCode::OK, "{what}");
+        assert!(
+            r.into_body().collect().await.is_err(),
+            "{what}: the cut went through to the client"
+        );
+        assert_eq!(leaf.seen().len(), 1, "{what}: not retried");
+    }
 }
