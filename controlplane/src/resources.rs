@@ -52,9 +52,9 @@ use federation::route::{LocalityGroup, Route};
 /// metadata namespaces and keys, secrets.
 pub use federation::xds_contract::{
     CA_SECRET, MATCH_CLUSTER, MATCH_TLS_MODE, OUTBOUND_LISTENER, OUTBOUND_ROUTES,
-    PASSTHROUGH_CLUSTER, SOCKET_MATCH_NAMESPACE, TRANSPARENT_LISTENER, TUNNEL_AUTHORITY,
-    TUNNEL_CLUSTER, TUNNEL_ENDPOINT, TUNNEL_LISTENER, TUNNEL_NAMESPACE as METADATA_NAMESPACE,
-    TUNNEL_VIA_GATEWAY, WORKLOAD_SECRET, mutual_match_name,
+    PASSTHROUGH_CLUSTER, ROUTE_IDEMPOTENT, ROUTE_RESPONSE_BUFFER, SOCKET_MATCH_NAMESPACE,
+    TRANSPARENT_LISTENER, TUNNEL_AUTHORITY, TUNNEL_CLUSTER, TUNNEL_ENDPOINT, TUNNEL_LISTENER,
+    TUNNEL_NAMESPACE as METADATA_NAMESPACE, TUNNEL_VIA_GATEWAY, WORKLOAD_SECRET, mutual_match_name,
 };
 /// The URI SAN a sidecar of `cluster` must present: a workload of that cluster (the trust
 /// domain is pinned by the federation CA, which issues for one trust domain only).
@@ -734,8 +734,38 @@ pub fn rule_route(r: &ResolvedRule<'_>) -> route::Route {
             &x.status_codes,
         )),
     };
+    // In-flight protection settings for strait's proxy (Envoy ignores them).
+    let mut fields = std::collections::BTreeMap::new();
+    if r.rule.idempotent {
+        fields.insert(
+            ROUTE_IDEMPOTENT.to_string(),
+            Value {
+                kind: Some(Kind::BoolValue(true)),
+            },
+        );
+    }
+    if let Some(b) = r.rule.response_buffer {
+        fields.insert(
+            ROUTE_RESPONSE_BUFFER.to_string(),
+            Value {
+                kind: Some(Kind::NumberValue(b as f64)),
+            },
+        );
+    }
+    let metadata = (!fields.is_empty()).then(|| core::Metadata {
+        filter_metadata: [(
+            METADATA_NAMESPACE.to_string(),
+            Struct {
+                fields: fields.into_iter().collect(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    });
     route::Route {
         name: r.rule.display_name(r.index),
+        metadata,
         r#match: Some(route::RouteMatch {
             path_specifier: Some(path),
             headers,

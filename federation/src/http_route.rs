@@ -100,7 +100,18 @@ pub struct HttpRoute {
     /// None: the default retry policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<RouteRetries>,
+    /// Requests on this rule are idempotent whatever their method: their answers are held
+    /// until complete like a GET's (in-flight protection, docs/proxy.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idempotent: bool,
+    /// The largest answer (bytes) held until complete for an idempotent request; 0: none
+    /// (None: the proxy's default, 64 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_buffer: Option<u64>,
 }
+
+/// The largest `response_buffer` a rule may ask for.
+pub const MAX_RESPONSE_BUFFER: u64 = 16 << 20;
 
 /// Regular expressions are limited in compiled size, like Envoy's RE2 program size limit.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -136,6 +147,14 @@ impl HttpRoute {
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {
+        if let Some(b) = self.response_buffer
+            && b > MAX_RESPONSE_BUFFER
+        {
+            return Err(ModelError::new(
+                "response_buffer",
+                format!("{b} bytes is over the limit of 16 MiB"),
+            ));
+        }
         if let Some(n) = &self.name
             && (n.is_empty()
                 || n.len() > 63

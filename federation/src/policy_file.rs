@@ -67,6 +67,48 @@ struct HttpSpec {
     timeout: Option<String>,
     #[serde(default)]
     retries: Option<RetriesSpec>,
+    #[serde(default)]
+    idempotent: bool,
+    /// Bytes: a number, or `64KiB`, `1MiB`; 0 turns holding off.
+    #[serde(default)]
+    response_buffer: Option<ByteSize>,
+}
+
+/// A size written as a number of bytes or with a `KiB` or `MiB` unit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+fn bytes(field: &str, s: &ByteSize) -> Result<u64, ModelError> {
+    match s {
+        ByteSize::Bytes(n) => Ok(*n),
+        ByteSize::Text(t) => {
+            let t = t.trim();
+            let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+                Some(i) => t.split_at(i),
+                None => (t, ""),
+            };
+            let mult = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" => 1024,
+                "MiB" => 1024 * 1024,
+                _ => 0,
+            };
+            num.parse::<u64>()
+                .ok()
+                .filter(|_| mult > 0)
+                .and_then(|n| n.checked_mul(mult))
+                .ok_or_else(|| {
+                    ModelError::new(
+                        field,
+                        format!("`{t}` is not a size (bytes, or e.g. 64KiB, 1MiB)"),
+                    )
+                })
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -216,6 +258,11 @@ fn http_route(spec: &HttpSpec) -> Result<HttpRoute, ModelError> {
             status_codes: r.status_codes.clone(),
         }),
     };
+    let response_buffer = spec
+        .response_buffer
+        .as_ref()
+        .map(|b| bytes("response_buffer", b))
+        .transpose()?;
     Ok(HttpRoute {
         name: spec.name.clone(),
         path,
@@ -223,6 +270,8 @@ fn http_route(spec: &HttpSpec) -> Result<HttpRoute, ModelError> {
         to,
         timeout_ms,
         retries,
+        idempotent: spec.idempotent,
+        response_buffer,
     })
 }
 
@@ -357,6 +406,25 @@ mod tests {
             http[1].to_string(),
             "path ~ /items/[0-9]+ → items.default 100%"
         );
+        // In-flight protection: off unless asked; sizes in bytes or KiB/MiB.
+        assert!(!http[0].idempotent && http[0].response_buffer.is_none());
+        for (text, want) in [
+            ("65536", 65536),
+            ("64KiB", 65536),
+            ("1MiB", 1 << 20),
+            ("0", 0),
+        ] {
+            let f = parse(
+                "p.yaml",
+                &format!(
+                    "policies:\n  - service: echo.default\n    http:\n      - {{to: [{{service: a.default}}], idempotent: true, response_buffer: {text}}}\n"
+                ),
+            )
+            .unwrap();
+            let r = &f[0].http[0];
+            assert!(r.idempotent, "{text}");
+            assert_eq!(r.response_buffer, Some(want), "{text}");
+        }
         // The registry's JSON round-trips.
         let json = serde_json::to_string(&ps[0]).unwrap();
         let back: FailoverPolicy = serde_json::from_str(&json).unwrap();
@@ -419,6 +487,14 @@ mod tests {
                 "policies[0].http[0].retries.status_codes",
             ),
             ("{to: [{service: a.default}], colour: blue}", "colour"),
+            (
+                "{to: [{service: a.default}], response_buffer: 64kb}",
+                "policies[0].http[0].response_buffer: `64kb` is not a size",
+            ),
+            (
+                "{to: [{service: a.default}], response_buffer: 32MiB}",
+                "policies[0].http[0].response_buffer: 33554432 bytes is over the limit",
+            ),
         ];
         for (r, want) in cases {
             let e = err(&rule(r));

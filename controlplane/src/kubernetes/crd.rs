@@ -174,6 +174,14 @@ pub fn policy_schema() -> JSONSchemaProps {
                     &["attempts"],
                 ),
             ),
+            ("idempotent", boolean()),
+            (
+                "response_buffer",
+                JSONSchemaProps {
+                    x_kubernetes_int_or_string: Some(true),
+                    ..Default::default()
+                },
+            ),
         ],
         &["to"],
     );

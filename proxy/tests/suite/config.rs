@@ -585,9 +585,49 @@ fn bad_resources_are_refused_naming_resource_and_field() {
     ))));
     assert!(e.contains("appears twice"), "{e}");
     let t = config::route_table(&pack_any(rc(good, vec!["a"]))).unwrap();
+    let r = t.route("a", "/x", &http::HeaderMap::new()).unwrap();
+    assert_eq!(r.timeout, Some(std::time::Duration::from_secs(15)));
+    // No metadata: in-flight protection at its default, for idempotent methods only.
     assert_eq!(
-        t.route("a", "/x", &http::HeaderMap::new()).unwrap().timeout,
-        Some(std::time::Duration::from_secs(15))
+        (r.response_buffer, r.idempotent),
+        (proxy::stack::retry::RESPONSE_BUFFER, false)
+    );
+
+    // A policy rule's in-flight protection, as the control plane writes it, read back.
+    let policies = federation::policy_file::parse(
+        "p.yaml",
+        "policies:\n  - service: echo.default\n    http:\n      - {to: [{service: a.default}], idempotent: true, response_buffer: 256KiB}\n",
+    )
+    .unwrap();
+    let rule = controlplane::resources::rule_route(&controlplane::resources::ResolvedRule {
+        index: 0,
+        rule: &policies[0].http[0],
+        clusters: vec![("c".into(), 100)],
+    });
+    let t = config::route_table(&pack_any(rc(rule.clone(), vec!["a"]))).unwrap();
+    let r = t.route("a", "/x", &http::HeaderMap::new()).unwrap();
+    assert_eq!((r.response_buffer, r.idempotent), (256 * 1024, true));
+    // Out of range or of the wrong type: refused, naming the field.
+    let mut bad = rule;
+    bad.metadata
+        .as_mut()
+        .unwrap()
+        .filter_metadata
+        .get_mut("strait")
+        .unwrap()
+        .fields
+        .insert(
+            "response_buffer".into(),
+            envoy_types::pb::google::protobuf::Value {
+                kind: Some(envoy_types::pb::google::protobuf::value::Kind::NumberValue(
+                    -1.0,
+                )),
+            },
+        );
+    let e = err(config::route_table(&pack_any(rc(bad, vec!["a"]))));
+    assert!(
+        e.contains("metadata.filter_metadata.strait.response_buffer: must be a whole number"),
+        "{e}"
     );
 }
 

@@ -265,6 +265,115 @@ async fn requests_fail_over_to_priority_one_without_a_single_error() {
     cp.shutdown().await;
 }
 
+/// A server whose every answer says `content-length: 1024` and is cut after 100 bytes (the
+/// connection closes): a response caught by a link failure.
+async fn cutting_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1024\r\n\r\n")
+                    .await;
+                let _ = s.write_all(&[b'c'; 100]).await;
+                let _ = s.flush().await;
+                // Then the connection closes: the body ends 924 bytes short.
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// In-flight protection with real parts: priority 0's endpoint answers every GET with a
+/// 1,024-byte body cut after 100 bytes. The proxy holds each answer (small, of known length, to
+/// a GET), sees the cut, and retries on priority 1: every client gets B's whole answer, none a
+/// broken body. A POST is not held: its client sees the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_on_the_way_is_retried_not_delivered_broken() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let etcd = EtcdServer::start(&d.join("etcd")).expect("etcd");
+    let (a, _a_task) = cutting_backend().await;
+    let (b, _b_task) = backend("B").await;
+    std::fs::write(d.join("east.yaml"), discovery(a, b)).unwrap();
+    let xds: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let cp = ControlPlane::start(cp_config(d, &etcd.endpoint(), xds))
+        .await
+        .expect("control plane");
+    let outbound: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let mut node = testkit::ads::node("proxy-1", "east", "us-east", "us-east-1a", false);
+    if let Some(m) = node.metadata.as_mut() {
+        m.fields.insert(
+            "STRAIT_OUTBOUND".into(),
+            Value {
+                kind: Some(Kind::StringValue(outbound.to_string())),
+            },
+        );
+    }
+    let client = XdsClient::start(XdsOptions::new(format!("http://{xds}"), node));
+    let dp = Dataplane::start(client.config.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match get(outbound, "echo.default").await {
+            Ok((200, body, _)) if body == "B" => break,
+            other if tokio::time::Instant::now() > deadline => {
+                panic!("the proxy never served: {other:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    // A POST is not idempotent: its answer goes through as it comes, cut or not.
+    let mut cut_posts = 0;
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(outbound).await.unwrap();
+        s.write_all(
+            b"POST /x HTTP/1.1\r\nhost: echo.default\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        if text.starts_with("HTTP/1.1 200") && text.contains("content-length: 1024") {
+            cut_posts += 1;
+        }
+    }
+    assert!(
+        cut_posts > 0,
+        "a POST to the cutting endpoint should have reached its client as it came"
+    );
+    // GETs: A is tried first every time (its answers' heads were good: outlier detection counts
+    // them as successes), every cut retried on B; every answer a client sees is whole.
+    for i in 0..30 {
+        let r = get(outbound, "echo.default").await;
+        assert_eq!(
+            r,
+            Ok((200, "B".to_string(), String::new())),
+            "request {i}: a whole answer"
+        );
+    }
+    drop(dp);
+    drop(client);
+    cp.shutdown().await;
+}
+
 /// The TCP listeners' idle timeout in the TCP test.
 const IDLE: Duration = Duration::from_secs(1);
 
