@@ -626,10 +626,19 @@ mod tests {
     #[test]
     fn the_schemas_are_structural_and_their_patterns_compile() {
         fn walk(s: &JSONSchemaProps, path: &str) {
-            assert!(
-                s.type_.is_some(),
-                "{path}: every node needs a type (structural schema)"
-            );
+            // Kubernetes' structural-schema rule: every node has a type, except an
+            // int-or-string node, which must have none.
+            if s.x_kubernetes_int_or_string == Some(true) {
+                assert!(
+                    s.type_.is_none(),
+                    "{path}: an int-or-string node has no type (structural schema)"
+                );
+            } else {
+                assert!(
+                    s.type_.is_some(),
+                    "{path}: every node needs a type (structural schema)"
+                );
+            }
             if let Some(p) = &s.pattern {
                 regex::Regex::new(p).unwrap_or_else(|e| panic!("{path}: {e}"));
             }
